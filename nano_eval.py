@@ -1,0 +1,2514 @@
+#!/usr/bin/env python3
+"""nano-eval: check that an OpenAI-compatible chat server is correctly implemented.
+
+Runs lm-evaluation-harness's `gsm8k_cot_llama` and `chartqa` exactly as lm-eval's
+`local-chat-completions` model does (same request bodies, same scoring, same metric
+names) against any `/v1/chat/completions` endpoint, with the standard library only.
+
+Map of this file, in the order data flows:
+  1. Config     APIConfig, errors and exit codes, lm-eval's `k=v,k=v` parser
+  2. HTTP       HTTPClient (one keep-alive connection per worker thread), outcome
+                classification, retries with backoff and an adaptive concurrency limit
+  3. Datasets   a client for the HuggingFace datasets-server `/rows` API and a verified
+                cache in data/ (pages of rows, images, a manifest of sha256 sums)
+  4. Tasks      gsm8k_cot_llama and chartqa: prompts and request bodies
+  5. Scoring    lm-eval's filters and metrics for both tasks
+  6. Runner     run_task(): schedules requests, scores them, writes the sample log,
+                resumes from it
+  7. Reports    aggregation (mean, stderr), results JSON, the summary table
+  8. Compare    paired comparison of two runs (McNemar, paired bootstrap), several
+                servers in one command, replay of one logged request
+  9. Server     server identity and the conformance preflight (--check)
+ 10. CLI        argument parsing, endpoint and model detection, main()
+
+Python API:
+    import asyncio
+    from nano_eval import APIConfig, run_task, TASKS
+    result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"],
+                                  APIConfig(url="http://localhost:8000/v1", num_concurrent=8),
+                                  max_samples=100))
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import http.client
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import ssl
+import string
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+__version__ = "0.2.0"
+
+# ============================================================================
+# 1. Config
+# ============================================================================
+
+DEFAULT_SEED = 1234  # lm-eval's `seed` model_arg default, sent in every request body
+DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not time out
+DEFAULT_MAX_RETRIES = 5  # total attempts per request
+DEFAULT_CONCURRENCY = 8
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+THROTTLE_STATUS = {429, 503}
+
+EXIT_OK = 0
+EXIT_FAILURES = 1  # finished, but more than --max_fail_rate of the samples failed
+EXIT_USAGE = 2  # bad command line or input
+EXIT_SERVER = 3  # the inference server could not be reached or used
+EXIT_AUTH = 4  # the server refused the API key
+EXIT_DATASET = 5  # the dataset could not be fetched
+EXIT_INTERRUPTED = 130
+
+
+class NanoEvalError(Exception):
+    """An error reported to the user as one line, with an exit code."""
+
+    exit_code = 1
+
+
+class UsageError(NanoEvalError):
+    exit_code = EXIT_USAGE
+
+
+class ServerError(NanoEvalError):
+    exit_code = EXIT_SERVER
+
+
+class AuthError(NanoEvalError):
+    exit_code = EXIT_AUTH
+
+
+class DatasetError(NanoEvalError):
+    exit_code = EXIT_DATASET
+
+
+@dataclasses.dataclass
+class APIConfig:
+    """Where and how to send requests. `url` is `http://host:port/v1` or the full
+    `.../v1/chat/completions`; `model=None` means: ask `/v1/models`."""
+
+    url: str
+    model: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    num_concurrent: int = DEFAULT_CONCURRENCY
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    seed: int = DEFAULT_SEED
+    gen_kwargs: dict = dataclasses.field(default_factory=dict)
+    max_gen_toks: int | None = None  # lm-eval's model_arg: default max_tokens for tasks without one
+    server: dict | None = None  # what answered (identify_server), recorded in the results
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = True
+    keep_think: bool = False
+    retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
+
+    def __post_init__(self):
+        self.api_root, self.chat_url = normalize_base_url(self.url)
+        for name in ("num_concurrent", "max_retries"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
+            raise UsageError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+
+
+def normalize_base_url(url: str) -> tuple[str, str]:
+    """Returns (api_root, chat_url): `http://h:p/v1` and `http://h:p/v1/chat/completions`."""
+    parsed = urllib.parse.urlsplit(url.strip()) if isinstance(url, str) else None
+    if not parsed or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"invalid base URL {url!r}: expected http(s)://host:port/v1")
+    try:
+        parsed.port
+    except ValueError:
+        raise UsageError(f"invalid base URL {url!r}: bad port") from None
+    path = parsed.path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        path = path[: -len("/chat/completions")]
+    if not path:
+        path = "/v1"
+    root = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
+    return root, root + "/chat/completions"
+
+
+def parse_value(text: str) -> Any:
+    """lm-eval's `handle_arg_string`: bool, None, int, float, else the string."""
+    lowered = text.lower()
+    if lowered == "true":
+        return True
+    if lowered == "false":
+        return False
+    if lowered == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_kv(text: str | None, flag: str) -> dict:
+    """Parses lm-eval's `k=v,k=v` syntax (`--model_args`, `--gen_kwargs`)."""
+    result: dict = {}
+    if not text or not text.strip():
+        return result
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"{flag}: {item.strip()!r} is not key=value (expected k=v,k=v)")
+        result[key] = parse_value(value.strip())
+    return result
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+_SECRETS: list[str] = []  # API key and HF token, scrubbed from every message we print
+
+
+def info(message: str) -> None:
+    print(redact(f"nano-eval: {message}", _SECRETS), file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    info(f"warning: {message}")
+
+
+# ============================================================================
+# 2. HTTP
+# ============================================================================
+
+
+@dataclasses.dataclass
+class HTTPResponse:
+    status: int
+    headers: dict  # lower-cased names
+    body: bytes
+
+
+class HTTPClient:
+    """Blocking HTTP/1.1 with one persistent connection per (thread, host).
+
+    Call it from a thread pool: each worker thread keeps its own keep-alive
+    connection, so N workers make N connections for the whole run.
+    """
+
+    def __init__(self, timeout: float, connect_timeout: float = 10.0, user_agent: str | None = None):
+        self.timeout = timeout
+        self.connect_timeout = min(connect_timeout, timeout)
+        self.user_agent = user_agent or f"nano-eval/{__version__}"
+        self._local = threading.local()
+        self._ssl = ssl.create_default_context()
+
+    def _connection(self, scheme: str, netloc: str, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+        pool = self._local.__dict__.setdefault("connections", {})
+        key = (scheme, netloc)
+        conn = pool.get(key)
+        if conn is not None and not fresh:
+            return conn, True
+        if conn is not None:
+            conn.close()
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
+        conn.connect()
+        conn.sock.settimeout(self.timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pool[key] = conn
+        return conn, False
+
+    def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> HTTPResponse:
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        all_headers = {"User-Agent": self.user_agent, "Accept": "application/json"}
+        all_headers.update(headers or {})
+        for attempt in (0, 1):
+            conn, reused = self._connection(parts.scheme, parts.netloc, fresh=attempt == 1)
+            try:
+                conn.request(method, target, body=body, headers=all_headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
+                self._drop(parts.scheme, parts.netloc)
+                if reused and attempt == 0:
+                    continue  # the server closed an idle keep-alive connection: resend once on a fresh one
+                raise
+            except BaseException:
+                self._drop(parts.scheme, parts.netloc)
+                raise
+            if resp.will_close:
+                self._drop(parts.scheme, parts.netloc)
+            return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        raise AssertionError("unreachable")
+
+    def _drop(self, scheme: str, netloc: str) -> None:
+        conn = self._local.__dict__.get("connections", {}).pop((scheme, netloc), None)
+        if conn is not None:
+            conn.close()
+
+
+def describe_network_error(exc: BaseException) -> tuple[str, str]:
+    """(status, one-line reason) for an exception raised by HTTPClient.request."""
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timeout", "no answer within the timeout"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection", "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "connection", f"cannot resolve host ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLError):
+        return "connection", f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return "connection", f"{type(exc).__name__}: {exc}".rstrip(": ")
+    raise exc
+
+
+def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tuple[int, Any, dict]:
+    """GET a JSON document: (status, parsed JSON or None, headers). Network errors propagate."""
+    resp = client.request("GET", url, headers=headers)
+    try:
+        return resp.status, json.loads(resp.body), resp.headers
+    except (ValueError, UnicodeDecodeError):
+        return resp.status, None, resp.headers
+
+
+def error_message(body: bytes, limit: int = 200) -> str:
+    """The one-line error a server put in its body (JSON `error.message`, else text)."""
+    try:
+        data = json.loads(body)
+        err = data.get("error", data) if isinstance(data, dict) else data
+        if isinstance(err, dict):
+            err = err.get("message") or err.get("detail") or json.dumps(err)
+        text = str(err)
+    except (ValueError, UnicodeDecodeError):
+        text = body.decode("utf-8", "replace")
+        text = re.sub(r"<[^>]+>", " ", text)  # an HTML error page: keep its words
+    return " ".join(text.split())[:limit]
+
+
+def retry_after_seconds(headers: dict) -> float | None:
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one chat request ended as. `status` is one of: ok, truncated, empty,
+    bad_response, timeout, connection, http_<code>."""
+
+    status: str
+    content: str | None = None
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    usage: dict | None = None
+    http_status: int | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    latency: float = 0.0
+    attempts: int = 1
+
+    @property
+    def retryable(self) -> bool:
+        return self.status in ("timeout", "connection") or (
+            self.status.startswith("http_") and self.http_status in RETRYABLE_STATUS)
+
+    @property
+    def valid(self) -> bool:
+        """A response we can score (a truncated one is scored too)."""
+        return self.status in ("ok", "truncated")
+
+
+def classify_response(resp: HTTPResponse) -> Outcome:
+    """Turns an HTTP response into an Outcome, reading content, reasoning and usage."""
+    if resp.status != 200:
+        return Outcome(f"http_{resp.status}", http_status=resp.status, error=error_message(resp.body),
+                       retry_after=retry_after_seconds(resp.headers))
+    try:
+        data = json.loads(resp.body.decode("utf-8"))
+    except UnicodeDecodeError:
+        return Outcome("bad_response", http_status=200, error="response is not UTF-8")
+    except ValueError:
+        return Outcome("bad_response", http_status=200, error=f"response is not JSON: {error_message(resp.body, 80)}")
+    if not isinstance(data, dict):
+        return Outcome("bad_response", http_status=200, error="response is not a JSON object")
+    choices = data.get("choices")
+    if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+        if "error" in data:
+            return Outcome("bad_response", http_status=200, error=f"error in a 200 response: {error_message(resp.body)}")
+        return Outcome("bad_response", http_status=200, error="response has no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        return Outcome("bad_response", http_status=200, error="response has no message")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        return Outcome("bad_response", http_status=200, error="message content is not a string")
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    finish = choice.get("finish_reason")
+    outcome = Outcome("ok", content=content, reasoning=reasoning if isinstance(reasoning, str) else None,
+                      finish_reason=finish, usage=usage, http_status=200)
+    if not content or not content.strip():
+        outcome.status = "empty"
+    elif finish == "length":
+        outcome.status = "truncated"
+    return outcome
+
+
+class AdaptiveLimiter:
+    """Caps requests in flight; halves the cap on 429/503 and grows it back by one
+    after every `cap` successes (additive increase, multiplicative decrease)."""
+
+    def __init__(self, maximum: int):
+        self.maximum = maximum
+        self.limit = maximum
+        self.in_flight = 0
+        self.peak = 0
+        self._successes = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+
+    async def release(self, throttled: bool = False, success: bool = False) -> None:
+        async with self._changed:
+            self.in_flight -= 1
+            if throttled:
+                self.limit = max(1, self.limit // 2)
+                self._successes = 0
+            elif success and self.limit < self.maximum:
+                self._successes += 1
+                if self._successes >= self.limit:
+                    self.limit += 1
+                    self._successes = 0
+            self._changed.notify_all()
+
+
+class _Counter:
+    """Counts threads inside a blocking request, so an interrupted run can exit
+    without waiting for answers it no longer wants."""
+
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            self.value += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.value -= 1
+
+
+_BLOCKED_CALLS = _Counter()
+
+
+class ChatClient:
+    """Sends chat requests from asyncio through a thread pool of blocking calls."""
+
+    def __init__(self, config: APIConfig):
+        self.config = config
+        self.http = HTTPClient(config.timeout)
+        self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
+        self.limiter = AdaptiveLimiter(config.num_concurrent)
+        self.headers = {"Content-Type": "application/json"}
+        if config.api_key:
+            self.headers["Authorization"] = f"Bearer {config.api_key}"
+
+    def _post(self, payload: bytes) -> Outcome:
+        start = time.perf_counter()
+        with _BLOCKED_CALLS:
+            try:
+                outcome = classify_response(self.http.request("POST", self.config.chat_url, payload, self.headers))
+            except Exception as exc:  # network errors become an outcome; nothing escapes a worker
+                status, reason = describe_network_error(exc)
+                outcome = Outcome(status, error=reason)
+        outcome.latency = time.perf_counter() - start
+        return outcome
+
+    async def send(self, payload: bytes) -> Outcome:
+        """One request with retries: backoff with jitter, honouring Retry-After."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(1, self.config.max_retries + 1):
+            await self.limiter.acquire()
+            outcome = None
+            try:
+                outcome = await loop.run_in_executor(self.pool, self._post, payload)
+            finally:
+                status = outcome.http_status if outcome else None
+                await self.limiter.release(throttled=status in THROTTLE_STATUS, success=status == 200)
+            outcome.attempts = attempt
+            if not outcome.retryable or attempt == self.config.max_retries:
+                break
+            await asyncio.sleep(self.backoff(attempt, outcome.retry_after))
+        return outcome
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, 300.0)
+        base = self.config.retry_base_delay * (2 ** (attempt - 1))
+        return min(base, 60.0) * random.uniform(0.5, 1.0)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ============================================================================
+# 3. Datasets
+# ============================================================================
+
+DATASETS_SERVER = "https://datasets-server.huggingface.co"
+PAGE_SIZE = 100  # the datasets-server maximum for /rows
+BUNDLED_DATA = Path(__file__).resolve().parent / "data"
+IMAGE_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
+    (b"\xff\xd8\xff", "jpeg", "image/jpeg"),
+    (b"GIF87a", "gif", "image/gif"),
+    (b"GIF89a", "gif", "image/gif"),
+)
+
+
+def sniff_image(data: bytes) -> tuple[str, str] | None:
+    """(format, mime type) from the magic bytes, or None."""
+    for magic, fmt, mime in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return fmt, mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp", "image/webp"
+    return None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "nano-eval"
+
+
+def is_writable_dir(path: Path) -> bool:
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def resolve_data_dir(explicit: str | None) -> list[Path]:
+    """Folders to read the cache from, the first one written to.
+
+    An explicit `--data_dir`/NANO_EVAL_DATA_DIR must be writable; the default data/
+    beside this file falls back to the user cache dir when it is not (and is still
+    read, for the gsm8k split shipped there)."""
+    chosen = explicit or os.environ.get("NANO_EVAL_DATA_DIR")
+    if chosen:
+        path = Path(chosen).expanduser()
+        if not is_writable_dir(path):
+            raise UsageError(f"data dir {path} is not writable")
+        return [path] + ([BUNDLED_DATA] if path.resolve() != BUNDLED_DATA else [])
+    if is_writable_dir(BUNDLED_DATA):
+        return [BUNDLED_DATA]
+    return [user_cache_dir(), BUNDLED_DATA]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRef:
+    dataset: str
+    config: str
+    split: str
+
+    @property
+    def folder(self) -> str:
+        return "/".join((self.dataset.replace("/", "__"), self.config, self.split))
+
+
+class DatasetCache:
+    """Pages of rows and images of one split, verified by a manifest of sha256 sums.
+
+    Layout: <root>/<dataset>/<config>/<split>/{manifest.json, rows-00000.jsonl,
+    images/<row_idx>.<ext>}. Every file is written atomically; a file whose size or
+    sha256 does not match the manifest is ignored (and so fetched again)."""
+
+    def __init__(self, roots: list[Path], ref: DatasetRef):
+        self.ref = ref
+        self.dirs = [root / ref.folder for root in roots]
+        self.write_dir = self.dirs[0]
+        self.manifests = [self._load_manifest(d) for d in self.dirs]
+        self._lock = threading.Lock()  # pages and images are written from several threads
+
+    @staticmethod
+    def _load_manifest(folder: Path) -> dict:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text("utf-8"))
+            if isinstance(manifest, dict):
+                manifest.setdefault("pages", {})
+                manifest.setdefault("images", {})
+                return manifest
+        except (OSError, ValueError):
+            pass
+        return {"pages": {}, "images": {}}
+
+    @property
+    def manifest(self) -> dict:
+        return self.manifests[0]
+
+    def num_rows_total(self) -> int | None:
+        for manifest in self.manifests:
+            if isinstance(manifest.get("num_rows_total"), int):
+                return manifest["num_rows_total"]
+        return None
+
+    def revisions(self, offsets: Iterable[int]) -> list[str]:
+        found = set()
+        for offset in offsets:
+            for manifest in self.manifests:
+                entry = manifest["pages"].get(str(offset))
+                if entry:
+                    found.add(entry.get("revision") or manifest.get("source") or "unknown")
+                    break
+        return sorted(found)
+
+    def _verified(self, folder: Path, entry: dict | None) -> bytes | None:
+        if not entry:
+            return None
+        try:
+            data = (folder / entry["file"]).read_bytes()
+        except (OSError, KeyError, TypeError):
+            return None
+        if len(data) != entry.get("bytes") or sha256(data) != entry.get("sha256"):
+            return None
+        return data
+
+    def read_page(self, offset: int) -> list[dict] | None:
+        for folder, manifest in zip(self.dirs, self.manifests):
+            entry = manifest["pages"].get(str(offset))
+            data = self._verified(folder, entry)
+            if data is None:
+                continue
+            rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
+            if len(rows) == entry.get("rows"):
+                return rows
+        return None
+
+    def write_page(self, offset: int, rows: list[dict], num_rows_total: int, revision: str | None) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        name = f"rows-{offset:05d}.jsonl"
+        atomic_write(self.write_dir / name, data)
+        with self._lock:
+            self.manifest.update(dataset=self.ref.dataset, config=self.ref.config, split=self.ref.split,
+                                 num_rows_total=num_rows_total)
+            self.manifest["pages"][str(offset)] = {"file": name, "rows": len(rows), "bytes": len(data),
+                                                   "sha256": sha256(data), "revision": revision}
+        self.save()
+
+    def read_image(self, row_idx: int) -> tuple[bytes, dict] | None:
+        for folder, manifest in zip(self.dirs, self.manifests):
+            entry = manifest["images"].get(str(row_idx))
+            data = self._verified(folder, entry)
+            if data is not None:
+                return data, entry
+        return None
+
+    def has_image(self, row_idx: int) -> bool:
+        """Whether a cached image file of the recorded size exists (a cheap check: the
+        sha256 is verified when the bytes are read for a request)."""
+        for folder, manifest in zip(self.dirs, self.manifests):
+            entry = manifest["images"].get(str(row_idx))
+            try:
+                if entry and (folder / entry["file"]).stat().st_size == entry.get("bytes"):
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def write_image(self, row_idx: int, data: bytes, fmt: str) -> dict:
+        name = f"images/{row_idx}.{'jpg' if fmt == 'jpeg' else fmt}"
+        atomic_write(self.write_dir / name, data)
+        entry = {"file": name, "bytes": len(data), "sha256": sha256(data), "format": fmt}
+        with self._lock:
+            self.manifest["images"][str(row_idx)] = entry
+        return entry
+
+    def save(self) -> None:
+        with self._lock:
+            text = json.dumps(self.manifest, indent=1, sort_keys=True)
+            atomic_write(self.write_dir / "manifest.json", text.encode())
+
+
+class DatasetsServer:
+    """A minimal client for the HuggingFace datasets-server `/rows` API."""
+
+    def __init__(self, base_url: str | None = None, token: str | None = None, retries: int = 6,
+                 retry_base_delay: float = 1.0):
+        self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER") or DATASETS_SERVER).rstrip("/")
+        self.token = token if token is not None else os.environ.get("HF_TOKEN")
+        self.retries = retries
+        self.retry_base_delay = retry_base_delay
+        self.http = HTTPClient(timeout=120.0, connect_timeout=15.0)
+
+    def _get(self, url: str, headers: dict, what: str) -> HTTPResponse:
+        """GET with retries on 429/5xx and network errors (the server is sometimes busy)."""
+        for attempt in range(1, self.retries + 1):
+            try:
+                resp = self.http.request("GET", url, headers=headers)
+            except Exception as exc:
+                _, reason = describe_network_error(exc)
+                if attempt == self.retries:
+                    raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}") from None
+                time.sleep(self.retry_base_delay * 2 ** (attempt - 1))
+                continue
+            if resp.status in RETRYABLE_STATUS and attempt < self.retries:
+                delay = retry_after_seconds(resp.headers)
+                time.sleep(min(delay, 120.0) if delay is not None else self.retry_base_delay * 2 ** (attempt - 1))
+                continue
+            return resp
+        raise AssertionError("unreachable")
+
+    def rows(self, ref: DatasetRef, offset: int, length: int = PAGE_SIZE) -> tuple[dict, str | None]:
+        """One page of `/rows`: (the JSON body, X-Revision)."""
+        query = urllib.parse.urlencode({"dataset": ref.dataset, "config": ref.config, "split": ref.split,
+                                        "offset": offset, "length": length})
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        what = f"{ref.dataset} rows {offset}-{offset + length - 1}"
+        resp = self._get(f"{self.base_url}/rows?{query}", headers, what)
+        if resp.status != 200:
+            hint = " (set HF_TOKEN for a gated or private dataset)" if resp.status == 401 else ""
+            raise DatasetError(f"datasets-server answered {resp.status} for {what}: {error_message(resp.body)}{hint}")
+        try:
+            body = json.loads(resp.body)
+            assert isinstance(body.get("rows"), list) and isinstance(body.get("num_rows_total"), int)
+        except (ValueError, AssertionError, AttributeError):
+            raise DatasetError(f"datasets-server sent an unexpected body for {what}") from None
+        return body, resp.headers.get("x-revision")
+
+    def download(self, url: str) -> HTTPResponse:
+        """An image asset. Signed URLs carry their own auth; Hub resolve URLs need the token."""
+        host = urllib.parse.urlsplit(url).hostname or ""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token and host.endswith("huggingface.co") else {}
+        return self._get(url, headers, "an image")
+
+
+async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
+                    server: DatasetsServer | None = None, concurrency: int = 8) -> tuple[list[dict], DatasetCache]:
+    """The first `count` rows (all when None) of a split, from the cache or the server.
+
+    Pages of 100 rows are fetched concurrently. With an image column, each image the
+    run needs is downloaded right after its page (signed URLs expire) and stored in
+    the cache; a 403/404 on download fetches that page again for fresh URLs."""
+    cache = DatasetCache(roots, ref)
+    server = server or DatasetsServer()
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nano-eval-data")
+    try:
+        total = cache.num_rows_total()
+        first_page = None
+        if total is None:
+            first_page = await loop.run_in_executor(pool, server.rows, ref, 0)
+            total = first_page[0]["num_rows_total"]
+        wanted = total if count is None else min(count, total)
+        offsets = list(range(0, wanted, PAGE_SIZE))
+        gate = asyncio.Semaphore(concurrency)
+
+        async def page(offset: int) -> list[dict]:
+            async with gate:
+                return await loop.run_in_executor(pool, load_page, cache, server, ref, offset, wanted,
+                                                  image_column, first_page if offset == 0 else None)
+
+        pages = await asyncio.gather(*(page(o) for o in offsets))
+        cache.save()
+    finally:
+        pool.shutdown(wait=False)
+    rows = [row for p in pages for row in p][:wanted]
+    return rows, cache
+
+
+def load_page(cache: DatasetCache, server: DatasetsServer, ref: DatasetRef, offset: int, wanted: int,
+              image_column: str | None, prefetched: tuple[dict, str | None] | None) -> list[dict]:
+    """One page of rows plus the images its needed rows lack (runs in a worker thread)."""
+    rows = cache.read_page(offset)
+    fresh = rows is None
+    if fresh:
+        body, revision = prefetched or server.rows(ref, offset)
+        rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
+        cache.write_page(offset, rows, body["num_rows_total"], revision)
+    if image_column:
+        needed = [r for r in rows if r["row_idx"] < wanted]
+        missing = [r for r in needed if r["row"].get(image_column) and not cache.has_image(r["row_idx"])]
+        if missing:
+            fetch_images(cache, server, ref, offset, missing, image_column, fresh)
+    return rows
+
+
+def fetch_images(cache: DatasetCache, server: DatasetsServer, ref: DatasetRef, offset: int, rows: list[dict],
+                 image_column: str, fresh: bool, concurrency: int = 8) -> None:
+    """Downloads the images of `rows` concurrently. Signed URLs expire: a page read
+    from the cache is fetched again for fresh URLs first, and a 403/404 on download
+    fetches the page again (twice at most)."""
+    urls = {r["row_idx"]: (r["row"][image_column] or {}).get("src") for r in rows}
+
+    def download(item: tuple[int, str | None]) -> int | None:
+        """The row index when its URL has expired, else None (the image is cached)."""
+        row_idx, url = item
+        if not url:
+            return None
+        resp = server.download(url)
+        if resp.status in (403, 404):
+            return row_idx
+        if resp.status != 200:
+            raise DatasetError(f"image of row {row_idx} of {ref.dataset}: HTTP {resp.status}")
+        kind = sniff_image(resp.body)
+        if kind is None:
+            raise DatasetError(f"image of row {row_idx} of {ref.dataset} is not PNG, JPEG, WebP or GIF")
+        cache.write_image(row_idx, resp.body, kind[0])
+        return None
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nano-eval-images") as pool:
+        for attempt in range(3):
+            if not fresh or attempt > 0:
+                body, _ = server.rows(ref, offset)
+                urls = {r["row_idx"]: (r["row"].get(image_column) or {}).get("src") for r in body["rows"]
+                        if r["row_idx"] in urls}
+            expired = [i for i in pool.map(download, urls.items()) if i is not None]
+            if not expired:
+                return
+            urls = {i: None for i in expired}
+    raise DatasetError(f"images of {ref.dataset} rows {sorted(urls)} stay unavailable (403/404) after refetching")
+
+
+# ============================================================================
+# 4. Tasks
+# ============================================================================
+
+GSM8K_TEMPLATE = (
+    "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
+    'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.\n'
+)
+# lm-eval's gsm8k-cot-llama.yaml fewshot_config.samples, in order: (question, target)
+GSM8K_FEWSHOT = (
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. The final answer is 6"),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The final answer is 5"),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. The final answer is 39"),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "The final answer is 8"),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+     "The final answer is 9"),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
+     "computers were added. 9 + 20 is 29. The final answer is 29"),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
+     "he had 35 - 2 = 33 golf balls. The final answer is 33"),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The final answer is 8"),
+)
+GSM8K_UNTIL = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"]
+
+CHARTQA_TEMPLATE = (
+    "<image>{query}\n"
+    "Analyze the image and question carefully, using step-by-step reasoning.\n"
+    "First, describe any image provided in detail. Then, present your reasoning. And finally your final answer "
+    "in this format:\n"
+    "Final Answer: <answer>\n"
+    "where <answer> follows the following instructions:\n"
+    "- <answer> should should be a single phrase or number.\n"
+    "- <answer> should not paraphrase or reformat the text in the image.\n"
+    "- If <answer> is a ratio, it should be a decimal value like 0.25 instead of 1:4.\n"
+    "- If the question is a Yes/No question, <answer> should be Yes/No.\n"
+    "- If <answer> is a number, it should not contain any units.\n"
+    "- If <answer> is a percentage, it should include a % sign.\n"
+    "- If <answer> is an entity, it should include the full label from the graph.\n"
+    "IMPORTANT: Remember, to end your answer with Final Answer: <answer>.\n"
+)
+
+
+@dataclasses.dataclass
+class Sample:
+    """One document ready to send: its request body and what identifies it."""
+
+    row_idx: int
+    doc: dict
+    target: str
+    body: dict
+    payload: bytes  # the exact bytes sent
+    doc_hash: str
+    body_hash: str
+    group: str | None = None  # a subset the results are also split by (chartqa: human/augmented)
+    image: dict | None = None  # sha256, bytes, format of the image sent
+    error: tuple[str, str] | None = None  # (status, reason) when the sample cannot be sent
+
+
+@dataclasses.dataclass
+class Task:
+    """An lm-eval task as nano-eval runs it."""
+
+    name: str
+    data: DatasetRef
+    version: str
+    max_tokens: int | None  # None: lm-eval's model default (256)
+    temperature: int | float
+    until: list
+    headline: str
+    metric_names: list  # per-sample score keys, in report order
+    build_content: Callable[["Task", dict, dict, APIConfig], Any]
+    target: Callable[[dict], str]
+    score: Callable[[str, str], tuple[dict, dict]]  # (response, target) -> (extracted, scores)
+    doc_identity: Callable[[dict, dict], dict]  # the fields that identify a doc (for its hash)
+    image_column: str | None = None
+    group: Callable[[dict], str | None] = lambda row: None
+
+    def request_params(self, config: APIConfig) -> dict:
+        """Every body key but messages and model, in lm-eval's order."""
+        params: dict = {"max_tokens": self.max_tokens or config.max_gen_toks or 256,
+                        "temperature": self.temperature, "until": list(self.until), "seed": config.seed}
+        for key, value in config.gen_kwargs.items():
+            if key == "do_sample":
+                continue  # lm-eval pops it and never sends it
+            key = {"max_gen_toks": "max_tokens", "stop": "until"}.get(key, key)
+            if key == "until" and isinstance(value, str):
+                value = [value]
+            params[key] = value
+        params["stop"] = params.pop("until")[:4]  # local-chat-completions sends until[:4]
+        order = ["max_tokens", "temperature", "stop", "seed"]
+        return {k: params[k] for k in order} | {k: v for k, v in params.items() if k not in order}
+
+    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None) -> Sample:
+        doc = row["row"]
+        image: dict | None = None
+        error = None
+        extra: dict = {}
+        if self.image_column:
+            image, extra, error = load_image(cache, row["row_idx"], doc.get(self.image_column))
+        messages = self.build_content(self, doc, extra, config)
+        body = {"messages": messages, "model": config.model} | self.request_params(config)
+        payload = json.dumps(body).encode()
+        identity = self.doc_identity(doc, image or {})
+        return Sample(row_idx=row["row_idx"], doc=doc, target=self.target(doc), body=body, payload=payload,
+                      doc_hash=sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=sha256(payload),
+                      group=self.group(doc), image=image, error=error)
+
+
+def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, dict, tuple | None]:
+    """(image info, {"data_url": ...}, error) for a row's image cell."""
+    if not cell:
+        return None, {}, ("missing_image", "the dataset row has no image (null cell)")
+    found = cache.read_image(row_idx) if cache else None
+    if found is None:
+        return None, {}, ("missing_image", "the image is not in the cache or failed its sha256 check")
+    data, entry = found
+    fmt, mime = sniff_image(data) or (entry.get("format"), "application/octet-stream")
+    meta = {"sha256": entry["sha256"], "bytes": len(data), "format": fmt}
+    return meta, {"data_url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}, None
+
+
+def gsm8k_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
+    turns = [(GSM8K_TEMPLATE.format(question=q), a) for q, a in GSM8K_FEWSHOT]
+    question = GSM8K_TEMPLATE.format(question=doc["question"])
+    messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
+    if config.fewshot_as_multiturn:
+        for user, assistant in turns:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": question})
+    else:  # lm-eval's single-turn rendering: target_delimiter "" and fewshot_delimiter "\n\n"
+        messages.append({"role": "user", "content": "".join(u + a + "\n\n" for u, a in turns) + question})
+    return messages
+
+
+def chartqa_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
+    text = {"type": "text", "text": CHARTQA_TEMPLATE.format(query=doc["query"])}
+    content = [{"type": "image_url", "image_url": {"url": extra["data_url"], "detail": "auto"}}, text] \
+        if "data_url" in extra else [text]
+    messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
+    return messages + [{"role": "user", "content": content}]
+
+
+def gsm8k_target(doc: dict) -> str:
+    return doc["answer"].split("####")[-1].strip()
+
+
+def chartqa_target(doc: dict) -> str:
+    """`{{ label[0] }}`; a label that is a Python list literal is evaluated by lm-eval's
+    doc_to_target and turned back into a string by str() in process_results."""
+    label = doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else str(doc.get("label", ""))
+    if len(label) >= 2 and label[0] == "[" and label[-1] == "]":
+        try:
+            return str(ast.literal_eval(label))
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            return label
+    return label
+
+
+# ============================================================================
+# 5. Scoring
+# ============================================================================
+
+GSM8K_FILTERS = {
+    "strict-match": re.compile(r"The final answer is ((-?[$0-9.,]{2,})|(-?[0-9]+))"),
+    "flexible-extract": re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)"),
+}
+GSM8K_IGNORE = [re.compile(p) for p in (",", r"\$", "(?s).*#### ", r"\.$")]
+INVALID = "[invalid]"
+
+
+def regex_filter(pattern: re.Pattern, response: str) -> str:
+    """lm-eval's RegexFilter with group_select -1: the last match's first non-empty
+    group, stripped; "[invalid]" when nothing matches."""
+    matches = pattern.findall(response if isinstance(response, str) else "")
+    if not matches:
+        return INVALID
+    match = matches[-1]
+    if isinstance(match, tuple):
+        groups = [g for g in match if g]
+        if not groups:
+            return INVALID
+        match = groups[0]
+    return match.strip()
+
+
+def gsm8k_exact_match(prediction: str, reference: str) -> float:
+    """lm-eval's exact_match with ignore_case and gsm8k_cot_llama's regexes_to_ignore."""
+    for pattern in GSM8K_IGNORE:
+        prediction = pattern.sub("", prediction)
+        reference = pattern.sub("", reference)
+    return float(prediction.lower() == reference.lower())
+
+
+def score_gsm8k(response: str, target: str) -> tuple[dict, dict]:
+    extracted = {name: regex_filter(pattern, response) for name, pattern in GSM8K_FILTERS.items()}
+    scores = {f"exact_match,{name}": gsm8k_exact_match(answer, target) for name, answer in extracted.items()}
+    return extracted, scores
+
+
+def chartqa_exact_match(prediction: str, reference: str) -> float:
+    match = re.search(r"(?:Final Answer|FINAL ANSWER): (.+)$", prediction, re.IGNORECASE)
+    if not match:
+        return 0.0
+    return float(match.group(1).strip().lower().removesuffix(".") == reference.strip().lower())
+
+
+def chartqa_final_answer(prediction: str) -> str:
+    """ExplicitPromptRelaxedCorrectness's parse: the first non-empty line after the
+    last "answer:" (any case), markdown characters removed."""
+    text = re.sub(r"([aA]nswer)\**:\**", r"\1:", prediction)
+    start = text.lower().rfind("answer:")
+    if start == -1:
+        return ""
+    line = next((ln.strip() for ln in text[start + len("answer:"):].split("\n") if ln.strip()), "")
+    return re.sub(r"[*_\[\]()]", "", line)
+
+
+def _strip_end_punctuation(text: str) -> str:
+    while text and (text[-1] in string.punctuation or text[-1].isspace()) and text[-1] != "%":
+        text = text[:-1]
+    return text
+
+
+def _relaxed_preprocess(text: str) -> str:
+    if not any(ch.isdigit() for ch in text):
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+            return text[1:-1]
+        return text
+    return _strip_end_punctuation(text).replace(",", "").replace("$", "")
+
+
+def _to_float(text: str) -> tuple[float | None, bool]:
+    text = text.strip()
+    try:
+        return float(text.rstrip("%")), text.endswith("%")
+    except ValueError:
+        return None, False
+
+
+def _within(prediction: float, target: float, tolerance: float = 0.05) -> float:
+    try:
+        return 1.0 if abs(prediction - target) / max(abs(target), 1e-10) <= tolerance else 0.0
+    except OverflowError:
+        return 0.0
+
+
+def relaxed_correctness(answer: str, reference: str) -> float:
+    """RelaxedCorrectness: numbers within 5% (with percent/decimal equivalence),
+    single-letter options by first letter, else case-insensitive text equality."""
+    prediction = _relaxed_preprocess(answer)
+    target = _relaxed_preprocess(reference)
+    p, p_pct = _to_float(prediction)
+    t, t_pct = _to_float(target)
+    if p is not None and t is not None:
+        value = _within(p, t)
+        if value != 1.0 and (p_pct or t_pct):
+            value = max(value, _within(p / 100 if p_pct else p, t), _within(p, t / 100 if t_pct else t))
+        return value
+    if target.isalpha() and len(target) == 1 and prediction:
+        return float(prediction[0].lower() == target.lower())
+    return float(prediction.rstrip(string.punctuation).lower() == target.lower())
+
+
+def chartqa_relaxed_accuracy(prediction: str, reference: str) -> float:
+    answer = chartqa_final_answer(prediction)
+    return relaxed_correctness(answer, reference) if answer else 0.0
+
+
+def chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
+    """Relaxed when an answer parses; else the reference found anywhere in the text."""
+    answer = chartqa_final_answer(prediction)
+    if answer:
+        return relaxed_correctness(answer, reference)
+    try:
+        number = float(reference)
+        if int(number) == number:
+            number = int(number)
+    except (ValueError, OverflowError):
+        candidates = [f"is {reference}", f"was {reference}", f" {reference}.", f"are {reference}", f"\n\n{reference}"]
+        return float(any(c.lower() in prediction for c in candidates))
+    return float(format(number, ",") in prediction or str(number) in prediction or f"{number}%" in prediction)
+
+
+def score_chartqa(response: str, target: str) -> tuple[dict, dict]:
+    scores = {
+        "exact_match": chartqa_exact_match(response, target),
+        "relaxed_accuracy": chartqa_relaxed_accuracy(response, target),
+        "anywhere_accuracy": chartqa_anywhere_accuracy(response, target),
+    }
+    return {"none": response, "final_answer": chartqa_final_answer(response)}, scores
+
+
+THINK_END = "</think>"
+
+
+def answer_text(content: str | None, keep_think: bool) -> str:
+    """What gets scored: the content after the last `</think>` (lm-eval's
+    think_end_token behaviour, lstripped), unless --keep_think."""
+    text = content or ""
+    if not keep_think and THINK_END in text:
+        text = text[text.rindex(THINK_END) + len(THINK_END):].lstrip()
+    return text
+
+
+TASKS: dict[str, Task] = {
+    "gsm8k_cot_llama": Task(
+        name="gsm8k_cot_llama",
+        data=DatasetRef("openai/gsm8k", "main", "test"),
+        version="4.0",
+        max_tokens=None,
+        temperature=0,
+        until=GSM8K_UNTIL,
+        headline="exact_match,strict-match",
+        metric_names=["exact_match,strict-match", "exact_match,flexible-extract"],
+        build_content=gsm8k_messages,
+        target=gsm8k_target,
+        score=score_gsm8k,
+        doc_identity=lambda doc, image: {"question": doc["question"], "answer": doc["answer"]},
+    ),
+    "chartqa": Task(
+        name="chartqa",
+        data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test"),
+        version="0.0",
+        max_tokens=512,
+        temperature=0.0,
+        until=[],
+        headline="relaxed_accuracy",
+        metric_names=["exact_match", "relaxed_accuracy", "anywhere_accuracy"],
+        build_content=chartqa_messages,
+        target=chartqa_target,
+        score=score_chartqa,
+        doc_identity=lambda doc, image: {"query": doc["query"], "label": doc["label"],
+                                         "human_or_machine": doc.get("human_or_machine"),
+                                         "image_sha256": image.get("sha256")},
+        image_column="image",
+        group=lambda doc: {0: "human", 1: "augmented"}.get(doc.get("human_or_machine")),
+    ),
+}
+
+
+# ============================================================================
+# 6. Runner
+# ============================================================================
+
+
+def redact_images(body: dict, image: dict | None) -> dict:
+    """A copy of the body with each data URL replaced by the image's sha256 and size."""
+    def replace(part: Any) -> Any:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            url = part["image_url"]["url"]
+            if url.startswith("data:") and image:
+                stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
+                return {**part, "image_url": {**part["image_url"], "url": stub}}
+        return part
+
+    messages = [{**m, "content": [replace(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+                for m in body["messages"]]
+    return {**body, "messages": messages}
+
+
+class SampleLog:
+    """The per-sample JSONL log: one line appended (and flushed) as each sample ends,
+    so a crash loses at most the requests in flight. It is also the resume state."""
+
+    def __init__(self, path: Path, log_images: bool = False):
+        self.path = path
+        self.log_images = log_images
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"cannot write the sample log {path}: {exc.strerror or exc}") from None
+
+    def completed(self, task: str) -> dict:
+        """(doc_hash, body_hash) -> the last valid record of `task` already in the log."""
+        done: dict = {}
+        for record in read_records(self.path):
+            if record.get("task") == task and record.get("status") in ("ok", "truncated"):
+                done[(record.get("doc_hash"), record.get("body_hash"))] = record
+        return done
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_records(path: Path) -> Iterator[dict]:
+    """The records of a sample log; a line cut short by a crash is skipped."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict):
+                    yield record
+    except FileNotFoundError:
+        return
+
+
+class Progress:
+    """One self-rewriting line on stderr (done/total, rate, ETA) when it is a terminal."""
+
+    def __init__(self, label: str, total: int, enabled: bool | None = None):
+        self.label, self.total, self.done = label, total, 0
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = self._last = time.monotonic()
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.2 or self.done == self.total):
+            self._last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else 0
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total}  {rate:.1f}/s  ETA {eta:.0f}s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            sys.stderr.write("\n")
+
+
+class TaskRun:
+    """The state of one task's run: sends each sample, scores it, logs it."""
+
+    def __init__(self, task: Task, config: APIConfig, rows: list, cache: DatasetCache, log: SampleLog | None,
+                 progress: Progress):
+        self.task, self.config, self.rows, self.cache, self.log = task, config, rows, cache, log
+        self.progress = progress
+        self.client = ChatClient(config)
+        self.done = log.completed(task.name) if log else {}
+        self.results: dict[int, dict] = {}
+        self.reused = 0
+        self.successes = 0
+        self.connection_failures_in_a_row = 0
+        self.server_down = False
+
+    async def run(self) -> None:
+        todo = iter(self.rows)
+        workers = [asyncio.ensure_future(self.worker(todo)) for _ in range(min(self.config.num_concurrent, len(self.rows)) or 1)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            self.client.close()
+
+    async def worker(self, todo: Iterator[dict]) -> None:
+        for row in todo:
+            sample = self.task.build(row, self.config, self.cache)
+            previous = self.done.get((sample.doc_hash, sample.body_hash))
+            if previous is not None:
+                self.reused += 1
+                outcome = outcome_from_record(previous)
+            else:
+                outcome = await self.send(sample)
+            record = self.record(sample, outcome)
+            if previous is None and self.log:
+                self.log.write(record)
+            self.results[sample.row_idx] = record
+            self.progress.advance()
+            if outcome.status in ("http_401", "http_403") and self.successes == 0:
+                raise AuthError(f"authentication failed (HTTP {outcome.http_status} from {self.config.chat_url}): "
+                                "check --api_key")
+
+    async def send(self, sample: Sample) -> Outcome:
+        if sample.error:
+            return Outcome(sample.error[0], error=sample.error[1], attempts=0)
+        if self.server_down:
+            return Outcome("connection", error="not sent: the server stopped answering", attempts=0)
+        outcome = await self.client.send(sample.payload)
+        if outcome.status == "connection":
+            self.connection_failures_in_a_row += 1
+            if self.connection_failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
+                self.server_down = True
+                warn(f"{self.config.chat_url} stopped answering; the remaining samples are counted as "
+                     "connection failures (rerun the same command to resume them)")
+        else:
+            self.connection_failures_in_a_row = 0
+            self.successes += outcome.http_status is not None and outcome.http_status < 400
+        return outcome
+
+    def record(self, sample: Sample, outcome: Outcome) -> dict:
+        response_text = answer_text(outcome.content, self.config.keep_think) if outcome.valid else ""
+        if outcome.valid:
+            extracted, scores = self.task.score(response_text, sample.target)
+        else:
+            extracted, scores = None, {name: 0.0 for name in self.task.metric_names}
+        body = sample.body if self.log is None or self.log.log_images else redact_images(sample.body, sample.image)
+        return {
+            "task": self.task.name, "row_idx": sample.row_idx, "doc_hash": sample.doc_hash,
+            "body_hash": sample.body_hash, "url": self.config.chat_url, "request": body,
+            "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
+                         "finish_reason": outcome.finish_reason, "usage": outcome.usage,
+                         "http_status": outcome.http_status},
+            "status": outcome.status, "error": outcome.error, "target": sample.target,
+            "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
+            "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
+            "reasoning_flags": reasoning_flags(outcome, response_text),
+        }
+
+
+def outcome_from_record(record: dict) -> Outcome:
+    response = record.get("response") or {}
+    return Outcome(record["status"], content=response.get("content"), reasoning=response.get("reasoning_content"),
+                   finish_reason=response.get("finish_reason"), usage=response.get("usage"),
+                   http_status=response.get("http_status"), error=record.get("error"),
+                   latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0)
+
+
+def reasoning_flags(outcome: Outcome, answer: str) -> list:
+    """Why a reasoning model may have scored badly: the answer only exists in the
+    reasoning channel, or the token budget ran out while it was still thinking."""
+    flags = []
+    content = outcome.content or ""
+    if outcome.reasoning and not content.strip():
+        flags.append("answer_only_in_reasoning")
+    if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and THINK_END not in content)
+                                              or (outcome.reasoning and not answer.strip())):
+        flags.append("budget_ran_out_in_reasoning")
+    return flags
+
+
+async def detect_model(config: APIConfig) -> str:
+    return await asyncio.get_running_loop().run_in_executor(None, resolve_model, config.api_root, config.api_key, None)
+
+
+async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
+                   log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
+                   datasets_server: DatasetsServer | None = None, sink: dict | None = None) -> dict:
+    """Runs one task against one server and returns its results (see aggregate()).
+
+    With `log_dir`, every sample is appended to `<log_dir>/samples_<task>.jsonl` as it
+    ends, and samples already answered in that log are not sent again (resume).
+    Cancelling the coroutine (Ctrl-C) leaves the log complete up to that point, and
+    the partial results in `sink[task.name]`."""
+    if max_samples is not None and max_samples < 1:
+        raise UsageError("max_samples must be a positive integer")
+    start = time.perf_counter()
+    if config.model is None:
+        config.model = await detect_model(config)
+    rows, cache = await load_rows(task.data, max_samples, resolve_data_dir(data_dir), task.image_column,
+                                  datasets_server)
+    log = SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
+    run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows), progress))
+    if run.done:
+        info(f"{task.name}: resuming from {log.path} ({len(run.done)} samples already answered)")
+    complete = False
+    try:
+        await run.run()
+        complete = True
+    finally:
+        run.progress.close()
+        if log:
+            log.close()
+        result = aggregate(task, [run.results[r["row_idx"]] for r in rows if r["row_idx"] in run.results],
+                           planned=len(rows), elapsed=time.perf_counter() - start,
+                           revisions=cache.revisions(range(0, len(rows), PAGE_SIZE)), complete=complete)
+        if sink is not None:
+            sink[task.name] = result
+    return result
+
+
+# ============================================================================
+# 7. Reports
+# ============================================================================
+
+
+def mean_stderr(values: list) -> tuple[float | None, float | str]:
+    """lm-eval's mean and its stderr: sample stdev (n-1) / sqrt(n); "N/A" below 2 values."""
+    n = len(values)
+    if n == 0:
+        return None, "N/A"
+    mean = sum(values) / n
+    if n < 2:
+        return mean, "N/A"
+    variance = sum((x - mean) ** 2 for x in values) / (n - 1)
+    return mean, math.sqrt(variance) / math.sqrt(n)
+
+
+def stderr_key(metric: str) -> str:
+    """lm-eval's spelling: exact_match,strict-match -> exact_match_stderr,strict-match."""
+    name, sep, filt = metric.partition(",")
+    return f"{name}_stderr{sep}{filt}"
+
+
+def percentile(values: list, q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
+              complete: bool = True) -> dict:
+    """Per-task results: lm-eval's metric names (`,none` dropped), the headline metric
+    also under its bare name, `<metric>,valid` over scorable responses only, failure
+    counts per status, tokens, latency and throughput."""
+    valid = [r for r in records if r["status"] in ("ok", "truncated")]
+    base = task.headline.split(",")[0]
+    metrics: dict = {}
+
+    def add(label: str, name: str, subset: list, with_stderr: bool = True) -> None:
+        mean, se = mean_stderr([r["scores"][name] for r in subset])
+        metrics[label] = mean
+        if with_stderr:
+            metrics[stderr_key(label)] = se
+
+    reported = [(base, task.headline)] if base != task.headline else []  # the headline under its bare name
+    reported += [(name, name) for name in task.metric_names]
+    for label, name in reported:
+        add(label, name, records)
+    for label, name in reported:
+        add(f"{label},valid", name, valid, with_stderr=False)
+    for group in sorted({r["group"] for r in records if r.get("group")}):
+        add(f"{task.headline},{group}", task.headline, [r for r in records if r.get("group") == group],
+            with_stderr=False)
+
+    statuses: dict = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    failures = {s: c for s, c in sorted(statuses.items()) if s not in ("ok", "truncated")}
+    usage = [(r.get("response") or {}).get("usage") or {} for r in records]
+    completion_tokens = sum(u.get("completion_tokens") or 0 for u in usage)
+    latencies = [r["latency"] for r in records if r.get("latency") and r["status"] != "missing_image"]
+    finish: dict = {}
+    for r in valid:
+        reason = str((r.get("response") or {}).get("finish_reason"))
+        finish[reason] = finish.get(reason, 0) + 1
+    result = {
+        "metrics": metrics,
+        "num_samples": len(records),
+        "num_ok": statuses.get("ok", 0),
+        "num_truncated": statuses.get("truncated", 0),
+        "num_failed": sum(failures.values()),
+        "failures": failures,
+        "elapsed": round(elapsed, 3),
+        "complete": complete and len(records) == planned,
+        "headline": base,
+        "finish_reasons": finish,
+        "usage": {"prompt_tokens": sum(u.get("prompt_tokens") or 0 for u in usage),
+                  "completion_tokens": completion_tokens},
+        "latency_p50": percentile(latencies, 0.5),
+        "latency_p95": percentile(latencies, 0.95),
+        "requests_per_second": round(len(records) / elapsed, 3) if elapsed > 0 else None,
+        "output_tokens_per_second": round(completion_tokens / elapsed, 2) if elapsed > 0 else None,
+        "version": task.version,
+        "dataset": {"path": task.data.dataset, "config": task.data.config, "split": task.data.split,
+                    "revision": (revisions[0] if len(revisions or []) == 1 else revisions) or None},
+    }
+    if planned != len(records):
+        result["num_planned"] = planned
+    flags: dict = {}
+    for r in records:
+        for flag in r.get("reasoning_flags") or []:
+            flags.setdefault(flag, []).append(r["row_idx"])
+    if flags:
+        result["reasoning"] = {flag: len(rows) for flag, rows in flags.items()}
+    images = [r["image"] for r in records if r.get("image")]
+    if task.image_column:
+        formats: dict = {}
+        for image in images:
+            formats[image["format"]] = formats.get(image["format"], 0) + 1
+        result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
+    result["_reasoning_rows"] = flags
+    return result
+
+
+def public_result(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def summary_table(results: dict) -> str:
+    """The human summary written to stderr."""
+    lines = [f"{'task':<18} {'metric':<30} {'value':>7} {'stderr':>7} {'n':>6} {'failed':>6} {'seconds':>8}"]
+    for name, result in results.items():
+        metrics = result["metrics"]
+        for key in (k for k in metrics if "_stderr" not in k):
+            lines.append(f"{name:<18} {key:<30} {fmt_value(metrics[key]):>7} "
+                         f"{fmt_value(metrics.get(stderr_key(key), '')):>7} {result['num_samples']:>6} "
+                         f"{result['num_failed']:>6} {result['elapsed']:>8.1f}")
+            name = ""
+    return "\n".join(lines)
+
+
+def report_warnings(task_name: str, result: dict) -> None:
+    if result["failures"]:
+        detail = ", ".join(f"{status}: {count}" for status, count in result["failures"].items())
+        warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed ({detail}); "
+             "they count as wrong in the headline metrics")
+    for flag, rows in (result.get("_reasoning_rows") or {}).items():
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        what = {"answer_only_in_reasoning": "had their answer only in the reasoning channel (content empty)",
+                "budget_ran_out_in_reasoning": "ran out of tokens while still reasoning"}[flag]
+        warn(f"{task_name}: {len(rows)} samples {what} (rows {shown}); raise max_tokens, "
+             "e.g. --gen_kwargs max_gen_toks=4096")
+    if result.get("num_truncated"):
+        warn(f"{task_name}: {result['num_truncated']} responses hit max_tokens (finish_reason length); "
+             "they are scored as they are")
+
+
+# ============================================================================
+# 8. Compare and replay
+# ============================================================================
+
+
+def load_run(path: str) -> dict:
+    """{(task, doc_hash): the last record} from a sample log file or a folder of them."""
+    source = Path(path).expanduser()
+    if source.is_dir():
+        files = sorted(source.glob("samples_*.jsonl"))
+    elif source.is_file():
+        files = [source]
+    else:
+        raise UsageError(f"{source}: no such sample log or folder")
+    if not files:
+        raise UsageError(f"{source}: no samples_<task>.jsonl in this folder")
+    records: dict = {}
+    for file in files:
+        for record in read_records(file):
+            if "task" in record and "doc_hash" in record:
+                records[(record["task"], record["doc_hash"])] = record
+    if not records:
+        raise UsageError(f"{source}: no sample records")
+    return records
+
+
+def request_difference(a: dict, b: dict) -> str | None:
+    """The first request field (other than the model name) that differs, or None."""
+    for key in list(dict.fromkeys(list(a) + list(b))):
+        if key != "model" and a.get(key) != b.get(key):
+            return key
+    return None
+
+
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs at 1/2."""
+    n = a_only + b_only
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
+
+
+def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean paired difference (seeded, deterministic)."""
+    if not differences:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    n = len(differences)
+    means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
+
+
+def first_difference(a: str, b: str) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def counts(values: Iterable) -> dict:
+    result: dict = {}
+    for value in values:
+        result[str(value)] = result.get(str(value), 0) + 1
+    return dict(sorted(result.items()))
+
+
+def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000) -> dict:
+    """Per-task paired comparison of two runs joined on (task, doc hash)."""
+    comparison: dict = {}
+    for task_name in sorted({task for task, _ in run_a} | {task for task, _ in run_b}):
+        keys = [k for k in run_a if k[0] == task_name and k in run_b]
+        only = sum(1 for k in run_a if k[0] == task_name and k not in run_b) + \
+            sum(1 for k in run_b if k[0] == task_name and k not in run_a)
+        if not keys:
+            comparison[task_name] = {"n": 0, "unmatched": only, "verdict": "no samples in common"}
+            continue
+        keys.sort(key=lambda k: run_a[k].get("row_idx", 0))
+        pairs = [(run_a[k], run_b[k]) for k in keys]
+        for a, b in pairs:
+            field = request_difference(a.get("request") or {}, b.get("request") or {})
+            if field:
+                raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
+                                 "(only the model name may differ); compare runs made with the same settings")
+        comparison[task_name] = compare_pairs(task_name, pairs, only, top, resamples)
+    return comparison
+
+
+def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int) -> dict:
+    task = TASKS.get(task_name)
+    metric = task.headline if task else next(iter(pairs[0][0].get("scores") or {"score": 0}))
+    score_a = [float((a.get("scores") or {}).get(metric, 0.0)) for a, _ in pairs]
+    score_b = [float((b.get("scores") or {}).get(metric, 0.0)) for _, b in pairs]
+    n = len(pairs)
+    acc_a, acc_b = sum(score_a) / n, sum(score_b) / n
+    a_only = sum(1 for x, y in zip(score_a, score_b) if x > y)
+    b_only = sum(1 for x, y in zip(score_a, score_b) if y > x)
+    low, high = paired_bootstrap([y - x for x, y in zip(score_a, score_b)], resamples)
+    p_value = mcnemar_exact(a_only, b_only)
+    diff = acc_b - acc_a
+    if p_value < 0.05:
+        verdict = f"B is {'lower' if diff < 0 else 'higher'} by {abs(diff) * 100:.1f} points, p={p_value:.3g}"
+    else:
+        verdict = f"no significant difference at n={n} (p={p_value:.3g})"
+    texts = [((a.get("response") or {}).get("content") or "", (b.get("response") or {}).get("content") or "")
+             for a, b in pairs]
+    differing = [first_difference(x, y) for x, y in texts if x != y]
+    prompt_mismatch = [(a, b) for a, b in pairs
+                       if tokens(a, "prompt_tokens") is not None and tokens(b, "prompt_tokens") is not None
+                       and tokens(a, "prompt_tokens") != tokens(b, "prompt_tokens")]
+    flips = [(a, b) for (a, b), x, y in zip(pairs, score_a, score_b) if x != y][:top]
+    result = {
+        "metric": metric, "n": n, "unmatched": unmatched,
+        "accuracy_a": acc_a, "accuracy_b": acc_b, "difference": diff,
+        "ci95": [low, high], "mcnemar_p": p_value, "a_only_correct": a_only, "b_only_correct": b_only,
+        "verdict": verdict,
+        "response_agreement": sum(1 for x, y in texts if x == y) / n,
+        "mean_first_difference": sum(differing) / len(differing) if differing else None,
+        "prompt_tokens_equal": n - len(prompt_mismatch),
+        "prompt_tokens_mismatch": len(prompt_mismatch),
+        "finish_reasons_a": counts((a.get("response") or {}).get("finish_reason") for a, _ in pairs),
+        "finish_reasons_b": counts((b.get("response") or {}).get("finish_reason") for _, b in pairs),
+        "status_a": counts(a.get("status") for a, _ in pairs),
+        "status_b": counts(b.get("status") for _, b in pairs),
+        "mean_output_tokens_a": mean_of(tokens(a, "completion_tokens") for a, _ in pairs),
+        "mean_output_tokens_b": mean_of(tokens(b, "completion_tokens") for _, b in pairs),
+        "flips": [{"row_idx": a.get("row_idx"), "target": a.get("target"),
+                   "a": answer_of(a), "b": answer_of(b), "a_correct": bool(sa), "b_correct": bool(sb)}
+                  for (a, b), sa, sb in ((p, p[0]["scores"].get(metric), p[1]["scores"].get(metric)) for p in flips)],
+    }
+    if prompt_mismatch:
+        a, b = prompt_mismatch[0]
+        result["first_prompt_mismatch"] = {"row_idx": a.get("row_idx"), "a": tokens(a, "prompt_tokens"),
+                                           "b": tokens(b, "prompt_tokens")}
+    return result
+
+
+def tokens(record: dict, name: str) -> int | None:
+    usage = (record.get("response") or {}).get("usage") or {}
+    value = usage.get(name)
+    return value if isinstance(value, int) else None
+
+
+def mean_of(values: Iterable) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def answer_of(record: dict) -> str | None:
+    extracted = record.get("extracted") or {}
+    for key in ("strict-match", "final_answer", "flexible-extract"):
+        if extracted.get(key) not in (None, "", INVALID):
+            return extracted[key]
+    if record.get("status") not in ("ok", "truncated"):
+        return f"<{record.get('status')}>"
+    return extracted.get("strict-match") or extracted.get("final_answer") or ""
+
+
+def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") -> str:
+    lines = [f"A = {label_a}", f"B = {label_b}"]
+    for task_name, c in comparison.items():
+        lines.append("")
+        if not c.get("n"):
+            lines.append(f"{task_name}: {c['verdict']}")
+            continue
+        pct = lambda x: f"{x * 100:.1f}"  # noqa: E731
+        lines += [
+            f"{task_name} ({c['metric']}, n={c['n']}" + (f", {c['unmatched']} unmatched" if c["unmatched"] else "") + ")",
+            f"  accuracy        A {pct(c['accuracy_a'])}   B {pct(c['accuracy_b'])}   B-A {c['difference'] * 100:+.1f} points "
+            f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]",
+            f"  McNemar         p={c['mcnemar_p']:.3g}   A-only correct {c['a_only_correct']}   "
+            f"B-only correct {c['b_only_correct']}",
+            f"  verdict         {c['verdict']}",
+            f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
+                f"   first difference at char {c['mean_first_difference']:.0f} on average"
+                if c["mean_first_difference"] is not None else ""),
+            f"  prompt tokens   {c['prompt_tokens_equal']} equal, {c['prompt_tokens_mismatch']} differ" + (
+                f"   (row {c['first_prompt_mismatch']['row_idx']}: A {c['first_prompt_mismatch']['a']} vs "
+                f"B {c['first_prompt_mismatch']['b']}: the chat templates differ)" if c.get("first_prompt_mismatch") else ""),
+            f"  finish_reason   A {c['finish_reasons_a']}   B {c['finish_reasons_b']}",
+            f"  status          A {c['status_a']}   B {c['status_b']}",
+            "  output tokens   A {}   B {}".format(*(f"{v:.1f}" if v is not None else "-" for v in
+                                                  (c["mean_output_tokens_a"], c["mean_output_tokens_b"]))),
+        ]
+        if c["flips"]:
+            lines.append("  flipped samples (row: target | A | B):")
+            lines += [f"    {f['row_idx']}: {f['target']} | {f['a']}{' ok' if f['a_correct'] else ''} | "
+                      f"{f['b']}{' ok' if f['b_correct'] else ''}" for f in c["flips"]]
+    return "\n".join(lines)
+
+
+def cmd_compare(argv: list) -> int:
+    parser = ArgumentParser(prog="nano-eval compare", description="Paired comparison of two runs' sample logs.")
+    parser.add_argument("run_a", help="sample log (samples_<task>.jsonl) or the --log_samples folder of run A")
+    parser.add_argument("run_b", help="the same for run B")
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    parser.add_argument("--top", type=positive_int, default=10, help="flipped samples to list (default 10)")
+    args = parser.parse_args(argv)
+    comparison = compare_runs(load_run(args.run_a), load_run(args.run_b), top=args.top)
+    if args.json:
+        print(json.dumps({"a": args.run_a, "b": args.run_b, "comparison": comparison}, indent=2, ensure_ascii=False))
+    else:
+        print(format_comparison(comparison, args.run_a, args.run_b))
+    return EXIT_OK
+
+
+def run_several(configs: list, tasks: list, args: argparse.Namespace, output: Path | None,
+                log_dir: Path | None, check: bool) -> int:
+    """The same samples against each server, then the paired comparison of the first
+    server with each of the others."""
+    root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
+    start = time.perf_counter()
+    runs, codes, dirs = [], [], []
+    for i, config in enumerate(configs):
+        parts = urllib.parse.urlsplit(config.api_root)
+        run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
+        info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
+        run_start = time.perf_counter()
+        preflight = preflight_result(config) if check else None
+        results: dict = {}
+        complete = asyncio.run(run_tasks(tasks, config, args, run_dir, results))
+        for name, result in results.items():
+            report_warnings(name, result)
+        runs.append(run_document(config, tasks, args, run_dir, results, preflight, complete, run_start))
+        dirs.append(run_dir)
+        codes.append(run_exit_code(runs[-1], args, run_dir))
+        if not complete:
+            break
+    comparisons = []
+    for run_dir, run in zip(dirs[1:], runs[1:]):
+        comparison = compare_runs(load_run(str(dirs[0])), load_run(str(run_dir)))
+        comparisons.append({"a": runs[0]["config"]["chat_url"], "b": run["config"]["chat_url"],
+                            "comparison": comparison})
+        print(format_comparison(comparison, comparisons[-1]["a"], comparisons[-1]["b"]), file=sys.stderr)
+    write_results({"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)},
+                  output)
+    return max(codes, key=lambda c: (c == EXIT_INTERRUPTED, c))
+
+
+def restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
+    """Puts the image bytes back into a body logged without them (from the cache)."""
+    stub = re.compile(r"<image sha256=([0-9a-f]{64}) bytes=(\d+) format=(\w+)>")
+
+    def restore(part: Any) -> Any:
+        url = part.get("image_url", {}).get("url", "") if isinstance(part, dict) else ""
+        found = stub.fullmatch(url)
+        if not found:
+            return part
+        task = TASKS.get(record.get("task"))
+        cached = DatasetCache(resolve_data_dir(data_dir), task.data).read_image(record["row_idx"]) if task else None
+        if not cached or cached[1]["sha256"] != found.group(1):
+            raise UsageError(f"the image of row {record.get('row_idx')} is not in the cache any more; "
+                             "log with --log_images to replay without it")
+        mime = (sniff_image(cached[0]) or ("", "application/octet-stream"))[1]
+        data_url = f"data:{mime};base64,{base64.b64encode(cached[0]).decode()}"
+        return {**part, "image_url": {**part["image_url"], "url": data_url}}
+
+    messages = [{**m, "content": [restore(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+                for m in body["messages"]]
+    return {**body, "messages": messages}
+
+
+def cmd_replay(argv: list) -> int:
+    parser = ArgumentParser(prog="nano-eval replay", description="Resend one logged request exactly.")
+    parser.add_argument("where", metavar="FILE:LINE", help="a sample log and a 1-based line number")
+    parser.add_argument("--base_url", "--base-url", dest="base_url", help="send it here instead of the logged URL")
+    parser.add_argument("--api_key", "--api-key", dest="api_key", help="default: env OPENAI_API_KEY")
+    parser.add_argument("--data_dir", "--data-dir", dest="data_dir", help="dataset cache, for logged images")
+    parser.add_argument("--curl", action="store_true", help="print a curl command instead of sending")
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT)
+    args = parser.parse_args(argv)
+    path, _, line_text = args.where.rpartition(":")
+    if not path or not line_text.isdigit() or int(line_text) < 1:
+        raise UsageError(f"expected FILE:LINE (a 1-based line number), got {args.where!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = next((text for number, text in enumerate(f, 1) if number == int(line_text)), None)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        record = json.loads(line) if line else None
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("request"), dict):
+        raise UsageError(f"{args.where} is not a sample record")
+    body = restore_images(record["request"], record, args.data_dir)
+    url = normalize_base_url(args.base_url)[1] if args.base_url else record.get("url")
+    if not url:
+        raise UsageError("the record has no URL; pass --base_url")
+    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
+    _SECRETS.extend(s for s in (api_key,) if s)
+    payload = json.dumps(body).encode()
+    if args.curl:
+        body_file = Path(tempfile.mkdtemp(prefix="nano-eval-replay-")) / "body.json"
+        body_file.write_bytes(payload)
+        auth = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if api_key else ""
+        print(f"curl -sS {url} -H 'Content-Type: application/json'{auth} --data-binary @{body_file}")
+        return EXIT_OK
+    headers = {"Content-Type": "application/json", **auth_headers(api_key)}
+    try:
+        resp = HTTPClient(timeout=args.timeout).request("POST", url, payload, headers)
+    except Exception as exc:
+        raise ServerError(f"cannot reach {url}: {describe_network_error(exc)[1]}") from None
+    outcome = classify_response(resp)
+    info(f"HTTP {resp.status}, status {outcome.status} (logged: {record.get('status')})")
+    sys.stdout.write(resp.body.decode("utf-8", "replace") + "\n")
+    return EXIT_OK if resp.status == 200 else EXIT_SERVER
+
+
+# ============================================================================
+# 9. Server identity and the conformance preflight
+# ============================================================================
+
+OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
+            "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio", "organization_owner": "LM Studio"}
+
+
+def identify_server(api_root: str, api_key: str | None, timeout: float = 3.0) -> dict:
+    """Which backend answered, from the endpoints each one has: vLLM /version, SGLang
+    /get_server_info, llama.cpp /props, Ollama /api/version, TGI /info; else the
+    `owned_by` of /v1/models and the Server header."""
+    parts = urllib.parse.urlsplit(api_root)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    client = HTTPClient(timeout=timeout, connect_timeout=timeout)
+    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "ollama": f"{origin}/api/version",
+             "tgi": f"{origin}/info", "version": f"{origin}/version", "models": f"{api_root}/models"}
+
+    def fetch(url: str) -> tuple[int, Any, dict]:
+        try:
+            return http_json(client, url, auth_headers(api_key))
+        except Exception:
+            return 0, None, {}
+
+    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+        answers = dict(zip(paths, pool.map(fetch, paths.values())))
+    ok = {name: data for name, (status, data, _) in answers.items() if status == 200 and isinstance(data, dict)}
+    models = ok.get("models", {}).get("data") or [{}]
+    owned_by = models[0].get("owned_by") if isinstance(models[0], dict) else None
+    owner = OWNED_BY.get(str(owned_by).lower())
+    identity: dict = {"server_header": answers["models"][2].get("server"), "owned_by": owned_by}
+    props, sglang, tgi = ok.get("props", {}), ok.get("sglang", {}), ok.get("tgi", {})
+    only_version = {name: data["version"] for name, data in ok.items() if set(data) == {"version"}}
+    if {"build_info", "default_generation_settings", "total_slots"} & set(props):
+        identity.update(name="llama.cpp", version=props.get("build_info"), evidence="/props")
+    elif {"tp_size", "model_path", "served_model_name"} & set(sglang):
+        identity.update(name="SGLang", version=sglang.get("version") or only_version.get("version"),
+                        evidence="/get_server_info")
+    elif "ollama" in only_version:
+        identity.update(name="Ollama", version=only_version["ollama"], evidence="/api/version")
+    elif "model_id" in tgi and "version" in tgi:
+        identity.update(name="TGI", version=tgi["version"], evidence="/info")
+    elif "version" in only_version:
+        identity.update(name=owner or "vLLM", version=only_version["version"], evidence="/version")
+    elif owner:
+        identity.update(name=owner, version=None, evidence="owned_by")
+    else:
+        identity.update(name=identity["server_header"] or "unknown", version=None, evidence="Server header")
+    return identity
+
+
+# A 1x1 RGB PNG, for the image check.
+ONE_PIXEL_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC")
+
+
+class Preflight:
+    """Short requests that show whether the server implements the API nano-eval relies on."""
+
+    def __init__(self, config: APIConfig, timeout: float = 120.0):
+        self.config = config
+        self.client = HTTPClient(timeout=min(timeout, config.timeout), connect_timeout=5.0)
+        self.headers = {"Content-Type": "application/json", **auth_headers(config.api_key)}
+        self.checks: list = []
+
+    def check(self, name: str, result: str, evidence: str) -> None:
+        self.checks.append({"check": name, "result": result, "evidence": " ".join(str(evidence).split())[:300]})
+
+    def chat(self, body: dict) -> tuple[HTTPResponse | None, Any]:
+        payload = json.dumps({"model": self.config.model, **body}).encode()
+        try:
+            resp = self.client.request("POST", self.config.chat_url, payload, self.headers)
+        except Exception as exc:
+            return None, describe_network_error(exc)[1]
+        try:
+            return resp, json.loads(resp.body)
+        except (ValueError, UnicodeDecodeError):
+            return resp, None
+
+    @staticmethod
+    def message(data: Any) -> dict:
+        try:
+            return data["choices"][0]["message"] or {}
+        except (TypeError, KeyError, IndexError):
+            return {}
+
+    @staticmethod
+    def finish(data: Any) -> Any:
+        try:
+            return data["choices"][0].get("finish_reason")
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return None
+
+    def run(self) -> list:
+        self.check_models()
+        prompt = [{"role": "user", "content": "Write the numbers from 1 to 30, separated by spaces."}]
+        base = {"messages": prompt, "max_tokens": 96, "temperature": 0}
+        first, data = self.chat(base)
+        if first is None or first.status != 200 or not isinstance(self.message(data).get("content"), str):
+            detail = data if first is None else f"HTTP {first.status}: {error_message(first.body)}"
+            self.check("chat completion", "FAIL", f"a plain request failed: {detail}")
+            return self.checks
+        text = self.message(data)["content"]
+        self.check("chat completion", "PASS", f"HTTP 200, content {text[:60]!r}")
+        self.check_usage(data)
+        self.check_max_tokens(prompt)
+        self.check_stop(prompt, text)
+        self.check_greedy(base, text)
+        self.check_seed(base)
+        self.check_image()
+        self.check_reasoning(data)
+        self.check_max_completion_tokens(prompt)
+        self.check_malformed()
+        return self.checks
+
+    def check_models(self) -> None:
+        try:
+            status, data, _ = http_json(self.client, self.config.api_root + "/models", auth_headers(self.config.api_key))
+        except Exception as exc:
+            self.check("/v1/models", "FAIL", describe_network_error(exc)[1])
+            return
+        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+            self.check("/v1/models", "FAIL", f"HTTP {status}, no data list")
+        elif data.get("object") != "list" or not all(isinstance(m, dict) and "id" in m for m in data["data"]):
+            self.check("/v1/models", "WARN", f"data present but not OpenAI-shaped: {json.dumps(data)[:120]}")
+        else:
+            self.check("/v1/models", "PASS", f"object list, {len(data['data'])} model(s)")
+
+    def check_usage(self, data: Any) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int) \
+                or not isinstance(usage.get("prompt_tokens"), int):
+            self.check("usage", "FAIL", f"usage missing or incomplete: {usage!r}")
+        elif usage.get("total_tokens") not in (None, usage["prompt_tokens"] + usage["completion_tokens"]):
+            self.check("usage", "WARN", f"total_tokens {usage['total_tokens']} != prompt + completion {usage}")
+        else:
+            self.check("usage", "PASS", json.dumps(usage)[:120])
+
+    def check_max_tokens(self, prompt: list) -> None:
+        resp, data = self.chat({"messages": prompt, "max_tokens": 5, "temperature": 0})
+        if resp is None or resp.status != 200:
+            self.check("max_tokens", "FAIL", f"request failed: {data if resp is None else resp.status}")
+            return
+        used = ((data or {}).get("usage") or {}).get("completion_tokens")
+        finish = self.finish(data)
+        if isinstance(used, int) and used > 5:
+            self.check("max_tokens", "FAIL", f"max_tokens 5 but completion_tokens {used}")
+        elif finish != "length":
+            self.check("max_tokens", "FAIL", f"max_tokens 5 hit but finish_reason {finish!r}, not 'length'")
+        else:
+            self.check("max_tokens", "PASS", f"completion_tokens {used}, finish_reason 'length'")
+
+    def check_stop(self, prompt: list, baseline: str) -> None:
+        words = re.findall(r"\d+", baseline)
+        if len(words) < 3:
+            self.check("stop", "WARN", f"inconclusive: the greedy answer has too few numbers: {baseline[:60]!r}")
+            return
+        stop = words[2]
+        resp, data = self.chat({"messages": prompt, "max_tokens": 96, "temperature": 0, "stop": [stop]})
+        text = self.message(data).get("content") if resp is not None and resp.status == 200 else None
+        if text is None:
+            self.check("stop", "FAIL", f"a request with stop failed: {data if resp is None else resp.status}")
+        elif stop in text:
+            self.check("stop", "FAIL", f"stop {stop!r} is in the output: {text[:80]!r}")
+        elif not baseline.startswith(text.rstrip()):
+            self.check("stop", "WARN", f"output with stop {stop!r} is not a prefix of the greedy output: {text[:80]!r}")
+        else:
+            self.check("stop", "PASS", f"stopped before {stop!r}: {text[:60]!r}, finish_reason {self.finish(data)!r}")
+
+    def check_greedy(self, base: dict, first: str) -> None:
+        resp, data = self.chat(base)
+        again = self.message(data).get("content") if resp is not None and resp.status == 200 else None
+        if again == first:
+            self.check("greedy repeatable", "PASS", "the same request at temperature 0 gave the same text twice")
+        else:
+            self.check("greedy repeatable", "WARN", f"temperature 0 differs between two identical requests: "
+                       f"{first[:40]!r} vs {str(again)[:40]!r}")
+
+    def check_seed(self, base: dict) -> None:
+        resp, data = self.chat({**base, "max_tokens": 8, "seed": self.config.seed})
+        if resp is not None and resp.status == 200:
+            self.check("seed", "PASS", f"seed {self.config.seed} accepted")
+        else:
+            self.check("seed", "FAIL", f"seed rejected: {data if resp is None else error_message(resp.body)}")
+
+    def check_image(self) -> None:
+        url = "data:image/png;base64," + base64.b64encode(ONE_PIXEL_PNG).decode()
+        content = [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+                   {"type": "text", "text": "What color is this image? Answer in one word."}]
+        resp, data = self.chat({"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0})
+        if resp is not None and resp.status == 200 and self.message(data):
+            self.check("image input", "PASS", "a 1-pixel PNG data URL was accepted")
+        else:
+            detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
+            self.check("image input", "WARN", f"images are not accepted (chartqa will fail): {detail}")
+
+    def check_reasoning(self, data: Any) -> None:
+        message = self.message(data)
+        if message.get("reasoning_content") or message.get("reasoning"):
+            field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
+            self.check("reasoning channel", "PASS", f"reasoning arrives in message.{field}")
+        elif "<think>" in (message.get("content") or ""):
+            self.check("reasoning channel", "WARN", "reasoning arrives inside content as <think>...</think> "
+                       "(nano-eval drops it before scoring)")
+        else:
+            self.check("reasoning channel", "PASS", "no reasoning seen (not a reasoning model, or reasoning off)")
+
+    def check_max_completion_tokens(self, prompt: list) -> None:
+        resp, data = self.chat({"messages": prompt, "max_completion_tokens": 5, "temperature": 0})
+        used = ((data or {}).get("usage") or {}).get("completion_tokens") if isinstance(data, dict) else None
+        if resp is None or resp.status != 200:
+            detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
+            self.check("max_completion_tokens", "WARN", f"not accepted: {detail}")
+        elif isinstance(used, int) and used > 5:
+            self.check("max_completion_tokens", "WARN", f"accepted but ignored: completion_tokens {used} > 5")
+        else:
+            self.check("max_completion_tokens", "PASS", f"honoured: completion_tokens {used}")
+
+    def check_malformed(self) -> None:
+        resp, data = self.chat({"messages": "this is not a list of messages"})
+        if resp is None:
+            self.check("malformed request", "FAIL", f"no answer: {data}")
+        elif 400 <= resp.status < 500 and isinstance(data, dict):
+            self.check("malformed request", "PASS", f"HTTP {resp.status} with a JSON error")
+        elif 400 <= resp.status < 500:
+            self.check("malformed request", "WARN", f"HTTP {resp.status} but the body is not JSON")
+        else:
+            self.check("malformed request", "FAIL", f"HTTP {resp.status} instead of a 4xx: {error_message(resp.body)}")
+
+
+def run_preflight(config: APIConfig) -> dict:
+    checks = Preflight(config).run()
+    tally = {result: sum(1 for c in checks if c["result"] == result) for result in ("PASS", "WARN", "FAIL")}
+    return {"checks": checks, "metrics": {k.lower(): v for k, v in tally.items()}}
+
+
+def format_preflight(report: dict) -> str:
+    width = max(len(c["check"]) for c in report["checks"])
+    return "\n".join(f"{c['result']:<4}  {c['check']:<{width}}  {c['evidence']}" for c in report["checks"])
+
+
+# ============================================================================
+# 10. CLI
+# ============================================================================
+
+KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
+MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks"}
+# lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
+IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
+                      "eos_string", "verify_certificate", "think_end_token", "trust_remote_code", "header"}
+
+
+def auth_headers(api_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def resolve_model(api_root: str, api_key: str | None, model: str | None) -> str:
+    """The model to ask for: `model` if given (after checking the server answers),
+    else the only one `/v1/models` lists. A dead server is reported in seconds."""
+    client = HTTPClient(timeout=30.0, connect_timeout=5.0)
+    url = api_root + "/models"
+    try:
+        status, data, _ = http_json(client, url, auth_headers(api_key))
+    except Exception as exc:
+        _, reason = describe_network_error(exc)
+        raise ServerError(f"cannot reach {api_root}: {reason}; is the server running?") from None
+    if status in (401, 403):
+        raise AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
+    if model:
+        return model
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
+    ids = [m.get("id") for m in data["data"] if isinstance(m, dict) and m.get("id")]
+    if not ids:
+        raise ServerError(f"{url} lists no models; pass --model")
+    if len(ids) > 1:
+        raise ServerError(f"{url} lists several models, pick one with --model: {', '.join(ids)}")
+    return ids[0]
+
+
+def probe_local_server() -> str:
+    """The first usual inference port on 127.0.0.1 whose /v1/models answers."""
+    client = HTTPClient(timeout=2.0, connect_timeout=1.0)
+
+    def answers(port: int) -> bool:
+        try:
+            return client.request("GET", f"http://127.0.0.1:{port}/v1/models").status in (200, 401, 403)
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(max_workers=len(KNOWN_PORTS)) as pool:
+        alive = list(pool.map(answers, [port for port, _ in KNOWN_PORTS]))
+    for (port, name), ok in zip(KNOWN_PORTS, alive):
+        if ok:
+            info(f"no --base_url given: using http://127.0.0.1:{port}/v1 (the {name} port answered /v1/models)")
+            return f"http://127.0.0.1:{port}/v1"
+    ports = ", ".join(f"{port} ({name})" for port, name in KNOWN_PORTS)
+    raise ServerError(f"no --base_url given and no server answered on 127.0.0.1 ports {ports}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    value = parse_value(text)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
+def boolean(text: str) -> bool:
+    value = parse_value(text)
+    if not isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="nano-eval",
+        description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as lm-eval's "
+                    "local-chat-completions does (gsm8k_cot_llama, chartqa).",
+        epilog="Other commands: 'nano-eval compare RUN_A RUN_B' (paired comparison of two sample logs), "
+               "'nano-eval replay FILE:LINE' (resend one logged request).")
+
+    def add(name: str, **kwargs):
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, dest=name, **kwargs)
+
+    add("tasks", help=f"comma-separated tasks: {', '.join(TASKS)}")
+    add("base_url", action="append", help="http://host:port/v1 or the full .../v1/chat/completions; repeat it "
+        "to run the same samples against several servers and compare them (default: probe 127.0.0.1)")
+    add("model", help="model name sent in each request (default: the only model /v1/models lists)")
+    add("model_args", help="lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=..")
+    add("api_key", help="bearer token (default: env OPENAI_API_KEY)")
+    add("num_concurrent", type=positive_int, help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
+    add("gen_kwargs", help="k=v,... merged into each request body (max_gen_toks means max_tokens)")
+    add("max_samples", type=positive_int, help="first N rows of each task, like lm-eval's --limit")
+    parser.add_argument("--limit", dest="max_samples", type=positive_int, help=argparse.SUPPRESS)
+    add("seed", type=int, help=f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)")
+    add("output", help="write the results JSON here too (and the sample log beside it)")
+    add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
+        "rerunning with the same DIR resumes")
+    add("log_images", action="store_true", help="keep the base64 images in the sample log")
+    add("timeout", type=positive_float, help=f"seconds per request attempt (default {DEFAULT_TIMEOUT:.0f})")
+    add("max_retries", type=positive_int, help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
+    add("max_fail_rate", type=fraction, default=0.05,
+        help="exit 1 when more than this fraction of samples failed (default 0.05)")
+    add("keep_think", action="store_true", help="score the content as is, without dropping <think>...</think>")
+    add("data_dir", help="dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)")
+    add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
+    add("fewshot_as_multiturn", type=boolean, default=True,
+        help="few-shots as chat turns (default true, as lm-eval with --apply_chat_template)")
+    add("check", action="store_true", help="run the server conformance preflight first")
+    add("no_progress", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
+    return parser
+
+
+CONFORMANCE = "api_conformance"  # the preflight, also runnable as a task
+
+
+def resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
+    """(tasks to evaluate, whether to run the conformance preflight)."""
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    valid = [*TASKS, CONFORMANCE]
+    if not names and not check:
+        raise UsageError(f"--tasks is required: {', '.join(valid)}")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UsageError(f"unknown task {', '.join(unknown)}; valid tasks: {', '.join(valid)}")
+    return [TASKS[n] for n in dict.fromkeys(names) if n != CONFORMANCE], check or CONFORMANCE in names
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """Flags win over --model_args, which win over the environment and defaults."""
+    model_args = parse_kv(args.model_args, "--model_args")
+    unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
+    if unknown:
+        raise UsageError(f"--model_args: unknown key {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(MODEL_ARGS))}")
+    for key in sorted(set(model_args) & IGNORED_MODEL_ARGS):
+        info(f"--model_args {key} has no effect here and is ignored")
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = getattr(args, name, None)
+        return value if value is not None else model_args.get(name, default)
+
+    settings = {
+        "base_urls": args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else []),
+        "model": pick("model"),
+        "api_key": pick("api_key") or os.environ.get("OPENAI_API_KEY") or None,
+        "num_concurrent": pick("num_concurrent", DEFAULT_CONCURRENCY),
+        "seed": pick("seed", DEFAULT_SEED),
+        "timeout": pick("timeout", DEFAULT_TIMEOUT),
+        "max_retries": pick("max_retries", DEFAULT_MAX_RETRIES),
+        "max_gen_toks": model_args.get("max_gen_toks"),
+        "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
+    }
+    for name in ("num_concurrent", "max_retries", "max_gen_toks"):
+        value = settings[name]
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
+        raise UsageError(f"seed must be an integer, got {settings['seed']!r}")
+    if not isinstance(settings["timeout"], (int, float)) or settings["timeout"] <= 0:
+        raise UsageError(f"timeout must be a positive number, got {settings['timeout']!r}")
+    if settings["model"] is not None:
+        settings["model"] = str(settings["model"])
+    return settings
+
+
+def check_output_path(path: str | None) -> Path | None:
+    if not path:
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"--output {target} is a directory; give a file name")
+    if not target.parent.exists():
+        raise UsageError(f"--output: folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--output {target} is not writable")
+    return target
+
+
+def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None:
+    if args.log_samples:
+        return Path(args.log_samples).expanduser()
+    if output:
+        return output.with_name(output.stem + "_samples")
+    return None
+
+
+def run_config(config: APIConfig, tasks: list, max_samples: int | None, args: argparse.Namespace) -> dict:
+    """What the results file records about the run (never the API key)."""
+    return {
+        "model": config.model,
+        "server": config.server,
+        "base_url": config.api_root,
+        "chat_url": config.chat_url,
+        "max_samples": max_samples,
+        "num_concurrent": config.num_concurrent,
+        "seed": config.seed,
+        "gen_kwargs": config.gen_kwargs,
+        "request_params": {t.name: t.request_params(config) for t in tasks},
+        "system_instruction": config.system_instruction,
+        "fewshot_as_multiturn": config.fewshot_as_multiturn,
+        "keep_think": config.keep_think,
+        "timeout": config.timeout,
+        "max_retries": config.max_retries,
+        "max_fail_rate": args.max_fail_rate,
+        "nano_eval_version": __version__,
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
+                    results: dict) -> bool:
+    """Runs the tasks one after the other into `results`; False when interrupted."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    async def all_tasks() -> None:
+        for task in tasks:
+            await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
+                           log_images=args.log_images, progress=False if args.no_progress else None, sink=results)
+
+    work = asyncio.ensure_future(all_tasks())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+    if work.done():
+        stopper.cancel()
+        work.result()  # raises what the run raised
+        return True
+    work.cancel()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    return False
+
+
+def write_results(document: dict, output: Path | None) -> None:
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    if output:
+        try:
+            atomic_write(output, (text + "\n").encode("utf-8"))
+        except OSError as exc:
+            print(text, flush=True)
+            raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+    print(text, flush=True)
+
+
+def cmd_eval(argv: list) -> int:
+    args = build_parser().parse_args(argv)
+    tasks, check = resolve_tasks(args.tasks, args.check)
+    settings = resolve_settings(args)
+    _SECRETS.extend(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
+    output = check_output_path(args.output)
+    log_dir = sample_log_dir(args, output)
+    if args.data_dir:
+        resolve_data_dir(args.data_dir)  # fail now, not after connecting
+    base_urls = settings["base_urls"] or [probe_local_server()]
+    configs = []
+    for url in base_urls:
+        config = APIConfig(url=url, model=None, api_key=settings["api_key"],
+                           num_concurrent=settings["num_concurrent"], timeout=settings["timeout"],
+                           max_retries=settings["max_retries"], seed=settings["seed"],
+                           gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
+                           system_instruction=args.system_instruction,
+                           fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think)
+        config.model = resolve_model(config.api_root, config.api_key, settings["model"])
+        config.server = identify_server(config.api_root, config.api_key)
+        configs.append(config)
+    if len(configs) > 1:
+        return run_several(configs, tasks, args, output, log_dir, check)
+    config = configs[0]
+    server = config.server
+    info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
+         f"{' ' + str(server['version']) if server.get('version') else ''}): "
+         f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
+    return evaluate_one(config, tasks, args, output, log_dir, check)
+
+
+def preflight_result(config: APIConfig) -> dict:
+    start = time.perf_counter()
+    report = run_preflight(config)
+    print(format_preflight(report), file=sys.stderr)
+    return {**report, "elapsed": round(time.perf_counter() - start, 3)}
+
+
+def evaluate_one(config: APIConfig, tasks: list, args: argparse.Namespace, output: Path | None,
+                 log_dir: Path | None, check: bool) -> int:
+    """Runs the preflight (if asked) and the tasks against one server; writes everything."""
+    start = time.perf_counter()
+    preflight = preflight_result(config) if check else None
+    results: dict = {}
+    try:
+        complete = asyncio.run(run_tasks(tasks, config, args, log_dir, results))
+    finally:
+        for name, result in results.items():
+            report_warnings(name, result)
+    document = run_document(config, tasks, args, log_dir, results, preflight, complete, start)
+    write_results(document, output)
+    if results:
+        print(summary_table({n: r for n, r in document["results"].items() if n != CONFORMANCE}), file=sys.stderr)
+    return run_exit_code(document, args, log_dir)
+
+
+def run_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
+                 preflight: dict | None, complete: bool, start: float) -> dict:
+    """The results JSON of one server's run."""
+    document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
+                            **{name: public_result(r) for name, r in results.items()}},
+                "config": run_config(config, tasks, args.max_samples, args),
+                "total_seconds": round(time.perf_counter() - start, 3),
+                "complete": complete and all(r["complete"] for r in results.values())}
+    if log_dir:
+        document["config"]["log_samples"] = str(log_dir)
+    return document
+
+
+def run_exit_code(document: dict, args: argparse.Namespace, log_dir: Path | None) -> int:
+    if not document["complete"]:
+        info("interrupted: partial results written" + ("; rerun the same command to resume" if log_dir else ""))
+        return EXIT_INTERRUPTED
+    preflight = document["results"].get(CONFORMANCE)
+    if preflight and preflight["metrics"]["fail"]:
+        info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
+        return EXIT_FAILURES
+    return fail_rate_exit({n: r for n, r in document["results"].items() if n != CONFORMANCE}, args.max_fail_rate)
+
+
+def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
+    for name, result in results.items():
+        rate = result["num_failed"] / result["num_samples"] if result["num_samples"] else 0.0
+        if rate > max_fail_rate:
+            info(f"error: {name}: {result['num_failed']} of {result['num_samples']} samples failed "
+                 f"({rate:.1%} > --max_fail_rate {max_fail_rate:g})")
+            return EXIT_FAILURES
+    return EXIT_OK
+
+
+def main(argv: list | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"compare": cmd_compare, "replay": cmd_replay}
+    code = EXIT_OK
+    try:
+        command = commands.get(argv[0]) if argv else None
+        code = command(argv[1:]) if command else cmd_eval(argv)
+    except NanoEvalError as exc:
+        print(redact(f"nano-eval: error: {exc}", _SECRETS), file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("nano-eval: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line, unless asked for the traceback
+        if os.environ.get("NANO_EVAL_DEBUG"):
+            raise
+        print(redact(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
+                     "(set NANO_EVAL_DEBUG=1 for a traceback)", _SECRETS), file=sys.stderr)
+        code = 1
+    if _BLOCKED_CALLS.value:  # abandoned requests still wait on sockets: do not wait for them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
