@@ -1583,6 +1583,12 @@ def load_run(path: str) -> dict:
     return records
 
 
+def logged_request(record: dict) -> dict:
+    """The logged body with any image as its sha256 stub, whether or not --log_images was on."""
+    body = record.get("request") or {}
+    return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
+
+
 def request_difference(a: dict, b: dict) -> str | None:
     """The first request field (other than the model name) that differs, or None."""
     for key in list(dict.fromkeys(list(a) + list(b))):
@@ -1618,9 +1624,11 @@ def first_difference(a: str, b: str) -> int:
 
 
 def counts(values: Iterable) -> dict:
+    """{value: how many}, with None (a failed request has no finish_reason) as "none"."""
     result: dict = {}
     for value in values:
-        result[str(value)] = result.get(str(value), 0) + 1
+        key = "none" if value is None else str(value)
+        result[key] = result.get(key, 0) + 1
     return dict(sorted(result.items()))
 
 
@@ -1637,7 +1645,7 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
         keys.sort(key=lambda k: run_a[k].get("row_idx", 0))
         pairs = [(run_a[k], run_b[k]) for k in keys]
         for a, b in pairs:
-            field = request_difference(a.get("request") or {}, b.get("request") or {})
+            field = request_difference(logged_request(a), logged_request(b))
             if field:
                 raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
                                  "(only the model name may differ); compare runs made with the same settings")
@@ -1664,9 +1672,9 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     texts = [((a.get("response") or {}).get("content") or "", (b.get("response") or {}).get("content") or "")
              for a, b in pairs]
     differing = [first_difference(x, y) for x, y in texts if x != y]
-    prompt_mismatch = [(a, b) for a, b in pairs
-                       if tokens(a, "prompt_tokens") is not None and tokens(b, "prompt_tokens") is not None
-                       and tokens(a, "prompt_tokens") != tokens(b, "prompt_tokens")]
+    prompt_counts = [(a, b) for a, b in pairs
+                     if tokens(a, "prompt_tokens") is not None and tokens(b, "prompt_tokens") is not None]
+    prompt_mismatch = [(a, b) for a, b in prompt_counts if tokens(a, "prompt_tokens") != tokens(b, "prompt_tokens")]
     flips = [(a, b) for (a, b), x, y in zip(pairs, score_a, score_b) if x != y][:top]
     result = {
         "metric": metric, "n": n, "unmatched": unmatched,
@@ -1675,8 +1683,9 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
         "verdict": verdict,
         "response_agreement": sum(1 for x, y in texts if x == y) / n,
         "mean_first_difference": sum(differing) / len(differing) if differing else None,
-        "prompt_tokens_equal": n - len(prompt_mismatch),
+        "prompt_tokens_equal": len(prompt_counts) - len(prompt_mismatch),
         "prompt_tokens_mismatch": len(prompt_mismatch),
+        "prompt_tokens_unknown": n - len(prompt_counts),
         "finish_reasons_a": counts((a.get("response") or {}).get("finish_reason") for a, _ in pairs),
         "finish_reasons_b": counts((b.get("response") or {}).get("finish_reason") for _, b in pairs),
         "status_a": counts(a.get("status") for a, _ in pairs),
@@ -1715,6 +1724,10 @@ def answer_of(record: dict) -> str | None:
     return extracted.get("strict-match") or extracted.get("final_answer") or ""
 
 
+def format_counts(counted: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in counted.items()) or "-"
+
+
 def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") -> str:
     lines = [f"A = {label_a}", f"B = {label_b}"]
     for task_name, c in comparison.items():
@@ -1733,11 +1746,12 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
                 f"   first difference at char {c['mean_first_difference']:.0f} on average"
                 if c["mean_first_difference"] is not None else ""),
-            f"  prompt tokens   {c['prompt_tokens_equal']} equal, {c['prompt_tokens_mismatch']} differ" + (
+            f"  prompt tokens   {c['prompt_tokens_equal']} equal, {c['prompt_tokens_mismatch']} differ"
+            + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "") + (
                 f"   (row {c['first_prompt_mismatch']['row_idx']}: A {c['first_prompt_mismatch']['a']} vs "
                 f"B {c['first_prompt_mismatch']['b']}: the chat templates differ)" if c.get("first_prompt_mismatch") else ""),
-            f"  finish_reason   A {c['finish_reasons_a']}   B {c['finish_reasons_b']}",
-            f"  status          A {c['status_a']}   B {c['status_b']}",
+            f"  finish_reason   A {format_counts(c['finish_reasons_a'])}   B {format_counts(c['finish_reasons_b'])}",
+            f"  status          A {format_counts(c['status_a'])}   B {format_counts(c['status_b'])}",
             "  output tokens   A {}   B {}".format(*(f"{v:.1f}" if v is not None else "-" for v in
                                                   (c["mean_output_tokens_a"], c["mean_output_tokens_b"]))),
         ]
@@ -1881,8 +1895,9 @@ def identify_server(api_root: str, api_key: str | None, timeout: float = 3.0) ->
     parts = urllib.parse.urlsplit(api_root)
     origin = f"{parts.scheme}://{parts.netloc}"
     client = HTTPClient(timeout=timeout, connect_timeout=timeout)
-    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "ollama": f"{origin}/api/version",
-             "tgi": f"{origin}/info", "version": f"{origin}/version", "models": f"{api_root}/models"}
+    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
+             "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
+             "models": f"{api_root}/models", "control": f"{origin}/nano-eval-no-such-path"}
 
     def fetch(url: str) -> tuple[int, Any, dict]:
         try:
@@ -1892,7 +1907,11 @@ def identify_server(api_root: str, api_key: str | None, timeout: float = 3.0) ->
 
     with ThreadPoolExecutor(max_workers=len(paths)) as pool:
         answers = dict(zip(paths, pool.map(fetch, paths.values())))
-    ok = {name: data for name, (status, data, _) in answers.items() if status == 200 and isinstance(data, dict)}
+    # A server that answers every path alike (a catch-all) tells nothing through those answers.
+    control = answers.pop("control")[:2]
+    ok = {name: data for name, (status, data, _) in answers.items()
+          if status == 200 and isinstance(data, dict) and (status, data) != control}
+    ok.setdefault("sglang", ok.pop("sglang_new", {}))
     models = ok.get("models", {}).get("data") or [{}]
     owned_by = models[0].get("owned_by") if isinstance(models[0], dict) else None
     owner = OWNED_BY.get(str(owned_by).lower())
@@ -2081,8 +2100,12 @@ class Preflight:
             self.check("max_completion_tokens", "WARN", f"not accepted: {detail}")
         elif isinstance(used, int) and used > 5:
             self.check("max_completion_tokens", "WARN", f"accepted but ignored: completion_tokens {used} > 5")
+        elif used is None and self.finish(data) != "length":
+            self.check("max_completion_tokens", "WARN", f"accepted, but cannot tell whether it is honoured: no usage "
+                       f"and finish_reason {self.finish(data)!r}")
         else:
-            self.check("max_completion_tokens", "PASS", f"honoured: completion_tokens {used}")
+            self.check("max_completion_tokens", "PASS", f"honoured: completion_tokens {used}, "
+                       f"finish_reason {self.finish(data)!r}")
 
     def check_malformed(self) -> None:
         resp, data = self.chat({"messages": "this is not a list of messages"})

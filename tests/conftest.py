@@ -1,0 +1,86 @@
+"""Shared pytest fixtures: fixture files, a fake OpenAI server, a fake datasets-server, an isolated env."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Test modules import the fakes as a top-level module ("from fakes import ..."). pytest's default
+# import mode already puts tests/ on sys.path; this keeps it working under --import-mode=importlib.
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))
+
+from fakes import CHARTQA, GSM8K, Dataset, FakeDatasetsServer, FakeOpenAI, chartqa_dataset, gsm8k_dataset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """tests/fixtures (see its README.md for what each file is and where it came from)."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def gsm8k_spec() -> Dataset:
+    """openai/gsm8k main/test: all 1319 rows of tests/fixtures/gsm8k/test.jsonl. Shared: don't mutate."""
+    return gsm8k_dataset(FIXTURES / "gsm8k" / "test.jsonl")
+
+
+@pytest.fixture(scope="session")
+def chartqa_spec() -> Dataset:
+    """HuggingFaceM4/ChartQA default/test: the 40-row slice in tests/fixtures/chartqa (rows 16 and 17
+    have a null image). Shared: don't mutate."""
+    return chartqa_dataset(FIXTURES / "chartqa" / "rows.jsonl")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_answers() -> dict[str, str]:
+    """{question: gold answer} for the first 50 gsm8k test questions."""
+    answers = {}
+    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
+        for _, line in zip(range(50), f):
+            row = json.loads(line)
+            answers[row["question"]] = row["answer"].split("####")[-1].strip()
+    return answers
+
+
+@pytest.fixture
+def fake_openai(gsm8k_answers):
+    """A running FakeOpenAI (model "fake-model") that answers the first 50 gsm8k test questions
+    correctly and everything else with "The final answer is 0"."""
+    with FakeOpenAI(answers=gsm8k_answers) as server:
+        yield server
+
+
+@pytest.fixture
+def fake_hf(gsm8k_spec, chartqa_spec):
+    """A running FakeDatasetsServer with openai/gsm8k main/test (1319 rows) and
+    HuggingFaceM4/ChartQA default/test (the 40-row fixture slice)."""
+    with FakeDatasetsServer({GSM8K: gsm8k_spec, CHARTQA: chartqa_spec}) as server:
+        yield server
+
+
+@pytest.fixture
+def isolated_env(monkeypatch, tmp_path, fake_hf) -> Path:
+    """Point nano-eval at fake_hf and a fresh data dir; drop credentials from the environment.
+
+    Sets NANO_EVAL_DATASETS_SERVER=fake_hf.url and NANO_EVAL_DATA_DIR=tmp_path/"data" (not
+    created), removes OPENAI_API_KEY, HF_TOKEN and any other NANO_EVAL_* variable, and keeps
+    127.0.0.1 off any proxy. Returns the data dir.
+    """
+    for name in list(os.environ):
+        if name.startswith("NANO_EVAL_"):
+            monkeypatch.delenv(name)
+    for name in ("OPENAI_API_KEY", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", fake_hf.url)
+    monkeypatch.setenv("NANO_EVAL_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    return data_dir

@@ -1,0 +1,879 @@
+"""Fake servers and synthetic images for nano-eval's tests (standard library only).
+
+- ``FakeOpenAI``: an OpenAI-compatible server (``GET /v1/models``, ``POST /v1/chat/completions``)
+  whose answers come from a ``responder(body, n)`` callable.
+- ``FakeDatasetsServer``: the HuggingFace datasets-server ``/rows`` API (validation order and
+  messages, ``X-Error-Code``, ``X-Revision``, ``Cache-Control``, feature shapes, error bodies, as
+  in the dataset-viewer source) plus signed, expiring ``/cached-assets/...`` image URLs.
+- ``make_png``, ``TINY_JPEG``, ``image_size``, ``image_format``, ``free_port``.
+
+Both servers listen on 127.0.0.1 on a free port, serve from a daemon thread, speak HTTP/1.1 with
+keep-alive (every response carries Content-Length) and are context managers::
+
+    with FakeOpenAI(answers={"question": "18"}) as srv:
+        ...  # talk to srv.base_url
+    srv.requests        # every request, as a dict: method, path, query ({name: last value}),
+                        # url (as sent), headers (case-insensitive), body (parsed JSON, raw
+                        # bytes, or None), time (time.monotonic() at arrival), status (None if dropped)
+    srv.connections     # TCP connections accepted (keep-alive reuse shows as a small number)
+
+``close()`` (or leaving the ``with`` block) wakes handlers that are sleeping or hanging, closes
+open keep-alive connections and returns promptly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.server
+import json
+import random
+import re
+import socket
+import socketserver
+import struct
+import threading
+import time
+import traceback
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def make_png(width: int, height: int, seed: int = 0, rgba: bool = False) -> bytes:
+    """A valid 8-bit RGB (or RGBA) PNG: a background and a few vertical bars, colours and bar
+    heights derived from ``seed``, so different seeds give different images."""
+    rng = random.Random(seed)
+    channels = 4 if rgba else 3
+
+    def colour() -> bytes:
+        rgb = bytes(rng.randrange(256) for _ in range(3))
+        return rgb + b"\xff" if rgba else rgb
+
+    background = colour()
+    bars = []  # (first column, end column, top row, pixel)
+    n_bars = rng.randint(2, 6)
+    slot = max(1, width // n_bars)
+    for i in range(n_bars):
+        x0 = i * slot + slot // 4
+        x1 = min(width, x0 + max(1, slot // 2))
+        bars.append((x0, x1, rng.randrange(height), colour()))
+
+    scanlines = []
+    for y in range(height):
+        line = bytearray(background * width)
+        for x0, x1, top, pixel in bars:
+            if y >= top and x1 > x0:
+                line[x0 * channels : x1 * channels] = pixel * (x1 - x0)
+        scanlines.append(b"\x00" + bytes(line))  # filter type 0 (None)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6 if rgba else 2, 0, 0, 0)
+    return b"".join([
+        PNG_MAGIC,
+        _png_chunk(b"IHDR", ihdr),
+        _png_chunk(b"IDAT", zlib.compress(b"".join(scanlines), 6)),
+        _png_chunk(b"IEND", b""),
+    ])
+
+
+def _jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+
+def _tiny_jpeg() -> bytes:
+    """An 8x8 mid-grey baseline JPEG (JFIF, 3 components, no subsampling), built by hand.
+
+    Every DCT coefficient is 0, so each Huffman table needs one symbol with the 1-bit code ``0``:
+    DC difference category 0, and AC end-of-block. The entropy-coded scan is then 3 components x
+    (DC ``0`` + EOB ``0``) = six 0-bits, padded with 1-bits to the byte ``0b00000011``.
+    """
+    one_code_table = bytes([1] + [0] * 15) + b"\x00"  # 1 code of length 1, for symbol 0x00
+    components = b"\x01\x11\x00" + b"\x02\x11\x00" + b"\x03\x11\x00"  # id, 1x1 sampling, table 0
+    return b"".join([
+        b"\xff\xd8",  # SOI
+        _jpeg_segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"),  # APP0 JFIF 1.01
+        _jpeg_segment(0xDB, b"\x00" + b"\x01" * 64),  # DQT: table 0, 8-bit, all ones
+        _jpeg_segment(0xC0, struct.pack(">BHHB", 8, 8, 8, 3) + components),  # SOF0: 8x8, 3 comps
+        _jpeg_segment(0xC4, b"\x00" + one_code_table),  # DHT: DC table 0
+        _jpeg_segment(0xC4, b"\x10" + one_code_table),  # DHT: AC table 0
+        _jpeg_segment(0xDA, b"\x03" + b"\x01\x00\x02\x00\x03\x00" + b"\x00\x3f\x00"),  # SOS
+        b"\x03",  # entropy-coded data
+        b"\xff\xd9",  # EOI
+    ])
+
+
+TINY_JPEG: bytes = _tiny_jpeg()
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of a PNG (from IHDR) or a JPEG (from its SOFn segment)."""
+    if data.startswith(PNG_MAGIC):
+        return struct.unpack(">II", data[16:24])
+    if data.startswith(JPEG_MAGIC):
+        i = 2
+        while i + 4 <= len(data):
+            marker, length = data[i + 1], struct.unpack(">H", data[i + 2 : i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+                return width, height
+            i += 2 + length
+    raise ValueError("not a PNG or JPEG with a readable size")
+
+
+def image_format(data: bytes) -> tuple[str, str]:
+    """(file extension, MIME type) sniffed from the magic bytes: ("png", "image/png") or ("jpg", "image/jpeg")."""
+    if data.startswith(PNG_MAGIC):
+        return "png", "image/png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpg", "image/jpeg"
+    raise ValueError("not a PNG or JPEG")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for connection-refused tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP plumbing shared by both fakes
+# --------------------------------------------------------------------------------------------
+
+
+class Headers(dict):
+    """Request headers: keys stored lower-cased, look-ups case-insensitive."""
+
+    def __init__(self, items=()):
+        super().__init__((k.lower(), v) for k, v in items)
+
+    def __getitem__(self, key):
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key):
+        return super().__contains__(key.lower())
+
+    def get(self, key, default=None):
+        return super().get(key.lower(), default)
+
+
+@dataclasses.dataclass
+class _Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict = dataclasses.field(default_factory=dict)
+    drop: bool = False  # close the connection without answering
+
+
+def _json_response(status: int, obj, headers: dict | None = None) -> _Response:
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _Response(status, body, {"Content-Type": "application/json", **(headers or {})})
+
+
+def _text_response(status: int, text: str, headers: dict | None = None) -> _Response:
+    return _Response(status, text.encode(), {"Content-Type": "text/plain; charset=utf-8", **(headers or {})})
+
+
+def _parse_body(raw: bytes):
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):  # one daemon thread per connection
+    request_queue_size = 64
+
+    def __init__(self, fake: _FakeServer):
+        self.fake = fake
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def server_bind(self):
+        # Skip HTTPServer.server_bind's socket.getfqdn(), a reverse DNS look-up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive; every response sets Content-Length
+    timeout = 60  # an idle keep-alive connection is closed after this many seconds
+
+    def setup(self):
+        super().setup()
+        # Headers and body go out in two writes: without NODELAY, Nagle + the client's delayed
+        # ACK add ~40 ms to every request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fake: _FakeServer = self.server.fake
+        self.fake._connection_opened(self.connection)
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            self.fake._connection_closed(self.connection)
+
+    def log_message(self, format, *args):
+        pass
+
+    def version_string(self):
+        return self.fake.server_header or super().version_string()
+
+    def do_GET(self):
+        self._handle()
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+    def _handle(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        url = urlsplit(self.path)
+        request = {
+            "method": self.command,
+            "path": url.path,
+            "query": dict(parse_qsl(url.query, keep_blank_values=True)),
+            "url": self.path,
+            "headers": Headers(self.headers.items()),
+            "body": _parse_body(raw),
+            "time": time.monotonic(),
+            "status": None,  # filled in once the response is decided
+        }
+        try:
+            response = self.fake._route(request)
+        except Exception:
+            self.fake._record(self.fake.errors, traceback.format_exc())
+            response = _json_response(500, {"error": {"message": "fake server error", "type": "server_error"}})
+        request["status"] = None if response.drop else response.status
+        if response.drop or self.fake.closed:
+            self.close_connection = True
+            return
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(response.body)))
+        self.end_headers()
+        self.wfile.write(response.body)
+
+
+class _FakeServer:
+    """A ThreadingHTTPServer on 127.0.0.1:<free port>, run in a daemon thread. Subclasses
+    implement ``_route(request) -> _Response`` and record the request where they want it."""
+
+    server_header: str | None = None
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.connections = 0  # TCP connections accepted so far
+        self.errors: list[str] = []  # tracebacks of exceptions raised while routing
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._open_sockets: set[socket.socket] = set()
+        self._httpd = _HTTPServer(self)  # binds now, so .url is known before start()
+        self._thread: threading.Thread | None = None
+        self.port: int = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self):
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+            name=f"{type(self).__name__}:{self.port}")
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        if self._closing.is_set():
+            return
+        self._closing.set()  # wakes handlers in a delay or a hang
+        if self._thread is not None:
+            self._httpd.shutdown()
+        self._httpd.server_close()
+        with self._lock:
+            sockets = list(self._open_sockets)
+        for sock in sockets:  # unblock handlers waiting for the next keep-alive request
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closing.is_set()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # helpers for subclasses ------------------------------------------------------------------
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake up as soon as the server is closed."""
+        if seconds and seconds > 0:
+            self._closing.wait(seconds)
+
+    def _record(self, log: list, request: dict) -> None:
+        with self._lock:
+            log.append(request)
+
+    def _connection_opened(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
+            self._open_sockets.add(sock)
+
+    def _connection_closed(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open_sockets.discard(sock)
+
+    def _route(self, request: dict) -> _Response:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# FakeOpenAI
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Reply:
+    """Full control over one chat-completion response (a responder may return this instead of a str).
+
+    status/content/reasoning_content/reasoning/finish_reason/usage shape the standard body
+    (content None -> ``"content": null``; reasoning fields are included only when not None;
+    usage True -> computed counts, False -> no "usage" key, dict -> sent as given). A non-200
+    status without json_body/raw sends an OpenAI-style ``{"error": {...}}`` body.
+    json_body: a dict sent instead of the standard body. raw: bytes sent as-is (Content-Type
+    text/html unless headers say otherwise). headers: extra response headers (e.g. Retry-After).
+    delay: seconds to wait before answering (None -> the server's ``delay``).
+    hang: never answer; the handler returns when the server is closed. drop: close the
+    connection without answering.
+    """
+
+    status: int = 200
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    finish_reason: str | None = "stop"
+    json_body: dict | None = None
+    raw: bytes | None = None
+    headers: dict = dataclasses.field(default_factory=dict)
+    delay: float | None = None
+    hang: bool = False
+    drop: bool = False
+    usage: bool | dict = True
+
+
+Responder = Callable[[dict, int], "str | Reply"]
+
+_GSM8K_PROBLEM = re.compile(r"Problem: (.*?)\nYour response should end with", re.S)
+_CHARTQA_QUERY = re.compile(r"^(?:<image>)?(.*?)\nAnalyze the image and question carefully", re.S)
+
+
+def question_of(body: dict) -> tuple[str, str] | None:
+    """("gsm8k" | "chartqa", question) from the last user message of an lm-eval-style request.
+
+    gsm8k_cot_llama: the text between the last "Problem: " and "\\nYour response should end with"
+    (the single-turn form repeats the few-shot problems first). chartqa: the text part's query
+    between the leading "<image>" and "\\nAnalyze the image ...".
+    """
+    users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        return None
+    content = users[-1].get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str):
+        return None
+    if problems := _GSM8K_PROBLEM.findall(content):
+        return "gsm8k", problems[-1]
+    if m := _CHARTQA_QUERY.search(content):
+        return "chartqa", m.group(1)
+    return None
+
+
+def answers_responder(answers: dict[str, str]) -> Responder:
+    """Responder answering known questions correctly, in the format lm-eval's filters expect.
+
+    gsm8k question in ``answers`` -> "Let me think. The final answer is <answer>";
+    chartqa query in ``answers`` -> "Let me look at the chart.\\nFinal Answer: <answer>";
+    anything else -> "The final answer is 0".
+    """
+
+    def respond(body: dict, n: int) -> str:
+        found = question_of(body)
+        if found and found[1] in answers:
+            task, question = found
+            if task == "chartqa":
+                return f"Let me look at the chart.\nFinal Answer: {answers[question]}"
+            return f"Let me think. The final answer is {answers[question]}"
+        return "The final answer is 0"
+
+    return respond
+
+
+def fault_plan(plan: dict[int, str | Reply], fallback: Responder | None = None) -> Responder:
+    """Responder that answers request ``n`` with ``plan[n]`` when present, else with ``fallback``
+    (default: ``answers_responder({})``). E.g. ``fault_plan({0: Reply(status=500)}, ok)``."""
+    fallback = fallback or answers_responder({})
+    return lambda body, n: plan[n] if n in plan else fallback(body, n)
+
+
+class FakeOpenAI(_FakeServer):
+    """OpenAI-compatible fake: ``GET /v1/models`` and ``POST /v1/chat/completions``.
+
+    responder(body, n) -> str | Reply answers chat requests; ``n`` is the 0-based index of the
+    chat request among those that passed the API-key check and had a JSON body. Default:
+    ``answers_responder(answers or {})``. ``responder`` and ``delay`` are plain attributes that
+    tests may change while the server runs.
+    api_key: if set, every /v1/ request needs ``Authorization: Bearer <api_key>`` (else 401).
+    extra_routes: {path: (status, json_or_text)} answered for GET before the built-in routes
+    (so "/v1/models" can be overridden too). server_header: value of the ``Server`` header.
+    """
+
+    def __init__(self, models: Sequence[str] = ("fake-model",), responder: Responder | None = None,
+                 delay: float = 0.0, api_key: str | None = None, server_header: str | None = None,
+                 extra_routes: dict[str, tuple[int, object]] | None = None,
+                 answers: dict[str, str] | None = None):
+        super().__init__()
+        self.models = list(models)
+        self.responder = responder or answers_responder(answers or {})
+        self.delay = delay
+        self.api_key = api_key
+        self.server_header = server_header
+        self.extra_routes = dict(extra_routes or {})
+        self.in_flight = 0  # chat requests being answered right now
+        self.max_in_flight = 0  # peak of in_flight
+        self._chat_count = 0
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def chat_requests(self) -> list[dict]:
+        """The recorded POST /v1/chat/completions requests, in arrival order."""
+        with self._lock:
+            return [r for r in self.requests if r["path"] == "/v1/chat/completions"]
+
+    def _route(self, request: dict) -> _Response:
+        self._record(self.requests, request)
+        path, method = request["path"], request["method"]
+        if method == "GET" and path in self.extra_routes:
+            status, payload = self.extra_routes[path]
+            if isinstance(payload, str):
+                return _text_response(status, payload)
+            return _json_response(status, payload)
+        if path.startswith("/v1/") and self.api_key is not None:
+            if request["headers"].get("Authorization") != f"Bearer {self.api_key}":
+                return _json_response(401, {"error": {"message": "Invalid API key",
+                                                      "type": "invalid_request_error"}})
+        if method == "GET" and path == "/v1/models":
+            return _json_response(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "owned_by": "fake"} for m in self.models]})
+        if method == "POST" and path == "/v1/chat/completions":
+            return self._chat(request["body"])
+        return _json_response(404, {"error": {"message": f"Unknown route {method} {path}",
+                                              "type": "invalid_request_error"}})
+
+    def _chat(self, body) -> _Response:
+        if not isinstance(body, dict):
+            return _json_response(400, {"error": {"message": "Request body is not a JSON object",
+                                                  "type": "invalid_request_error"}})
+        with self._lock:
+            n = self._chat_count
+            self._chat_count += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            reply = self.responder(body, n)
+            if isinstance(reply, str):
+                reply = Reply(content=reply)
+            if not isinstance(reply, Reply):
+                raise TypeError(f"responder returned {type(reply).__name__}, expected str or Reply")
+            self._sleep(self.delay if reply.delay is None else reply.delay)
+            if reply.hang:
+                self._closing.wait()
+            if reply.hang or reply.drop:
+                return _Response(drop=True)
+            return self._reply_response(reply, body, n)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _reply_response(self, reply: Reply, body: dict, n: int) -> _Response:
+        if reply.raw is not None:
+            return _Response(reply.status, reply.raw, {"Content-Type": "text/html; charset=utf-8", **reply.headers})
+        if reply.json_body is not None:
+            return _json_response(reply.status, reply.json_body, reply.headers)
+        if reply.status != 200:
+            kind = "server_error" if reply.status >= 500 else "invalid_request_error"
+            return _json_response(reply.status, {"error": {
+                "message": f"fake error {reply.status}", "type": kind, "code": reply.status}}, reply.headers)
+        message = {"role": "assistant", "content": reply.content}
+        if reply.reasoning_content is not None:
+            message["reasoning_content"] = reply.reasoning_content
+        if reply.reasoning is not None:
+            message["reasoning"] = reply.reasoning
+        completion = {
+            "id": f"chatcmpl-fake-{n}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or (self.models[0] if self.models else "fake-model"),
+            "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
+        }
+        if reply.usage is True:
+            prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
+            completion_tokens = len((reply.content or "").split())
+            completion["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                   "total_tokens": prompt_tokens + completion_tokens}
+        elif isinstance(reply.usage, dict):
+            completion["usage"] = reply.usage
+        return _json_response(200, completion, reply.headers)
+
+
+# --------------------------------------------------------------------------------------------
+# FakeDatasetsServer
+# --------------------------------------------------------------------------------------------
+
+STRING = {"dtype": "string", "_type": "Value"}
+IMAGE = {"_type": "Image"}
+
+
+def list_of(feature: dict) -> dict:
+    return {"feature": feature, "_type": "List"}
+
+
+def class_label(*names: str) -> dict:
+    return {"names": list(names), "_type": "ClassLabel"}
+
+
+@dataclasses.dataclass
+class Dataset:
+    """One split served by FakeDatasetsServer.
+
+    features: [(column name, FeatureType dict)] in column order (use ``list_of`` for lists;
+    the server restyles them per its ``list_style``). rows: any sequence of row dicts; row i is
+    served as row_idx i. A cell of an Image column is None or the image file's bytes (PNG or
+    JPEG; the format is sniffed from the magic bytes).
+    """
+
+    features: list[tuple[str, dict]]
+    rows: Sequence[dict]
+
+
+GSM8K = ("openai/gsm8k", "main", "test")  # (dataset, config, split) keys of FakeDatasetsServer
+CHARTQA = ("HuggingFaceM4/ChartQA", "default", "test")
+CHARTQA_FEATURES = [("image", IMAGE), ("query", STRING), ("label", list_of(STRING)),
+                    ("human_or_machine", class_label("human", "machine"))]
+
+
+def gsm8k_dataset(path: str | Path) -> Dataset:
+    """openai/gsm8k main/test from a jsonl of {"question", "answer"} (e.g. tests/fixtures/gsm8k/test.jsonl)."""
+    with open(path, encoding="utf-8") as f:
+        rows = [{"question": r["question"], "answer": r["answer"]} for r in map(json.loads, f)]
+    return Dataset([("question", STRING), ("answer", STRING)], rows)
+
+
+def chartqa_dataset(rows_jsonl: str | Path, images_dir: str | Path | None = None,
+                    jpeg_rows: Sequence[int] = ()) -> Dataset:
+    """HuggingFaceM4/ChartQA default/test from tests/fixtures/chartqa/rows.jsonl.
+
+    Rows are served densely in file order (line i -> row_idx i). Each line's ``image`` names a
+    file in ``images_dir`` (default: ``images/`` next to the jsonl); a null image gives a null
+    cell. Rows listed in ``jpeg_rows`` serve ``TINY_JPEG`` instead, as the real server does for
+    RGB charts, which it re-encodes as JPEG.
+    """
+    rows_jsonl = Path(rows_jsonl)
+    images_dir = Path(images_dir) if images_dir is not None else rows_jsonl.parent / "images"
+    jpeg_rows = set(jpeg_rows)
+    files: dict[str, bytes] = {}
+    rows = []
+    with open(rows_jsonl, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            r = json.loads(line)
+            image = None
+            if i in jpeg_rows:
+                image = TINY_JPEG
+            elif r["image"]:
+                name = Path(r["image"]).name
+                if name not in files:
+                    files[name] = (images_dir / name).read_bytes()
+                image = files[name]
+            rows.append({"image": image, "query": r["query"], "label": r["label"],
+                         "human_or_machine": r["human_or_machine"]})
+    return Dataset(list(CHARTQA_FEATURES), rows)
+
+
+class _SyntheticChartRows(Sequence):
+    """ChartQA-shaped rows whose PNG is generated on access, so nothing large is held."""
+
+    def __init__(self, n_rows: int, width: int, height: int):
+        self.n_rows, self.width, self.height = n_rows, width, height
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n_rows))]
+        if i < 0:
+            i += self.n_rows
+        if not 0 <= i < self.n_rows:
+            raise IndexError(i)
+        return {"image": make_png(self.width, self.height, seed=i),
+                "query": f"What is the value of the tallest bar in synthetic chart {i}?",
+                "label": [str(i)], "human_or_machine": i % 2}
+
+
+def synthetic_chartqa_dataset(n_rows: int, width: int = 400, height: int = 300) -> Dataset:
+    """A ChartQA-shaped split of ``n_rows`` distinct synthetic PNGs (row i: seed i, query
+    mentioning "synthetic chart i", label [str(i)]), generated on demand."""
+    return Dataset(list(CHARTQA_FEATURES), _SyntheticChartRows(n_rows, width, height))
+
+
+_ERROR_MESSAGES = {
+    "ExternalUnauthenticatedError": "The dataset does not exist, or is not accessible without authentication "
+    "(private or gated). Please check the spelling of the dataset name or retry with authentication.",
+    "ExternalAuthenticatedError": "The dataset does not exist, or is not accessible with the current credentials "
+    "(private or gated). Please check the spelling of the dataset name or retry with other authentication "
+    "credentials.",
+    "ResponseNotFound": "Not found.",
+    "ResponseNotReady": "The server is busier than usual and the response is not ready yet. Please retry later.",
+    "UnexpectedApiError": "Unexpected error.",
+}
+_ACCESS_DENIED = ('<?xml version="1.0" encoding="UTF-8"?>\n'
+                  "<Error><Code>AccessDenied</Code><Message>Access denied</Message></Error>")
+MAX_ROWS_PER_PAGE = 100
+
+
+def _restyle(ftype, list_style: str):
+    """A FeatureType with every List rendered as "List", "Sequence" or the legacy ``[feature]``."""
+    if isinstance(ftype, list):
+        ftype = list_of(ftype[0])
+    if not isinstance(ftype, dict):
+        return ftype
+    if ftype.get("_type") in ("List", "Sequence"):
+        inner = _restyle(ftype["feature"], list_style)
+        if list_style == "legacy":
+            return [inner]
+        if list_style == "Sequence":
+            return {"feature": inner, "length": -1, "_type": "Sequence"}
+        return {"feature": inner, "_type": "List"}
+    if "_type" not in ftype:  # a struct: {field: FeatureType}
+        return {k: _restyle(v, list_style) for k, v in ftype.items()}
+    return ftype
+
+
+class FakeDatasetsServer(_FakeServer):
+    """The datasets-server ``/rows`` (and ``/splits``) API and its signed ``/cached-assets`` URLs.
+
+    datasets: {(dataset, config, split): Dataset}. expire_seconds: lifetime of issued image URLs
+    (negative -> already expired). revision: the 40-hex ``X-Revision`` (a plain attribute; change
+    it to simulate a new dataset revision, which also invalidates issued URLs). list_style:
+    "List" | "Sequence" | "legacy" for list features.
+
+    faults: a list (the same object is kept as ``.faults``; append to it at any time) of dicts
+    applied to the next matching requests, before any validation:
+      path: URL-path prefix to match (default "" = every request; "/cached-assets" for images),
+      match: {query param: value} that must also match (e.g. {"offset": "100"}),
+      times: how many requests it applies to (default 1; decremented, removed at 0),
+      status (default 500), error_code (-> X-Error-Code; also picks the canonical message),
+      body: dict -> JSON, str -> text/plain, bytes -> as is. Default body: {"error": <canonical
+      message>} with an error_code, {"error": "too many requests"} for 429, otherwise plain-text
+      "Internal Server Error".
+      headers: extra headers (e.g. {"Retry-After": "1"}), delay: seconds before answering,
+      drop: close the connection without answering.
+
+    ``.requests`` records API calls (/rows, /splits, ...); ``.asset_requests`` image downloads.
+    """
+
+    def __init__(self, datasets: dict[tuple[str, str, str], Dataset], expire_seconds: float = 3600,
+                 revision: str = "a" * 40, faults: list[dict] | None = None, list_style: str = "List"):
+        super().__init__()
+        if list_style not in ("List", "Sequence", "legacy"):
+            raise ValueError(f"list_style must be List, Sequence or legacy, not {list_style!r}")
+        self.datasets = dict(datasets)
+        self.expire_seconds = expire_seconds
+        self.revision = revision
+        self.faults = faults if faults is not None else []
+        self.list_style = list_style
+        self.asset_requests: list[dict] = []
+        self._epoch = 0  # part of every signature; expire_now() bumps it
+
+    def expire_now(self) -> None:
+        """Invalidate every image URL issued so far (their downloads get 403 from now on)."""
+        with self._lock:
+            self._epoch += 1
+
+    @property
+    def rows_requests(self) -> list[dict]:
+        with self._lock:
+            return [r for r in self.requests if r["path"] == "/rows"]
+
+    # routing ---------------------------------------------------------------------------------
+    def _route(self, request: dict) -> _Response:
+        is_asset = request["path"].startswith("/cached-assets/")
+        self._record(self.asset_requests if is_asset else self.requests, request)
+        fault = self._take_fault(request)
+        if fault is not None:
+            return self._fault_response(fault)
+        if is_asset:
+            return self._asset(request)
+        if request["path"] == "/rows":
+            return self._rows(request)
+        if request["path"] == "/splits":
+            return self._splits(request)
+        return _text_response(404, "Not Found")
+
+    def _take_fault(self, request: dict) -> dict | None:
+        with self._lock:
+            for fault in self.faults:
+                if not request["path"].startswith(fault.get("path", "")):
+                    continue
+                if any(request["query"].get(k) != str(v) for k, v in fault.get("match", {}).items()):
+                    continue
+                fault["times"] = fault.get("times", 1) - 1
+                if fault["times"] <= 0:
+                    self.faults.remove(fault)
+                return dict(fault)
+        return None
+
+    def _fault_response(self, fault: dict) -> _Response:
+        self._sleep(fault.get("delay", 0))
+        if fault.get("drop"):
+            return _Response(drop=True)
+        status, code = fault.get("status", 500), fault.get("error_code")
+        headers = {"Cache-Control": "max-age=10", **({"X-Error-Code": code} if code else {})}
+        headers.update(fault.get("headers", {}))
+        if "body" in fault:
+            body = fault["body"]
+        elif code:
+            body = {"error": _ERROR_MESSAGES.get(code, code)}
+        elif status == 429:
+            body = {"error": "too many requests"}
+        else:
+            body = "Internal Server Error"
+        if isinstance(body, bytes):
+            return _Response(status, body, {"Content-Type": "application/octet-stream", **headers})
+        if isinstance(body, str):
+            return _text_response(status, body, headers)
+        return _json_response(status, body, headers)
+
+    @staticmethod
+    def _error(status: int, code: str, message: str | None = None, **extra) -> _Response:
+        return _json_response(status, {"error": message or _ERROR_MESSAGES[code], **extra},
+                              {"X-Error-Code": code, "Cache-Control": "max-age=10"})
+
+    def _lookup(self, request: dict, dataset: str, config: str, split: str) -> Dataset | _Response:
+        """The split's Dataset, or the error the real server gives for an unknown name."""
+        keys = self.datasets.keys()
+        if not any(d == dataset for d, _, _ in keys):
+            if "Authorization" in request["headers"]:
+                return self._error(404, "ExternalAuthenticatedError")
+            return self._error(401, "ExternalUnauthenticatedError")
+        if not any(d == dataset and c == config for d, c, _ in keys):
+            return self._error(404, "ResponseNotFound")
+        if (dataset, config, split) not in self.datasets:
+            return self._error(500, "UnexpectedApiError", cause_exception="EmptyParquetMetadataError",
+                               cause_message="No parquet files found.", cause_traceback=[])
+        return self.datasets[dataset, config, split]
+
+    def _rows(self, request: dict) -> _Response:
+        q = request["query"]
+        for name in ("dataset", "config", "split"):
+            if not q.get(name, "").strip():
+                return self._error(422, "MissingRequiredParameter", f"Parameter '{name}' is required")
+        bounds = {}
+        for name, default in (("offset", 0), ("length", MAX_ROWS_PER_PAGE)):
+            try:
+                bounds[name] = int(q.get(name, default))
+            except ValueError:
+                return self._error(422, "InvalidParameter", f"Parameter '{name}' must be integer")
+            if bounds[name] < 0:
+                return self._error(422, "InvalidParameter", f"Parameter '{name}' must be positive")
+        if bounds["length"] > MAX_ROWS_PER_PAGE:
+            return self._error(422, "InvalidParameter",
+                               f"Parameter 'length' must not be greater than {MAX_ROWS_PER_PAGE}")
+        dataset, config, split = q["dataset"], q["config"], q["split"]
+        spec = self._lookup(request, dataset, config, split)
+        if isinstance(spec, _Response):
+            return spec
+
+        offset, total = bounds["offset"], len(spec.rows)
+        rows = []
+        for row_idx in range(offset, min(offset + bounds["length"], total)):
+            source = spec.rows[row_idx]
+            cells = {}
+            for name, ftype in spec.features:
+                value = source.get(name)
+                if isinstance(ftype, dict) and ftype.get("_type") == "Image" and value is not None:
+                    value = self._image_cell(dataset, config, split, row_idx, name, value)
+                cells[name] = value
+            rows.append({"row_idx": row_idx, "row": cells, "truncated_cells": []})
+        features = [{"feature_idx": i, "name": name, "type": _restyle(ftype, self.list_style)}
+                    for i, (name, ftype) in enumerate(spec.features)]
+        body = {"features": features, "rows": rows, "num_rows_total": total,
+                "num_rows_per_page": MAX_ROWS_PER_PAGE, "partial": False}
+        return _json_response(200, body, {"Cache-Control": "max-age=120", "X-Revision": self.revision})
+
+    def _splits(self, request: dict) -> _Response:
+        dataset = request["query"].get("dataset", "")
+        if not dataset.strip():
+            return self._error(422, "MissingRequiredParameter", "Parameter 'dataset' is required")
+        if not any(d == dataset for d, _, _ in self.datasets):
+            return self._lookup(request, dataset, "", "")
+        config = request["query"].get("config")
+        splits = [{"dataset": d, "config": c, "split": s} for d, c, s in self.datasets
+                  if d == dataset and config in (None, c)]
+        body = {"splits": splits} if config is not None else {"splits": splits, "pending": [], "failed": []}
+        return _json_response(200, body, {"Cache-Control": "max-age=120"})
+
+    # images ----------------------------------------------------------------------------------
+    def _signature(self, path: str, expires: str) -> str:
+        with self._lock:
+            epoch = self._epoch
+        return hashlib.sha256(f"{epoch}|{self.revision}|{path}|{expires}".encode()).hexdigest()[:24]
+
+    def _image_cell(self, dataset: str, config: str, split: str, row_idx: int, column: str,
+                    data: bytes) -> dict:
+        ext, _ = image_format(data)
+        width, height = image_size(data)
+        path = (f"/cached-assets/{quote(dataset)}/--/{self.revision}/--/{quote(config)}/{quote(split)}"
+                f"/{row_idx}/{quote(column)}/image.{ext}")
+        expires = str(int(time.time() + self.expire_seconds))
+        query = f"Expires={expires}&Signature={self._signature(path, expires)}&Key-Pair-Id=K"
+        return {"src": f"{self.url}{path}?{query}", "height": height, "width": width}
+
+    def _asset(self, request: dict) -> _Response:
+        """Serve an image if its URL is one we issued, unexpired; otherwise a CloudFront-like 403."""
+        q = request["query"]
+        if q.get("Signature") != self._signature(request["path"], q.get("Expires", "")):
+            return self._denied("bad signature")
+        if int(q["Expires"]) < time.time():
+            return self._denied("expired")
+        dataset, _, rest = request["path"][len("/cached-assets/"):].partition(f"/--/{self.revision}/--/")
+        config, split, row_idx, column, filename = map(unquote, rest.split("/"))
+        spec = self.datasets.get((unquote(dataset), config, split))
+        if spec is None or not 0 <= int(row_idx) < len(spec.rows):
+            return self._denied("no such asset")
+        data = spec.rows[int(row_idx)].get(column)
+        if not isinstance(data, bytes) or filename != f"image.{image_format(data)[0]}":
+            return self._denied("no such asset")
+        return _Response(200, data, {"Content-Type": image_format(data)[1], "Cache-Control": "public, max-age=3600"})
+
+    @staticmethod
+    def _denied(reason: str) -> _Response:
+        return _Response(403, _ACCESS_DENIED.encode(),
+                         {"Content-Type": "text/xml", "X-Fake-Reason": reason})

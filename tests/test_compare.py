@@ -1,0 +1,654 @@
+"""Paired comparison of two runs (issue 5): mcnemar_exact, paired_bootstrap, compare_runs /
+`nano-eval compare`, and several --base_url servers in one command.
+
+The sample logs here are written by hand, record by record, in the sample-log format of the
+contract (task, row_idx, doc_hash, body_hash, url, request, response{content, reasoning_content,
+finish_reason, usage, http_status}, status, error, target, extracted, scores, ...). The request
+bodies are the real gsm8k_cot_llama bodies nano-eval builds for the first GSM8K test rows, with a
+different "model" for run A and run B, so the two runs are comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
+    sys.path.insert(0, str(ROOT))
+
+import nano_eval as ne  # noqa: E402
+from fakes import FakeOpenAI  # noqa: E402
+
+NANO_EVAL = ROOT / "nano_eval.py"
+GSM8K_ROWS = [json.loads(line) for line in
+              (ROOT / "tests/fixtures/gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()[:260]]
+TASK = ne.TASKS["gsm8k_cot_llama"]
+HEADLINE = "exact_match,strict-match"
+PREFIX = "Let me think. The final answer is "  # 34 characters: "Let me think." (13) + " The final answer is " (21)
+WRONG = "-1"  # no GSM8K test target starts with "-", so "-1" always differs at PREFIX's end
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(NANO_EVAL), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_main(argv: list, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = ne.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# mcnemar_exact
+# ---------------------------------------------------------------------------------------------
+
+
+def binomial_two_sided(a: int, b: int) -> Fraction:
+    """Exact two-sided sign-test p at 1/2, computed without math.comb: the pmf by the recurrence
+    P(k+1) = P(k) * (n-k)/(k+1), starting at P(0) = 1/2^n; p = min(1, 2 * P(X <= min(a, b)))."""
+    n = a + b
+    if n == 0:
+        return Fraction(1)
+    pmf, tail = Fraction(1, 2 ** n), Fraction(0)
+    for k in range(min(a, b) + 1):
+        tail += pmf
+        pmf = pmf * (n - k) / (k + 1)
+    return min(Fraction(1), 2 * tail)
+
+
+@pytest.mark.parametrize("a_only, b_only, expected", [
+    # no discordant pairs: nothing to test
+    (0, 0, 1.0),
+    # n=5, tail = C(5,0) = 1 -> 2 * 1/32 = 0.0625
+    (0, 5, 0.0625),
+    (5, 0, 0.0625),
+    # n=10, tail = C(10,0) + C(10,1) = 1 + 10 = 11 -> 2 * 11/1024 = 22/1024 = 0.021484375
+    (1, 9, 22 / 1024),
+    (9, 1, 22 / 1024),
+    # n=10, tail = 1+10+45+120+210+252 = 638 -> 2 * 638/1024 > 1 -> capped at 1.0
+    (5, 5, 1.0),
+    # n=8, tail = 1 + 8 + 28 = 37 -> 2 * 37/256 = 74/256 = 0.2890625
+    (6, 2, 74 / 256),
+    # n=1, tail = C(1,0) = 1 -> 2 * 1/2 = 1.0
+    (1, 0, 1.0),
+    # n=4, tail = 1 + 4 = 5 -> 2 * 5/16 = 0.625
+    (3, 1, 0.625),
+    # n=35, tail = 1 + 35 + 595 + 6545 + 52360 + 324632 = 384168 -> 2 * 384168 / 2^35
+    (30, 5, 2 * 384168 / 2 ** 35),
+])
+def test_mcnemar_exact_known_values(a_only, b_only, expected):
+    assert ne.mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_mcnemar_exact_large_case_against_direct_sum():
+    # n = 250: p = 2 * sum_{k<=100} C(250, k) / 2^250, summed exactly then converted once
+    a, b = 150, 100
+    direct = Fraction(2 * sum(math.comb(250, k) for k in range(101)), 2 ** 250)
+    assert ne.mcnemar_exact(a, b) == pytest.approx(float(direct), rel=1e-12)
+    assert ne.mcnemar_exact(a, b) == pytest.approx(float(binomial_two_sided(a, b)), rel=1e-12)
+    assert 0.0 < ne.mcnemar_exact(a, b) < 0.01  # 150 vs 100 is clearly significant (about 0.0019)
+    # a very large n must not overflow (2 ** 6000 does not fit a float)
+    assert ne.mcnemar_exact(3000, 3000) == 1.0
+    assert ne.mcnemar_exact(1100, 900) == pytest.approx(float(binomial_two_sided(1100, 900)), rel=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 120), st.integers(0, 120))
+def test_mcnemar_exact_property(a, b):
+    p = ne.mcnemar_exact(a, b)
+    assert p == ne.mcnemar_exact(b, a)  # symmetric
+    assert 0.0 < p <= 1.0
+    assert p == pytest.approx(float(binomial_two_sided(a, b)), rel=1e-9)
+    if a != b:  # moving one discordant pair to the larger side (same n) never raises p
+        hi, lo = max(a, b), min(a, b)
+        if lo > 0:
+            assert ne.mcnemar_exact(hi + 1, lo - 1) <= p
+
+
+# ---------------------------------------------------------------------------------------------
+# paired_bootstrap
+# ---------------------------------------------------------------------------------------------
+
+
+def planted_differences(n: int, seed: int = 7) -> list:
+    """Per-pair score differences B - A: B alone right on 15% of pairs, A alone on 5%,
+    so the true mean difference is 0.15 - 0.05 = 0.10 (B is right on 10% more)."""
+    diffs = [1.0] * (15 * n // 100) + [-1.0] * (5 * n // 100)
+    diffs += [0.0] * (n - len(diffs))
+    random.Random(seed).shuffle(diffs)
+    return diffs
+
+
+def test_paired_bootstrap_is_deterministic_for_a_seed():
+    diffs = planted_differences(500)
+    first = ne.paired_bootstrap(diffs, 2000, seed=3)
+    assert ne.paired_bootstrap(diffs, 2000, seed=3) == first
+    assert ne.paired_bootstrap(list(diffs), 2000, seed=3) == first
+    assert ne.paired_bootstrap(diffs, 2000, seed=4) != first  # the seed is actually used
+    # the default seed is fixed too (compare's CI must be the same every time it is run)
+    assert ne.paired_bootstrap(diffs, 2000) == ne.paired_bootstrap(diffs, 2000)
+
+
+def test_paired_bootstrap_covers_planted_difference():
+    diffs = planted_differences(1000)
+    assert sum(diffs) / len(diffs) == pytest.approx(0.10)
+    low, high = ne.paired_bootstrap(diffs, 10_000, seed=0)
+    assert low < 0.10 < high
+    assert low > 0.0  # a 10-point difference on 1000 pairs is clearly non-zero
+    # sd of the differences: E[d^2] - mean^2 = 0.20 - 0.01 = 0.19 -> sd 0.436; se = 0.436/sqrt(1000)
+    # = 0.0138; a 95% interval is about 2 * 1.96 * 0.0138 = 0.054 wide
+    assert 0.040 < high - low < 0.070
+    assert low == pytest.approx(0.10 - 1.96 * math.sqrt(0.19 / 1000), abs=0.006)
+    assert high == pytest.approx(0.10 + 1.96 * math.sqrt(0.19 / 1000), abs=0.006)
+
+
+def test_paired_bootstrap_width_shrinks_with_n():
+    widths = []
+    for n in (100, 400, 1600):
+        low, high = ne.paired_bootstrap(planted_differences(n), 2000, seed=1)
+        assert low <= 0.10 <= high
+        widths.append(high - low)
+    # the width goes as 1/sqrt(n): quadrupling n about halves it
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[0] / widths[1] == pytest.approx(2.0, rel=0.3)
+    assert widths[1] / widths[2] == pytest.approx(2.0, rel=0.3)
+
+
+def test_paired_bootstrap_all_equal_and_empty():
+    assert ne.paired_bootstrap([0.0] * 300, 1000) == (0.0, 0.0)  # every pair agrees
+    assert ne.paired_bootstrap([], 1000) == (0.0, 0.0)
+    assert ne.paired_bootstrap([1.0] * 50, 1000) == (1.0, 1.0)  # B right everywhere A is wrong
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic sample logs
+# ---------------------------------------------------------------------------------------------
+
+
+def gsm8k_sample(row_idx: int, model: str, **config_kwargs) -> ne.Sample:
+    config = ne.APIConfig("http://127.0.0.1:9/v1", model=model, **config_kwargs)
+    return TASK.build({"row_idx": row_idx, "row": GSM8K_ROWS[row_idx]}, config)
+
+
+def gsm8k_record(sample: ne.Sample, content: str | None, *, status: str = "ok", finish: str | None = "stop",
+                 prompt_tokens: int | None = 900, completion_tokens: int | None = 10,
+                 url: str = "http://127.0.0.1:9/v1/chat/completions") -> dict:
+    """One sample-log line, as the contract describes it."""
+    valid = status in ("ok", "truncated")
+    if valid:
+        extracted, scores = ne.score_gsm8k(content or "", sample.target)
+    else:
+        extracted, scores = None, {name: 0.0 for name in TASK.metric_names}
+    usage = None if prompt_tokens is None else {
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "task": "gsm8k_cot_llama", "row_idx": sample.row_idx, "doc_hash": sample.doc_hash,
+        "body_hash": sample.body_hash, "url": url, "request": sample.body,
+        "response": {"content": content, "reasoning_content": None, "finish_reason": finish, "usage": usage,
+                     "http_status": 200 if valid else None},
+        "status": status, "error": None if valid else "no answer within the timeout", "target": sample.target,
+        "extracted": extracted, "scores": scores, "group": None, "image": None, "latency": 1.0,
+        "attempts": 1, "reasoning_flags": [],
+    }
+
+
+def write_log(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def planted_runs() -> tuple[list, list]:
+    """Run A (rows 0-200) and run B (rows 0-199) of gsm8k_cot_llama, with planted differences.
+
+    rows 0-79    both right, identical text
+    rows 80-99   both right, texts "Step one. ..." vs "Step two. ..." (first difference at char 5)
+    rows 100-128 A right, B answers -1                      (first difference at char 34)
+    row  129     A right, B timed out (no content)          (first difference at char 0)
+    rows 130-134 A answers -1, B right                      (first difference at char 34)
+    rows 135-199 both answer -1, identical text; B's rows 190-199 are cut by max_tokens
+                 (finish_reason length, status truncated, 256 completion tokens)
+    row  200     in A only (unmatched)
+    usage: A 900 prompt / 10 completion tokens everywhere; B 12 completion tokens (256 when cut,
+    none when timed out) and 905 prompt tokens on rows 140-146 (a different chat template).
+    """
+    run_a, run_b = [], []
+    for i in range(201):
+        sa, sb = gsm8k_sample(i, "model-a"), gsm8k_sample(i, "model-b")
+        t = sa.target
+        assert not t.startswith("-")
+        right, wrong = PREFIX + t, PREFIX + WRONG
+        if i < 80:
+            text_a = text_b = right
+        elif i < 100:
+            text_a, text_b = f"Step one. The final answer is {t}", f"Step two. The final answer is {t}"
+        elif i < 130:
+            text_a, text_b = right, wrong
+        elif i < 135:
+            text_a, text_b = wrong, right
+        else:
+            text_a = text_b = wrong
+        run_a.append(gsm8k_record(sa, text_a))
+        if i == 200:
+            continue
+        if i == 129:
+            run_b.append(gsm8k_record(sb, None, status="timeout", finish=None, prompt_tokens=None))
+        elif 190 <= i < 200:
+            run_b.append(gsm8k_record(sb, text_b, status="truncated", finish="length", completion_tokens=256))
+        else:
+            run_b.append(gsm8k_record(sb, text_b, prompt_tokens=905 if 140 <= i <= 146 else 900,
+                                      completion_tokens=12))
+    # sanity: the planted correctness is what the scorer says
+    assert [r["scores"][HEADLINE] for r in run_a[:201]] == [1.0] * 130 + [0.0] * 71
+    assert [r["scores"][HEADLINE] for r in run_b] == [1.0] * 100 + [0.0] * 30 + [1.0] * 5 + [0.0] * 65
+    return run_a, run_b
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> tuple[Path, Path]:
+    run_a, run_b = planted_runs()
+    folder = tmp_path_factory.mktemp("planted")
+    return (write_log(folder / "a" / "samples_gsm8k_cot_llama.jsonl", run_a),
+            write_log(folder / "b" / "samples_gsm8k_cot_llama.jsonl", run_b))
+
+
+# Hand values for planted_runs() (n = 200 pairs; row 200 is unmatched):
+#   accuracy A = 130/200 = 0.65, accuracy B = (100 + 5)/200 = 0.525, B - A = -0.125
+#   a_only = 30 (rows 100-129), b_only = 5 (rows 130-134)
+#   McNemar: n = 35, tail = sum_{k<=5} C(35,k) = 384168 -> p = 2 * 384168 / 2^35 = 2.2362e-05
+#   identical text: rows 0-79 and 135-199 -> 80 + 65 = 145 of 200 = 72.5%
+#   first difference: 20 rows at 5, 29 rows at 34, 1 row at 0, 5 rows at 34
+#       -> (20*5 + 29*34 + 0 + 5*34) / 55 = (100 + 986 + 170) / 55 = 1256 / 55 = 22.836
+#   output tokens: A 10.0; B (189*12 + 10*256) / 199 (the timed-out row has no usage) = 4828/199 = 24.26
+P_PLANTED = 2 * 384168 / 2 ** 35
+
+
+def test_compare_runs_planted_numbers(planted):
+    comparison = ne.compare_runs(ne.load_run(str(planted[0])), ne.load_run(str(planted[1])))
+    assert list(comparison) == ["gsm8k_cot_llama"]
+    c = comparison["gsm8k_cot_llama"]
+    assert c["metric"] == HEADLINE
+    assert c["n"] == 200
+    assert c["unmatched"] == 1
+    assert c["accuracy_a"] == pytest.approx(0.65)
+    assert c["accuracy_b"] == pytest.approx(0.525)
+    assert c["difference"] == pytest.approx(-0.125)
+    assert c["a_only_correct"] == 30
+    assert c["b_only_correct"] == 5
+    assert c["mcnemar_p"] == pytest.approx(P_PLANTED, rel=1e-12)
+    assert c["verdict"] == "B is lower by 12.5 points, p=2.24e-05"
+    low, high = c["ci95"]
+    assert low < -0.125 < high < 0
+    assert c["response_agreement"] == pytest.approx(145 / 200)
+    assert c["mean_first_difference"] == pytest.approx(1256 / 55)
+    assert c["prompt_tokens_mismatch"] == 7
+    assert c["first_prompt_mismatch"] == {"row_idx": 140, "a": 900, "b": 905}
+    assert c["finish_reasons_a"] == {"stop": 200}
+    assert c["finish_reasons_b"]["stop"] == 189 and c["finish_reasons_b"]["length"] == 10
+    assert sum(c["finish_reasons_b"].values()) == 200
+    assert c["status_a"] == {"ok": 200}
+    assert c["status_b"] == {"ok": 189, "timeout": 1, "truncated": 10}
+    assert c["mean_output_tokens_a"] == pytest.approx(10.0)
+    assert c["mean_output_tokens_b"] == pytest.approx(4828 / 199)
+    # the top 10 flipped samples, in row order: rows 100-109, A right, B answered -1
+    assert len(c["flips"]) == 10
+    for flip, i in zip(c["flips"], range(100, 110)):
+        target = ne.gsm8k_target(GSM8K_ROWS[i])
+        assert flip == {"row_idx": i, "target": target, "a": target, "b": WRONG, "a_correct": True,
+                        "b_correct": False}
+
+
+def test_compare_runs_all_flips_listed_with_both_answers(planted):
+    c = ne.compare_runs(ne.load_run(str(planted[0])), ne.load_run(str(planted[1])), top=100)["gsm8k_cot_llama"]
+    assert [f["row_idx"] for f in c["flips"]] == list(range(100, 135))
+    timed_out = c["flips"][29]
+    assert timed_out["row_idx"] == 129 and timed_out["b"] == "<timeout>" and timed_out["a_correct"]
+    for flip in c["flips"][30:]:  # B-only right
+        assert flip["a"] == WRONG and flip["b"] == flip["target"]
+        assert (flip["a_correct"], flip["b_correct"]) == (False, True)
+
+
+def test_compare_text_output(planted, capsys):
+    a, b = map(str, planted)
+    code, out, err = run_main(["compare", a, b], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:4] == [f"A = {a}", f"B = {b}", "", "gsm8k_cot_llama (exact_match,strict-match, n=200, 1 unmatched)"]
+    text = "\n".join(lines)
+    assert "  accuracy        A 65.0   B 52.5   B-A -12.5 points [95% CI " in text
+    assert "  McNemar         p=2.24e-05   A-only correct 30   B-only correct 5" in lines
+    assert "  verdict         B is lower by 12.5 points, p=2.24e-05" in lines
+    assert "  identical text  72.5%   first difference at char 23 on average" in lines
+    assert "(row 140: A 900 vs B 905: the chat templates differ)" in text
+    assert "7 differ" in text
+    assert "  output tokens   A 10.0   B 24.3" in lines
+    assert "  flipped samples (row: target | A | B):" in lines
+    t100 = ne.gsm8k_target(GSM8K_ROWS[100])
+    assert f"    100: {t100} | {t100} ok | {WRONG}" in lines
+    assert sum(1 for line in lines if line.startswith("    1")) == 10  # --top defaults to 10
+    # --top N lists N
+    code, out, _ = run_main(["compare", a, b, "--top", "35"], capsys)
+    t130 = ne.gsm8k_target(GSM8K_ROWS[130])
+    assert f"    129: {ne.gsm8k_target(GSM8K_ROWS[129])} | {ne.gsm8k_target(GSM8K_ROWS[129])} ok | <timeout>" in out
+    assert f"    130: {t130} | {WRONG} | {t130} ok" in out.splitlines()
+
+
+def test_compare_json_matches_text_numbers(planted):
+    a, b = map(str, planted)
+    proc = run_cli("compare", a, b, "--json")
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads(proc.stdout)
+    assert document["a"] == a and document["b"] == b
+    c = document["comparison"]["gsm8k_cot_llama"]
+    expected = ne.compare_runs(ne.load_run(a), ne.load_run(b))["gsm8k_cot_llama"]
+    assert c == json.loads(json.dumps(expected))  # the same numbers, CI included (seeded)
+    assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (200, 30, 5)
+    assert c["mcnemar_p"] == pytest.approx(P_PLANTED, rel=1e-12)
+    assert c["accuracy_a"] == pytest.approx(0.65) and c["accuracy_b"] == pytest.approx(0.525)
+    # the text form prints the same numbers
+    text = run_cli("compare", a, b).stdout
+    assert f"p={c['mcnemar_p']:.3g}" in text
+    assert f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]" in text
+
+
+def test_compare_folders_and_python_m(planted, tmp_path):
+    a_dir, b_dir = planted[0].parent, planted[1].parent
+    proc = subprocess.run([sys.executable, "-m", "nano_eval", "compare", str(a_dir), str(b_dir), "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    c = json.loads(proc.stdout)["comparison"]["gsm8k_cot_llama"]
+    assert (c["n"], c["unmatched"], c["a_only_correct"], c["b_only_correct"]) == (200, 1, 30, 5)
+    # a folder mixed with a file works too
+    c2 = ne.compare_runs(ne.load_run(str(a_dir)), ne.load_run(str(planted[1])))["gsm8k_cot_llama"]
+    assert c2 == ne.compare_runs(ne.load_run(str(planted[0])), ne.load_run(str(planted[1])))["gsm8k_cot_llama"]
+
+
+def chartqa_record(row_idx: int, answer: str, label: str) -> dict:
+    content = f"Let me look at the chart.\nFinal Answer: {answer}"
+    extracted = {"none": content, "final_answer": answer}
+    right = float(answer == label)
+    return {"task": "chartqa", "row_idx": row_idx, "doc_hash": f"chartqa-doc-{row_idx}", "body_hash": f"b{row_idx}",
+            "url": "http://127.0.0.1:9/v1/chat/completions",
+            "request": {"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"<image sha256={'0' * 64} bytes=10 format=png>"}},
+                {"type": "text", "text": f"query {row_idx}"}]}], "model": "m", "max_tokens": 512,
+                "temperature": 0.0, "stop": [], "seed": 1234},
+            "response": {"content": content, "reasoning_content": None, "finish_reason": "stop",
+                         "usage": {"prompt_tokens": 50, "completion_tokens": 9, "total_tokens": 59},
+                         "http_status": 200},
+            "status": "ok", "error": None, "target": label, "extracted": extracted,
+            "scores": {"exact_match": right, "relaxed_accuracy": right, "anywhere_accuracy": right},
+            "group": "human", "image": {"sha256": "0" * 64, "bytes": 10, "format": "png"}, "latency": 0.5,
+            "attempts": 1, "reasoning_flags": []}
+
+
+def test_compare_run_logged_with_images_against_one_without(tmp_path):
+    import base64
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 2  # 10 bytes; only its hash and size matter here
+    image = {"sha256": ne.sha256(png), "bytes": len(png), "format": "png"}
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format=png>"
+    run_a, run_b = [], []
+    for i in range(4):
+        a, b = chartqa_record(i, str(10 * i), str(10 * i)), chartqa_record(i, "no", str(10 * i))
+        for record, url in ((a, data_url), (b, stub)):
+            record["image"] = image
+            record["request"]["messages"][0]["content"][0]["image_url"]["url"] = url
+        run_a.append(a)
+        run_b.append(b)
+    c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
+                        ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["chartqa"]
+    assert (c["n"], c["a_only_correct"]) == (4, 4)
+
+
+def test_compare_folder_with_two_tasks(tmp_path, capsys):
+    # chartqa: 10 rows, A right on rows 0-7, B right on rows 0-4 and 8:
+    #   A 8/10, B 6/10; a_only = rows 5,6,7 = 3; b_only = row 8 = 1
+    #   McNemar n=4: tail = C(4,0) + C(4,1) = 5 -> p = 2*5/16 = 0.625
+    labels = [str(10 * i) for i in range(10)]
+    a_answers = [labels[i] if i < 8 else "x" for i in range(10)]
+    b_answers = [labels[i] if i < 5 or i == 8 else "y" for i in range(10)]
+    for name, answers in (("a", a_answers), ("b", b_answers)):
+        write_log(tmp_path / name / "samples_chartqa.jsonl",
+                  [chartqa_record(i, answers[i], labels[i]) for i in range(10)])
+        sample = gsm8k_sample(0, f"model-{name}")
+        write_log(tmp_path / name / "samples_gsm8k_cot_llama.jsonl", [gsm8k_record(sample, PREFIX + sample.target)])
+    comparison = ne.compare_runs(ne.load_run(str(tmp_path / "a")), ne.load_run(str(tmp_path / "b")))
+    assert list(comparison) == ["chartqa", "gsm8k_cot_llama"]
+    c = comparison["chartqa"]
+    assert c["metric"] == "relaxed_accuracy"
+    assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (10, 3, 1)
+    assert c["accuracy_a"] == pytest.approx(0.8) and c["accuracy_b"] == pytest.approx(0.6)
+    assert c["mcnemar_p"] == pytest.approx(0.625)
+    assert c["verdict"] == "no significant difference at n=10 (p=0.625)"
+    assert [(f["row_idx"], f["a"], f["b"]) for f in c["flips"]] == [
+        (5, "50", "y"), (6, "60", "y"), (7, "70", "y"), (8, "x", "80")]
+    g = comparison["gsm8k_cot_llama"]
+    assert (g["n"], g["a_only_correct"], g["b_only_correct"], g["mcnemar_p"]) == (1, 0, 0, 1.0)
+    assert g["verdict"] == "no significant difference at n=1 (p=1)"
+    code, out, _ = run_main(["compare", str(tmp_path / "a"), str(tmp_path / "b")], capsys)
+    assert code == 0
+    assert "chartqa (relaxed_accuracy, n=10)" in out and "gsm8k_cot_llama (exact_match,strict-match, n=1)" in out
+
+
+def test_compare_b_higher_verdict(tmp_path):
+    # 12 rows: both right on rows 0-1; B alone right on rows 2-10 (9), A alone right on row 11 (1)
+    # A 3/12, B 11/12: B - A = 8/12 = +66.7 points; McNemar(1, 9) = 22/1024 = 0.0215
+    run_a, run_b = [], []
+    for i in range(12):
+        sa, sb = gsm8k_sample(i, "a"), gsm8k_sample(i, "b")
+        a_right, b_right = i < 2 or i == 11, i < 11
+        run_a.append(gsm8k_record(sa, PREFIX + (sa.target if a_right else WRONG)))
+        run_b.append(gsm8k_record(sb, PREFIX + (sb.target if b_right else WRONG)))
+    c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
+                        ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
+    assert (c["a_only_correct"], c["b_only_correct"]) == (1, 9)
+    assert c["mcnemar_p"] == pytest.approx(22 / 1024)
+    assert c["verdict"] == "B is higher by 66.7 points, p=0.0215"
+    assert c["ci95"][0] > 0
+    assert c["response_agreement"] == pytest.approx(2 / 12)
+    assert c["mean_first_difference"] == pytest.approx(34.0)
+    assert "first_prompt_mismatch" not in c
+    assert (c["prompt_tokens_equal"], c["prompt_tokens_mismatch"]) == (12, 0)
+
+
+def test_template_mismatch_counted(tmp_path, capsys):
+    # 20 rows, identical answers; B's usage.prompt_tokens differs on rows 3, 7, 8 (e.g. a chat
+    # template adding a default system prompt)
+    run_a, run_b = [], []
+    for i in range(20):
+        sa, sb = gsm8k_sample(i, "a"), gsm8k_sample(i, "b")
+        run_a.append(gsm8k_record(sa, PREFIX + sa.target, prompt_tokens=1000 + i))
+        run_b.append(gsm8k_record(sb, PREFIX + sb.target, prompt_tokens=1000 + i + (12 if i in (3, 7, 8) else 0)))
+    a, b = write_log(tmp_path / "a.jsonl", run_a), write_log(tmp_path / "b.jsonl", run_b)
+    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    assert (c["prompt_tokens_equal"], c["prompt_tokens_mismatch"]) == (17, 3)
+    assert c["first_prompt_mismatch"] == {"row_idx": 3, "a": 1003, "b": 1015}
+    assert c["response_agreement"] == 1.0 and c["mean_first_difference"] is None
+    assert c["verdict"] == "no significant difference at n=20 (p=1)"
+    assert c["ci95"] == [0.0, 0.0]
+    code, out, _ = run_main(["compare", str(a), str(b)], capsys)
+    assert code == 0
+    assert "  prompt tokens   17 equal, 3 differ   (row 3: A 1003 vs B 1015: the chat templates differ)" \
+        in out.splitlines()
+    assert "  identical text  100.0%" in out.splitlines()
+    assert "flipped samples" not in out
+
+
+@pytest.mark.parametrize("config_b, field", [
+    ({"gen_kwargs": {"max_gen_toks": 512}}, "max_tokens"),  # max_tokens 256 vs 512
+    ({"gen_kwargs": {"temperature": 0.6}}, "temperature"),
+    ({"seed": 42}, "seed"),
+    ({"system_instruction": "Be brief."}, "messages"),
+])
+def test_compare_refuses_runs_with_different_requests(tmp_path, capsys, config_b, field):
+    run_a = [gsm8k_record(gsm8k_sample(i, "model-a"), PREFIX + "1") for i in range(5)]
+    run_b = [gsm8k_record(gsm8k_sample(i, "model-b", **config_b), PREFIX + "1") for i in range(5)]
+    assert run_a[0]["doc_hash"] == run_b[0]["doc_hash"]
+    a, b = write_log(tmp_path / "a.jsonl", run_a), write_log(tmp_path / "b.jsonl", run_b)
+    code, out, err = run_main(["compare", str(a), str(b)], capsys)
+    assert code == 2
+    assert out == ""
+    assert len(err.splitlines()) == 1
+    assert err.startswith("nano-eval: error: gsm8k_cot_llama row 0: the runs sent different ")
+    assert f"'{field}'" in err
+    assert "Traceback" not in err
+
+
+def test_compare_ignores_only_the_model_name(tmp_path):
+    run_a = [gsm8k_record(gsm8k_sample(i, "model-a"), PREFIX + "1") for i in range(3)]
+    run_b = [gsm8k_record(gsm8k_sample(i, "totally-different-model"), PREFIX + "1") for i in range(3)]
+    assert run_a[0]["request"]["model"] != run_b[0]["request"]["model"]
+    c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
+                        ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
+    assert c["n"] == 3
+
+
+def test_compare_missing_and_empty_inputs(tmp_path, planted, capsys):
+    missing = tmp_path / "nope.jsonl"
+    code, out, err = run_main(["compare", str(missing), str(planted[1])], capsys)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("nano-eval: error: ") and str(missing) in err
+    proc = run_cli("compare", str(planted[0]), str(missing))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nano-eval: error: ")
+    assert "Traceback" not in proc.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = run_main(["compare", str(empty), str(planted[1])], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "samples_" in err
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n[1, 2]\n{\"no\": \"task\"}\n")
+    code, _, err = run_main(["compare", str(junk), str(planted[1])], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "no sample records" in err
+    code, _, err = run_main(["compare", str(planted[0])], capsys)  # one run only: usage error
+    assert code == 2 and len(err.splitlines()) == 1
+
+
+def test_compare_uses_the_last_record_of_a_resumed_log(tmp_path):
+    # a resumed log: row 0 first timed out, then was answered (right) on the rerun; a crash left a
+    # half-written line in between, which is skipped
+    sa, sb = gsm8k_sample(0, "a"), gsm8k_sample(0, "b")
+    a = write_log(tmp_path / "a.jsonl", [gsm8k_record(sa, None, status="timeout", finish=None, prompt_tokens=None)])
+    with open(a, "a", encoding="utf-8") as f:
+        f.write('{"task": "gsm8k_cot_llama", "row_id\n')
+        f.write(json.dumps(gsm8k_record(sa, PREFIX + sa.target)) + "\n")
+    b = write_log(tmp_path / "b.jsonl", [gsm8k_record(sb, PREFIX + WRONG)])
+    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    assert (c["n"], c["accuracy_a"], c["a_only_correct"], c["status_a"]) == (1, 1.0, 1, {"ok": 1})
+
+
+def test_compare_no_samples_in_common(tmp_path, capsys):
+    a = write_log(tmp_path / "a.jsonl", [gsm8k_record(gsm8k_sample(i, "a"), PREFIX + "1") for i in range(3)])
+    b = write_log(tmp_path / "b.jsonl", [gsm8k_record(gsm8k_sample(i, "b"), PREFIX + "1") for i in range(3, 5)])
+    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    assert c == {"n": 0, "unmatched": 5, "verdict": "no samples in common"}
+    code, out, _ = run_main(["compare", str(a), str(b)], capsys)
+    assert code == 0 and "gsm8k_cot_llama: no samples in common" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Several servers in one command
+# ---------------------------------------------------------------------------------------------
+
+
+def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
+    # first 20 GSM8K rows: server A is wrong on rows 0-1, server B on rows 2-7
+    # -> A 18/20 = 0.9, B 14/20 = 0.7; a_only = 6 (rows 2-7), b_only = 2 (rows 0-1)
+    # McNemar n=8: tail = C(8,0)+C(8,1)+C(8,2) = 1+8+28 = 37 -> p = 74/256 = 0.2890625
+    questions = [row["question"] for row in GSM8K_ROWS[:20]]
+    answers_a = {**gsm8k_answers, **{q: WRONG for q in questions[0:2]}}
+    answers_b = {**gsm8k_answers, **{q: WRONG for q in questions[2:8]}}
+    log_dir = tmp_path / "logs"
+    with FakeOpenAI(models=["model-a"], answers=answers_a, server_header="uvicorn") as srv_a, \
+            FakeOpenAI(models=["model-b"], answers=answers_b,
+                       extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv_b:
+        proc = run_cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base-url", srv_b.base_url,
+                       "--max_samples", "20", "--log_samples", str(log_dir), "--no_progress")
+        assert len(srv_a.chat_requests) == 20 and len(srv_b.chat_requests) == 20
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads(proc.stdout)  # stdout is the JSON only
+    assert set(document) == {"runs", "comparisons", "total_seconds"}
+    assert len(document["runs"]) == 2
+    run_a, run_b = document["runs"]
+    for run, srv, model, accuracy in ((run_a, srv_a, "model-a", 0.9), (run_b, srv_b, "model-b", 0.7)):
+        assert set(run) >= {"results", "config", "complete"}
+        result = run["results"]["gsm8k_cot_llama"]
+        assert result["num_samples"] == 20 and result["num_ok"] == 20
+        assert result["metrics"]["exact_match"] == pytest.approx(accuracy)
+        assert run["config"]["model"] == model
+        assert run["config"]["chat_url"] == srv.base_url + "/chat/completions"
+        run_dir = log_dir / f"{0 if srv is srv_a else 1}_127.0.0.1_{srv.port}"
+        assert run["config"]["log_samples"] == str(run_dir)
+        records = [json.loads(line) for line in (run_dir / "samples_gsm8k_cot_llama.jsonl").read_text().splitlines()]
+        assert sorted(r["row_idx"] for r in records) == list(range(20))
+        assert {r["request"]["model"] for r in records} == {model}
+    assert run_a["config"]["server"]["name"] == "uvicorn"
+    assert (run_b["config"]["server"]["name"], run_b["config"]["server"]["version"]) == ("vLLM", "0.9.1")
+    assert sorted(p.name for p in log_dir.iterdir()) == [f"0_127.0.0.1_{srv_a.port}", f"1_127.0.0.1_{srv_b.port}"]
+
+    assert len(document["comparisons"]) == 1
+    comparison = document["comparisons"][0]
+    assert comparison["a"] == srv_a.base_url + "/chat/completions"
+    assert comparison["b"] == srv_b.base_url + "/chat/completions"
+    c = comparison["comparison"]["gsm8k_cot_llama"]
+    assert (c["n"], c["unmatched"], c["a_only_correct"], c["b_only_correct"]) == (20, 0, 6, 2)
+    assert c["accuracy_a"] == pytest.approx(0.9) and c["accuracy_b"] == pytest.approx(0.7)
+    assert c["difference"] == pytest.approx(-0.2)
+    assert c["mcnemar_p"] == pytest.approx(74 / 256)
+    assert c["verdict"] == "no significant difference at n=20 (p=0.289)"
+    assert sorted(f["row_idx"] for f in c["flips"]) == list(range(8))
+    # the comparison text goes to stderr, not stdout
+    assert f"A = {comparison['a']}" in proc.stderr and f"B = {comparison['b']}" in proc.stderr
+    assert "  verdict         no significant difference at n=20 (p=0.289)" in proc.stderr
+    assert "verdict" not in proc.stdout.replace('"verdict"', "")
+    # and it equals what `compare` says about the two logged runs
+    again = ne.compare_runs(ne.load_run(str(log_dir / f"0_127.0.0.1_{srv_a.port}")),
+                            ne.load_run(str(log_dir / f"1_127.0.0.1_{srv_b.port}")))
+    assert json.loads(json.dumps(again)) == comparison["comparison"]
+
+    # the same command again resumes each server's run from its own folder: nothing is resent
+    with FakeOpenAI(models=["model-a"], answers=answers_a) as srv_a2, \
+            FakeOpenAI(models=["model-b"], answers=answers_b) as srv_b2:
+        log_dir2 = tmp_path / "logs2"
+        for i, srv in enumerate((srv_a, srv_b)):
+            old = log_dir / f"{i}_127.0.0.1_{srv.port}" / "samples_gsm8k_cot_llama.jsonl"
+            new = log_dir2 / f"{i}_127.0.0.1_{(srv_a2, srv_b2)[i].port}" / "samples_gsm8k_cot_llama.jsonl"
+            new.parent.mkdir(parents=True)
+            new.write_text(old.read_text().replace(srv.url, (srv_a2, srv_b2)[i].url))
+        proc2 = run_cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a2.base_url, "--base_url", srv_b2.base_url,
+                        "--max_samples", "20", "--log_samples", str(log_dir2), "--no_progress")
+        assert proc2.returncode == 0, proc2.stderr
+        assert srv_a2.chat_requests == [] and srv_b2.chat_requests == []
+    c2 = json.loads(proc2.stdout)["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
+    assert {k: c2[k] for k in ("n", "a_only_correct", "b_only_correct", "mcnemar_p", "ci95")} == \
+        {k: c[k] for k in ("n", "a_only_correct", "b_only_correct", "mcnemar_p", "ci95")}
+
+
+def test_several_servers_without_log_samples(isolated_env, gsm8k_answers, capsys):
+    # no --log_samples: the runs are still logged (to a temporary folder) and compared
+    with FakeOpenAI(models=["m"], answers=gsm8k_answers) as srv_a, FakeOpenAI(models=["m"]) as srv_b:
+        code, out, err = run_main(["--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url,
+                                   "--base_url", srv_b.base_url, "--max_samples", "5", "--no_progress"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    c = document["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
+    # B answers "The final answer is 0" to everything: A-only right on all 5 -> McNemar(5, 0) = 2/32
+    assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (5, 5, 0)
+    assert c["mcnemar_p"] == pytest.approx(0.0625)
+    assert [run["results"]["gsm8k_cot_llama"]["metrics"]["exact_match"] for run in document["runs"]] == [1.0, 0.0]
