@@ -994,7 +994,7 @@ def gsm8k_target(doc: dict) -> str:
 def chartqa_target(doc: dict) -> str:
     """`{{ label[0] }}`; a label that is a Python list literal is evaluated by lm-eval's
     doc_to_target and turned back into a string by str() in process_results."""
-    label = doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else str(doc.get("label", ""))
+    label = str(doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else doc.get("label", ""))
     if len(label) >= 2 and label[0] == "[" and label[-1] == "]":
         try:
             return str(ast.literal_eval(label))
@@ -1227,7 +1227,8 @@ class SampleLog:
         return done
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        # A server may echo the API key in an error message: scrub the whole line.
+        self._file.write(redact(json.dumps(record, ensure_ascii=False), _SECRETS) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -1846,7 +1847,7 @@ def cmd_replay(argv: list) -> int:
     if not path or not line_text.isdigit() or int(line_text) < 1:
         raise UsageError(f"expected FILE:LINE (a 1-based line number), got {args.where!r}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             line = next((text for number, text in enumerate(f, 1) if number == int(line_text)), None)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -2329,7 +2330,7 @@ def check_output_path(path: str | None) -> Path | None:
     target = Path(path).expanduser()
     if target.is_dir():
         raise UsageError(f"--output {target} is a directory; give a file name")
-    if not target.parent.exists():
+    if not target.parent.is_dir():
         raise UsageError(f"--output: folder {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UsageError(f"--output {target} is not writable")
@@ -2407,7 +2408,7 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
 
 
 def write_results(document: dict, output: Path | None) -> None:
-    text = json.dumps(document, indent=2, ensure_ascii=False)
+    text = redact(json.dumps(document, indent=2, ensure_ascii=False), _SECRETS)
     if output:
         try:
             atomic_write(output, (text + "\n").encode("utf-8"))
@@ -2424,7 +2425,9 @@ def cmd_eval(argv: list) -> int:
     _SECRETS.extend(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     log_dir = sample_log_dir(args, output)
-    if args.data_dir:
+    if log_dir and not is_writable_dir(log_dir):
+        raise UsageError(f"cannot write the sample log in {log_dir}")
+    if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
         resolve_data_dir(args.data_dir)  # fail now, not after connecting
     base_urls = settings["base_urls"] or [probe_local_server()]
     configs = []
@@ -2512,6 +2515,11 @@ def main(argv: list | None = None) -> int:
     commands = {"compare": cmd_compare, "replay": cmd_replay}
     code = EXIT_OK
     try:
+        for arg in argv:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"argument {arg!r} is not valid UTF-8") from None
         command = commands.get(argv[0]) if argv else None
         code = command(argv[1:]) if command else cmd_eval(argv)
     except NanoEvalError as exc:
