@@ -664,16 +664,7 @@ class DatasetCache:
         return None
 
     def has_image(self, row_idx: int) -> bool:
-        """Whether a cached image file of the recorded size exists (a cheap check: the
-        sha256 is verified when the bytes are read for a request)."""
-        for folder, manifest in zip(self.dirs, self.manifests):
-            entry = manifest["images"].get(str(row_idx))
-            try:
-                if entry and (folder / entry["file"]).stat().st_size == entry.get("bytes"):
-                    return True
-            except OSError:
-                continue
-        return False
+        return self.read_image(row_idx) is not None
 
     def write_image(self, row_idx: int, data: bytes, fmt: str) -> dict:
         name = f"images/{row_idx}.{'jpg' if fmt == 'jpeg' else fmt}"
@@ -1309,7 +1300,8 @@ class TaskRun:
                 outcome = await self.send(sample)
             record = self.record(sample, outcome)
             if previous is None and self.log:
-                self.log.write(record)
+                self.log.write({**record, "request": sample.body} if self.log.log_images else record)
+            del record["request"]  # not needed for the results; keeps memory flat in the number of samples
             self.results[sample.row_idx] = record
             self.progress.advance()
             if outcome.status in ("http_401", "http_403") and self.successes == 0:
@@ -1339,10 +1331,10 @@ class TaskRun:
             extracted, scores = self.task.score(response_text, sample.target)
         else:
             extracted, scores = None, {name: 0.0 for name in self.task.metric_names}
-        body = sample.body if self.log is None or self.log.log_images else redact_images(sample.body, sample.image)
         return {
             "task": self.task.name, "row_idx": sample.row_idx, "doc_hash": sample.doc_hash,
-            "body_hash": sample.body_hash, "url": self.config.chat_url, "request": body,
+            "body_hash": sample.body_hash, "url": self.config.chat_url,
+            "request": redact_images(sample.body, sample.image),
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status},
@@ -2039,11 +2031,12 @@ class Preflight:
             self.check("max_tokens", "PASS", f"completion_tokens {used}, finish_reason 'length'")
 
     def check_stop(self, prompt: list, baseline: str) -> None:
-        words = re.findall(r"\d+", baseline)
-        if len(words) < 3:
-            self.check("stop", "WARN", f"inconclusive: the greedy answer has too few numbers: {baseline[:60]!r}")
+        words = baseline.split()
+        middle = baseline[len(baseline) // 2:len(baseline) // 2 + 2].strip()
+        stop = words[2] if len(words) >= 4 else middle  # a string the greedy answer is known to contain
+        if not stop or baseline.index(stop) == 0:
+            self.check("stop", "WARN", f"inconclusive: the greedy answer is too short: {baseline[:60]!r}")
             return
-        stop = words[2]
         resp, data = self.chat({"messages": prompt, "max_tokens": 96, "temperature": 0, "stop": [stop]})
         text = self.message(data).get("content") if resp is not None and resp.status == 200 else None
         if text is None:
@@ -2135,6 +2128,7 @@ def format_preflight(report: dict) -> str:
 # 10. CLI
 # ============================================================================
 
+LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
 MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks"}
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
@@ -2151,11 +2145,18 @@ def resolve_model(api_root: str, api_key: str | None, model: str | None) -> str:
     else the only one `/v1/models` lists. A dead server is reported in seconds."""
     client = HTTPClient(timeout=30.0, connect_timeout=5.0)
     url = api_root + "/models"
-    try:
-        status, data, _ = http_json(client, url, auth_headers(api_key))
-    except Exception as exc:
-        _, reason = describe_network_error(exc)
-        raise ServerError(f"cannot reach {api_root}: {reason}; is the server running?") from None
+    deadline = time.monotonic() + LOADING_WAIT
+    while True:
+        try:
+            status, data, _ = http_json(client, url, auth_headers(api_key))
+        except Exception as exc:
+            _, reason = describe_network_error(exc)
+            raise ServerError(f"cannot reach {api_root}: {reason}; is the server running?") from None
+        if status != 503 or time.monotonic() > deadline:
+            break
+        if deadline - time.monotonic() > LOADING_WAIT - 1:
+            info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
+        time.sleep(1.0)
     if status in (401, 403):
         raise AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
     if model:

