@@ -223,7 +223,7 @@ class HTTPClient:
         self.connect_timeout = min(connect_timeout, timeout)
         self.user_agent = user_agent or f"nano-eval/{__version__}"
         self._local = threading.local()
-        self._ssl = ssl.create_default_context()
+        self._ssl: ssl.SSLContext | None = None  # made on the first https connection (it costs ~40 ms)
 
     def _connection(self, scheme: str, netloc: str, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
         pool = self._local.__dict__.setdefault("connections", {})
@@ -234,6 +234,7 @@ class HTTPClient:
         if conn is not None:
             conn.close()
         if scheme == "https":
+            self._ssl = self._ssl or ssl.create_default_context()
             conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
@@ -521,8 +522,9 @@ def sha256(data: bytes) -> str:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies, as for open()
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -589,6 +591,7 @@ class DatasetCache:
         self.write_dir = self.dirs[0]
         self.manifests = [self._load_manifest(d) for d in self.dirs]
         self._lock = threading.Lock()  # pages and images are written from several threads
+        self._changed = False
 
     @staticmethod
     def _load_manifest(folder: Path) -> dict:
@@ -653,6 +656,7 @@ class DatasetCache:
                                  num_rows_total=num_rows_total)
             self.manifest["pages"][str(offset)] = {"file": name, "rows": len(rows), "bytes": len(data),
                                                    "sha256": sha256(data), "revision": revision}
+            self._changed = True
         self.save()
 
     def read_image(self, row_idx: int) -> tuple[bytes, dict] | None:
@@ -672,12 +676,16 @@ class DatasetCache:
         entry = {"file": name, "bytes": len(data), "sha256": sha256(data), "format": fmt}
         with self._lock:
             self.manifest["images"][str(row_idx)] = entry
+            self._changed = True
         return entry
 
     def save(self) -> None:
+        """Writes the manifest if a page or an image was added since the last save."""
         with self._lock:
-            text = json.dumps(self.manifest, indent=1, sort_keys=True)
-            atomic_write(self.write_dir / "manifest.json", text.encode())
+            if self._changed:
+                atomic_write(self.write_dir / "manifest.json",
+                             json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+                self._changed = False
 
 
 class DatasetsServer:
@@ -1736,6 +1744,8 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             f"  McNemar         p={c['mcnemar_p']:.3g}   A-only correct {c['a_only_correct']}   "
             f"B-only correct {c['b_only_correct']}",
             f"  verdict         {c['verdict']}",
+            *([f"  warning         the prompts differ on {c['prompt_tokens_mismatch']} of {c['n']} samples "
+               "(usage.prompt_tokens): the servers do not see the same input"] if c["prompt_tokens_mismatch"] else []),
             f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
                 f"   first difference at char {c['mean_first_difference']:.0f} on average"
                 if c["mean_first_difference"] is not None else ""),
@@ -2361,6 +2371,7 @@ def run_config(config: APIConfig, tasks: list, max_samples: int | None, args: ar
         "system_instruction": config.system_instruction,
         "fewshot_as_multiturn": config.fewshot_as_multiturn,
         "keep_think": config.keep_think,
+        "data_dir": str(resolve_data_dir(args.data_dir)[0]),
         "timeout": config.timeout,
         "max_retries": config.max_retries,
         "max_fail_rate": args.max_fail_rate,

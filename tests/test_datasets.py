@@ -1,0 +1,468 @@
+"""The datasets-server client and the verified dataset cache, against FakeDatasetsServer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import nano_eval  # noqa: E402
+from fakes import CHARTQA, GSM8K, FakeDatasetsServer, FakeOpenAI, answers_responder, chartqa_dataset  # noqa: E402
+from nano_eval import TASKS, DatasetCache, DatasetError, DatasetsServer, load_rows, run_task, APIConfig  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+GSM_REF = TASKS["gsm8k_cot_llama"].data
+CQA_REF = TASKS["chartqa"].data
+TOKEN = "hf_TESTTOKEN_do_not_leak_42"
+
+
+def fixture_gsm8k() -> list[dict]:
+    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+GSM8K_ROWS = fixture_gsm8k()
+
+
+@pytest.fixture
+def no_bundled(monkeypatch, tmp_path):
+    """Hide the data/ shipped beside nano_eval.py, so gsm8k has to come from the datasets-server."""
+    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", tmp_path / "no-bundled-data")
+    for name in ("HF_TOKEN", "NANO_EVAL_DATA_DIR", "NANO_EVAL_DATASETS_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "cache"
+
+
+def client(server, token=None) -> DatasetsServer:
+    return DatasetsServer(base_url=server.url, token=token, retry_base_delay=0.01)
+
+
+def load(ref, count, roots, server, image_column=None, token=None):
+    return asyncio.run(load_rows(ref, count, [Path(r) for r in roots], image_column, client(server, token)))
+
+
+def offsets(server) -> list[int]:
+    return [int(r["query"]["offset"]) for r in server.rows_requests]
+
+
+def assert_gsm8k_rows(rows, n):
+    assert [r["row_idx"] for r in rows] == list(range(n))
+    assert [r["row"] for r in rows] == GSM8K_ROWS[:n]
+
+
+def stray_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+
+
+class SlowRows(FakeDatasetsServer):
+    """/rows answers after a delay; counts how many are answered at once."""
+
+    def __init__(self, *args, row_delay=0.15, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.row_delay = row_delay
+        self.rows_in_flight = self.max_rows_in_flight = 0
+
+    def _rows(self, request):
+        with self._lock:
+            self.rows_in_flight += 1
+            self.max_rows_in_flight = max(self.max_rows_in_flight, self.rows_in_flight)
+        try:
+            self._sleep(self.row_delay)
+            return super()._rows(request)
+        finally:
+            with self._lock:
+                self.rows_in_flight -= 1
+
+
+# --------------------------------------------------------------------------------------------
+# the pager
+# --------------------------------------------------------------------------------------------
+
+
+def test_all_pages_fetched_concurrently(no_bundled, gsm8k_spec):
+    with SlowRows({GSM8K: gsm8k_spec}) as server:
+        rows, cache = load(GSM_REF, None, [no_bundled], server)
+        assert sorted(offsets(server)) == list(range(0, 1400, 100))  # 14 pages, each once
+        assert {r["query"]["length"] for r in server.rows_requests} == {"100"}
+        assert server.max_rows_in_flight > 1  # pages after the first overlap
+    assert_gsm8k_rows(rows, 1319)
+    manifest = json.loads((no_bundled / "openai__gsm8k" / "main" / "test" / "manifest.json").read_text())
+    assert manifest["num_rows_total"] == 1319
+    assert len(manifest["pages"]) == 14
+    assert manifest["pages"]["1300"]["rows"] == 19  # the last, partial page
+    assert stray_files(no_bundled) == []
+
+
+def test_only_needed_pages_then_the_rest(no_bundled, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        rows, _ = load(GSM_REF, 250, [no_bundled], server)
+        assert_gsm8k_rows(rows, 250)
+        assert sorted(offsets(server)) == [0, 100, 200]
+        rows, _ = load(GSM_REF, None, [no_bundled], server)
+        assert_gsm8k_rows(rows, 1319)
+        assert sorted(offsets(server)) == [0, 100, 200] + list(range(300, 1400, 100))
+
+
+def test_429_retry_after_then_success(no_bundled, gsm8k_spec):
+    faults = [{"path": "/rows", "match": {"offset": "100"}, "status": 429, "headers": {"Retry-After": "1"}}]
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, faults=faults) as server:
+        rows, _ = load(GSM_REF, 200, [no_bundled], server)
+        hits = [r for r in server.rows_requests if r["query"]["offset"] == "100"]
+    assert_gsm8k_rows(rows, 200)
+    assert [h["status"] for h in hits] == [429, 200]
+    assert hits[1]["time"] - hits[0]["time"] >= 0.9  # Retry-After: 1 honoured (own backoff is 0.01 s)
+
+
+def test_response_not_ready_twice_then_success(no_bundled, gsm8k_spec):
+    faults = [{"path": "/rows", "status": 500, "error_code": "ResponseNotReady", "times": 2}]
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, faults=faults) as server:
+        rows, _ = load(GSM_REF, 100, [no_bundled], server)
+        assert [r["status"] for r in server.rows_requests] == [500, 500, 200]
+    assert_gsm8k_rows(rows, 100)
+
+
+def test_plain_text_500_then_success(no_bundled, gsm8k_spec):
+    faults = [{"path": "/rows", "status": 500, "body": "Internal Server Error", "match": {"offset": "0"}}]
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, faults=faults) as server:
+        rows, _ = load(GSM_REF, 120, [no_bundled], server)
+        assert sorted(r["status"] for r in server.rows_requests) == [200, 200, 500]
+    assert_gsm8k_rows(rows, 120)
+
+
+def test_plain_text_500_forever_is_a_dataset_error(no_bundled, gsm8k_spec):
+    faults = [{"path": "/rows", "status": 500, "body": "Internal Server Error", "times": 1000}]
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, faults=faults) as server:
+        with pytest.raises(DatasetError) as err:
+            load(GSM_REF, 10, [no_bundled], server)
+        assert 2 <= len(server.rows_requests) <= 10  # retried, but not forever
+    message = str(err.value)
+    assert "500" in message and "\n" not in message
+    assert not (no_bundled / "openai__gsm8k" / "main" / "test" / "rows-00000.jsonl").exists()
+
+
+def test_unknown_dataset_401_mentions_hf_token(no_bundled):
+    with FakeDatasetsServer({}) as server:
+        with pytest.raises(DatasetError) as err:
+            load(GSM_REF, 10, [no_bundled], server)
+        assert len(server.rows_requests) == 1  # a 401 is not retried
+    message = str(err.value)
+    assert "HF_TOKEN" in message and "401" in message and "\n" not in message
+    assert err.value.exit_code == 5
+
+
+def test_hf_token_sent_as_bearer_to_the_api_only(no_bundled, chartqa_spec):
+    with FakeDatasetsServer({CHARTQA: chartqa_spec}) as server:
+        rows, cache = load(CQA_REF, 5, [no_bundled], server, image_column="image", token=TOKEN)
+        assert server.rows_requests
+        assert {r["headers"].get("Authorization") for r in server.rows_requests} == {f"Bearer {TOKEN}"}
+        assert len(server.asset_requests) == 5
+        # signed asset URLs carry their own auth: the token must not travel to a CDN
+        assert all("Authorization" not in r["headers"] for r in server.asset_requests)
+    for path in no_bundled.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_no_token_no_authorization_header(no_bundled, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        load(GSM_REF, 10, [no_bundled], server)
+        assert all("Authorization" not in r["headers"] for r in server.rows_requests)
+
+
+# --------------------------------------------------------------------------------------------
+# revision
+# --------------------------------------------------------------------------------------------
+
+
+def test_revision_in_manifest_and_results(no_bundled, gsm8k_spec, gsm8k_answers):
+    revision = "b" * 40
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, revision=revision) as hf, FakeOpenAI(answers=gsm8k_answers) as oa:
+        result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=oa.base_url, model="m"),
+                                      max_samples=150, data_dir=str(no_bundled), datasets_server=client(hf)))
+    assert result["dataset"] == {"path": "openai/gsm8k", "config": "main", "split": "test", "revision": revision}
+    assert result["metrics"]["exact_match"] == pytest.approx(50 / 150)
+    manifest = json.loads((no_bundled / "openai__gsm8k" / "main" / "test" / "manifest.json").read_text())
+    assert {p["revision"] for p in manifest["pages"].values()} == {revision}
+    assert set(manifest["pages"]) == {"0", "100"}
+
+
+def test_new_revision_recorded_per_page(no_bundled, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, revision="1" * 40) as server:
+        load(GSM_REF, 100, [no_bundled], server)
+        server.revision = "2" * 40
+        _, cache = load(GSM_REF, 200, [no_bundled], server)
+    assert cache.manifest["pages"]["0"]["revision"] == "1" * 40
+    assert cache.manifest["pages"]["100"]["revision"] == "2" * 40
+    assert cache.revisions([0, 100]) == ["1" * 40, "2" * 40]
+
+
+# --------------------------------------------------------------------------------------------
+# feature styles
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["List", "Sequence", "legacy"])
+def test_list_feature_styles_accepted(style, no_bundled, chartqa_spec):
+    answers = {}
+    with open(FIXTURES / "chartqa" / "rows.jsonl", encoding="utf-8") as f:
+        fixture = [json.loads(line) for line in f]
+    for r in fixture[:6]:
+        answers[r["query"]] = r["label"][0]
+    with FakeDatasetsServer({CHARTQA: chartqa_spec}, list_style=style) as hf, \
+            FakeOpenAI(responder=answers_responder(answers)) as oa:
+        result = asyncio.run(run_task(TASKS["chartqa"], APIConfig(url=oa.base_url, model="m"), max_samples=6,
+                                      data_dir=str(no_bundled), datasets_server=client(hf)))
+    assert result["num_ok"] == 6
+    assert result["metrics"]["relaxed_accuracy"] == 1.0
+    assert result["metrics"]["exact_match"] == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# the cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_second_load_makes_no_request(no_bundled, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        load(GSM_REF, 300, [no_bundled], server)
+        before = len(server.requests)
+        rows, _ = load(GSM_REF, 300, [no_bundled], server)
+        rows_again, _ = load(GSM_REF, 120, [no_bundled], server)
+        assert len(server.requests) == before
+    assert_gsm8k_rows(rows, 300)
+    assert_gsm8k_rows(rows_again, 120)
+
+
+def test_second_run_makes_no_request(no_bundled, gsm8k_spec, fake_openai):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as hf:
+        for _ in range(2):
+            asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=fake_openai.base_url, model="m"),
+                                 max_samples=30, data_dir=str(no_bundled), datasets_server=client(hf)))
+        assert len(hf.requests) == 1
+
+
+def _page_file(root: Path, offset: int) -> Path:
+    return root / "openai__gsm8k" / "main" / "test" / f"rows-{offset:05d}.jsonl"
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete"])
+def test_damaged_page_is_refetched(damage, no_bundled, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        load(GSM_REF, 300, [no_bundled], server)
+        page = _page_file(no_bundled, 100)
+        data = bytearray(page.read_bytes())
+        if damage == "flip_byte":
+            i = data.index(b"question") + 20  # inside the text of row 100: still valid JSON lines
+            data[i] ^= 0x01
+            page.write_bytes(bytes(data))
+        elif damage == "truncate":
+            page.write_bytes(bytes(data[: len(data) // 2]))
+        else:
+            page.unlink()
+        before = offsets(server)
+        rows, _ = load(GSM_REF, 300, [no_bundled], server)
+        assert offsets(server)[len(before):] == [100]  # only the damaged page is fetched again
+    assert_gsm8k_rows(rows, 300)  # never the damaged rows
+    rows, _ = load(GSM_REF, 300, [no_bundled], FakeDatasetsServer({}))  # repaired: no server needed
+    assert_gsm8k_rows(rows, 300)
+
+
+def test_truncated_manifest_is_refetched(no_bundled, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        load(GSM_REF, 300, [no_bundled], server)
+        manifest = no_bundled / "openai__gsm8k" / "main" / "test" / "manifest.json"
+        text = manifest.read_bytes()
+        manifest.write_bytes(text[: len(text) // 2])
+        n = len(server.rows_requests)
+        rows, _ = load(GSM_REF, 300, [no_bundled], server)
+        assert sorted(offsets(server)[n:]) == [0, 100, 200]
+    assert_gsm8k_rows(rows, 300)
+    assert json.loads(manifest.read_text())["num_rows_total"] == 1319  # valid again
+
+
+def test_manifest_lies_about_a_page(no_bundled, gsm8k_spec):
+    """A page whose recorded sha256 is wrong is not trusted."""
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        load(GSM_REF, 100, [no_bundled], server)
+        path = no_bundled / "openai__gsm8k" / "main" / "test" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["pages"]["0"]["sha256"] = "0" * 64
+        path.write_text(json.dumps(manifest))
+        n = len(server.rows_requests)
+        rows, _ = load(GSM_REF, 100, [no_bundled], server)
+        assert offsets(server)[n:] == [0]
+    assert_gsm8k_rows(rows, 100)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "d" / "file.json"
+    nano_eval.atomic_write(target, b"old")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nano_eval.os, "replace", boom)
+    with pytest.raises(OSError):
+        nano_eval.atomic_write(target, b"new contents")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]  # no temp file left
+
+
+def test_cache_writes_leave_no_temp_files(no_bundled, chartqa_spec, gsm8k_spec):
+    with FakeDatasetsServer({GSM8K: gsm8k_spec, CHARTQA: chartqa_spec}) as server:
+        load(GSM_REF, 400, [no_bundled], server)
+        load(CQA_REF, 12, [no_bundled], server, image_column="image")
+    assert stray_files(no_bundled) == []
+    images = sorted(p.name for p in (no_bundled / "HuggingFaceM4__ChartQA" / "default" / "test" / "images").iterdir())
+    assert images == sorted(f"{i}.png" for i in range(12))
+
+
+# --------------------------------------------------------------------------------------------
+# the gsm8k split shipped in data/
+# --------------------------------------------------------------------------------------------
+
+
+def test_shipped_gsm8k_cache_is_complete_and_verifies():
+    cache = DatasetCache([ROOT / "data"], GSM_REF)
+    assert cache.num_rows_total() == 1319
+    assert len(cache.manifest["pages"]) == 14
+    rows = []
+    for offset in range(0, 1319, 100):
+        page = cache.read_page(offset)  # None unless size and sha256 match the manifest
+        assert page is not None, offset
+        rows += page
+    assert_gsm8k_rows(rows, 1319)
+    assert nano_eval.BUNDLED_DATA == ROOT / "data"
+
+
+def test_complete_bundled_cache_needs_no_datasets_server(tmp_path, monkeypatch, fake_openai):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with FakeDatasetsServer({}) as hf:  # would answer 401 to anything
+        rows, _ = load(GSM_REF, None, [tmp_path / "cache", nano_eval.BUNDLED_DATA], hf)
+        result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=fake_openai.base_url, model="m"),
+                                      max_samples=250, data_dir=str(tmp_path / "cache"),
+                                      datasets_server=client(hf)))
+        assert hf.requests == [] and hf.asset_requests == []
+    assert_gsm8k_rows(rows, 1319)
+    assert result["num_samples"] == 250
+    assert result["metrics"]["exact_match"] == pytest.approx(50 / 250)
+
+
+# --------------------------------------------------------------------------------------------
+# the CLI: exit codes and where the token goes
+# --------------------------------------------------------------------------------------------
+
+
+def cli_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
+    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
+    return env
+
+
+def solo_copy(tmp_path: Path) -> Path:
+    """nano_eval.py copied alone (no data/ beside it)."""
+    folder = tmp_path / "solo"
+    folder.mkdir()
+    shutil.copy(ROOT / "nano_eval.py", folder / "nano_eval.py")
+    return folder / "nano_eval.py"
+
+
+def run_cli(script: Path, args, env):
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=str(script.parent), timeout=120)
+
+
+def test_cli_unknown_dataset_exit_5(tmp_path, fake_openai):
+    script = solo_copy(tmp_path)
+    with FakeDatasetsServer({}) as hf:
+        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url],
+                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url))
+    assert proc.returncode == 5, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nano-eval: error:")]
+    assert len(errors) == 1 and "HF_TOKEN" in errors[0]
+    assert fake_openai.chat_requests == []
+
+
+def test_cli_copied_alone_fetches_gsm8k_with_token(tmp_path, gsm8k_spec, fake_openai):
+    script = solo_copy(tmp_path)
+    out = tmp_path / "out" / "r.json"
+    out.parent.mkdir()
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}, revision="c" * 40) as hf:
+        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                "--max_samples", "150", "--output", out],
+                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN))
+        assert {r["headers"].get("Authorization") for r in hf.rows_requests} == {f"Bearer {TOKEN}"}
+        assert sorted(offsets(hf)) == [0, 100]
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["results"]["gsm8k_cot_llama"]["dataset"]["revision"] == "c" * 40
+    assert doc["results"]["gsm8k_cot_llama"]["num_samples"] == 150
+    assert (tmp_path / "solo" / "data" / "openai__gsm8k" / "main" / "test" / "manifest.json").is_file()
+    assert TOKEN not in proc.stdout and TOKEN not in proc.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    # a second run: the cache written beside the copy is complete for these rows
+    with FakeDatasetsServer({}) as hf2:
+        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                "--max_samples", "150"], cli_env(NANO_EVAL_DATASETS_SERVER=hf2.url))
+        assert hf2.requests == []
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_cli_token_not_in_dataset_error(tmp_path, fake_openai):
+    script = solo_copy(tmp_path)
+    faults = [{"path": "/rows", "status": 404, "body": {"error": f"token {TOKEN} has no access"}}]
+    with FakeDatasetsServer({}, faults=faults) as hf:
+        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url],
+                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN))
+    assert proc.returncode == 5
+    assert "has no access" in proc.stderr  # the server's message is shown...
+    assert TOKEN not in proc.stderr and TOKEN not in proc.stdout  # ...with the token scrubbed
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_cli_unwritable_data_dir_exit_2(how, tmp_path, fake_openai):
+    blocker = tmp_path / "a-regular-file"
+    blocker.write_text("not a folder")
+    target = blocker / "x"  # can never be created, even by root
+    args = ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url, "--max_samples", "2"]
+    env = cli_env()
+    if how == "flag":
+        args += ["--data_dir", target]
+    else:
+        env["NANO_EVAL_DATA_DIR"] = str(target)
+    proc = run_cli(ROOT / "nano_eval.py", args, env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == "" or how == "env"
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nano-eval: error:")]
+    assert len(errors) == 1 and str(target) in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert fake_openai.chat_requests == []
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_cli_read_only_data_dir_exit_2(tmp_path, fake_openai):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        proc = run_cli(ROOT / "nano_eval.py", ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                               "--data_dir", folder / "cache"], cli_env())
+    finally:
+        folder.chmod(0o700)
+    assert proc.returncode == 2
+    assert "not writable" in proc.stderr and "Traceback" not in proc.stderr
