@@ -35,6 +35,7 @@ import ast
 import asyncio
 import base64
 import dataclasses
+import functools
 import hashlib
 import http.client
 import json
@@ -945,7 +946,7 @@ class Task:
             image, extra, error = load_image(cache, row["row_idx"], doc.get(self.image_column))
         messages = self.build_content(self, doc, extra, config)
         body = {"messages": messages, "model": config.model} | self.request_params(config)
-        payload = json.dumps(body).encode()
+        payload = encode_body(body)
         identity = self.doc_identity(doc, image or {})
         return Sample(row_idx=row["row_idx"], doc=doc, target=self.target(doc), body=body, payload=payload,
                       doc_hash=sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=sha256(payload),
@@ -965,17 +966,35 @@ def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dic
     return meta, {"data_url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}, None
 
 
-def gsm8k_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
+def encode_body(body: dict) -> bytes:
+    """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
+    through a cache: the 16 few-shot turns are the same in every gsm8k request."""
+    messages = ", ".join(encode_message(m["role"], m["content"]) if isinstance(m["content"], str) and len(m) == 2
+                         else json.dumps(m) for m in body["messages"])
+    rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
+    return ('{"messages": [' + messages + "], " + rest[1:]).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def encode_message(role: str, content: str) -> str:
+    return json.dumps({"role": role, "content": content})
+
+
+@functools.lru_cache(maxsize=None)
+def gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
+    """The messages before the question, built once: (messages, single-turn prefix)."""
     turns = [(GSM8K_TEMPLATE.format(question=q), a) for q, a in GSM8K_FEWSHOT]
-    question = GSM8K_TEMPLATE.format(question=doc["question"])
-    messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
-    if config.fewshot_as_multiturn:
-        for user, assistant in turns:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": question})
-    else:  # lm-eval's single-turn rendering: target_delimiter "" and fewshot_delimiter "\n\n"
-        messages.append({"role": "user", "content": "".join(u + a + "\n\n" for u, a in turns) + question})
-    return messages
+    messages = [{"role": "system", "content": system_instruction}] if system_instruction else []
+    if not multiturn:  # lm-eval's single-turn rendering: target_delimiter "" and fewshot_delimiter "\n\n"
+        return messages, "".join(u + a + "\n\n" for u, a in turns)
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages, ""
+
+
+def gsm8k_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
+    fewshot, prefix = gsm8k_fewshot(config.system_instruction, config.fewshot_as_multiturn)
+    return fewshot + [{"role": "user", "content": prefix + GSM8K_TEMPLATE.format(question=doc["question"])}]
 
 
 def chartqa_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
