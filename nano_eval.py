@@ -67,6 +67,7 @@ DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not t
 DEFAULT_MAX_RETRIES = 5  # total attempts per request
 DEFAULT_CONCURRENCY = 8
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+VALID_STATUSES = ("ok", "truncated")  # sample statuses with a response that is scored
 THROTTLE_STATUS = {429, 503}
 
 EXIT_OK = 0
@@ -118,6 +119,7 @@ class APIConfig:
     system_instruction: str | None = None
     fewshot_as_multiturn: bool = True
     keep_think: bool = False
+    think_end_token: str = "</think>"  # lm-eval's model_arg: only the text after its last occurrence is scored
     retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
 
     def __post_init__(self):
@@ -138,6 +140,10 @@ def normalize_base_url(url: str) -> tuple[str, str]:
         parsed.port
     except ValueError:
         raise UsageError(f"invalid base URL {url!r}: bad port") from None
+    if parsed.username is not None:  # not echoed: it holds a password
+        raise UsageError("invalid base URL: no user:password@ in it (use --api_key)")
+    if not url.isascii():
+        raise UsageError(f"invalid base URL {url!r}: ASCII only")
     path = parsed.path.rstrip("/")
     if path.endswith("/chat/completions"):
         path = path[: -len("/chat/completions")]
@@ -148,18 +154,14 @@ def normalize_base_url(url: str) -> tuple[str, str]:
 
 
 def parse_value(text: str) -> Any:
-    """lm-eval's `handle_arg_string`: bool, None, int, float, else the string."""
-    lowered = text.lower()
-    if lowered == "true":
+    """lm-eval's `handle_arg_string`, so that the same --gen_kwargs give the same body:
+    true/false, digits only -> int, else float if it parses ("-1" -> -1.0), else the text."""
+    if text.lower() == "true":
         return True
-    if lowered == "false":
+    if text.lower() == "false":
         return False
-    if lowered == "none":
-        return None
-    try:
+    if text.isdigit() and text.isascii():
         return int(text)
-    except ValueError:
-        pass
     try:
         return float(text)
     except ValueError:
@@ -182,7 +184,19 @@ def parse_kv(text: str | None, flag: str) -> dict:
     return result
 
 
+def check_secret(value: str | None, name: str) -> str | None:
+    """A token goes into an HTTP header: refuse what cannot (a stray newline from a key file)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isprintable():
+        raise UsageError(f"{name} contains characters that cannot go into an HTTP header")
+    return value or None
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with each secret replaced by ***. Only for free text (messages, server
+    errors): in structured data a short key could match a number or a word."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
@@ -277,6 +291,10 @@ class HTTPClient:
             conn.close()
 
 
+def auth_headers(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def describe_network_error(exc: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by HTTPClient.request."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -289,7 +307,7 @@ def describe_network_error(exc: BaseException) -> tuple[str, str]:
         return "connection", f"TLS error: {exc.reason or exc}"
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return "connection", f"{type(exc).__name__}: {exc}".rstrip(": ")
-    raise exc
+    return "connection", type(exc).__name__  # not its message: it may quote a header, and so a key
 
 
 def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tuple[int, Any, dict]:
@@ -349,7 +367,7 @@ class Outcome:
     @property
     def valid(self) -> bool:
         """A response we can score (a truncated one is scored too)."""
-        return self.status in ("ok", "truncated")
+        return self.status in VALID_STATUSES
 
 
 def classify_response(resp: HTTPResponse) -> Outcome:
@@ -397,7 +415,6 @@ class AdaptiveLimiter:
         self.maximum = maximum
         self.limit = maximum
         self.in_flight = 0
-        self.peak = 0
         self._successes = 0
         self._changed = asyncio.Condition()
 
@@ -405,7 +422,6 @@ class AdaptiveLimiter:
         async with self._changed:
             await self._changed.wait_for(lambda: self.in_flight < self.limit)
             self.in_flight += 1
-            self.peak = max(self.peak, self.in_flight)
 
     async def release(self, throttled: bool = False, success: bool = False) -> None:
         async with self._changed:
@@ -449,9 +465,7 @@ class ChatClient:
         self.http = HTTPClient(config.timeout)
         self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
-        self.headers = {"Content-Type": "application/json"}
-        if config.api_key:
-            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        self.headers = {"Content-Type": "application/json", **auth_headers(config.api_key)}
 
     def _post(self, payload: bytes) -> Outcome:
         start = time.perf_counter()
@@ -554,18 +568,22 @@ def is_writable_dir(path: Path) -> bool:
 def resolve_data_dir(explicit: str | None) -> list[Path]:
     """Folders to read the cache from, the first one written to.
 
-    An explicit `--data_dir`/NANO_EVAL_DATA_DIR must be writable; the default data/
-    beside this file falls back to the user cache dir when it is not (and is still
-    read, for the gsm8k split shipped there)."""
+    An explicit `--data_dir`/NANO_EVAL_DATA_DIR must be writable. The default is the
+    data/ folder beside this file (which ships the gsm8k split); for a pip-installed
+    module, or when that folder is not writable, the user cache dir (data/ still read)."""
     chosen = explicit or os.environ.get("NANO_EVAL_DATA_DIR")
     if chosen:
         path = Path(chosen).expanduser()
         if not is_writable_dir(path):
             raise UsageError(f"data dir {path} is not writable")
         return [path] + ([BUNDLED_DATA] if path.resolve() != BUNDLED_DATA else [])
-    if is_writable_dir(BUNDLED_DATA):
+    installed = BUNDLED_DATA.parent.name in ("site-packages", "dist-packages")  # pip install, not a copy
+    if not installed and is_writable_dir(BUNDLED_DATA):
         return [BUNDLED_DATA]
-    return [user_cache_dir(), BUNDLED_DATA]
+    fallback = user_cache_dir()
+    if not is_writable_dir(fallback):
+        raise UsageError(f"{BUNDLED_DATA} and {fallback} are not writable: pass --data_dir")
+    return [fallback, BUNDLED_DATA]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -695,7 +713,7 @@ class DatasetsServer:
     def __init__(self, base_url: str | None = None, token: str | None = None, retries: int = 6,
                  retry_base_delay: float = 1.0):
         self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER") or DATASETS_SERVER).rstrip("/")
-        self.token = token if token is not None else os.environ.get("HF_TOKEN")
+        self.token = check_secret(token if token is not None else os.environ.get("HF_TOKEN"), "HF_TOKEN")
         self.retries = retries
         self.retry_base_delay = retry_base_delay
         self.http = HTTPClient(timeout=120.0, connect_timeout=15.0)
@@ -704,7 +722,8 @@ class DatasetsServer:
         """GET with retries on 429/5xx and network errors (the server is sometimes busy)."""
         for attempt in range(1, self.retries + 1):
             try:
-                resp = self.http.request("GET", url, headers=headers)
+                with _BLOCKED_CALLS:
+                    resp = self.http.request("GET", url, headers=headers)
             except Exception as exc:
                 _, reason = describe_network_error(exc)
                 if attempt == self.retries:
@@ -722,9 +741,8 @@ class DatasetsServer:
         """One page of `/rows`: (the JSON body, X-Revision)."""
         query = urllib.parse.urlencode({"dataset": ref.dataset, "config": ref.config, "split": ref.split,
                                         "offset": offset, "length": length})
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         what = f"{ref.dataset} rows {offset}-{offset + length - 1}"
-        resp = self._get(f"{self.base_url}/rows?{query}", headers, what)
+        resp = self._get(f"{self.base_url}/rows?{query}", auth_headers(self.token), what)
         if resp.status != 200:
             hint = " (set HF_TOKEN for a gated or private dataset)" if resp.status == 401 else ""
             raise DatasetError(f"datasets-server answered {resp.status} for {what}: {error_message(resp.body)}{hint}")
@@ -737,8 +755,8 @@ class DatasetsServer:
 
     def download(self, url: str) -> HTTPResponse:
         """An image asset. Signed URLs carry their own auth; Hub resolve URLs need the token."""
-        host = urllib.parse.urlsplit(url).hostname or ""
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token and host.endswith("huggingface.co") else {}
+        on_hub = (urllib.parse.urlsplit(url).hostname or "") == "huggingface.co"
+        headers = auth_headers(self.token) if on_hub else {}
         return self._get(url, headers, "an image")
 
 
@@ -784,6 +802,11 @@ def load_page(cache: DatasetCache, server: DatasetsServer, ref: DatasetRef, offs
     if fresh:
         body, revision = prefetched or server.rows(ref, offset)
         rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
+        expected = list(range(offset, min(offset + PAGE_SIZE, body["num_rows_total"])))
+        if [r["row_idx"] for r in rows] != expected:
+            raise DatasetError(f"datasets-server sent rows {rows[0]['row_idx'] if rows else '-'}-"
+                               f"{rows[-1]['row_idx'] if rows else '-'} for rows {offset}-{expected[-1] if expected else '-'} "
+                               f"of {ref.dataset}; not caching a short page")
         cache.write_page(offset, rows, body["num_rows_total"], revision)
     if image_column:
         needed = [r for r in rows if r["row_idx"] < wanted]
@@ -892,7 +915,6 @@ class Sample:
     """One document ready to send: its request body and what identifies it."""
 
     row_idx: int
-    doc: dict
     target: str
     body: dict
     payload: bytes  # the exact bytes sent
@@ -910,9 +932,7 @@ class Task:
     name: str
     data: DatasetRef
     version: str
-    max_tokens: int | None  # None: lm-eval's model default (256)
-    temperature: int | float
-    until: list
+    generation_kwargs: dict  # the task yaml's, which --gen_kwargs update
     headline: str
     metric_names: list  # per-sample score keys, in report order
     build_content: Callable[["Task", dict, dict, APIConfig], Any]
@@ -923,19 +943,16 @@ class Task:
     group: Callable[[dict], str | None] = lambda row: None
 
     def request_params(self, config: APIConfig) -> dict:
-        """Every body key but messages and model, in lm-eval's order."""
-        params: dict = {"max_tokens": self.max_tokens or config.max_gen_toks or 256,
-                        "temperature": self.temperature, "until": list(self.until), "seed": config.seed}
-        for key, value in config.gen_kwargs.items():
-            if key == "do_sample":
-                continue  # lm-eval pops it and never sends it
-            key = {"max_gen_toks": "max_tokens", "stop": "until"}.get(key, key)
-            if key == "until" and isinstance(value, str):
-                value = [value]
-            params[key] = value
-        params["stop"] = params.pop("until")[:4]  # local-chat-completions sends until[:4]
-        order = ["max_tokens", "temperature", "stop", "seed"]
-        return {k: params[k] for k in order} | {k: v for k, v in params.items() if k not in order}
+        """Every body key but messages and model, as local-chat-completions builds them:
+        max_tokens, temperature, stop (the first 4 of `until`), seed, then whatever is
+        left of the generation kwargs (a `stop` or `seed` there replaces ours in place)."""
+        gen = {**self.generation_kwargs, **config.gen_kwargs}
+        gen.pop("do_sample", None)
+        max_tokens = gen.pop("max_tokens") if "max_tokens" in gen else gen.pop("max_gen_toks", config.max_gen_toks or 256)
+        temperature = gen.pop("temperature", 0)
+        until = gen.pop("until", None)
+        stop = [] if until is None else [until] if isinstance(until, str) else list(until)
+        return {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
 
     def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None) -> Sample:
         doc = row["row"]
@@ -948,7 +965,7 @@ class Task:
         body = {"messages": messages, "model": config.model} | self.request_params(config)
         payload = encode_body(body)
         identity = self.doc_identity(doc, image or {})
-        return Sample(row_idx=row["row_idx"], doc=doc, target=self.target(doc), body=body, payload=payload,
+        return Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
                       doc_hash=sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=sha256(payload),
                       group=self.group(doc), image=image, error=error)
 
@@ -1088,7 +1105,7 @@ def _strip_end_punctuation(text: str) -> str:
 
 def _relaxed_preprocess(text: str) -> str:
     if not any(ch.isdigit() for ch in text):
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        if text[:1] in ("'", '"') and text.endswith(text[0]):  # a lone quote becomes "", as in lm-eval
             return text[1:-1]
         return text
     return _strip_end_punctuation(text).replace(",", "").replace("$", "")
@@ -1103,10 +1120,7 @@ def _to_float(text: str) -> tuple[float | None, bool]:
 
 
 def _within(prediction: float, target: float, tolerance: float = 0.05) -> float:
-    try:
-        return 1.0 if abs(prediction - target) / max(abs(target), 1e-10) <= tolerance else 0.0
-    except OverflowError:
-        return 0.0
+    return 1.0 if abs(prediction - target) / max(abs(target), 1e-10) <= tolerance else 0.0
 
 
 def relaxed_correctness(answer: str, reference: str) -> float:
@@ -1158,12 +1172,12 @@ def score_chartqa(response: str, target: str) -> tuple[dict, dict]:
 THINK_END = "</think>"
 
 
-def answer_text(content: str | None, keep_think: bool) -> str:
-    """What gets scored: the content after the last `</think>` (lm-eval's
-    think_end_token behaviour, lstripped), unless --keep_think."""
+def answer_text(content: str | None, keep_think: bool, think_end: str = THINK_END) -> str:
+    """What gets scored: the content after the last `think_end` token, lstripped
+    (lm-eval's think_end_token behaviour), unless --keep_think."""
     text = content or ""
-    if not keep_think and THINK_END in text:
-        text = text[text.rindex(THINK_END) + len(THINK_END):].lstrip()
+    if not keep_think and think_end and think_end in text:
+        text = text[text.rindex(think_end) + len(think_end):].lstrip()
     return text
 
 
@@ -1172,9 +1186,7 @@ TASKS: dict[str, Task] = {
         name="gsm8k_cot_llama",
         data=DatasetRef("openai/gsm8k", "main", "test"),
         version="4.0",
-        max_tokens=None,
-        temperature=0,
-        until=GSM8K_UNTIL,
+        generation_kwargs={"until": GSM8K_UNTIL, "do_sample": False},
         headline="exact_match,strict-match",
         metric_names=["exact_match,strict-match", "exact_match,flexible-extract"],
         build_content=gsm8k_messages,
@@ -1186,9 +1198,7 @@ TASKS: dict[str, Task] = {
         name="chartqa",
         data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test"),
         version="0.0",
-        max_tokens=512,
-        temperature=0.0,
-        until=[],
+        generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False, "max_gen_toks": 512},
         headline="relaxed_accuracy",
         metric_names=["exact_match", "relaxed_accuracy", "anywhere_accuracy"],
         build_content=chartqa_messages,
@@ -1236,17 +1246,16 @@ class SampleLog:
         except OSError as exc:
             raise UsageError(f"cannot write the sample log {path}: {exc.strerror or exc}") from None
 
-    def completed(self, task: str) -> dict:
-        """(doc_hash, body_hash) -> the last valid record of `task` already in the log."""
+    def completed(self, task: str, url: str) -> dict:
+        """(doc_hash, body_hash) -> the last valid record of `task` from `url` in the log."""
         done: dict = {}
         for record in read_records(self.path):
-            if record.get("task") == task and record.get("status") in ("ok", "truncated"):
+            if record.get("task") == task and record.get("url") == url and record.get("status") in VALID_STATUSES:
                 done[(record.get("doc_hash"), record.get("body_hash"))] = record
         return done
 
     def write(self, record: dict) -> None:
-        # A server may echo the API key in an error message: scrub the whole line.
-        self._file.write(redact(json.dumps(record, ensure_ascii=False), _SECRETS) + "\n")
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -1295,15 +1304,14 @@ class TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
     def __init__(self, task: Task, config: APIConfig, rows: list, cache: DatasetCache, log: SampleLog | None,
-                 progress: Progress):
+                 progress: Progress, resume: bool = True):
         self.task, self.config, self.rows, self.cache, self.log = task, config, rows, cache, log
         self.progress = progress
         self.client = ChatClient(config)
-        self.done = log.completed(task.name) if log else {}
+        self.done = log.completed(task.name, config.chat_url) if log and resume else {}
         self.results: dict[int, dict] = {}
-        self.reused = 0
         self.successes = 0
-        self.connection_failures_in_a_row = 0
+        self.failures_in_a_row = 0
         self.server_down = False
 
     async def run(self) -> None:
@@ -1320,20 +1328,16 @@ class TaskRun:
         for row in todo:
             sample = self.task.build(row, self.config, self.cache)
             previous = self.done.get((sample.doc_hash, sample.body_hash))
-            if previous is not None:
-                self.reused += 1
-                outcome = outcome_from_record(previous)
-            else:
-                outcome = await self.send(sample)
+            outcome = outcome_from_record(previous) if previous else await self.send(sample)
             record = self.record(sample, outcome)
             if previous is None and self.log:
                 self.log.write({**record, "request": sample.body} if self.log.log_images else record)
             del record["request"]  # not needed for the results; keeps memory flat in the number of samples
+            record["reused"] = previous is not None
             self.results[sample.row_idx] = record
             self.progress.advance()
-            if outcome.status in ("http_401", "http_403") and self.successes == 0:
-                raise AuthError(f"authentication failed (HTTP {outcome.http_status} from {self.config.chat_url}): "
-                                "check --api_key")
+            if self.successes == 0:
+                stop_on_first_failures(outcome, self.config)
 
     async def send(self, sample: Sample) -> Outcome:
         if sample.error:
@@ -1341,19 +1345,20 @@ class TaskRun:
         if self.server_down:
             return Outcome("connection", error="not sent: the server stopped answering", attempts=0)
         outcome = await self.client.send(sample.payload)
-        if outcome.status == "connection":
-            self.connection_failures_in_a_row += 1
-            if self.connection_failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
+        if outcome.status in ("connection", "timeout"):  # after all retries
+            self.failures_in_a_row += 1
+            if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
                 self.server_down = True
                 warn(f"{self.config.chat_url} stopped answering; the remaining samples are counted as "
                      "connection failures (rerun the same command to resume them)")
         else:
-            self.connection_failures_in_a_row = 0
+            self.failures_in_a_row = 0
             self.successes += outcome.http_status is not None and outcome.http_status < 400
         return outcome
 
     def record(self, sample: Sample, outcome: Outcome) -> dict:
-        response_text = answer_text(outcome.content, self.config.keep_think) if outcome.valid else ""
+        response_text = answer_text(outcome.content, self.config.keep_think, self.config.think_end_token) \
+            if outcome.valid else ""
         if outcome.valid:
             extracted, scores = self.task.score(response_text, sample.target)
         else:
@@ -1365,11 +1370,20 @@ class TaskRun:
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status},
-            "status": outcome.status, "error": outcome.error, "target": sample.target,
+            "status": outcome.status, "error": redact(outcome.error, _SECRETS) if outcome.error else None,
+            "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
             "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
             "reasoning_flags": reasoning_flags(outcome, response_text),
         }
+
+
+def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
+    """Statuses that, before any success, mean every request would fail the same way."""
+    if outcome.status in ("http_401", "http_403"):
+        raise AuthError(f"authentication failed (HTTP {outcome.http_status} from {config.chat_url}): check --api_key")
+    if outcome.status == "http_404":
+        raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): check --base_url and --model")
 
 
 def outcome_from_record(record: dict) -> Outcome:
@@ -1399,11 +1413,13 @@ async def detect_model(config: APIConfig) -> str:
 
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
                    log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
-                   datasets_server: DatasetsServer | None = None, sink: dict | None = None) -> dict:
+                   datasets_server: DatasetsServer | None = None, sink: dict | None = None,
+                   resume: bool = True) -> dict:
     """Runs one task against one server and returns its results (see aggregate()).
 
     With `log_dir`, every sample is appended to `<log_dir>/samples_<task>.jsonl` as it
-    ends, and samples already answered in that log are not sent again (resume).
+    ends, and samples that server already answered in that log are not sent again
+    (unless `resume=False`).
     Cancelling the coroutine (Ctrl-C) leaves the log complete up to that point, and
     the partial results in `sink[task.name]`."""
     if max_samples is not None and max_samples < 1:
@@ -1414,9 +1430,10 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
     rows, cache = await load_rows(task.data, max_samples, resolve_data_dir(data_dir), task.image_column,
                                   datasets_server)
     log = SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
-    run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows), progress))
+    run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows), progress), resume)
     if run.done:
-        info(f"{task.name}: resuming from {log.path} ({len(run.done)} samples already answered)")
+        info(f"{task.name}: resuming from {log.path}: samples this server already answered there are not sent "
+             "again (--no_resume to send them all)")
     complete = False
     try:
         await run.run()
@@ -1468,7 +1485,7 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     """Per-task results: lm-eval's metric names (`,none` dropped), the headline metric
     also under its bare name, `<metric>,valid` over scorable responses only, failure
     counts per status, tokens, latency and throughput."""
-    valid = [r for r in records if r["status"] in ("ok", "truncated")]
+    valid = [r for r in records if r["status"] in VALID_STATUSES]
     base = task.headline.split(",")[0]
     metrics: dict = {}
 
@@ -1491,10 +1508,11 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     statuses: dict = {}
     for r in records:
         statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-    failures = {s: c for s, c in sorted(statuses.items()) if s not in ("ok", "truncated")}
+    failures = {s: c for s, c in sorted(statuses.items()) if s not in VALID_STATUSES}
     usage = [(r.get("response") or {}).get("usage") or {} for r in records]
-    completion_tokens = sum(u.get("completion_tokens") or 0 for u in usage)
-    latencies = [r["latency"] for r in records if r.get("latency") and r["status"] != "missing_image"]
+    sent = [r for r in records if r.get("attempts") and not r.get("reused")]  # by this run, not resumed
+    sent_tokens = sum(((r.get("response") or {}).get("usage") or {}).get("completion_tokens") or 0 for r in sent)
+    latencies = [r["latency"] for r in sent if r.get("latency")]
     finish: dict = {}
     for r in valid:
         reason = str((r.get("response") or {}).get("finish_reason"))
@@ -1510,12 +1528,13 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         "complete": complete and len(records) == planned,
         "headline": base,
         "finish_reasons": finish,
+        "num_reused": sum(1 for r in records if r.get("reused")),
         "usage": {"prompt_tokens": sum(u.get("prompt_tokens") or 0 for u in usage),
-                  "completion_tokens": completion_tokens},
+                  "completion_tokens": sum(u.get("completion_tokens") or 0 for u in usage)},
         "latency_p50": percentile(latencies, 0.5),
         "latency_p95": percentile(latencies, 0.95),
-        "requests_per_second": round(len(records) / elapsed, 3) if elapsed > 0 else None,
-        "output_tokens_per_second": round(completion_tokens / elapsed, 2) if elapsed > 0 else None,
+        "requests_per_second": round(len(sent) / elapsed, 3) if elapsed > 0 else None,
+        "output_tokens_per_second": round(sent_tokens / elapsed, 2) if elapsed > 0 else None,
         "version": task.version,
         "dataset": {"path": task.data.dataset, "config": task.data.config, "split": task.data.split,
                     "revision": (revisions[0] if len(revisions or []) == 1 else revisions) or None},
@@ -1550,11 +1569,11 @@ def fmt_value(value: Any) -> str:
 
 def summary_table(results: dict) -> str:
     """The human summary written to stderr."""
-    lines = [f"{'task':<18} {'metric':<30} {'value':>7} {'stderr':>7} {'n':>6} {'failed':>6} {'seconds':>8}"]
+    lines = [f"{'task':<18} {'metric':<36} {'value':>7} {'stderr':>7} {'n':>6} {'failed':>6} {'seconds':>8}"]
     for name, result in results.items():
         metrics = result["metrics"]
         for key in (k for k in metrics if "_stderr" not in k):
-            lines.append(f"{name:<18} {key:<30} {fmt_value(metrics[key]):>7} "
+            lines.append(f"{name:<18} {key:<36} {fmt_value(metrics[key]):>7} "
                          f"{fmt_value(metrics.get(stderr_key(key), '')):>7} {result['num_samples']:>6} "
                          f"{result['num_failed']:>6} {result['elapsed']:>8.1f}")
             name = ""
@@ -1739,7 +1758,7 @@ def answer_of(record: dict) -> str | None:
     for key in ("strict-match", "final_answer", "flexible-extract"):
         if extracted.get(key) not in (None, "", INVALID):
             return extracted[key]
-    if record.get("status") not in ("ok", "truncated"):
+    if record.get("status") not in VALID_STATUSES:
         return f"<{record.get('status')}>"
     return extracted.get("strict-match") or extracted.get("final_answer") or ""
 
@@ -1822,7 +1841,7 @@ def run_several(configs: list, tasks: list, args: argparse.Namespace, output: Pa
         if not complete:
             break
     comparisons = []
-    for run_dir, run in zip(dirs[1:], runs[1:]):
+    for run_dir, run in zip(dirs[1:], runs[1:] if tasks else []):
         comparison = compare_runs(load_run(str(dirs[0])), load_run(str(run_dir)))
         comparisons.append({"a": runs[0]["config"]["chat_url"], "b": run["config"]["chat_url"],
                             "comparison": comparison})
@@ -1973,7 +1992,8 @@ class Preflight:
         self.checks: list = []
 
     def check(self, name: str, result: str, evidence: str) -> None:
-        self.checks.append({"check": name, "result": result, "evidence": " ".join(str(evidence).split())[:300]})
+        evidence = redact(" ".join(str(evidence).split()), _SECRETS)  # a server may echo the key in an error
+        self.checks.append({"check": name, "result": result, "evidence": evidence[:300]})
 
     def chat(self, body: dict) -> tuple[HTTPResponse | None, Any]:
         payload = json.dumps({"model": self.config.model, **body}).encode()
@@ -2159,14 +2179,11 @@ def format_preflight(report: dict) -> str:
 
 LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
-MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks"}
+MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
+              "think_end_token"}
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
 IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
-                      "eos_string", "verify_certificate", "think_end_token", "trust_remote_code", "header"}
-
-
-def auth_headers(api_key: str | None) -> dict:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+                      "trust_remote_code"}
 
 
 def resolve_model(api_root: str, api_key: str | None, model: str | None) -> str:
@@ -2291,6 +2308,7 @@ def build_parser() -> ArgumentParser:
     add("max_fail_rate", type=fraction, default=0.05,
         help="exit 1 when more than this fraction of samples failed (default 0.05)")
     add("keep_think", action="store_true", help="score the content as is, without dropping <think>...</think>")
+    add("no_resume", action="store_true", help="send every sample again, even those the sample log already has")
     add("data_dir", help="dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)")
     add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
     add("fewshot_as_multiturn", type=boolean, default=True,
@@ -2321,8 +2339,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     model_args = parse_kv(args.model_args, "--model_args")
     unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
     if unknown:
-        raise UsageError(f"--model_args: unknown key {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(sorted(MODEL_ARGS))}")
+        raise UsageError(f"--model_args: unsupported key {', '.join(sorted(unknown))}; "
+                         f"supported: {', '.join(sorted(MODEL_ARGS))}")
     for key in sorted(set(model_args) & IGNORED_MODEL_ARGS):
         info(f"--model_args {key} has no effect here and is ignored")
 
@@ -2333,12 +2351,13 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     settings = {
         "base_urls": args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else []),
         "model": pick("model"),
-        "api_key": pick("api_key") or os.environ.get("OPENAI_API_KEY") or None,
+        "api_key": check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
         "num_concurrent": pick("num_concurrent", DEFAULT_CONCURRENCY),
         "seed": pick("seed", DEFAULT_SEED),
         "timeout": pick("timeout", DEFAULT_TIMEOUT),
         "max_retries": pick("max_retries", DEFAULT_MAX_RETRIES),
         "max_gen_toks": model_args.get("max_gen_toks"),
+        "think_end_token": str(model_args.get("think_end_token", THINK_END)),
         "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
     }
     for name in ("num_concurrent", "max_retries", "max_gen_toks"):
@@ -2390,6 +2409,7 @@ def run_config(config: APIConfig, tasks: list, max_samples: int | None, args: ar
         "system_instruction": config.system_instruction,
         "fewshot_as_multiturn": config.fewshot_as_multiturn,
         "keep_think": config.keep_think,
+        "think_end_token": config.think_end_token,
         "data_dir": str(resolve_data_dir(args.data_dir)[0]),
         "timeout": config.timeout,
         "max_retries": config.max_retries,
@@ -2414,7 +2434,8 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
     async def all_tasks() -> None:
         for task in tasks:
             await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
-                           log_images=args.log_images, progress=False if args.no_progress else None, sink=results)
+                           log_images=args.log_images, progress=False if args.no_progress else None, sink=results,
+                           resume=not args.no_resume)
 
     work = asyncio.ensure_future(all_tasks())
     stopper = asyncio.ensure_future(stop.wait())
@@ -2439,7 +2460,7 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
 
 
 def write_results(document: dict, output: Path | None) -> None:
-    text = redact(json.dumps(document, indent=2, ensure_ascii=False), _SECRETS)
+    text = json.dumps(document, indent=2, ensure_ascii=False)
     if output:
         try:
             atomic_write(output, (text + "\n").encode("utf-8"))
@@ -2468,7 +2489,8 @@ def cmd_eval(argv: list) -> int:
                            max_retries=settings["max_retries"], seed=settings["seed"],
                            gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
                            system_instruction=args.system_instruction,
-                           fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think)
+                           fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think,
+                           think_end_token=settings["think_end_token"])
         config.model = resolve_model(config.api_root, config.api_key, settings["model"])
         config.server = identify_server(config.api_root, config.api_key)
         configs.append(config)

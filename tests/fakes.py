@@ -198,9 +198,9 @@ def _parse_body(raw: bytes):
 class _HTTPServer(http.server.ThreadingHTTPServer):  # one daemon thread per connection
     request_queue_size = 64
 
-    def __init__(self, fake: _FakeServer):
+    def __init__(self, fake: _FakeServer, port: int = 0):
         self.fake = fake
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
     def server_bind(self):
         # Skip HTTPServer.server_bind's socket.getfqdn(), a reverse DNS look-up.
@@ -273,14 +273,14 @@ class _FakeServer:
 
     server_header: str | None = None
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.requests: list[dict] = []
         self.connections = 0  # TCP connections accepted so far
         self.errors: list[str] = []  # tracebacks of exceptions raised while routing
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._open_sockets: set[socket.socket] = set()
-        self._httpd = _HTTPServer(self)  # binds now, so .url is known before start()
+        self._httpd = _HTTPServer(self, port)  # binds now, so .url is known before start()
         self._thread: threading.Thread | None = None
         self.port: int = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -438,6 +438,7 @@ class FakeOpenAI(_FakeServer):
     ``answers_responder(answers or {})``. ``responder`` and ``delay`` are plain attributes that
     tests may change while the server runs.
     api_key: if set, every /v1/ request needs ``Authorization: Bearer <api_key>`` (else 401).
+    port: 0 for a free one; a given port lets a test restart "the same server" (same URL).
     extra_routes: {path: (status, json_or_text)} answered for GET before the built-in routes
     (so "/v1/models" can be overridden too). server_header: value of the ``Server`` header.
     """
@@ -445,8 +446,8 @@ class FakeOpenAI(_FakeServer):
     def __init__(self, models: Sequence[str] = ("fake-model",), responder: Responder | None = None,
                  delay: float = 0.0, api_key: str | None = None, server_header: str | None = None,
                  extra_routes: dict[str, tuple[int, object]] | None = None,
-                 answers: dict[str, str] | None = None):
-        super().__init__()
+                 answers: dict[str, str] | None = None, port: int = 0):
+        super().__init__(port)
         self.models = list(models)
         self.responder = responder or answers_responder(answers or {})
         self.delay = delay

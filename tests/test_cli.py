@@ -232,7 +232,8 @@ def test_wrong_api_key_exit_4(isolated_env, capsys):
 
 
 @pytest.mark.parametrize("text, value", [
-    ("true", True), ("False", False), ("NONE", None), ("12", 12), ("-3", -3), ("0.5", 0.5), ("1e3", 1000.0),
+    # lm-eval's handle_arg_string: no None, and only digit strings become int ("-3" -> -3.0)
+    ("true", True), ("False", False), ("NONE", "NONE"), ("12", 12), ("-3", -3.0), ("0.5", 0.5), ("1e3", 1000.0),
     ("abc", "abc"), ("", ""), ("0.1.2", "0.1.2"),
 ])
 def test_parse_value(text, value):
@@ -259,7 +260,7 @@ def test_gen_kwargs_merged_into_body(isolated_env, fake_openai, capsys):
         assert body["max_tokens"] == 64 and body["temperature"] == 0.7 and body["stop"] == STOP
         assert body["top_p"] == 1 and type(body["top_p"]) is int
         assert body["presence_penalty"] == -0.5 and body["logprobs"] is False
-        assert body["user"] == "alice" and body["min_p"] is None
+        assert body["user"] == "alice" and body["min_p"] == "none"  # lm-eval sends the text
         assert "do_sample" not in body and "max_gen_toks" not in body and "until" not in body
     params = doc["config"]["request_params"][GSM]
     assert "do_sample" not in params and params["max_tokens"] == 64

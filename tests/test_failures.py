@@ -197,13 +197,25 @@ def test_dropped_connection(isolated_env, tmp_path):
 
 @pytest.mark.parametrize("code", [400, 404, 422])
 def test_client_errors_are_not_retried(isolated_env, tmp_path, code):
-    with FakeOpenAI(responder=lambda body, n: Reply(status=code)) as srv:
-        result, (rec,) = run_inproc(srv, tmp_path, max_retries=4)
+    # row 0 succeeds first (a 404 before any success stops the run: see below)
+    responder = fault_plan({1: Reply(status=code)}, ByRow())
+    with FakeOpenAI(responder=responder) as srv:
+        result, (_, rec) = run_inproc(srv, tmp_path, n=2, max_retries=4, num_concurrent=1)
     assert rec["status"] == f"http_{code}"
-    assert rec["attempts"] == 1 and len(srv.chat_requests) == 1
+    assert rec["attempts"] == 1 and len(srv.chat_requests) == 2
     assert rec["response"]["http_status"] == code
     assert f"fake error {code}" in rec["error"]  # the server's error.message
     assert result["failures"] == {f"http_{code}": 1}
+
+
+def test_404_before_any_success_stops_the_run(isolated_env, tmp_path):
+    """A wrong path or an unknown model: every request would fail the same way."""
+    with FakeOpenAI(responder=lambda body, n: Reply(status=404)) as srv:
+        code, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv.base_url, "--max_samples", 20,
+                             "--num_concurrent", 1, "--no_progress")
+    assert code == 3, err
+    assert "answered 404" in err and "check --base_url and --model" in err and "Traceback" not in err
+    assert len(srv.chat_requests) == 1
 
 
 @pytest.mark.parametrize("code", [429, 500, 502, 503, 504])

@@ -58,7 +58,7 @@ def test_parse_kv_only_raises_usage_error(text):
 def test_parse_kv_examples():
     assert parse_kv(None, "--x") == {} and parse_kv("", "--x") == {} and parse_kv("  ", "--x") == {}
     assert parse_kv("a=1,b=2.5,c=true,d=None,e=hello, f = x y ", "--x") == {
-        "a": 1, "b": 2.5, "c": True, "d": None, "e": "hello", "f": "x y"}
+        "a": 1, "b": 2.5, "c": True, "d": "None", "e": "hello", "f": "x y"}
     assert parse_kv("a=,b=2", "--x") == {"a": "", "b": 2}
     for bad in ("a,b", "=x", "a=1,b", " =1"):
         with pytest.raises(UsageError):
@@ -69,7 +69,7 @@ safe_key = st.text(alphabet=st.characters(exclude_characters=",=", exclude_categ
                    min_size=1, max_size=12).map(str.strip).filter(bool)
 plain_string = st.text(alphabet=st.characters(exclude_characters=",=", exclude_categories=("Cs",)),
                        min_size=1, max_size=12).map(str.strip).filter(lambda s: s and parse_value(s) == s)
-simple_value = st.one_of(st.integers(), st.booleans(), st.none(),
+simple_value = st.one_of(st.integers(min_value=0), st.booleans(),
                          st.floats(allow_nan=False, allow_infinity=False), plain_string)
 
 
@@ -86,8 +86,8 @@ def test_parse_kv_round_trips_simple_dicts(mapping):
 @FAST
 @given(st.integers())
 def test_parse_value_int(i):
-    value = parse_value(str(i))
-    assert value == i and type(value) is int
+    value = parse_value(str(i))  # lm-eval: digits only -> int; "-5" -> -5.0
+    assert value == i and type(value) is (int if i >= 0 else float)
 
 
 @FAST
@@ -98,9 +98,9 @@ def test_parse_value_float(f):
 
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("True", True), ("TRUE", True), ("false", False),
-                                           ("False", False), ("none", None), ("None", None), ("NONE", None)])
+                                           ("False", False), ("none", "none"), ("None", "None")])
 def test_parse_value_keywords(text, expected):
-    assert parse_value(text) is expected
+    assert parse_value(text) == expected and type(parse_value(text)) is type(expected)
 
 
 def test_parse_value_nan():

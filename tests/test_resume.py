@@ -335,6 +335,7 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
     faulty = ByRow({2: Reply(status=500), 5: Reply(raw=b"<html>busy</html>"), 9: Reply(content=None),
                     10: Reply(status=400)})
     with FakeOpenAI(responder=faulty) as srv:
+        port = srv.port  # the reruns restart "the same server": resume is per server URL
         code, out, err = cli(*eval_args(srv, n, log_dir, "--max_retries", 1))
     assert code == 0, err  # --max_fail_rate 1
     first = json.loads(out)["results"]["gsm8k_cot_llama"]
@@ -342,7 +343,7 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
     assert len(log_lines(log_dir)) == n
 
     healthy = ByRow()
-    with FakeOpenAI(responder=healthy) as srv:  # a new server (new port): the bodies are the same
+    with FakeOpenAI(responder=healthy, port=port) as srv:  # restarted, now healthy: the bodies are the same
         code, out, err = cli(*eval_args(srv, n, log_dir, "--max_retries", 1))
     assert code == 0, err
     assert sorted(healthy.rows) == [2, 5, 9, 10]  # only the failed samples were sent again
@@ -353,7 +354,7 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
     assert len(log_lines(log_dir)) == n + 4  # the new records were appended
 
     again = ByRow()
-    with FakeOpenAI(responder=again) as srv:  # everything answered: nothing is sent
+    with FakeOpenAI(responder=again, port=port) as srv:  # everything answered: nothing is sent
         code, out, err = cli(*eval_args(srv, n, log_dir))
     assert code == 0, err
     assert again.rows == []
@@ -377,6 +378,7 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     n = 6
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
+        port = srv.port
         code, out, err = cli(*eval_args(srv, n, log_dir, "--num_concurrent", 1))
     assert code == 0, err
     lines = log_lines(log_dir)
@@ -384,7 +386,7 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     path = log_dir / LOG_NAME
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2], encoding="utf-8")
     responder = ByRow()
-    with FakeOpenAI(responder=responder) as srv:
+    with FakeOpenAI(responder=responder, port=port) as srv:
         code, out, err = cli(*eval_args(srv, n, log_dir))
     assert code == 0, err
     assert responder.rows == [torn_row]
@@ -395,6 +397,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_pat
     n = 24
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow(delay=0.15)) as srv:
+        port = srv.port
         proc = subprocess.Popen(cli_args(*eval_args(srv, n, log_dir, "--num_concurrent", 2)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -411,7 +414,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_pat
     assert 6 <= len(done) < n
 
     responder = ByRow()
-    with FakeOpenAI(responder=responder) as srv:
+    with FakeOpenAI(responder=responder, port=port) as srv:
         code, out, err = cli(*eval_args(srv, n, log_dir))
     assert code == 0, err
     assert sorted(responder.rows) == sorted(set(range(n)) - done)  # every sample accounted for, none twice
@@ -431,6 +434,7 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
     # rows 0-3 answer at once; every later request hangs (requests stay in flight)
     responder = ByRow({row: Reply(hang=True) for row in range(4, n)})
     with FakeOpenAI(responder=responder) as srv:
+        port = srv.port
         proc = subprocess.Popen(cli_args(*eval_args(srv, n, log_dir, "--num_concurrent", 4, "--output", output)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -458,10 +462,41 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
 
     # the same command again resumes: only the 16 unfinished samples are sent
     responder = ByRow()
-    with FakeOpenAI(responder=responder) as srv:
+    with FakeOpenAI(responder=responder, port=port) as srv:
         code, out, err = cli(*eval_args(srv, n, log_dir, "--num_concurrent", 4, "--output", output))
     assert code == 0, err
     assert sorted(responder.rows) == list(range(4, n))
     final = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert final["complete"] is True and final["num_samples"] == n
     assert comparable(final) == comparable(uninterrupted(tmp_path, n))
+
+
+def test_resume_never_takes_another_servers_answers(isolated_env, tmp_path):
+    log_dir = tmp_path / "logs"
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code, out, err = cli(*eval_args(srv, 5, log_dir))
+    assert code == 0, err
+    other = ByRow()
+    with FakeOpenAI(responder=other) as srv:  # another URL: its answers are its own
+        code, out, err = cli(*eval_args(srv, 5, log_dir))
+    assert code == 0, err
+    assert sorted(other.rows) == [0, 1, 2, 3, 4]
+    assert json.loads(out)["results"]["gsm8k_cot_llama"]["num_reused"] == 0
+
+
+def test_no_resume_sends_everything_again(isolated_env, tmp_path):
+    log_dir = tmp_path / "logs"
+    with FakeOpenAI(responder=ByRow()) as srv:
+        port = srv.port
+        code, out, err = cli(*eval_args(srv, 5, log_dir))
+    assert code == 0, err
+    again = ByRow()
+    with FakeOpenAI(responder=again, port=port) as srv:
+        code, out, err = cli(*eval_args(srv, 5, log_dir, "--no_resume"))
+    assert code == 0, err
+    assert sorted(again.rows) == [0, 1, 2, 3, 4]
+    resumed = ByRow()
+    with FakeOpenAI(responder=resumed, port=port) as srv:
+        code, out, err = cli(*eval_args(srv, 5, log_dir))
+    assert code == 0, err
+    assert resumed.rows == [] and json.loads(out)["results"]["gsm8k_cot_llama"]["num_reused"] == 5
