@@ -978,9 +978,25 @@ def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dic
     if found is None:
         return None, {}, ("missing_image", "the image is not in the cache or failed its sha256 check")
     data, entry = found
-    fmt, mime = sniff_image(data) or (entry.get("format"), "application/octet-stream")
-    meta = {"sha256": entry["sha256"], "bytes": len(data), "format": fmt}
-    return meta, {"data_url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}, None
+    meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (sniff_image(data) or (entry.get("format"),))[0]}
+    return meta, {"data_url": data_url(data)}, None
+
+
+def data_url(data: bytes) -> str:
+    mime = (sniff_image(data) or ("", "application/octet-stream"))[1]
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
+    """A copy of the body with `change` applied to the URL of each image part."""
+    def part(p: Any) -> Any:
+        if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
+            return {**p, "image_url": {**p["image_url"], "url": change(p["image_url"].get("url", ""))}}
+        return p
+
+    messages = [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+                for m in body["messages"]]
+    return {**body, "messages": messages}
 
 
 def encode_body(body: dict) -> bytes:
@@ -1220,17 +1236,10 @@ TASKS: dict[str, Task] = {
 
 def redact_images(body: dict, image: dict | None) -> dict:
     """A copy of the body with each data URL replaced by the image's sha256 and size."""
-    def replace(part: Any) -> Any:
-        if isinstance(part, dict) and part.get("type") == "image_url":
-            url = part["image_url"]["url"]
-            if url.startswith("data:") and image:
-                stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
-                return {**part, "image_url": {**part["image_url"], "url": stub}}
-        return part
-
-    messages = [{**m, "content": [replace(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
-                for m in body["messages"]]
-    return {**body, "messages": messages}
+    if not image:
+        return body
+    stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
+    return map_image_urls(body, lambda url: stub if url.startswith("data:") else url)
 
 
 class SampleLog:
@@ -1547,18 +1556,14 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
             flags.setdefault(flag, []).append(r["row_idx"])
     if flags:
         result["reasoning"] = {flag: len(rows) for flag, rows in flags.items()}
+        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in flags.items()}  # the first 50 of each
     images = [r["image"] for r in records if r.get("image")]
     if task.image_column:
         formats: dict = {}
         for image in images:
             formats[image["format"]] = formats.get(image["format"], 0) + 1
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
-    result["_reasoning_rows"] = flags
     return result
-
-
-def public_result(result: dict) -> dict:
-    return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 def fmt_value(value: Any) -> str:
@@ -1585,11 +1590,11 @@ def report_warnings(task_name: str, result: dict) -> None:
         detail = ", ".join(f"{status}: {count}" for status, count in result["failures"].items())
         warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed ({detail}); "
              "they count as wrong in the headline metrics")
-    for flag, rows in (result.get("_reasoning_rows") or {}).items():
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    for flag, rows in (result.get("reasoning_rows") or {}).items():
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if result["reasoning"][flag] > 10 else "")
         what = {"answer_only_in_reasoning": "had their answer only in the reasoning channel (content empty)",
                 "budget_ran_out_in_reasoning": "ran out of tokens while still reasoning"}[flag]
-        warn(f"{task_name}: {len(rows)} samples {what} (rows {shown}); raise max_tokens, "
+        warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); raise max_tokens, "
              "e.g. --gen_kwargs max_gen_toks=4096")
     if result.get("num_truncated"):
         warn(f"{task_name}: {result['num_truncated']} responses hit max_tokens (finish_reason length); "
@@ -1818,60 +1823,22 @@ def cmd_compare(argv: list) -> int:
     return EXIT_OK
 
 
-def run_several(configs: list, tasks: list, args: argparse.Namespace, output: Path | None,
-                log_dir: Path | None, check: bool) -> int:
-    """The same samples against each server, then the paired comparison of the first
-    server with each of the others."""
-    root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
-    start = time.perf_counter()
-    runs, codes, dirs = [], [], []
-    for i, config in enumerate(configs):
-        parts = urllib.parse.urlsplit(config.api_root)
-        run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
-        info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-        run_start = time.perf_counter()
-        preflight = preflight_result(config) if check else None
-        results: dict = {}
-        complete = asyncio.run(run_tasks(tasks, config, args, run_dir, results))
-        for name, result in results.items():
-            report_warnings(name, result)
-        runs.append(run_document(config, tasks, args, run_dir, results, preflight, complete, run_start))
-        dirs.append(run_dir)
-        codes.append(run_exit_code(runs[-1], args, run_dir))
-        if not complete:
-            break
-    comparisons = []
-    for run_dir, run in zip(dirs[1:], runs[1:] if tasks else []):
-        comparison = compare_runs(load_run(str(dirs[0])), load_run(str(run_dir)))
-        comparisons.append({"a": runs[0]["config"]["chat_url"], "b": run["config"]["chat_url"],
-                            "comparison": comparison})
-        print(format_comparison(comparison, comparisons[-1]["a"], comparisons[-1]["b"]), file=sys.stderr)
-    write_results({"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)},
-                  output)
-    return max(codes, key=lambda c: (c == EXIT_INTERRUPTED, c))
-
-
 def restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
     """Puts the image bytes back into a body logged without them (from the cache)."""
     stub = re.compile(r"<image sha256=([0-9a-f]{64}) bytes=(\d+) format=(\w+)>")
 
-    def restore(part: Any) -> Any:
-        url = part.get("image_url", {}).get("url", "") if isinstance(part, dict) else ""
+    def restore(url: str) -> str:
         found = stub.fullmatch(url)
         if not found:
-            return part
+            return url
         task = TASKS.get(record.get("task"))
         cached = DatasetCache(resolve_data_dir(data_dir), task.data).read_image(record["row_idx"]) if task else None
         if not cached or cached[1]["sha256"] != found.group(1):
             raise UsageError(f"the image of row {record.get('row_idx')} is not in the cache any more; "
                              "log with --log_images to replay without it")
-        mime = (sniff_image(cached[0]) or ("", "application/octet-stream"))[1]
-        data_url = f"data:{mime};base64,{base64.b64encode(cached[0]).decode()}"
-        return {**part, "image_url": {**part["image_url"], "url": data_url}}
+        return data_url(cached[0])
 
-    messages = [{**m, "content": [restore(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
-                for m in body["messages"]]
-    return {**body, "messages": messages}
+    return map_image_urls(body, restore)
 
 
 def cmd_replay(argv: list) -> int:
@@ -2511,9 +2478,9 @@ def preflight_result(config: APIConfig) -> dict:
     return {**report, "elapsed": round(time.perf_counter() - start, 3)}
 
 
-def evaluate_one(config: APIConfig, tasks: list, args: argparse.Namespace, output: Path | None,
-                 log_dir: Path | None, check: bool) -> int:
-    """Runs the preflight (if asked) and the tasks against one server; writes everything."""
+def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None,
+               check: bool) -> dict:
+    """The preflight (if asked) and the tasks against one server: its results document."""
     start = time.perf_counter()
     preflight = preflight_result(config) if check else None
     results: dict = {}
@@ -2522,18 +2489,49 @@ def evaluate_one(config: APIConfig, tasks: list, args: argparse.Namespace, outpu
     finally:
         for name, result in results.items():
             report_warnings(name, result)
-    document = run_document(config, tasks, args, log_dir, results, preflight, complete, start)
-    write_results(document, output)
     if results:
-        print(summary_table({n: r for n, r in document["results"].items() if n != CONFORMANCE}), file=sys.stderr)
+        print(summary_table(results), file=sys.stderr)
+    return run_document(config, tasks, args, log_dir, results, preflight, complete, start)
+
+
+def evaluate_one(config: APIConfig, tasks: list, args: argparse.Namespace, output: Path | None,
+                 log_dir: Path | None, check: bool) -> int:
+    document = run_server(config, tasks, args, log_dir, check)
+    write_results(document, output)
     return run_exit_code(document, args, log_dir)
+
+
+def run_several(configs: list, tasks: list, args: argparse.Namespace, output: Path | None,
+                log_dir: Path | None, check: bool) -> int:
+    """The same samples against each server, then the paired comparison of the first
+    server with each of the others."""
+    root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
+    start = time.perf_counter()
+    runs, codes = [], []
+    for i, config in enumerate(configs):
+        parts = urllib.parse.urlsplit(config.api_root)
+        run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
+        info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
+        runs.append(run_server(config, tasks, args, run_dir, check))
+        codes.append(run_exit_code(runs[-1], args, run_dir))
+        if not runs[-1]["complete"]:
+            break
+    comparisons = []
+    for run in runs[1:] if tasks else []:
+        a, b = runs[0]["config"], run["config"]
+        comparison = compare_runs(load_run(a["log_samples"]), load_run(b["log_samples"]))
+        comparisons.append({"a": a["chat_url"], "b": b["chat_url"], "comparison": comparison})
+        print(format_comparison(comparison, a["chat_url"], b["chat_url"]), file=sys.stderr)
+    write_results({"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)},
+                  output)
+    return max(codes, key=lambda c: (c == EXIT_INTERRUPTED, c))
 
 
 def run_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
                  preflight: dict | None, complete: bool, start: float) -> dict:
     """The results JSON of one server's run."""
     document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
-                            **{name: public_result(r) for name, r in results.items()}},
+                            **results},
                 "config": run_config(config, tasks, args.max_samples, args),
                 "total_seconds": round(time.perf_counter() - start, 3),
                 "complete": complete and all(r["complete"] for r in results.values())}

@@ -87,7 +87,7 @@ def test_parse_kv_round_trips_simple_dicts(mapping):
 @given(st.integers())
 def test_parse_value_int(i):
     value = parse_value(str(i))  # lm-eval: digits only -> int; "-5" -> -5.0
-    assert value == i and type(value) is (int if i >= 0 else float)
+    assert (value, type(value)) == ((i, int) if i >= 0 else (float(i), float))
 
 
 @FAST
