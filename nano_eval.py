@@ -719,22 +719,23 @@ class DatasetsServer:
         self.http = HTTPClient(timeout=120.0, connect_timeout=15.0)
 
     def _get(self, url: str, headers: dict, what: str) -> HTTPResponse:
-        """GET with retries on 429/5xx and network errors (the server is sometimes busy)."""
-        for attempt in range(1, self.retries + 1):
-            try:
-                with _BLOCKED_CALLS:
+        """GET with retries on 429/5xx and network errors (the server is sometimes busy).
+        Counted as a blocked call, retry waits included: an interrupted run does not wait."""
+        with _BLOCKED_CALLS:
+            for attempt in range(1, self.retries + 1):
+                try:
                     resp = self.http.request("GET", url, headers=headers)
-            except Exception as exc:
-                _, reason = describe_network_error(exc)
-                if attempt == self.retries:
-                    raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}") from None
-                time.sleep(self.retry_base_delay * 2 ** (attempt - 1))
-                continue
-            if resp.status in RETRYABLE_STATUS and attempt < self.retries:
-                delay = retry_after_seconds(resp.headers)
-                time.sleep(min(delay, 120.0) if delay is not None else self.retry_base_delay * 2 ** (attempt - 1))
-                continue
-            return resp
+                except Exception as exc:
+                    _, reason = describe_network_error(exc)
+                    if attempt == self.retries:
+                        raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}") from None
+                    time.sleep(self.retry_base_delay * 2 ** (attempt - 1))
+                    continue
+                if resp.status in RETRYABLE_STATUS and attempt < self.retries:
+                    delay = retry_after_seconds(resp.headers)
+                    time.sleep(min(delay, 120.0) if delay is not None else self.retry_base_delay * 2 ** (attempt - 1))
+                    continue
+                return resp
         raise AssertionError("unreachable")
 
     def rows(self, ref: DatasetRef, offset: int, length: int = PAGE_SIZE) -> tuple[dict, str | None]:
