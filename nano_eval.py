@@ -319,6 +319,40 @@ def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tupl
         return resp.status, None, resp.headers
 
 
+LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
+
+
+def resolve_model(api_root: str, api_key: str | None, model: str | None) -> str:
+    """The model to ask for: `model` if given (after checking the server answers),
+    else the only one `/v1/models` lists. A dead server is reported in seconds."""
+    client = HTTPClient(timeout=30.0, connect_timeout=5.0)
+    url = api_root + "/models"
+    deadline = time.monotonic() + LOADING_WAIT
+    while True:
+        try:
+            status, data, _ = http_json(client, url, auth_headers(api_key))
+        except Exception as exc:
+            _, reason = describe_network_error(exc)
+            raise ServerError(f"cannot reach {api_root}: {reason}; is the server running?") from None
+        if status != 503 or time.monotonic() > deadline:
+            break
+        if deadline - time.monotonic() > LOADING_WAIT - 1:
+            info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
+        time.sleep(1.0)
+    if status in (401, 403):
+        raise AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
+    if model:
+        return model
+    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
+    ids = [m.get("id") for m in data["data"] if isinstance(m, dict) and m.get("id")]
+    if not ids:
+        raise ServerError(f"{url} lists no models; pass --model")
+    if len(ids) > 1:
+        raise ServerError(f"{url} lists several models, pick one with --model: {', '.join(ids)}")
+    return ids[0]
+
+
 def error_message(body: bytes, limit: int = 200) -> str:
     """The one-line error a server put in its body (JSON `error.message`, else text)."""
     try:
@@ -936,7 +970,7 @@ class Task:
     generation_kwargs: dict  # the task yaml's, which --gen_kwargs update
     headline: str
     metric_names: list  # per-sample score keys, in report order
-    build_content: Callable[["Task", dict, dict, APIConfig], Any]
+    messages: Callable[[dict, str | None, APIConfig], list]  # (doc, image data URL, config)
     target: Callable[[dict], str]
     score: Callable[[str, str], tuple[dict, dict]]  # (response, target) -> (extracted, scores)
     doc_identity: Callable[[dict, dict], dict]  # the fields that identify a doc (for its hash)
@@ -957,13 +991,9 @@ class Task:
 
     def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None) -> Sample:
         doc = row["row"]
-        image: dict | None = None
-        error = None
-        extra: dict = {}
-        if self.image_column:
-            image, extra, error = load_image(cache, row["row_idx"], doc.get(self.image_column))
-        messages = self.build_content(self, doc, extra, config)
-        body = {"messages": messages, "model": config.model} | self.request_params(config)
+        image, url, error = load_image(cache, row["row_idx"], doc.get(self.image_column)) \
+            if self.image_column else (None, None, None)
+        body = {"messages": self.messages(doc, url, config), "model": config.model} | self.request_params(config)
         payload = encode_body(body)
         identity = self.doc_identity(doc, image or {})
         return Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
@@ -971,16 +1001,16 @@ class Task:
                       group=self.group(doc), image=image, error=error)
 
 
-def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, dict, tuple | None]:
-    """(image info, {"data_url": ...}, error) for a row's image cell."""
+def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
+    """(sha256, size and format of the image, its data URL, error) for a row's image cell."""
     if not cell:
-        return None, {}, ("missing_image", "the dataset row has no image (null cell)")
+        return None, None, ("missing_image", "the dataset row has no image (null cell)")
     found = cache.read_image(row_idx) if cache else None
     if found is None:
-        return None, {}, ("missing_image", "the image is not in the cache or failed its sha256 check")
+        return None, None, ("missing_image", "the image is not in the cache or failed its sha256 check")
     data, entry = found
     meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (sniff_image(data) or (entry.get("format"),))[0]}
-    return meta, {"data_url": data_url(data)}, None
+    return meta, data_url(data), None
 
 
 def data_url(data: bytes) -> str:
@@ -1026,15 +1056,14 @@ def gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
     return messages, ""
 
 
-def gsm8k_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
+def gsm8k_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
     fewshot, prefix = gsm8k_fewshot(config.system_instruction, config.fewshot_as_multiturn)
     return fewshot + [{"role": "user", "content": prefix + GSM8K_TEMPLATE.format(question=doc["question"])}]
 
 
-def chartqa_messages(task: Task, doc: dict, extra: dict, config: APIConfig) -> list:
+def chartqa_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
     text = {"type": "text", "text": CHARTQA_TEMPLATE.format(query=doc["query"])}
-    content = [{"type": "image_url", "image_url": {"url": extra["data_url"], "detail": "auto"}}, text] \
-        if "data_url" in extra else [text]
+    content = [{"type": "image_url", "image_url": {"url": image_url, "detail": "auto"}}, text] if image_url else [text]
     messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
     return messages + [{"role": "user", "content": content}]
 
@@ -1206,7 +1235,7 @@ TASKS: dict[str, Task] = {
         generation_kwargs={"until": GSM8K_UNTIL, "do_sample": False},
         headline="exact_match,strict-match",
         metric_names=["exact_match,strict-match", "exact_match,flexible-extract"],
-        build_content=gsm8k_messages,
+        messages=gsm8k_messages,
         target=gsm8k_target,
         score=score_gsm8k,
         doc_identity=lambda doc, image: {"question": doc["question"], "answer": doc["answer"]},
@@ -1218,7 +1247,7 @@ TASKS: dict[str, Task] = {
         generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False, "max_gen_toks": 512},
         headline="relaxed_accuracy",
         metric_names=["exact_match", "relaxed_accuracy", "anywhere_accuracy"],
-        build_content=chartqa_messages,
+        messages=chartqa_messages,
         target=chartqa_target,
         score=score_chartqa,
         doc_identity=lambda doc, image: {"query": doc["query"], "label": doc["label"],
@@ -2145,44 +2174,12 @@ def format_preflight(report: dict) -> str:
 # 10. CLI
 # ============================================================================
 
-LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
 MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
               "think_end_token"}
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
 IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
                       "trust_remote_code"}
-
-
-def resolve_model(api_root: str, api_key: str | None, model: str | None) -> str:
-    """The model to ask for: `model` if given (after checking the server answers),
-    else the only one `/v1/models` lists. A dead server is reported in seconds."""
-    client = HTTPClient(timeout=30.0, connect_timeout=5.0)
-    url = api_root + "/models"
-    deadline = time.monotonic() + LOADING_WAIT
-    while True:
-        try:
-            status, data, _ = http_json(client, url, auth_headers(api_key))
-        except Exception as exc:
-            _, reason = describe_network_error(exc)
-            raise ServerError(f"cannot reach {api_root}: {reason}; is the server running?") from None
-        if status != 503 or time.monotonic() > deadline:
-            break
-        if deadline - time.monotonic() > LOADING_WAIT - 1:
-            info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
-        time.sleep(1.0)
-    if status in (401, 403):
-        raise AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
-    if model:
-        return model
-    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
-    ids = [m.get("id") for m in data["data"] if isinstance(m, dict) and m.get("id")]
-    if not ids:
-        raise ServerError(f"{url} lists no models; pass --model")
-    if len(ids) > 1:
-        raise ServerError(f"{url} lists several models, pick one with --model: {', '.join(ids)}")
-    return ids[0]
 
 
 def probe_local_server() -> str:
