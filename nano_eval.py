@@ -7,8 +7,8 @@ names) against any `/v1/chat/completions` endpoint, with the standard library on
 
 Map of this file, in the order data flows:
   1. Config     APIConfig, errors and exit codes, lm-eval's `k=v,k=v` parser
-  2. HTTP       HTTPClient (one keep-alive connection per worker thread), outcome
-                classification, retries with backoff and an adaptive concurrency limit
+  2. HTTP       HTTPClient (one keep-alive connection per worker thread), model discovery,
+                outcome classification, retries with backoff, an adaptive concurrency limit
   3. Datasets   a client for the HuggingFace datasets-server `/rows` API and a verified
                 cache in data/ (pages of rows, images, a manifest of sha256 sums)
   4. Tasks      gsm8k_cot_llama and chartqa: prompts and request bodies
@@ -16,10 +16,10 @@ Map of this file, in the order data flows:
   6. Runner     run_task(): schedules requests, scores them, writes the sample log,
                 resumes from it
   7. Reports    aggregation (mean, stderr), results JSON, the summary table
-  8. Compare    paired comparison of two runs (McNemar, paired bootstrap), several
-                servers in one command, replay of one logged request
+  8. Compare    paired comparison of two runs (McNemar, paired bootstrap), replay of one
+                logged request
   9. Server     server identity and the conformance preflight (--check)
- 10. CLI        argument parsing, endpoint and model detection, main()
+ 10. CLI        argument parsing, port probing, one or several servers, main()
 
 Python API:
     import asyncio
