@@ -423,6 +423,50 @@ def answers_responder(answers: dict[str, str]) -> Responder:
     return respond
 
 
+class ByRow:
+    """A gsm8k responder keyed on the test row of the request (found from its question), so a plan
+    does not depend on request order. plan[row] is a str/Reply, or a list of them for the successive
+    attempts of that row (the last one repeats). Other rows answer right ("Let me think. The final
+    answer is <gold>"), except the ``wrong`` rows, which answer 0. ``delay`` applies to every answer.
+    ``rows`` lists the row of every request, in arrival order; ``attempts`` counts them per row."""
+
+    def __init__(self, plan: dict | None = None, wrong=(), delay: float | None = None):
+        self.plan = plan or {}
+        self.wrong = set(wrong)
+        self.delay = delay
+        self.attempts: dict[int, int] = {}
+        self.rows: list[int] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, body, n):
+        row = gsm8k_row_of(body)
+        with self._lock:
+            k = self.attempts.get(row, 0)
+            self.attempts[row] = k + 1
+            self.rows.append(row)
+        reply = self.plan.get(row)
+        if isinstance(reply, list):
+            reply = reply[min(k, len(reply) - 1)]
+        if reply is None:
+            reply = Reply(content=f"Let me think. The final answer is {0 if row in self.wrong else GSM8K_GOLD[row]}")
+        if isinstance(reply, str):
+            reply = Reply(content=reply)
+        if self.delay is not None and reply.delay is None:
+            reply = Reply(**{**reply.__dict__, "delay": self.delay})
+        return reply
+
+
+_GSM8K_ROWS = [json.loads(line) for line in
+               (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()]
+GSM8K_GOLD = [row["answer"].split("####")[-1].strip() for row in _GSM8K_ROWS]
+_GSM8K_ROW_OF = {row["question"]: i for i, row in enumerate(_GSM8K_ROWS)}
+
+
+def gsm8k_row_of(body: dict) -> int:
+    """The gsm8k test row a request body asks about."""
+    return _GSM8K_ROW_OF[question_of(body)[1]]
+
+
 def fault_plan(plan: dict[int, str | Reply], fallback: Responder | None = None) -> Responder:
     """Responder that answers request ``n`` with ``plan[n]`` when present, else with ``fallback``
     (default: ``answers_responder({})``). E.g. ``fault_plan({0: Reply(status=500)}, ok)``."""

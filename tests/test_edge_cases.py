@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from nano_eval import APIConfig, TASKS, UsageError, _relaxed_preprocess, resolve_data_dir  # noqa: E402
+from nano_eval import APIConfig, TASKS, _relaxed_preprocess, resolve_data_dir  # noqa: E402
 
 NANO_EVAL = ROOT / "nano_eval.py"
 GSM = ["--tasks", "gsm8k_cot_llama", "--no_progress"]

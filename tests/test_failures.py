@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import FakeOpenAI, Reply, fault_plan, free_port, question_of
+from fakes import ByRow, FakeOpenAI, Reply, fault_plan, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -38,38 +38,6 @@ assert GOLD[0] == "18"  # Janet's ducks: the examples below rely on it
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-class ByRow:
-    """Responder keyed on the gsm8k row of the request (found from its question), so the plan does not
-    depend on request order. plan[row] is a str/Reply, or a list of them for successive attempts of that
-    row (the last one repeats). Rows not in the plan answer correctly; ``wrong`` rows answer 0."""
-
-    def __init__(self, plan: dict | None = None, wrong=(), delay: float | None = None):
-        self.plan = plan or {}
-        self.wrong = set(wrong)
-        self.delay = delay
-        self.attempts: dict[int, int] = {}
-        self.rows: list[int] = []  # row of every chat request, in arrival order
-        self._lock = threading.Lock()
-
-    def __call__(self, body, n):
-        found = question_of(body)
-        row = ROW_OF[found[1]]
-        with self._lock:
-            k = self.attempts.get(row, 0)
-            self.attempts[row] = k + 1
-            self.rows.append(row)
-        reply = self.plan.get(row)
-        if isinstance(reply, list):
-            reply = reply[min(k, len(reply) - 1)]
-        if reply is None:
-            reply = Reply(content=f"Let me think. The final answer is {0 if row in self.wrong else GOLD[row]}")
-        if isinstance(reply, str):
-            reply = Reply(content=reply)
-        if self.delay is not None and reply.delay is None:
-            reply = Reply(**{**reply.__dict__, "delay": self.delay})
-        return reply
 
 
 def read_log(log_dir: Path) -> list[dict]:

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,33 +41,9 @@ def row_of(body) -> int:
     return ROW_OF[question_of(body)[1]]
 
 
-class ByRow:
-    """Responder keyed on the gsm8k row: plan[row] (a str/Reply, or a list for successive attempts);
-    other rows answer right, except the WRONG rows which answer 0. ``delay`` applies to every answer."""
-
-    def __init__(self, plan=None, delay=None):
-        self.plan = plan or {}
-        self.delay = delay
-        self.attempts: dict[int, int] = {}
-        self.rows: list[int] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, body, n):
-        row = row_of(body)
-        with self._lock:
-            k = self.attempts.get(row, 0)
-            self.attempts[row] = k + 1
-            self.rows.append(row)
-        reply = self.plan.get(row)
-        if isinstance(reply, list):
-            reply = reply[min(k, len(reply) - 1)]
-        if reply is None:
-            reply = Reply(content=f"Let me think. The final answer is {0 if row in WRONG else GOLD[row]}")
-        if isinstance(reply, str):
-            reply = Reply(content=reply)
-        if self.delay is not None and reply.delay is None:
-            reply = Reply(**{**reply.__dict__, "delay": self.delay})
-        return reply
+def ByRow(plan=None, delay=None):
+    """fakes.ByRow with this file's WRONG rows."""
+    return fakes.ByRow(plan, wrong=WRONG, delay=delay)
 
 
 @pytest.fixture
