@@ -377,6 +377,14 @@ def retry_after_seconds(headers: dict) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
+def backoff(attempt: int, base_delay: float, retry_after: float | None = None) -> float:
+    """Seconds to wait before attempt `attempt + 1`: the server's Retry-After (at most
+    5 minutes), else exponential from `base_delay`, capped at 60 s, with jitter."""
+    if retry_after is not None:
+        return min(retry_after, 300.0)
+    return min(base_delay * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.0)
+
+
 @dataclasses.dataclass
 class Outcome:
     """What one chat request ended as. `status` is one of: ok, truncated, empty,
@@ -526,14 +534,8 @@ class ChatClient:
             outcome.attempts = attempt
             if not outcome.retryable or attempt == self.config.max_retries:
                 break
-            await asyncio.sleep(self.backoff(attempt, outcome.retry_after))
+            await asyncio.sleep(backoff(attempt, self.config.retry_base_delay, outcome.retry_after))
         return outcome
-
-    def backoff(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, 300.0)
-        base = self.config.retry_base_delay * (2 ** (attempt - 1))
-        return min(base, 60.0) * random.uniform(0.5, 1.0)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -763,11 +765,10 @@ class DatasetsServer:
                     _, reason = describe_network_error(exc)
                     if attempt == self.retries:
                         raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}") from None
-                    time.sleep(self.retry_base_delay * 2 ** (attempt - 1))
+                    time.sleep(backoff(attempt, self.retry_base_delay))
                     continue
                 if resp.status in RETRYABLE_STATUS and attempt < self.retries:
-                    delay = retry_after_seconds(resp.headers)
-                    time.sleep(min(delay, 120.0) if delay is not None else self.retry_base_delay * 2 ** (attempt - 1))
+                    time.sleep(backoff(attempt, self.retry_base_delay, retry_after_seconds(resp.headers)))
                     continue
                 return resp
         raise AssertionError("unreachable")
