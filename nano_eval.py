@@ -160,16 +160,15 @@ def parse_value(text: str) -> Any:
         return True
     if text.lower() == "false":
         return False
-    if text.isdigit() and text.isascii():
-        return int(text)
     try:
-        return float(text)
-    except ValueError:
+        return int(text) if text.isnumeric() else float(text)
+    except ValueError:  # (lm-eval fails on numerics int() cannot read, like "½")
         return text
 
 
 def parse_kv(text: str | None, flag: str) -> dict:
-    """Parses lm-eval's `k=v,k=v` syntax (`--model_args`, `--gen_kwargs`)."""
+    """Parses lm-eval's `k=v,k=v` syntax (`--model_args`, `--gen_kwargs`). Unlike lm-eval,
+    spaces around keys and values are dropped (`a=1, b=2` gives the key "b", not " b")."""
     result: dict = {}
     if not text or not text.strip():
         return result
@@ -749,7 +748,7 @@ class DatasetsServer:
     def __init__(self, base_url: str | None = None, token: str | None = None, retries: int = 6,
                  retry_base_delay: float = 1.0):
         self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER") or DATASETS_SERVER).rstrip("/")
-        self.token = check_secret(token if token is not None else os.environ.get("HF_TOKEN"), "HF_TOKEN")
+        self.token = token if token is not None else os.environ.get("HF_TOKEN")  # checked when sent
         self.retries = retries
         self.retry_base_delay = retry_base_delay
         self.http = HTTPClient(timeout=120.0, connect_timeout=15.0)
@@ -778,7 +777,7 @@ class DatasetsServer:
         query = urllib.parse.urlencode({"dataset": ref.dataset, "config": ref.config, "split": ref.split,
                                         "offset": offset, "length": length})
         what = f"{ref.dataset} rows {offset}-{offset + length - 1}"
-        resp = self._get(f"{self.base_url}/rows?{query}", auth_headers(self.token), what)
+        resp = self._get(f"{self.base_url}/rows?{query}", auth_headers(check_secret(self.token, "HF_TOKEN")), what)
         if resp.status != 200:
             hint = " (set HF_TOKEN for a gated or private dataset)" if resp.status == 401 else ""
             raise DatasetError(f"datasets-server answered {resp.status} for {what}: {error_message(resp.body)}{hint}")
@@ -792,7 +791,7 @@ class DatasetsServer:
     def download(self, url: str) -> HTTPResponse:
         """An image asset. Signed URLs carry their own auth; Hub resolve URLs need the token."""
         on_hub = (urllib.parse.urlsplit(url).hostname or "") == "huggingface.co"
-        headers = auth_headers(self.token) if on_hub else {}
+        headers = auth_headers(check_secret(self.token, "HF_TOKEN")) if on_hub else {}
         return self._get(url, headers, "an image")
 
 
@@ -1287,10 +1286,16 @@ class SampleLog:
             raise UsageError(f"cannot write the sample log {path}: {exc.strerror or exc}") from None
 
     def completed(self, task: str, url: str) -> dict:
-        """(doc_hash, body_hash) -> the last valid record of `task` from `url` in the log."""
+        """(doc_hash, body_hash) -> the last valid record of `task` in the log. A log holds
+        one server's samples: compare and replay read it as one run."""
         done: dict = {}
         for record in read_records(self.path):
-            if record.get("task") == task and record.get("url") == url and record.get("status") in VALID_STATUSES:
+            if record.get("task") != task:
+                continue
+            if record.get("url") != url:
+                raise UsageError(f"{self.path} holds samples from {record.get('url')}, not {url}: "
+                                 "give this server its own --log_samples or --output")
+            if record.get("status") in VALID_STATUSES:
                 done[(record.get("doc_hash"), record.get("body_hash"))] = record
         return done
 
@@ -1348,7 +1353,8 @@ class TaskRun:
         self.task, self.config, self.rows, self.cache, self.log = task, config, rows, cache, log
         self.progress = progress
         self.client = ChatClient(config)
-        self.done = log.completed(task.name, config.chat_url) if log and resume else {}
+        previous = log.completed(task.name, config.chat_url) if log else {}
+        self.done = previous if resume else {}
         self.results: dict[int, dict] = {}
         self.successes = 0
         self.failures_in_a_row = 0
@@ -2326,6 +2332,9 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "think_end_token": str(model_args.get("think_end_token", THINK_END)),
         "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
     }
+    until = settings["gen_kwargs"].get("until")
+    if until is not None and not isinstance(until, str):
+        raise UsageError(f"--gen_kwargs: until must be text, got {until!r}")
     for name in ("num_concurrent", "max_retries", "max_gen_toks"):
         value = settings[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -2511,12 +2520,21 @@ def run_several(configs: list, tasks: list, args: argparse.Namespace, output: Pa
         parts = urllib.parse.urlsplit(config.api_root)
         run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
         info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-        runs.append(run_server(config, tasks, args, run_dir, check))
+        try:
+            runs.append(run_server(config, tasks, args, run_dir, check))
+        except (AuthError, ServerError) as exc:  # this server is unusable; the others' results still count
+            info(f"error: {exc}")
+            runs.append({"results": {}, "config": run_config(config, tasks, args.max_samples, args),
+                         "error": str(exc), "complete": False})
+            codes.append(exc.exit_code)
+            continue
         codes.append(run_exit_code(runs[-1], args, run_dir))
         if not runs[-1]["complete"]:
             break
     comparisons = []
-    for run in runs[1:] if tasks else []:
+    for run in runs[1:] if tasks and "error" not in runs[0] else []:
+        if "error" in run:
+            continue
         a, b = runs[0]["config"], run["config"]
         comparison = compare_runs(load_run(a["log_samples"]), load_run(b["log_samples"]))
         comparisons.append({"a": a["chat_url"], "b": b["chat_url"], "comparison": comparison})

@@ -202,3 +202,31 @@ def test_requests_per_second_counts_only_what_was_sent(isolated_env, tmp_path):
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert code == 0 and result["num_reused"] == 5 and srv.chat_requests == []
     assert result["requests_per_second"] == 0 and result["latency_p50"] is None
+
+
+def test_until_must_be_text(isolated_env, fake_openai):
+    code, out, err = cli(*GSM, "--base_url", fake_openai.base_url, "--gen_kwargs", "until=5")
+    assert "until must be text" in one_error(code, err, 2)
+    assert fake_openai.chat_requests == []
+
+
+def test_unicode_digits_parse_as_lm_eval_does():
+    assert nano_eval.parse_value("١٢") == 12 and nano_eval.parse_value("½") == "½"
+
+
+def test_a_bad_hf_token_does_not_stop_an_offline_run(isolated_env, fake_openai, monkeypatch):
+    monkeypatch.delenv("NANO_EVAL_DATA_DIR")  # gsm8k from the shipped data/: nothing is fetched
+    code, out, err = cli(*GSM, "--base_url", fake_openai.base_url, "--max_samples", 2,
+                         env={**nano_eval.os.environ, "HF_TOKEN": "hf_\x01bad"})
+    assert code == 0, err
+
+
+def test_one_unusable_server_does_not_lose_the_others(isolated_env, fake_openai, tmp_path):
+    with FakeOpenAI(responder=lambda body, n: Reply(status=404)) as broken:
+        code, out, err = cli(*GSM, "--base_url", fake_openai.base_url, "--base_url", broken.base_url,
+                             "--max_samples", 3, "--output", tmp_path / "o.json")
+    document = json.loads(out)
+    assert code == 3 and "Traceback" not in err
+    assert document["runs"][0]["results"]["gsm8k_cot_llama"]["num_samples"] == 3
+    assert "answered 404" in document["runs"][1]["error"] and document["comparisons"] == []
+    assert json.loads((tmp_path / "o.json").read_text()) == document

@@ -339,10 +339,11 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
 def test_resume_with_other_settings_sends_everything(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
+        port = srv.port
         code, out, err = cli(*eval_args(srv, 5, log_dir))
     assert code == 0, err
     responder = ByRow()
-    with FakeOpenAI(responder=responder) as srv:
+    with FakeOpenAI(responder=responder, port=port) as srv:
         code, out, err = cli(*eval_args(srv, 5, log_dir, "--seed", 99))
     assert code == 0, err
     assert sorted(responder.rows) == [0, 1, 2, 3, 4]  # a different body is a different request
@@ -446,17 +447,19 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
     assert comparable(final) == comparable(uninterrupted(tmp_path, n))
 
 
-def test_resume_never_takes_another_servers_answers(isolated_env, tmp_path):
+def test_a_sample_log_holds_one_server(isolated_env, tmp_path):
+    """Another server's answers are never reused, nor mixed into the same log (compare and replay
+    read a log as one run)."""
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
         code, out, err = cli(*eval_args(srv, 5, log_dir))
     assert code == 0, err
     other = ByRow()
-    with FakeOpenAI(responder=other) as srv:  # another URL: its answers are its own
+    with FakeOpenAI(responder=other) as srv:  # another URL
         code, out, err = cli(*eval_args(srv, 5, log_dir))
-    assert code == 0, err
-    assert sorted(other.rows) == [0, 1, 2, 3, 4]
-    assert json.loads(out)["results"]["gsm8k_cot_llama"]["num_reused"] == 0
+    lines = [line for line in err.splitlines() if line.startswith("nano-eval: error:")]
+    assert code == 2 and len(lines) == 1 and "holds samples from" in lines[0], err
+    assert other.rows == [] and len(log_lines(log_dir)) == 5
 
 
 def test_no_resume_sends_everything_again(isolated_env, tmp_path):
