@@ -29,8 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -627,44 +625,11 @@ def write_gsm8k_cache(rows: list, times: int, data_dir: Path) -> int:
     return len(repeated)
 
 
-def noisy_png(seed: int, width: int = 200, height: int = 100) -> bytes:
-    """A valid RGB PNG of random pixels: it does not compress, so each image is ~width*height*3
-    bytes (60 KB by default, about a real ChartQA chart)."""
-    import random
-    import struct
-    raw = random.Random(seed).randbytes(width * height * 3)
-    stride = width * 3
-    scan = b"".join(b"\x00" + raw[y * stride:(y + 1) * stride] for y in range(height))
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    return b"".join([b"\x89PNG\r\n\x1a\n", chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
-                     chunk(b"IDAT", zlib.compress(scan, 1)), chunk(b"IEND", b"")])
-
-
-class NoisyChartRows(Sequence):
-    """ChartQA-shaped rows (image, query, label, human_or_machine); images made on access."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.n))]
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return {"image": noisy_png(i), "query": f"What is the value of the tallest bar in chart {i}?",
-                "label": [str(i)], "human_or_machine": i % 2}
-
-
 def fake_datasets_server(rows: int):
     sys.path.insert(0, str(ROOT / "tests"))
     import fakes
-    return fakes.FakeDatasetsServer({fakes.CHARTQA: fakes.Dataset(list(fakes.CHARTQA_FEATURES), NoisyChartRows(rows))})
+    # random pixels, 200x100: ~60 KB per PNG, about a real ChartQA chart
+    return fakes.FakeDatasetsServer({fakes.CHARTQA: fakes.synthetic_chartqa_dataset(rows, 200, 100, noise=True)})
 
 
 def cache_probe(reps: int) -> None:
@@ -946,7 +911,9 @@ class Bench:
             warm_fetches = len(hf.requests) + len(hf.asset_requests) - served
         lines = (self.tmp / "chartqa-log" / "samples_chartqa.jsonl").read_bytes().splitlines()
         record_bytes = sum(map(len, lines)) / len(lines)
-        image_bytes = len(noisy_png(0))
+        sys.path.insert(0, str(ROOT / "tests"))
+        import fakes
+        image_bytes = len(fakes.noise_png(200, 100, 0))
         per_row_kb = (mem[large]["rss_mb"] - mem[small]["rss_mb"]) * 1024 / (large - small)
         budget_kb = 4 * record_bytes / 1024  # a result record held in memory: a few times its JSON size
         gsm = self.overhead[self.headline_n]["nano-eval"]

@@ -661,11 +661,22 @@ def chartqa_dataset(rows_jsonl: str | Path, images_dir: str | Path | None = None
     return Dataset(list(CHARTQA_FEATURES), rows)
 
 
+def noise_png(width: int, height: int, seed: int) -> bytes:
+    """An RGB PNG of random pixels: it does not compress, so each image really is ~3*w*h bytes
+    (memory tests and the bench use it to make images as heavy as real charts)."""
+    rng = random.Random(seed)
+    raw = b"".join(b"\x00" + rng.randbytes(width * 3) for _ in range(height))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"".join([PNG_MAGIC, _png_chunk(b"IHDR", ihdr), _png_chunk(b"IDAT", zlib.compress(raw, 1)),
+                     _png_chunk(b"IEND", b"")])
+
+
 class _SyntheticChartRows(Sequence):
     """ChartQA-shaped rows whose PNG is generated on access, so nothing large is held."""
 
-    def __init__(self, n_rows: int, width: int, height: int):
+    def __init__(self, n_rows: int, width: int, height: int, noise: bool = False):
         self.n_rows, self.width, self.height = n_rows, width, height
+        self.image = noise_png if noise else (lambda w, h, seed: make_png(w, h, seed=seed))
 
     def __len__(self) -> int:
         return self.n_rows
@@ -677,15 +688,16 @@ class _SyntheticChartRows(Sequence):
             i += self.n_rows
         if not 0 <= i < self.n_rows:
             raise IndexError(i)
-        return {"image": make_png(self.width, self.height, seed=i),
+        return {"image": self.image(self.width, self.height, i),
                 "query": f"What is the value of the tallest bar in synthetic chart {i}?",
                 "label": [str(i)], "human_or_machine": i % 2}
 
 
-def synthetic_chartqa_dataset(n_rows: int, width: int = 400, height: int = 300) -> Dataset:
+def synthetic_chartqa_dataset(n_rows: int, width: int = 400, height: int = 300, noise: bool = False) -> Dataset:
     """A ChartQA-shaped split of ``n_rows`` distinct synthetic PNGs (row i: seed i, query
-    mentioning "synthetic chart i", label [str(i)]), generated on demand."""
-    return Dataset(list(CHARTQA_FEATURES), _SyntheticChartRows(n_rows, width, height))
+    mentioning "synthetic chart i", label [str(i)]), generated on demand; ``noise``: random
+    pixels that do not compress (``noise_png``)."""
+    return Dataset(list(CHARTQA_FEATURES), _SyntheticChartRows(n_rows, width, height, noise))
 
 
 _ERROR_MESSAGES = {

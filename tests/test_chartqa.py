@@ -9,12 +9,8 @@ import base64
 import hashlib
 import json
 import os
-import random
-import struct
 import subprocess
 import sys
-import zlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -26,14 +22,10 @@ if str(ROOT) not in sys.path:
 import nano_eval  # noqa: E402
 from fakes import (  # noqa: E402
     CHARTQA,
-    CHARTQA_FEATURES,
     GSM8K,
-    PNG_MAGIC,
     TINY_JPEG,
-    Dataset,
     FakeDatasetsServer,
     FakeOpenAI,
-    _png_chunk,
     answers_responder,
     chartqa_dataset,
     make_png,
@@ -370,31 +362,6 @@ def test_cli_both_tasks(fake_hf, gsm8k_answers, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def noise_png(width: int, height: int, seed: int) -> bytes:
-    """An RGB PNG of random pixels: it does not compress, so each image really is ~3*w*h bytes."""
-    rng = random.Random(seed)
-    raw = b"".join(b"\x00" + rng.randbytes(width * 3) for _ in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"".join([PNG_MAGIC, _png_chunk(b"IHDR", ihdr), _png_chunk(b"IDAT", zlib.compress(raw, 1)),
-                     _png_chunk(b"IEND", b"")])
-
-
-class NoiseRows(Sequence):
-    def __init__(self, n: int, size: int = 128):
-        self.n, self.size = n, size
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self.n))]
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return {"image": noise_png(self.size, self.size, i), "query": f"synthetic chart {i}?",
-                "label": [str(i)], "human_or_machine": i % 2}
-
-
 DRIVER = r"""
 import contextlib, io, json, sys, tracemalloc
 sys.path.insert(0, sys.argv[1])
@@ -424,7 +391,7 @@ def peak_memory(n: int, tmp_path: Path, hf, oa, log: bool) -> int:
 
 @pytest.mark.parametrize("log", [False, True], ids=["no_log", "log_samples"])
 def test_peak_memory_does_not_grow_with_images(log, tmp_path):
-    spec = Dataset(list(CHARTQA_FEATURES), NoiseRows(300))
+    spec = synthetic_chartqa_dataset(300, 128, 128, noise=True)
     assert len(spec.rows[0]["image"]) > 45_000  # ~48 KB per image, ~14 MB for 300
     with FakeDatasetsServer({CHARTQA: spec}) as hf, FakeOpenAI() as oa:
         peak_100 = peak_memory(100, tmp_path, hf, oa, log)
