@@ -34,6 +34,8 @@ import argparse
 import ast
 import asyncio
 import base64
+import codecs
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -52,6 +54,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -66,6 +69,9 @@ DEFAULT_SEED = 1234  # lm-eval's `seed` model_arg default, sent in every request
 DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not time out
 DEFAULT_MAX_RETRIES = 5  # total attempts per request
 DEFAULT_CONCURRENCY = 8
+DEFAULT_MAX_RESPONSE_MB = 16  # a larger response body is a failed sample (`too_large`), read no further
+MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
+LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on stderr
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 VALID_STATUSES = ("ok", "truncated")  # sample statuses with a response that is scored
 THROTTLE_STATUS = {429, 503}
@@ -121,9 +127,19 @@ class APIConfig:
     keep_think: bool = False
     think_end_token: str = "</think>"  # lm-eval's model_arg: only the text after its last occurrence is scored
     retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
+    headers: dict = dataclasses.field(default_factory=dict, repr=False)  # sent on every request; secret
+    verify_certificate: bool = True  # lm-eval's model_arg; False: any certificate is accepted
+    ca_cert: str | None = None  # a CA bundle (PEM) to verify the server's certificate with
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
 
     def __post_init__(self):
         self.api_root, self.chat_url = normalize_base_url(self.url)
+        self.headers = parse_headers(self.headers)
+        if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
+            raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
+        if not (isinstance(self.max_response_mb, (int, float)) and self.max_response_mb > 0):
+            raise UsageError(f"max_response_mb must be a positive number, got {self.max_response_mb!r}")
+        _SECRETS.update(v for v in (self.api_key, *self.headers.values()) if v)
         for name in ("num_concurrent", "max_retries"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -193,16 +209,31 @@ def check_secret(value: str | None, name: str) -> str | None:
     return value or None
 
 
+def parse_headers(headers: dict | Iterable[str]) -> dict:
+    """Extra request headers, from a dict or from `Name: value` strings, checked like a key."""
+    if not isinstance(headers, dict):
+        malformed = [h for h in headers if ":" not in h]
+        if malformed:
+            raise UsageError(f"header {malformed[0]!r} is not 'Name: value'")
+    items = headers.items() if isinstance(headers, dict) else (h.partition(":")[::2] for h in headers)
+    result = {}
+    for name, value in items:
+        name = str(name).strip()
+        if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise UsageError(f"header {name!r} is not a valid header name (expected 'Name: value')")
+        result[name] = check_secret(str(value), f"the value of header {name}") or ""
+    return result
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
     """`text` with each secret replaced by ***. Only for free text (messages, server
     errors): in structured data a short key could match a number or a word."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
     return text
 
 
-_SECRETS: list[str] = []  # API key and HF token, scrubbed from every message we print
+_SECRETS: set[str] = set()  # API key, header values, HF token: scrubbed from every message we print
 
 
 def info(message: str) -> None:
@@ -225,33 +256,60 @@ class HTTPResponse:
     body: bytes
 
 
+class ResponseTooLarge(Exception):
+    """A response body over the client's cap: not read further."""
+
+
 class HTTPClient:
     """Blocking HTTP/1.1 with one persistent connection per (thread, host).
 
     Call it from a thread pool: each worker thread keeps its own keep-alive
-    connection, so N workers make N connections for the whole run.
+    connection, so N workers make N connections for the whole run. HTTP(S)_PROXY and
+    NO_PROXY are read as urllib reads them: plain http goes through the proxy in
+    absolute form, https through a CONNECT tunnel; both connections are kept alive.
     """
 
-    def __init__(self, timeout: float, connect_timeout: float = 10.0, user_agent: str | None = None):
+    def __init__(self, timeout: float, connect_timeout: float = 10.0, verify: bool = True,
+                 ca_cert: str | None = None, max_body: int | None = None):
         self.timeout = timeout
         self.connect_timeout = min(connect_timeout, timeout)
-        self.user_agent = user_agent or f"nano-eval/{__version__}"
+        self.verify, self.ca_cert, self.max_body = verify, ca_cert, max_body
+        self.proxies = urllib.request.getproxies_environment()
         self._local = threading.local()
         self._ssl: ssl.SSLContext | None = None  # made on the first https connection (it costs ~40 ms)
 
-    def _connection(self, scheme: str, netloc: str, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+    def tls_context(self) -> ssl.SSLContext:
+        if self._ssl is None:  # the default context also reads SSL_CERT_FILE and SSL_CERT_DIR
+            context = ssl.create_default_context(cafile=os.path.expanduser(self.ca_cert) if self.ca_cert else None)
+            if not self.verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._ssl = context
+        return self._ssl
+
+    def proxy_for(self, scheme: str, host: str) -> urllib.parse.SplitResult | None:
+        proxy = self.proxies.get(scheme)
+        if not proxy or urllib.request.proxy_bypass_environment(host, self.proxies):
+            return None
+        return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+
+    def _connection(self, parts: urllib.parse.SplitResult, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
         pool = self._local.__dict__.setdefault("connections", {})
-        key = (scheme, netloc)
+        key = (parts.scheme, parts.netloc)
         conn = pool.get(key)
         if conn is not None and not fresh:
             return conn, True
         if conn is not None:
             conn.close()
-        if scheme == "https":
-            self._ssl = self._ssl or ssl.create_default_context()
-            conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self._ssl)
+        proxy = self.proxy_for(parts.scheme, parts.hostname or "")
+        netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self.tls_context())
+            if proxy:
+                conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_auth(proxy))
         else:
             conn = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
+        conn.proxy = proxy if parts.scheme == "http" else None  # absolute-form request targets
         conn.connect()
         conn.sock.settimeout(self.timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -263,45 +321,89 @@ class HTTPClient:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        all_headers = {"User-Agent": self.user_agent, "Accept": "application/json"}
-        all_headers.update(headers or {})
+        all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json", **(headers or {})}
         for attempt in (0, 1):
-            conn, reused = self._connection(parts.scheme, parts.netloc, fresh=attempt == 1)
+            conn, reused = self._connection(parts, fresh=attempt == 1)
             try:
-                conn.request(method, target, body=body, headers=all_headers)
+                if conn.proxy:
+                    conn.request(method, url, body=body, headers={**all_headers, **proxy_auth(conn.proxy)})
+                else:
+                    conn.request(method, target, body=body, headers=all_headers)
                 resp = conn.getresponse()
-                data = resp.read()
+                data = self._read(resp)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
-                self._drop(parts.scheme, parts.netloc)
+                self._drop(parts)
                 if reused and attempt == 0:
                     continue  # the server closed an idle keep-alive connection: resend once on a fresh one
                 raise
             except BaseException:
-                self._drop(parts.scheme, parts.netloc)
+                self._drop(parts)
                 raise
             if resp.will_close:
-                self._drop(parts.scheme, parts.netloc)
+                self._drop(parts)
             return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         raise AssertionError("unreachable")
 
-    def _drop(self, scheme: str, netloc: str) -> None:
-        conn = self._local.__dict__.get("connections", {}).pop((scheme, netloc), None)
+    def _read(self, resp: http.client.HTTPResponse) -> bytes:
+        if self.max_body is None:
+            return resp.read()
+        declared = resp.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise ResponseTooLarge(f"Content-Length {int(declared):,}")
+        data = resp.read(self.max_body + 1)
+        if len(data) > self.max_body:
+            raise ResponseTooLarge(f"more than {self.max_body:,} bytes")
+        return data
+
+    def _drop(self, parts: urllib.parse.SplitResult) -> None:
+        conn = self._local.__dict__.get("connections", {}).pop((parts.scheme, parts.netloc), None)
         if conn is not None:
             conn.close()
+
+
+def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
+    """The Proxy-Authorization header for a proxy URL with user:password@ in it."""
+    if proxy.username is None:
+        return {}
+    credentials = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+
+
+def server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0,
+                  capped: bool = False) -> HTTPClient:
+    """An HTTPClient for the inference server, with the config's TLS settings."""
+    return HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
+                      verify=config.verify_certificate, ca_cert=config.ca_cert,
+                      max_body=int(config.max_response_mb * 2 ** 20) if capped else None)
+
+
+def server_headers(config: APIConfig) -> dict:
+    """Authorization (with a key) and the user's extra headers, which win."""
+    return {**auth_headers(config.api_key), **config.headers}
 
 
 def auth_headers(token: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+TLS_WAYS_OUT = ("pass --ca_cert FILE (or set SSL_CERT_FILE) to trust the CA that signed it, "
+                "or --insecure to skip verification")
+
+
 def describe_network_error(exc: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by HTTPClient.request."""
+    if isinstance(exc, ResponseTooLarge):
+        return "too_large", f"response body too large ({exc}; --max_response_mb raises the cap)"
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timeout", "no answer within the timeout"
     if isinstance(exc, ConnectionRefusedError):
         return "connection", "connection refused"
     if isinstance(exc, socket.gaierror):
         return "connection", f"cannot resolve host ({exc.strerror or exc})"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "connection", f"the server's TLS certificate failed verification ({exc.verify_message}); {TLS_WAYS_OUT}"
+    if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+        return "connection", "the server speaks plain http, not https: use an http:// URL"
     if isinstance(exc, ssl.SSLError):
         return "connection", f"TLS error: {exc.reason or exc}"
     if isinstance(exc, (OSError, http.client.HTTPException)):
@@ -321,18 +423,19 @@ def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tupl
 LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 
 
-def resolve_model(api_root: str, api_key: str | None, model: str | None) -> str:
+def resolve_model(config: APIConfig, model: str | None) -> str:
     """The model to ask for: `model` if given (after checking the server answers),
     else the only one `/v1/models` lists. A dead server is reported in seconds."""
-    client = HTTPClient(timeout=30.0, connect_timeout=5.0)
-    url = api_root + "/models"
+    client = server_client(config, timeout=30.0, connect_timeout=5.0)
+    url = config.api_root + "/models"
     deadline = time.monotonic() + LOADING_WAIT
     while True:
         try:
-            status, data, _ = http_json(client, url, auth_headers(api_key))
+            status, data, _ = http_json(client, url, server_headers(config))
         except Exception as exc:
-            _, reason = describe_network_error(exc)
-            raise ServerError(f"cannot reach {api_root}: {reason}; is the server running?") from None
+            hint = "; is the server running?" if isinstance(exc, (ConnectionRefusedError, socket.gaierror,
+                                                                    socket.timeout, TimeoutError)) else ""
+            raise ServerError(f"cannot reach {config.api_root}: {describe_network_error(exc)[1]}{hint}") from None
         if status != 503 or time.monotonic() > deadline:
             break
         if deadline - time.monotonic() > LOADING_WAIT - 1:
@@ -378,10 +481,29 @@ def retry_after_seconds(headers: dict) -> float | None:
 
 def backoff(attempt: int, base_delay: float, retry_after: float | None = None) -> float:
     """Seconds to wait before attempt `attempt + 1`: the server's Retry-After (at most
-    5 minutes), else exponential from `base_delay`, capped at 60 s, with jitter."""
+    MAX_RETRY_AFTER), else exponential from `base_delay`, capped at 60 s, with jitter."""
     if retry_after is not None:
-        return min(retry_after, 300.0)
+        return min(retry_after, MAX_RETRY_AFTER)
     return min(base_delay * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.0)
+
+
+_last_wait_notice = [0.0]  # when a long retry wait was last announced (one line per 30 s at most)
+
+
+def announce_wait(what: str, why: str, delay: float, retry_after: float | None, attempt: int, attempts: int) -> None:
+    """Say on stderr why the run is about to sit still, so a long wait is never silent."""
+    now = time.monotonic()
+    if delay < LONG_WAIT or now - _last_wait_notice[0] < 30:
+        return
+    _last_wait_notice[0] = now
+    if retry_after is None:
+        cause = "exponential backoff, capped at 60 s"
+    elif retry_after > MAX_RETRY_AFTER:
+        cause = f"Retry-After: {retry_after:.0f} s, capped at {MAX_RETRY_AFTER:.0f} s"
+    else:
+        cause = f"Retry-After: {retry_after:.0f} s"
+    info(f"{what} answered {why}: waiting {delay:.0f} s ({cause}) before attempt {attempt + 1} of {attempts}; "
+         "Ctrl-C stops the run and keeps what finished")
 
 
 @dataclasses.dataclass
@@ -503,10 +625,10 @@ class ChatClient:
 
     def __init__(self, config: APIConfig):
         self.config = config
-        self.http = HTTPClient(config.timeout)
+        self.http = server_client(config, capped=True)
         self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
-        self.headers = {"Content-Type": "application/json", **auth_headers(config.api_key)}
+        self.headers = {"Content-Type": "application/json", **server_headers(config)}
 
     def _post(self, payload: bytes) -> Outcome:
         start = time.perf_counter()
@@ -533,7 +655,10 @@ class ChatClient:
             outcome.attempts = attempt
             if not outcome.retryable or attempt == self.config.max_retries:
                 break
-            await asyncio.sleep(backoff(attempt, self.config.retry_base_delay, outcome.retry_after))
+            delay = backoff(attempt, self.config.retry_base_delay, outcome.retry_after)
+            announce_wait(self.config.chat_url, outcome.error if outcome.http_status is None else
+                          f"HTTP {outcome.http_status}", delay, outcome.retry_after, attempt, self.config.max_retries)
+            await asyncio.sleep(delay)
         return outcome
 
     def close(self) -> None:
@@ -764,13 +889,18 @@ class DatasetsServer:
                     _, reason = describe_network_error(exc)
                     if attempt == self.retries:
                         raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}") from None
-                    time.sleep(backoff(attempt, self.retry_base_delay))
+                    self._wait(attempt, reason, None)
                     continue
                 if resp.status in RETRYABLE_STATUS and attempt < self.retries:
-                    time.sleep(backoff(attempt, self.retry_base_delay, retry_after_seconds(resp.headers)))
+                    self._wait(attempt, f"HTTP {resp.status}", retry_after_seconds(resp.headers))
                     continue
                 return resp
         raise AssertionError("unreachable")
+
+    def _wait(self, attempt: int, why: str, retry_after: float | None) -> None:
+        delay = backoff(attempt, self.retry_base_delay, retry_after)
+        announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt, self.retries)
+        time.sleep(delay)
 
     def rows(self, ref: DatasetRef, offset: int, length: int = PAGE_SIZE) -> tuple[dict, str | None]:
         """One page of `/rows`: (the JSON body, X-Revision)."""
@@ -974,8 +1104,13 @@ class Task:
     target: Callable[[dict], str]
     score: Callable[[str, str], tuple[dict, dict]]  # (response, target) -> (extracted, scores)
     doc_identity: Callable[[dict, dict], dict]  # the fields that identify a doc (for its hash)
+    answer_key: str  # the extracted answer the headline metric scores
     image_column: str | None = None
     group: Callable[[dict], str | None] = lambda row: None
+
+    def finds_answer(self, text: str | None) -> bool:
+        """Whether the task's extractor finds an answer in `text`."""
+        return bool(text) and self.score(text, "")[0][self.answer_key] not in ("", INVALID)
 
     def request_params(self, config: APIConfig) -> dict:
         """Every body key but messages and model, as local-chat-completions builds them:
@@ -1238,6 +1373,7 @@ TASKS: dict[str, Task] = {
         messages=gsm8k_messages,
         target=gsm8k_target,
         score=score_gsm8k,
+        answer_key="strict-match",
         doc_identity=lambda doc, image: {"question": doc["question"], "answer": doc["answer"]},
     ),
     "chartqa": Task(
@@ -1250,6 +1386,7 @@ TASKS: dict[str, Task] = {
         messages=chartqa_messages,
         target=chartqa_target,
         score=score_chartqa,
+        answer_key="final_answer",
         doc_identity=lambda doc, image: {"query": doc["query"], "label": doc["label"],
                                          "human_or_machine": doc.get("human_or_machine"),
                                          "image_sha256": image.get("sha256")},
@@ -1389,14 +1526,14 @@ class TaskRun:
         if sample.error:
             return Outcome(sample.error[0], error=sample.error[1], attempts=0)
         if self.server_down:
-            return Outcome("connection", error="not sent: the server stopped answering", attempts=0)
+            return Outcome("connection", error=NOT_SENT, attempts=0)
         outcome = await self.client.send(sample.payload)
         if outcome.status in ("connection", "timeout"):  # after all retries
             self.failures_in_a_row += 1
             if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
                 self.server_down = True
-                warn(f"{self.config.chat_url} stopped answering; the remaining samples are counted as "
-                     "connection failures (rerun the same command to resume them)")
+                warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
+                     f"in {outcome.status} after every retry): no more requests are sent to it")
         else:
             self.failures_in_a_row = 0
             self.successes += outcome.http_status is not None and outcome.http_status < 400
@@ -1420,8 +1557,11 @@ class TaskRun:
             "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
             "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
-            "reasoning_flags": reasoning_flags(outcome, response_text),
+            "reasoning_flags": reasoning_flags(self.task, outcome, response_text),
         }
+
+
+NOT_SENT = "not sent: the server had stopped answering"
 
 
 def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
@@ -1440,12 +1580,13 @@ def outcome_from_record(record: dict) -> Outcome:
                    latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0)
 
 
-def reasoning_flags(outcome: Outcome, answer: str) -> list:
-    """Why a reasoning model may have scored badly: the answer only exists in the
-    reasoning channel, or the token budget ran out while it was still thinking."""
+def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
+    """Why a reasoning model may have scored badly: the task's extractor finds an answer
+    in the reasoning channel but none in the content, or the token budget ran out while
+    it was still thinking."""
     flags = []
     content = outcome.content or ""
-    if outcome.reasoning and not content.strip():
+    if outcome.reasoning and not task.finds_answer(answer) and task.finds_answer(outcome.reasoning):
         flags.append("answer_only_in_reasoning")
     if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and THINK_END not in content)
                                               or (outcome.reasoning and not answer.strip())):
@@ -1454,7 +1595,7 @@ def reasoning_flags(outcome: Outcome, answer: str) -> list:
 
 
 async def detect_model(config: APIConfig) -> str:
-    return await asyncio.get_running_loop().run_in_executor(None, resolve_model, config.api_root, config.api_key, None)
+    return await asyncio.get_running_loop().run_in_executor(None, resolve_model, config, None)
 
 
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
@@ -1551,29 +1692,25 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         add(f"{task.headline},{group}", task.headline, [r for r in records if r.get("group") == group],
             with_stderr=False)
 
-    statuses: dict = {}
-    for r in records:
-        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    statuses = collections.Counter(r["status"] for r in records)
     failures = {s: c for s, c in sorted(statuses.items()) if s not in VALID_STATUSES}
     usage = [(r.get("response") or {}).get("usage") or {} for r in records]
     sent = [r for r in records if r.get("attempts") and not r.get("reused")]  # by this run, not resumed
     sent_tokens = sum(((r.get("response") or {}).get("usage") or {}).get("completion_tokens") or 0 for r in sent)
     latencies = [r["latency"] for r in sent if r.get("latency")]
-    finish: dict = {}
-    for r in valid:
-        reason = str((r.get("response") or {}).get("finish_reason"))
-        finish[reason] = finish.get(reason, 0) + 1
+    finish = collections.Counter(str(reason) for reason in
+                                 ((r.get("response") or {}).get("finish_reason") for r in records) if reason)
     result = {
         "metrics": metrics,
         "num_samples": len(records),
-        "num_ok": statuses.get("ok", 0),
-        "num_truncated": statuses.get("truncated", 0),
+        "num_ok": statuses["ok"],
+        "num_truncated": finish["length"],  # what the server said, whatever the content
         "num_failed": sum(failures.values()),
         "failures": failures,
         "elapsed": round(elapsed, 3),
         "complete": complete and len(records) == planned,
         "headline": base,
-        "finish_reasons": finish,
+        "finish_reasons": dict(sorted(finish.items())),
         "num_reused": sum(1 for r in records if r.get("reused")),
         "usage": {"prompt_tokens": sum(u.get("prompt_tokens") or 0 for u in usage),
                   "completion_tokens": sum(u.get("completion_tokens") or 0 for u in usage)},
@@ -1587,6 +1724,9 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     }
     if planned != len(records):
         result["num_planned"] = planned
+    not_sent = sum(1 for r in records if r.get("error") == NOT_SENT)
+    if not_sent:
+        result["num_not_sent"] = not_sent
     flags: dict = {}
     for r in records:
         for flag in r.get("reasoning_flags") or []:
@@ -1613,6 +1753,9 @@ def summary_table(results: dict) -> str:
     """The human summary written to stderr."""
     lines = [f"{'task':<18} {'metric':<36} {'value':>7} {'stderr':>7} {'n':>6} {'failed':>6} {'seconds':>8}"]
     for name, result in results.items():
+        if "error" in result and not result.get("metrics"):
+            lines.append(f"{name:<18} error: {result['error']}")
+            continue
         metrics = result["metrics"]
         for key in (k for k in metrics if "_stderr" not in k):
             lines.append(f"{name:<18} {key:<36} {fmt_value(metrics[key]):>7} "
@@ -1623,16 +1766,21 @@ def summary_table(results: dict) -> str:
 
 
 def report_warnings(task_name: str, result: dict) -> None:
-    if result["failures"]:
+    if result.get("failures"):
         detail = ", ".join(f"{status}: {count}" for status, count in result["failures"].items())
         warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed ({detail}); "
              "they count as wrong in the headline metrics")
+    if result.get("num_not_sent"):
+        warn(f"{task_name}: {result['num_not_sent']} samples were not sent because the server had stopped "
+             "answering; they are counted as connection failures (rerun the same command to resume them)")
+    advice = {"answer_only_in_reasoning": ("had an answer only in the reasoning channel, none in the content",
+                                           "check the server's reasoning parser and the chat template"),
+              "budget_ran_out_in_reasoning": ("ran out of tokens while still reasoning",
+                                              "raise max_tokens, e.g. --gen_kwargs max_gen_toks=4096")}
     for flag, rows in (result.get("reasoning_rows") or {}).items():
         shown = ", ".join(map(str, rows[:10])) + (" ..." if result["reasoning"][flag] > 10 else "")
-        what = {"answer_only_in_reasoning": "had their answer only in the reasoning channel (content empty)",
-                "budget_ran_out_in_reasoning": "ran out of tokens while still reasoning"}[flag]
-        warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); raise max_tokens, "
-             "e.g. --gen_kwargs max_gen_toks=4096")
+        what, fix = advice[flag]
+        warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); {fix}")
     if result.get("num_truncated"):
         warn(f"{task_name}: {result['num_truncated']} responses hit max_tokens (finish_reason length); "
              "they are scored as they are")
@@ -1854,7 +2002,7 @@ def cmd_compare(argv: list) -> int:
     args = parser.parse_args(argv)
     comparison = compare_runs(load_run(args.run_a), load_run(args.run_b), top=args.top)
     if args.json:
-        print(json.dumps({"a": args.run_a, "b": args.run_b, "comparison": comparison}, indent=2, ensure_ascii=False))
+        print(stdout_json({"a": args.run_a, "b": args.run_b, "comparison": comparison}))
     else:
         print(format_comparison(comparison, args.run_a, args.run_b))
     return EXIT_OK
@@ -1884,6 +2032,9 @@ def cmd_replay(argv: list) -> int:
     parser.add_argument("--base_url", "--base-url", dest="base_url", help="send it here instead of the logged URL")
     parser.add_argument("--api_key", "--api-key", dest="api_key", help="default: env OPENAI_API_KEY")
     parser.add_argument("--data_dir", "--data-dir", dest="data_dir", help="dataset cache, for logged images")
+    parser.add_argument("--header", action="append", metavar="'NAME: VALUE'", help="an extra header (repeatable)")
+    parser.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
+    parser.add_argument("--ca_cert", "--ca-cert", dest="ca_cert", metavar="FILE", help="CA bundle (PEM)")
     parser.add_argument("--curl", action="store_true", help="print a curl command instead of sending")
     parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT)
     args = parser.parse_args(argv)
@@ -1905,18 +2056,21 @@ def cmd_replay(argv: list) -> int:
     url = normalize_base_url(args.base_url)[1] if args.base_url else record.get("url")
     if not url:
         raise UsageError("the record has no URL; pass --base_url")
-    api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
-    _SECRETS.extend(s for s in (api_key,) if s)
+    config = APIConfig(url=url, api_key=check_secret(args.api_key or os.environ.get("OPENAI_API_KEY"), "the API key"),
+                       timeout=args.timeout, headers=parse_headers(args.header or []),
+                       verify_certificate=not args.insecure, ca_cert=args.ca_cert)
     payload = json.dumps(body).encode()
     if args.curl:
         body_file = Path(tempfile.mkdtemp(prefix="nano-eval-replay-")) / "body.json"
         body_file.write_bytes(payload)
-        auth = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if api_key else ""
-        print(f"curl -sS {url} -H 'Content-Type: application/json'{auth} --data-binary @{body_file}")
+        options = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if config.api_key else ""
+        options += "".join(f" -H '{name}: <value of {name}>'" for name in config.headers)  # never the value
+        options += " -k" if args.insecure else f" --cacert {args.ca_cert}" if args.ca_cert else ""
+        print(f"curl -sS {url} -H 'Content-Type: application/json'{options} --data-binary @{body_file}")
         return EXIT_OK
-    headers = {"Content-Type": "application/json", **auth_headers(api_key)}
+    headers = {"Content-Type": "application/json", **server_headers(config)}
     try:
-        resp = HTTPClient(timeout=args.timeout).request("POST", url, payload, headers)
+        resp = server_client(config).request("POST", url, payload, headers)
     except Exception as exc:
         raise ServerError(f"cannot reach {url}: {describe_network_error(exc)[1]}") from None
     outcome = classify_response(resp)
@@ -1933,20 +2087,21 @@ OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modula
             "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio", "organization_owner": "LM Studio"}
 
 
-def identify_server(api_root: str, api_key: str | None, timeout: float = 3.0) -> dict:
+def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
     """Which backend answered, from the endpoints each one has: vLLM /version, SGLang
     /get_server_info, llama.cpp /props, Ollama /api/version, TGI /info; else the
     `owned_by` of /v1/models and the Server header."""
+    api_root = config.api_root
     parts = urllib.parse.urlsplit(api_root)
     origin = f"{parts.scheme}://{parts.netloc}"
-    client = HTTPClient(timeout=timeout, connect_timeout=timeout)
+    client = server_client(config, timeout=timeout, connect_timeout=timeout)
     paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
              "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
              "models": f"{api_root}/models", "control": f"{origin}/nano-eval-no-such-path"}
 
     def fetch(url: str) -> tuple[int, Any, dict]:
         try:
-            return http_json(client, url, auth_headers(api_key))
+            return http_json(client, url, server_headers(config))
         except Exception:
             return 0, None, {}
 
@@ -1991,8 +2146,8 @@ class Preflight:
 
     def __init__(self, config: APIConfig, timeout: float = 120.0):
         self.config = config
-        self.client = HTTPClient(timeout=min(timeout, config.timeout), connect_timeout=5.0)
-        self.headers = {"Content-Type": "application/json", **auth_headers(config.api_key)}
+        self.client = server_client(config, timeout=min(timeout, config.timeout), connect_timeout=5.0)
+        self.headers = {"Content-Type": "application/json", **server_headers(config)}
         self.checks: list = []
 
     def check(self, name: str, result: str, evidence: str) -> None:
@@ -2048,7 +2203,7 @@ class Preflight:
 
     def check_models(self) -> None:
         try:
-            status, data, _ = http_json(self.client, self.config.api_root + "/models", auth_headers(self.config.api_key))
+            status, data, _ = http_json(self.client, self.config.api_root + "/models", server_headers(self.config))
         except Exception as exc:
             self.check("/v1/models", "FAIL", describe_network_error(exc)[1])
             return
@@ -2183,7 +2338,7 @@ def format_preflight(report: dict) -> str:
 
 KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
 MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
-              "think_end_token"}
+              "think_end_token", "header", "verify_certificate", "ca_cert_path"}
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
 IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
                       "trust_remote_code"}
@@ -2285,6 +2440,12 @@ def build_parser() -> ArgumentParser:
     add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
     add("fewshot_as_multiturn", type=boolean, default=True,
         help="few-shots as chat turns (default true, as lm-eval with --apply_chat_template)")
+    add("header", action="append", metavar="'NAME: VALUE'", help="an extra request header for the inference "
+        "server (repeatable); its value is a secret, like the key")
+    add("insecure", action="store_true", help="do not verify the server's TLS certificate")
+    add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
+    add("max_response_mb", type=positive_float, help=f"a larger response is a failed sample, status too_large "
+        f"(default {DEFAULT_MAX_RESPONSE_MB})")
     add("check", action="store_true", help="run the server conformance preflight first")
     add("no_progress", action="store_true", help="no progress line on stderr")
     parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
@@ -2308,7 +2469,7 @@ def resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
 
 def resolve_settings(args: argparse.Namespace) -> dict:
     """Flags win over --model_args, which win over the environment and defaults."""
-    model_args = parse_kv(args.model_args, "--model_args")
+    model_args = parse_model_args(args.model_args)
     unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
     if unknown:
         raise UsageError(f"--model_args: unsupported key {', '.join(sorted(unknown))}; "
@@ -2331,6 +2492,10 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "max_gen_toks": model_args.get("max_gen_toks"),
         "think_end_token": str(model_args.get("think_end_token", THINK_END)),
         "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
+        "headers": {**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
+        "verify_certificate": not args.insecure and model_args.get("verify_certificate", True) is not False,
+        "ca_cert": args.ca_cert or model_args.get("ca_cert_path"),
+        "max_response_mb": args.max_response_mb or DEFAULT_MAX_RESPONSE_MB,
     }
     until = settings["gen_kwargs"].get("until")
     if until is not None and not isinstance(until, str):
@@ -2339,6 +2504,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         value = settings[name]
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(model_args.get("verify_certificate", True), bool):
+        raise UsageError(f"verify_certificate must be true or false, got {model_args['verify_certificate']!r}")
     if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
         raise UsageError(f"seed must be an integer, got {settings['seed']!r}")
     if not isinstance(settings["timeout"], (int, float)) or settings["timeout"] <= 0:
@@ -2346,6 +2513,28 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     if settings["model"] is not None:
         settings["model"] = str(settings["model"])
     return settings
+
+
+def parse_model_args(text: str | None) -> dict:
+    """`k=v,k=v`, or a JSON object (as lm-eval also takes, for a `header` dict)."""
+    if text and text.strip().startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--model_args is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise UsageError("--model_args: a JSON value must be an object")
+        return parsed
+    return parse_kv(text, "--model_args")
+
+
+def header_items(value: Any) -> dict | list:
+    """lm-eval's `header` model_arg: a dict (JSON model_args), or one `Name: value` text."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return value
+    return [str(value)]
 
 
 def check_output_path(path: str | None) -> Path | None:
@@ -2396,8 +2585,10 @@ def run_config(config: APIConfig, tasks: list, max_samples: int | None, args: ar
 
 
 async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
-                    results: dict) -> bool:
-    """Runs the tasks one after the other into `results`; False when interrupted."""
+                    results: dict) -> tuple[bool, str | None]:
+    """Runs the tasks one after the other into `results`: (False when interrupted, the
+    error that made the server unusable). A task that cannot run or finish gets an entry
+    with its `error`; the next task still runs, unless the server itself is unusable."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -2406,11 +2597,20 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
         except (NotImplementedError, RuntimeError, ValueError):
             pass
 
-    async def all_tasks() -> None:
+    async def all_tasks() -> str | None:
         for task in tasks:
-            await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
-                           log_images=args.log_images, progress=False if args.no_progress else None, sink=results,
-                           resume=not args.no_resume)
+            try:
+                await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
+                               log_images=args.log_images, progress=False if args.no_progress else None,
+                               sink=results, resume=not args.no_resume)
+            except NanoEvalError as exc:
+                message = redact(str(exc), _SECRETS)
+                info(f"error: {task.name}: {message}")
+                results[task.name] = {**results.get(task.name, {}), "error": message, "exit_code": exc.exit_code,
+                                      "complete": False}
+                if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
+                    return message
+        return None
 
     work = asyncio.ensure_future(all_tasks())
     stopper = asyncio.ensure_future(stop.wait())
@@ -2424,32 +2624,41 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
                 pass
     if work.done():
         stopper.cancel()
-        work.result()  # raises what the run raised
-        return True
+        return True, work.result()  # raises what the run raised
     work.cancel()
     try:
         await work
     except asyncio.CancelledError:
         pass
-    return False
+    return False, None
+
+
+def stdout_json(document: dict) -> str:
+    """The document as JSON text that any stdout encoding can carry: non-ASCII characters
+    are escaped unless stdout takes UTF-8."""
+    try:
+        utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
+    except LookupError:
+        utf8 = False
+    return json.dumps(document, indent=2, ensure_ascii=not utf8)
 
 
 def write_results(document: dict, output: Path | None) -> None:
-    text = json.dumps(document, indent=2, ensure_ascii=False)
     if output:
+        text = json.dumps(document, indent=2, ensure_ascii=False)
         try:
             atomic_write(output, (text + "\n").encode("utf-8"))
         except OSError as exc:
-            print(text, flush=True)
+            print(stdout_json(document), flush=True)
             raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
-    print(text, flush=True)
+    print(stdout_json(document), flush=True)
 
 
 def cmd_eval(argv: list) -> int:
     args = build_parser().parse_args(argv)
     tasks, check = resolve_tasks(args.tasks, args.check)
     settings = resolve_settings(args)
-    _SECRETS.extend(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
+    _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     log_dir = sample_log_dir(args, output)
     if log_dir and not is_writable_dir(log_dir):
@@ -2457,26 +2666,35 @@ def cmd_eval(argv: list) -> int:
     if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
         resolve_data_dir(args.data_dir)  # fail now, not after connecting
     base_urls = settings["base_urls"] or [probe_local_server()]
-    configs = []
-    for url in base_urls:
-        config = APIConfig(url=url, model=None, api_key=settings["api_key"],
-                           num_concurrent=settings["num_concurrent"], timeout=settings["timeout"],
-                           max_retries=settings["max_retries"], seed=settings["seed"],
-                           gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
-                           system_instruction=args.system_instruction,
-                           fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think,
-                           think_end_token=settings["think_end_token"])
-        config.model = resolve_model(config.api_root, config.api_key, settings["model"])
-        config.server = identify_server(config.api_root, config.api_key)
-        configs.append(config)
+    configs = [APIConfig(url=url, model=None, api_key=settings["api_key"],
+                         num_concurrent=settings["num_concurrent"], timeout=settings["timeout"],
+                         max_retries=settings["max_retries"], seed=settings["seed"],
+                         gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
+                         system_instruction=args.system_instruction,
+                         fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think,
+                         think_end_token=settings["think_end_token"], headers=settings["headers"],
+                         verify_certificate=settings["verify_certificate"], ca_cert=settings["ca_cert"],
+                         max_response_mb=settings["max_response_mb"]) for url in base_urls]
+    if not settings["verify_certificate"] and any(c.chat_url.startswith("https:") for c in configs):
+        warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
+             "any server can pose as this one")
     if len(configs) > 1:
-        return run_several(configs, tasks, args, output, log_dir, check)
+        return run_several(configs, settings["model"], tasks, args, output, log_dir, check)
     config = configs[0]
+    find_server(config, settings["model"])
     server = config.server
     info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
          f"{' ' + str(server['version']) if server.get('version') else ''}): "
          f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
-    return evaluate_one(config, tasks, args, output, log_dir, check)
+    document = run_server(config, tasks, args, log_dir, check)
+    write_results(document, output)
+    return run_exit_code(document, args, log_dir)
+
+
+def find_server(config: APIConfig, model: str | None) -> None:
+    """The model to ask for and which backend answers (AuthError/ServerError if unusable)."""
+    config.model = resolve_model(config, model)
+    config.server = identify_server(config)
 
 
 def preflight_result(config: APIConfig) -> dict:
@@ -2493,79 +2711,101 @@ def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir
     preflight = preflight_result(config) if check else None
     results: dict = {}
     try:
-        complete = asyncio.run(run_tasks(tasks, config, args, log_dir, results))
+        finished, server_error = asyncio.run(run_tasks(tasks, config, args, log_dir, results))
     finally:
         for name, result in results.items():
             report_warnings(name, result)
     if results:
         print(summary_table(results), file=sys.stderr)
-    return run_document(config, tasks, args, log_dir, results, preflight, complete, start)
+    document = run_document(config, tasks, args, log_dir, results, preflight, finished, start)
+    if server_error:
+        document["error"] = server_error
+    return document
 
 
-def evaluate_one(config: APIConfig, tasks: list, args: argparse.Namespace, output: Path | None,
-                 log_dir: Path | None, check: bool) -> int:
-    document = run_server(config, tasks, args, log_dir, check)
-    write_results(document, output)
-    return run_exit_code(document, args, log_dir)
-
-
-def run_several(configs: list, tasks: list, args: argparse.Namespace, output: Path | None,
+def run_several(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
                 log_dir: Path | None, check: bool) -> int:
     """The same samples against each server, then the paired comparison of the first
-    server with each of the others."""
+    usable server with each of the others. A server that cannot be used is reported in
+    its entry of `runs`; the others still run."""
     root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
     start = time.perf_counter()
+    unusable = {}
+    for config in configs:
+        try:
+            find_server(config, model)
+        except (AuthError, ServerError) as exc:
+            unusable[id(config)] = exc
+            info(f"error: {exc}")
     runs, codes = [], []
     for i, config in enumerate(configs):
         parts = urllib.parse.urlsplit(config.api_root)
         run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
-        info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-        try:
+        error = unusable.get(id(config))
+        if error is None:
+            info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
             runs.append(run_server(config, tasks, args, run_dir, check))
-        except (AuthError, ServerError) as exc:  # this server is unusable; the others' results still count
-            info(f"error: {exc}")
+            codes.append(run_exit_code(runs[-1], args, run_dir))
+        else:  # this server is unusable; the others' results still count
             runs.append({"results": {}, "config": run_config(config, tasks, args.max_samples, args),
-                         "error": str(exc), "complete": False})
-            codes.append(exc.exit_code)
-            continue
-        codes.append(run_exit_code(runs[-1], args, run_dir))
-        if not runs[-1]["complete"]:
+                         "error": redact(str(error), _SECRETS), "complete": False, "interrupted": False})
+            codes.append(error.exit_code)
+        if runs[-1]["interrupted"]:
             break
-    comparisons = []
-    for run in runs[1:] if tasks and "error" not in runs[0] else []:
-        if "error" in run:
-            continue
-        a, b = runs[0]["config"], run["config"]
-        comparison = compare_runs(load_run(a["log_samples"]), load_run(b["log_samples"]))
-        comparisons.append({"a": a["chat_url"], "b": b["chat_url"], "comparison": comparison})
-        print(format_comparison(comparison, a["chat_url"], b["chat_url"]), file=sys.stderr)
+    comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
     write_results({"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)},
                   output)
-    return max(codes, key=lambda c: (c == EXIT_INTERRUPTED, c))
+    return most_severe(codes)
+
+
+def compare_servers(runs: list) -> list:
+    """The first run compared with each of the others, printed and returned."""
+    comparisons = []
+    for run in runs[1:]:
+        a, b = runs[0]["config"], run["config"]
+        entry = {"a": a["chat_url"], "b": b["chat_url"]}
+        try:
+            entry["comparison"] = compare_runs(load_run(a["log_samples"]), load_run(b["log_samples"]))
+            print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
+        except UsageError as exc:  # e.g. a run with no sample at all
+            entry["error"] = str(exc)
+            info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {exc}")
+        comparisons.append(entry)
+    return comparisons
 
 
 def run_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
-                 preflight: dict | None, complete: bool, start: float) -> dict:
+                 preflight: dict | None, finished: bool, start: float) -> dict:
     """The results JSON of one server's run."""
     document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
                             **results},
                 "config": run_config(config, tasks, args.max_samples, args),
                 "total_seconds": round(time.perf_counter() - start, 3),
-                "complete": complete and all(r["complete"] for r in results.values())}
+                "complete": finished and all(r["complete"] for r in results.values()),
+                "interrupted": not finished}
     if log_dir:
         document["config"]["log_samples"] = str(log_dir)
     return document
 
 
+def most_severe(codes: list) -> int:
+    """An interruption first, then the highest code."""
+    return max(codes or [EXIT_OK], key=lambda c: (c == EXIT_INTERRUPTED, c))
+
+
 def run_exit_code(document: dict, args: argparse.Namespace, log_dir: Path | None) -> int:
-    if not document["complete"]:
+    if document["interrupted"]:
         info("interrupted: partial results written" + ("; rerun the same command to resume" if log_dir else ""))
         return EXIT_INTERRUPTED
-    preflight = document["results"].get(CONFORMANCE)
+    results = document["results"]
+    codes = [r["exit_code"] for r in results.values() if "exit_code" in r]
+    preflight = results.get(CONFORMANCE)
     if preflight and preflight["metrics"]["fail"]:
         info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
-        return EXIT_FAILURES
-    return fail_rate_exit({n: r for n, r in document["results"].items() if n != CONFORMANCE}, args.max_fail_rate)
+        codes.append(EXIT_FAILURES)
+    codes.append(fail_rate_exit({n: r for n, r in results.items() if n != CONFORMANCE and "error" not in r},
+                                args.max_fail_rate))
+    return most_severe(codes)
 
 
 def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
@@ -2581,6 +2821,9 @@ def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"compare": cmd_compare, "replay": cmd_replay}
+    for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     code = EXIT_OK
     try:
         for arg in argv:

@@ -70,7 +70,7 @@ def models_route(owned_by: str, model: str = "m") -> dict:
         "owned_by-sglang", "owned_by-llamacpp", "owned_by-lmstudio", "server-header"])
 def test_identify_server(routes, header, expected):
     with FakeOpenAI(extra_routes=routes, server_header=header) as srv:
-        identity = ne.identify_server(srv.base_url, None)
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert {k: identity.get(k) for k in expected} == expected
     assert set(identity) >= {"name", "version", "evidence", "server_header", "owned_by"}
 
@@ -79,14 +79,14 @@ def test_identify_server_with_api_key_and_full_chat_url():
     # /v1/models needs the bearer: identify_server must send it to read owned_by
     with FakeOpenAI(api_key="sk-secret", extra_routes={"/version": (200, {"version": "0.8.0"})}) as srv:
         root, _ = ne.normalize_base_url(srv.base_url + "/chat/completions")
-        identity = ne.identify_server(root, "sk-secret")
+        identity = ne.identify_server(ne.APIConfig(url=root, api_key="sk-secret"))
         models_calls = [r for r in srv.requests if r["path"] == "/v1/models"]
     assert (identity["name"], identity["version"], identity["owned_by"]) == ("vLLM", "0.8.0", "fake")
     assert models_calls and all(r["headers"].get("Authorization") == "Bearer sk-secret" for r in models_calls)
 
 
 def test_identify_server_dead_server_is_unknown():
-    identity = ne.identify_server(f"http://127.0.0.1:{free_port()}/v1", None, timeout=1.0)
+    identity = ne.identify_server(ne.APIConfig(url=f"http://127.0.0.1:{free_port()}/v1", api_key=None), timeout=1.0)
     assert identity["name"] == "unknown"
     assert identity["version"] is None and identity["owned_by"] is None and identity["server_header"] is None
 
@@ -96,7 +96,7 @@ def test_identify_server_ignores_non_json_and_error_answers():
     routes = {"/version": (200, "<html><body>hello</body></html>"), "/props": (500, {"version": "1"}),
               "/api/version": (404, {"version": "0.6.5"})}
     with FakeOpenAI(extra_routes=routes, server_header="nginx") as srv:
-        identity = ne.identify_server(srv.base_url, None)
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert (identity["name"], identity["version"], identity["evidence"]) == ("nginx", None, "Server header")
 
 
@@ -123,7 +123,7 @@ class CatchAll(FakeOpenAI):
 ], ids=["html", "status-ok", "models-doc", "health-doc"])
 def test_catch_all_get_is_not_misidentified(body):
     with CatchAll(body, server_header="catchall/1.0") as srv:
-        identity = ne.identify_server(srv.base_url, None)
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert identity["name"] == "catchall/1.0"
     assert identity["evidence"] == "Server header"
     assert identity["version"] is None
@@ -133,13 +133,13 @@ def test_lm_studio_style_catch_all_uses_owned_by():
     # LM Studio answers unknown endpoints with 200 {"error": "Unexpected endpoint or method. (GET /x)"}
     body = lambda path: {"error": f"Unexpected endpoint or method. (GET {path})"}  # noqa: E731
     with CatchAll(body, extra_routes=models_route("organization_owner")) as srv:
-        identity = ne.identify_server(srv.base_url, None)
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert (identity["name"], identity["version"], identity["evidence"]) == ("LM Studio", None, "owned_by")
 
 
 def test_catch_all_version_body_is_not_ollama():
     with CatchAll({"version": "1.2.3"}, server_header="catchall/1.0") as srv:
-        identity = ne.identify_server(srv.base_url, None)
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert identity["name"] not in ("Ollama", "llama.cpp", "SGLang", "TGI")
     assert identity["evidence"] != "/api/version"
 
@@ -154,7 +154,7 @@ def test_identify_server_does_not_wait_for_a_hanging_endpoint():
             return super()._route(request)
 
     with Hangs(extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv:
-        identity = ne.identify_server(srv.base_url, None, timeout=1.0)
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None), timeout=1.0)
     assert (identity["name"], identity["version"]) == ("vLLM", "0.9.1")
 
 
