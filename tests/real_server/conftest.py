@@ -11,7 +11,10 @@ Optional environment:
                                 (e.g. http://127.0.0.1:8080/v1); nothing is built or started
     NANO_EVAL_LLAMA_SERVER_BIN  use this llama-server binary instead of building one
     NANO_EVAL_LLAMA_MODEL       use this GGUF instead of the pinned SmolLM2-135M-Instruct
-    NANO_EVAL_CI_CACHE          cache root for the build (see setup_llama_server.sh)
+    NANO_EVAL_CI_CACHE          cache root for the builds (see setup_llama_server.sh, setup_vllm.sh)
+
+test_vllm.py and test_vlm.py also start vLLM (setup_vllm.sh builds its venv, ~4 min cold);
+each server is module-scoped, so at most one vLLM runs at a time.
 """
 
 from __future__ import annotations
@@ -134,6 +137,67 @@ def _jinja_flag(binary: str) -> list[str]:
 # --------------------------------------------------------------------------- fixtures
 
 
+@contextlib.contextmanager
+def launch_server(name: str, make_cmd, logdir: Path, health_timeout: float = HEALTH_TIMEOUT_S,
+                  env: dict | None = None):
+    """Start `make_cmd(port)` on a free 127.0.0.1 port, wait for GET /health == 200, yield a
+    namespace (root_url, base_url, log, port), and stop the server (and its children) after.
+    A port taken between probe and bind is retried with another one."""
+    last_error = ""
+    for attempt in range(3):
+        port = _free_port()
+        log_path = logdir / f"{name}-{attempt}.log"
+        cmd = [str(c) for c in make_cmd(port)]
+        with open(log_path, "wb") as log:
+            # No shell, and a new session, so the whole process group (vLLM's engine process
+            # too) can be stopped by the server's own pid.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, start_new_session=True)
+        root = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + health_timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _http_status(root + "/health") == 200:  # 503 (llama.cpp) or refused while loading
+                break
+            time.sleep(0.5)
+        if proc.poll() is None and _http_status(root + "/health") == 200:
+            break
+        last_error = log_path.read_text(errors="replace")[-3000:]
+        _stop(proc)
+        if "bind" not in last_error and "already in use" not in last_error:
+            pytest.fail(f"{name} did not become healthy in {health_timeout:.0f} s: {' '.join(cmd)}\n{last_error}")
+    else:
+        pytest.fail(f"{name} could not bind a port after 3 attempts:\n{last_error}")
+    try:
+        yield SimpleNamespace(base_url=root + "/v1", root_url=root, log=log_path, port=port, cmd=cmd)
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (it was started in its own session), then SIGKILL."""
+    import signal
+
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # children left behind by a leader that exited
+
+
+def llama_cmd(binary: str, model: str, alias: str, slots: int = SLOTS, extra=()):
+    jinja = _jinja_flag(binary)
+    return lambda port: [
+        binary, "-m", model, "-a", alias, "--host", "127.0.0.1", "--port", str(port),
+        "-c", str(slots * CTX_PER_SLOT), "-np", str(slots), "-t", "2", *jinja, *extra,
+    ]
+
+
 @pytest.fixture(scope="session")
 def llama_server(pytestconfig, tmp_path_factory):
     """A running llama-server with SmolLM2-135M-Instruct. Yields a namespace with
@@ -147,44 +211,98 @@ def llama_server(pytestconfig, tmp_path_factory):
 
     binary, model = _llama_paths(pytestconfig)
     logdir = tmp_path_factory.mktemp("llama_server")
-    jinja = _jinja_flag(binary)
-    last_error = ""
-    for attempt in range(3):  # a free port can be taken between probe and bind
-        port = _free_port()
-        log_path = logdir / f"server-{attempt}.log"
-        cmd = [
-            binary, "-m", model, "-a", MODEL_ALIAS,
-            "--host", "127.0.0.1", "--port", str(port),
-            "-c", str(SLOTS * CTX_PER_SLOT), "-np", str(SLOTS), "-t", "2", *jinja,
-        ]
-        with open(log_path, "wb") as log:
-            # A direct Popen (no shell) so proc.pid is the server itself.
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        root = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        while proc.poll() is None and time.monotonic() < deadline:
-            if _http_status(root + "/health") == 200:  # 503 while the model loads
-                break
-            time.sleep(0.5)
-        if proc.poll() is None and _http_status(root + "/health") == 200:
-            break
-        last_error = log_path.read_text(errors="replace")[-3000:]
-        proc.kill()
-        proc.wait()
-        if "bind" not in last_error:
-            pytest.fail(f"llama-server did not become healthy: {' '.join(cmd)}\n{last_error}")
-    else:
-        pytest.fail(f"llama-server could not bind a port after 3 attempts:\n{last_error}")
+    with launch_server("llama-server", llama_cmd(binary, model, MODEL_ALIAS), logdir) as server:
+        server.alias = MODEL_ALIAS
+        yield server
 
-    try:
-        yield SimpleNamespace(base_url=root + "/v1", root_url=root, log=log_path, alias=MODEL_ALIAS)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+# --------------------------------------------------------------------------- vLLM
+
+VLLM_SETUP_SCRIPT = HERE / "setup_vllm.sh"
+VLLM_HEALTH_TIMEOUT_S = 900   # ~30 s on an idle machine; CPU contention can make it minutes
+TEXT_ALIAS = "smollm2-135m-instruct"   # the same served name on both backends
+VLM_ALIAS = "tiny-idefics3"
+
+
+def _vllm_paths(config) -> dict:
+    t0 = time.monotonic()
+    with _uncaptured(config):
+        print(f"\n[real_server] running {VLLM_SETUP_SCRIPT.name} (cached: ~1 s; cold: ~4 min)", flush=True)
+        proc = subprocess.run(["bash", str(VLLM_SETUP_SCRIPT)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        print(f"[real_server] vLLM setup finished in {time.monotonic() - t0:.0f} s", flush=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{VLLM_SETUP_SCRIPT} failed with exit code {proc.returncode}:\n{proc.stdout}")
+    return dict(line.split("=", 1) for line in shlex.split(proc.stdout) if "=" in line)
+
+
+@pytest.fixture(scope="session")
+def vllm_paths(pytestconfig) -> dict:
+    """setup_vllm.sh's KEY=value lines: VLLM_PYTHON, VLLM_VERSION, VLLM_MODEL,
+    LLAMA_F32_MODEL, VLLM_VLM_MODEL."""
+    return _vllm_paths(pytestconfig)
+
+
+def vllm_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "NANO_EVAL_"))}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost")
+    return env
+
+
+def vllm_cmd(python: str, model: str, alias: str, extra=()):
+    # The `vllm` console script of vllm-cpu 0.32.0 dies (PackageNotFoundError: vllm): run the
+    # module. --enforce-eager: healthy in ~30 s instead of 90-140 s of torch.compile.
+    return lambda port: [
+        python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+        "--served-model-name", alias, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(vllm_paths, tmp_path_factory):
+    """vLLM (CPU) serving SmolLM2-135M-Instruct dequantized to float32 (an HF folder)."""
+    logdir = tmp_path_factory.mktemp("vllm_server")
+    cmd = vllm_cmd(vllm_paths["VLLM_PYTHON"], vllm_paths["VLLM_MODEL"], TEXT_ALIAS)
+    with launch_server("vllm", cmd, logdir, VLLM_HEALTH_TIMEOUT_S, vllm_env()) as server:
+        server.alias, server.version = TEXT_ALIAS, vllm_paths["VLLM_VERSION"]
+        yield server
+
+
+@pytest.fixture(scope="module")
+def llama_f32_server(pytestconfig, vllm_paths, tmp_path_factory):
+    """llama-server serving the SAME float32 weights as vllm_server (the dequantized folder
+    converted back by llama.cpp's convert_hf_to_gguf.py), 4 slots for --num_concurrent 4."""
+    binary, _ = _llama_paths(pytestconfig)
+    logdir = tmp_path_factory.mktemp("llama_f32")
+    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4)
+    with launch_server("llama-server-f32", cmd, logdir) as server:
+        server.alias = TEXT_ALIAS
+        yield server
+
+
+@pytest.fixture(scope="module")
+def llama_broken_server(pytestconfig, vllm_paths, tmp_path_factory):
+    """The same float32 GGUF on llama-server, deliberately misconfigured the way the README's
+    example is: `--chat-template llama3`, another model family's template."""
+    binary, _ = _llama_paths(pytestconfig)
+    logdir = tmp_path_factory.mktemp("llama_broken")
+    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4, extra=("--chat-template", "llama3"))
+    with launch_server("llama-server-llama3-template", cmd, logdir) as server:
+        server.alias = TEXT_ALIAS
+        yield server
+
+
+@pytest.fixture(scope="module")
+def vlm_server(vllm_paths, tmp_path_factory):
+    """vLLM serving the tiny Idefics3 model with seeded random weights (make_tiny_vlm.py)."""
+    logdir = tmp_path_factory.mktemp("vlm_server")
+    cmd = vllm_cmd(vllm_paths["VLLM_PYTHON"], vllm_paths["VLLM_VLM_MODEL"], VLM_ALIAS,
+                   extra=("--limit-mm-per-prompt", '{"image": 1}'))
+    with launch_server("vllm-idefics3", cmd, logdir, VLLM_HEALTH_TIMEOUT_S, vllm_env()) as server:
+        server.alias, server.version = VLM_ALIAS, vllm_paths["VLLM_VERSION"]
+        yield server
 
 
 @pytest.fixture(scope="session")

