@@ -82,6 +82,7 @@ EXIT_USAGE = 2  # bad command line or input
 EXIT_SERVER = 3  # the inference server could not be reached or used
 EXIT_AUTH = 4  # the server refused the API key
 EXIT_DATASET = 5  # the dataset could not be fetched
+EXIT_GATE = 6  # everything ran, but a quality gate failed: a score below --expect, or compare's --fail_if
 EXIT_INTERRUPTED = 130
 
 
@@ -671,7 +672,9 @@ class ChatClient:
 
 DATASETS_SERVER = "https://datasets-server.huggingface.co"
 PAGE_SIZE = 100  # the datasets-server maximum for /rows
-BUNDLED_DATA = Path(__file__).resolve().parent / "data"
+# data/ beside this file in a checkout or a copy; nano_eval_data/ beside it when pip-installed
+BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name in ("nano_eval_data", "data"))
+                     if d.is_dir()), Path(__file__).resolve().parent / "data")
 IMAGE_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
     (b"\xff\xd8\xff", "jpeg", "image/jpeg"),
@@ -1088,6 +1091,7 @@ class Sample:
     group: str | None = None  # a subset the results are also split by (chartqa: human/augmented)
     image: dict | None = None  # sha256, bytes, format of the image sent
     error: tuple[str, str] | None = None  # (status, reason) when the sample cannot be sent
+    repeat: int = 0  # which of the --repeats sends of this document
 
 
 @dataclasses.dataclass
@@ -1124,16 +1128,21 @@ class Task:
         stop = [] if until is None else [until] if isinstance(until, str) else list(until)
         return {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
 
-    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None) -> Sample:
+    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None, repeat: int = 0) -> Sample:
+        """The request for one document. Repeat i of a sampled (temperature > 0) request
+        is sent with seed + i; at temperature 0 every repeat sends the same body."""
         doc = row["row"]
         image, url, error = load_image(cache, row["row_idx"], doc.get(self.image_column)) \
             if self.image_column else (None, None, None)
-        body = {"messages": self.messages(doc, url, config), "model": config.model} | self.request_params(config)
+        params = self.request_params(config)
+        if repeat and params.get("temperature") and isinstance(params.get("seed"), int):
+            params["seed"] += repeat
+        body = {"messages": self.messages(doc, url, config), "model": config.model} | params
         payload = encode_body(body)
         identity = self.doc_identity(doc, image or {})
         return Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
                       doc_hash=sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=sha256(payload),
-                      group=self.group(doc), image=image, error=error)
+                      group=self.group(doc), image=image, error=error, repeat=repeat)
 
 
 def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
@@ -1423,8 +1432,8 @@ class SampleLog:
             raise UsageError(f"cannot write the sample log {path}: {exc.strerror or exc}") from None
 
     def completed(self, task: str, url: str) -> dict:
-        """(doc_hash, body_hash) -> the last valid record of `task` in the log. A log holds
-        one server's samples: compare and replay read it as one run."""
+        """(doc_hash, body_hash, repeat) -> the last valid record of `task` in the log. A log
+        holds one server's samples: compare and replay read it as one run."""
         done: dict = {}
         for record in read_records(self.path):
             if record.get("task") != task:
@@ -1433,7 +1442,7 @@ class SampleLog:
                 raise UsageError(f"{self.path} holds samples from {record.get('url')}, not {url}: "
                                  "give this server its own --log_samples or --output")
             if record.get("status") in VALID_STATUSES:
-                done[(record.get("doc_hash"), record.get("body_hash"))] = record
+                done[(record.get("doc_hash"), record.get("body_hash"), record.get("repeat", 0))] = record
         return done
 
     def write(self, record: dict) -> None:
@@ -1486,19 +1495,24 @@ class TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
     def __init__(self, task: Task, config: APIConfig, rows: list, cache: DatasetCache, log: SampleLog | None,
-                 progress: Progress, resume: bool = True):
+                 progress: Progress, resume: bool = True, repeats: int = 1):
         self.task, self.config, self.rows, self.cache, self.log = task, config, rows, cache, log
         self.progress = progress
+        self.repeats = repeats
         self.client = ChatClient(config)
         previous = log.completed(task.name, config.chat_url) if log else {}
         self.done = previous if resume else {}
-        self.results: dict[int, dict] = {}
+        self.results: dict[tuple, dict] = {}  # (repeat, row_idx) -> record
         self.successes = 0
         self.failures_in_a_row = 0
         self.server_down = False
 
+    def records(self) -> list:
+        """The finished records in dataset order, repeat by repeat."""
+        return [self.results[key] for key in sorted(self.results)]
+
     async def run(self) -> None:
-        todo = iter(self.rows)
+        todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)  # whole passes, one by one
         workers = [asyncio.ensure_future(self.worker(todo)) for _ in range(min(self.config.num_concurrent, len(self.rows)) or 1)]
         try:
             await asyncio.gather(*workers)
@@ -1507,17 +1521,17 @@ class TaskRun:
                 w.cancel()
             self.client.close()
 
-    async def worker(self, todo: Iterator[dict]) -> None:
-        for row in todo:
-            sample = self.task.build(row, self.config, self.cache)
-            previous = self.done.get((sample.doc_hash, sample.body_hash))
+    async def worker(self, todo: Iterator[tuple]) -> None:
+        for repeat, row in todo:
+            sample = self.task.build(row, self.config, self.cache, repeat)
+            previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
             outcome = outcome_from_record(previous) if previous else await self.send(sample)
             record = self.record(sample, outcome)
             if previous is None and self.log:
                 self.log.write({**record, "request": sample.body} if self.log.log_images else record)
             del record["request"]  # not needed for the results; keeps memory flat in the number of samples
             record["reused"] = previous is not None
-            self.results[sample.row_idx] = record
+            self.results[(repeat, sample.row_idx)] = record
             self.progress.advance()
             if self.successes == 0:
                 stop_on_first_failures(outcome, self.config)
@@ -1547,7 +1561,7 @@ class TaskRun:
         else:
             extracted, scores = None, {name: 0.0 for name in self.task.metric_names}
         return {
-            "task": self.task.name, "row_idx": sample.row_idx, "doc_hash": sample.doc_hash,
+            "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat, "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
             "request": redact_images(sample.body, sample.image),
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
@@ -1601,23 +1615,26 @@ async def detect_model(config: APIConfig) -> str:
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
                    log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
                    datasets_server: DatasetsServer | None = None, sink: dict | None = None,
-                   resume: bool = True) -> dict:
+                   resume: bool = True, repeats: int = 1) -> dict:
     """Runs one task against one server and returns its results (see aggregate()).
 
     With `log_dir`, every sample is appended to `<log_dir>/samples_<task>.jsonl` as it
     ends, and samples that server already answered in that log are not sent again
-    (unless `resume=False`).
+    (unless `resume=False`). `repeats` sends every document that many times (whole
+    passes, one after the other) to measure the server's own noise.
     Cancelling the coroutine (Ctrl-C) leaves the log complete up to that point, and
     the partial results in `sink[task.name]`."""
     if max_samples is not None and max_samples < 1:
         raise UsageError("max_samples must be a positive integer")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise UsageError("repeats must be a positive integer")
     start = time.perf_counter()
     if config.model is None:
         config.model = await detect_model(config)
     rows, cache = await load_rows(task.data, max_samples, resolve_data_dir(data_dir), task.image_column,
                                   datasets_server)
     log = SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
-    run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows), progress), resume)
+    run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows) * repeats, progress), resume, repeats)
     if run.done:
         info(f"{task.name}: resuming from {log.path}: samples this server already answered there are not sent "
              "again (--no_resume to send them all)")
@@ -1629,9 +1646,9 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
         run.progress.close()
         if log:
             log.close()
-        result = aggregate(task, [run.results[r["row_idx"]] for r in rows if r["row_idx"] in run.results],
-                           planned=len(rows), elapsed=time.perf_counter() - start,
-                           revisions=cache.revisions(range(0, len(rows), PAGE_SIZE)), complete=complete)
+        result = aggregate(task, run.records(), planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
+                           revisions=cache.revisions(range(0, len(rows), PAGE_SIZE)), complete=complete,
+                           repeats=repeats, temperature=task.request_params(config).get("temperature"))
         if sink is not None:
             sink[task.name] = result
     return result
@@ -1668,11 +1685,17 @@ def percentile(values: list, q: float) -> float | None:
 
 
 def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
-              complete: bool = True) -> dict:
+              complete: bool = True, repeats: int = 1, temperature: Any = None) -> dict:
     """Per-task results: lm-eval's metric names (`,none` dropped), the headline metric
     also under its bare name, `<metric>,valid` over scorable responses only, failure
-    counts per status, tokens, latency and throughput."""
+    counts per status, tokens, latency and throughput. With repeats, each document's
+    scores are first averaged over its repeats (so stderr is over documents), and
+    `repeats` holds each pass's metrics, their mean and SEM, and the self-agreement."""
     valid = [r for r in records if r["status"] in VALID_STATUSES]
+    documents = list(by_document(records).values())
+    scored = [{**group[0], "scores": {name: sum(r["scores"][name] for r in group) / len(group)
+                                      for name in group[0]["scores"]}} for group in documents] \
+        if repeats > 1 else records
     base = task.headline.split(",")[0]
     metrics: dict = {}
 
@@ -1685,11 +1708,11 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     reported = [(base, task.headline)] if base != task.headline else []  # the headline under its bare name
     reported += [(name, name) for name in task.metric_names]
     for label, name in reported:
-        add(label, name, records)
+        add(label, name, scored)
     for label, name in reported:
         add(f"{label},valid", name, valid, with_stderr=False)
-    for group in sorted({r["group"] for r in records if r.get("group")}):
-        add(f"{task.headline},{group}", task.headline, [r for r in records if r.get("group") == group],
+    for group in sorted({r["group"] for r in scored if r.get("group")}):
+        add(f"{task.headline},{group}", task.headline, [r for r in scored if r.get("group") == group],
             with_stderr=False)
 
     statuses = collections.Counter(r["status"] for r in records)
@@ -1734,6 +1757,9 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     if flags:
         result["reasoning"] = {flag: len(rows) for flag, rows in flags.items()}
         result["reasoning_rows"] = {flag: rows[:50] for flag, rows in flags.items()}  # the first 50 of each
+    if repeats > 1:
+        result["num_documents"] = len(documents)
+        result["repeats"] = repeat_summary(task, records, documents, repeats, temperature)
     images = [r["image"] for r in records if r.get("image")]
     if task.image_column:
         formats: dict = {}
@@ -1741,6 +1767,39 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
             formats[image["format"]] = formats.get(image["format"], 0) + 1
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
     return result
+
+
+def by_document(records: list) -> dict:
+    """{row_idx: its records, repeat by repeat}, in dataset order."""
+    groups: dict = {}
+    for record in sorted(records, key=lambda r: (r["row_idx"], r.get("repeat", 0))):
+        groups.setdefault(record["row_idx"], []).append(record)
+    return groups
+
+
+def repeat_summary(task: Task, records: list, documents: list, repeats: int, temperature: Any) -> dict:
+    """Each pass's metrics, their mean and standard error over the passes, and the
+    self-agreement: the share of documents whose repeats gave identical text, and
+    identical scores (over documents that have all their repeats)."""
+    passes = [[r for r in records if r.get("repeat", 0) == i] for i in range(repeats)]
+    summary: dict = {"k": repeats, "temperature": temperature, "metrics": {}}
+    for name in task.metric_names:
+        values = [mean_stderr([r["scores"][name] for r in p])[0] for p in passes if p]
+        mean, sem = mean_stderr(values)
+        summary["metrics"][name] = {"per_repeat": values, "mean": mean, "sem": sem}
+    whole = [group for group in documents if len(group) == repeats]
+    summary["self_agreement"] = self_agreement(whole)
+    return summary
+
+
+def self_agreement(documents: list) -> dict:
+    """Of documents sent several times: the share whose responses are all identical,
+    and whose scores are all identical."""
+    n = len(documents)
+    same_text = sum(1 for group in documents if len({(r.get("response") or {}).get("content") for r in group}) == 1)
+    same_scores = sum(1 for group in documents if len({json.dumps(r.get("scores"), sort_keys=True)
+                                                       for r in group}) == 1)
+    return {"documents": n, "responses": same_text / n if n else None, "scores": same_scores / n if n else None}
 
 
 def fmt_value(value: Any) -> str:
@@ -1784,6 +1843,69 @@ def report_warnings(task_name: str, result: dict) -> None:
     if result.get("num_truncated"):
         warn(f"{task_name}: {result['num_truncated']} responses hit max_tokens (finish_reason length); "
              "they are scored as they are")
+    repeats = result.get("repeats") or {}
+    agreement = (repeats.get("self_agreement") or {}).get("responses")
+    if repeats.get("temperature") == 0 and agreement is not None and agreement < 1:
+        warn(f"{task_name}: at temperature 0, only {agreement:.1%} of documents got the same response in all "
+             f"{repeats['k']} repeats: this backend is not deterministic at this concurrency; read any comparison "
+             "against this floor")
+
+
+# Published scores for these exact tasks, matched on the served model name (see
+# reference_key). They come from other harnesses, hence the tolerance in expectation().
+REFERENCE_SCORES = {
+    # Meta's Llama 3.1 model card: GSM-8K (CoT), 8-shot, em_maj1@1 (instruction-tuned models)
+    ("gsm8k_cot_llama", "llama-3.1-8b-instruct"): (0.845, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.1-70b-instruct"): (0.951, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
+    # Meta's Llama 3.2 model card: GSM8K (CoT), 8-shot, em_maj1@1
+    ("gsm8k_cot_llama", "llama-3.2-1b-instruct"): (0.444, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.2-3b-instruct"): (0.777, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
+    # vLLM's CI baseline for lm-eval's chartqa prompt, full test split, relaxed accuracy
+    ("chartqa", "qwen2.5-vl-7b-instruct"): (0.855, "vLLM CI baseline, lm-eval chartqa"),
+    # Meta's Llama 3.2 Vision model card: ChartQA (test), CoT, relaxed accuracy
+    ("chartqa", "llama-3.2-11b-vision-instruct"): (0.834, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
+    ("chartqa", "llama-3.2-90b-vision-instruct"): (0.855, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
+}
+DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
+
+
+def reference_key(model: str) -> str:
+    """The served model name as REFERENCE_SCORES spells it: lower case, no `org/` prefix,
+    no `meta-` prefix, and no suffix naming a lossless dtype (bf16, fp16, fp32) — but a
+    quantisation (q4, awq, gptq, int8, fp8, ...) is kept, so it matches nothing."""
+    name = model.lower().rsplit("/", 1)[-1].removeprefix("meta-")
+    while (stripped := re.sub(r"[-_.](bf16|fp16|fp32|f16|f32)$", "", name)) != name:
+        name = stripped
+    return name
+
+
+def reference_score(task_name: str, model: str | None) -> tuple[float, str] | None:
+    """(published score, its source) for this task and served model, if known."""
+    return REFERENCE_SCORES.get((task_name, reference_key(model or "")))
+
+
+def expectation(result: dict, reference: float, metric: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                source: str | None = None) -> dict | None:
+    """Is the observed score consistent with `reference`? Below or above when the gap is
+    larger than 1.96 x the run's own stderr plus `tolerance`. None without a score."""
+    metric = metric or result.get("headline")
+    observed = (result.get("metrics") or {}).get(metric)
+    if not isinstance(observed, (int, float)):
+        return None
+    stderr = result["metrics"].get(stderr_key(metric))
+    stderr = stderr if isinstance(stderr, float) else 0.0
+    margin = 1.96 * stderr + tolerance
+    difference = observed - reference
+    verdict = "below" if difference < -margin else "above" if difference > margin else "consistent"
+    return {"metric": metric, "reference": reference, "observed": observed, "difference": round(difference, 6),
+            "stderr": stderr, "tolerance": tolerance, "margin": round(margin, 6), "verdict": verdict,
+            "source": source}
+
+
+def format_expectation(task_name: str, e: dict) -> str:
+    where = f" ({e['source']})" if e.get("source") else ""
+    return (f"{task_name}: {e['metric']} {e['observed']:.4f} vs expected {e['reference']:.4f}{where}, "
+            f"difference {e['difference']:+.4f}, allowed +-{e['margin']:.4f}: {e['verdict']}")
 
 
 # ============================================================================
@@ -1792,7 +1914,13 @@ def report_warnings(task_name: str, result: dict) -> None:
 
 
 def load_run(path: str) -> dict:
-    """{(task, doc_hash): the last record} from a sample log file or a folder of them."""
+    """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
+    folder of them."""
+    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
+
+
+def load_repeats(path: str) -> dict:
+    """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them."""
     source = Path(path).expanduser()
     if source.is_dir():
         files = sorted(source.glob("samples_*.jsonl"))
@@ -1806,10 +1934,31 @@ def load_run(path: str) -> dict:
     for file in files:
         for record in read_records(file):
             if "task" in record and "doc_hash" in record:
-                records[(record["task"], record["doc_hash"])] = record
+                records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
     if not records:
         raise UsageError(f"{source}: no sample records")
     return records
+
+
+def compare_paths(path_a: str, path_b: str, top: int = 10) -> dict:
+    """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
+    repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
+    comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
+                              {k: v[min(v)] for k, v in repeats_b.items()}, top=top)
+    for side, repeats in (("a", repeats_a), ("b", repeats_b)):
+        for task_name, c in comparison.items():
+            documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
+            if documents and c.get("n"):
+                c[f"self_agreement_{side}"] = self_agreement(documents)
+    return comparison
+
+
+def gate_failures(comparison: dict, fail_if: str | None) -> list:
+    """The tasks where B is significantly worse than A (`worse`) or differs (`different`)."""
+    if not fail_if:
+        return []
+    return [name for name, c in comparison.items() if c.get("n") and c["mcnemar_p"] < 0.05
+            and (fail_if == "different" or c["difference"] < 0)]
 
 
 def logged_request(record: dict) -> dict:
@@ -1977,6 +2126,10 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
                 f"   first difference at char {c['mean_first_difference']:.0f} on average"
                 if c["mean_first_difference"] is not None else ""),
+            *([f"  self-agreement  " + "   ".join(
+                f"{side.upper()} {c[f'self_agreement_{side}']['responses'] * 100:.1f}% identical over its repeats"
+                for side in "ab" if f"self_agreement_{side}" in c) + "   (the noise floor for identical text)"]
+              if "self_agreement_a" in c or "self_agreement_b" in c else []),
             f"  prompt tokens   {c['prompt_tokens_equal']} equal, {c['prompt_tokens_mismatch']} differ"
             + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "") + (
                 f"   (row {c['first_prompt_mismatch']['row_idx']}: A {c['first_prompt_mismatch']['a']} vs "
@@ -1999,12 +2152,26 @@ def cmd_compare(argv: list) -> int:
     parser.add_argument("run_b", help="the same for run B")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
     parser.add_argument("--top", type=positive_int, default=10, help="flipped samples to list (default 10)")
+    parser.add_argument("--fail_if", "--fail-if", dest="fail_if", choices=FAIL_IF,
+                        help=f"exit {EXIT_GATE} when B is significantly worse than A, or different either way")
     args = parser.parse_args(argv)
-    comparison = compare_runs(load_run(args.run_a), load_run(args.run_b), top=args.top)
+    comparison = compare_paths(args.run_a, args.run_b, top=args.top)
     if args.json:
         print(stdout_json({"a": args.run_a, "b": args.run_b, "comparison": comparison}))
     else:
         print(format_comparison(comparison, args.run_a, args.run_b))
+    return gate_exit(comparison, args.fail_if)
+
+
+FAIL_IF = ("worse", "different")
+
+
+def gate_exit(comparison: dict, fail_if: str | None) -> int:
+    failed = gate_failures(comparison, fail_if)
+    if failed:
+        info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
+             f"on {', '.join(failed)}")
+        return EXIT_GATE
     return EXIT_OK
 
 
@@ -2446,6 +2613,14 @@ def build_parser() -> ArgumentParser:
     add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
     add("max_response_mb", type=positive_float, help=f"a larger response is a failed sample, status too_large "
         f"(default {DEFAULT_MAX_RESPONSE_MB})")
+    add("repeats", type=positive_int, default=1, help="send every sample K times and report the mean, its SEM "
+        "and the self-agreement (at temperature > 0, repeat i uses seed + i)")
+    add("expect", action="append", metavar="TASK[:METRIC]=VALUE", help="the score you expect (repeatable); "
+        f"a score significantly below it exits {EXIT_GATE}")
+    add("expect_tolerance", type=fraction, default=DEFAULT_TOLERANCE,
+        help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
+    add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
+        "worse than the first (or different either way)")
     add("check", action="store_true", help="run the server conformance preflight first")
     add("no_progress", action="store_true", help="no progress line on stderr")
     parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
@@ -2515,6 +2690,32 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
+def parse_expectations(items: list | None, tasks: list) -> dict:
+    """--expect TASK=VALUE or TASK:METRIC=VALUE (VALUE a fraction, or a percentage with %)
+    -> {task: (metric or None for the headline, value)}."""
+    expected = {}
+    names = {t.name: t for t in tasks}
+    for item in items or []:
+        target, _, value = item.rpartition("=")
+        task_name, _, metric = target.partition(":")
+        task = names.get(task_name.strip())
+        if task is None:
+            raise UsageError(f"--expect {item!r}: expected TASK[:METRIC]=VALUE with a task of --tasks "
+                             f"({', '.join(names) or 'none'})")
+        metric = metric.strip() or None
+        if metric and metric not in [task.headline.split(",")[0], *task.metric_names]:
+            raise UsageError(f"--expect {item!r}: {task.name} has no metric {metric!r} "
+                             f"(one of {', '.join([task.headline.split(',')[0], *task.metric_names])})")
+        try:
+            number = float(value.strip().rstrip("%")) / (100 if value.strip().endswith("%") else 1)
+        except ValueError:
+            number = -1.0
+        if not 0 <= number <= 1:
+            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%")
+        expected[task.name] = (metric, number)
+    return expected
+
+
 def parse_model_args(text: str | None) -> dict:
     """`k=v,k=v`, or a JSON object (as lm-eval also takes, for a `header` dict)."""
     if text and text.strip().startswith("{"):
@@ -2578,6 +2779,7 @@ def run_config(config: APIConfig, tasks: list, max_samples: int | None, args: ar
         "timeout": config.timeout,
         "max_retries": config.max_retries,
         "max_fail_rate": args.max_fail_rate,
+        "repeats": args.repeats,
         "nano_eval_version": __version__,
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -2602,7 +2804,7 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
             try:
                 await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
                                log_images=args.log_images, progress=False if args.no_progress else None,
-                               sink=results, resume=not args.no_resume)
+                               sink=results, resume=not args.no_resume, repeats=args.repeats)
             except NanoEvalError as exc:
                 message = redact(str(exc), _SECRETS)
                 info(f"error: {task.name}: {message}")
@@ -2658,6 +2860,7 @@ def cmd_eval(argv: list) -> int:
     args = build_parser().parse_args(argv)
     tasks, check = resolve_tasks(args.tasks, args.check)
     settings = resolve_settings(args)
+    args.expected = parse_expectations(args.expect, tasks)
     _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     log_dir = sample_log_dir(args, output)
@@ -2717,10 +2920,31 @@ def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir
             report_warnings(name, result)
     if results:
         print(summary_table(results), file=sys.stderr)
+    check_expectations(results, config.model, args.expected, args.expect_tolerance)
     document = run_document(config, tasks, args, log_dir, results, preflight, finished, start)
     if server_error:
         document["error"] = server_error
     return document
+
+
+def check_expectations(results: dict, model: str | None, expected: dict, tolerance: float) -> None:
+    """Each task's `expectation`: against --expect (a gate), else against a published
+    reference for this model (information only)."""
+    for name, result in results.items():
+        if "metrics" not in result:
+            continue
+        if name in expected:
+            metric, value = expected[name]
+            verdict = expectation(result, value, metric, tolerance, source="--expect")
+        elif (known := reference_score(name, model)) is not None:
+            verdict = expectation(result, known[0], None, tolerance, source=known[1])
+            if verdict:
+                verdict["informational"] = True
+        else:
+            continue
+        if verdict:
+            result["expectation"] = verdict
+            info(format_expectation(name, verdict))
 
 
 def run_several(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
@@ -2755,6 +2979,7 @@ def run_several(configs: list, model: str | None, tasks: list, args: argparse.Na
     comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
     write_results({"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)},
                   output)
+    codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
     return most_severe(codes)
 
 
@@ -2765,7 +2990,7 @@ def compare_servers(runs: list) -> list:
         a, b = runs[0]["config"], run["config"]
         entry = {"a": a["chat_url"], "b": b["chat_url"]}
         try:
-            entry["comparison"] = compare_runs(load_run(a["log_samples"]), load_run(b["log_samples"]))
+            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"])
             print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
         except UsageError as exc:  # e.g. a run with no sample at all
             entry["error"] = str(exc)
@@ -2789,8 +3014,9 @@ def run_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_d
 
 
 def most_severe(codes: list) -> int:
-    """An interruption first, then the highest code."""
-    return max(codes or [EXIT_OK], key=lambda c: (c == EXIT_INTERRUPTED, c))
+    """An interruption first, then the highest code; a failed quality gate only when
+    nothing else went wrong."""
+    return max(codes or [EXIT_OK], key=lambda c: (c == EXIT_INTERRUPTED, c not in (EXIT_OK, EXIT_GATE), c))
 
 
 def run_exit_code(document: dict, args: argparse.Namespace, log_dir: Path | None) -> int:
@@ -2805,6 +3031,11 @@ def run_exit_code(document: dict, args: argparse.Namespace, log_dir: Path | None
         codes.append(EXIT_FAILURES)
     codes.append(fail_rate_exit({n: r for n, r in results.items() if n != CONFORMANCE and "error" not in r},
                                 args.max_fail_rate))
+    below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
+             and not r["expectation"].get("informational")]
+    if below:
+        info(f"error: {', '.join(below)} scored significantly below --expect")
+        codes.append(EXIT_GATE)
     return most_severe(codes)
 
 
