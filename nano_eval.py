@@ -2303,6 +2303,10 @@ def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
     return identity
 
 
+IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
+IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a second image token, "
+                        "which the server may reject or leave unexpanded; scores can differ from a model that reads it "
+                        "as text (the bodies stay lm-eval's)")
 # A 1x1 RGB PNG, for the image check.
 ONE_PIXEL_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC")
@@ -2363,6 +2367,7 @@ class Preflight:
         self.check_greedy(base, text)
         self.check_seed(base)
         self.check_image()
+        self.check_image_literal()
         self.check_reasoning(data)
         self.check_max_completion_tokens(prompt)
         self.check_malformed()
@@ -2449,6 +2454,28 @@ class Preflight:
         else:
             detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
             self.check("image input", "WARN", f"images are not accepted (chartqa will fail): {detail}")
+
+    def check_image_literal(self) -> None:
+        """chartqa's text part starts with lm-eval's literal `<image>`. A model whose
+        tokenizer has `<image>` as its image placeholder sees one image too many."""
+        counts, failure = [], None
+        for text in ("Say hi.", IMAGE_LITERAL + "Say hi."):
+            resp, data = self.chat({"messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0})
+            if resp is None or resp.status != 200:
+                failure = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
+                break
+            counts.append(((data or {}).get("usage") or {}).get("prompt_tokens") if isinstance(data, dict) else None)
+        if failure and len(counts) == 1:
+            self.check("image placeholder", "WARN", f"a text-only prompt with the literal {IMAGE_LITERAL} is refused "
+                       f"({failure}): the model takes it for its image placeholder; {IMAGE_LITERAL_EFFECT}")
+        elif failure or not all(isinstance(c, int) for c in counts):
+            self.check("image placeholder", "WARN", f"inconclusive: {failure or 'no usage.prompt_tokens'}")
+        elif counts[1] - counts[0] == 1:
+            self.check("image placeholder", "WARN", f"the literal {IMAGE_LITERAL} is one token here ({counts[0]} -> "
+                       f"{counts[1]} prompt tokens): the model's own image placeholder; {IMAGE_LITERAL_EFFECT}")
+        else:
+            self.check("image placeholder", "PASS", f"the literal {IMAGE_LITERAL} is plain text here "
+                       f"({counts[1] - counts[0]} prompt tokens)")
 
     def check_reasoning(self, data: Any) -> None:
         message = self.message(data)

@@ -36,6 +36,9 @@ max_completion_tokens  "ok" | "reject" (HTTP 400) | "ignored" (treated as absent
 malformed              "ok" (400 JSON) | "500" | "hang" (never answers) | "400_text" (400 with a
                        non-JSON body) | "200" (answers as if the body were fine)
 chat                   "ok" | "fail" (every chat request gets HTTP 500)
+image_literal          "text" (a literal ``<image>`` in the text counts 3 prompt tokens: < image >) |
+                       "token" (it counts 1: the model's image placeholder) | "reject" (HTTP 400
+                       for a text-only request containing it, as a server expecting an image does)
 =====================  =========================================================================
 
 ``srv.chat_requests`` (from FakeOpenAI) records every chat body received.
@@ -55,7 +58,7 @@ THOUGHT = "The user wants the numbers one to thirty."
 
 # The checks nano-eval's preflight runs, in its order.
 CHECKS = ["/v1/models", "chat completion", "usage", "max_tokens", "stop", "greedy repeatable", "seed",
-          "image input", "reasoning channel", "max_completion_tokens", "malformed request"]
+          "image input", "image placeholder", "reasoning channel", "max_completion_tokens", "malformed request"]
 
 
 def _text_of(content) -> str:
@@ -95,10 +98,12 @@ class ConformanceFake(FakeOpenAI):
     def __init__(self, *, models: str = "ok", usage: str = "ok", max_tokens: str = "ok", stop: str = "ok",
                  deterministic: bool = True, seed: str = "ok", image: str = "ok", reasoning: str | None = None,
                  max_completion_tokens: str = "ok", malformed: str = "ok", chat: str = "ok",
-                 model: str = "conformance-model", answers: dict | None = None, fallback=None, **kwargs):
+                 image_literal: str = "text", model: str = "conformance-model", answers: dict | None = None,
+                 fallback=None, **kwargs):
         self.options = dict(models=models, usage=usage, max_tokens=max_tokens, stop=stop,
                             deterministic=deterministic, seed=seed, image=image, reasoning=reasoning,
-                            max_completion_tokens=max_completion_tokens, malformed=malformed, chat=chat)
+                            max_completion_tokens=max_completion_tokens, malformed=malformed, chat=chat,
+                            image_literal=image_literal)
         for name, value in self.options.items():
             allowed = _ALLOWED[name]
             if value not in allowed:
@@ -155,6 +160,10 @@ class ConformanceFake(FakeOpenAI):
         if _has_image(messages) and o["image"] == "reject":
             return Reply(status=500, json_body={"error": {"message": "this model does not support images",
                                                           "type": "server_error", "code": 500}})
+        literals = sum(_text_of(m.get("content")).count("<image>") for m in messages if isinstance(m, dict))
+        if literals and not _has_image(messages) and o["image_literal"] == "reject":
+            return Reply(status=400, json_body={"error": {"message": "1 image placeholder but 0 images",
+                                                          "type": "invalid_request_error", "code": 400}})
         if "max_completion_tokens" in body and o["max_completion_tokens"] == "reject":
             return Reply(status=400, json_body={"error": {"message": "Unknown field max_completion_tokens",
                                                           "type": "invalid_request_error", "code": 400}})
@@ -181,7 +190,9 @@ class ConformanceFake(FakeOpenAI):
             words = words[:limit]
             finish = "stop" if o["max_tokens"] == "wrong_finish" else "length"
 
-        prompt_tokens = sum(len(_text_of(m.get("content")).split()) for m in messages if isinstance(m, dict))
+        texts = [_text_of(m.get("content")) for m in messages if isinstance(m, dict)]
+        per_literal = 1 if o["image_literal"] == "token" else 3
+        prompt_tokens = sum(len(t.replace("<image>", " ").split()) + per_literal * t.count("<image>") for t in texts)
         completion_tokens = len(words)
         if o["usage"] == "missing":
             usage = False
@@ -211,6 +222,7 @@ _ALLOWED = {
     "max_completion_tokens": ("ok", "reject", "ignored"),
     "malformed": ("ok", "500", "hang", "400_text", "200"),
     "chat": ("ok", "fail"),
+    "image_literal": ("text", "token", "reject"),
 }
 
 __all__ = ["CHECKS", "COUNTING_ANSWER", "ConformanceFake", "cut_at_stop"]

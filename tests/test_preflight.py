@@ -53,7 +53,7 @@ def test_well_behaved_server_passes_every_check():
         bodies = [r["body"] for r in srv.chat_requests]
     assert [c["check"] for c in report["checks"]] == CHECKS
     assert grid(report) == {name: "PASS" for name in CHECKS}
-    assert report["metrics"] == {"pass": 11, "warn": 0, "fail": 0}
+    assert report["metrics"] == {"pass": 12, "warn": 0, "fail": 0}
     evidence = {c["check"]: c["evidence"] for c in report["checks"]}
     assert evidence["/v1/models"] == "object list, 1 model(s)"
     assert evidence["usage"] == json.dumps({"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40})
@@ -106,7 +106,12 @@ BROKEN = [
     (dict(malformed="500"), "malformed request", "FAIL", "HTTP 500 instead of a 4xx"),
     (dict(malformed="200"), "malformed request", "FAIL", "HTTP 200 instead of a 4xx"),
     (dict(malformed="400_text"), "malformed request", "WARN", "HTTP 400 but the body is not JSON"),
+    (dict(image_literal="token"), "image placeholder", "WARN", "the literal <image> is one token here (2 -> 3"),
+    (dict(image_literal="reject"), "image placeholder", "WARN",
+     "a text-only prompt with the literal <image> is refused (HTTP 400: 1 image placeholder but 0 images)"),
 ]
+# Without usage, the image placeholder check cannot count tokens either: it warns as well.
+ALSO_WARNS = {"usage-missing": ["image placeholder"]}
 
 
 @pytest.mark.parametrize("options, check, result, phrase", BROKEN,
@@ -115,12 +120,15 @@ def test_each_broken_behaviour_trips_only_its_check(options, check, result, phra
     with ConformanceFake(**options) as srv:
         report = preflight(srv)
     assert [c["check"] for c in report["checks"]] == CHECKS
+    also = ALSO_WARNS.get(f"{check}-{'-'.join(map(str, options.values()))}", [])
     expected = {name: "PASS" for name in CHECKS}
+    expected.update({name: "WARN" for name in also})
     expected[check] = result
     assert grid(report) == expected
     evidence = next(c["evidence"] for c in report["checks"] if c["check"] == check)
     assert phrase in evidence
-    assert report["metrics"] == {"pass": 10, "warn": int(result == "WARN"), "fail": int(result == "FAIL")}
+    assert report["metrics"] == {"pass": 11 - len(also), "warn": int(result == "WARN") + len(also),
+                                 "fail": int(result == "FAIL")}
 
 
 def test_malformed_request_that_hangs_fails_within_the_configured_timeout():
@@ -196,7 +204,7 @@ def test_check_alone(isolated_env, capsys):
     conformance = document["results"]["api_conformance"]
     assert [c["check"] for c in conformance["checks"]] == CHECKS
     assert all(c["result"] == "PASS" for c in conformance["checks"])
-    assert conformance["metrics"] == {"pass": 11, "warn": 0, "fail": 0}
+    assert conformance["metrics"] == {"pass": 12, "warn": 0, "fail": 0}
     assert document["complete"] is True
     assert document["config"]["model"] == MODEL
     assert_grid_on_stderr(err, {name: "PASS" for name in CHECKS})
@@ -210,7 +218,7 @@ def test_api_conformance_task_in_a_subprocess(isolated_env):
     assert proc.returncode == 0, proc.stderr
     conformance = json.loads(proc.stdout)["results"]["api_conformance"]
     assert [(c["check"], c["result"]) for c in conformance["checks"]] == [(name, "PASS") for name in CHECKS]
-    assert conformance["metrics"] == {"pass": 11, "warn": 0, "fail": 0}
+    assert conformance["metrics"] == {"pass": 12, "warn": 0, "fail": 0}
     assert_grid_on_stderr(proc.stderr, {name: "PASS" for name in CHECKS})
 
 
@@ -223,7 +231,7 @@ def test_check_fail_exits_1_and_still_writes_results(isolated_env, tmp_path, cap
     assert json.loads(output.read_text()) == document
     results = {c["check"]: c["result"] for c in document["results"]["api_conformance"]["checks"]}
     assert results == {**{name: "PASS" for name in CHECKS}, "seed": "FAIL"}
-    assert document["results"]["api_conformance"]["metrics"] == {"pass": 10, "warn": 0, "fail": 1}
+    assert document["results"]["api_conformance"]["metrics"] == {"pass": 11, "warn": 0, "fail": 1}
     assert "the conformance preflight failed 1 check(s)" in err
     assert_grid_on_stderr(err, {**{name: "PASS" for name in CHECKS}, "seed": "FAIL"})
 
@@ -232,7 +240,7 @@ def test_check_warn_only_exits_0(isolated_env, capsys):
     with ConformanceFake(image="reject", max_completion_tokens="reject") as srv:
         code, out, err = run_main(["--check", "--base_url", srv.base_url], capsys)
     assert code == 0, err
-    assert json.loads(out)["results"]["api_conformance"]["metrics"] == {"pass": 9, "warn": 2, "fail": 0}
+    assert json.loads(out)["results"]["api_conformance"]["metrics"] == {"pass": 10, "warn": 2, "fail": 0}
     assert_grid_on_stderr(err, {**{name: "PASS" for name in CHECKS}, "image input": "WARN",
                                 "max_completion_tokens": "WARN"})
 
