@@ -1692,10 +1692,9 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     scores are first averaged over its repeats (so stderr is over documents), and
     `repeats` holds each pass's metrics, their mean and SEM, and the self-agreement."""
     valid = [r for r in records if r["status"] in VALID_STATUSES]
-    documents = list(by_document(records).values())
+    documents = list(by_document(records).values()) if repeats > 1 else []
     scored = [{**group[0], "scores": {name: sum(r["scores"][name] for r in group) / len(group)
-                                      for name in group[0]["scores"]}} for group in documents] \
-        if repeats > 1 else records
+                                      for name in group[0]["scores"]}} for group in documents] or records
     base = task.headline.split(",")[0]
     metrics: dict = {}
 
