@@ -18,8 +18,9 @@ Map of this file, in the order data flows:
   7. Reports    aggregation (mean, stderr), results JSON, the summary table
   8. Compare    paired comparison of two runs (McNemar, paired bootstrap), replay of one
                 logged request
-  9. Server     server identity and the conformance preflight (--check)
- 10. CLI        argument parsing, port probing, one or several servers, main()
+  9. Report     one self-contained HTML page of a run or a comparison (`nano-eval report`)
+ 10. Server     server identity and the conformance preflight (--check)
+ 11. CLI        argument parsing, port probing, one or several servers, main()
 
 Python API:
     import asyncio
@@ -39,6 +40,7 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import html
 import http.client
 import json
 import math
@@ -2246,7 +2248,368 @@ def cmd_replay(argv: list) -> int:
 
 
 # ============================================================================
-# 9. Server identity and the conformance preflight
+# 9. HTML report
+# ============================================================================
+
+REPORT_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1400px;margin:0 auto;padding:1em 2em}
+h2{border-bottom:2px solid #ddd;margin-top:2em}table{border-collapse:collapse;margin:.5em 0}
+th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.verdict{font-size:1.3em;font-weight:600;padding:.4em .8em;border-radius:4px;background:#e8f5e9}
+.verdict.differ{background:#ffebee}.warn{color:#b71c1c;font-weight:600}.muted{color:#777}
+.ok{color:#1b5e20}.bad{color:#b71c1c}
+.browse>input{position:absolute;opacity:0}.browse>input:focus-visible+label{outline:2px solid #06c}
+.browse>label{display:inline-block;padding:2px 12px;margin:0 4px 8px 0;border:1px solid #999;border-radius:14px;
+cursor:pointer}
+.browse>input:checked+label{background:#333;color:#fff}
+.f-wrong:checked~.samples>:not(.wrong),.f-failed:checked~.samples>:not(.failed),
+.f-flipped:checked~.samples>:not(.flipped),.f-differs:checked~.samples>:not(.differs){display:none}
+details.s{border:1px solid #ddd;border-radius:4px;margin:3px 0;content-visibility:auto;contain-intrinsic-size:auto 30px}
+details.s>summary{padding:3px 8px;cursor:pointer;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+details.s[open]>summary{background:#f3f3f3}.s.flipped>summary{border-left:4px solid #e65100}
+.body{padding:4px 10px}.body p,h4{margin:.3em 0}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:12px}
+pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#fafafa;border:1px solid #eee;padding:6px;margin:4px 0;
+font:12.5px/1.4 ui-monospace,monospace}
+mark{background:#ffd54f;outline:1px solid #e65100}mark:empty::after{content:"\\2205"}
+.top{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}
+img{max-width:100%;max-height:480px;border:1px solid #ddd}
+"""
+DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
+FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped", "differs": "text differs"}
+
+
+def clean(value: Any) -> str:
+    """Free text as the report shows it: any secret replaced by ***."""
+    return redact(str(value), _SECRETS)
+
+
+def esc(value: Any) -> str:
+    return html.escape(clean(value))
+
+
+def run_letter(i: int) -> str:
+    return chr(ord("A") + i) if i < 26 else f"R{i}"
+
+
+def read_results_file(path: str) -> dict | None:
+    """The results JSON at `path` (--output), or None when `path` is a sample log or folder."""
+    source = Path(path).expanduser()
+    if not source.is_file() or source.suffix != ".json":
+        return None
+    try:
+        document = json.loads(source.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{source} is not a results JSON: {exc}") from None
+    if not isinstance(document, dict) or not ("results" in document or "runs" in document):
+        raise UsageError(f"{source} is not a results JSON (no 'results')")
+    return document
+
+
+def run_from_document(document: dict, label: str | None = None, base: Path = Path(".")) -> dict:
+    """A run for the report from one server's results document: its config and metrics, and
+    the records of the sample log it names (config.log_samples, also tried relative to `base`)."""
+    config = document.get("config") or {}
+    log, records, note = config.get("log_samples"), {}, None
+    if not log:
+        note = None if document.get("error") else "no sample log: run with --log_samples or --output to see the samples"
+    else:
+        folder = next((p for p in (Path(log).expanduser(), base / log) if p.exists()), None)
+        try:
+            records = load_run(str(folder or log))
+        except UsageError as exc:
+            note = str(exc)
+    results = {name: r for name, r in (document.get("results") or {}).items()
+               if name != CONFORMANCE and isinstance(r, dict)}
+    return {"label": label or config.get("chat_url") or "run", "config": config, "results": results,
+            "records": records, "note": note, "error": document.get("error")}
+
+
+def report_run(path: str) -> dict:
+    """A run for the report from a results JSON, or a sample log (file or folder) alone: then the
+    metrics are recomputed from its records and the config is unknown."""
+    document = read_results_file(path)
+    if document is not None:
+        if "runs" in document:
+            raise UsageError(f"{path} holds several servers' runs: give it alone to report them all")
+        label = f"{(document.get('config') or {}).get('chat_url', '')} ({path})".strip()
+        return run_from_document(document, label, Path(path).expanduser().parent)
+    records = load_run(path)
+    by_task: dict = {}
+    for (task, _), record in records.items():
+        by_task.setdefault(task, []).append(record)
+    results = {name: aggregate(TASKS[name], sorted(rs, key=lambda r: r.get("row_idx") or 0), planned=len(rs),
+                               elapsed=0) for name, rs in by_task.items() if name in TASKS}
+    return {"label": path, "config": None, "results": results, "records": records,
+            "note": "config unknown: only the sample log was given (give the results JSON to see it)"}
+
+
+def report_from_document(document: dict) -> str:
+    """The report of what an eval run just wrote: one server's document, or the several
+    --base_url document {"runs": [...], "comparisons": [...]} (run A against each other run)."""
+    if "runs" not in document:
+        return render_report([run_from_document(document)])
+    runs = sorted((run_from_document(run) for run in document["runs"]), key=lambda run: bool(run["error"]))
+    by_b = {c.get("b"): c for c in document.get("comparisons") or []}  # A is the first usable server
+    entries = [by_b.get(run["config"].get("chat_url"), {}) for run in runs[1:]]
+    for run, entry in zip(runs[1:], entries):
+        if entry.get("error"):
+            run["note"] = f"not compared with A: {entry['error']}"
+    return render_report(runs, [entry.get("comparison") for entry in entries])
+
+
+def render_report(runs: list, comparisons: list | None = None) -> str:
+    """One self-contained HTML page. `runs`: report_run() dicts; `comparisons[i]`: compare_runs()
+    of runs[0] and runs[i + 1], or None."""
+    tasks = list(dict.fromkeys(name for run in runs for name in [*run["results"], *(t for t, _ in run["records"])]
+                               if name != CONFORMANCE))
+    title = "nano-eval report: " + ", ".join(tasks) + (f" ({' vs '.join(map(run_letter, range(len(runs))))})"
+                                                       if len(runs) > 1 else "")
+    parts = [f"<h1>{esc(title)}</h1>", runs_table(runs)]
+    parts += [task_section(i, task, runs, comparisons or []) for i, task in enumerate(tasks)]
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>' + esc(title) + "</title>"
+            '<meta name="viewport" content="width=device-width"><style>' + REPORT_CSS + "</style></head><body>\n"
+            + "\n".join(parts) + f'\n<p class="muted">nano-eval {__version__}, '
+            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n')
+
+
+def write_report(path: str | Path, page: str) -> None:
+    target = Path(path).expanduser()
+    try:
+        atomic_write(target, page.encode("utf-8", "replace"))  # "replace": a lone surrogate from a JSON log
+    except OSError as exc:
+        raise UsageError(f"cannot write the report {target}: {exc.strerror or exc}") from None
+
+
+def runs_table(runs: list) -> str:
+    rows = []
+    for i, run in enumerate(runs):
+        config = run["config"]
+        server = (config or {}).get("server") or {}
+        what = (f"{config.get('model')} on {server.get('name', '?')} {server.get('version') or ''} "
+                f"(recognised by {server.get('evidence', '?')}), {config.get('date', '')}" if config else "")
+        settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
+                           for k, v in (config or {}).items())
+        notes = "".join(f'<div class="{cls}">{esc(run[key])}</div>'
+                        for key, cls in (("error", "warn"), ("note", "muted")) if run.get(key))
+        rows.append(f"<tr><th>{run_letter(i)}</th><td>{esc(run['label'])}<br>{esc(what)}{notes}"
+                    + (f"<details><summary>settings</summary><table>{settings}</table></details>" if settings else "")
+                    + "</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def task_section(index: int, task: str, runs: list, comparisons: list) -> str:
+    compared = [comparison_html(task, c[task], run_letter(i + 1)) for i, c in enumerate(comparisons) if c and task in c]
+    errors = "".join(f'<p class="warn">{run_letter(i)}: {esc(run["results"][task]["error"])}</p>'
+                     for i, run in enumerate(runs) if (run["results"].get(task) or {}).get("error"))
+    return (f'<section id="{esc(task)}"><h2>{esc(task)}</h2>' + "".join(verdict for verdict, _ in compared) + errors
+            + '<div class="top">' + "".join(table for _, table in compared) + metrics_table(task, runs) + "</div>"
+            + samples_html(index, task, runs) + "</section>")
+
+
+def comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
+    """(the verdict, a table of the rest) of one task's compare_runs() result."""
+    if not c.get("n"):
+        return f'<p class="verdict">{label_b} vs A: {esc(c.get("verdict"))}</p>', ""
+    pct = lambda x: f"{x * 100:.1f}"  # noqa: E731
+    one_decimal = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    mismatch = c["prompt_tokens_mismatch"]
+    first = c.get("first_prompt_mismatch")
+    flips = ", ".join(f'<a href="#{esc(task)}-{esc(f["row_idx"])}">{esc(f["row_idx"])}</a>' for f in c["flips"])
+    rows = [
+        ("accuracy", f"A {pct(c['accuracy_a'])} · {label_b} {pct(c['accuracy_b'])} · {label_b}−A "
+                     f"{c['difference'] * 100:+.1f} points "
+                     f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]"),
+        ("McNemar", f"p={c['mcnemar_p']:.3g} · A-only correct {c['a_only_correct']} · "
+                    f"{label_b}-only correct {c['b_only_correct']}"),
+        ("identical text", f"{pct(c['response_agreement'])}%" + (
+            f" · first difference at char {c['mean_first_difference']:.0f} on average"
+            if c["mean_first_difference"] is not None else "")),
+        ("prompt tokens", f"{c['prompt_tokens_equal']} equal, {mismatch} differ"
+                          + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "")
+                          + (f" (row {first['row_idx']}: A {first['a']} vs {label_b} {first['b']}: "
+                             "the servers do not see the same input)" if first else "")),
+        ("finish_reason", f"A {format_counts(c['finish_reasons_a'])} · "
+                          f"{label_b} {format_counts(c['finish_reasons_b'])}"),
+        ("status", f"A {format_counts(c['status_a'])} · {label_b} {format_counts(c['status_b'])}"),
+        ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])} · {label_b} "
+                          f"{one_decimal(c['mean_output_tokens_b'])}"),
+    ]
+    table = "".join(f'<tr><th>{name}</th><td{" class=warn" if name == "prompt tokens" and mismatch else ""}>'
+                    f"{esc(value)}</td></tr>" for name, value in rows)
+    unmatched = f", {c['unmatched']} unmatched" if c["unmatched"] else ""
+    warning = (f'<br><span class="warn">the prompts differ on {mismatch} of {c["n"]} samples (usage.prompt_tokens): '
+               "the servers do not see the same input</span>" if mismatch else "")
+    return (f'<p class="verdict{" differ" if c["mcnemar_p"] < 0.05 or mismatch else ""}">{label_b} vs A '
+            f'({esc(c["metric"])}, n={c["n"]}{unmatched}): {esc(c["verdict"])}{warning}</p>', f"<table>{table}"
+            + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
+
+
+def metrics_table(task: str, runs: list) -> str:
+    results = [run["results"].get(task) or {} for run in runs]
+    headline = TASKS[task].headline if task in TASKS else None
+    metrics = [r.get("metrics") or {} for r in results]
+    names = list(dict.fromkeys(k for m in metrics for k in m if "_stderr" not in k))
+
+    def value(m: dict, name: str) -> str:
+        se = m.get(stderr_key(name))
+        return fmt_value(m[name]) + (f" ± {fmt_value(se)}" if isinstance(se, float) else "") if name in m else "-"
+
+    bold = {headline, *(r.get("headline") for r in results)}
+    rows = [(f"<b>{esc(n)}</b>" if n in bold else esc(n), [value(m, n) for m in metrics]) for n in names]
+    rows += [(label, [esc(fn(r)) if r.get("metrics") else "-" for r in results]) for label, fn in (
+        ("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
+        ("failures by status", lambda r: format_counts(r.get("failures") or {})),
+        ("finish_reason", lambda r: format_counts(r.get("finish_reasons") or {})))]
+    head = "".join(f'<th class="n">{run_letter(i)}</th>' for i in range(len(runs)))
+    body = "".join(f"<tr><th>{name}</th>" + "".join(f'<td class="n">{v}</td>' for v in values) + "</tr>"
+                   for name, values in rows)
+    return f"<table><tr><th>metric</th>{head}</tr>{body}</table>" if names else ""
+
+
+def score_of(record: dict | None, metric: str) -> float | None:
+    return (record.get("scores") or {}).get(metric) if record else None
+
+
+def content_of(record: dict | None) -> str:
+    return ((record or {}).get("response") or {}).get("content") or ""
+
+
+def sample_flags(records: list, metric: str) -> list:
+    """The filters a sample belongs to: wrong or failed in any run; flipped (score) or text
+    differs from run A's in any other run."""
+    present = [r for r in records if r]
+    others = [r for r in records[1:] if r] if records[0] else []
+    flags = {"wrong": any(not score_of(r, metric) for r in present),
+             "failed": any(r.get("status") not in VALID_STATUSES for r in present),
+             "flipped": any(score_of(r, metric) != score_of(records[0], metric) for r in others),
+             "differs": any(content_of(r) != content_of(records[0]) for r in others)}
+    return [name for name, on in flags.items() if on]
+
+
+def samples_html(index: int, task: str, runs: list) -> str:
+    keys = list(dict.fromkeys(k for run in runs for k in run["records"] if k[0] == task))
+    if not keys:
+        return ""
+    rows = [[run["records"].get(k) for run in runs] for k in keys]
+    rows.sort(key=lambda records: next((r.get("row_idx") or 0 for r in records if r), 0))
+    metric = TASKS[task].headline if task in TASKS else ""
+    flags = [sample_flags(records, metric) for records in rows]
+    shown = [n for n in FILTERS if len(runs) > 1 or n not in ("flipped", "differs")]
+    opened = next((i for i, f in enumerate(flags) if (len(runs) > 1 and "flipped" in f) or "wrong" in f), None)
+    controls = "".join(f'<input type="radio" name="f{index}" id="f{index}-{n}" class="f-{n}"'
+                       f'{" checked" if n == "all" else ""}><label for="f{index}-{n}">{FILTERS[n]} '
+                       f"({len(rows) if n == 'all' else sum(n in f for f in flags)})</label>" for n in shown)
+    samples = "\n".join(sample_html(task, records, f, metric, i == opened)
+                        for i, (records, f) in enumerate(zip(rows, flags)))
+    return f'<div class="browse">{controls}<div class="samples">\n{samples}\n</div></div>'
+
+
+def sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
+    first = next(r for r in records if r)
+    row = first.get("row_idx", first.get("doc_hash", "")[:12])
+    question = logged_question(first)
+    answers = " · ".join(
+        f"{run_letter(i)} " + ("-" if r is None else f'<span class="{"ok" if score_of(r, metric) else "bad"}">'
+                               f'{esc(answer_of(r))} {"✓" if score_of(r, metric) else "✗"}</span>')
+        for i, r in enumerate(records))
+    summary = (f"<b>#{esc(row)}</b> target <b>{esc(first.get('target'))}</b> · {answers} · "
+               f'<span class="muted">{esc(" ".join(question.split())[:160])}</span>')
+    texts = [clean(content_of(r)) if r else None for r in records]
+    against = [texts[1 if i == 0 else 0] if len(texts) > 1 else None for i in range(len(texts))]  # A vs B, others vs A
+    columns = "".join(response_html(run_letter(i), r, texts[i], against[i]) for i, r in enumerate(records))
+    return (f'<details class="s {" ".join(flags)}" id="{esc(task)}-{esc(row)}"{" open" if opened else ""}>'
+            f'<summary>{summary}</summary><div class="body"><pre>{esc(question)}</pre>'
+            f'<div class="cols">{image_html(records)}{columns}</div></div></details>')
+
+
+def logged_question(record: dict) -> str:
+    """The question of a logged request: the text of its last user message without the
+    task's template around it (gsm8k: the problem; chartqa: the query)."""
+    messages = (record.get("request") or {}).get("messages") or []
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else ""
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+    content = content if isinstance(content, str) else ""
+    for template in (GSM8K_TEMPLATE, CHARTQA_TEMPLATE):
+        before, after = re.split(r"\{\w+\}", template, maxsplit=1)
+        if content.endswith(after) and before in content:
+            return content[content.rindex(before) + len(before):len(content) - len(after)]
+    return content
+
+
+def image_html(records: list) -> str:
+    """The chart that was sent, from the first log that kept it (--log_images), else its sha256."""
+    for record in filter(None, records):
+        for message in (record.get("request") or {}).get("messages") or []:
+            for part in message.get("content") if isinstance(message.get("content"), list) else []:
+                url = (part.get("image_url") or {}).get("url") if isinstance(part, dict) else None
+                if isinstance(url, str) and DATA_IMAGE_URL.fullmatch(url):  # base64 only: nothing to escape
+                    return f'<div><img loading="lazy" decoding="async" alt="the chart sent" src="{url}"></div>'
+    image = next((r["image"] for r in records if r and isinstance(r.get("image"), dict)), None)
+    if not image:
+        return ""
+    return (f'<p class="muted">image sha256 {esc(image.get("sha256"))}, {esc(image.get("bytes"))} bytes, '
+            f'{esc(image.get("format"))} (not in the log: run with --log_images to see it here)</p>')
+
+
+def response_html(label: str, record: dict | None, text: str, other: str | None) -> str:
+    """One run's answer: status line, extracted answer and scores, reasoning collapsed, and the
+    response with its first difference from `other` marked."""
+    if record is None:
+        return f'<div><h4>{label}</h4><p class="muted">not in this run</p></div>'
+    response = record.get("response") or {}
+    usage = response.get("usage") or {}
+    facts = [record.get("status"), response.get("finish_reason") and f"finish {response['finish_reason']}",
+             usage.get("prompt_tokens") and f"{usage['prompt_tokens']} prompt tokens",
+             usage.get("completion_tokens") and f"{usage['completion_tokens']} tokens",
+             isinstance(record.get("latency"), (int, float)) and f"{record['latency']:.2f} s"]
+    status = " · ".join(esc(fact) for fact in facts if fact)
+    scores = " · ".join(f"{esc(k)} {esc(v)}" for k, v in (record.get("scores") or {}).items())
+    thinking, sep, visible = text.rpartition(THINK_END)
+    thinking = "\n\n".join(filter(None, (clean(response.get("reasoning_content") or ""), thinking + sep)))
+    other_visible = other.rpartition(THINK_END)[2] if other is not None else None
+    return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>answer <b>{esc(answer_of(record))}</b>'
+            f" · {scores}</p>"
+            + (f'<p class="warn">{esc(record["error"])}</p>' if record.get("error") else "")
+            + (f"<details><summary>reasoning ({len(thinking)} characters)</summary><pre>{html.escape(thinking)}</pre>"
+               "</details>" if thinking else "")
+            + f"<pre>{marked(visible, other_visible)}</pre></div>")
+
+
+def marked(text: str, other: str | None) -> str:
+    """`text` escaped, with its first character that differs from `other` in a <mark>
+    (empty when `text` stops where `other` goes on). Both are already redacted."""
+    if other is None or text == other:
+        return html.escape(text)
+    i = first_difference(text, other)
+    return f"{html.escape(text[:i])}<mark>{html.escape(text[i:i + 1])}</mark>{html.escape(text[i + 1:])}"
+
+
+def cmd_report(argv: list) -> int:
+    parser = ArgumentParser(prog="nano-eval report",
+                            description="One self-contained HTML file of a run, or of two runs compared.")
+    parser.add_argument("run_a", metavar="RUN", help="a results JSON (--output), a --log_samples folder or a "
+                        "samples_<task>.jsonl; a several --base_url results JSON reports all its runs")
+    parser.add_argument("run_b", metavar="RUN_B", nargs="?", help="a second run, compared with the first")
+    parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default report.html)")
+    args = parser.parse_args(argv)
+    _SECRETS.update(s for s in (os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN")) if s)
+    document = read_results_file(args.run_a)
+    if document is not None and "runs" in document and not args.run_b:
+        page = report_from_document(document)
+    else:
+        runs = [report_run(path) for path in (args.run_a, args.run_b) if path]
+        page = render_report(runs, [compare_runs(runs[0]["records"], runs[1]["records"])] if args.run_b else None)
+    write_report(args.output, page)
+    info(f"report written to {args.output}")
+    return EXIT_OK
+
+
+# ============================================================================
+# 10. Server identity and the conformance preflight
 # ============================================================================
 
 OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
@@ -2526,7 +2889,7 @@ def format_preflight(report: dict) -> str:
 
 
 # ============================================================================
-# 10. CLI
+# 11. CLI
 # ============================================================================
 
 KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
@@ -2602,7 +2965,8 @@ def build_parser() -> ArgumentParser:
         description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as lm-eval's "
                     "local-chat-completions does (gsm8k_cot_llama, chartqa).",
         epilog="Other commands: 'nano-eval compare RUN_A RUN_B' (paired comparison of two sample logs), "
-               "'nano-eval replay FILE:LINE' (resend one logged request).")
+               "'nano-eval replay FILE:LINE' (resend one logged request), "
+               "'nano-eval report RUN [RUN_B]' (an HTML report).")
 
     def add(name: str, **kwargs):
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
@@ -2647,6 +3011,8 @@ def build_parser() -> ArgumentParser:
         help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
     add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
         "worse than the first (or different either way)")
+    add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
+        "comparison, with several --base_url)")
     add("check", action="store_true", help="run the server conformance preflight first")
     add("no_progress", action="store_true", help="no progress line on stderr")
     parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
@@ -2764,16 +3130,16 @@ def header_items(value: Any) -> dict | list:
     return [str(value)]
 
 
-def check_output_path(path: str | None) -> Path | None:
+def check_output_path(path: str | None, flag: str = "--output") -> Path | None:
     if not path:
         return None
     target = Path(path).expanduser()
     if target.is_dir():
-        raise UsageError(f"--output {target} is a directory; give a file name")
+        raise UsageError(f"{flag} {target} is a directory; give a file name")
     if not target.parent.is_dir():
-        raise UsageError(f"--output: folder {target.parent} does not exist")
+        raise UsageError(f"{flag}: folder {target.parent} does not exist")
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"--output {target} is not writable")
+        raise UsageError(f"{flag} {target} is not writable")
     return target
 
 
@@ -2889,7 +3255,8 @@ def cmd_eval(argv: list) -> int:
     args.expected = parse_expectations(args.expect, tasks)
     _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
-    log_dir = sample_log_dir(args, output)
+    report = check_output_path(args.report, "--report")
+    log_dir = sample_log_dir(args, output) or (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report else None)
     if log_dir and not is_writable_dir(log_dir):
         raise UsageError(f"cannot write the sample log in {log_dir}")
     if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
@@ -2908,7 +3275,7 @@ def cmd_eval(argv: list) -> int:
         warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
              "any server can pose as this one")
     if len(configs) > 1:
-        return run_several(configs, settings["model"], tasks, args, output, log_dir, check)
+        return run_several(configs, settings["model"], tasks, args, output, log_dir, check, report)
     config = configs[0]
     find_server(config, settings["model"])
     server = config.server
@@ -2917,7 +3284,11 @@ def cmd_eval(argv: list) -> int:
          f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
     document = run_server(config, tasks, args, log_dir, check)
     write_results(document, output)
-    return run_exit_code(document, args, log_dir)
+    code = run_exit_code(document, args, log_dir)
+    if report:
+        write_report(report, report_from_document(document))
+        info(f"report written to {report}")
+    return code
 
 
 def find_server(config: APIConfig, model: str | None) -> None:
@@ -2974,7 +3345,7 @@ def check_expectations(results: dict, model: str | None, expected: dict, toleran
 
 
 def run_several(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
-                log_dir: Path | None, check: bool) -> int:
+                log_dir: Path | None, check: bool, report: Path | None = None) -> int:
     """The same samples against each server, then the paired comparison of the first
     usable server with each of the others. A server that cannot be used is reported in
     its entry of `runs`; the others still run."""
@@ -3003,9 +3374,12 @@ def run_several(configs: list, model: str | None, tasks: list, args: argparse.Na
         if runs[-1]["interrupted"]:
             break
     comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
-    write_results({"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)},
-                  output)
+    document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
+    write_results(document, output)
     codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
+    if report:
+        write_report(report, report_from_document(document))
+        info(f"report written to {report}")
     return most_severe(codes)
 
 
@@ -3077,7 +3451,7 @@ def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
 
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"compare": cmd_compare, "replay": cmd_replay}
+    commands = {"compare": cmd_compare, "replay": cmd_replay, "report": cmd_report}
     for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
