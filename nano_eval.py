@@ -279,16 +279,6 @@ class HTTPClient:
         self.verify, self.ca_cert, self.max_body = verify, ca_cert, max_body
         self.proxies = urllib.request.getproxies_environment()
         self._local = threading.local()
-        self._ssl: ssl.SSLContext | None = None  # made on the first https connection (it costs ~40 ms)
-
-    def tls_context(self) -> ssl.SSLContext:
-        if self._ssl is None:  # the default context also reads SSL_CERT_FILE and SSL_CERT_DIR
-            context = ssl.create_default_context(cafile=os.path.expanduser(self.ca_cert) if self.ca_cert else None)
-            if not self.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            self._ssl = context
-        return self._ssl
 
     def proxy_for(self, scheme: str, host: str) -> urllib.parse.SplitResult | None:
         proxy = self.proxies.get(scheme)
@@ -307,7 +297,8 @@ class HTTPClient:
         proxy = self.proxy_for(parts.scheme, parts.hostname or "")
         netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout, context=self.tls_context())
+            conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout,
+                                               context=tls_context(self.verify, self.ca_cert))
             if proxy:
                 conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_auth(proxy))
         else:
@@ -362,6 +353,17 @@ class HTTPClient:
         conn = self._local.__dict__.get("connections", {}).pop((parts.scheme, parts.netloc), None)
         if conn is not None:
             conn.close()
+
+
+@functools.lru_cache(maxsize=None)
+def tls_context(verify: bool, ca_cert: str | None) -> ssl.SSLContext:
+    """One context per settings for the whole run, made on the first https connection
+    (loading the CA store costs ~40 ms). It also reads SSL_CERT_FILE and SSL_CERT_DIR."""
+    context = ssl.create_default_context(cafile=os.path.expanduser(ca_cert) if ca_cert else None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
@@ -424,6 +426,8 @@ def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tupl
 
 
 LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
+PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): put them in the proxy "
+              "URL (HTTP_PROXY=http://user:password@host:port), or list the server in NO_PROXY")
 
 
 def resolve_model(config: APIConfig, model: str | None) -> str:
@@ -446,6 +450,8 @@ def resolve_model(config: APIConfig, model: str | None) -> str:
         time.sleep(1.0)
     if status in (401, 403):
         raise AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
+    if status == 407:
+        raise ServerError(PROXY_AUTH)
     if model:
         return model
     if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
@@ -1584,6 +1590,8 @@ def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
     """Statuses that, before any success, mean every request would fail the same way."""
     if outcome.status in ("http_401", "http_403"):
         raise AuthError(f"authentication failed (HTTP {outcome.http_status} from {config.chat_url}): check --api_key")
+    if outcome.status == "http_407":
+        raise ServerError(PROXY_AUTH)
     if outcome.status == "http_404":
         raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): check --base_url and --model")
 
@@ -2243,7 +2251,7 @@ def cmd_replay(argv: list) -> int:
         raise ServerError(f"cannot reach {url}: {describe_network_error(exc)[1]}") from None
     outcome = classify_response(resp)
     info(f"HTTP {resp.status}, status {outcome.status} (logged: {record.get('status')})")
-    sys.stdout.write(resp.body.decode("utf-8", "replace") + "\n")
+    sys.stdout.write(redact(resp.body.decode("utf-8", "replace"), _SECRETS) + "\n")
     return EXIT_OK if resp.status == 200 else EXIT_SERVER
 
 
@@ -3203,6 +3211,9 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
                 results[task.name] = {**results.get(task.name, {}), "error": message, "exit_code": exc.exit_code,
                                       "complete": False}
                 if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
+                    for skipped in tasks[tasks.index(task) + 1:]:
+                        results[skipped.name] = {"error": f"not run: {message}", "exit_code": exc.exit_code,
+                                                 "complete": False}
                     return message
         return None
 

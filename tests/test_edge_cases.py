@@ -189,7 +189,7 @@ def test_check_alone_against_two_servers(isolated_env, fake_openai, tmp_path):
                              "--output", tmp_path / "o.json")
     document = json.loads(out)
     assert code in (0, 1) and "Traceback" not in err
-    assert [len(run["results"]["api_conformance"]["checks"]) for run in document["runs"]] == [11, 11]
+    assert [len(run["results"]["api_conformance"]["checks"]) for run in document["runs"]] == [12, 12]
     assert document["comparisons"] == [] and json.loads((tmp_path / "o.json").read_text()) == document
 
 
