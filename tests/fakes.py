@@ -934,3 +934,212 @@ class FakeDatasetsServer(_FakeServer):
     def _denied(reason: str) -> _Response:
         return _Response(403, _ACCESS_DENIED.encode(),
                          {"Content-Type": "text/xml", "X-Fake-Reason": reason})
+
+
+# --------------------------------------------------------------------------------------------
+# Deployment helpers: HTTPS, chunked responses, a forward proxy
+# --------------------------------------------------------------------------------------------
+
+TLS_DIR = Path(__file__).parent / "fixtures" / "tls"
+TLS_CERT = TLS_DIR / "cert.pem"  # self-signed, its own CA, for IP:127.0.0.1 and DNS:localhost (test only)
+TLS_KEY = TLS_DIR / "key.pem"
+
+
+def serve_https(server: _FakeServer) -> _FakeServer:
+    """Make a not yet started fake speak HTTPS with the test certificate in fixtures/tls/:
+    its listening socket is wrapped (the handshake happens in the connection's handler
+    thread), and ``url``/``base_url`` become https://127.0.0.1:PORT. Returns the server::
+
+        with serve_https(FakeOpenAI()) as srv:  # srv.base_url == "https://127.0.0.1:PORT/v1"
+    """
+    import ssl
+
+    if server._thread is not None:
+        raise RuntimeError("serve_https() must be called before start()")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS_CERT, TLS_KEY)
+    server._httpd.socket = context.wrap_socket(server._httpd.socket, server_side=True,
+                                               do_handshake_on_connect=False)
+    server._httpd.handle_error = lambda request, client_address: None  # failed handshakes are expected
+    server.url = f"https://127.0.0.1:{server.port}"
+    return server
+
+
+class _ChunkedHandler(_Handler):
+    """_Handler, but every response body goes out with Transfer-Encoding: chunked (no Content-Length),
+    in 64 KiB chunks."""
+
+    def _handle(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        url = urlsplit(self.path)
+        request = {"method": self.command, "path": url.path, "query": dict(parse_qsl(url.query, keep_blank_values=True)),
+                   "url": self.path, "headers": Headers(self.headers.items()), "body": _parse_body(raw),
+                   "time": time.monotonic(), "status": None}
+        try:
+            response = self.fake._route(request)
+        except Exception:
+            self.fake._record(self.fake.errors, traceback.format_exc())
+            response = _json_response(500, {"error": {"message": "fake server error", "type": "server_error"}})
+        request["status"] = None if response.drop else response.status
+        if response.drop or self.fake.closed:
+            self.close_connection = True
+            return
+        self.send_response(response.status)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        body = memoryview(response.body)
+        for i in range(0, len(body), 65536):
+            chunk = body[i:i + 65536]
+            self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def send_chunked(server: _FakeServer) -> _FakeServer:
+    """Make a not yet started fake send every response with chunked transfer encoding. Returns it."""
+    server._httpd.RequestHandlerClass = _ChunkedHandler
+    return server
+
+
+_HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "proxy-authorization", "proxy-authenticate",
+               "te", "trailer", "transfer-encoding", "upgrade", "content-length"}
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """Forward proxy: absolute-form requests are forwarded (one kept-alive upstream connection
+    per client connection and origin), CONNECT opens a tunnel."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 60
+
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fake: ForwardProxy = self.server.fake
+        self.fake._connection_opened(self.connection)
+        self.upstreams: dict = {}
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            for conn in self.upstreams.values():
+                conn.close()
+            self.fake._connection_closed(self.connection)
+
+    def log_message(self, format, *args):
+        pass
+
+    def _authorized(self) -> bool:
+        """With ``credentials``, a request without the right Proxy-Authorization gets 407."""
+        if self.fake.credentials is None:
+            return True
+        import base64
+        if self.headers.get("Proxy-Authorization") == "Basic " + base64.b64encode(self.fake.credentials.encode()).decode():
+            return True
+        self.fake._record(self.fake.refused, {"method": self.command, "target": self.path,
+                                              "headers": Headers(self.headers.items())})
+        body = b"Proxy Authentication Required"
+        self.send_response(407)
+        self.send_header("Proxy-Authenticate", 'Basic realm="fake proxy"')
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return False
+
+    def do_CONNECT(self):
+        host, _, port = self.path.rpartition(":")
+        if not self._authorized():
+            self.close_connection = True
+            return
+        self.fake._record(self.fake.tunnels, {"target": self.path, "headers": Headers(self.headers.items()),
+                                              "client": self.client_address, "time": time.monotonic()})
+        try:
+            upstream = socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+        except (OSError, ValueError):
+            self.send_error(502)
+            return
+        self.send_response(200, "Connection established")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+        self._relay(self.connection, upstream)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        import selectors
+
+        with upstream, selectors.DefaultSelector() as sel:
+            sel.register(client, selectors.EVENT_READ, upstream)
+            sel.register(upstream, selectors.EVENT_READ, client)
+            while not self.fake.closed:
+                for key, _ in sel.select(timeout=0.1):
+                    try:
+                        data = key.fileobj.recv(65536)
+                        if not data:
+                            return
+                        key.data.sendall(data)
+                    except OSError:
+                        return
+
+    def _forward(self):
+        import http.client
+
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        url = urlsplit(self.path)
+        if not url.scheme or not url.hostname:
+            self.fake._record(self.fake.errors, f"not absolute-form: {self.command} {self.path}")
+            self.send_error(400, "absolute-form request target required")
+            return
+        if not self._authorized():
+            return
+        self.fake._record(self.fake.requests, {"method": self.command, "url": self.path, "path": url.path,
+                                               "headers": Headers(self.headers.items()), "client": self.client_address,
+                                               "time": time.monotonic()})
+        conn = self.upstreams.get(url.netloc)
+        if conn is None:
+            conn = self.upstreams[url.netloc] = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        try:
+            conn.request(self.command, target, body=raw if raw or self.command == "POST" else None, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            del self.upstreams[url.netloc]
+            self.send_error(502)
+            self.close_connection = True
+            return
+        if resp.will_close:
+            conn.close()
+            del self.upstreams[url.netloc]
+        self.send_response_only(resp.status, resp.reason)  # the origin's own Server and Date headers
+        for name, value in resp.getheaders():
+            if name.lower() not in _HOP_BY_HOP:
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _forward
+
+
+class ForwardProxy(_FakeServer):
+    """An HTTP forward proxy on 127.0.0.1 (threaded, keep-alive on both sides) that counts what
+    passed through it: ``requests`` (absolute-form GET/POST: method, url, path, headers, client,
+    time), ``tunnels`` (CONNECT: target "host:port", headers, client, time), ``connections`` (TCP
+    connections accepted from clients; ``client`` is the (host, port) of the one a request came on).
+    ``url`` is http://127.0.0.1:PORT, for HTTP(S)_PROXY. credentials: "user:password" the proxy
+    requires (Proxy-Authorization: Basic); other requests get 407 and are listed in ``refused``."""
+
+    def __init__(self, credentials: str | None = None):
+        super().__init__()
+        self.credentials = credentials
+        self.refused: list[dict] = []
+        self.tunnels: list[dict] = []
+        self._httpd.RequestHandlerClass = _ProxyHandler
+
+    def _route(self, request: dict) -> _Response:  # not used: _ProxyHandler handles everything
+        raise NotImplementedError
