@@ -1802,8 +1802,10 @@ def repeat_summary(task: Task, records: list, documents: list, repeats: int, tem
 
 
 def self_agreement(documents: list) -> dict:
-    """Of documents sent several times: the share whose responses are all identical,
-    and whose scores are all identical."""
+    """Of documents sent several times and answered every time (a failed request is a
+    failure, not a different answer): the share whose responses are all identical, and
+    whose scores are all identical."""
+    documents = [group for group in documents if all(r.get("status") in VALID_STATUSES for r in group)]
     n = len(documents)
     same_text = sum(1 for group in documents if len({(r.get("response") or {}).get("content") for r in group}) == 1)
     same_scores = sum(1 for group in documents if len({json.dumps(r.get("scores"), sort_keys=True)
@@ -1882,7 +1884,7 @@ def reference_key(model: str) -> str:
     """The served model name as REFERENCE_SCORES spells it: lower case, no `org/` prefix,
     no `meta-` prefix, and no suffix naming a lossless dtype (bf16, fp16, fp32) — but a
     quantisation (q4, awq, gptq, int8, fp8, ...) is kept, so it matches nothing."""
-    name = model.lower().rsplit("/", 1)[-1].removeprefix("meta-")
+    name = model.lower().rstrip("/").rsplit("/", 1)[-1].removeprefix("meta-")
     while (stripped := re.sub(r"[-_.](bf16|fp16|fp32|f16|f32)$", "", name)) != name:
         name = stripped
     return name
@@ -3264,6 +3266,8 @@ def cmd_eval(argv: list) -> int:
     tasks, check = resolve_tasks(args.tasks, args.check)
     settings = resolve_settings(args)
     args.expected = parse_expectations(args.expect, tasks)
+    if args.fail_if and len(settings["base_urls"]) < 2:
+        raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
     _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     report = check_output_path(args.report, "--report")
