@@ -190,11 +190,12 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # children left behind by a leader that exited
 
 
-def llama_cmd(binary: str, model: str, alias: str, slots: int = SLOTS, extra=()):
-    jinja = _jinja_flag(binary)
+def llama_cmd(binary: str, model: str, alias: str, slots: int = SLOTS, threads: int = 2, extra=(),
+              jinja: bool = True):
+    flags = _jinja_flag(binary) if jinja else []
     return lambda port: [
         binary, "-m", model, "-a", alias, "--host", "127.0.0.1", "--port", str(port),
-        "-c", str(slots * CTX_PER_SLOT), "-np", str(slots), "-t", "2", *jinja, *extra,
+        "-c", str(slots * CTX_PER_SLOT), "-np", str(slots), "-t", str(threads), *flags, *extra,
     ]
 
 
@@ -222,6 +223,10 @@ VLLM_SETUP_SCRIPT = HERE / "setup_vllm.sh"
 VLLM_HEALTH_TIMEOUT_S = 900   # ~30 s on an idle machine; CPU contention can make it minutes
 TEXT_ALIAS = "smollm2-135m-instruct"   # the same served name on both backends
 VLM_ALIAS = "tiny-idefics3"
+# One thread for the float32 llama-servers: with -t 2, any other busy process on a 2-core
+# machine stalls llama.cpp's thread barrier (measured: 1.7 generated tok/s with -t 2 under
+# load vs 17 tok/s with -t 1, same load).
+F32_THREADS = 1
 
 
 def _vllm_paths(config) -> dict:
@@ -276,7 +281,7 @@ def llama_f32_server(pytestconfig, vllm_paths, tmp_path_factory):
     converted back by llama.cpp's convert_hf_to_gguf.py), 4 slots for --num_concurrent 4."""
     binary, _ = _llama_paths(pytestconfig)
     logdir = tmp_path_factory.mktemp("llama_f32")
-    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4)
+    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4, threads=F32_THREADS)
     with launch_server("llama-server-f32", cmd, logdir) as server:
         server.alias = TEXT_ALIAS
         yield server
@@ -284,11 +289,14 @@ def llama_f32_server(pytestconfig, vllm_paths, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_broken_server(pytestconfig, vllm_paths, tmp_path_factory):
-    """The same float32 GGUF on llama-server, deliberately misconfigured the way the README's
-    example is: `--chat-template llama3`, another model family's template."""
+    """The same float32 GGUF on llama-server, deliberately misconfigured: llama.cpp's built-in
+    Llama 3 chat template (`--no-jinja --chat-template llama3`), another model family's.
+    (`--no-jinja` matters: with Jinja on, the default of this build, `--chat-template llama3`
+    is taken as the template's source text, and every prompt becomes the 3 tokens "llama3".)"""
     binary, _ = _llama_paths(pytestconfig)
     logdir = tmp_path_factory.mktemp("llama_broken")
-    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4, extra=("--chat-template", "llama3"))
+    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4, threads=F32_THREADS,
+                    jinja=False, extra=("--no-jinja", "--chat-template", "llama3"))
     with launch_server("llama-server-llama3-template", cmd, logdir) as server:
         server.alias = TEXT_ALIAS
         yield server

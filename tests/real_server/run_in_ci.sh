@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# CI entry for nano-eval's real-server tests (llama.cpp llama-server + SmolLM2-135M).
+# CI entry for nano-eval's real-server tests: llama.cpp llama-server + SmolLM2-135M
+# (setup_llama_server.sh), vLLM CPU + the same weights in float32 + a tiny Idefics3 VLM
+# (setup_vllm.sh).
 #
-#   bash tests/real_server/run_in_ci.sh --prepare-bg   # start build/fetch in the background, return at once
+#   bash tests/real_server/run_in_ci.sh --prepare-bg   # start both setups in the background, return at once
 #   ...run the other test suites...
-#   bash tests/real_server/run_in_ci.sh [pytest args]  # wait for / finish the setup, then run the tests
+#   bash tests/real_server/run_in_ci.sh [pytest args]  # wait for / finish the setups, then run the tests
 #
-# The setup caches under ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}; a warm cache
-# makes the setup take ~1 s. A cold one builds llama-server (~10 min on 2 idle cores).
-# A foreground call after --prepare-bg blocks on the setup's lock until the background
-# job is done, then finds the cache ready; if the background job failed it retries.
+# The setups cache under ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}; a warm cache
+# makes them take ~1 s. A cold one builds llama-server (~10 min on 2 idle cores) and the
+# vLLM venv (~3 min); in the background they run under `nice`, so the tests in the
+# foreground keep priority. A foreground call after --prepare-bg blocks on each setup's
+# lock until its background job is done, then finds the cache ready; if a background job
+# failed it retries.
 # The whole script is one { ... } block: bash parses it completely before running it, so
 # editing or checking out this file while it runs (a long build) cannot derail it.
 {
@@ -17,6 +21,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 BG_LOG=${NANO_EVAL_SETUP_LOG:-${TMPDIR:-/tmp}/nano-eval-llama-setup.log}
+VLLM_BG_LOG=${NANO_EVAL_VLLM_SETUP_LOG:-${TMPDIR:-/tmp}/nano-eval-vllm-setup.log}
 
 ensure_toolchain() {
   local missing=""
@@ -34,8 +39,10 @@ ensure_toolchain() {
 if [ "${1:-}" = "--prepare-bg" ]; then
   ensure_toolchain
   # setsid + nohup: survives the caller's shell; the setup's flock serializes with later calls.
-  nohup setsid bash "$HERE/setup_llama_server.sh" >"$BG_LOG" 2>&1 </dev/null &
+  nohup setsid nice -n 10 bash "$HERE/setup_llama_server.sh" >"$BG_LOG" 2>&1 </dev/null &
   echo "[run_in_ci] llama-server setup started in the background (pid $!, log $BG_LOG)" >&2
+  nohup setsid nice -n 10 bash "$HERE/setup_vllm.sh" >"$VLLM_BG_LOG" 2>&1 </dev/null &
+  echo "[run_in_ci] vLLM setup started in the background (pid $!, log $VLLM_BG_LOG)" >&2
   exit 0
 fi
 
@@ -49,10 +56,15 @@ if ! bash "$HERE/setup_llama_server.sh" >/dev/null; then
   exit 1
 fi
 echo "[run_in_ci] llama-server ready after $(( $(date +%s) - T0 )) s" >&2
+if ! bash "$HERE/setup_vllm.sh" >/dev/null; then
+  [ -f "$VLLM_BG_LOG" ] && { echo "--- background vLLM setup log ---" >&2; tail -n 40 "$VLLM_BG_LOG" >&2; }
+  exit 1
+fi
+echo "[run_in_ci] vLLM ready after $(( $(date +%s) - T0 )) s" >&2
 
 cd "$ROOT"
 set +e
-"$PYTHON" -m pytest tests/real_server -m real_server -q -rA -p no:cacheprovider "$@"
+"$PYTHON" -m pytest tests/real_server -m real_server -q -rA -p no:cacheprovider --durations=0 "$@"
 rc=$?
 set -e
 echo "[run_in_ci] real-server tests finished with exit code $rc after $(( $(date +%s) - T0 )) s" >&2
