@@ -27,6 +27,8 @@ import dataclasses
 import hashlib
 import http.server
 import json
+import sys
+import subprocess
 import random
 import re
 import socket
@@ -262,9 +264,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(response.status)
         for name, value in response.headers.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
+        self._send_body(response.body)
+
+    def _send_body(self, body: bytes) -> None:
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(response.body)
+        self.wfile.write(body)
 
 
 class _FakeServer:
@@ -969,27 +974,10 @@ class _ChunkedHandler(_Handler):
     """_Handler, but every response body goes out with Transfer-Encoding: chunked (no Content-Length),
     in 64 KiB chunks."""
 
-    def _handle(self):
-        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        url = urlsplit(self.path)
-        request = {"method": self.command, "path": url.path, "query": dict(parse_qsl(url.query, keep_blank_values=True)),
-                   "url": self.path, "headers": Headers(self.headers.items()), "body": _parse_body(raw),
-                   "time": time.monotonic(), "status": None}
-        try:
-            response = self.fake._route(request)
-        except Exception:
-            self.fake._record(self.fake.errors, traceback.format_exc())
-            response = _json_response(500, {"error": {"message": "fake server error", "type": "server_error"}})
-        request["status"] = None if response.drop else response.status
-        if response.drop or self.fake.closed:
-            self.close_connection = True
-            return
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
+    def _send_body(self, body: bytes) -> None:
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        body = memoryview(response.body)
+        body = memoryview(body)
         for i in range(0, len(body), 65536):
             chunk = body[i:i + 65536]
             self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
@@ -1143,3 +1131,22 @@ class ForwardProxy(_FakeServer):
 
     def _route(self, request: dict) -> _Response:  # not used: _ProxyHandler handles everything
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------
+# Running the CLI
+# --------------------------------------------------------------------------------------------
+
+NANO_EVAL = Path(__file__).resolve().parent.parent / "nano_eval.py"
+
+
+def cli(*args, env=None, timeout=60):
+    """(exit code, stdout, stderr) of ``python nano_eval.py ARGS`` in a child process."""
+    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True,
+                          timeout=timeout, env=env)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+
+
+def error_lines(stderr: str) -> list:
+    """The one-line errors nano-eval printed."""
+    return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]

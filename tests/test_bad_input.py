@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import fakes
+from fakes import cli
 from fakes import FakeOpenAI, Reply, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,9 +22,6 @@ NANO_EVAL = ROOT / "nano_eval.py"
 TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
 
 
-def cli(*args, timeout=60, env=None):
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *args], capture_output=True, timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
 def assert_one_error(code, out, err, expected_code, *fragments):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import cli, error_lines
 from fakes import TLS_CERT, ByRow, FakeOpenAI, ForwardProxy, Reply, free_port, gsm8k_row_of, serve_https
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +33,8 @@ PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy"
               "no_proxy")
 
 
-def cli(*args, env=None, timeout=60):
-    """(exit code, stdout, stderr) of ``python nano_eval.py ARGS``."""
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True,
-                          timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]
 
 
 def env_with(**values) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import cli
 from fakes import GSM8K, Dataset, FakeDatasetsServer, FakeOpenAI, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,10 +25,6 @@ NANO_EVAL = ROOT / "nano_eval.py"
 GSM = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
-def cli(*args, env=None, timeout=60):
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True,
-                          timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
 def one_error(code, err, expected):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import cli, error_lines
 from fakes import GSM8K_GOLD, ByRow, FakeOpenAI, Reply, gsm8k_row_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,10 +48,6 @@ def right(row: int) -> str:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def cli(*args, timeout=60):
-    """(exit code, stdout, stderr) of ``python nano_eval.py ARGS``."""
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True, timeout=timeout)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
 def eval_args(srv, n, *extra):
@@ -58,8 +55,6 @@ def eval_args(srv, n, *extra):
             *extra]
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]
 
 
 def sem(values) -> float:

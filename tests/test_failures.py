@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import cli, error_lines
 from fakes import ByRow, FakeOpenAI, Reply, fault_plan, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,15 +57,8 @@ def run_inproc(server, tmp_path, n=1, **config):
     return result, read_log(log_dir)
 
 
-def cli(*args, timeout=60, env=None):
-    """(exit code, stdout, stderr) of ``python nano_eval.py ARGS``."""
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True,
-                          timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]
 
 
 def gaps(times: list[float]) -> list[float]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import cli, error_lines
 from fakes import (GSM8K, ByRow, FakeDatasetsServer, FakeOpenAI, Reply, free_port, gsm8k_row_of, question_of,
                    send_chunked, serve_https)
 
@@ -36,15 +37,8 @@ GSM = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 TASK = TASKS["gsm8k_cot_llama"]
 
 
-def cli(*args, env=None, timeout=60):
-    """(exit code, stdout, stderr) of ``python nano_eval.py ARGS``."""
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True,
-                          timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
 
 
-def error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]
 
 
 def warnings(stderr: str) -> list[str]:
@@ -259,7 +253,8 @@ def test_a_long_retry_after_is_announced_and_ctrl_c_stops_the_wait(isolated_env,
             time.sleep(0.3)
             start = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=10)
+            proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
+            out = proc.stdout.read()
             elapsed = time.monotonic() - start
         finally:
             if proc.poll() is None:
@@ -302,7 +297,8 @@ def test_a_long_retry_after_from_the_datasets_server_is_announced_and_interrupti
             assert "waiting 300 s" in notice and "Retry-After: 3600 s, capped at 300 s" in notice
             start = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            out, _ = proc.communicate(timeout=10)
+            proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
+            out = proc.stdout.read()
             elapsed = time.monotonic() - start
         finally:
             if proc.poll() is None:
