@@ -55,8 +55,8 @@ def _enabled(config) -> bool:
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
-        "real_server: end-to-end test against a real llama.cpp llama-server "
-        f"(builds it on first use); run with `-m real_server` or {ENV_FLAG}=1",
+        "real_server: end-to-end test against a real llama.cpp llama-server or vLLM "
+        f"(builds them on first use); run with `-m real_server` or {ENV_FLAG}=1",
     )
 
 
@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(
         reason=(
-            "real llama-server test (first run builds llama.cpp, 5-10 min): "
+            "real-server test (first run builds llama.cpp and a vLLM venv, ~10-15 min): "
             f"run with `-m real_server` or {ENV_FLAG}=1"
         )
     )

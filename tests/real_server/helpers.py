@@ -83,4 +83,4 @@ def get(url: str, timeout: float = 30) -> tuple[int, object]:
 
 def metrics_line(res: dict) -> str:
     return ", ".join(f"{k}={v:.3f}" for k, v in res["metrics"].items()
-                     if "stderr" not in k and isinstance(v, (int, float)))
+                     if "," in k and "stderr" not in k and "valid" not in k and isinstance(v, (int, float)))
