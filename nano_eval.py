@@ -36,6 +36,7 @@ import asyncio
 import base64
 import codecs
 import collections
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -573,22 +574,29 @@ def classify_response(resp: HTTPResponse) -> Outcome:
 
 class AdaptiveLimiter:
     """Caps requests in flight; halves the cap on 429/503 and grows it back by one
-    after every `cap` successes (additive increase, multiplicative decrease)."""
+    after every `cap` successes (additive increase, multiplicative decrease). Worker
+    threads wait in acquire(); close() wakes them all and refuses further slots."""
 
     def __init__(self, maximum: int):
         self.maximum = maximum
         self.limit = maximum
         self.in_flight = 0
         self._successes = 0
-        self._changed = asyncio.Condition()
+        self._closed = False
+        self._changed = threading.Condition(threading.Lock())
 
-    async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+    def acquire(self) -> bool:
+        """Blocks until a request may be sent; False if the limiter was closed instead."""
+        with self._changed:
+            while self.in_flight >= self.limit and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return False
             self.in_flight += 1
+            return True
 
-    async def release(self, throttled: bool = False, success: bool = False) -> None:
-        async with self._changed:
+    def release(self, throttled: bool = False, success: bool = False) -> None:
+        with self._changed:
             self.in_flight -= 1
             if throttled:
                 self.limit = max(1, self.limit // 2)
@@ -598,7 +606,17 @@ class AdaptiveLimiter:
                 if self._successes >= self.limit:
                     self.limit += 1
                     self._successes = 0
+            if self.limit > self.in_flight:
+                self._changed.notify(self.limit - self.in_flight)  # as many waiters as there are free slots
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
             self._changed.notify_all()
+
+
+class Stopped(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM, an error elsewhere) while a worker waited."""
 
 
 class _Counter:
@@ -622,7 +640,8 @@ _BLOCKED_CALLS = _Counter()
 
 
 class ChatClient:
-    """Sends chat requests from asyncio through a thread pool of blocking calls."""
+    """Sends chat requests through a thread pool of blocking calls: `send_blocking` in
+    a worker thread (retries, backoff and the limiter included), `send` from asyncio."""
 
     def __init__(self, config: APIConfig):
         self.config = config
@@ -630,6 +649,7 @@ class ChatClient:
         self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
         self.headers = {"Content-Type": "application/json", **server_headers(config)}
+        self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
 
     def _post(self, payload: bytes) -> Outcome:
         start = time.perf_counter()
@@ -642,27 +662,35 @@ class ChatClient:
         outcome.latency = time.perf_counter() - start
         return outcome
 
-    async def send(self, payload: bytes) -> Outcome:
-        """One request with retries: backoff with jitter, honouring Retry-After."""
-        loop = asyncio.get_running_loop()
+    def send_blocking(self, payload: bytes) -> Outcome:
+        """One request with retries: backoff with jitter, honouring Retry-After. Call it in
+        a worker thread; raises Stopped when the client is closed while it waits."""
         for attempt in range(1, self.config.max_retries + 1):
-            await self.limiter.acquire()
+            if not self.limiter.acquire():
+                raise Stopped()
             outcome = None
             try:
-                outcome = await loop.run_in_executor(self.pool, self._post, payload)
+                outcome = self._post(payload)
             finally:
                 status = outcome.http_status if outcome else None
-                await self.limiter.release(throttled=status in THROTTLE_STATUS, success=status == 200)
+                self.limiter.release(throttled=status in THROTTLE_STATUS, success=status == 200)
             outcome.attempts = attempt
             if not outcome.retryable or attempt == self.config.max_retries:
                 break
             delay = backoff(attempt, self.config.retry_base_delay, outcome.retry_after)
             announce_wait(self.config.chat_url, outcome.error if outcome.http_status is None else
                           f"HTTP {outcome.http_status}", delay, outcome.retry_after, attempt, self.config.max_retries)
-            await asyncio.sleep(delay)
+            if self.stopped.wait(delay):
+                raise Stopped()
         return outcome
 
+    async def send(self, payload: bytes) -> Outcome:
+        """send_blocking as one executor job."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.send_blocking, payload)
+
     def close(self) -> None:
+        self.stopped.set()
+        self.limiter.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -1128,15 +1156,18 @@ class Task:
         stop = [] if until is None else [until] if isinstance(until, str) else list(until)
         return {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
 
-    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None, repeat: int = 0) -> Sample:
+    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None, repeat: int = 0,
+              params: dict | None = None) -> Sample:
         """The request for one document. Repeat i of a sampled (temperature > 0) request
-        is sent with seed + i; at temperature 0 every repeat sends the same body."""
+        is sent with seed + i; at temperature 0 every repeat sends the same body.
+        `params`: request_params(config), when the caller computed it once for a run."""
         doc = row["row"]
         image, url, error = load_image(cache, row["row_idx"], doc.get(self.image_column)) \
             if self.image_column else (None, None, None)
-        params = self.request_params(config)
+        if params is None:
+            params = self.request_params(config)
         if repeat and params.get("temperature") and isinstance(params.get("seed"), int):
-            params["seed"] += repeat
+            params = {**params, "seed": params["seed"] + repeat}
         body = {"messages": self.messages(doc, url, config), "model": config.model} | params
         payload = encode_body(body)
         identity = self.doc_identity(doc, image or {})
@@ -1419,8 +1450,9 @@ def redact_images(body: dict, image: dict | None) -> dict:
 
 
 class SampleLog:
-    """The per-sample JSONL log: one line appended (and flushed) as each sample ends,
-    so a crash loses at most the requests in flight. It is also the resume state."""
+    """The per-sample JSONL log: one line per sample, appended in batches (every
+    FLUSH_EVERY seconds and at the end, also when the run is interrupted), so a crash
+    loses at most the last batch and the requests in flight. It is also the resume state."""
 
     def __init__(self, path: Path, log_images: bool = False):
         self.path = path
@@ -1445,8 +1477,16 @@ class SampleLog:
                 done[(record.get("doc_hash"), record.get("body_hash"), record.get("repeat", 0))] = record
         return done
 
+    @staticmethod
+    def line(record: dict) -> str:
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.write_lines([self.line(record)])
+
+    def write_lines(self, lines: list) -> None:
+        """Whole lines, then flushed."""
+        self._file.write("".join(lines))
         self._file.flush()
 
     def close(self) -> None:
@@ -1476,8 +1516,8 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start = self._last = time.monotonic()
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, count: int = 1) -> None:
+        self.done += count
         now = time.monotonic()
         if self.enabled and (now - self._last > 0.2 or self.done == self.total):
             self._last = now
@@ -1491,6 +1531,24 @@ class Progress:
             sys.stderr.write("\n")
 
 
+FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
+WORKER_STACK = 512 * 1024  # bytes of stack per worker thread (the default is 8 MB of address space)
+
+
+@contextlib.contextmanager
+def thread_stack_size(size: int) -> Iterator[None]:
+    """Threads started inside get `size` bytes of stack (where the platform allows it)."""
+    try:
+        old = threading.stack_size(size)
+    except (ValueError, RuntimeError):  # not supported here: the default
+        yield
+        return
+    try:
+        yield
+    finally:
+        threading.stack_size(old)
+
+
 class TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
@@ -1500,57 +1558,106 @@ class TaskRun:
         self.progress = progress
         self.repeats = repeats
         self.client = ChatClient(config)
+        self.params = task.request_params(config)  # the same for every request of the run
         previous = log.completed(task.name, config.chat_url) if log else {}
         self.done = previous if resume else {}
         self.results: dict[tuple, dict] = {}  # (repeat, row_idx) -> record
         self.successes = 0
         self.failures_in_a_row = 0
         self.server_down = False
+        self.lock = threading.Lock()  # the workers' shared state: the documents, counters, finished records
+        self.lines: list = []  # log lines not yet written
+        self.finished = 0  # records since the last flush
+        self.closed = False  # after the final flush: nothing more is recorded
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat."""
         return [self.results[key] for key in sorted(self.results)]
 
     async def run(self) -> None:
+        """N worker threads (N = --num_concurrent) each take the next document and build,
+        send, score and record it themselves; the event loop only waits for them, and
+        every FLUSH_EVERY seconds appends the finished records to the log."""
         todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)  # whole passes, one by one
-        workers = [asyncio.ensure_future(self.worker(todo)) for _ in range(min(self.config.num_concurrent, len(self.rows)) or 1)]
+        loop = asyncio.get_running_loop()
+        count = min(self.config.num_concurrent, len(self.rows)) or 1
+        with thread_stack_size(WORKER_STACK):
+            jobs = [loop.run_in_executor(self.client.pool, self.work, todo) for _ in range(count)]
         try:
-            await asyncio.gather(*workers)
+            pending = set(jobs)
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=FLUSH_EVERY, return_when=asyncio.FIRST_EXCEPTION)
+                self.flush()
+                for job in done:
+                    job.result()  # a worker's error (e.g. AuthError before any success) ends the run
         finally:
-            for w in workers:
-                w.cancel()
-            self.client.close()
+            self.client.close()  # workers stop: waits end, nothing more is sent
+            self.flush(final=True)
+            for job in jobs:
+                job.cancel()
 
-    async def worker(self, todo: Iterator[tuple]) -> None:
-        for repeat, row in todo:
-            sample = self.task.build(row, self.config, self.cache, repeat)
-            previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
-            outcome = outcome_from_record(previous) if previous else await self.send(sample)
-            record = self.record(sample, outcome)
-            if previous is None and self.log:
-                self.log.write({**record, "request": sample.body} if self.log.log_images else record)
-            del record["request"]  # not needed for the results; keeps memory flat in the number of samples
-            record["reused"] = previous is not None
-            self.results[(repeat, sample.row_idx)] = record
-            self.progress.advance()
-            if self.successes == 0:
-                stop_on_first_failures(outcome, self.config)
+    def flush(self, final: bool = False) -> None:
+        """Appends the finished records' lines to the log and advances the progress line.
+        After the final flush, records that still finish are dropped."""
+        with self.lock:
+            lines, self.lines = self.lines, []
+            finished, self.finished = self.finished, 0
+            self.closed = self.closed or final
+        if lines:
+            self.log.write_lines(lines)
+        if finished:
+            self.progress.advance(finished)
 
-    async def send(self, sample: Sample) -> Outcome:
+    def work(self, todo: Iterator[tuple]) -> None:
+        """One worker thread's loop, until the documents run out or the run stops."""
+        lock, log = self.lock, self.log
+        try:
+            while not self.client.stopped.is_set():
+                with lock:  # a generator is not thread-safe
+                    item = next(todo, None)
+                if item is None:
+                    return
+                repeat, row = item
+                sample = self.task.build(row, self.config, self.cache, repeat, self.params)
+                previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
+                outcome = outcome_from_record(previous) if previous else self.send(sample)
+                record = self.record(sample, outcome)
+                line = None
+                if previous is None and log:
+                    line = log.line({**record, "request": sample.body} if log.log_images else record)
+                del record["request"]  # not needed for the results; keeps memory flat in the number of samples
+                record["reused"] = previous is not None
+                with lock:
+                    if self.closed:
+                        return  # the run ended while this sample was in flight: not recorded
+                    self.results[(repeat, sample.row_idx)] = record
+                    self.finished += 1
+                    if line is not None:
+                        self.lines.append(line)
+                    first = self.successes == 0
+                if first:
+                    stop_on_first_failures(outcome, self.config)
+        except Stopped:
+            return
+
+    def send(self, sample: Sample) -> Outcome:
         if sample.error:
             return Outcome(sample.error[0], error=sample.error[1], attempts=0)
         if self.server_down:
             return Outcome("connection", error=NOT_SENT, attempts=0)
-        outcome = await self.client.send(sample.payload)
-        if outcome.status in ("connection", "timeout"):  # after all retries
-            self.failures_in_a_row += 1
-            if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
-                self.server_down = True
-                warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
-                     f"in {outcome.status} after every retry): no more requests are sent to it")
-        else:
-            self.failures_in_a_row = 0
-            self.successes += outcome.http_status is not None and outcome.http_status < 400
+        outcome = self.client.send_blocking(sample.payload)
+        down = False
+        with self.lock:
+            if outcome.status in ("connection", "timeout"):  # after all retries
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
+                    self.server_down = down = True
+            else:
+                self.failures_in_a_row = 0
+                self.successes += outcome.http_status is not None and outcome.http_status < 400
+        if down:
+            warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
+                 f"in {outcome.status} after every retry): no more requests are sent to it")
         return outcome
 
     def record(self, sample: Sample, outcome: Outcome) -> dict:
