@@ -679,29 +679,46 @@ def classify_response(resp: HTTPResponse) -> Outcome:
 class AdaptiveLimiter:
     """Caps requests in flight; halves the cap on 429/503 and grows it back by one
     after every `cap` successes (additive increase, multiplicative decrease). Worker
-    threads wait in acquire(); close() wakes them all and refuses further slots."""
+    threads wait in acquire(); close() wakes them all and refuses further slots.
+
+    While the cap is at its maximum (a server that never throttled), acquire and
+    release take no lock: the slots are items of a list, whose append and pop are
+    atomic, so the worker threads do not queue on a lock twice per request."""
 
     def __init__(self, maximum: int):
         self.maximum = maximum
         self.limit = maximum
-        self.in_flight = 0
+        self._slots: list = []  # one item per request in flight
         self._successes = 0
         self._closed = False
         self._changed = threading.Condition(threading.Lock())
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._slots)
+
     def acquire(self) -> bool:
         """Blocks until a request may be sent; False if the limiter was closed instead."""
+        if self.limit >= self.maximum and len(self._slots) < self.limit and not self._closed:
+            self._slots.append(None)
+            return True
         with self._changed:
-            while self.in_flight >= self.limit and not self._closed:
+            while len(self._slots) >= self.limit and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return False
-            self.in_flight += 1
+            self._slots.append(None)
             return True
 
     def release(self, throttled: bool = False, success: bool = False) -> None:
+        if not throttled and self.limit >= self.maximum:  # at full width nothing but the count changes
+            self._slots.pop()
+            if self.limit < self.maximum:  # the cap was lowered meanwhile: wake a waiter for this slot
+                with self._changed:
+                    self._wake()
+            return
         with self._changed:
-            self.in_flight -= 1
+            self._slots.pop()
             if throttled:
                 self.limit = max(1, self.limit // 2)
                 self._successes = 0
@@ -710,8 +727,12 @@ class AdaptiveLimiter:
                 if self._successes >= self.limit:
                     self.limit += 1
                     self._successes = 0
-            if self.limit > self.in_flight:
-                self._changed.notify(self.limit - self.in_flight)  # as many waiters as there are free slots
+            self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - len(self._slots)
+        if free > 0:
+            self._changed.notify(free)  # as many waiters as there are free slots
 
     def close(self) -> None:
         with self._changed:
@@ -725,22 +746,37 @@ class Stopped(Exception):
 
 class _Counter:
     """Counts threads inside a blocking request, so an interrupted run can exit
-    without waiting for answers it no longer wants."""
+    without waiting for answers it no longer wants. No lock: list append and pop
+    are atomic."""
 
     def __init__(self):
-        self.value = 0
-        self._lock = threading.Lock()
+        self._calls: list = []
+
+    @property
+    def value(self) -> int:
+        return len(self._calls)
 
     def __enter__(self):
-        with self._lock:
-            self.value += 1
+        self._calls.append(None)
 
     def __exit__(self, *exc):
-        with self._lock:
-            self.value -= 1
+        self._calls.pop()
 
 
 _BLOCKED_CALLS = _Counter()
+
+
+def allow_open_files(count: int) -> None:
+    """Raises the soft limit on open files to `count` (within the hard limit) when it is
+    lower: 1024 connections do not fit the common default of 1024 (256 on macOS)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < count:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (count if hard == resource.RLIM_INFINITY else min(count, hard),
+                                                        hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 class ChatClient:
@@ -753,7 +789,8 @@ class ChatClient:
         self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
         self.headers = {"Content-Type": "application/json", **server_headers(config)}
-        self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
+        self.stopped = threading.Event()
+        allow_open_files(config.num_concurrent + 64)  # a connection each, and some to spare  # set by close(): waits end at once, nothing more is sent
 
     def _post(self, payload: bytes) -> Outcome:
         start = time.perf_counter()
