@@ -1728,6 +1728,7 @@ class TaskRun:
         self.lines: list = []  # log lines not yet written
         self.finished = 0  # records since the last flush
         self.closed = False  # after the final flush: nothing more is recorded
+        self.building = threading.Lock() if task.image_column else None
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat."""
@@ -1770,6 +1771,9 @@ class TaskRun:
     def work(self, todo: Iterator[tuple]) -> None:
         """One worker thread's loop, until the documents run out or the run stops."""
         lock, log = self.lock, self.log
+        # Images: one build at a time (it is CPU work under the GIL either way), so that the
+        # workers do not all hold an image in its three encodings at once
+        building = self.building
         try:
             while not self.client.stopped.is_set():
                 with lock:  # a generator is not thread-safe
@@ -1777,7 +1781,13 @@ class TaskRun:
                 if item is None:
                     return
                 repeat, row = item
-                sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
+                if building is None:
+                    sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
+                else:
+                    with building:
+                        sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
+                if sample.image and not (log and log.log_images):  # the image's data URL is in the payload:
+                    sample.body = redact_images(sample.body, sample.image)  # not kept twice while in flight
                 previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
                 outcome = outcome_from_record(previous) if previous else self.send(sample)
                 record = self.record(sample, outcome)
@@ -1796,6 +1806,7 @@ class TaskRun:
                     first = self.successes == 0
                 if first:
                     stop_on_first_failures(outcome, self.config)
+                sample = record = line = None  # not held while the next one is built
         except Stopped:
             return
 

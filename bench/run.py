@@ -976,6 +976,9 @@ class Bench:
                     "requests": count, "inner": lat["inner"], "wall": lat["wall"], "cpu": lat["cpu"],
                     "rss_mb": lat["rss_mb"], "threads": lat["threads"], "ideal_rps": ideal, "efficiency": eff,
                     "best_possible": best, "aiohttp_inner": aio and aio["inner"]}
+                if n == concurrencies[0]:  # the first concurrency's figures also at the top (as before)
+                    self.results["latency"].update(concurrency=n, inner=lat["inner"], wall=lat["wall"],
+                                                   ideal_rps=ideal, efficiency=eff, best_possible=best)
                 threads = "?" if lat["threads"] is None else str(lat["threads"])
                 self.table.add(f"c={n} nano-eval pipeline / ideal", f"{100 * eff:.1f}%", ">= 95%",
                                verdict(eff >= 0.95, self.judged),
