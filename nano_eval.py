@@ -788,8 +788,8 @@ class ChatClient:
         self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
         self.headers = {"Content-Type": "application/json", **server_headers(config)}
-        self.stopped = threading.Event()
-        allow_open_files(config.num_concurrent + 64)  # a connection each, and some to spare  # set by close(): waits end at once, nothing more is sent
+        self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
+        allow_open_files(config.num_concurrent + 64)  # a connection each, and some to spare
 
     def _post(self, payload: bytes) -> Outcome:
         start = time.perf_counter()

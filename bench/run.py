@@ -1172,7 +1172,7 @@ class Bench:
             max(0.0, (busy - self.start[1]) - (own_cpu_seconds() - self.start[2])) / elapsed
         other = "?" if info["other_cores"] is None else f"{info['other_cores']:.2f}"
         flags = " --quick" if self.quick else ""
-        flags += " --baselines " + ",".join(self.baselines) if self.baselines else ""
+        flags += " --baselines " + ",".join(self.baselines + self.peers) if self.baselines or self.peers else ""
         if self.args.nano_eval:
             flags += f" --nano_eval {NANO}"
         print(f"nano-eval bench{flags}: "
