@@ -1714,7 +1714,6 @@ class TaskRun:
         self.closed = False  # after the final flush: nothing more is recorded
         self.building = threading.Lock() if task.image_column else None
         self.errors: list = []  # what ended a worker thread
-        self.started = 0  # worker threads started
         self.go = threading.Semaphore(0)  # released once all have started, then by each worker to the next
 
     def records(self) -> list:
@@ -1731,7 +1730,9 @@ class TaskRun:
         count = min(self.config.num_concurrent, len(self.rows)) or 1
         self.running = count
         try:
-            self.start_worker(0, count)
+            for index in range(count):
+                self.start_worker(index)
+            self.go.release()  # every worker is there: the first one goes
             while True:
                 try:
                     await asyncio.wait_for(self.changed.wait(), FLUSH_EVERY)
@@ -1748,27 +1749,16 @@ class TaskRun:
             self.go.release()  # workers still waiting to go (some failed to start) go, and stop
             self.flush(final=True)
 
-    def start_worker(self, index: int, count: int) -> None:
-        """Worker `index` starts workers 2i+1 and 2i+2, then waits until all have started, then
-        lets the next one go when it goes: starting a thread waits until it runs, which takes
-        over a millisecond while other threads compete for the GIL (1024 threads started one by
-        one, each working at once, took 1.4 s), and 1024 threads that all want the GIL at once
-        spend their time in the kernel. Daemon threads: one still waiting for an answer the run
-        no longer wants does not hold the exit."""
-        threading.Thread(target=self.worker, args=(index, count), name=f"nano-eval-worker-{index}",
-                         daemon=True).start()
+    def start_worker(self, index: int) -> None:
+        """A worker thread. It waits until all have started, then lets the next one go as it
+        goes: started while others already work, each thread start waits for the GIL (1024
+        threads took 1.4 s to start on a busy machine, against 0.1 s while they wait), and
+        1024 threads that all want the GIL at once spend their time in the kernel. Daemon
+        threads: one still waiting for an answer the run no longer wants does not hold the exit."""
+        threading.Thread(target=self.worker, name=f"nano-eval-worker-{index}", daemon=True).start()
 
-    def worker(self, index: int, count: int) -> None:
+    def worker(self) -> None:
         try:
-            try:
-                for child in (2 * index + 1, 2 * index + 2):
-                    if child < count and not self.client.stopped.is_set():
-                        self.start_worker(child, count)
-            finally:
-                with self.lock:
-                    self.started += 1
-                    if self.started == count:
-                        self.go.release()  # every worker is there: the first one goes
             self.go.acquire()
             self.go.release()  # the next one goes
             self.work(self.todo)
