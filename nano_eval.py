@@ -263,6 +263,29 @@ class ResponseTooLarge(Exception):
     """A response body over the client's cap: not read further."""
 
 
+class OneSend:
+    """An http.client connection that sends a request's head and a bytes body in one
+    send(), as Python 2's http.client did: one system call and one TCP segment instead
+    of two (the server then wakes once per request)."""
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", message_body))
+            data = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(data)
+            return
+        super()._send_output(message_body, encode_chunked)
+
+
+class Connection(OneSend, http.client.HTTPConnection):
+    pass
+
+
+class TLSConnection(OneSend, http.client.HTTPSConnection):
+    pass
+
+
 class HTTPClient:
     """Blocking HTTP/1.1 with one persistent connection per (thread, host).
 
@@ -297,12 +320,11 @@ class HTTPClient:
         proxy = self.proxy_for(parts.scheme, parts.hostname or "")
         netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(netloc, timeout=self.connect_timeout,
-                                               context=tls_context(self.verify, self.ca_cert))
+            conn = TLSConnection(netloc, timeout=self.connect_timeout, context=tls_context(self.verify, self.ca_cert))
             if proxy:
                 conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_auth(proxy))
         else:
-            conn = http.client.HTTPConnection(netloc, timeout=self.connect_timeout)
+            conn = Connection(netloc, timeout=self.connect_timeout)
         conn.proxy = proxy if parts.scheme == "http" else None  # absolute-form request targets
         conn.connect()
         conn.sock.settimeout(self.timeout)
@@ -581,23 +603,47 @@ def classify_response(resp: HTTPResponse) -> Outcome:
 
 class AdaptiveLimiter:
     """Caps requests in flight; halves the cap on 429/503 and grows it back by one
-    after every `cap` successes (additive increase, multiplicative decrease)."""
+    after every `cap` successes (additive increase, multiplicative decrease). Worker
+    threads wait in acquire(); close() wakes them all and refuses further slots.
+
+    While the cap is at its maximum (a server that never throttled), acquire and
+    release take no lock: the slots are items of a list, whose append and pop are
+    atomic, so the worker threads do not queue on a lock twice per request."""
 
     def __init__(self, maximum: int):
         self.maximum = maximum
         self.limit = maximum
-        self.in_flight = 0
+        self._slots: list = []  # one item per request in flight
         self._successes = 0
-        self._changed = asyncio.Condition()
+        self._closed = False
+        self._changed = threading.Condition(threading.Lock())
 
-    async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
-            self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        return len(self._slots)
 
-    async def release(self, throttled: bool = False, success: bool = False) -> None:
-        async with self._changed:
-            self.in_flight -= 1
+    def acquire(self) -> bool:
+        """Blocks until a request may be sent; False if the limiter was closed instead."""
+        if self.limit >= self.maximum and len(self._slots) < self.limit and not self._closed:
+            self._slots.append(None)
+            return True
+        with self._changed:
+            while len(self._slots) >= self.limit and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return False
+            self._slots.append(None)
+            return True
+
+    def release(self, throttled: bool = False, success: bool = False) -> None:
+        if not throttled and self.limit >= self.maximum:  # at full width nothing but the count changes
+            self._slots.pop()
+            if self.limit < self.maximum:  # the cap was lowered meanwhile: wake a waiter for this slot
+                with self._changed:
+                    self._wake()
+            return
+        with self._changed:
+            self._slots.pop()
             if throttled:
                 self.limit = max(1, self.limit // 2)
                 self._successes = 0
@@ -606,31 +652,61 @@ class AdaptiveLimiter:
                 if self._successes >= self.limit:
                     self.limit += 1
                     self._successes = 0
+            self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - len(self._slots)
+        if free > 0:
+            self._changed.notify(free)  # as many waiters as there are free slots
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
             self._changed.notify_all()
+
+
+class Stopped(Exception):
+    """The run was stopped (Ctrl-C, SIGTERM, an error elsewhere) while a worker waited."""
 
 
 class _Counter:
     """Counts threads inside a blocking request, so an interrupted run can exit
-    without waiting for answers it no longer wants."""
+    without waiting for answers it no longer wants. No lock: list append and pop
+    are atomic."""
 
     def __init__(self):
-        self.value = 0
-        self._lock = threading.Lock()
+        self._calls: list = []
+
+    @property
+    def value(self) -> int:
+        return len(self._calls)
 
     def __enter__(self):
-        with self._lock:
-            self.value += 1
+        self._calls.append(None)
 
     def __exit__(self, *exc):
-        with self._lock:
-            self.value -= 1
+        self._calls.pop()
 
 
 _BLOCKED_CALLS = _Counter()
 
 
+def allow_open_files(count: int) -> None:
+    """Raises the soft limit on open files to `count` (within the hard limit) when it is
+    lower: 1024 connections do not fit the common default of 1024 (256 on macOS)."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < count:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (count if hard == resource.RLIM_INFINITY else min(count, hard),
+                                                        hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 class ChatClient:
-    """Sends chat requests from asyncio through a thread pool of blocking calls."""
+    """Sends chat requests through a thread pool of blocking calls: `send_blocking` in
+    a worker thread (retries, backoff and the limiter included), `send` from asyncio."""
 
     def __init__(self, config: APIConfig):
         self.config = config
@@ -638,6 +714,8 @@ class ChatClient:
         self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
         self.headers = {"Content-Type": "application/json", **server_headers(config)}
+        self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
+        allow_open_files(config.num_concurrent + 64)  # a connection each, and some to spare
 
     def _post(self, payload: bytes) -> Outcome:
         start = time.perf_counter()
@@ -650,27 +728,35 @@ class ChatClient:
         outcome.latency = time.perf_counter() - start
         return outcome
 
-    async def send(self, payload: bytes) -> Outcome:
-        """One request with retries: backoff with jitter, honouring Retry-After."""
-        loop = asyncio.get_running_loop()
+    def send_blocking(self, payload: bytes) -> Outcome:
+        """One request with retries: backoff with jitter, honouring Retry-After. Call it in
+        a worker thread; raises Stopped when the client is closed while it waits."""
         for attempt in range(1, self.config.max_retries + 1):
-            await self.limiter.acquire()
+            if not self.limiter.acquire():
+                raise Stopped()
             outcome = None
             try:
-                outcome = await loop.run_in_executor(self.pool, self._post, payload)
+                outcome = self._post(payload)
             finally:
                 status = outcome.http_status if outcome else None
-                await self.limiter.release(throttled=status in THROTTLE_STATUS, success=status == 200)
+                self.limiter.release(throttled=status in THROTTLE_STATUS, success=status == 200)
             outcome.attempts = attempt
             if not outcome.retryable or attempt == self.config.max_retries:
                 break
             delay = backoff(attempt, self.config.retry_base_delay, outcome.retry_after)
             announce_wait(self.config.chat_url, outcome.error if outcome.http_status is None else
                           f"HTTP {outcome.http_status}", delay, outcome.retry_after, attempt, self.config.max_retries)
-            await asyncio.sleep(delay)
+            if self.stopped.wait(delay):
+                raise Stopped()
         return outcome
 
+    async def send(self, payload: bytes) -> Outcome:
+        """send_blocking as one executor job."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.send_blocking, payload)
+
     def close(self) -> None:
+        self.stopped.set()
+        self.limiter.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -1136,17 +1222,25 @@ class Task:
         stop = [] if until is None else [until] if isinstance(until, str) else list(until)
         return {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
 
-    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None, repeat: int = 0) -> Sample:
+    def prepare(self, config: APIConfig) -> tuple[dict, str | None]:
+        """What build() needs that is the same for every request of a run: request_params
+        and the JSON text of the body without its messages."""
+        params = self.request_params(config)
+        return params, None if "messages" in params else json.dumps({"model": config.model} | params)
+
+    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None, repeat: int = 0,
+              prepared: tuple[dict, str | None] | None = None) -> Sample:
         """The request for one document. Repeat i of a sampled (temperature > 0) request
-        is sent with seed + i; at temperature 0 every repeat sends the same body."""
+        is sent with seed + i; at temperature 0 every repeat sends the same body.
+        `prepared`: prepare(config), when the caller made it once for the run."""
         doc = row["row"]
         image, url, error = load_image(cache, row["row_idx"], doc.get(self.image_column)) \
             if self.image_column else (None, None, None)
-        params = self.request_params(config)
+        params, rest = prepared or (self.request_params(config), None)
         if repeat and params.get("temperature") and isinstance(params.get("seed"), int):
-            params["seed"] += repeat
+            params, rest = {**params, "seed": params["seed"] + repeat}, None
         body = {"messages": self.messages(doc, url, config), "model": config.model} | params
-        payload = encode_body(body)
+        payload = encode_body(body, rest)
         identity = self.doc_identity(doc, image or {})
         return Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
                       doc_hash=sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=sha256(payload),
@@ -1182,13 +1276,26 @@ def map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
     return {**body, "messages": messages}
 
 
-def encode_body(body: dict) -> bytes:
+def encode_body(body: dict, rest: str | None = None) -> bytes:
     """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
-    through a cache: the 16 few-shot turns are the same in every gsm8k request."""
-    messages = ", ".join(encode_message(m["role"], m["content"]) if isinstance(m["content"], str) and len(m) == 2
-                         else json.dumps(m) for m in body["messages"])
-    rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
+    through a cache: the 16 few-shot turns are the same in every gsm8k request.
+    `rest`: json.dumps of the body without "messages", when the caller has it."""
+    last = len(body["messages"]) - 1
+    messages = ", ".join(json.dumps(m) if not plain_message(m) else encode_message(m["role"], m["content"]) if i < last
+                         else '{"role": ' + _json_string(m["role"]) + ', "content": ' + _json_string(m["content"]) + "}"
+                         for i, m in enumerate(body["messages"]))
+    if rest is None:
+        rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
     return ('{"messages": [' + messages + "], " + rest[1:]).encode()
+
+
+_json_string = json.encoder.encode_basestring_ascii  # how json.dumps writes a str (ensure_ascii)
+
+
+def plain_message(m: Any) -> bool:
+    """{"role": str, "content": str}, in that order."""
+    return type(m) is dict and len(m) == 2 and next(iter(m)) == "role" and type(m["role"]) is str \
+        and type(m.get("content")) is str
 
 
 @functools.lru_cache(maxsize=256)
@@ -1427,8 +1534,9 @@ def redact_images(body: dict, image: dict | None) -> dict:
 
 
 class SampleLog:
-    """The per-sample JSONL log: one line appended (and flushed) as each sample ends,
-    so a crash loses at most the requests in flight. It is also the resume state."""
+    """The per-sample JSONL log: one line per sample, appended in batches (every
+    FLUSH_EVERY seconds and at the end, also when the run is interrupted), so a crash
+    loses at most the last batch and the requests in flight. It is also the resume state."""
 
     def __init__(self, path: Path, log_images: bool = False):
         self.path = path
@@ -1453,8 +1561,16 @@ class SampleLog:
                 done[(record.get("doc_hash"), record.get("body_hash"), record.get("repeat", 0))] = record
         return done
 
+    @staticmethod
+    def line(record: dict) -> str:
+        return json.dumps(record, ensure_ascii=False) + "\n"
+
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.write_lines([self.line(record)])
+
+    def write_lines(self, lines: list) -> None:
+        """Whole lines, then flushed."""
+        self._file.write("".join(lines))
         self._file.flush()
 
     def close(self) -> None:
@@ -1484,8 +1600,8 @@ class Progress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.start = self._last = time.monotonic()
 
-    def advance(self) -> None:
-        self.done += 1
+    def advance(self, count: int = 1) -> None:
+        self.done += count
         now = time.monotonic()
         if self.enabled and (now - self._last > 0.2 or self.done == self.total):
             self._last = now
@@ -1499,6 +1615,9 @@ class Progress:
             sys.stderr.write("\n")
 
 
+FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
+
+
 class TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
@@ -1508,57 +1627,150 @@ class TaskRun:
         self.progress = progress
         self.repeats = repeats
         self.client = ChatClient(config)
+        self.prepared = task.prepare(config)  # the same for every request of the run
         previous = log.completed(task.name, config.chat_url) if log else {}
         self.done = previous if resume else {}
         self.results: dict[tuple, dict] = {}  # (repeat, row_idx) -> record
         self.successes = 0
         self.failures_in_a_row = 0
         self.server_down = False
+        self.lock = threading.Lock()  # the workers' shared state: the documents, counters, finished records
+        self.lines: list = []  # log lines not yet written
+        self.finished = 0  # records since the last flush
+        self.closed = False  # after the final flush: nothing more is recorded
+        self.building = threading.Lock() if task.image_column else None
+        self.errors: list = []  # what ended a worker thread
+        self.go = threading.Semaphore(0)  # released once all have started, then by each worker to the next
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat."""
         return [self.results[key] for key in sorted(self.results)]
 
     async def run(self) -> None:
-        todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)  # whole passes, one by one
-        workers = [asyncio.ensure_future(self.worker(todo)) for _ in range(min(self.config.num_concurrent, len(self.rows)) or 1)]
+        """N worker threads (N = --num_concurrent) each take the next document and build,
+        send, score and record it themselves; the event loop only waits for them, and
+        every FLUSH_EVERY seconds appends the finished records to the log."""
+        self.todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)  # whole passes, one by one
+        self.loop = asyncio.get_running_loop()
+        self.changed = asyncio.Event()  # a worker ended
+        count = min(self.config.num_concurrent, len(self.rows)) or 1
+        self.running = count
         try:
-            await asyncio.gather(*workers)
+            for index in range(count):
+                self.start_worker(index)
+            self.go.release()  # every worker is there: the first one goes
+            while True:
+                try:
+                    await asyncio.wait_for(self.changed.wait(), FLUSH_EVERY)
+                except asyncio.TimeoutError:
+                    pass
+                self.changed.clear()
+                self.flush()
+                if self.errors:
+                    raise self.errors[0]  # a worker's error (e.g. AuthError before any success) ends the run
+                if not self.running:
+                    break
         finally:
-            for w in workers:
-                w.cancel()
-            self.client.close()
+            self.client.close()  # workers stop: waits end, nothing more is sent
+            self.go.release()  # workers still waiting to go (some failed to start) go, and stop
+            self.flush(final=True)
 
-    async def worker(self, todo: Iterator[tuple]) -> None:
-        for repeat, row in todo:
-            sample = self.task.build(row, self.config, self.cache, repeat)
-            previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
-            outcome = outcome_from_record(previous) if previous else await self.send(sample)
-            record = self.record(sample, outcome)
-            if previous is None and self.log:
-                self.log.write({**record, "request": sample.body} if self.log.log_images else record)
-            del record["request"]  # not needed for the results; keeps memory flat in the number of samples
-            record["reused"] = previous is not None
-            self.results[(repeat, sample.row_idx)] = record
-            self.progress.advance()
-            if self.successes == 0:
-                stop_on_first_failures(outcome, self.config)
+    def start_worker(self, index: int) -> None:
+        """A worker thread. It waits until all have started, then lets the next one go as it
+        goes: started while others already work, each thread start waits for the GIL (1024
+        threads took 1.4 s to start on a busy machine, against 0.1 s while they wait), and
+        1024 threads that all want the GIL at once spend their time in the kernel. Daemon
+        threads: one still waiting for an answer the run no longer wants does not hold the exit."""
+        threading.Thread(target=self.worker, name=f"nano-eval-worker-{index}", daemon=True).start()
 
-    async def send(self, sample: Sample) -> Outcome:
+    def worker(self) -> None:
+        try:
+            self.go.acquire()
+            self.go.release()  # the next one goes
+            self.work(self.todo)
+        except BaseException as exc:  # noqa: B036 -- handed to the event loop, which raises it
+            with self.lock:
+                self.errors.append(exc)
+        finally:
+            with self.lock:
+                self.running -= 1
+            try:
+                self.loop.call_soon_threadsafe(self.changed.set)
+            except RuntimeError:  # the event loop has ended: nobody waits for this worker
+                pass
+
+    def flush(self, final: bool = False) -> None:
+        """Appends the finished records' lines to the log and advances the progress line.
+        After the final flush, records that still finish are dropped."""
+        with self.lock:
+            lines, self.lines = self.lines, []
+            finished, self.finished = self.finished, 0
+            self.closed = self.closed or final
+        if lines:
+            self.log.write_lines(lines)
+        if finished:
+            self.progress.advance(finished)
+
+    def work(self, todo: Iterator[tuple]) -> None:
+        """One worker thread's loop, until the documents run out or the run stops."""
+        lock, log = self.lock, self.log
+        # Images: one build at a time (it is CPU work under the GIL either way), so that the
+        # workers do not all hold an image in its three encodings at once
+        building = self.building
+        try:
+            while not self.client.stopped.is_set():
+                with lock:  # a generator is not thread-safe
+                    item = next(todo, None)
+                if item is None:
+                    return
+                repeat, row = item
+                if building is None:
+                    sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
+                else:
+                    with building:
+                        sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
+                if sample.image and not (log and log.log_images):  # the image's data URL is in the payload:
+                    sample.body = redact_images(sample.body, sample.image)  # not kept twice while in flight
+                previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
+                outcome = outcome_from_record(previous) if previous else self.send(sample)
+                record = self.record(sample, outcome)
+                line = None
+                if previous is None and log:
+                    line = log.line({**record, "request": sample.body} if log.log_images else record)
+                del record["request"]  # not needed for the results; keeps memory flat in the number of samples
+                record["reused"] = previous is not None
+                with lock:
+                    if self.closed:
+                        return  # the run ended while this sample was in flight: not recorded
+                    self.results[(repeat, sample.row_idx)] = record
+                    self.finished += 1
+                    if line is not None:
+                        self.lines.append(line)
+                    first = self.successes == 0
+                if first:
+                    stop_on_first_failures(outcome, self.config)
+                sample = record = line = None  # not held while the next one is built
+        except Stopped:
+            return
+
+    def send(self, sample: Sample) -> Outcome:
         if sample.error:
             return Outcome(sample.error[0], error=sample.error[1], attempts=0)
         if self.server_down:
             return Outcome("connection", error=NOT_SENT, attempts=0)
-        outcome = await self.client.send(sample.payload)
-        if outcome.status in ("connection", "timeout"):  # after all retries
-            self.failures_in_a_row += 1
-            if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
-                self.server_down = True
-                warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
-                     f"in {outcome.status} after every retry): no more requests are sent to it")
-        else:
-            self.failures_in_a_row = 0
-            self.successes += outcome.http_status is not None and outcome.http_status < 400
+        outcome = self.client.send_blocking(sample.payload)
+        down = False
+        with self.lock:
+            if outcome.status in ("connection", "timeout"):  # after all retries
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
+                    self.server_down = down = True
+            else:
+                self.failures_in_a_row = 0
+                self.successes += outcome.http_status is not None and outcome.http_status < 400
+        if down:
+            warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
+                 f"in {outcome.status} after every retry): no more requests are sent to it")
         return outcome
 
     def record(self, sample: Sample, outcome: Outcome) -> dict:
@@ -2137,7 +2349,7 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
                 f"   first difference at char {c['mean_first_difference']:.0f} on average"
                 if c["mean_first_difference"] is not None else ""),
-            *([f"  self-agreement  " + "   ".join(
+            *(["  self-agreement  " + "   ".join(
                 f"{side.upper()} {c[f'self_agreement_{side}']['responses'] * 100:.1f}% identical over its repeats"
                 for side in "ab" if f"self_agreement_{side}" in c) + "   (the noise floor for identical text)"]
               if "self_agreement_a" in c or "self_agreement_b" in c else []),

@@ -5,7 +5,6 @@ chromium is installed) render in a real browser with working filters."""
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
