@@ -11,45 +11,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import describe, run_cli
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.real_server
 
 TASK = "gsm8k_cot_llama"
 FILTERS = ("strict-match", "flexible-extract")
-CLI_TIMEOUT_S = 1800  # generous: a shared 2-core machine can be 10x slower than a quiet one
-
-
-def run_cli(args, datasets_server, timeout=CLI_TIMEOUT_S):
-    """Run `python nano_eval.py ARGS` from the repo root as a user would (default data dir:
-    the gsm8k split shipped in data/), with a clean NANO_EVAL_* environment."""
-    script = REPO_ROOT / "nano_eval.py"
-    if not script.is_file():
-        pytest.fail(f"{script} does not exist")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    # The real datasets-server is not reachable from CI: anything nano-eval would fetch comes
-    # from the loopback stand-in instead.
-    env["NANO_EVAL_DATASETS_SERVER"] = datasets_server.url
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    cmd = [sys.executable, "nano_eval.py", *map(str, args)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    proc.cmd = cmd
-    return proc
-
-
-def describe(proc) -> str:
-    return (
-        f"command: {' '.join(proc.cmd)}\nexit code: {proc.returncode}\n"
-        f"--- stdout (last 4000 chars) ---\n{proc.stdout[-4000:]}\n"
-        f"--- stderr (last 4000 chars) ---\n{proc.stderr[-4000:]}"
-    )
 
 
 def read_samples(log_dir: Path, task: str = TASK) -> list[dict]:
