@@ -1150,3 +1150,19 @@ def cli(*args, env=None, timeout=60):
 def error_lines(stderr: str) -> list:
     """The one-line errors nano-eval printed."""
     return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]
+
+
+def run_inproc(server, tmp_path, n=1, **config):
+    """(results, sample records sorted by row) of an in-process gsm8k run of `n` rows against
+    ``server``, each in a fresh sample log under tmp_path (fast retries, model "fake-model")."""
+    import asyncio
+
+    from nano_eval import APIConfig, TASKS, run_task
+
+    config.setdefault("retry_base_delay", 0.01)
+    config.setdefault("model", "fake-model")
+    log_dir = tmp_path / f"log{len(list(tmp_path.glob('log*')))}"
+    result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=server.base_url, **config),
+                                  max_samples=n, log_dir=log_dir, progress=False))
+    records = [json.loads(line) for line in (log_dir / "samples_gsm8k_cot_llama.jsonl").read_text("utf-8").splitlines()]
+    return result, sorted(records, key=lambda r: r["row_idx"])

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from fakes import cli, error_lines
+from fakes import run_inproc, cli, error_lines
 from fakes import ByRow, FakeOpenAI, Reply, fault_plan, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from nano_eval import APIConfig, AuthError, ChatClient, TASKS, run_task  # noqa: E402
+from nano_eval import APIConfig, AuthError, ChatClient, TASKS  # noqa: E402
 
 NANO_EVAL = ROOT / "nano_eval.py"
 GSM8K_ROWS = [json.loads(line) for line in
@@ -44,20 +44,6 @@ def read_log(log_dir: Path) -> list[dict]:
     path = Path(log_dir) / "samples_gsm8k_cot_llama.jsonl"
     records = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
     return sorted(records, key=lambda r: r["row_idx"])
-
-
-def run_inproc(server, tmp_path, n=1, **config):
-    """(results, sample records sorted by row) of an in-process gsm8k run against ``server``."""
-    config.setdefault("retry_base_delay", 0.01)
-    config.setdefault("model", "fake-model")
-    log_dir = tmp_path / f"log{len(list(tmp_path.glob('log*')))}"
-    cfg = APIConfig(url=server.base_url, **config)
-    result = asyncio.run(run_task(TASK, cfg, max_samples=n, log_dir=log_dir, progress=False))
-    return result, read_log(log_dir)
-
-
-
-
 
 
 def gaps(times: list[float]) -> list[float]:

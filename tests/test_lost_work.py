@@ -9,7 +9,6 @@ matter; in-process runs use ``run_task`` with a small ``retry_base_delay``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import cli, error_lines
+from fakes import run_inproc, cli, error_lines
 from fakes import (GSM8K, ByRow, FakeDatasetsServer, FakeOpenAI, Reply, free_port, gsm8k_row_of, question_of,
                    send_chunked, serve_https)
 
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from nano_eval import APIConfig, TASKS, UsageError, run_task  # noqa: E402
+from nano_eval import APIConfig, TASKS, UsageError  # noqa: E402
 
 NANO_EVAL = ROOT / "nano_eval.py"
 GSM = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
@@ -48,16 +47,6 @@ def warnings(stderr: str) -> list[str]:
 def read_log(path: Path) -> list[dict]:
     records = [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
     return sorted(records, key=lambda r: r["row_idx"])
-
-
-def run_inproc(server, tmp_path, n=1, **config):
-    """(results, sample records sorted by row) of an in-process gsm8k run against ``server``."""
-    config.setdefault("retry_base_delay", 0.01)
-    config.setdefault("model", "fake-model")
-    log_dir = tmp_path / f"log{len(list(tmp_path.glob('log*')))}"
-    cfg = APIConfig(url=server.base_url, **config)
-    result = asyncio.run(run_task(TASK, cfg, max_samples=n, log_dir=log_dir, progress=False))
-    return result, read_log(log_dir / "samples_gsm8k_cot_llama.jsonl")
 
 
 @pytest.fixture
@@ -226,42 +215,48 @@ def test_results_reach_a_cp1252_stdout(isolated_env, tmp_path):
 # --- 4. long waits are announced, and Ctrl-C still stops at once ------------------------------
 
 
+def interrupt_while_waiting(cmd: list) -> tuple:
+    """Starts `cmd`, waits for its "waiting ..." notice on stderr, sends SIGINT: (the process,
+    its stderr lines, the notice, stdout, seconds from SIGINT to exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    announced = threading.Event()
+
+    def read_stderr():
+        for raw in proc.stderr:
+            lines.append(raw.decode("utf-8", "replace"))
+            if "waiting" in lines[-1]:
+                announced.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert announced.wait(20), "".join(lines)
+        notice = next(line for line in lines if "waiting" in line)
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
+        out = proc.stdout.read()
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    return proc, lines, notice, out, elapsed
+
+
 def test_a_long_retry_after_is_announced_and_ctrl_c_stops_the_wait(isolated_env, tmp_path):
     output = tmp_path / "o.json"
     with FakeOpenAI(responder=lambda body, n: Reply(status=429, headers={"Retry-After": "3600"})) as srv:
-        proc = subprocess.Popen([sys.executable, str(NANO_EVAL), *GSM, "--base_url", srv.base_url,
-                                 "--max_samples", "2", "--num_concurrent", "1", "--max_retries", "2",
-                                 "--output", str(output)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        lines: list[str] = []
-        announced = threading.Event()
-
-        def read_stderr():
-            for raw in proc.stderr:
-                lines.append(raw.decode("utf-8", "replace"))
-                if "waiting" in lines[-1]:
-                    announced.set()
-
-        reader = threading.Thread(target=read_stderr, daemon=True)
-        reader.start()
-        try:
-            assert announced.wait(20), "".join(lines)
-            notice = next(line for line in lines if "waiting" in line)
-            assert "429" in notice and "waiting 300 s" in notice
-            assert "Retry-After: 3600 s" in notice and "capped at 300 s" in notice
-            assert "attempt 2 of 2" in notice and "Ctrl-C" in notice
-            time.sleep(0.3)
-            start = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
-            out = proc.stdout.read()
-            elapsed = time.monotonic() - start
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        reader.join(5)
+        proc, lines, notice, out, elapsed = interrupt_while_waiting(
+            [sys.executable, str(NANO_EVAL), *GSM, "--base_url", srv.base_url, "--max_samples", "2",
+             "--num_concurrent", "1", "--max_retries", "2", "--output", str(output)])
         chat = len(srv.chat_requests)
+    assert "429" in notice and "waiting 300 s" in notice
+    assert "Retry-After: 3600 s" in notice and "capped at 300 s" in notice
+    assert "attempt 2 of 2" in notice and "Ctrl-C" in notice
     err = "".join(lines)
     assert proc.returncode == 130, err
     assert elapsed < 5, elapsed
@@ -277,34 +272,12 @@ def test_a_long_retry_after_from_the_datasets_server_is_announced_and_interrupti
     """chartqa's rows are throttled with Retry-After: 3600: said on stderr, and Ctrl-C stops the wait."""
     fake_hf.faults.append({"path": "/rows", "status": 429, "headers": {"Retry-After": "3600"}, "times": 100})
     with FakeOpenAI() as srv:
-        proc = subprocess.Popen([sys.executable, str(NANO_EVAL), "--tasks", "chartqa", "--no_progress",
-                                 "--base_url", srv.base_url, "--max_samples", "2"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        lines: list[str] = []
-        announced = threading.Event()
-
-        def read_stderr():
-            for raw in proc.stderr:
-                lines.append(raw.decode("utf-8", "replace"))
-                if "waiting" in lines[-1]:
-                    announced.set()
-
-        threading.Thread(target=read_stderr, daemon=True).start()
-        try:
-            assert announced.wait(20), "".join(lines)
-            notice = next(line for line in lines if "waiting" in line)
-            assert "datasets-server" in notice and "429" in notice
-            assert "waiting 300 s" in notice and "Retry-After: 3600 s, capped at 300 s" in notice
-            start = time.monotonic()
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
-            out = proc.stdout.read()
-            elapsed = time.monotonic() - start
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        proc, lines, notice, out, elapsed = interrupt_while_waiting(
+            [sys.executable, str(NANO_EVAL), "--tasks", "chartqa", "--no_progress", "--base_url", srv.base_url,
+             "--max_samples", "2"])
         chat = len(srv.chat_requests)
+    assert "datasets-server" in notice and "429" in notice
+    assert "waiting 300 s" in notice and "Retry-After: 3600 s, capped at 300 s" in notice
     assert proc.returncode == 130, "".join(lines)
     assert elapsed < 5, elapsed
     assert len(fake_hf.rows_requests) == 1 and chat == 0
