@@ -964,7 +964,7 @@ class DatasetCache:
                 self._changed = False
 
 
-class DatasetsServer:
+class DatasetsClient:
     """A minimal client for the HuggingFace datasets-server `/rows` API."""
 
     def __init__(self, base_url: str | None = None, token: str | None = None, retries: int = 6,
@@ -1023,14 +1023,14 @@ class DatasetsServer:
 
 
 async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
-                    server: DatasetsServer | None = None, concurrency: int = 8) -> tuple[list[dict], DatasetCache]:
+                    server: DatasetsClient | None = None, concurrency: int = 8) -> tuple[list[dict], DatasetCache]:
     """The first `count` rows (all when None) of a split, from the cache or the server.
 
     Pages of 100 rows are fetched concurrently. With an image column, each image the
     run needs is downloaded right after its page (signed URLs expire) and stored in
     the cache; a 403/404 on download fetches that page again for fresh URLs."""
     cache = DatasetCache(roots, ref)
-    server = server or DatasetsServer()
+    server = server or DatasetsClient()
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nano-eval-data")
     try:
@@ -1056,7 +1056,7 @@ async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image
     return rows, cache
 
 
-def load_page(cache: DatasetCache, server: DatasetsServer, ref: DatasetRef, offset: int, wanted: int,
+def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, wanted: int,
               image_column: str | None, prefetched: tuple[dict, str | None] | None) -> list[dict]:
     """One page of rows plus the images its needed rows lack (runs in a worker thread)."""
     rows = cache.read_page(offset)
@@ -1078,7 +1078,7 @@ def load_page(cache: DatasetCache, server: DatasetsServer, ref: DatasetRef, offs
     return rows
 
 
-def fetch_images(cache: DatasetCache, server: DatasetsServer, ref: DatasetRef, offset: int, rows: list[dict],
+def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, rows: list[dict],
                  image_column: str, fresh: bool, concurrency: int = 8) -> None:
     """Downloads the images of `rows` concurrently. Signed URLs expire: a page read
     from the cache is fetched again for fresh URLs first, and a 403/404 on download
@@ -1836,7 +1836,7 @@ async def detect_model(config: APIConfig) -> str:
 
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
                    log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
-                   datasets_server: DatasetsServer | None = None, sink: dict | None = None,
+                   datasets_server: DatasetsClient | None = None, sink: dict | None = None,
                    resume: bool = True, repeats: int = 1) -> dict:
     """Runs one task against one server and returns its results (see aggregate()).
 

@@ -714,7 +714,7 @@ def gsm8k_rows(count: int | None = None) -> list:
     ref = ne.TASKS[TASK].data
     with tempfile.TemporaryDirectory() as tmp:
         rows, _ = asyncio.run(ne.load_rows(ref, count, [Path(tmp), ne.BUNDLED_DATA],
-                                           server=ne.DatasetsServer("http://127.0.0.1:9")))
+                                           server=ne.DatasetsClient("http://127.0.0.1:9")))
     return rows
 
 
@@ -756,7 +756,7 @@ def cache_probe(reps: int) -> None:
     imported = time.perf_counter() - t0
     task = ne.TASKS[TASK]
     roots = ne.resolve_data_dir(None)
-    server = ne.DatasetsServer(os.environ.get("NANO_EVAL_DATASETS_SERVER"))
+    server = ne.DatasetsClient(os.environ.get("NANO_EVAL_DATASETS_SERVER"))
     loads, builds, n = [], [], 0
     for _ in range(reps):
         t0 = time.perf_counter()

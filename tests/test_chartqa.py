@@ -32,7 +32,7 @@ from fakes import (  # noqa: E402
     question_of,
     synthetic_chartqa_dataset,
 )
-from nano_eval import TASKS, APIConfig, DatasetError, DatasetsServer, run_task, sniff_image  # noqa: E402
+from nano_eval import TASKS, APIConfig, DatasetError, DatasetsClient, run_task, sniff_image  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
@@ -47,8 +47,8 @@ def image_of(row_idx: int) -> bytes:
     return (FIXTURES / "chartqa" / FIXTURE_ROWS[row_idx]["image"]).read_bytes()
 
 
-def client(server) -> DatasetsServer:
-    return DatasetsServer(base_url=server.url, token=None, retry_base_delay=0.01)
+def client(server) -> DatasetsClient:
+    return DatasetsClient(base_url=server.url, token=None, retry_base_delay=0.01)
 
 
 def run(config, n, data_dir, hf, **kwargs) -> dict:

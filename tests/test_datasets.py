@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 import nano_eval  # noqa: E402
 from fakes import CHARTQA, GSM8K, FakeDatasetsServer, FakeOpenAI, answers_responder, chartqa_dataset  # noqa: E402
-from nano_eval import TASKS, DatasetCache, DatasetError, DatasetsServer, load_rows, run_task, APIConfig  # noqa: E402
+from nano_eval import TASKS, DatasetCache, DatasetError, DatasetsClient, load_rows, run_task, APIConfig  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 GSM_REF = TASKS["gsm8k_cot_llama"].data
@@ -43,8 +43,8 @@ def no_bundled(monkeypatch, tmp_path):
     return tmp_path / "cache"
 
 
-def client(server, token=None) -> DatasetsServer:
-    return DatasetsServer(base_url=server.url, token=token, retry_base_delay=0.01)
+def client(server, token=None) -> DatasetsClient:
+    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
 
 
 def load(ref, count, roots, server, image_column=None, token=None):

@@ -123,8 +123,8 @@ def test_an_unreachable_datasets_server_in_a_later_task_keeps_the_finished_one(i
     """The datasets-server is not listening at all (connection refused after every retry). In
     process, with the datasets-server client's retries made short."""
     monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", f"http://127.0.0.1:{free_port()}")
-    init = nano_eval.DatasetsServer.__init__
-    monkeypatch.setattr(nano_eval.DatasetsServer, "__init__",
+    init = nano_eval.DatasetsClient.__init__
+    monkeypatch.setattr(nano_eval.DatasetsClient, "__init__",
                         lambda self, *a, **k: init(self, *a, **{**k, "retries": 2, "retry_base_delay": 0.01}))
     output = tmp_path / "o.json"
     with FakeOpenAI(responder=ByRow()) as srv:
