@@ -29,6 +29,7 @@ Python API:
                                   APIConfig(url="http://localhost:8000/v1", num_concurrent=8),
                                   max_samples=100))
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,21 +64,59 @@ from typing import Any, Callable, Iterable, Iterator
 
 __version__ = "0.2.0"
 
+
 # ============================================================================
 # 1. Config
 # ============================================================================
 
+# Defaults: each is also a flag or one of lm-eval's model_args
 DEFAULT_SEED = 1234  # lm-eval's `seed` model_arg default, sent in every request body
 DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not time out
 DEFAULT_MAX_RETRIES = 5  # total attempts per request
 DEFAULT_CONCURRENCY = 8
 DEFAULT_MAX_RESPONSE_MB = 16  # a larger response body is a failed sample (`too_large`), read no further
+DEFAULT_MAX_FAIL_RATE = 0.05  # more failed samples than this exits 1
+DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
+THINK_END = "</think>"  # lm-eval's think_end_token: only the text after its last occurrence is scored
+
+# Waits and limits
 MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
 LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on stderr
-RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-VALID_STATUSES = ("ok", "truncated")  # sample statuses with a response that is scored
-THROTTLE_STATUS = {429, 503}
+LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
+FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
+DOWNLOADS = 8  # dataset pages, and images, fetched at once
 
+# What a response is
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+THROTTLE_STATUS = {429, 503}  # these also halve the requests in flight
+VALID_STATUSES = ("ok", "truncated")  # sample statuses with a response that is scored
+INVALID = "[invalid]"  # lm-eval's regex filter when nothing matches
+NOT_SENT = "not sent: the server had stopped answering"
+
+# Where things are
+DATASETS_SERVER = "https://datasets-server.huggingface.co"
+PAGE_SIZE = 100  # the datasets-server maximum for /rows
+# data/ beside this file in a checkout or a copy; nano_eval_data/ beside it when pip-installed
+BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name in ("nano_eval_data", "data"))
+                     if d.is_dir()), Path(__file__).resolve().parent / "data")
+KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
+
+# The command line
+MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
+              "think_end_token", "header", "verify_certificate", "ca_cert_path"}
+# lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
+IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
+                      "trust_remote_code"}
+CONFORMANCE = "api_conformance"  # the preflight, also runnable as a task
+FAIL_IF = ("worse", "different")
+
+# Messages given in more than one place
+TLS_WAYS_OUT = ("pass --ca_cert FILE (or set SSL_CERT_FILE) to trust the CA that signed it, "
+                "or --insecure to skip verification")
+PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): put them in the proxy "
+              "URL (HTTP_PROXY=http://user:password@host:port), or list the server in NO_PROXY")
+
+# Exit codes
 EXIT_OK = 0
 EXIT_FAILURES = 1  # finished, but more than --max_fail_rate of the samples failed
 EXIT_USAGE = 2  # bad command line or input
@@ -110,66 +149,23 @@ class DatasetError(NanoEvalError):
     exit_code = EXIT_DATASET
 
 
-@dataclasses.dataclass
-class APIConfig:
-    """Where and how to send requests. `url` is `http://host:port/v1` or the full
-    `.../v1/chat/completions`; `model=None` means: ask `/v1/models`."""
-
-    url: str
-    model: str | None = None
-    api_key: str | None = dataclasses.field(default=None, repr=False)
-    num_concurrent: int = DEFAULT_CONCURRENCY
-    timeout: float = DEFAULT_TIMEOUT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    seed: int = DEFAULT_SEED
-    gen_kwargs: dict = dataclasses.field(default_factory=dict)
-    max_gen_toks: int | None = None  # lm-eval's model_arg: default max_tokens for tasks without one
-    server: dict | None = None  # what answered (identify_server), recorded in the results
-    system_instruction: str | None = None
-    fewshot_as_multiturn: bool = True
-    keep_think: bool = False
-    think_end_token: str = "</think>"  # lm-eval's model_arg: only the text after its last occurrence is scored
-    retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
-    headers: dict = dataclasses.field(default_factory=dict, repr=False)  # sent on every request; secret
-    verify_certificate: bool = True  # lm-eval's model_arg; False: any certificate is accepted
-    ca_cert: str | None = None  # a CA bundle (PEM) to verify the server's certificate with
-    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
-
-    def __post_init__(self):
-        self.api_root, self.chat_url = normalize_base_url(self.url)
-        self.headers = parse_headers(self.headers)
-        if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
-            raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
-        if not (isinstance(self.max_response_mb, (int, float)) and self.max_response_mb > 0):
-            raise UsageError(f"max_response_mb must be a positive number, got {self.max_response_mb!r}")
-        _SECRETS.update(v for v in (self.api_key, *self.headers.values()) if v)
-        for name in ("num_concurrent", "max_retries"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise UsageError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not (isinstance(self.timeout, (int, float)) and self.timeout > 0):
-            raise UsageError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with each secret replaced by ***. Only for free text (messages, server
+    errors): in structured data a short key could match a number or a word."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
-def normalize_base_url(url: str) -> tuple[str, str]:
-    """Returns (api_root, chat_url): `http://h:p/v1` and `http://h:p/v1/chat/completions`."""
-    parsed = urllib.parse.urlsplit(url.strip()) if isinstance(url, str) else None
-    if not parsed or parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise UsageError(f"invalid base URL {url!r}: expected http(s)://host:port/v1")
-    try:
-        parsed.port
-    except ValueError:
-        raise UsageError(f"invalid base URL {url!r}: bad port") from None
-    if parsed.username is not None:  # not echoed: it holds a password
-        raise UsageError("invalid base URL: no user:password@ in it (use --api_key)")
-    if not url.isascii():
-        raise UsageError(f"invalid base URL {url!r}: ASCII only")
-    path = parsed.path.rstrip("/")
-    if path.endswith("/chat/completions"):
-        path = path[: -len("/chat/completions")]
-    if not path:
-        path = "/v1"
-    root = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
-    return root, root + "/chat/completions"
+_SECRETS: set[str] = set()  # API key, header values, HF token: scrubbed from every message we print
+
+
+def info(message: str) -> None:
+    print(redact(f"nano-eval: {message}", _SECRETS), file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    info(f"warning: {message}")
 
 
 def parse_value(text: str) -> Any:
@@ -202,6 +198,62 @@ def parse_kv(text: str | None, flag: str) -> dict:
     return result
 
 
+def positive_int(value: Any) -> int:
+    """A count, from a flag's text or a parsed model_arg. The checks below are argparse
+    types and APIConfig's field checks alike, so every way in is checked the same."""
+    number = parse_value(value) if isinstance(value, str) else value
+    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def integer(value: Any) -> int:
+    try:
+        number = int(value.strip()) if isinstance(value, str) else value  # "-5" too
+    except ValueError:
+        number = None
+    if not isinstance(number, int) or isinstance(number, bool):
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
+    return number
+
+
+def positive_float(value: Any) -> float:
+    number = as_number(value)
+    if not number > 0 or math.isinf(number):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def fraction(value: Any) -> float:
+    number = as_number(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+    return number
+
+
+def as_number(value: Any) -> float:
+    """float(value); NaN, which every check refuses, for what is not a number (or is a bool)."""
+    try:
+        return math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def boolean(value: Any) -> bool:
+    flag = parse_value(value) if isinstance(value, str) else value
+    if not isinstance(flag, bool):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return flag
+
+
+def checked(name: str, kind: Callable[[Any], Any], value: Any) -> Any:
+    """`kind(value)`, or a UsageError naming `name`."""
+    try:
+        return kind(value)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
 def check_secret(value: str | None, name: str) -> str | None:
     """A token goes into an HTTP header: refuse what cannot (a stray newline from a key file)."""
     if value is None:
@@ -228,29 +280,75 @@ def parse_headers(headers: dict | Iterable[str]) -> dict:
     return result
 
 
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with each secret replaced by ***. Only for free text (messages, server
-    errors): in structured data a short key could match a number or a word."""
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+def normalize_base_url(url: str) -> tuple[str, str]:
+    """Returns (api_root, chat_url): `http://h:p/v1` and `http://h:p/v1/chat/completions`."""
+    parsed = urllib.parse.urlsplit(url.strip()) if isinstance(url, str) else None
+    if not parsed or parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UsageError(f"invalid base URL {url!r}: expected http(s)://host:port/v1")
+    try:
+        parsed.port
+    except ValueError:
+        raise UsageError(f"invalid base URL {url!r}: bad port") from None
+    if parsed.username is not None:  # not echoed: it holds a password
+        raise UsageError("invalid base URL: no user:password@ in it (use --api_key)")
+    if not url.isascii():
+        raise UsageError(f"invalid base URL {url!r}: ASCII only")
+    path = parsed.path.rstrip("/")
+    if path.endswith("/chat/completions"):
+        path = path[: -len("/chat/completions")]
+    if not path:
+        path = "/v1"
+    root = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
+    return root, root + "/chat/completions"
 
 
-_SECRETS: set[str] = set()  # API key, header values, HF token: scrubbed from every message we print
+# The checks of APIConfig's fields, which resolve_settings also applies to --model_args
+FIELD_CHECKS = {"num_concurrent": positive_int, "max_retries": positive_int, "max_gen_toks": positive_int,
+                "seed": integer, "timeout": positive_float, "max_response_mb": positive_float,
+                "verify_certificate": boolean}
 
 
-def info(message: str) -> None:
-    print(redact(f"nano-eval: {message}", _SECRETS), file=sys.stderr, flush=True)
+@dataclasses.dataclass
+class APIConfig:
+    """Where and how to send requests. `url` is `http://host:port/v1` or the full
+    `.../v1/chat/completions`; `model=None` means: ask `/v1/models`."""
 
+    url: str
+    model: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    num_concurrent: int = DEFAULT_CONCURRENCY
+    timeout: float = DEFAULT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    seed: int = DEFAULT_SEED
+    gen_kwargs: dict = dataclasses.field(default_factory=dict)
+    max_gen_toks: int | None = None  # lm-eval's model_arg: default max_tokens for tasks without one
+    server: dict | None = None  # what answered (identify_server), recorded in the results
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool = True
+    keep_think: bool = False
+    think_end_token: str = THINK_END
+    retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
+    headers: dict = dataclasses.field(default_factory=dict, repr=False)  # sent on every request; secret
+    verify_certificate: bool = True  # lm-eval's model_arg; False: any certificate is accepted
+    ca_cert: str | None = None  # a CA bundle (PEM) to verify the server's certificate with
+    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
 
-def warn(message: str) -> None:
-    info(f"warning: {message}")
+    def __post_init__(self):
+        self.api_root, self.chat_url = normalize_base_url(self.url)
+        for name, kind in FIELD_CHECKS.items():
+            value = getattr(self, name)
+            if value is not None or name != "max_gen_toks":  # max_gen_toks None: each task's own default
+                setattr(self, name, checked(name, kind, value))
+        self.headers = parse_headers(self.headers)
+        if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
+            raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
+        _SECRETS.update(v for v in (self.api_key, *self.headers.values()) if v)
+
 
 
 # ============================================================================
 # 2. HTTP
 # ============================================================================
-
 
 @dataclasses.dataclass
 class HTTPResponse:
@@ -284,6 +382,25 @@ class Connection(OneSend, http.client.HTTPConnection):
 
 class TLSConnection(OneSend, http.client.HTTPSConnection):
     pass
+
+
+@functools.lru_cache(maxsize=None)
+def tls_context(verify: bool, ca_cert: str | None) -> ssl.SSLContext:
+    """One context per settings for the whole run, made on the first https connection
+    (loading the CA store costs ~40 ms). It also reads SSL_CERT_FILE and SSL_CERT_DIR."""
+    context = ssl.create_default_context(cafile=os.path.expanduser(ca_cert) if ca_cert else None)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
+    """The Proxy-Authorization header for a proxy URL with user:password@ in it."""
+    if proxy.username is None:
+        return {}
+    credentials = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+    return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
 class HTTPClient:
@@ -377,23 +494,13 @@ class HTTPClient:
             conn.close()
 
 
-@functools.lru_cache(maxsize=None)
-def tls_context(verify: bool, ca_cert: str | None) -> ssl.SSLContext:
-    """One context per settings for the whole run, made on the first https connection
-    (loading the CA store costs ~40 ms). It also reads SSL_CERT_FILE and SSL_CERT_DIR."""
-    context = ssl.create_default_context(cafile=os.path.expanduser(ca_cert) if ca_cert else None)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+def auth_headers(token: str | None) -> dict:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
-    """The Proxy-Authorization header for a proxy URL with user:password@ in it."""
-    if proxy.username is None:
-        return {}
-    credentials = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
-    return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
+def server_headers(config: APIConfig) -> dict:
+    """Authorization (with a key) and the user's extra headers, which win."""
+    return {**auth_headers(config.api_key), **config.headers}
 
 
 def server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0,
@@ -402,19 +509,6 @@ def server_client(config: APIConfig, timeout: float | None = None, connect_timeo
     return HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
                       verify=config.verify_certificate, ca_cert=config.ca_cert,
                       max_body=int(config.max_response_mb * 2 ** 20) if capped else None)
-
-
-def server_headers(config: APIConfig) -> dict:
-    """Authorization (with a key) and the user's extra headers, which win."""
-    return {**auth_headers(config.api_key), **config.headers}
-
-
-def auth_headers(token: str | None) -> dict:
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-TLS_WAYS_OUT = ("pass --ca_cert FILE (or set SSL_CERT_FILE) to trust the CA that signed it, "
-                "or --insecure to skip verification")
 
 
 def describe_network_error(exc: BaseException) -> tuple[str, str]:
@@ -445,45 +539,6 @@ def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tupl
         return resp.status, json.loads(resp.body), resp.headers
     except (ValueError, UnicodeDecodeError):
         return resp.status, None, resp.headers
-
-
-LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
-PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): put them in the proxy "
-              "URL (HTTP_PROXY=http://user:password@host:port), or list the server in NO_PROXY")
-
-
-def resolve_model(config: APIConfig, model: str | None) -> str:
-    """The model to ask for: `model` if given (after checking the server answers),
-    else the only one `/v1/models` lists. A dead server is reported in seconds."""
-    client = server_client(config, timeout=30.0, connect_timeout=5.0)
-    url = config.api_root + "/models"
-    deadline = time.monotonic() + LOADING_WAIT
-    while True:
-        try:
-            status, data, _ = http_json(client, url, server_headers(config))
-        except Exception as exc:
-            hint = "; is the server running?" if isinstance(exc, (ConnectionRefusedError, socket.gaierror,
-                                                                    socket.timeout, TimeoutError)) else ""
-            raise ServerError(f"cannot reach {config.api_root}: {describe_network_error(exc)[1]}{hint}") from None
-        if status != 503 or time.monotonic() > deadline:
-            break
-        if deadline - time.monotonic() > LOADING_WAIT - 1:
-            info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
-        time.sleep(1.0)
-    if status in (401, 403):
-        raise AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
-    if status == 407:
-        raise ServerError(PROXY_AUTH)
-    if model:
-        return model
-    if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
-    ids = [m.get("id") for m in data["data"] if isinstance(m, dict) and m.get("id")]
-    if not ids:
-        raise ServerError(f"{url} lists no models; pass --model")
-    if len(ids) > 1:
-        raise ServerError(f"{url} lists several models, pick one with --model: {', '.join(ids)}")
-    return ids[0]
 
 
 def error_message(body: bytes, limit: int = 200) -> str:
@@ -761,14 +816,139 @@ class ChatClient:
 
 
 # ============================================================================
-# 3. Datasets
+# 3. Finding the server
 # ============================================================================
 
-DATASETS_SERVER = "https://datasets-server.huggingface.co"
-PAGE_SIZE = 100  # the datasets-server maximum for /rows
-# data/ beside this file in a checkout or a copy; nano_eval_data/ beside it when pip-installed
-BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name in ("nano_eval_data", "data"))
-                     if d.is_dir()), Path(__file__).resolve().parent / "data")
+OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
+            "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio", "organization_owner": "LM Studio"}
+
+
+def probe_local_server() -> str:
+    """The first usual inference port on 127.0.0.1 whose /v1/models answers."""
+    client = HTTPClient(timeout=2.0, connect_timeout=1.0)
+
+    def answers(port: int) -> bool:
+        try:
+            return client.request("GET", f"http://127.0.0.1:{port}/v1/models").status in (200, 401, 403)
+        except Exception:
+            return False
+
+    with ThreadPoolExecutor(max_workers=len(KNOWN_PORTS)) as pool:
+        alive = list(pool.map(answers, [port for port, _ in KNOWN_PORTS]))
+    for (port, name), ok in zip(KNOWN_PORTS, alive):
+        if ok:
+            info(f"no --base_url given: using http://127.0.0.1:{port}/v1 (the {name} port answered /v1/models)")
+            return f"http://127.0.0.1:{port}/v1"
+    ports = ", ".join(f"{port} ({name})" for port, name in KNOWN_PORTS)
+    raise ServerError(f"no --base_url given and no server answered on 127.0.0.1 ports {ports}")
+
+
+def refusal(status: int | None, url: str) -> NanoEvalError | None:
+    """The error for an HTTP status after which no request to this server can succeed."""
+    if status in (401, 403):
+        return AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
+    if status == 407:
+        return ServerError(PROXY_AUTH)
+    return None
+
+
+def listed_models(data: Any) -> list | None:
+    """The `data` list of a /v1/models answer; None when it has none."""
+    return data["data"] if isinstance(data, dict) and isinstance(data.get("data"), list) else None
+
+
+def resolve_model(config: APIConfig, model: str | None) -> str:
+    """The model to ask for: `model` if given (after checking the server answers),
+    else the only one `/v1/models` lists. A dead server is reported in seconds."""
+    client = server_client(config, timeout=30.0, connect_timeout=5.0)
+    url = config.api_root + "/models"
+    deadline = time.monotonic() + LOADING_WAIT
+    while True:
+        try:
+            status, data, _ = http_json(client, url, server_headers(config))
+        except Exception as exc:
+            hint = "; is the server running?" if isinstance(exc, (ConnectionRefusedError, socket.gaierror,
+                                                                    socket.timeout, TimeoutError)) else ""
+            raise ServerError(f"cannot reach {config.api_root}: {describe_network_error(exc)[1]}{hint}") from None
+        if status != 503 or time.monotonic() > deadline:
+            break
+        if deadline - time.monotonic() > LOADING_WAIT - 1:
+            info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
+        time.sleep(1.0)
+    if (error := refusal(status, url)):
+        raise error
+    if model:
+        return model
+    models = listed_models(data)
+    if status != 200 or models is None:
+        raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
+    ids = [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
+    if not ids:
+        raise ServerError(f"{url} lists no models; pass --model")
+    if len(ids) > 1:
+        raise ServerError(f"{url} lists several models, pick one with --model: {', '.join(ids)}")
+    return ids[0]
+
+
+def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
+    """Which backend answered, from the endpoints each one has: vLLM /version, SGLang
+    /get_server_info, llama.cpp /props, Ollama /api/version, TGI /info; else the
+    `owned_by` of /v1/models and the Server header."""
+    api_root = config.api_root
+    parts = urllib.parse.urlsplit(api_root)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    client = server_client(config, timeout=timeout, connect_timeout=timeout)
+    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
+             "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
+             "models": f"{api_root}/models", "control": f"{origin}/nano-eval-no-such-path"}
+
+    def fetch(url: str) -> tuple[int, Any, dict]:
+        try:
+            return http_json(client, url, server_headers(config))
+        except Exception:
+            return 0, None, {}
+
+    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+        answers = dict(zip(paths, pool.map(fetch, paths.values())))
+    # A server that answers every path alike (a catch-all) tells nothing through those answers.
+    control = answers.pop("control")[:2]
+    ok = {name: data for name, (status, data, _) in answers.items()
+          if status == 200 and isinstance(data, dict) and (status, data) != control}
+    ok.setdefault("sglang", ok.pop("sglang_new", {}))
+    models = listed_models(ok.get("models")) or [{}]
+    owned_by = models[0].get("owned_by") if isinstance(models[0], dict) else None
+    owner = OWNED_BY.get(str(owned_by).lower())
+    identity: dict = {"server_header": answers["models"][2].get("server"), "owned_by": owned_by}
+    props, sglang, tgi = ok.get("props", {}), ok.get("sglang", {}), ok.get("tgi", {})
+    only_version = {name: data["version"] for name, data in ok.items() if set(data) == {"version"}}
+    if {"build_info", "default_generation_settings", "total_slots"} & set(props):
+        identity.update(name="llama.cpp", version=props.get("build_info"), evidence="/props")
+    elif {"tp_size", "model_path", "served_model_name"} & set(sglang):
+        identity.update(name="SGLang", version=sglang.get("version") or only_version.get("version"),
+                        evidence="/get_server_info")
+    elif "ollama" in only_version:
+        identity.update(name="Ollama", version=only_version["ollama"], evidence="/api/version")
+    elif "model_id" in tgi and "version" in tgi:
+        identity.update(name="TGI", version=tgi["version"], evidence="/info")
+    elif "version" in only_version:
+        identity.update(name=owner or "vLLM", version=only_version["version"], evidence="/version")
+    elif owner:
+        identity.update(name=owner, version=None, evidence="owned_by")
+    else:
+        identity.update(name=identity["server_header"] or "unknown", version=None, evidence="Server header")
+    return identity
+
+
+def find_server(config: APIConfig, model: str | None) -> None:
+    """The model to ask for and which backend answers (AuthError/ServerError if unusable)."""
+    config.model = resolve_model(config, model)
+    config.server = identify_server(config)
+
+
+# ============================================================================
+# 4. Datasets
+# ============================================================================
+
 IMAGE_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
     (b"\xff\xd8\xff", "jpeg", "image/jpeg"),
@@ -943,9 +1123,6 @@ class DatasetCache:
                 return data, entry
         return None
 
-    def has_image(self, row_idx: int) -> bool:
-        return self.read_image(row_idx) is not None
-
     def write_image(self, row_idx: int, data: bytes, fmt: str) -> dict:
         name = f"images/{row_idx}.{'jpg' if fmt == 'jpeg' else fmt}"
         atomic_write(self.write_dir / name, data)
@@ -1022,64 +1199,8 @@ class DatasetsClient:
         return self._get(url, headers, "an image")
 
 
-async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
-                    server: DatasetsClient | None = None, concurrency: int = 8) -> tuple[list[dict], DatasetCache]:
-    """The first `count` rows (all when None) of a split, from the cache or the server.
-
-    Pages of 100 rows are fetched concurrently. With an image column, each image the
-    run needs is downloaded right after its page (signed URLs expire) and stored in
-    the cache; a 403/404 on download fetches that page again for fresh URLs."""
-    cache = DatasetCache(roots, ref)
-    server = server or DatasetsClient()
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nano-eval-data")
-    try:
-        total = cache.num_rows_total()
-        first_page = None
-        if total is None:
-            first_page = await loop.run_in_executor(pool, server.rows, ref, 0)
-            total = first_page[0]["num_rows_total"]
-        wanted = total if count is None else min(count, total)
-        offsets = list(range(0, wanted, PAGE_SIZE))
-        gate = asyncio.Semaphore(concurrency)
-
-        async def page(offset: int) -> list[dict]:
-            async with gate:
-                return await loop.run_in_executor(pool, load_page, cache, server, ref, offset, wanted,
-                                                  image_column, first_page if offset == 0 else None)
-
-        pages = await asyncio.gather(*(page(o) for o in offsets))
-        cache.save()
-    finally:
-        pool.shutdown(wait=False)
-    rows = [row for p in pages for row in p][:wanted]
-    return rows, cache
-
-
-def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, wanted: int,
-              image_column: str | None, prefetched: tuple[dict, str | None] | None) -> list[dict]:
-    """One page of rows plus the images its needed rows lack (runs in a worker thread)."""
-    rows = cache.read_page(offset)
-    fresh = rows is None
-    if fresh:
-        body, revision = prefetched or server.rows(ref, offset)
-        rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
-        expected = list(range(offset, min(offset + PAGE_SIZE, body["num_rows_total"])))
-        if [r["row_idx"] for r in rows] != expected:
-            raise DatasetError(f"datasets-server sent rows {rows[0]['row_idx'] if rows else '-'}-"
-                               f"{rows[-1]['row_idx'] if rows else '-'} for rows {offset}-{expected[-1] if expected else '-'} "
-                               f"of {ref.dataset}; not caching a short page")
-        cache.write_page(offset, rows, body["num_rows_total"], revision)
-    if image_column:
-        needed = [r for r in rows if r["row_idx"] < wanted]
-        missing = [r for r in needed if r["row"].get(image_column) and not cache.has_image(r["row_idx"])]
-        if missing:
-            fetch_images(cache, server, ref, offset, missing, image_column, fresh)
-    return rows
-
-
 def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, rows: list[dict],
-                 image_column: str, fresh: bool, concurrency: int = 8) -> None:
+                 image_column: str, fresh: bool, pool: ThreadPoolExecutor) -> None:
     """Downloads the images of `rows` concurrently. Signed URLs expire: a page read
     from the cache is fetched again for fresh URLs first, and a 403/404 on download
     fetches the page again (twice at most)."""
@@ -1101,21 +1222,74 @@ def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, o
         cache.write_image(row_idx, resp.body, kind[0])
         return None
 
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="nano-eval-images") as pool:
-        for attempt in range(3):
-            if not fresh or attempt > 0:
-                body, _ = server.rows(ref, offset)
-                urls = {r["row_idx"]: (r["row"].get(image_column) or {}).get("src") for r in body["rows"]
-                        if r["row_idx"] in urls}
-            expired = [i for i in pool.map(download, urls.items()) if i is not None]
-            if not expired:
-                return
-            urls = {i: None for i in expired}
+    for attempt in range(3):
+        if not fresh or attempt > 0:
+            body, _ = server.rows(ref, offset)
+            urls = {r["row_idx"]: (r["row"].get(image_column) or {}).get("src") for r in body["rows"]
+                    if r["row_idx"] in urls}
+        expired = [i for i in pool.map(download, urls.items()) if i is not None]
+        if not expired:
+            return
+        urls = {i: None for i in expired}
     raise DatasetError(f"images of {ref.dataset} rows {sorted(urls)} stay unavailable (403/404) after refetching")
 
 
+def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, wanted: int,
+              image_column: str | None, prefetched: tuple[dict, str | None] | None,
+              images: ThreadPoolExecutor | None) -> list[dict]:
+    """One page of rows plus the images its needed rows lack (runs in a worker thread)."""
+    rows = cache.read_page(offset)
+    fresh = rows is None
+    if fresh:
+        body, revision = prefetched or server.rows(ref, offset)
+        rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
+        expected = list(range(offset, min(offset + PAGE_SIZE, body["num_rows_total"])))
+        if [r["row_idx"] for r in rows] != expected:
+            raise DatasetError(f"datasets-server sent rows {rows[0]['row_idx'] if rows else '-'}-"
+                               f"{rows[-1]['row_idx'] if rows else '-'} for rows {offset}-{expected[-1] if expected else '-'} "
+                               f"of {ref.dataset}; not caching a short page")
+        cache.write_page(offset, rows, body["num_rows_total"], revision)
+    if image_column:
+        needed = [r for r in rows if r["row_idx"] < wanted]
+        missing = [r for r in needed if r["row"].get(image_column) and cache.read_image(r["row_idx"]) is None]
+        if missing:
+            fetch_images(cache, server, ref, offset, missing, image_column, fresh, images)
+    return rows
+
+
+async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
+                    server: DatasetsClient | None = None) -> tuple[list[dict], DatasetCache]:
+    """The first `count` rows (all when None) of a split, from the cache or the server.
+
+    Pages of 100 rows are fetched DOWNLOADS at a time. With an image column, each image
+    the run needs is downloaded right after its page (signed URLs expire) and stored in
+    the cache; a 403/404 on download fetches that page again for fresh URLs."""
+    cache = DatasetCache(roots, ref)
+    server = server or DatasetsClient()
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="nano-eval-data")
+    images = ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="nano-eval-images") if image_column else None
+    try:
+        total = cache.num_rows_total()
+        first_page = None
+        if total is None:
+            first_page = await loop.run_in_executor(pool, server.rows, ref, 0)
+            total = first_page[0]["num_rows_total"]
+        wanted = total if count is None else min(count, total)
+        pages = await asyncio.gather(*(loop.run_in_executor(pool, load_page, cache, server, ref, offset, wanted,
+                                                            image_column, first_page if offset == 0 else None, images)
+                                       for offset in range(0, wanted, PAGE_SIZE)))
+        cache.save()
+    finally:
+        pool.shutdown(wait=False)
+        if images:
+            images.shutdown(wait=False)
+    rows = [row for p in pages for row in p][:wanted]
+    return rows, cache
+
+
 # ============================================================================
-# 4. Tasks
+# 5. Tasks
 # ============================================================================
 
 GSM8K_TEMPLATE = (
@@ -1153,7 +1327,6 @@ GSM8K_FEWSHOT = (
      "left. 23 - 15 is 8. The final answer is 8"),
 )
 GSM8K_UNTIL = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"]
-
 CHARTQA_TEMPLATE = (
     "<image>{query}\n"
     "Analyze the image and question carefully, using step-by-step reasoning.\n"
@@ -1170,6 +1343,11 @@ CHARTQA_TEMPLATE = (
     "- If <answer> is an entity, it should include the full label from the graph.\n"
     "IMPORTANT: Remember, to end your answer with Final Answer: <answer>.\n"
 )
+GSM8K_FILTERS = {
+    "strict-match": re.compile(r"The final answer is ((-?[$0-9.,]{2,})|(-?[0-9]+))"),
+    "flexible-extract": re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)"),
+}
+GSM8K_IGNORE = [re.compile(p) for p in (",", r"\$", "(?s).*#### ", r"\.$")]
 
 
 @dataclasses.dataclass
@@ -1247,6 +1425,11 @@ class Task:
                       group=self.group(doc), image=image, error=error, repeat=repeat)
 
 
+def data_url(data: bytes) -> str:
+    mime = (sniff_image(data) or ("", "application/octet-stream"))[1]
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
 def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
     """(sha256, size and format of the image, its data URL, error) for a row's image cell."""
     if not cell:
@@ -1257,11 +1440,6 @@ def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dic
     data, entry = found
     meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (sniff_image(data) or (entry.get("format"),))[0]}
     return meta, data_url(data), None
-
-
-def data_url(data: bytes) -> str:
-    mime = (sniff_image(data) or ("", "application/octet-stream"))[1]
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
@@ -1276,17 +1454,12 @@ def map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
     return {**body, "messages": messages}
 
 
-def encode_body(body: dict, rest: str | None = None) -> bytes:
-    """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
-    through a cache: the 16 few-shot turns are the same in every gsm8k request.
-    `rest`: json.dumps of the body without "messages", when the caller has it."""
-    last = len(body["messages"]) - 1
-    messages = ", ".join(json.dumps(m) if not plain_message(m) else encode_message(m["role"], m["content"]) if i < last
-                         else '{"role": ' + _json_string(m["role"]) + ', "content": ' + _json_string(m["content"]) + "}"
-                         for i, m in enumerate(body["messages"]))
-    if rest is None:
-        rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
-    return ('{"messages": [' + messages + "], " + rest[1:]).encode()
+def redact_images(body: dict, image: dict | None) -> dict:
+    """A copy of the body with each data URL replaced by the image's sha256 and size."""
+    if not image:
+        return body
+    stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
+    return map_image_urls(body, lambda url: stub if url.startswith("data:") else url)
 
 
 _json_string = json.encoder.encode_basestring_ascii  # how json.dumps writes a str (ensure_ascii)
@@ -1301,6 +1474,19 @@ def plain_message(m: Any) -> bool:
 @functools.lru_cache(maxsize=256)
 def encode_message(role: str, content: str) -> str:
     return json.dumps({"role": role, "content": content})
+
+
+def encode_body(body: dict, rest: str | None = None) -> bytes:
+    """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
+    through a cache: the 16 few-shot turns are the same in every gsm8k request.
+    `rest`: json.dumps of the body without "messages", when the caller has it."""
+    last = len(body["messages"]) - 1
+    messages = ", ".join(json.dumps(m) if not plain_message(m) else encode_message(m["role"], m["content"]) if i < last
+                         else '{"role": ' + _json_string(m["role"]) + ', "content": ' + _json_string(m["content"]) + "}"
+                         for i, m in enumerate(body["messages"]))
+    if rest is None:
+        rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
+    return ('{"messages": [' + messages + "], " + rest[1:]).encode()
 
 
 @functools.lru_cache(maxsize=None)
@@ -1320,39 +1506,8 @@ def gsm8k_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
     return fewshot + [{"role": "user", "content": prefix + GSM8K_TEMPLATE.format(question=doc["question"])}]
 
 
-def chartqa_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
-    text = {"type": "text", "text": CHARTQA_TEMPLATE.format(query=doc["query"])}
-    content = [{"type": "image_url", "image_url": {"url": image_url, "detail": "auto"}}, text] if image_url else [text]
-    messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
-    return messages + [{"role": "user", "content": content}]
-
-
 def gsm8k_target(doc: dict) -> str:
     return doc["answer"].split("####")[-1].strip()
-
-
-def chartqa_target(doc: dict) -> str:
-    """`{{ label[0] }}`; a label that is a Python list literal is evaluated by lm-eval's
-    doc_to_target and turned back into a string by str() in process_results."""
-    label = str(doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else doc.get("label", ""))
-    if len(label) >= 2 and label[0] == "[" and label[-1] == "]":
-        try:
-            return str(ast.literal_eval(label))
-        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
-            return label
-    return label
-
-
-# ============================================================================
-# 5. Scoring
-# ============================================================================
-
-GSM8K_FILTERS = {
-    "strict-match": re.compile(r"The final answer is ((-?[$0-9.,]{2,})|(-?[0-9]+))"),
-    "flexible-extract": re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)"),
-}
-GSM8K_IGNORE = [re.compile(p) for p in (",", r"\$", "(?s).*#### ", r"\.$")]
-INVALID = "[invalid]"
 
 
 def regex_filter(pattern: re.Pattern, response: str) -> str:
@@ -1382,6 +1537,25 @@ def score_gsm8k(response: str, target: str) -> tuple[dict, dict]:
     extracted = {name: regex_filter(pattern, response) for name, pattern in GSM8K_FILTERS.items()}
     scores = {f"exact_match,{name}": gsm8k_exact_match(answer, target) for name, answer in extracted.items()}
     return extracted, scores
+
+
+def chartqa_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
+    text = {"type": "text", "text": CHARTQA_TEMPLATE.format(query=doc["query"])}
+    content = [{"type": "image_url", "image_url": {"url": image_url, "detail": "auto"}}, text] if image_url else [text]
+    messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
+    return messages + [{"role": "user", "content": content}]
+
+
+def chartqa_target(doc: dict) -> str:
+    """`{{ label[0] }}`; a label that is a Python list literal is evaluated by lm-eval's
+    doc_to_target and turned back into a string by str() in process_results."""
+    label = str(doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else doc.get("label", ""))
+    if len(label) >= 2 and label[0] == "[" and label[-1] == "]":
+        try:
+            return str(ast.literal_eval(label))
+        except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+            return label
+    return label
 
 
 def chartqa_exact_match(prediction: str, reference: str) -> float:
@@ -1474,9 +1648,6 @@ def score_chartqa(response: str, target: str) -> tuple[dict, dict]:
     return {"none": response, "final_answer": chartqa_final_answer(response)}, scores
 
 
-THINK_END = "</think>"
-
-
 def answer_text(content: str | None, keep_think: bool, think_end: str = THINK_END) -> str:
     """What gets scored: the content after the last `think_end` token, lstripped
     (lm-eval's think_end_token behaviour), unless --keep_think."""
@@ -1523,15 +1694,6 @@ TASKS: dict[str, Task] = {
 # ============================================================================
 # 6. Runner
 # ============================================================================
-
-
-def redact_images(body: dict, image: dict | None) -> dict:
-    """A copy of the body with each data URL replaced by the image's sha256 and size."""
-    if not image:
-        return body
-    stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
-    return map_image_urls(body, lambda url: stub if url.startswith("data:") else url)
-
 
 class SampleLog:
     """The per-sample JSONL log: one line per sample, appended in batches (every
@@ -1615,7 +1777,34 @@ class Progress:
             sys.stderr.write("\n")
 
 
-FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
+def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
+    """Statuses that, before any success, mean every request would fail the same way."""
+    if (error := refusal(outcome.http_status, config.chat_url)):
+        raise error
+    if outcome.status == "http_404":
+        raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): check --base_url and --model")
+
+
+def outcome_from_record(record: dict) -> Outcome:
+    response = record.get("response") or {}
+    return Outcome(record["status"], content=response.get("content"), reasoning=response.get("reasoning_content"),
+                   finish_reason=response.get("finish_reason"), usage=response.get("usage"),
+                   http_status=response.get("http_status"), error=record.get("error"),
+                   latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0)
+
+
+def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
+    """Why a reasoning model may have scored badly: the task's extractor finds an answer
+    in the reasoning channel but none in the content, or the token budget ran out while
+    it was still thinking."""
+    flags = []
+    content = outcome.content or ""
+    if outcome.reasoning and not task.finds_answer(answer) and task.finds_answer(outcome.reasoning):
+        flags.append("answer_only_in_reasoning")
+    if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and THINK_END not in content)
+                                              or (outcome.reasoning and not answer.strip())):
+        flags.append("budget_ran_out_in_reasoning")
+    return flags
 
 
 class TaskRun:
@@ -1629,7 +1818,7 @@ class TaskRun:
         self.client = ChatClient(config)
         self.prepared = task.prepare(config)  # the same for every request of the run
         previous = log.completed(task.name, config.chat_url) if log else {}
-        self.done = previous if resume else {}
+        self.logged = previous if resume else {}  # (doc_hash, body_hash, repeat) -> a record to reuse
         self.results: dict[tuple, dict] = {}  # (repeat, row_idx) -> record
         self.successes = 0
         self.failures_in_a_row = 0
@@ -1731,7 +1920,7 @@ class TaskRun:
                         sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
                 if sample.image and not (log and log.log_images):  # the image's data URL is in the payload:
                     sample.body = redact_images(sample.body, sample.image)  # not kept twice while in flight
-                previous = self.done.get((sample.doc_hash, sample.body_hash, repeat))
+                previous = self.logged.get((sample.doc_hash, sample.body_hash, repeat))
                 outcome = outcome_from_record(previous) if previous else self.send(sample)
                 record = self.record(sample, outcome)
                 line = None
@@ -1795,45 +1984,6 @@ class TaskRun:
         }
 
 
-NOT_SENT = "not sent: the server had stopped answering"
-
-
-def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
-    """Statuses that, before any success, mean every request would fail the same way."""
-    if outcome.status in ("http_401", "http_403"):
-        raise AuthError(f"authentication failed (HTTP {outcome.http_status} from {config.chat_url}): check --api_key")
-    if outcome.status == "http_407":
-        raise ServerError(PROXY_AUTH)
-    if outcome.status == "http_404":
-        raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): check --base_url and --model")
-
-
-def outcome_from_record(record: dict) -> Outcome:
-    response = record.get("response") or {}
-    return Outcome(record["status"], content=response.get("content"), reasoning=response.get("reasoning_content"),
-                   finish_reason=response.get("finish_reason"), usage=response.get("usage"),
-                   http_status=response.get("http_status"), error=record.get("error"),
-                   latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0)
-
-
-def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
-    """Why a reasoning model may have scored badly: the task's extractor finds an answer
-    in the reasoning channel but none in the content, or the token budget ran out while
-    it was still thinking."""
-    flags = []
-    content = outcome.content or ""
-    if outcome.reasoning and not task.finds_answer(answer) and task.finds_answer(outcome.reasoning):
-        flags.append("answer_only_in_reasoning")
-    if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and THINK_END not in content)
-                                              or (outcome.reasoning and not answer.strip())):
-        flags.append("budget_ran_out_in_reasoning")
-    return flags
-
-
-async def detect_model(config: APIConfig) -> str:
-    return await asyncio.get_running_loop().run_in_executor(None, resolve_model, config, None)
-
-
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
                    log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
                    datasets_server: DatasetsClient | None = None, sink: dict | None = None,
@@ -1846,18 +1996,17 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
     passes, one after the other) to measure the server's own noise.
     Cancelling the coroutine (Ctrl-C) leaves the log complete up to that point, and
     the partial results in `sink[task.name]`."""
-    if max_samples is not None and max_samples < 1:
-        raise UsageError("max_samples must be a positive integer")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise UsageError("repeats must be a positive integer")
+    if max_samples is not None:
+        checked("max_samples", positive_int, max_samples)
+    checked("repeats", positive_int, repeats)
     start = time.perf_counter()
     if config.model is None:
-        config.model = await detect_model(config)
+        config.model = await asyncio.get_running_loop().run_in_executor(None, resolve_model, config, None)
     rows, cache = await load_rows(task.data, max_samples, resolve_data_dir(data_dir), task.image_column,
                                   datasets_server)
     log = SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
     run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows) * repeats, progress), resume, repeats)
-    if run.done:
+    if run.logged:
         info(f"{task.name}: resuming from {log.path}: samples this server already answered there are not sent "
              "again (--no_resume to send them all)")
     complete = False
@@ -1877,8 +2026,24 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
 
 
 # ============================================================================
-# 7. Reports
+# 7. Results
 # ============================================================================
+
+# Published scores for these exact tasks, matched on the served model name (see
+# reference_key). They come from other harnesses, hence the tolerance in expectation().
+REFERENCE_SCORES = {
+    # Meta's Llama 3.1 model card: GSM-8K (CoT), 8-shot, em_maj1@1 (instruction-tuned models)
+    ("gsm8k_cot_llama", "llama-3.1-8b-instruct"): (0.845, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.1-70b-instruct"): (0.951, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
+    # Meta's Llama 3.2 model card: GSM8K (CoT), 8-shot, em_maj1@1
+    ("gsm8k_cot_llama", "llama-3.2-1b-instruct"): (0.444, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.2-3b-instruct"): (0.777, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
+    # vLLM's CI baseline for lm-eval's chartqa prompt, full test split, relaxed accuracy
+    ("chartqa", "qwen2.5-vl-7b-instruct"): (0.855, "vLLM CI baseline, lm-eval chartqa"),
+    # Meta's Llama 3.2 Vision model card: ChartQA (test), CoT, relaxed accuracy
+    ("chartqa", "llama-3.2-11b-vision-instruct"): (0.834, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
+    ("chartqa", "llama-3.2-90b-vision-instruct"): (0.855, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
+}
 
 
 def mean_stderr(values: list) -> tuple[float | None, float | str]:
@@ -1904,6 +2069,46 @@ def percentile(values: list, q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def counts(values: Iterable) -> dict:
+    """{value: how many}, sorted, with None (a failed request has no finish_reason) as "none"."""
+    return dict(sorted(collections.Counter("none" if v is None else str(v) for v in values).items()))
+
+
+def by_document(records: list) -> dict:
+    """{row_idx: its records, repeat by repeat}, in dataset order."""
+    groups: dict = {}
+    for record in sorted(records, key=lambda r: (r["row_idx"], r.get("repeat", 0))):
+        groups.setdefault(record["row_idx"], []).append(record)
+    return groups
+
+
+def self_agreement(documents: list) -> dict:
+    """Of documents sent several times and answered every time (a failed request is a
+    failure, not a different answer): the share whose responses are all identical, and
+    whose scores are all identical."""
+    documents = [group for group in documents if all(r.get("status") in VALID_STATUSES for r in group)]
+    n = len(documents)
+    same_text = sum(1 for group in documents if len({(r.get("response") or {}).get("content") for r in group}) == 1)
+    same_scores = sum(1 for group in documents if len({json.dumps(r.get("scores"), sort_keys=True)
+                                                       for r in group}) == 1)
+    return {"documents": n, "responses": same_text / n if n else None, "scores": same_scores / n if n else None}
+
+
+def repeat_summary(task: Task, records: list, documents: list, repeats: int, temperature: Any) -> dict:
+    """Each pass's metrics, their mean and standard error over the passes, and the
+    self-agreement: the share of documents whose repeats gave identical text, and
+    identical scores (over documents that have all their repeats)."""
+    passes = [[r for r in records if r.get("repeat", 0) == i] for i in range(repeats)]
+    summary: dict = {"k": repeats, "temperature": temperature, "metrics": {}}
+    for name in task.metric_names:
+        values = [mean_stderr([r["scores"][name] for r in p])[0] for p in passes if p]
+        mean, sem = mean_stderr(values)
+        summary["metrics"][name] = {"per_repeat": values, "mean": mean, "sem": sem}
+    whole = [group for group in documents if len(group) == repeats]
+    summary["self_agreement"] = self_agreement(whole)
+    return summary
 
 
 def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
@@ -1981,48 +2186,10 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     if repeats > 1:
         result["num_documents"] = len(documents)
         result["repeats"] = repeat_summary(task, records, documents, repeats, temperature)
-    images = [r["image"] for r in records if r.get("image")]
     if task.image_column:
-        formats: dict = {}
-        for image in images:
-            formats[image["format"]] = formats.get(image["format"], 0) + 1
+        formats = counts(r["image"]["format"] for r in records if r.get("image"))
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
     return result
-
-
-def by_document(records: list) -> dict:
-    """{row_idx: its records, repeat by repeat}, in dataset order."""
-    groups: dict = {}
-    for record in sorted(records, key=lambda r: (r["row_idx"], r.get("repeat", 0))):
-        groups.setdefault(record["row_idx"], []).append(record)
-    return groups
-
-
-def repeat_summary(task: Task, records: list, documents: list, repeats: int, temperature: Any) -> dict:
-    """Each pass's metrics, their mean and standard error over the passes, and the
-    self-agreement: the share of documents whose repeats gave identical text, and
-    identical scores (over documents that have all their repeats)."""
-    passes = [[r for r in records if r.get("repeat", 0) == i] for i in range(repeats)]
-    summary: dict = {"k": repeats, "temperature": temperature, "metrics": {}}
-    for name in task.metric_names:
-        values = [mean_stderr([r["scores"][name] for r in p])[0] for p in passes if p]
-        mean, sem = mean_stderr(values)
-        summary["metrics"][name] = {"per_repeat": values, "mean": mean, "sem": sem}
-    whole = [group for group in documents if len(group) == repeats]
-    summary["self_agreement"] = self_agreement(whole)
-    return summary
-
-
-def self_agreement(documents: list) -> dict:
-    """Of documents sent several times and answered every time (a failed request is a
-    failure, not a different answer): the share whose responses are all identical, and
-    whose scores are all identical."""
-    documents = [group for group in documents if all(r.get("status") in VALID_STATUSES for r in group)]
-    n = len(documents)
-    same_text = sum(1 for group in documents if len({(r.get("response") or {}).get("content") for r in group}) == 1)
-    same_scores = sum(1 for group in documents if len({json.dumps(r.get("scores"), sort_keys=True)
-                                                       for r in group}) == 1)
-    return {"documents": n, "responses": same_text / n if n else None, "scores": same_scores / n if n else None}
 
 
 def fmt_value(value: Any) -> str:
@@ -2074,24 +2241,6 @@ def report_warnings(task_name: str, result: dict) -> None:
              "against this floor")
 
 
-# Published scores for these exact tasks, matched on the served model name (see
-# reference_key). They come from other harnesses, hence the tolerance in expectation().
-REFERENCE_SCORES = {
-    # Meta's Llama 3.1 model card: GSM-8K (CoT), 8-shot, em_maj1@1 (instruction-tuned models)
-    ("gsm8k_cot_llama", "llama-3.1-8b-instruct"): (0.845, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
-    ("gsm8k_cot_llama", "llama-3.1-70b-instruct"): (0.951, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
-    # Meta's Llama 3.2 model card: GSM8K (CoT), 8-shot, em_maj1@1
-    ("gsm8k_cot_llama", "llama-3.2-1b-instruct"): (0.444, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
-    ("gsm8k_cot_llama", "llama-3.2-3b-instruct"): (0.777, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
-    # vLLM's CI baseline for lm-eval's chartqa prompt, full test split, relaxed accuracy
-    ("chartqa", "qwen2.5-vl-7b-instruct"): (0.855, "vLLM CI baseline, lm-eval chartqa"),
-    # Meta's Llama 3.2 Vision model card: ChartQA (test), CoT, relaxed accuracy
-    ("chartqa", "llama-3.2-11b-vision-instruct"): (0.834, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
-    ("chartqa", "llama-3.2-90b-vision-instruct"): (0.855, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
-}
-DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
-
-
 def reference_key(model: str) -> str:
     """The served model name as REFERENCE_SCORES spells it: lower case, no `org/` prefix,
     no `meta-` prefix, and no suffix naming a lossless dtype (bf16, fp16, fp32) — but a
@@ -2131,16 +2280,757 @@ def format_expectation(task_name: str, e: dict) -> str:
             f"difference {e['difference']:+.4f}, allowed +-{e['margin']:.4f}: {e['verdict']}")
 
 
+def check_expectations(results: dict, model: str | None, expected: dict, tolerance: float) -> None:
+    """Each task's `expectation`: against --expect (a gate), else against a published
+    reference for this model (information only)."""
+    for name, result in results.items():
+        if "metrics" not in result:
+            continue
+        if name in expected:
+            metric, value = expected[name]
+            verdict = expectation(result, value, metric, tolerance, source="--expect")
+        elif (known := reference_score(name, model)) is not None:
+            verdict = expectation(result, known[0], None, tolerance, source=known[1])
+            if verdict:
+                verdict["informational"] = True
+        else:
+            continue
+        if verdict:
+            result["expectation"] = verdict
+            info(format_expectation(name, verdict))
+
+
+def config_record(config: APIConfig, tasks: list, max_samples: int | None, args: argparse.Namespace) -> dict:
+    """What the results file records about the run (never the API key)."""
+    return {
+        "model": config.model,
+        "server": config.server,
+        "base_url": config.api_root,
+        "chat_url": config.chat_url,
+        "max_samples": max_samples,
+        "num_concurrent": config.num_concurrent,
+        "seed": config.seed,
+        "gen_kwargs": config.gen_kwargs,
+        "request_params": {t.name: t.request_params(config) for t in tasks},
+        "system_instruction": config.system_instruction,
+        "fewshot_as_multiturn": config.fewshot_as_multiturn,
+        "keep_think": config.keep_think,
+        "think_end_token": config.think_end_token,
+        "data_dir": str(resolve_data_dir(args.data_dir)[0]),
+        "timeout": config.timeout,
+        "max_retries": config.max_retries,
+        "max_fail_rate": args.max_fail_rate,
+        "repeats": args.repeats,
+        "nano_eval_version": __version__,
+        "python": sys.version.split()[0],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def results_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
+                 preflight: dict | None, finished: bool, start: float) -> dict:
+    """The results JSON of one server's run."""
+    document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
+                            **results},
+                "config": config_record(config, tasks, args.max_samples, args),
+                "total_seconds": round(time.perf_counter() - start, 3),
+                "complete": finished and all(r["complete"] for r in results.values()),
+                "interrupted": not finished}
+    if log_dir:
+        document["config"]["log_samples"] = str(log_dir)
+    return document
+
+
+def stdout_json(document: dict) -> str:
+    """The document as JSON text that any stdout encoding can carry: non-ASCII characters
+    are escaped unless stdout takes UTF-8."""
+    try:
+        utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
+    except LookupError:
+        utf8 = False
+    return json.dumps(document, indent=2, ensure_ascii=not utf8)
+
+
+def write_results(document: dict, output: Path | None) -> None:
+    if output:
+        text = json.dumps(document, indent=2, ensure_ascii=False)
+        try:
+            atomic_write(output, (text + "\n").encode("utf-8"))
+        except OSError as exc:
+            print(stdout_json(document), flush=True)
+            raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
+    print(stdout_json(document), flush=True)
+
+
+def most_severe(codes: list) -> int:
+    """An interruption first, then the highest code; a failed quality gate only when
+    nothing else went wrong."""
+    return max(codes or [EXIT_OK], key=lambda c: (c == EXIT_INTERRUPTED, c not in (EXIT_OK, EXIT_GATE), c))
+
+
+def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
+    for name, result in results.items():
+        rate = result["num_failed"] / result["num_samples"] if result["num_samples"] else 0.0
+        if rate > max_fail_rate:
+            info(f"error: {name}: {result['num_failed']} of {result['num_samples']} samples failed "
+                 f"({rate:.1%} > --max_fail_rate {max_fail_rate:g})")
+            return EXIT_FAILURES
+    return EXIT_OK
+
+
+def exit_code_of(document: dict, args: argparse.Namespace, log_dir: Path | None) -> int:
+    if document["interrupted"]:
+        info("interrupted: partial results written" + ("; rerun the same command to resume" if log_dir else ""))
+        return EXIT_INTERRUPTED
+    results = document["results"]
+    codes = [r["exit_code"] for r in results.values() if "exit_code" in r]
+    preflight = results.get(CONFORMANCE)
+    if preflight and preflight["metrics"]["fail"]:
+        info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
+        codes.append(EXIT_FAILURES)
+    codes.append(fail_rate_exit({n: r for n, r in results.items() if n != CONFORMANCE and "error" not in r},
+                                args.max_fail_rate))
+    below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
+             and not r["expectation"].get("informational")]
+    if below:
+        info(f"error: {', '.join(below)} scored significantly below --expect")
+        codes.append(EXIT_GATE)
+    return most_severe(codes)
+
+
 # ============================================================================
-# 8. Compare and replay
+# 8. CLI
 # ============================================================================
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        raise UsageError(f"{message} (see --help)")
 
-def load_run(path: str) -> dict:
-    """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
-    folder of them."""
-    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="nano-eval",
+        description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as lm-eval's "
+                    "local-chat-completions does (gsm8k_cot_llama, chartqa).",
+        epilog="Other commands: 'nano-eval compare RUN_A RUN_B' (paired comparison of two sample logs), "
+               "'nano-eval replay FILE:LINE' (resend one logged request), "
+               "'nano-eval report RUN [RUN_B]' (an HTML report).")
+
+    def add(name: str, **kwargs):
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, dest=name, **kwargs)
+
+    add("tasks", help=f"comma-separated tasks: {', '.join(TASKS)}")
+    add("base_url", action="append", help="http://host:port/v1 or the full .../v1/chat/completions; repeat it "
+        "to run the same samples against several servers and compare them (default: probe 127.0.0.1)")
+    add("model", help="model name sent in each request (default: the only model /v1/models lists)")
+    add("model_args", help="lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=..")
+    add("api_key", help="bearer token (default: env OPENAI_API_KEY)")
+    add("num_concurrent", type=positive_int, help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
+    add("gen_kwargs", help="k=v,... merged into each request body (max_gen_toks means max_tokens)")
+    add("max_samples", type=positive_int, help="first N rows of each task, like lm-eval's --limit")
+    parser.add_argument("--limit", dest="max_samples", type=positive_int, help=argparse.SUPPRESS)
+    add("seed", type=integer, help=f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)")
+    add("output", help="write the results JSON here too (and the sample log beside it)")
+    add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
+        "rerunning with the same DIR resumes")
+    add("log_images", action="store_true", help="keep the base64 images in the sample log")
+    add("timeout", type=positive_float, help=f"seconds per request attempt (default {DEFAULT_TIMEOUT:.0f})")
+    add("max_retries", type=positive_int, help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
+    add("max_fail_rate", type=fraction, default=DEFAULT_MAX_FAIL_RATE,
+        help=f"exit 1 when more than this fraction of samples failed (default {DEFAULT_MAX_FAIL_RATE})")
+    add("keep_think", action="store_true", help="score the content as is, without dropping <think>...</think>")
+    add("no_resume", action="store_true", help="send every sample again, even those the sample log already has")
+    add("data_dir", help="dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)")
+    add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
+    add("fewshot_as_multiturn", type=boolean, default=True,
+        help="few-shots as chat turns (default true, as lm-eval with --apply_chat_template)")
+    add("header", action="append", metavar="'NAME: VALUE'", help="an extra request header for the inference "
+        "server (repeatable); its value is a secret, like the key")
+    add("insecure", action="store_true", help="do not verify the server's TLS certificate")
+    add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
+    add("max_response_mb", type=positive_float, help=f"a larger response is a failed sample, status too_large "
+        f"(default {DEFAULT_MAX_RESPONSE_MB})")
+    add("repeats", type=positive_int, default=1, help="send every sample K times and report the mean, its SEM "
+        "and the self-agreement (at temperature > 0, repeat i uses seed + i)")
+    add("expect", action="append", metavar="TASK[:METRIC]=VALUE", help="the score you expect (repeatable); "
+        f"a score significantly below it exits {EXIT_GATE}")
+    add("expect_tolerance", type=fraction, default=DEFAULT_TOLERANCE,
+        help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
+    add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
+        "worse than the first (or different either way)")
+    add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
+        "comparison, with several --base_url)")
+    add("check", action="store_true", help="run the server conformance preflight first")
+    add("no_progress", action="store_true", help="no progress line on stderr")
+    parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
+    return parser
+
+
+def resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
+    """(tasks to evaluate, whether to run the conformance preflight)."""
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    valid = [*TASKS, CONFORMANCE]
+    if not names and not check:
+        raise UsageError(f"--tasks is required: {', '.join(valid)}")
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise UsageError(f"unknown task {', '.join(unknown)}; valid tasks: {', '.join(valid)}")
+    return [TASKS[n] for n in dict.fromkeys(names) if n != CONFORMANCE], check or CONFORMANCE in names
+
+
+def parse_model_args(text: str | None) -> dict:
+    """`k=v,k=v`, or a JSON object (as lm-eval also takes, for a `header` dict)."""
+    if text and text.strip().startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except ValueError as exc:
+            raise UsageError(f"--model_args is not valid JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise UsageError("--model_args: a JSON value must be an object")
+        return parsed
+    return parse_kv(text, "--model_args")
+
+
+def header_items(value: Any) -> dict | list:
+    """lm-eval's `header` model_arg: a dict (JSON model_args), or one `Name: value` text."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return value
+    return [str(value)]
+
+
+def resolve_settings(args: argparse.Namespace) -> dict:
+    """Flags win over --model_args, which win over the environment and defaults."""
+    model_args = parse_model_args(args.model_args)
+    unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
+    if unknown:
+        raise UsageError(f"--model_args: unsupported key {', '.join(sorted(unknown))}; "
+                         f"supported: {', '.join(sorted(MODEL_ARGS))}")
+    for key in sorted(set(model_args) & IGNORED_MODEL_ARGS):
+        info(f"--model_args {key} has no effect here and is ignored")
+
+    def pick(name: str, default: Any = None) -> Any:
+        value = getattr(args, name, None)
+        value = value if value is not None else model_args.get(name, default)
+        return checked(name, FIELD_CHECKS[name], value) if name in FIELD_CHECKS and value is not None else value
+
+    settings = {
+        "base_urls": args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else []),
+        "model": pick("model"),
+        "api_key": check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
+        "num_concurrent": pick("num_concurrent", DEFAULT_CONCURRENCY),
+        "seed": pick("seed", DEFAULT_SEED),
+        "timeout": pick("timeout", DEFAULT_TIMEOUT),
+        "max_retries": pick("max_retries", DEFAULT_MAX_RETRIES),
+        "max_gen_toks": pick("max_gen_toks"),
+        "think_end_token": str(model_args.get("think_end_token", THINK_END)),
+        "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
+        "headers": {**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
+        "verify_certificate": not args.insecure and pick("verify_certificate", True),
+        "ca_cert": args.ca_cert or model_args.get("ca_cert_path"),
+        "max_response_mb": args.max_response_mb or DEFAULT_MAX_RESPONSE_MB,
+    }
+    until = settings["gen_kwargs"].get("until")
+    if until is not None and not isinstance(until, str):
+        raise UsageError(f"--gen_kwargs: until must be text, got {until!r}")
+    if settings["model"] is not None:
+        settings["model"] = str(settings["model"])
+    return settings
+
+
+def parse_expectations(items: list | None, tasks: list) -> dict:
+    """--expect TASK=VALUE or TASK:METRIC=VALUE (VALUE a fraction, or a percentage with %)
+    -> {task: (metric or None for the headline, value)}."""
+    expected = {}
+    names = {t.name: t for t in tasks}
+    for item in items or []:
+        target, _, value = item.rpartition("=")
+        task_name, _, metric = target.partition(":")
+        task = names.get(task_name.strip())
+        if task is None:
+            raise UsageError(f"--expect {item!r}: expected TASK[:METRIC]=VALUE with a task of --tasks "
+                             f"({', '.join(names) or 'none'})")
+        metric = metric.strip() or None
+        if metric and metric not in [task.headline.split(",")[0], *task.metric_names]:
+            raise UsageError(f"--expect {item!r}: {task.name} has no metric {metric!r} "
+                             f"(one of {', '.join([task.headline.split(',')[0], *task.metric_names])})")
+        try:
+            number = float(value.strip().rstrip("%")) / (100 if value.strip().endswith("%") else 1)
+        except ValueError:
+            number = -1.0
+        if not 0 <= number <= 1:
+            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%")
+        expected[task.name] = (metric, number)
+    return expected
+
+
+def check_output_path(path: str | None, flag: str = "--output") -> Path | None:
+    if not path:
+        return None
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{flag} {target} is a directory; give a file name")
+    if not target.parent.is_dir():
+        raise UsageError(f"{flag}: folder {target.parent} does not exist")
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {target} is not writable")
+    return target
+
+
+def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None:
+    if args.log_samples:
+        return Path(args.log_samples).expanduser()
+    if output:
+        return output.with_name(output.stem + "_samples")
+    return None
+
+
+async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
+                    results: dict) -> tuple[bool, str | None]:
+    """Runs the tasks one after the other into `results`: (False when interrupted, the
+    error that made the server unusable). A task that cannot run or finish gets an entry
+    with its `error`; the next task still runs, unless the server itself is unusable."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    async def all_tasks() -> str | None:
+        for task in tasks:
+            try:
+                await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
+                               log_images=args.log_images, progress=False if args.no_progress else None,
+                               sink=results, resume=not args.no_resume, repeats=args.repeats)
+            except NanoEvalError as exc:
+                message = redact(str(exc), _SECRETS)
+                info(f"error: {task.name}: {message}")
+                results[task.name] = {**results.get(task.name, {}), "error": message, "exit_code": exc.exit_code,
+                                      "complete": False}
+                if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
+                    for skipped in tasks[tasks.index(task) + 1:]:
+                        results[skipped.name] = {"error": f"not run: {message}", "exit_code": exc.exit_code,
+                                                 "complete": False}
+                    return message
+        return None
+
+    work = asyncio.ensure_future(all_tasks())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+    if work.done():
+        stopper.cancel()
+        return True, work.result()  # raises what the run raised
+    work.cancel()
+    try:
+        await work
+    except asyncio.CancelledError:
+        pass
+    return False, None
+
+
+def preflight_result(config: APIConfig) -> dict:
+    start = time.perf_counter()
+    report = run_preflight(config)
+    print(format_preflight(report), file=sys.stderr)
+    return {**report, "elapsed": round(time.perf_counter() - start, 3)}
+
+
+def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None,
+               check: bool) -> dict:
+    """The preflight (if asked) and the tasks against one server: its results document."""
+    start = time.perf_counter()
+    preflight = preflight_result(config) if check else None
+    results: dict = {}
+    try:
+        finished, server_error = asyncio.run(run_tasks(tasks, config, args, log_dir, results))
+    finally:
+        for name, result in results.items():
+            report_warnings(name, result)
+    if results:
+        print(summary_table(results), file=sys.stderr)
+    check_expectations(results, config.model, args.expected, args.expect_tolerance)
+    document = results_document(config, tasks, args, log_dir, results, preflight, finished, start)
+    if server_error:
+        document["error"] = server_error
+    return document
+
+
+def compare_servers(runs: list) -> list:
+    """The first run compared with each of the others, printed and returned."""
+    comparisons = []
+    for run in runs[1:]:
+        a, b = runs[0]["config"], run["config"]
+        entry = {"a": a["chat_url"], "b": b["chat_url"]}
+        try:
+            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"])
+            print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
+        except UsageError as exc:  # e.g. a run with no sample at all
+            entry["error"] = str(exc)
+            info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {exc}")
+        comparisons.append(entry)
+    return comparisons
+
+
+def run_several(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
+                log_dir: Path | None, check: bool, report: Path | None = None) -> int:
+    """The same samples against each server, then the paired comparison of the first
+    usable server with each of the others. A server that cannot be used is reported in
+    its entry of `runs`; the others still run."""
+    root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
+    start = time.perf_counter()
+    unusable = {}
+    for config in configs:
+        try:
+            find_server(config, model)
+        except (AuthError, ServerError) as exc:
+            unusable[id(config)] = exc
+            info(f"error: {exc}")
+    runs, codes = [], []
+    for i, config in enumerate(configs):
+        parts = urllib.parse.urlsplit(config.api_root)
+        run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
+        error = unusable.get(id(config))
+        if error is None:
+            info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
+            runs.append(run_server(config, tasks, args, run_dir, check))
+            codes.append(exit_code_of(runs[-1], args, run_dir))
+        else:  # this server is unusable; the others' results still count
+            runs.append({"results": {}, "config": config_record(config, tasks, args.max_samples, args),
+                         "error": redact(str(error), _SECRETS), "complete": False, "interrupted": False})
+            codes.append(error.exit_code)
+        if runs[-1]["interrupted"]:
+            break
+    comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
+    document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
+    write_results(document, output)
+    codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
+    if report:
+        write_report(report, report_from_document(document))
+        info(f"report written to {report}")
+    return most_severe(codes)
+
+
+def cmd_eval(argv: list) -> int:
+    args = build_parser().parse_args(argv)
+    tasks, check = resolve_tasks(args.tasks, args.check)
+    settings = resolve_settings(args)
+    args.expected = parse_expectations(args.expect, tasks)
+    if args.fail_if and len(settings["base_urls"]) < 2:
+        raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
+    _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
+    output = check_output_path(args.output)
+    report = check_output_path(args.report, "--report")
+    log_dir = sample_log_dir(args, output) or (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report else None)
+    if log_dir and not is_writable_dir(log_dir):
+        raise UsageError(f"cannot write the sample log in {log_dir}")
+    if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
+        resolve_data_dir(args.data_dir)  # fail now, not after connecting
+    base_urls = settings["base_urls"] or [probe_local_server()]
+    configs = [APIConfig(url=url, model=None, api_key=settings["api_key"],
+                         num_concurrent=settings["num_concurrent"], timeout=settings["timeout"],
+                         max_retries=settings["max_retries"], seed=settings["seed"],
+                         gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
+                         system_instruction=args.system_instruction,
+                         fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think,
+                         think_end_token=settings["think_end_token"], headers=settings["headers"],
+                         verify_certificate=settings["verify_certificate"], ca_cert=settings["ca_cert"],
+                         max_response_mb=settings["max_response_mb"]) for url in base_urls]
+    if not settings["verify_certificate"] and any(c.chat_url.startswith("https:") for c in configs):
+        warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
+             "any server can pose as this one")
+    if len(configs) > 1:
+        return run_several(configs, settings["model"], tasks, args, output, log_dir, check, report)
+    config = configs[0]
+    find_server(config, settings["model"])
+    server = config.server
+    info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
+         f"{' ' + str(server['version']) if server.get('version') else ''}): "
+         f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
+    document = run_server(config, tasks, args, log_dir, check)
+    write_results(document, output)
+    code = exit_code_of(document, args, log_dir)
+    if report:
+        write_report(report, report_from_document(document))
+        info(f"report written to {report}")
+    return code
+
+
+def main(argv: list | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"compare": cmd_compare, "replay": cmd_replay, "report": cmd_report}
+    for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    code = EXIT_OK
+    try:
+        for arg in argv:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError(f"argument {arg!r} is not valid UTF-8") from None
+        command = commands.get(argv[0]) if argv else None
+        code = command(argv[1:]) if command else cmd_eval(argv)
+    except NanoEvalError as exc:
+        print(redact(f"nano-eval: error: {exc}", _SECRETS), file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        print("nano-eval: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line, unless asked for the traceback
+        if os.environ.get("NANO_EVAL_DEBUG"):
+            raise
+        print(redact(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
+                     "(set NANO_EVAL_DEBUG=1 for a traceback)", _SECRETS), file=sys.stderr)
+        code = 1
+    if _BLOCKED_CALLS.value:  # abandoned requests still wait on sockets: do not wait for them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+# ============================================================================
+# 9. Preflight
+# ============================================================================
+
+IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
+IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a second image token, "
+                        "which the server may reject or leave unexpanded; scores can differ from a model that reads it "
+                        "as text (the bodies stay lm-eval's)")
+# A 1x1 RGB PNG, for the image check.
+ONE_PIXEL_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC")
+
+
+class Preflight:
+    """Short requests that show whether the server implements the API nano-eval relies on."""
+
+    def __init__(self, config: APIConfig, timeout: float = 120.0):
+        self.config = config
+        self.client = server_client(config, timeout=min(timeout, config.timeout), connect_timeout=5.0)
+        self.headers = {"Content-Type": "application/json", **server_headers(config)}
+        self.checks: list = []
+
+    def check(self, name: str, result: str, evidence: str) -> None:
+        evidence = redact(" ".join(str(evidence).split()), _SECRETS)  # a server may echo the key in an error
+        self.checks.append({"check": name, "result": result, "evidence": evidence[:300]})
+
+    def chat(self, body: dict) -> tuple[HTTPResponse | None, Any]:
+        payload = json.dumps({"model": self.config.model, **body}).encode()
+        try:
+            resp = self.client.request("POST", self.config.chat_url, payload, self.headers)
+        except Exception as exc:
+            return None, describe_network_error(exc)[1]
+        try:
+            return resp, json.loads(resp.body)
+        except (ValueError, UnicodeDecodeError):
+            return resp, None
+
+    @staticmethod
+    def message(data: Any) -> dict:
+        try:
+            return data["choices"][0]["message"] or {}
+        except (TypeError, KeyError, IndexError):
+            return {}
+
+    @staticmethod
+    def finish(data: Any) -> Any:
+        try:
+            return data["choices"][0].get("finish_reason")
+        except (TypeError, KeyError, IndexError, AttributeError):
+            return None
+
+    def run(self) -> list:
+        self.check_models()
+        prompt = [{"role": "user", "content": "Write the numbers from 1 to 30, separated by spaces."}]
+        base = {"messages": prompt, "max_tokens": 96, "temperature": 0}
+        first, data = self.chat(base)
+        if first is None or first.status != 200 or not isinstance(self.message(data).get("content"), str):
+            detail = data if first is None else f"HTTP {first.status}: {error_message(first.body)}"
+            self.check("chat completion", "FAIL", f"a plain request failed: {detail}")
+            return self.checks
+        text = self.message(data)["content"]
+        self.check("chat completion", "PASS", f"HTTP 200, content {text[:60]!r}")
+        self.check_usage(data)
+        self.check_max_tokens(prompt)
+        self.check_stop(prompt, text)
+        self.check_greedy(base, text)
+        self.check_seed(base)
+        self.check_image()
+        self.check_image_literal()
+        self.check_reasoning(data)
+        self.check_max_completion_tokens(prompt)
+        self.check_malformed()
+        return self.checks
+
+    def check_models(self) -> None:
+        try:
+            status, data, _ = http_json(self.client, self.config.api_root + "/models", server_headers(self.config))
+        except Exception as exc:
+            self.check("/v1/models", "FAIL", describe_network_error(exc)[1])
+            return
+        models = listed_models(data)
+        if status != 200 or models is None:
+            self.check("/v1/models", "FAIL", f"HTTP {status}, no data list")
+        elif data.get("object") != "list" or not all(isinstance(m, dict) and "id" in m for m in models):
+            self.check("/v1/models", "WARN", f"data present but not OpenAI-shaped: {json.dumps(data)[:120]}")
+        else:
+            self.check("/v1/models", "PASS", f"object list, {len(models)} model(s)")
+
+    def check_usage(self, data: Any) -> None:
+        usage = data.get("usage") if isinstance(data, dict) else None
+        if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int) \
+                or not isinstance(usage.get("prompt_tokens"), int):
+            self.check("usage", "FAIL", f"usage missing or incomplete: {usage!r}")
+        elif usage.get("total_tokens") not in (None, usage["prompt_tokens"] + usage["completion_tokens"]):
+            self.check("usage", "WARN", f"total_tokens {usage['total_tokens']} != prompt + completion {usage}")
+        else:
+            self.check("usage", "PASS", json.dumps(usage)[:120])
+
+    def check_max_tokens(self, prompt: list) -> None:
+        resp, data = self.chat({"messages": prompt, "max_tokens": 5, "temperature": 0})
+        if resp is None or resp.status != 200:
+            self.check("max_tokens", "FAIL", f"request failed: {data if resp is None else resp.status}")
+            return
+        used = ((data or {}).get("usage") or {}).get("completion_tokens")
+        finish = self.finish(data)
+        if isinstance(used, int) and used > 5:
+            self.check("max_tokens", "FAIL", f"max_tokens 5 but completion_tokens {used}")
+        elif finish != "length":
+            self.check("max_tokens", "FAIL", f"max_tokens 5 hit but finish_reason {finish!r}, not 'length'")
+        else:
+            self.check("max_tokens", "PASS", f"completion_tokens {used}, finish_reason 'length'")
+
+    def check_stop(self, prompt: list, baseline: str) -> None:
+        words = baseline.split()
+        middle = baseline[len(baseline) // 2:len(baseline) // 2 + 2].strip()
+        stop = words[2] if len(words) >= 4 else middle  # a string the greedy answer is known to contain
+        if not stop or baseline.index(stop) == 0:
+            self.check("stop", "WARN", f"inconclusive: the greedy answer is too short: {baseline[:60]!r}")
+            return
+        resp, data = self.chat({"messages": prompt, "max_tokens": 96, "temperature": 0, "stop": [stop]})
+        text = self.message(data).get("content") if resp is not None and resp.status == 200 else None
+        if text is None:
+            self.check("stop", "FAIL", f"a request with stop failed: {data if resp is None else resp.status}")
+        elif stop in text:
+            self.check("stop", "FAIL", f"stop {stop!r} is in the output: {text[:80]!r}")
+        elif not baseline.startswith(text.rstrip()):
+            self.check("stop", "WARN", f"output with stop {stop!r} is not a prefix of the greedy output: {text[:80]!r}")
+        else:
+            self.check("stop", "PASS", f"stopped before {stop!r}: {text[:60]!r}, finish_reason {self.finish(data)!r}")
+
+    def check_greedy(self, base: dict, first: str) -> None:
+        resp, data = self.chat(base)
+        again = self.message(data).get("content") if resp is not None and resp.status == 200 else None
+        if again == first:
+            self.check("greedy repeatable", "PASS", "the same request at temperature 0 gave the same text twice")
+        else:
+            self.check("greedy repeatable", "WARN", f"temperature 0 differs between two identical requests: "
+                       f"{first[:40]!r} vs {str(again)[:40]!r}")
+
+    def check_seed(self, base: dict) -> None:
+        resp, data = self.chat({**base, "max_tokens": 8, "seed": self.config.seed})
+        if resp is not None and resp.status == 200:
+            self.check("seed", "PASS", f"seed {self.config.seed} accepted")
+        else:
+            self.check("seed", "FAIL", f"seed rejected: {data if resp is None else error_message(resp.body)}")
+
+    def check_image(self) -> None:
+        url = "data:image/png;base64," + base64.b64encode(ONE_PIXEL_PNG).decode()
+        content = [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+                   {"type": "text", "text": "What color is this image? Answer in one word."}]
+        resp, data = self.chat({"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0})
+        if resp is not None and resp.status == 200 and self.message(data):
+            self.check("image input", "PASS", "a 1-pixel PNG data URL was accepted")
+        else:
+            detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
+            self.check("image input", "WARN", f"images are not accepted (chartqa will fail): {detail}")
+
+    def check_image_literal(self) -> None:
+        """chartqa's text part starts with lm-eval's literal `<image>`. A model whose
+        tokenizer has `<image>` as its image placeholder sees one image too many."""
+        counts, failure = [], None
+        for text in ("Say hi.", IMAGE_LITERAL + "Say hi."):
+            resp, data = self.chat({"messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0})
+            if resp is None or resp.status != 200:
+                failure = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
+                break
+            counts.append(((data or {}).get("usage") or {}).get("prompt_tokens") if isinstance(data, dict) else None)
+        if failure and len(counts) == 1:
+            self.check("image placeholder", "WARN", f"a text-only prompt with the literal {IMAGE_LITERAL} is refused "
+                       f"({failure}): the model takes it for its image placeholder; {IMAGE_LITERAL_EFFECT}")
+        elif failure or not all(isinstance(c, int) for c in counts):
+            self.check("image placeholder", "WARN", f"inconclusive: {failure or 'no usage.prompt_tokens'}")
+        elif counts[1] - counts[0] == 1:
+            self.check("image placeholder", "WARN", f"the literal {IMAGE_LITERAL} is one token here ({counts[0]} -> "
+                       f"{counts[1]} prompt tokens): the model's own image placeholder; {IMAGE_LITERAL_EFFECT}")
+        else:
+            self.check("image placeholder", "PASS", f"the literal {IMAGE_LITERAL} is plain text here "
+                       f"({counts[1] - counts[0]} prompt tokens)")
+
+    def check_reasoning(self, data: Any) -> None:
+        message = self.message(data)
+        if message.get("reasoning_content") or message.get("reasoning"):
+            field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
+            self.check("reasoning channel", "PASS", f"reasoning arrives in message.{field}")
+        elif "<think>" in (message.get("content") or ""):
+            self.check("reasoning channel", "WARN", "reasoning arrives inside content as <think>...</think> "
+                       "(nano-eval drops it before scoring)")
+        else:
+            self.check("reasoning channel", "PASS", "no reasoning seen (not a reasoning model, or reasoning off)")
+
+    def check_max_completion_tokens(self, prompt: list) -> None:
+        resp, data = self.chat({"messages": prompt, "max_completion_tokens": 5, "temperature": 0})
+        used = ((data or {}).get("usage") or {}).get("completion_tokens") if isinstance(data, dict) else None
+        if resp is None or resp.status != 200:
+            detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
+            self.check("max_completion_tokens", "WARN", f"not accepted: {detail}")
+        elif isinstance(used, int) and used > 5:
+            self.check("max_completion_tokens", "WARN", f"accepted but ignored: completion_tokens {used} > 5")
+        elif used is None and self.finish(data) != "length":
+            self.check("max_completion_tokens", "WARN", f"accepted, but cannot tell whether it is honoured: no usage "
+                       f"and finish_reason {self.finish(data)!r}")
+        else:
+            self.check("max_completion_tokens", "PASS", f"honoured: completion_tokens {used}, "
+                       f"finish_reason {self.finish(data)!r}")
+
+    def check_malformed(self) -> None:
+        resp, data = self.chat({"messages": "this is not a list of messages"})
+        if resp is None:
+            self.check("malformed request", "FAIL", f"no answer: {data}")
+        elif 400 <= resp.status < 500 and isinstance(data, dict):
+            self.check("malformed request", "PASS", f"HTTP {resp.status} with a JSON error")
+        elif 400 <= resp.status < 500:
+            self.check("malformed request", "WARN", f"HTTP {resp.status} but the body is not JSON")
+        else:
+            self.check("malformed request", "FAIL", f"HTTP {resp.status} instead of a 4xx: {error_message(resp.body)}")
+
+
+def run_preflight(config: APIConfig) -> dict:
+    checks = Preflight(config).run()
+    tally = {result: sum(1 for c in checks if c["result"] == result) for result in ("PASS", "WARN", "FAIL")}
+    return {"checks": checks, "metrics": {k.lower(): v for k, v in tally.items()}}
+
+
+def format_preflight(report: dict) -> str:
+    width = max(len(c["check"]) for c in report["checks"])
+    return "\n".join(f"{c['result']:<4}  {c['check']:<{width}}  {c['evidence']}" for c in report["checks"])
+
+
+# ============================================================================
+# 10. Compare
+# ============================================================================
 
 def load_repeats(path: str) -> dict:
     """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them."""
@@ -2163,25 +3053,10 @@ def load_repeats(path: str) -> dict:
     return records
 
 
-def compare_paths(path_a: str, path_b: str, top: int = 10) -> dict:
-    """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
-    repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
-    comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
-                              {k: v[min(v)] for k, v in repeats_b.items()}, top=top)
-    for side, repeats in (("a", repeats_a), ("b", repeats_b)):
-        for task_name, c in comparison.items():
-            documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
-            if documents and c.get("n"):
-                c[f"self_agreement_{side}"] = self_agreement(documents)
-    return comparison
-
-
-def gate_failures(comparison: dict, fail_if: str | None) -> list:
-    """The tasks where B is significantly worse than A (`worse`) or differs (`different`)."""
-    if not fail_if:
-        return []
-    return [name for name, c in comparison.items() if c.get("n") and c["mcnemar_p"] < 0.05
-            and (fail_if == "different" or c["difference"] < 0)]
+def load_run(path: str) -> dict:
+    """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
+    folder of them."""
+    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
 
 
 def logged_request(record: dict) -> dict:
@@ -2224,34 +3099,25 @@ def first_difference(a: str, b: str) -> int:
     return min(len(a), len(b))
 
 
-def counts(values: Iterable) -> dict:
-    """{value: how many}, with None (a failed request has no finish_reason) as "none"."""
-    result: dict = {}
-    for value in values:
-        key = "none" if value is None else str(value)
-        result[key] = result.get(key, 0) + 1
-    return dict(sorted(result.items()))
+def tokens(record: dict, name: str) -> int | None:
+    usage = (record.get("response") or {}).get("usage") or {}
+    value = usage.get(name)
+    return value if isinstance(value, int) else None
 
 
-def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000) -> dict:
-    """Per-task paired comparison of two runs joined on (task, doc hash)."""
-    comparison: dict = {}
-    for task_name in sorted({task for task, _ in run_a} | {task for task, _ in run_b}):
-        keys = [k for k in run_a if k[0] == task_name and k in run_b]
-        only = sum(1 for k in run_a if k[0] == task_name and k not in run_b) + \
-            sum(1 for k in run_b if k[0] == task_name and k not in run_a)
-        if not keys:
-            comparison[task_name] = {"n": 0, "unmatched": only, "verdict": "no samples in common"}
-            continue
-        keys.sort(key=lambda k: run_a[k].get("row_idx", 0))
-        pairs = [(run_a[k], run_b[k]) for k in keys]
-        for a, b in pairs:
-            field = request_difference(logged_request(a), logged_request(b))
-            if field:
-                raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
-                                 "(only the model name may differ); compare runs made with the same settings")
-        comparison[task_name] = compare_pairs(task_name, pairs, only, top, resamples)
-    return comparison
+def mean_of(values: Iterable) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def answer_of(record: dict) -> str | None:
+    extracted = record.get("extracted") or {}
+    for key in ("strict-match", "final_answer", "flexible-extract"):
+        if extracted.get(key) not in (None, "", INVALID):
+            return extracted[key]
+    if record.get("status") not in VALID_STATUSES:
+        return f"<{record.get('status')}>"
+    return extracted.get("strict-match") or extracted.get("final_answer") or ""
 
 
 def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int) -> dict:
@@ -2304,25 +3170,55 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     return result
 
 
-def tokens(record: dict, name: str) -> int | None:
-    usage = (record.get("response") or {}).get("usage") or {}
-    value = usage.get(name)
-    return value if isinstance(value, int) else None
+def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000) -> dict:
+    """Per-task paired comparison of two runs joined on (task, doc hash)."""
+    comparison: dict = {}
+    for task_name in sorted({task for task, _ in run_a} | {task for task, _ in run_b}):
+        keys = [k for k in run_a if k[0] == task_name and k in run_b]
+        only = sum(1 for k in run_a if k[0] == task_name and k not in run_b) + \
+            sum(1 for k in run_b if k[0] == task_name and k not in run_a)
+        if not keys:
+            comparison[task_name] = {"n": 0, "unmatched": only, "verdict": "no samples in common"}
+            continue
+        keys.sort(key=lambda k: run_a[k].get("row_idx", 0))
+        pairs = [(run_a[k], run_b[k]) for k in keys]
+        for a, b in pairs:
+            field = request_difference(logged_request(a), logged_request(b))
+            if field:
+                raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
+                                 "(only the model name may differ); compare runs made with the same settings")
+        comparison[task_name] = compare_pairs(task_name, pairs, only, top, resamples)
+    return comparison
 
 
-def mean_of(values: Iterable) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+def compare_paths(path_a: str, path_b: str, top: int = 10) -> dict:
+    """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
+    repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
+    comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
+                              {k: v[min(v)] for k, v in repeats_b.items()}, top=top)
+    for side, repeats in (("a", repeats_a), ("b", repeats_b)):
+        for task_name, c in comparison.items():
+            documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
+            if documents and c.get("n"):
+                c[f"self_agreement_{side}"] = self_agreement(documents)
+    return comparison
 
 
-def answer_of(record: dict) -> str | None:
-    extracted = record.get("extracted") or {}
-    for key in ("strict-match", "final_answer", "flexible-extract"):
-        if extracted.get(key) not in (None, "", INVALID):
-            return extracted[key]
-    if record.get("status") not in VALID_STATUSES:
-        return f"<{record.get('status')}>"
-    return extracted.get("strict-match") or extracted.get("final_answer") or ""
+def gate_failures(comparison: dict, fail_if: str | None) -> list:
+    """The tasks where B is significantly worse than A (`worse`) or differs (`different`)."""
+    if not fail_if:
+        return []
+    return [name for name, c in comparison.items() if c.get("n") and c["mcnemar_p"] < 0.05
+            and (fail_if == "different" or c["difference"] < 0)]
+
+
+def gate_exit(comparison: dict, fail_if: str | None) -> int:
+    failed = gate_failures(comparison, fail_if)
+    if failed:
+        info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
+             f"on {', '.join(failed)}")
+        return EXIT_GATE
+    return EXIT_OK
 
 
 def format_counts(counted: dict) -> str:
@@ -2386,17 +3282,9 @@ def cmd_compare(argv: list) -> int:
     return gate_exit(comparison, args.fail_if)
 
 
-FAIL_IF = ("worse", "different")
-
-
-def gate_exit(comparison: dict, fail_if: str | None) -> int:
-    failed = gate_failures(comparison, fail_if)
-    if failed:
-        info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
-             f"on {', '.join(failed)}")
-        return EXIT_GATE
-    return EXIT_OK
-
+# ============================================================================
+# 11. Replay
+# ============================================================================
 
 def restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
     """Puts the image bytes back into a body logged without them (from the cache)."""
@@ -2470,7 +3358,7 @@ def cmd_replay(argv: list) -> int:
 
 
 # ============================================================================
-# 9. HTML report
+# 12. HTML report
 # ============================================================================
 
 REPORT_CSS = """
@@ -2828,886 +3716,6 @@ def cmd_report(argv: list) -> int:
     write_report(args.output, page)
     info(f"report written to {args.output}")
     return EXIT_OK
-
-
-# ============================================================================
-# 10. Server identity and the conformance preflight
-# ============================================================================
-
-OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
-            "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio", "organization_owner": "LM Studio"}
-
-
-def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
-    """Which backend answered, from the endpoints each one has: vLLM /version, SGLang
-    /get_server_info, llama.cpp /props, Ollama /api/version, TGI /info; else the
-    `owned_by` of /v1/models and the Server header."""
-    api_root = config.api_root
-    parts = urllib.parse.urlsplit(api_root)
-    origin = f"{parts.scheme}://{parts.netloc}"
-    client = server_client(config, timeout=timeout, connect_timeout=timeout)
-    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
-             "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
-             "models": f"{api_root}/models", "control": f"{origin}/nano-eval-no-such-path"}
-
-    def fetch(url: str) -> tuple[int, Any, dict]:
-        try:
-            return http_json(client, url, server_headers(config))
-        except Exception:
-            return 0, None, {}
-
-    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
-        answers = dict(zip(paths, pool.map(fetch, paths.values())))
-    # A server that answers every path alike (a catch-all) tells nothing through those answers.
-    control = answers.pop("control")[:2]
-    ok = {name: data for name, (status, data, _) in answers.items()
-          if status == 200 and isinstance(data, dict) and (status, data) != control}
-    ok.setdefault("sglang", ok.pop("sglang_new", {}))
-    models = ok.get("models", {}).get("data") or [{}]
-    owned_by = models[0].get("owned_by") if isinstance(models[0], dict) else None
-    owner = OWNED_BY.get(str(owned_by).lower())
-    identity: dict = {"server_header": answers["models"][2].get("server"), "owned_by": owned_by}
-    props, sglang, tgi = ok.get("props", {}), ok.get("sglang", {}), ok.get("tgi", {})
-    only_version = {name: data["version"] for name, data in ok.items() if set(data) == {"version"}}
-    if {"build_info", "default_generation_settings", "total_slots"} & set(props):
-        identity.update(name="llama.cpp", version=props.get("build_info"), evidence="/props")
-    elif {"tp_size", "model_path", "served_model_name"} & set(sglang):
-        identity.update(name="SGLang", version=sglang.get("version") or only_version.get("version"),
-                        evidence="/get_server_info")
-    elif "ollama" in only_version:
-        identity.update(name="Ollama", version=only_version["ollama"], evidence="/api/version")
-    elif "model_id" in tgi and "version" in tgi:
-        identity.update(name="TGI", version=tgi["version"], evidence="/info")
-    elif "version" in only_version:
-        identity.update(name=owner or "vLLM", version=only_version["version"], evidence="/version")
-    elif owner:
-        identity.update(name=owner, version=None, evidence="owned_by")
-    else:
-        identity.update(name=identity["server_header"] or "unknown", version=None, evidence="Server header")
-    return identity
-
-
-IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
-IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a second image token, "
-                        "which the server may reject or leave unexpanded; scores can differ from a model that reads it "
-                        "as text (the bodies stay lm-eval's)")
-# A 1x1 RGB PNG, for the image check.
-ONE_PIXEL_PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC")
-
-
-class Preflight:
-    """Short requests that show whether the server implements the API nano-eval relies on."""
-
-    def __init__(self, config: APIConfig, timeout: float = 120.0):
-        self.config = config
-        self.client = server_client(config, timeout=min(timeout, config.timeout), connect_timeout=5.0)
-        self.headers = {"Content-Type": "application/json", **server_headers(config)}
-        self.checks: list = []
-
-    def check(self, name: str, result: str, evidence: str) -> None:
-        evidence = redact(" ".join(str(evidence).split()), _SECRETS)  # a server may echo the key in an error
-        self.checks.append({"check": name, "result": result, "evidence": evidence[:300]})
-
-    def chat(self, body: dict) -> tuple[HTTPResponse | None, Any]:
-        payload = json.dumps({"model": self.config.model, **body}).encode()
-        try:
-            resp = self.client.request("POST", self.config.chat_url, payload, self.headers)
-        except Exception as exc:
-            return None, describe_network_error(exc)[1]
-        try:
-            return resp, json.loads(resp.body)
-        except (ValueError, UnicodeDecodeError):
-            return resp, None
-
-    @staticmethod
-    def message(data: Any) -> dict:
-        try:
-            return data["choices"][0]["message"] or {}
-        except (TypeError, KeyError, IndexError):
-            return {}
-
-    @staticmethod
-    def finish(data: Any) -> Any:
-        try:
-            return data["choices"][0].get("finish_reason")
-        except (TypeError, KeyError, IndexError, AttributeError):
-            return None
-
-    def run(self) -> list:
-        self.check_models()
-        prompt = [{"role": "user", "content": "Write the numbers from 1 to 30, separated by spaces."}]
-        base = {"messages": prompt, "max_tokens": 96, "temperature": 0}
-        first, data = self.chat(base)
-        if first is None or first.status != 200 or not isinstance(self.message(data).get("content"), str):
-            detail = data if first is None else f"HTTP {first.status}: {error_message(first.body)}"
-            self.check("chat completion", "FAIL", f"a plain request failed: {detail}")
-            return self.checks
-        text = self.message(data)["content"]
-        self.check("chat completion", "PASS", f"HTTP 200, content {text[:60]!r}")
-        self.check_usage(data)
-        self.check_max_tokens(prompt)
-        self.check_stop(prompt, text)
-        self.check_greedy(base, text)
-        self.check_seed(base)
-        self.check_image()
-        self.check_image_literal()
-        self.check_reasoning(data)
-        self.check_max_completion_tokens(prompt)
-        self.check_malformed()
-        return self.checks
-
-    def check_models(self) -> None:
-        try:
-            status, data, _ = http_json(self.client, self.config.api_root + "/models", server_headers(self.config))
-        except Exception as exc:
-            self.check("/v1/models", "FAIL", describe_network_error(exc)[1])
-            return
-        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("data"), list):
-            self.check("/v1/models", "FAIL", f"HTTP {status}, no data list")
-        elif data.get("object") != "list" or not all(isinstance(m, dict) and "id" in m for m in data["data"]):
-            self.check("/v1/models", "WARN", f"data present but not OpenAI-shaped: {json.dumps(data)[:120]}")
-        else:
-            self.check("/v1/models", "PASS", f"object list, {len(data['data'])} model(s)")
-
-    def check_usage(self, data: Any) -> None:
-        usage = data.get("usage") if isinstance(data, dict) else None
-        if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int) \
-                or not isinstance(usage.get("prompt_tokens"), int):
-            self.check("usage", "FAIL", f"usage missing or incomplete: {usage!r}")
-        elif usage.get("total_tokens") not in (None, usage["prompt_tokens"] + usage["completion_tokens"]):
-            self.check("usage", "WARN", f"total_tokens {usage['total_tokens']} != prompt + completion {usage}")
-        else:
-            self.check("usage", "PASS", json.dumps(usage)[:120])
-
-    def check_max_tokens(self, prompt: list) -> None:
-        resp, data = self.chat({"messages": prompt, "max_tokens": 5, "temperature": 0})
-        if resp is None or resp.status != 200:
-            self.check("max_tokens", "FAIL", f"request failed: {data if resp is None else resp.status}")
-            return
-        used = ((data or {}).get("usage") or {}).get("completion_tokens")
-        finish = self.finish(data)
-        if isinstance(used, int) and used > 5:
-            self.check("max_tokens", "FAIL", f"max_tokens 5 but completion_tokens {used}")
-        elif finish != "length":
-            self.check("max_tokens", "FAIL", f"max_tokens 5 hit but finish_reason {finish!r}, not 'length'")
-        else:
-            self.check("max_tokens", "PASS", f"completion_tokens {used}, finish_reason 'length'")
-
-    def check_stop(self, prompt: list, baseline: str) -> None:
-        words = baseline.split()
-        middle = baseline[len(baseline) // 2:len(baseline) // 2 + 2].strip()
-        stop = words[2] if len(words) >= 4 else middle  # a string the greedy answer is known to contain
-        if not stop or baseline.index(stop) == 0:
-            self.check("stop", "WARN", f"inconclusive: the greedy answer is too short: {baseline[:60]!r}")
-            return
-        resp, data = self.chat({"messages": prompt, "max_tokens": 96, "temperature": 0, "stop": [stop]})
-        text = self.message(data).get("content") if resp is not None and resp.status == 200 else None
-        if text is None:
-            self.check("stop", "FAIL", f"a request with stop failed: {data if resp is None else resp.status}")
-        elif stop in text:
-            self.check("stop", "FAIL", f"stop {stop!r} is in the output: {text[:80]!r}")
-        elif not baseline.startswith(text.rstrip()):
-            self.check("stop", "WARN", f"output with stop {stop!r} is not a prefix of the greedy output: {text[:80]!r}")
-        else:
-            self.check("stop", "PASS", f"stopped before {stop!r}: {text[:60]!r}, finish_reason {self.finish(data)!r}")
-
-    def check_greedy(self, base: dict, first: str) -> None:
-        resp, data = self.chat(base)
-        again = self.message(data).get("content") if resp is not None and resp.status == 200 else None
-        if again == first:
-            self.check("greedy repeatable", "PASS", "the same request at temperature 0 gave the same text twice")
-        else:
-            self.check("greedy repeatable", "WARN", f"temperature 0 differs between two identical requests: "
-                       f"{first[:40]!r} vs {str(again)[:40]!r}")
-
-    def check_seed(self, base: dict) -> None:
-        resp, data = self.chat({**base, "max_tokens": 8, "seed": self.config.seed})
-        if resp is not None and resp.status == 200:
-            self.check("seed", "PASS", f"seed {self.config.seed} accepted")
-        else:
-            self.check("seed", "FAIL", f"seed rejected: {data if resp is None else error_message(resp.body)}")
-
-    def check_image(self) -> None:
-        url = "data:image/png;base64," + base64.b64encode(ONE_PIXEL_PNG).decode()
-        content = [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
-                   {"type": "text", "text": "What color is this image? Answer in one word."}]
-        resp, data = self.chat({"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0})
-        if resp is not None and resp.status == 200 and self.message(data):
-            self.check("image input", "PASS", "a 1-pixel PNG data URL was accepted")
-        else:
-            detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
-            self.check("image input", "WARN", f"images are not accepted (chartqa will fail): {detail}")
-
-    def check_image_literal(self) -> None:
-        """chartqa's text part starts with lm-eval's literal `<image>`. A model whose
-        tokenizer has `<image>` as its image placeholder sees one image too many."""
-        counts, failure = [], None
-        for text in ("Say hi.", IMAGE_LITERAL + "Say hi."):
-            resp, data = self.chat({"messages": [{"role": "user", "content": text}], "max_tokens": 1, "temperature": 0})
-            if resp is None or resp.status != 200:
-                failure = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
-                break
-            counts.append(((data or {}).get("usage") or {}).get("prompt_tokens") if isinstance(data, dict) else None)
-        if failure and len(counts) == 1:
-            self.check("image placeholder", "WARN", f"a text-only prompt with the literal {IMAGE_LITERAL} is refused "
-                       f"({failure}): the model takes it for its image placeholder; {IMAGE_LITERAL_EFFECT}")
-        elif failure or not all(isinstance(c, int) for c in counts):
-            self.check("image placeholder", "WARN", f"inconclusive: {failure or 'no usage.prompt_tokens'}")
-        elif counts[1] - counts[0] == 1:
-            self.check("image placeholder", "WARN", f"the literal {IMAGE_LITERAL} is one token here ({counts[0]} -> "
-                       f"{counts[1]} prompt tokens): the model's own image placeholder; {IMAGE_LITERAL_EFFECT}")
-        else:
-            self.check("image placeholder", "PASS", f"the literal {IMAGE_LITERAL} is plain text here "
-                       f"({counts[1] - counts[0]} prompt tokens)")
-
-    def check_reasoning(self, data: Any) -> None:
-        message = self.message(data)
-        if message.get("reasoning_content") or message.get("reasoning"):
-            field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
-            self.check("reasoning channel", "PASS", f"reasoning arrives in message.{field}")
-        elif "<think>" in (message.get("content") or ""):
-            self.check("reasoning channel", "WARN", "reasoning arrives inside content as <think>...</think> "
-                       "(nano-eval drops it before scoring)")
-        else:
-            self.check("reasoning channel", "PASS", "no reasoning seen (not a reasoning model, or reasoning off)")
-
-    def check_max_completion_tokens(self, prompt: list) -> None:
-        resp, data = self.chat({"messages": prompt, "max_completion_tokens": 5, "temperature": 0})
-        used = ((data or {}).get("usage") or {}).get("completion_tokens") if isinstance(data, dict) else None
-        if resp is None or resp.status != 200:
-            detail = data if resp is None else f"HTTP {resp.status}: {error_message(resp.body)}"
-            self.check("max_completion_tokens", "WARN", f"not accepted: {detail}")
-        elif isinstance(used, int) and used > 5:
-            self.check("max_completion_tokens", "WARN", f"accepted but ignored: completion_tokens {used} > 5")
-        elif used is None and self.finish(data) != "length":
-            self.check("max_completion_tokens", "WARN", f"accepted, but cannot tell whether it is honoured: no usage "
-                       f"and finish_reason {self.finish(data)!r}")
-        else:
-            self.check("max_completion_tokens", "PASS", f"honoured: completion_tokens {used}, "
-                       f"finish_reason {self.finish(data)!r}")
-
-    def check_malformed(self) -> None:
-        resp, data = self.chat({"messages": "this is not a list of messages"})
-        if resp is None:
-            self.check("malformed request", "FAIL", f"no answer: {data}")
-        elif 400 <= resp.status < 500 and isinstance(data, dict):
-            self.check("malformed request", "PASS", f"HTTP {resp.status} with a JSON error")
-        elif 400 <= resp.status < 500:
-            self.check("malformed request", "WARN", f"HTTP {resp.status} but the body is not JSON")
-        else:
-            self.check("malformed request", "FAIL", f"HTTP {resp.status} instead of a 4xx: {error_message(resp.body)}")
-
-
-def run_preflight(config: APIConfig) -> dict:
-    checks = Preflight(config).run()
-    tally = {result: sum(1 for c in checks if c["result"] == result) for result in ("PASS", "WARN", "FAIL")}
-    return {"checks": checks, "metrics": {k.lower(): v for k, v in tally.items()}}
-
-
-def format_preflight(report: dict) -> str:
-    width = max(len(c["check"]) for c in report["checks"])
-    return "\n".join(f"{c['result']:<4}  {c['check']:<{width}}  {c['evidence']}" for c in report["checks"])
-
-
-# ============================================================================
-# 11. CLI
-# ============================================================================
-
-KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
-MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
-              "think_end_token", "header", "verify_certificate", "ca_cert_path"}
-# lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
-IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
-                      "trust_remote_code"}
-
-
-def probe_local_server() -> str:
-    """The first usual inference port on 127.0.0.1 whose /v1/models answers."""
-    client = HTTPClient(timeout=2.0, connect_timeout=1.0)
-
-    def answers(port: int) -> bool:
-        try:
-            return client.request("GET", f"http://127.0.0.1:{port}/v1/models").status in (200, 401, 403)
-        except Exception:
-            return False
-
-    with ThreadPoolExecutor(max_workers=len(KNOWN_PORTS)) as pool:
-        alive = list(pool.map(answers, [port for port, _ in KNOWN_PORTS]))
-    for (port, name), ok in zip(KNOWN_PORTS, alive):
-        if ok:
-            info(f"no --base_url given: using http://127.0.0.1:{port}/v1 (the {name} port answered /v1/models)")
-            return f"http://127.0.0.1:{port}/v1"
-    ports = ", ".join(f"{port} ({name})" for port, name in KNOWN_PORTS)
-    raise ServerError(f"no --base_url given and no server answered on 127.0.0.1 ports {ports}")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not the usage block
-        raise UsageError(f"{message} (see --help)")
-
-
-def positive_int(text: str) -> int:
-    value = parse_value(text)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
-    return value
-
-
-def boolean(text: str) -> bool:
-    value = parse_value(text)
-    if not isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="nano-eval",
-        description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as lm-eval's "
-                    "local-chat-completions does (gsm8k_cot_llama, chartqa).",
-        epilog="Other commands: 'nano-eval compare RUN_A RUN_B' (paired comparison of two sample logs), "
-               "'nano-eval replay FILE:LINE' (resend one logged request), "
-               "'nano-eval report RUN [RUN_B]' (an HTML report).")
-
-    def add(name: str, **kwargs):
-        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, dest=name, **kwargs)
-
-    add("tasks", help=f"comma-separated tasks: {', '.join(TASKS)}")
-    add("base_url", action="append", help="http://host:port/v1 or the full .../v1/chat/completions; repeat it "
-        "to run the same samples against several servers and compare them (default: probe 127.0.0.1)")
-    add("model", help="model name sent in each request (default: the only model /v1/models lists)")
-    add("model_args", help="lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=..")
-    add("api_key", help="bearer token (default: env OPENAI_API_KEY)")
-    add("num_concurrent", type=positive_int, help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
-    add("gen_kwargs", help="k=v,... merged into each request body (max_gen_toks means max_tokens)")
-    add("max_samples", type=positive_int, help="first N rows of each task, like lm-eval's --limit")
-    parser.add_argument("--limit", dest="max_samples", type=positive_int, help=argparse.SUPPRESS)
-    add("seed", type=int, help=f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)")
-    add("output", help="write the results JSON here too (and the sample log beside it)")
-    add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
-        "rerunning with the same DIR resumes")
-    add("log_images", action="store_true", help="keep the base64 images in the sample log")
-    add("timeout", type=positive_float, help=f"seconds per request attempt (default {DEFAULT_TIMEOUT:.0f})")
-    add("max_retries", type=positive_int, help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
-    add("max_fail_rate", type=fraction, default=0.05,
-        help="exit 1 when more than this fraction of samples failed (default 0.05)")
-    add("keep_think", action="store_true", help="score the content as is, without dropping <think>...</think>")
-    add("no_resume", action="store_true", help="send every sample again, even those the sample log already has")
-    add("data_dir", help="dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)")
-    add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
-    add("fewshot_as_multiturn", type=boolean, default=True,
-        help="few-shots as chat turns (default true, as lm-eval with --apply_chat_template)")
-    add("header", action="append", metavar="'NAME: VALUE'", help="an extra request header for the inference "
-        "server (repeatable); its value is a secret, like the key")
-    add("insecure", action="store_true", help="do not verify the server's TLS certificate")
-    add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
-    add("max_response_mb", type=positive_float, help=f"a larger response is a failed sample, status too_large "
-        f"(default {DEFAULT_MAX_RESPONSE_MB})")
-    add("repeats", type=positive_int, default=1, help="send every sample K times and report the mean, its SEM "
-        "and the self-agreement (at temperature > 0, repeat i uses seed + i)")
-    add("expect", action="append", metavar="TASK[:METRIC]=VALUE", help="the score you expect (repeatable); "
-        f"a score significantly below it exits {EXIT_GATE}")
-    add("expect_tolerance", type=fraction, default=DEFAULT_TOLERANCE,
-        help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
-    add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
-        "worse than the first (or different either way)")
-    add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
-        "comparison, with several --base_url)")
-    add("check", action="store_true", help="run the server conformance preflight first")
-    add("no_progress", action="store_true", help="no progress line on stderr")
-    parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
-    return parser
-
-
-CONFORMANCE = "api_conformance"  # the preflight, also runnable as a task
-
-
-def resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
-    """(tasks to evaluate, whether to run the conformance preflight)."""
-    names = [t.strip() for t in (text or "").split(",") if t.strip()]
-    valid = [*TASKS, CONFORMANCE]
-    if not names and not check:
-        raise UsageError(f"--tasks is required: {', '.join(valid)}")
-    unknown = [n for n in names if n not in valid]
-    if unknown:
-        raise UsageError(f"unknown task {', '.join(unknown)}; valid tasks: {', '.join(valid)}")
-    return [TASKS[n] for n in dict.fromkeys(names) if n != CONFORMANCE], check or CONFORMANCE in names
-
-
-def resolve_settings(args: argparse.Namespace) -> dict:
-    """Flags win over --model_args, which win over the environment and defaults."""
-    model_args = parse_model_args(args.model_args)
-    unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
-    if unknown:
-        raise UsageError(f"--model_args: unsupported key {', '.join(sorted(unknown))}; "
-                         f"supported: {', '.join(sorted(MODEL_ARGS))}")
-    for key in sorted(set(model_args) & IGNORED_MODEL_ARGS):
-        info(f"--model_args {key} has no effect here and is ignored")
-
-    def pick(name: str, default: Any = None) -> Any:
-        value = getattr(args, name, None)
-        return value if value is not None else model_args.get(name, default)
-
-    settings = {
-        "base_urls": args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else []),
-        "model": pick("model"),
-        "api_key": check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
-        "num_concurrent": pick("num_concurrent", DEFAULT_CONCURRENCY),
-        "seed": pick("seed", DEFAULT_SEED),
-        "timeout": pick("timeout", DEFAULT_TIMEOUT),
-        "max_retries": pick("max_retries", DEFAULT_MAX_RETRIES),
-        "max_gen_toks": model_args.get("max_gen_toks"),
-        "think_end_token": str(model_args.get("think_end_token", THINK_END)),
-        "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
-        "headers": {**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
-        "verify_certificate": not args.insecure and model_args.get("verify_certificate", True) is not False,
-        "ca_cert": args.ca_cert or model_args.get("ca_cert_path"),
-        "max_response_mb": args.max_response_mb or DEFAULT_MAX_RESPONSE_MB,
-    }
-    until = settings["gen_kwargs"].get("until")
-    if until is not None and not isinstance(until, str):
-        raise UsageError(f"--gen_kwargs: until must be text, got {until!r}")
-    for name in ("num_concurrent", "max_retries", "max_gen_toks"):
-        value = settings[name]
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if not isinstance(model_args.get("verify_certificate", True), bool):
-        raise UsageError(f"verify_certificate must be true or false, got {model_args['verify_certificate']!r}")
-    if not isinstance(settings["seed"], int) or isinstance(settings["seed"], bool):
-        raise UsageError(f"seed must be an integer, got {settings['seed']!r}")
-    if not isinstance(settings["timeout"], (int, float)) or settings["timeout"] <= 0:
-        raise UsageError(f"timeout must be a positive number, got {settings['timeout']!r}")
-    if settings["model"] is not None:
-        settings["model"] = str(settings["model"])
-    return settings
-
-
-def parse_expectations(items: list | None, tasks: list) -> dict:
-    """--expect TASK=VALUE or TASK:METRIC=VALUE (VALUE a fraction, or a percentage with %)
-    -> {task: (metric or None for the headline, value)}."""
-    expected = {}
-    names = {t.name: t for t in tasks}
-    for item in items or []:
-        target, _, value = item.rpartition("=")
-        task_name, _, metric = target.partition(":")
-        task = names.get(task_name.strip())
-        if task is None:
-            raise UsageError(f"--expect {item!r}: expected TASK[:METRIC]=VALUE with a task of --tasks "
-                             f"({', '.join(names) or 'none'})")
-        metric = metric.strip() or None
-        if metric and metric not in [task.headline.split(",")[0], *task.metric_names]:
-            raise UsageError(f"--expect {item!r}: {task.name} has no metric {metric!r} "
-                             f"(one of {', '.join([task.headline.split(',')[0], *task.metric_names])})")
-        try:
-            number = float(value.strip().rstrip("%")) / (100 if value.strip().endswith("%") else 1)
-        except ValueError:
-            number = -1.0
-        if not 0 <= number <= 1:
-            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%")
-        expected[task.name] = (metric, number)
-    return expected
-
-
-def parse_model_args(text: str | None) -> dict:
-    """`k=v,k=v`, or a JSON object (as lm-eval also takes, for a `header` dict)."""
-    if text and text.strip().startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise UsageError(f"--model_args is not valid JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise UsageError("--model_args: a JSON value must be an object")
-        return parsed
-    return parse_kv(text, "--model_args")
-
-
-def header_items(value: Any) -> dict | list:
-    """lm-eval's `header` model_arg: a dict (JSON model_args), or one `Name: value` text."""
-    if value is None:
-        return []
-    if isinstance(value, dict):
-        return value
-    return [str(value)]
-
-
-def check_output_path(path: str | None, flag: str = "--output") -> Path | None:
-    if not path:
-        return None
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise UsageError(f"{flag} {target} is a directory; give a file name")
-    if not target.parent.is_dir():
-        raise UsageError(f"{flag}: folder {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UsageError(f"{flag} {target} is not writable")
-    return target
-
-
-def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None:
-    if args.log_samples:
-        return Path(args.log_samples).expanduser()
-    if output:
-        return output.with_name(output.stem + "_samples")
-    return None
-
-
-def run_config(config: APIConfig, tasks: list, max_samples: int | None, args: argparse.Namespace) -> dict:
-    """What the results file records about the run (never the API key)."""
-    return {
-        "model": config.model,
-        "server": config.server,
-        "base_url": config.api_root,
-        "chat_url": config.chat_url,
-        "max_samples": max_samples,
-        "num_concurrent": config.num_concurrent,
-        "seed": config.seed,
-        "gen_kwargs": config.gen_kwargs,
-        "request_params": {t.name: t.request_params(config) for t in tasks},
-        "system_instruction": config.system_instruction,
-        "fewshot_as_multiturn": config.fewshot_as_multiturn,
-        "keep_think": config.keep_think,
-        "think_end_token": config.think_end_token,
-        "data_dir": str(resolve_data_dir(args.data_dir)[0]),
-        "timeout": config.timeout,
-        "max_retries": config.max_retries,
-        "max_fail_rate": args.max_fail_rate,
-        "repeats": args.repeats,
-        "nano_eval_version": __version__,
-        "python": sys.version.split()[0],
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-
-
-async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
-                    results: dict) -> tuple[bool, str | None]:
-    """Runs the tasks one after the other into `results`: (False when interrupted, the
-    error that made the server unusable). A task that cannot run or finish gets an entry
-    with its `error`; the next task still runs, unless the server itself is unusable."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-
-    async def all_tasks() -> str | None:
-        for task in tasks:
-            try:
-                await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
-                               log_images=args.log_images, progress=False if args.no_progress else None,
-                               sink=results, resume=not args.no_resume, repeats=args.repeats)
-            except NanoEvalError as exc:
-                message = redact(str(exc), _SECRETS)
-                info(f"error: {task.name}: {message}")
-                results[task.name] = {**results.get(task.name, {}), "error": message, "exit_code": exc.exit_code,
-                                      "complete": False}
-                if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
-                    for skipped in tasks[tasks.index(task) + 1:]:
-                        results[skipped.name] = {"error": f"not run: {message}", "exit_code": exc.exit_code,
-                                                 "complete": False}
-                    return message
-        return None
-
-    work = asyncio.ensure_future(all_tasks())
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-    if work.done():
-        stopper.cancel()
-        return True, work.result()  # raises what the run raised
-    work.cancel()
-    try:
-        await work
-    except asyncio.CancelledError:
-        pass
-    return False, None
-
-
-def stdout_json(document: dict) -> str:
-    """The document as JSON text that any stdout encoding can carry: non-ASCII characters
-    are escaped unless stdout takes UTF-8."""
-    try:
-        utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
-    except LookupError:
-        utf8 = False
-    return json.dumps(document, indent=2, ensure_ascii=not utf8)
-
-
-def write_results(document: dict, output: Path | None) -> None:
-    if output:
-        text = json.dumps(document, indent=2, ensure_ascii=False)
-        try:
-            atomic_write(output, (text + "\n").encode("utf-8"))
-        except OSError as exc:
-            print(stdout_json(document), flush=True)
-            raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
-    print(stdout_json(document), flush=True)
-
-
-def cmd_eval(argv: list) -> int:
-    args = build_parser().parse_args(argv)
-    tasks, check = resolve_tasks(args.tasks, args.check)
-    settings = resolve_settings(args)
-    args.expected = parse_expectations(args.expect, tasks)
-    if args.fail_if and len(settings["base_urls"]) < 2:
-        raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
-    _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
-    output = check_output_path(args.output)
-    report = check_output_path(args.report, "--report")
-    log_dir = sample_log_dir(args, output) or (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report else None)
-    if log_dir and not is_writable_dir(log_dir):
-        raise UsageError(f"cannot write the sample log in {log_dir}")
-    if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
-        resolve_data_dir(args.data_dir)  # fail now, not after connecting
-    base_urls = settings["base_urls"] or [probe_local_server()]
-    configs = [APIConfig(url=url, model=None, api_key=settings["api_key"],
-                         num_concurrent=settings["num_concurrent"], timeout=settings["timeout"],
-                         max_retries=settings["max_retries"], seed=settings["seed"],
-                         gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
-                         system_instruction=args.system_instruction,
-                         fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think,
-                         think_end_token=settings["think_end_token"], headers=settings["headers"],
-                         verify_certificate=settings["verify_certificate"], ca_cert=settings["ca_cert"],
-                         max_response_mb=settings["max_response_mb"]) for url in base_urls]
-    if not settings["verify_certificate"] and any(c.chat_url.startswith("https:") for c in configs):
-        warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
-             "any server can pose as this one")
-    if len(configs) > 1:
-        return run_several(configs, settings["model"], tasks, args, output, log_dir, check, report)
-    config = configs[0]
-    find_server(config, settings["model"])
-    server = config.server
-    info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
-         f"{' ' + str(server['version']) if server.get('version') else ''}): "
-         f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
-    document = run_server(config, tasks, args, log_dir, check)
-    write_results(document, output)
-    code = run_exit_code(document, args, log_dir)
-    if report:
-        write_report(report, report_from_document(document))
-        info(f"report written to {report}")
-    return code
-
-
-def find_server(config: APIConfig, model: str | None) -> None:
-    """The model to ask for and which backend answers (AuthError/ServerError if unusable)."""
-    config.model = resolve_model(config, model)
-    config.server = identify_server(config)
-
-
-def preflight_result(config: APIConfig) -> dict:
-    start = time.perf_counter()
-    report = run_preflight(config)
-    print(format_preflight(report), file=sys.stderr)
-    return {**report, "elapsed": round(time.perf_counter() - start, 3)}
-
-
-def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None,
-               check: bool) -> dict:
-    """The preflight (if asked) and the tasks against one server: its results document."""
-    start = time.perf_counter()
-    preflight = preflight_result(config) if check else None
-    results: dict = {}
-    try:
-        finished, server_error = asyncio.run(run_tasks(tasks, config, args, log_dir, results))
-    finally:
-        for name, result in results.items():
-            report_warnings(name, result)
-    if results:
-        print(summary_table(results), file=sys.stderr)
-    check_expectations(results, config.model, args.expected, args.expect_tolerance)
-    document = run_document(config, tasks, args, log_dir, results, preflight, finished, start)
-    if server_error:
-        document["error"] = server_error
-    return document
-
-
-def check_expectations(results: dict, model: str | None, expected: dict, tolerance: float) -> None:
-    """Each task's `expectation`: against --expect (a gate), else against a published
-    reference for this model (information only)."""
-    for name, result in results.items():
-        if "metrics" not in result:
-            continue
-        if name in expected:
-            metric, value = expected[name]
-            verdict = expectation(result, value, metric, tolerance, source="--expect")
-        elif (known := reference_score(name, model)) is not None:
-            verdict = expectation(result, known[0], None, tolerance, source=known[1])
-            if verdict:
-                verdict["informational"] = True
-        else:
-            continue
-        if verdict:
-            result["expectation"] = verdict
-            info(format_expectation(name, verdict))
-
-
-def run_several(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
-                log_dir: Path | None, check: bool, report: Path | None = None) -> int:
-    """The same samples against each server, then the paired comparison of the first
-    usable server with each of the others. A server that cannot be used is reported in
-    its entry of `runs`; the others still run."""
-    root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
-    start = time.perf_counter()
-    unusable = {}
-    for config in configs:
-        try:
-            find_server(config, model)
-        except (AuthError, ServerError) as exc:
-            unusable[id(config)] = exc
-            info(f"error: {exc}")
-    runs, codes = [], []
-    for i, config in enumerate(configs):
-        parts = urllib.parse.urlsplit(config.api_root)
-        run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
-        error = unusable.get(id(config))
-        if error is None:
-            info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-            runs.append(run_server(config, tasks, args, run_dir, check))
-            codes.append(run_exit_code(runs[-1], args, run_dir))
-        else:  # this server is unusable; the others' results still count
-            runs.append({"results": {}, "config": run_config(config, tasks, args.max_samples, args),
-                         "error": redact(str(error), _SECRETS), "complete": False, "interrupted": False})
-            codes.append(error.exit_code)
-        if runs[-1]["interrupted"]:
-            break
-    comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
-    document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
-    write_results(document, output)
-    codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
-    if report:
-        write_report(report, report_from_document(document))
-        info(f"report written to {report}")
-    return most_severe(codes)
-
-
-def compare_servers(runs: list) -> list:
-    """The first run compared with each of the others, printed and returned."""
-    comparisons = []
-    for run in runs[1:]:
-        a, b = runs[0]["config"], run["config"]
-        entry = {"a": a["chat_url"], "b": b["chat_url"]}
-        try:
-            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"])
-            print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
-        except UsageError as exc:  # e.g. a run with no sample at all
-            entry["error"] = str(exc)
-            info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {exc}")
-        comparisons.append(entry)
-    return comparisons
-
-
-def run_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
-                 preflight: dict | None, finished: bool, start: float) -> dict:
-    """The results JSON of one server's run."""
-    document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
-                            **results},
-                "config": run_config(config, tasks, args.max_samples, args),
-                "total_seconds": round(time.perf_counter() - start, 3),
-                "complete": finished and all(r["complete"] for r in results.values()),
-                "interrupted": not finished}
-    if log_dir:
-        document["config"]["log_samples"] = str(log_dir)
-    return document
-
-
-def most_severe(codes: list) -> int:
-    """An interruption first, then the highest code; a failed quality gate only when
-    nothing else went wrong."""
-    return max(codes or [EXIT_OK], key=lambda c: (c == EXIT_INTERRUPTED, c not in (EXIT_OK, EXIT_GATE), c))
-
-
-def run_exit_code(document: dict, args: argparse.Namespace, log_dir: Path | None) -> int:
-    if document["interrupted"]:
-        info("interrupted: partial results written" + ("; rerun the same command to resume" if log_dir else ""))
-        return EXIT_INTERRUPTED
-    results = document["results"]
-    codes = [r["exit_code"] for r in results.values() if "exit_code" in r]
-    preflight = results.get(CONFORMANCE)
-    if preflight and preflight["metrics"]["fail"]:
-        info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
-        codes.append(EXIT_FAILURES)
-    codes.append(fail_rate_exit({n: r for n, r in results.items() if n != CONFORMANCE and "error" not in r},
-                                args.max_fail_rate))
-    below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
-             and not r["expectation"].get("informational")]
-    if below:
-        info(f"error: {', '.join(below)} scored significantly below --expect")
-        codes.append(EXIT_GATE)
-    return most_severe(codes)
-
-
-def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
-    for name, result in results.items():
-        rate = result["num_failed"] / result["num_samples"] if result["num_samples"] else 0.0
-        if rate > max_fail_rate:
-            info(f"error: {name}: {result['num_failed']} of {result['num_samples']} samples failed "
-                 f"({rate:.1%} > --max_fail_rate {max_fail_rate:g})")
-            return EXIT_FAILURES
-    return EXIT_OK
-
-
-def main(argv: list | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"compare": cmd_compare, "replay": cmd_replay, "report": cmd_report}
-    for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
-    code = EXIT_OK
-    try:
-        for arg in argv:
-            try:
-                arg.encode("utf-8")
-            except UnicodeEncodeError:
-                raise UsageError(f"argument {arg!r} is not valid UTF-8") from None
-        command = commands.get(argv[0]) if argv else None
-        code = command(argv[1:]) if command else cmd_eval(argv)
-    except NanoEvalError as exc:
-        print(redact(f"nano-eval: error: {exc}", _SECRETS), file=sys.stderr)
-        code = exc.exit_code
-    except KeyboardInterrupt:
-        print("nano-eval: interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: one line, unless asked for the traceback
-        if os.environ.get("NANO_EVAL_DEBUG"):
-            raise
-        print(redact(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
-                     "(set NANO_EVAL_DEBUG=1 for a traceback)", _SECRETS), file=sys.stderr)
-        code = 1
-    if _BLOCKED_CALLS.value:  # abandoned requests still wait on sockets: do not wait for them
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
 
 
 if __name__ == "__main__":
