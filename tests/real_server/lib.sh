@@ -1,0 +1,50 @@
+# What setup_llama_server.sh and setup_vllm.sh share. Sourced by both, after they set
+#   SETUP_NAME   the prefix of their log lines
+#   HELP_LINES   the line range of their header comment that --help prints (e.g. 2,20)
+# and PYTHON (any python3: it only computes hashes and unpacks files).
+
+log() { printf '[%s %s] %s\n' "$SETUP_NAME" "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# MODE from the one optional argument: ensure (none), print (--print-paths), smoke (--smoke)
+parse_mode() {
+  MODE=ensure
+  case "${1:-}" in
+    "") ;;
+    --print-paths) MODE=print ;;
+    --smoke) MODE=smoke ;;
+    -h|--help) sed -n "${HELP_LINES}p" "$0"; exit 0 ;;
+    *) echo "unknown argument: $1 (use --print-paths, --smoke or nothing)" >&2; exit 2 ;;
+  esac
+}
+
+sha256_of() {  # portable: sha256sum may be missing on macOS; python is always here
+  "$PYTHON" - "$1" <<'PY'
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    for b in iter(lambda: f.read(1 << 20), b""):
+        h.update(b)
+print(h.hexdigest())
+PY
+}
+
+verify() {  # verify FILE EXPECTED_SHA
+  local got; got=$(sha256_of "$1")
+  [ "$got" = "$2" ] || die "sha256 mismatch for $1: got $got, want $2"
+}
+
+# One setup at a time per cache folder: a second caller waits, then finds it ready.
+# The lock is file descriptor 9, held until the script exits.
+lock_cache() {  # lock_cache DIR
+  exec 9>"$1/.lock"
+  if command -v flock >/dev/null 2>&1; then
+    flock -w 3600 9 || die "timed out waiting for the lock on $1/.lock"
+  fi
+}
+
+# `--print-paths`: the paths when the cache is ready, else say so and exit 1
+print_if_ready() {  # print_if_ready DIR (is_ready and print_paths are the caller's)
+  if is_ready; then print_paths; exit 0; fi
+  echo "not built yet: $1 (run $0 without arguments)" >&2; exit 1
+}
