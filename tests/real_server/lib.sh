@@ -43,8 +43,20 @@ lock_cache() {  # lock_cache DIR
   fi
 }
 
-# `--print-paths`: the paths when the cache is ready, else say so and exit 1
-print_if_ready() {  # print_if_ready DIR (is_ready and print_paths are the caller's)
-  if is_ready; then print_paths; exit 0; fi
-  echo "not built yet: $1 (run $0 without arguments)" >&2; exit 1
+# begin_setup DIR, after the caller defined is_ready and print_paths: --print-paths prints
+# and exits; otherwise takes the lock, and is true when DIR is ready (a cache hit), else
+# makes an empty $WORK (removed at exit) and is false. T0 is the start time.
+begin_setup() {
+  if [ "$MODE" = print ]; then
+    if is_ready; then print_paths; exit 0; fi
+    echo "not built yet: $1 (run $0 without arguments)" >&2; exit 1
+  fi
+  mkdir -p "$1"
+  T0=$(date +%s)
+  lock_cache "$1"
+  if is_ready; then log "cache hit: $1"; return 0; fi
+  WORK="$1/work"
+  rm -rf "$WORK"; mkdir -p "$WORK/dl"
+  trap 'rm -rf "$WORK"' EXIT
+  return 1
 }

@@ -66,19 +66,7 @@ MODEL="$DIR/models/$MODEL_FILE"
 print_paths() { printf 'LLAMA_SERVER=%q\nLLAMA_MODEL=%q\n' "$BIN" "$MODEL"; }
 is_ready() { [ -x "$BIN" ] && [ -f "$MODEL" ] && [ -f "$DIR/model.verified" ]; }
 
-if [ "$MODE" = print ]; then print_if_ready "$DIR"; fi
-
-mkdir -p "$DIR"
-T0=$(date +%s)
-
-lock_cache "$DIR"
-
-if is_ready; then
-  log "cache hit: $DIR"
-else
-  WORK="$DIR/work"
-  rm -rf "$WORK"; mkdir -p "$WORK/dl"
-  trap 'rm -rf "$WORK"' EXIT
+if ! begin_setup "$DIR"; then
 
   # 1. weights -----------------------------------------------------------------
   if [ ! -f "$DIR/model.verified" ] || [ ! -f "$MODEL" ]; then

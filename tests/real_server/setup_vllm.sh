@@ -76,18 +76,8 @@ is_ready() {
     && stamp_ok "$F32_GGUF" "$(f32_stamp)" && stamp_ok "$VLM_DIR" "$(vlm_stamp)"
 }
 
-if [ "$MODE" = print ]; then print_if_ready "$DIR"; fi
-
-mkdir -p "$DIR/models"
-T0=$(date +%s)
-lock_cache "$DIR"
-
-if is_ready; then
-  log "cache hit: $DIR"
-else
-  WORK="$DIR/work"
-  rm -rf "$WORK"; mkdir -p "$WORK/dl"
-  trap 'rm -rf "$WORK"' EXIT
+if ! begin_setup "$DIR"; then
+  mkdir -p "$DIR/models"
 
   # 1. the venv ----------------------------------------------------------------
   if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
