@@ -5,7 +5,7 @@ Runs lm-evaluation-harness's `gsm8k_cot_llama` and `chartqa` exactly as lm-eval'
 `local-chat-completions` model does (same request bodies, same scoring, same metric
 names) against any `/v1/chat/completions` endpoint, with the standard library only.
 
-The map, in the order data flows. The core, lines 77-2808, is one run from the
+The map, in the order data flows. The core, lines 77-2798, is one run from the
 command line to the printed JSON: start at main() at its end, then read it from
 the top. Inside every section helpers come before their callers, and the section's
 entry point is last.
@@ -22,14 +22,14 @@ entry point is last.
                                lm-eval's filters and metrics, the TASKS table
    6. Runner        1705-2039  run_task(): worker threads build, send, score and log each
                                sample; resume from the sample log
-   7. Results       2040-2412  aggregate(), warnings, the summary table, expectations, the
+   7. Results       2040-2416  aggregate(), warnings, the summary table, expectations, the
                                results JSON and the exit code
-   8. CLI           2413-2808  arguments, one server or several, main()
+   8. CLI           2417-2798  arguments, one server or several, main()
 The optional tools, each a section ending in its entry point:
-   9. Preflight     2809-3038  conformance checks (--check): preflight_result()
-  10. Compare       3039-3293  paired comparison of two runs: `nano-eval compare`
-  11. Replay        3294-3369  resend one logged request: `nano-eval replay`
-  12. HTML report   3370-3732  one page of a run or a comparison: `nano-eval report`
+   9. Preflight     2799-3028  conformance checks (--check): preflight_result()
+  10. Compare       3029-3283  paired comparison of two runs: `nano-eval compare`
+  11. Replay        3284-3359  resend one logged request: `nano-eval replay`
+  12. HTML report   3360-3722  one page of a run or a comparison: `nano-eval report`
 
 Python API:
     import asyncio
@@ -2363,7 +2363,8 @@ def stdout_json(document: dict) -> str:
     return json.dumps(document, indent=2, ensure_ascii=not utf8)
 
 
-def write_results(document: dict, output: Path | None) -> None:
+def write_results(document: dict, output: Path | None, report: Path | None) -> None:
+    """The document on stdout, in --output, and as the --report page."""
     if output:
         text = json.dumps(document, indent=2, ensure_ascii=False)
         try:
@@ -2372,6 +2373,9 @@ def write_results(document: dict, output: Path | None) -> None:
             print(stdout_json(document), flush=True)
             raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
     print(stdout_json(document), flush=True)
+    if report:
+        write_report(report, report_from_document(document))
+        info(f"report written to {report}")
 
 
 def most_severe(codes: list) -> int:
@@ -2514,8 +2518,9 @@ def header_items(value: Any) -> dict | list:
     return [str(value)]
 
 
-def resolve_settings(args: argparse.Namespace) -> dict:
-    """Flags win over --model_args, which win over the environment and defaults."""
+def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
+    """(base URLs, model, the other APIConfig fields): flags win over --model_args, which
+    win over the environment and the defaults."""
     model_args = parse_model_args(args.model_args)
     unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
     if unknown:
@@ -2529,9 +2534,9 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         value = value if value is not None else model_args.get(name, default)
         return checked(name, FIELD_CHECKS[name], value) if name in FIELD_CHECKS and value is not None else value
 
-    settings = {
-        "base_urls": args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else []),
-        "model": pick("model"),
+    base_urls = args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else [])
+    model = pick("model")
+    fields = {
         "api_key": check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
         "num_concurrent": pick("num_concurrent", DEFAULT_CONCURRENCY),
         "seed": pick("seed", DEFAULT_SEED),
@@ -2544,13 +2549,14 @@ def resolve_settings(args: argparse.Namespace) -> dict:
         "verify_certificate": not args.insecure and pick("verify_certificate", True),
         "ca_cert": args.ca_cert or model_args.get("ca_cert_path"),
         "max_response_mb": args.max_response_mb or DEFAULT_MAX_RESPONSE_MB,
+        "system_instruction": args.system_instruction,
+        "fewshot_as_multiturn": args.fewshot_as_multiturn,
+        "keep_think": args.keep_think,
     }
-    until = settings["gen_kwargs"].get("until")
+    until = fields["gen_kwargs"].get("until")
     if until is not None and not isinstance(until, str):
         raise UsageError(f"--gen_kwargs: until must be text, got {until!r}")
-    if settings["model"] is not None:
-        settings["model"] = str(settings["model"])
-    return settings
+    return base_urls, None if model is None else str(model), fields
 
 
 def parse_expectations(items: list | None, tasks: list) -> dict:
@@ -2719,22 +2725,19 @@ def run_several(configs: list, model: str | None, tasks: list, args: argparse.Na
             break
     comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
     document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
-    write_results(document, output)
+    write_results(document, output, report)
     codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
-    if report:
-        write_report(report, report_from_document(document))
-        info(f"report written to {report}")
     return most_severe(codes)
 
 
 def cmd_eval(argv: list) -> int:
     args = build_parser().parse_args(argv)
     tasks, check = resolve_tasks(args.tasks, args.check)
-    settings = resolve_settings(args)
+    base_urls, model, fields = resolve_settings(args)
     args.expected = parse_expectations(args.expect, tasks)
-    if args.fail_if and len(settings["base_urls"]) < 2:
+    if args.fail_if and len(base_urls) < 2:
         raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
-    _SECRETS.update(s for s in (settings["api_key"], os.environ.get("HF_TOKEN")) if s)
+    _SECRETS.update(s for s in (fields["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     report = check_output_path(args.report, "--report")
     log_dir = sample_log_dir(args, output) or (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report else None)
@@ -2742,34 +2745,21 @@ def cmd_eval(argv: list) -> int:
         raise UsageError(f"cannot write the sample log in {log_dir}")
     if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
         resolve_data_dir(args.data_dir)  # fail now, not after connecting
-    base_urls = settings["base_urls"] or [probe_local_server()]
-    configs = [APIConfig(url=url, model=None, api_key=settings["api_key"],
-                         num_concurrent=settings["num_concurrent"], timeout=settings["timeout"],
-                         max_retries=settings["max_retries"], seed=settings["seed"],
-                         gen_kwargs=settings["gen_kwargs"], max_gen_toks=settings["max_gen_toks"],
-                         system_instruction=args.system_instruction,
-                         fewshot_as_multiturn=args.fewshot_as_multiturn, keep_think=args.keep_think,
-                         think_end_token=settings["think_end_token"], headers=settings["headers"],
-                         verify_certificate=settings["verify_certificate"], ca_cert=settings["ca_cert"],
-                         max_response_mb=settings["max_response_mb"]) for url in base_urls]
-    if not settings["verify_certificate"] and any(c.chat_url.startswith("https:") for c in configs):
+    configs = [APIConfig(url=url, **fields) for url in base_urls or [probe_local_server()]]
+    if not fields["verify_certificate"] and any(c.chat_url.startswith("https:") for c in configs):
         warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
              "any server can pose as this one")
     if len(configs) > 1:
-        return run_several(configs, settings["model"], tasks, args, output, log_dir, check, report)
+        return run_several(configs, model, tasks, args, output, log_dir, check, report)
     config = configs[0]
-    find_server(config, settings["model"])
+    find_server(config, model)
     server = config.server
     info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
          f"{' ' + str(server['version']) if server.get('version') else ''}): "
          f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
     document = run_server(config, tasks, args, log_dir, check)
-    write_results(document, output)
-    code = exit_code_of(document, args, log_dir)
-    if report:
-        write_report(report, report_from_document(document))
-        info(f"report written to {report}")
-    return code
+    write_results(document, output, report)
+    return exit_code_of(document, args, log_dir)
 
 
 def main(argv: list | None = None) -> int:
