@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import fakes
-from fakes import cli
+from fakes import cli, one_error
 from fakes import FakeOpenAI, Reply, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,16 +22,6 @@ NANO_EVAL = ROOT / "nano_eval.py"
 TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
 
 
-
-
-def assert_one_error(code, out, err, expected_code, *fragments):
-    assert code == expected_code, (code, err)
-    lines = [line for line in err.splitlines() if line.startswith("nano-eval: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and "internal error" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 @pytest.fixture
@@ -79,27 +69,27 @@ def test_usage_errors(server, case):
     if extra[0] == "--tasks":
         args = args[2:]
     code, out, err = cli(*args, *extra)
-    assert_one_error(code, out, err, 2, *([fragment] if fragment else []))
+    one_error(code, err, 2, *([fragment] if fragment else []))
     assert out == ""
     assert server.chat_requests == []
 
 
 def test_missing_tasks_is_a_usage_error(server):
     code, out, err = cli("--base_url", server.base_url)
-    assert_one_error(code, out, err, 2, "--tasks")
+    one_error(code, err, 2, "--tasks")
 
 
 @pytest.mark.parametrize("url", ["localhost:8000", "ftp://x", "http://", "127.0.0.1:8000/v1",
                                  "http://127.0.0.1:99999/v1", "http://:80/v1"])
 def test_invalid_base_url(server, url):
     code, out, err = cli(*TASK_ARGS, "--base_url", url)
-    assert_one_error(code, out, err, 2, "base URL")
+    one_error(code, err, 2, "base URL")
     assert server.requests == []
 
 
 def test_invalid_base_url_in_model_args(server):
     code, out, err = cli(*TASK_ARGS, "--model_args", "base_url=localhost:8000")
-    assert_one_error(code, out, err, 2, "base URL")
+    one_error(code, err, 2, "base URL")
 
 
 # --- output, log and data folders ------------------------------------------------------------
@@ -107,20 +97,20 @@ def test_invalid_base_url_in_model_args(server):
 
 def test_directory_as_output(server, tmp_path):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", str(tmp_path))
-    assert_one_error(code, out, err, 2, "--output")
+    one_error(code, err, 2, "--output")
     assert server.chat_requests == []
 
 
 def test_output_in_a_missing_folder(server, tmp_path):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", str(tmp_path / "no" / "r.json"))
-    assert_one_error(code, out, err, 2, "--output")
+    one_error(code, err, 2, "--output")
     assert server.chat_requests == []
 
 
 def test_output_under_a_regular_file(server, tmp_path):
     # a path under a regular file cannot be written, even by root
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", "/etc/passwd/out.json")
-    assert_one_error(code, out, err, 2)
+    one_error(code, err, 2)
     assert server.chat_requests == []
     assert not Path("/etc/passwd").is_dir()
 
@@ -129,25 +119,25 @@ def test_output_under_a_regular_file(server, tmp_path):
 def test_unwritable_paths_are_usage_errors_before_connecting(isolated_env, flag):
     path = "/etc/passwd/out.json" if flag == "--output" else "/etc/passwd/logs"
     code, out, err = cli(*TASK_ARGS, "--base_url", f"http://127.0.0.1:{free_port()}/v1", flag, path)
-    assert_one_error(code, out, err, 2)
+    one_error(code, err, 2)
 
 
 def test_log_samples_under_a_regular_file(server):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--log_samples", "/etc/passwd/logs")
-    assert_one_error(code, out, err, 2, "/etc/passwd/logs")
+    one_error(code, err, 2, "/etc/passwd/logs")
     assert server.chat_requests == []
 
 
 def test_unwritable_data_dir(server):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--data_dir", "/etc/passwd/data")
-    assert_one_error(code, out, err, 2, "/etc/passwd/data")
+    one_error(code, err, 2, "/etc/passwd/data")
     assert server.requests == []  # checked before connecting
 
 
 def test_unwritable_data_dir_from_env(server, monkeypatch):
     monkeypatch.setenv("NANO_EVAL_DATA_DIR", "/etc/passwd/data")
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url)
-    assert_one_error(code, out, err, 2, "/etc/passwd/data")
+    one_error(code, err, 2, "/etc/passwd/data")
     assert server.chat_requests == []
 
 
@@ -178,7 +168,7 @@ def test_html_page_instead_of_model_list(isolated_env, status):
     with RawModels(HTML_PAGE.encode(), status=status, content_type="text/html") as srv:
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
         assert srv.chat_requests == []
-    line = assert_one_error(code, out, err, 3, "/v1/models")
+    line = one_error(code, err, 3, "/v1/models")
     assert "<html" not in line.lower()
 
 
@@ -188,19 +178,19 @@ def test_non_utf8_model_list(isolated_env, body):
     with RawModels(body) as srv:
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
         assert srv.chat_requests == []
-    assert_one_error(code, out, err, 3, "/v1/models")
+    one_error(code, err, 3, "/v1/models")
 
 
 def test_empty_model_list(isolated_env):
     with FakeOpenAI(models=()) as srv:
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
-    assert_one_error(code, out, err, 3, "no models")
+    one_error(code, err, 3, "no models")
 
 
 def test_several_models_listed(isolated_env):
     with FakeOpenAI(models=("alpha", "beta")) as srv:
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
-    assert_one_error(code, out, err, 3, "alpha", "beta")
+    one_error(code, err, 3, "alpha", "beta")
 
 
 # --- non-UTF-8 bytes in the input ------------------------------------------------------------
@@ -209,7 +199,7 @@ def test_several_models_listed(isolated_env):
 def test_non_utf8_task_name(server):
     proc = subprocess.run([sys.executable, str(NANO_EVAL), "--tasks", b"gsm8k\xff", "--base_url", server.base_url],
                           capture_output=True, timeout=60)
-    assert_one_error(proc.returncode, proc.stdout.decode(), proc.stderr.decode("utf-8", "replace"), 2, "not valid UTF-8")
+    one_error(proc.returncode, proc.stderr.decode("utf-8", "replace"), 2, "not valid UTF-8")
     assert server.requests == []
 
 
@@ -220,21 +210,21 @@ def test_non_utf8_system_instruction(server, tmp_path):
     err = proc.stderr.decode("utf-8", "replace")
     assert "Traceback" not in err and "internal error" not in err, err
     if proc.returncode != 0:
-        assert_one_error(proc.returncode, "", err, 2)
+        one_error(proc.returncode, err, 2)
 
 
 def test_replay_of_a_non_utf8_file(isolated_env, tmp_path):
     path = tmp_path / "samples_gsm8k_cot_llama.jsonl"
     path.write_bytes(b"\xff\xfe\x00{not a record}\n")
     code, out, err = cli("replay", f"{path}:1")
-    assert_one_error(code, out, err, 2)
+    one_error(code, err, 2)
 
 
 def test_compare_of_a_non_utf8_file(isolated_env, tmp_path):
     path = tmp_path / "samples_gsm8k_cot_llama.jsonl"
     path.write_bytes(b"\xff\xfe\x00{not a record}\n")
     code, out, err = cli("compare", str(path), str(path))
-    assert_one_error(code, out, err, 2)
+    one_error(code, err, 2)
 
 
 def test_replay_of_a_line_that_is_not_a_record(isolated_env, tmp_path):
@@ -242,7 +232,7 @@ def test_replay_of_a_line_that_is_not_a_record(isolated_env, tmp_path):
     path.write_text('{"task": "gsm8k_cot_llama"}\n[1, 2]\nnot json\n', encoding="utf-8")
     for line in (1, 2, 3):
         code, out, err = cli("replay", f"{path}:{line}")
-        assert_one_error(code, out, err, 2, "not a sample record")
+        one_error(code, err, 2, "not a sample record")
 
 
 # --- the API key is never written ------------------------------------------------------------
@@ -321,7 +311,7 @@ def test_rejected_api_key_never_written(secret_env, where):
     with FakeOpenAI(api_key="sk-the-right-one", extra_routes=routes) as srv:
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url, "--api_key", FLAG_KEY,
                              "--output", str(tmp_path / "results.json"), "--log_samples", str(tmp_path / "logs"))
-    assert_one_error(code, out, err, 4, "authentication failed")
+    one_error(code, err, 4, "authentication failed")
     for secret in (FLAG_KEY, ENV_KEY, HF_KEY):
         assert secret not in out and secret not in err
         for path, data in all_bytes_under(tmp_path).items():

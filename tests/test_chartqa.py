@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
+from fakes import cli, cli_env, read_log
 from fakes import (  # noqa: E402
     CHARTQA,
     GSM8K,
@@ -74,9 +75,8 @@ def asset_rows(hf, status=None) -> list[int]:
     return sorted(int(r["path"].split("/")[-3]) for r in hf.asset_requests if status is None or r["status"] == status)
 
 
-def read_log(log_dir: Path) -> dict[int, dict]:
-    lines = (log_dir / "samples_chartqa.jsonl").read_text("utf-8").splitlines()
-    return {rec["row_idx"]: rec for rec in map(json.loads, lines)}
+def read_log_by_row(log_dir: Path) -> dict[int, dict]:
+    return {rec["row_idx"]: rec for rec in read_log(log_dir, "chartqa", sort=False)}
 
 
 @pytest.fixture
@@ -186,7 +186,7 @@ def test_null_image_rows_are_missing_image(no_env, fake_hf, chart_server, tmp_pa
                  log_dir=tmp_path / "log")
     sent_rows = sorted(row_of(r["body"]) for r in chart_server.chat_requests)
     assert sent_rows == [i for i in range(20) if i not in NULL_ROWS]  # never sent
-    log = read_log(tmp_path / "log")
+    log = read_log_by_row(tmp_path / "log")
     assert sorted(log) == list(range(20))
     for i in NULL_ROWS:
         rec = log[i]
@@ -240,7 +240,7 @@ def test_jpeg_rows_sent_as_jpeg(no_env, chart_server, tmp_path):
 def test_sample_log_images(log_images, no_env, fake_hf, chart_server, tmp_path):
     run(APIConfig(url=chart_server.base_url, model="m"), 4, tmp_path / "data", fake_hf, log_dir=tmp_path / "log",
         log_images=log_images)
-    log = read_log(tmp_path / "log")
+    log = read_log_by_row(tmp_path / "log")
     sent = {row_of(r["body"]): r["body"] for r in chart_server.chat_requests}
     for i in range(4):
         data = image_of(i)
@@ -282,7 +282,7 @@ def test_human_and_augmented_split(no_env, tmp_path):
     assert m["relaxed_accuracy,human"] == 1.0
     assert m["relaxed_accuracy,augmented"] == 0.0
     assert m["relaxed_accuracy"] == 0.5
-    groups = {i: rec["group"] for i, rec in read_log(tmp_path / "log").items()}
+    groups = {i: rec["group"] for i, rec in read_log_by_row(tmp_path / "log").items()}
     assert groups == {i: ("human" if i % 2 == 0 else "augmented") for i in range(10)}
 
 
@@ -291,25 +291,12 @@ def test_human_and_augmented_split(no_env, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def cli_env(tmp_path: Path, hf) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               NANO_EVAL_DATASETS_SERVER=hf.url, NANO_EVAL_DATA_DIR=str(tmp_path / "data"))
-    return env
-
-
-def run_cli(args, env, timeout=120):
-    return subprocess.run([sys.executable, str(ROOT / "nano_eval.py"), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=str(ROOT), timeout=timeout)
-
-
 CHARTQA_KEYS = {"exact_match", "relaxed_accuracy", "anywhere_accuracy"}
 
 
 def test_cli_chartqa_30(fake_hf, chart_server, tmp_path):
     args = ["--tasks", "chartqa", "--base_url", chart_server.base_url, "--max_samples", "30", "--no_progress"]
-    proc = run_cli(args, cli_env(tmp_path, fake_hf))
+    proc = cli(*args, env=cli_env(tmp_path, fake_hf))
     assert proc.returncode == 1, proc.stderr  # 2 of 30 failed (missing_image) > --max_fail_rate 0.05
     doc = json.loads(proc.stdout)  # results are still written
     res = doc["results"]["chartqa"]
@@ -334,7 +321,7 @@ def test_cli_chartqa_30(fake_hf, chart_server, tmp_path):
     assert "missing_image" in proc.stderr
     # the same run again, allowing 10% failures: exit 0, and nothing downloaded
     n = len(fake_hf.requests) + len(fake_hf.asset_requests)
-    proc = run_cli(args + ["--max_fail_rate", "0.1"], cli_env(tmp_path, fake_hf))
+    proc = cli(*(args + ["--max_fail_rate", "0.1"]), env=cli_env(tmp_path, fake_hf))
     assert proc.returncode == 0, proc.stderr
     assert len(fake_hf.requests) + len(fake_hf.asset_requests) == n
     assert json.loads(proc.stdout)["results"]["chartqa"]["metrics"] == res["metrics"]
@@ -342,8 +329,8 @@ def test_cli_chartqa_30(fake_hf, chart_server, tmp_path):
 
 def test_cli_both_tasks(fake_hf, gsm8k_answers, tmp_path):
     with FakeOpenAI(responder=answers_responder({**gsm8k_answers, **ANSWERS})) as oa:
-        proc = run_cli(["--tasks", "gsm8k_cot_llama,chartqa", "--base_url", oa.base_url, "--max_samples", "5",
-                        "--log_samples", tmp_path / "log"], cli_env(tmp_path, fake_hf))
+        proc = cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", oa.base_url, "--max_samples", "5",
+                        "--log_samples", tmp_path / "log", env=cli_env(tmp_path, fake_hf))
         kinds = sorted(question_of(r["body"])[0] for r in oa.chat_requests)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 import fakes  # noqa: E402
 import nano_eval  # noqa: E402
-from fakes import FakeOpenAI, free_port  # noqa: E402
+from fakes import FakeOpenAI, cli, cli_env, error_line, free_port, main_json  # noqa: E402
 from nano_eval import TASKS, APIConfig, UsageError, normalize_base_url, parse_kv, parse_value, run_task  # noqa: E402
 
 NANO = ROOT / "nano_eval.py"
@@ -34,42 +34,8 @@ STOP = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>"]
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv, capsys):
-    """nano_eval.main in-process: (exit code, parsed stdout JSON or None, stderr)."""
-    code = nano_eval.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    try:
-        doc = json.loads(out) if out.strip() else None
-    except ValueError:
-        doc = None
-    return code, doc, err
-
-
-def cli_env(tmp_path: Path, datasets_server: str = "http://127.0.0.1:9", **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               NANO_EVAL_DATA_DIR=str(tmp_path / "data"), NANO_EVAL_DATASETS_SERVER=datasets_server)
-    env.update(extra)
-    return env
-
-
-def run_cli(args, env, cwd=None, command=None, timeout=120):
-    command = command or [sys.executable, str(NANO)]
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=str(cwd or ROOT), timeout=timeout)
-
-
 def bodies(server) -> list[dict]:
     return [r["body"] for r in server.chat_requests]
-
-
-def error_line(stderr: str) -> str:
-    """The single 'nano-eval: error:' line; fails on a traceback or several error lines."""
-    assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("nano-eval: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,22 +99,21 @@ def test_flag_spelling(name, spelling, isolated_env, fake_openai, fake_hf, tmp_p
         if key != name:
             argv += [f"--{key}", val]
     argv += [spelling] if value is True else [spelling, str(value).format(tmp=tmp_path)]
-    code, doc, err = main(argv, capsys)
+    code, doc, err = main_json(argv, capsys)
     assert code == 0, err
     assert _check_flag(name, doc, fake_openai, tmp_path), (name, doc["config"])
     assert fake_hf.requests == []  # gsm8k ships in data/: no datasets-server call
 
 
 def test_check_flag_and_conformance_task(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--check"],
-                          capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--check"], capsys)
     assert code in (0, 1)  # the fake is not a perfect server; FAILs make it 1
     checks = doc["results"]["api_conformance"]["checks"]
     assert {c["result"] for c in checks} <= {"PASS", "WARN", "FAIL"}
     assert doc["results"][GSM]["num_samples"] == 2
     metrics = doc["results"]["api_conformance"]["metrics"]
     assert metrics["pass"] + metrics["warn"] + metrics["fail"] == len(checks)
-    code2, doc2, _ = main(["--tasks", "api_conformance", "--base_url", fake_openai.base_url], capsys)
+    code2, doc2, _ = main_json(["--tasks", "api_conformance", "--base_url", fake_openai.base_url], capsys)
     assert list(doc2["results"]) == ["api_conformance"]
     assert code2 == code
 
@@ -159,7 +124,7 @@ def test_check_flag_and_conformance_task(isolated_env, fake_openai, capsys):
 
 
 def test_flags_win_over_model_args(isolated_env, fake_openai, capsys):
-    code, doc, err = main([
+    code, doc, err = main_json([
         "--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2",
         "--model_args", "model=a,seed=7,num_concurrent=2,max_gen_toks=77,timeout=5,max_retries=3,"
                         "base_url=http://127.0.0.1:9/v1",
@@ -175,7 +140,7 @@ def test_flags_win_over_model_args(isolated_env, fake_openai, capsys):
 
 
 def test_model_args_alone(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--max_samples", "2",
+    code, doc, err = main_json(["--tasks", GSM, "--max_samples", "2",
                            "--model_args", f"base_url={fake_openai.base_url},model=m,seed=11,num_concurrent=1,"
                                            "tokenizer_backend=None,tokenized_requests=False"], capsys)
     assert code == 0, err
@@ -186,14 +151,14 @@ def test_model_args_alone(isolated_env, fake_openai, capsys):
 
 
 def test_gen_kwargs_max_gen_toks_beats_model_args(isolated_env, fake_openai, capsys):
-    code, _, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1",
+    code, _, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1",
                          "--model_args", "max_gen_toks=77", "--gen_kwargs", "max_gen_toks=100"], capsys)
     assert code == 0, err
     assert bodies(fake_openai)[0]["max_tokens"] == 100
 
 
 def test_unknown_model_arg_is_usage_error(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--model_args", "bogus=1"], capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--model_args", "bogus=1"], capsys)
     assert code == 2 and doc is None
     assert "bogus" in error_line(err)
     assert fake_openai.requests == []
@@ -211,7 +176,7 @@ def test_api_key_sources(how, isolated_env, monkeypatch, capsys):
             argv += ["--model_args", "api_key=sk-right"]
         else:
             monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
-        code, doc, err = main(argv, capsys)
+        code, doc, err = main_json(argv, capsys)
         assert code == 0, err
         assert server.chat_requests[0]["headers"]["Authorization"] == "Bearer sk-right"
     assert "sk-right" not in json.dumps(doc) and "sk-right" not in err
@@ -219,8 +184,7 @@ def test_api_key_sources(how, isolated_env, monkeypatch, capsys):
 
 def test_wrong_api_key_exit_4(isolated_env, capsys):
     with FakeOpenAI(api_key="sk-right") as server:
-        code, doc, err = main(["--tasks", GSM, "--base_url", server.base_url, "--api_key", "sk-bad-key-123"],
-                              capsys)
+        code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--api_key", "sk-bad-key-123"], capsys)
         assert server.chat_requests == []
     assert code == 4 and doc is None
     assert "authentication" in error_line(err) and "sk-bad-key-123" not in err
@@ -250,7 +214,7 @@ def test_parse_kv():
 
 
 def test_gen_kwargs_merged_into_body(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2",
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2",
                            "--gen_kwargs", "temperature=0.7,top_p=1,do_sample=true,max_gen_toks=64,"
                                            "presence_penalty=-0.5,logprobs=false,user=alice,min_p=none"], capsys)
     assert code == 0, err
@@ -280,7 +244,7 @@ def test_gen_kwargs_chartqa_defaults_overridden():
     ["--no-such-flag"], ["--model_args", "num_concurrent=0"], ["--model_args", "seed=abc"],
 ])
 def test_bad_values_exit_2(argv, isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, *argv], capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, *argv], capsys)
     assert code == 2 and doc is None
     error_line(err)
     assert fake_openai.chat_requests == []
@@ -293,29 +257,27 @@ def test_bad_values_exit_2(argv, isolated_env, fake_openai, capsys):
 
 @pytest.mark.parametrize("flag", ["--max_samples", "--max-samples", "--limit"])
 def test_max_samples_limits_requests(flag, isolated_env, fake_openai, capsys):
-    code, doc, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, flag, "7"], capsys)
+    code, doc, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, flag, "7"], capsys)
     assert code == 0
     assert doc["results"][GSM]["num_samples"] == 7 and len(fake_openai.chat_requests) == 7
     assert doc["config"]["max_samples"] == 7
 
 
 def test_seed_sent_as_body_seed(isolated_env, fake_openai, capsys):
-    code, doc, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--seed", "-5"],
-                        capsys)
+    code, doc, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--seed", "-5"], capsys)
     assert code == 0
     assert [b["seed"] for b in bodies(fake_openai)] == [-5, -5, -5]
     assert doc["config"]["request_params"][GSM]["seed"] == -5
 
 
 def test_default_seed_is_1234(isolated_env, fake_openai, capsys):
-    code, _, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1"], capsys)
+    code, _, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1"], capsys)
     assert code == 0 and bodies(fake_openai)[0]["seed"] == 1234
 
 
 def test_output_file_equals_stdout(isolated_env, fake_openai, tmp_path, capsys):
     out = tmp_path / "res.json"
-    code, doc, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--output", out],
-                        capsys)
+    code, doc, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--output", out], capsys)
     assert code == 0
     assert json.loads(out.read_text("utf-8")) == doc
     log = tmp_path / "res_samples" / f"samples_{GSM}.jsonl"  # the sample log defaults beside it
@@ -328,7 +290,7 @@ def test_output_file_equals_stdout(isolated_env, fake_openai, tmp_path, capsys):
 @pytest.mark.parametrize("where", ["missing_dir", "is_dir"])
 def test_bad_output_exit_2(where, isolated_env, fake_openai, tmp_path, capsys):
     target = tmp_path / "nope" / "r.json" if where == "missing_dir" else tmp_path
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--output", target], capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--output", target], capsys)
     assert code == 2 and doc is None
     assert "--output" in error_line(err)
     assert fake_openai.chat_requests == []
@@ -340,13 +302,13 @@ def test_bad_output_exit_2(where, isolated_env, fake_openai, tmp_path, capsys):
 
 
 def test_version(tmp_path):
-    proc = run_cli(["--version"], cli_env(tmp_path))
+    proc = cli("--version", env=cli_env(tmp_path))
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
 
 
 def test_unknown_task_exit_2_with_valid_list(tmp_path):
-    proc = run_cli(["--tasks", "gsm8k,chartqa", "--base_url", "http://127.0.0.1:9/v1"], cli_env(tmp_path))
+    proc = cli("--tasks", "gsm8k,chartqa", "--base_url", "http://127.0.0.1:9/v1", env=cli_env(tmp_path))
     assert proc.returncode == 2
     assert proc.stdout == ""
     line = error_line(proc.stderr)
@@ -357,16 +319,15 @@ def test_unknown_task_exit_2_with_valid_list(tmp_path):
 
 
 def test_no_tasks_exit_2(tmp_path):
-    proc = run_cli(["--base_url", "http://127.0.0.1:9/v1"], cli_env(tmp_path))
+    proc = cli("--base_url", "http://127.0.0.1:9/v1", env=cli_env(tmp_path))
     assert proc.returncode == 2 and "--tasks" in error_line(proc.stderr)
 
 
 def test_python_dash_m(tmp_path, fake_openai):
     env = cli_env(tmp_path, PYTHONPATH=str(ROOT))
-    proc = run_cli(["--version"], env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
+    proc = cli("--version", env=env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
     assert proc.returncode == 0 and proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
-    proc = run_cli(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--no_progress"],
-                   env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
+    proc = cli("--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--no_progress", env=env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
 
@@ -374,10 +335,9 @@ def test_python_dash_m(tmp_path, fake_openai):
 @pytest.mark.skipif(shutil.which("nano-eval") is None, reason="the nano-eval console script is not installed")
 def test_console_script(tmp_path, fake_openai):
     env = cli_env(tmp_path)
-    proc = run_cli(["--version"], env, command=["nano-eval"])
+    proc = cli("--version", env=env, command=["nano-eval"])
     assert proc.returncode == 0 and proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
-    proc = run_cli(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2"], env,
-                   command=["nano-eval"])
+    proc = cli("--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", env=env, command=["nano-eval"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
 
@@ -389,7 +349,7 @@ def test_console_script(tmp_path, fake_openai):
 
 def test_model_autodetected_when_one(isolated_env, capsys):
     with FakeOpenAI(models=["the-only-model"]) as server:
-        code, doc, err = main(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "2"], capsys)
+        code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "2"], capsys)
         assert code == 0, err
         assert {b["model"] for b in bodies(server)} == {"the-only-model"}
     assert doc["config"]["model"] == "the-only-model"
@@ -398,7 +358,7 @@ def test_model_autodetected_when_one(isolated_env, capsys):
 @pytest.mark.parametrize("models", [[], ["model-a", "model-b", "model-c"]])
 def test_model_autodetection_none_or_several_exit_3(models, isolated_env, capsys):
     with FakeOpenAI(models=models) as server:
-        code, doc, err = main(["--tasks", GSM, "--base_url", server.base_url], capsys)
+        code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url], capsys)
         assert server.chat_requests == []
     assert code == 3 and doc is None
     line = error_line(err)
@@ -409,14 +369,14 @@ def test_model_autodetection_none_or_several_exit_3(models, isolated_env, capsys
 
 def test_given_model_skips_detection_among_several(isolated_env, capsys):
     with FakeOpenAI(models=["model-a", "model-b"]) as server:
-        code, _, err = main(["--tasks", GSM, "--base_url", server.base_url, "--model", "model-b",
+        code, _, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--model", "model-b",
                              "--max_samples", "1"], capsys)
         assert code == 0, err
         assert bodies(server)[0]["model"] == "model-b"
 
 
 def test_unreachable_server_exit_3(isolated_env, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1"], capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1"], capsys)
     assert code == 3 and doc is None
     assert "cannot reach" in error_line(err)
 
@@ -463,7 +423,7 @@ def test_base_url_probing(tmp_path, gsm8k_answers):
     else:
         pytest.skip("ports 8000 and 8080 are both in use on 127.0.0.1")
     with FakeOpenAIOnPort(port, answers=gsm8k_answers) as server:
-        proc = run_cli(["--tasks", GSM, "--max_samples", "3", "--no_progress"], cli_env(tmp_path))
+        proc = cli("--tasks", GSM, "--max_samples", "3", "--no_progress", env=cli_env(tmp_path))
         assert any(r["path"] == "/v1/models" for r in server.requests)
         assert len(server.chat_requests) == 3
     assert proc.returncode == 0, proc.stderr
@@ -476,7 +436,7 @@ def test_base_url_probing(tmp_path, gsm8k_answers):
 def test_base_url_probing_nothing_answers(tmp_path):
     if any(_listening(p) for p in PROBED):
         pytest.skip("something listens on one of the probed ports")
-    proc = run_cli(["--tasks", GSM], cli_env(tmp_path))
+    proc = cli("--tasks", GSM, env=cli_env(tmp_path))
     assert proc.returncode == 3
     line = error_line(proc.stderr)
     for port in PROBED:
@@ -485,7 +445,7 @@ def test_base_url_probing_nothing_answers(tmp_path):
 
 @pytest.mark.parametrize("suffix", ["/v1/chat/completions", "/v1/chat/completions/", "/v1/", "/v1", ""])
 def test_base_url_forms_accepted(suffix, isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.url + suffix, "--max_samples", "2"], capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.url + suffix, "--max_samples", "2"], capsys)
     assert code == 0, err
     assert {r["path"] for r in fake_openai.chat_requests} == {"/v1/chat/completions"}
     assert doc["config"]["base_url"] == fake_openai.base_url
@@ -503,7 +463,7 @@ def test_normalize_base_url():
 
 @pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://127.0.0.1/v1", "http://127.0.0.1:abc/v1"])
 def test_invalid_base_url_exit_2(url, isolated_env, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", url], capsys)
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", url], capsys)
     assert code == 2 and doc is None
     assert "URL" in error_line(err)
 
@@ -518,8 +478,8 @@ SECRET = "sk-test-SECRET-0123456789abcdef"
 def test_full_subprocess_run(tmp_path, gsm8k_answers, fake_hf):
     out = tmp_path / "results.json"
     with FakeOpenAI(answers=gsm8k_answers, api_key=SECRET) as server:
-        proc = run_cli(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "20", "--api_key", SECRET,
-                        "--output", out], cli_env(tmp_path, datasets_server=fake_hf.url))
+        proc = cli("--tasks", GSM, "--base_url", server.base_url, "--max_samples", "20", "--api_key", SECRET,
+                        "--output", out, env=cli_env(tmp_path, datasets_server=fake_hf.url))
         chats = server.chat_requests
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -548,8 +508,7 @@ def test_full_subprocess_run(tmp_path, gsm8k_answers, fake_hf):
 
 def test_secret_key_not_printed_on_failure(tmp_path):
     """An unreachable server: the error line names the URL but never the key."""
-    proc = run_cli(["--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1"],
-                   cli_env(tmp_path, OPENAI_API_KEY=SECRET))
+    proc = cli("--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1", env=cli_env(tmp_path, OPENAI_API_KEY=SECRET))
     assert proc.returncode == 3
     assert SECRET not in proc.stderr and SECRET not in proc.stdout
 

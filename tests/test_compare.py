@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
-from fakes import FakeOpenAI  # noqa: E402
+from fakes import FakeOpenAI, cli, run_main  # noqa: E402
 
 NANO_EVAL = ROOT / "nano_eval.py"
 GSM8K_ROWS = [json.loads(line) for line in
@@ -36,18 +36,6 @@ TASK = ne.TASKS["gsm8k_cot_llama"]
 HEADLINE = "exact_match,strict-match"
 PREFIX = "Let me think. The final answer is "  # 34 characters: "Let me think." (13) + " The final answer is " (21)
 WRONG = "-1"  # no GSM8K test target starts with "-", so "-1" always differs at PREFIX's end
-
-
-def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(NANO_EVAL), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_main(argv: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = ne.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,7 +338,7 @@ def test_compare_text_output(planted, capsys):
 
 def test_compare_json_matches_text_numbers(planted):
     a, b = map(str, planted)
-    proc = run_cli("compare", a, b, "--json")
+    proc = cli("compare", a, b, "--json")
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)
     assert document["a"] == a and document["b"] == b
@@ -361,7 +349,7 @@ def test_compare_json_matches_text_numbers(planted):
     assert c["mcnemar_p"] == pytest.approx(P_PLANTED, rel=1e-12)
     assert c["accuracy_a"] == pytest.approx(0.65) and c["accuracy_b"] == pytest.approx(0.525)
     # the text form prints the same numbers
-    text = run_cli("compare", a, b).stdout
+    text = cli("compare", a, b).stdout
     assert f"p={c['mcnemar_p']:.3g}" in text
     assert f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]" in text
 
@@ -524,7 +512,7 @@ def test_compare_missing_and_empty_inputs(tmp_path, planted, capsys):
     code, out, err = run_main(["compare", str(missing), str(planted[1])], capsys)
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("nano-eval: error: ") and str(missing) in err
-    proc = run_cli("compare", str(planted[0]), str(missing))
+    proc = cli("compare", str(planted[0]), str(missing))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nano-eval: error: ")
     assert "Traceback" not in proc.stderr
@@ -578,8 +566,7 @@ def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
     with FakeOpenAI(models=["model-a"], answers=answers_a, server_header="uvicorn") as srv_a, \
             FakeOpenAI(models=["model-b"], answers=answers_b,
                        extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv_b:
-        proc = run_cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base-url", srv_b.base_url,
-                       "--max_samples", "20", "--log_samples", str(log_dir), "--no_progress")
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base-url", srv_b.base_url, "--max_samples", "20", "--log_samples", str(log_dir), "--no_progress")
         assert len(srv_a.chat_requests) == 20 and len(srv_b.chat_requests) == 20
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)  # stdout is the JSON only
@@ -631,8 +618,7 @@ def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
             new = log_dir2 / f"{i}_127.0.0.1_{(srv_a2, srv_b2)[i].port}" / "samples_gsm8k_cot_llama.jsonl"
             new.parent.mkdir(parents=True)
             new.write_text(old.read_text().replace(srv.url, (srv_a2, srv_b2)[i].url))
-        proc2 = run_cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a2.base_url, "--base_url", srv_b2.base_url,
-                        "--max_samples", "20", "--log_samples", str(log_dir2), "--no_progress")
+        proc2 = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a2.base_url, "--base_url", srv_b2.base_url, "--max_samples", "20", "--log_samples", str(log_dir2), "--no_progress")
         assert proc2.returncode == 0, proc2.stderr
         assert srv_a2.chat_requests == [] and srv_b2.chat_requests == []
     c2 = json.loads(proc2.stdout)["comparisons"][0]["comparison"]["gsm8k_cot_llama"]

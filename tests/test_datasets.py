@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
+from fakes import cli, cli_env
 from fakes import CHARTQA, GSM8K, FakeDatasetsServer, FakeOpenAI, answers_responder, chartqa_dataset  # noqa: E402
 from nano_eval import TASKS, DatasetCache, DatasetError, DatasetsClient, load_rows, run_task, APIConfig  # noqa: E402
 
@@ -364,13 +365,6 @@ def test_complete_bundled_cache_needs_no_datasets_server(tmp_path, monkeypatch, 
 # --------------------------------------------------------------------------------------------
 
 
-def cli_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
-    return env
-
-
 def solo_copy(tmp_path: Path) -> Path:
     """nano_eval.py copied alone (no data/ beside it)."""
     folder = tmp_path / "solo"
@@ -379,16 +373,10 @@ def solo_copy(tmp_path: Path) -> Path:
     return folder / "nano_eval.py"
 
 
-def run_cli(script: Path, args, env):
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=str(script.parent), timeout=120)
-
-
 def test_cli_unknown_dataset_exit_5(tmp_path, fake_openai):
     script = solo_copy(tmp_path)
     with FakeDatasetsServer({}) as hf:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url],
-                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url, env=cli_env(NANO_EVAL_DATASETS_SERVER=hf.url), script=script)
     assert proc.returncode == 5, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nano-eval: error:")]
@@ -401,9 +389,8 @@ def test_cli_copied_alone_fetches_gsm8k_with_token(tmp_path, gsm8k_spec, fake_op
     out = tmp_path / "out" / "r.json"
     out.parent.mkdir()
     with FakeDatasetsServer({GSM8K: gsm8k_spec}, revision="c" * 40) as hf:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
-                                "--max_samples", "150", "--output", out],
-                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                "--max_samples", "150", "--output", out, env=cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN), script=script)
         assert {r["headers"].get("Authorization") for r in hf.rows_requests} == {f"Bearer {TOKEN}"}
         assert sorted(offsets(hf)) == [0, 100]
     assert proc.returncode == 0, proc.stderr
@@ -417,8 +404,8 @@ def test_cli_copied_alone_fetches_gsm8k_with_token(tmp_path, gsm8k_spec, fake_op
             assert TOKEN.encode() not in path.read_bytes(), path
     # a second run: the cache written beside the copy is complete for these rows
     with FakeDatasetsServer({}) as hf2:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
-                                "--max_samples", "150"], cli_env(NANO_EVAL_DATASETS_SERVER=hf2.url))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                "--max_samples", "150", env=cli_env(NANO_EVAL_DATASETS_SERVER=hf2.url), script=script)
         assert hf2.requests == []
     assert proc.returncode == 0, proc.stderr
 
@@ -427,8 +414,7 @@ def test_cli_token_not_in_dataset_error(tmp_path, fake_openai):
     script = solo_copy(tmp_path)
     faults = [{"path": "/rows", "status": 404, "body": {"error": f"token {TOKEN} has no access"}}]
     with FakeDatasetsServer({}, faults=faults) as hf:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url],
-                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url, env=cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN), script=script)
     assert proc.returncode == 5
     assert "has no access" in proc.stderr  # the server's message is shown...
     assert TOKEN not in proc.stderr and TOKEN not in proc.stdout  # ...with the token scrubbed
@@ -445,7 +431,7 @@ def test_cli_unwritable_data_dir_exit_2(how, tmp_path, fake_openai):
         args += ["--data_dir", target]
     else:
         env["NANO_EVAL_DATA_DIR"] = str(target)
-    proc = run_cli(ROOT / "nano_eval.py", args, env)
+    proc = cli(*args, env=env, script=ROOT / "nano_eval.py")
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" or how == "env"
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nano-eval: error:")]
@@ -460,8 +446,8 @@ def test_cli_read_only_data_dir_exit_2(tmp_path, fake_openai):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        proc = run_cli(ROOT / "nano_eval.py", ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
-                                               "--data_dir", folder / "cache"], cli_env())
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                               "--data_dir", folder / "cache", env=cli_env(), script=ROOT / "nano_eval.py")
     finally:
         folder.chmod(0o700)
     assert proc.returncode == 2

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import cli
+from fakes import cli, one_error
 from fakes import GSM8K, Dataset, FakeDatasetsServer, FakeOpenAI, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,12 +24,6 @@ NANO_EVAL = ROOT / "nano_eval.py"
 GSM = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
-
-
-def one_error(code, err, expected):
-    lines = [line for line in err.splitlines() if line.startswith("nano-eval: error:")]
-    assert code == expected and len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # --- secrets ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import cli, error_lines
+from fakes import cli, error_lines, gsm8k_args, read_log, run_inproc
 from fakes import GSM8K_GOLD, ByRow, FakeOpenAI, Reply, gsm8k_row_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,31 +50,11 @@ def right(row: int) -> str:
 
 
 
-def eval_args(srv, n, *extra):
-    return ["--tasks", "gsm8k_cot_llama", "--base_url", srv.base_url, "--max_samples", n, "--no_progress",
-            *extra]
-
-
-
-
 def sem(values) -> float:
     """lm-eval's stderr of a mean, by hand: sample stdev (n - 1) / sqrt(n)."""
     n = len(values)
     m = sum(values) / n
     return math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
-
-
-def read_log(log_dir) -> list[dict]:
-    path = Path(log_dir) / LOG_NAME
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
-
-
-def run_inproc(srv, log_dir, n, repeats=1, **config):
-    """The results of an in-process gsm8k run of ``n`` rows, ``repeats`` times, logged in ``log_dir``."""
-    config.setdefault("retry_base_delay", 0.01)
-    config.setdefault("model", "fake-model")
-    cfg = ne.APIConfig(url=srv.base_url, **config)
-    return asyncio.run(ne.run_task(TASK, cfg, max_samples=n, log_dir=log_dir, progress=False, repeats=repeats))
 
 
 def rows_of(srv) -> list[int]:
@@ -116,7 +96,7 @@ assert sem(HALF) == pytest.approx(HALF_STDERR)
 def test_expect_verdicts(isolated_env, tmp_path, expect, tolerance, reference, metric, verdict, code):
     extra = ["--expect", expect] + (["--expect_tolerance", tolerance] if tolerance is not None else [])
     with FakeOpenAI(responder=ByRow(wrong=range(5))) as srv:
-        rc, out, err = cli(*eval_args(srv, 10, *extra))
+        rc, out, err = cli(*gsm8k_args(srv, 10, *extra))
     assert rc == code, err
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert result["metrics"]["exact_match"] == pytest.approx(0.5)
@@ -144,8 +124,7 @@ def test_expect_below_writes_everything_before_exiting_6(isolated_env, tmp_path)
     output = tmp_path / "results.json"
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow(wrong=range(5))) as srv:
-        rc, out, err = cli(*eval_args(srv, 10, "--expect", "gsm8k_cot_llama=0.9", "--output", output,
-                                      "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 10, "--expect", "gsm8k_cot_llama=0.9", "--output", output, "--log_samples", log_dir))
         assert len(srv.chat_requests) == 10
     assert rc == ne.EXIT_GATE == 6
     document = json.loads(out)  # stdout is the whole results JSON, nothing else
@@ -153,7 +132,7 @@ def test_expect_below_writes_everything_before_exiting_6(isolated_env, tmp_path)
     assert document["complete"] is True
     result = document["results"]["gsm8k_cot_llama"]
     assert result["num_samples"] == 10 and result["expectation"]["verdict"] == "below"
-    assert sorted(r["row_idx"] for r in read_log(log_dir)) == list(range(10))
+    assert sorted(r["row_idx"] for r in read_log(log_dir, sort=False)) == list(range(10))
     assert error_lines(err) == ["nano-eval: error: gsm8k_cot_llama scored significantly below --expect"]
 
 
@@ -164,7 +143,7 @@ def test_expect_a_named_metric_uses_its_own_stderr(isolated_env, tmp_path):
     # --expect flexible 0.5: difference +0.3 > 1.96 * 0.13333 + 0.02 = 0.28133 -> above
     plan = {r: f"I computed {GSM8K_GOLD[r]} in the end" for r in range(4)}
     with FakeOpenAI(responder=ByRow(plan, wrong={4, 5})) as srv:
-        rc, out, err = cli(*eval_args(srv, 10, "--expect", "gsm8k_cot_llama:exact_match,flexible-extract=0.5"))
+        rc, out, err = cli(*gsm8k_args(srv, 10, "--expect", "gsm8k_cot_llama:exact_match,flexible-extract=0.5"))
     assert rc == 0, err
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert result["metrics"][STRICT] == pytest.approx(0.4) and result["metrics"][FLEX] == pytest.approx(0.8)
@@ -195,7 +174,7 @@ def test_expect_a_named_metric_uses_its_own_stderr(isolated_env, tmp_path):
 ])
 def test_expect_bad_forms_exit_2_before_any_request(isolated_env, fake_hf, expect):
     with FakeOpenAI(responder=ByRow()) as srv:
-        rc, out, err = cli(*eval_args(srv, 3, "--expect", expect))
+        rc, out, err = cli(*gsm8k_args(srv, 3, "--expect", expect))
         assert srv.requests == []
     assert rc == ne.EXIT_USAGE == 2
     assert out == ""
@@ -206,7 +185,7 @@ def test_expect_bad_forms_exit_2_before_any_request(isolated_env, fake_hf, expec
 
 def test_expect_tolerance_out_of_range_is_a_usage_error(isolated_env):
     with FakeOpenAI(responder=ByRow()) as srv:
-        rc, out, err = cli(*eval_args(srv, 3, "--expect", "gsm8k_cot_llama=0.5", "--expect_tolerance", "1.5"))
+        rc, out, err = cli(*gsm8k_args(srv, 3, "--expect", "gsm8k_cot_llama=0.5", "--expect_tolerance", "1.5"))
         assert srv.requests == []
     assert rc == 2 and out == "" and len(error_lines(err)) == 1
 
@@ -237,7 +216,7 @@ THIRTY_STDERR = math.sqrt(0.21 / 9)
 def test_known_reference_is_information_only(isolated_env):
     # Llama 3.1 8B Instruct: 0.845; 0.3 - 0.845 = -0.545 < -0.31940 -> below, but no --expect: exit 0
     with FakeOpenAI(models=["meta-llama/Llama-3.1-8B-Instruct"], responder=ByRow(wrong=range(7))) as srv:
-        rc, out, err = cli(*eval_args(srv, 10))
+        rc, out, err = cli(*gsm8k_args(srv, 10))
     assert rc == 0, err
     e = json.loads(out)["results"]["gsm8k_cot_llama"]["expectation"]
     assert e["reference"] == 0.845 and e["informational"] is True and e["verdict"] == "below"
@@ -252,7 +231,7 @@ def test_known_reference_is_information_only(isolated_env):
 def test_known_reference_consistent(isolated_env):
     # Llama 3.2 1B Instruct: 0.444; 0.3 - 0.444 = -0.144 within 0.31940
     with FakeOpenAI(models=["meta-llama/Llama-3.2-1B-Instruct"], responder=ByRow(wrong=range(7))) as srv:
-        rc, out, err = cli(*eval_args(srv, 10))
+        rc, out, err = cli(*gsm8k_args(srv, 10))
     assert rc == 0, err
     e = json.loads(out)["results"]["gsm8k_cot_llama"]["expectation"]
     assert (e["reference"], e["verdict"], e["informational"]) == (0.444, "consistent", True)
@@ -261,7 +240,7 @@ def test_known_reference_consistent(isolated_env):
 
 def test_expect_overrides_the_known_reference_and_gates(isolated_env):
     with FakeOpenAI(models=["meta-llama/Llama-3.1-8B-Instruct"], responder=ByRow(wrong=range(7))) as srv:
-        rc, out, err = cli(*eval_args(srv, 10, "--expect", "gsm8k_cot_llama=84.5%"))
+        rc, out, err = cli(*gsm8k_args(srv, 10, "--expect", "gsm8k_cot_llama=84.5%"))
     assert rc == 6, err
     e = json.loads(out)["results"]["gsm8k_cot_llama"]["expectation"]
     assert (e["source"], e["verdict"]) == ("--expect", "below") and "informational" not in e
@@ -295,7 +274,7 @@ def test_chartqa_known_reference_with_repeats(isolated_env, fixtures_dir):
 @pytest.mark.parametrize("model", ["meta-llama/Llama-3.1-8B-Instruct-AWQ", "my-model"])
 def test_unknown_model_gets_no_expectation(isolated_env, model):
     with FakeOpenAI(models=[model], responder=ByRow(wrong=range(7))) as srv:
-        rc, out, err = cli(*eval_args(srv, 10))
+        rc, out, err = cli(*gsm8k_args(srv, 10))
     assert rc == 0, err
     assert "expectation" not in json.loads(out)["results"]["gsm8k_cot_llama"]
     assert "vs expected" not in err
@@ -358,7 +337,7 @@ def gate_logs(isolated_env, tmp_path):
     logs = {}
     for name, wrong in (("right", ()), ("wrong", range(30)), ("three", range(3))):
         with FakeOpenAI(responder=ByRow(wrong=wrong)) as srv:
-            run_inproc(srv, tmp_path / name, 30)
+            run_inproc(srv, None, 30, log_dir=tmp_path / name)[0]
         logs[name] = tmp_path / name
     return logs
 
@@ -477,7 +456,7 @@ def test_repeats_deterministic_server(isolated_env, tmp_path):
     # 6 rows, rows 1 and 4 wrong, 3 repeats: every pass scores 4/6
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow(wrong={1, 4})) as srv:
-        rc, out, err = cli(*eval_args(srv, 6, "--repeats", 3, "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 6, "--repeats", 3, "--log_samples", log_dir))
         bodies = [(gsm8k_row_of(r["body"]), r["body"]) for r in srv.chat_requests]
     assert rc == 0, err
     document = json.loads(out)
@@ -503,7 +482,7 @@ def test_repeats_deterministic_server(isolated_env, tmp_path):
     for row in range(6):
         sent = [body for r, body in bodies if r == row]
         assert len(sent) == 3 and sent[0] == sent[1] == sent[2] and sent[0]["seed"] == 1234
-    records = read_log(log_dir)
+    records = read_log(log_dir, sort=False)
     assert sorted((r["row_idx"], r["repeat"]) for r in records) == [(row, k) for row in range(6) for k in range(3)]
 
 
@@ -522,7 +501,7 @@ FLAKY_PLAN = {0: [WRONG, right(0), WRONG], 1: [WRONG] * 3, 2: [right(2), WRONG, 
 
 def test_repeats_flaky_server(isolated_env, tmp_path):
     with FakeOpenAI(responder=ByRow(FLAKY_PLAN)) as srv:
-        rc, out, err = cli(*eval_args(srv, 10, "--repeats", 3, "--num_concurrent", 1))
+        rc, out, err = cli(*gsm8k_args(srv, 10, "--repeats", 3, "--num_concurrent", 1))
         assert len(srv.chat_requests) == 30
     assert rc == 0, err
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
@@ -548,7 +527,7 @@ def test_a_failed_request_is_not_reported_as_nondeterminism(isolated_env):
     # request of row 0 fails (HTTP 500, no retry). The failure is reported as a failure; it says
     # nothing about whether the backend is deterministic, so the temperature-0 warning must not fire.
     with FakeOpenAI(responder=ByRow({0: [right(0), Reply(status=500)]})) as srv:
-        rc, out, err = cli(*eval_args(srv, 4, "--repeats", 2, "--max_retries", 1, "--max_fail_rate", 1))
+        rc, out, err = cli(*gsm8k_args(srv, 4, "--repeats", 2, "--max_retries", 1, "--max_fail_rate", 1))
     assert rc == 0, err
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert result["failures"] == {"http_500": 1}
@@ -560,8 +539,7 @@ def test_repeats_at_temperature_above_0_use_seed_plus_repeat(isolated_env, tmp_p
     log_dir = tmp_path / "logs"
     plan = {0: [right(0), WRONG, right(0)]}  # different answers, but sampling: no warning
     with FakeOpenAI(responder=ByRow(plan)) as srv:
-        rc, out, err = cli(*eval_args(srv, 2, "--repeats", 3, "--gen_kwargs", "temperature=0.7",
-                                      "--num_concurrent", 1, "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 2, "--repeats", 3, "--gen_kwargs", "temperature=0.7", "--num_concurrent", 1, "--log_samples", log_dir))
         sent = [(gsm8k_row_of(r["body"]), r["body"]) for r in srv.chat_requests]
     assert rc == 0, err
     for row in (0, 1):
@@ -571,7 +549,7 @@ def test_repeats_at_temperature_above_0_use_seed_plus_repeat(isolated_env, tmp_p
         # nothing else differs between the repeats
         assert [{k: v for k, v in b.items() if k != "seed"} for b in bodies] == \
             [{k: v for k, v in bodies[0].items() if k != "seed"}] * 3
-    records = read_log(log_dir)
+    records = read_log(log_dir, sort=False)
     assert sorted((r["row_idx"], r["repeat"], r["request"]["seed"]) for r in records) == \
         [(row, k, 1234 + k) for row in (0, 1) for k in range(3)]
     assert len({r["body_hash"] for r in records}) == 6  # each repeat its own body
@@ -583,8 +561,7 @@ def test_repeats_at_temperature_above_0_use_seed_plus_repeat(isolated_env, tmp_p
 
 def test_repeats_with_an_explicit_seed(isolated_env):
     with FakeOpenAI(responder=ByRow()) as srv:
-        rc, out, err = cli(*eval_args(srv, 1, "--repeats", 2, "--gen_kwargs", "temperature=1", "--seed", 7,
-                                      "--num_concurrent", 1))
+        rc, out, err = cli(*gsm8k_args(srv, 1, "--repeats", 2, "--gen_kwargs", "temperature=1", "--seed", 7, "--num_concurrent", 1))
         assert [r["body"]["seed"] for r in srv.chat_requests] == [7, 8]
     assert rc == 0, err
 
@@ -611,16 +588,16 @@ def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
 
 def test_no_repeats_records_repeat_0_and_no_summary(isolated_env, tmp_path):
     with FakeOpenAI(responder=ByRow()) as srv:
-        result = run_inproc(srv, tmp_path / "logs", 3)
+        result = run_inproc(srv, None, 3, log_dir=tmp_path / "logs")[0]
     assert "repeats" not in result and "num_documents" not in result
-    assert [r["repeat"] for r in read_log(tmp_path / "logs")] == [0, 0, 0]
+    assert [r["repeat"] for r in read_log(tmp_path / "logs", sort=False)] == [0, 0, 0]
 
 
 def test_repeats_must_be_positive(isolated_env, tmp_path):
     with FakeOpenAI(responder=ByRow()) as srv:
         with pytest.raises(ne.UsageError):
-            run_inproc(srv, tmp_path / "logs", 3, repeats=0)
-        rc, out, err = cli(*eval_args(srv, 3, "--repeats", 0))
+            run_inproc(srv, None, 3, log_dir=tmp_path / "logs", repeats=0)[0]
+        rc, out, err = cli(*gsm8k_args(srv, 3, "--repeats", 0))
         assert srv.chat_requests == []
     assert rc == 2 and len(error_lines(err)) == 1
 
@@ -652,23 +629,23 @@ def test_resume_in_the_middle_of_a_repeated_run(isolated_env, tmp_path):
     first_plan = {2: [right(2), WRONG], **{r: [right(r), Reply(status=500)] for r in range(5, 10)}}
     with FakeOpenAI(responder=ByRow(first_plan, wrong={0})) as srv:
         port = srv.port
-        first = run_inproc(srv, log_dir, 10, repeats=2, num_concurrent=1, max_retries=1)
+        first = run_inproc(srv, None, 10, log_dir=log_dir, repeats=2, num_concurrent=1, max_retries=1)[0]
         assert len(srv.chat_requests) == 20
     assert first["num_samples"] == 20 and first["num_failed"] == 5 and first["failures"] == {"http_500": 5}
     assert first["repeats"]["metrics"][STRICT]["per_repeat"] == pytest.approx([0.9, 0.3])  # wrong 0, 2, 5-9
-    logged = read_log(log_dir)
+    logged = read_log(log_dir, sort=False)
     assert sorted((r["row_idx"], r["repeat"]) for r in logged if r["status"] != "ok") == \
         [(r, 1) for r in range(5, 10)]
 
     # the rerun sends only repeat 1 of rows 5-9; row 7 now answers wrong there
     responder = ByRow({7: WRONG}, wrong={0})
     with FakeOpenAI(responder=responder, port=port) as srv:  # the same URL: the log is this server's
-        again = run_inproc(srv, log_dir, 10, repeats=2, num_concurrent=1, max_retries=1)
+        again = run_inproc(srv, None, 10, log_dir=log_dir, repeats=2, num_concurrent=1, max_retries=1)[0]
         assert len(srv.chat_requests) == 5
     assert sorted(responder.rows) == [5, 6, 7, 8, 9]
     assert again["num_reused"] == 15
     check_resume_result(again)
-    records = read_log(log_dir)
+    records = read_log(log_dir, sort=False)
     assert len(records) == 25 and all("repeat" in r for r in records)
     last = {(r["row_idx"], r["repeat"]): r for r in records}
     assert sorted(last) == [(row, k) for row in range(10) for k in range(2)]
@@ -676,7 +653,7 @@ def test_resume_in_the_middle_of_a_repeated_run(isolated_env, tmp_path):
 
     # the same numbers as a run that was never interrupted
     with FakeOpenAI(responder=ByRow({2: [right(2), WRONG], 7: [right(7), WRONG]}, wrong={0})) as srv:
-        whole = run_inproc(srv, tmp_path / "whole", 10, repeats=2, num_concurrent=1)
+        whole = run_inproc(srv, None, 10, log_dir=tmp_path / "whole", repeats=2, num_concurrent=1)[0]
     check_resume_result(whole)
     assert whole["num_reused"] == 0
     assert again["metrics"] == pytest.approx(whole["metrics"])
@@ -691,12 +668,11 @@ def test_sigint_in_the_second_pass_then_resume(isolated_env, tmp_path):
     responder = ByRow({r: [right(r), hang] for r in (3, 4, 5)}, wrong={1})
     with FakeOpenAI(responder=responder) as srv:
         port = srv.port
-        proc = subprocess.Popen([sys.executable, str(NANO_EVAL), *map(str, eval_args(
-            srv, 6, "--repeats", 2, "--num_concurrent", 2, "--log_samples", log_dir))],
+        proc = subprocess.Popen([sys.executable, str(NANO_EVAL), *map(str, gsm8k_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, "--log_samples", log_dir))],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 20
-            while not ((log_dir / LOG_NAME).exists() and len(read_log(log_dir)) >= 9 and srv.in_flight >= 2):
+            while not ((log_dir / LOG_NAME).exists() and len(read_log(log_dir, sort=False)) >= 9 and srv.in_flight >= 2):
                 assert time.monotonic() < deadline, "the run did not reach the second pass"
                 time.sleep(0.02)
             proc.send_signal(signal.SIGINT)
@@ -712,12 +688,12 @@ def test_sigint_in_the_second_pass_then_resume(isolated_env, tmp_path):
     # pass 0: 5/6; pass 1 so far (rows 0-2): 2/3; only rows 0-2 have both repeats
     assert partial["repeats"]["metrics"][STRICT]["per_repeat"] == pytest.approx([5 / 6, 2 / 3])
     assert partial["repeats"]["self_agreement"] == {"documents": 3, "responses": 1.0, "scores": 1.0}
-    assert sorted((r["row_idx"], r["repeat"]) for r in read_log(log_dir)) == \
+    assert sorted((r["row_idx"], r["repeat"]) for r in read_log(log_dir, sort=False)) == \
         [(row, k) for row in range(6) for k in range(2) if (row, k) not in {(3, 1), (4, 1), (5, 1)}]
 
     again = ByRow(wrong={1})
     with FakeOpenAI(responder=again, port=port) as srv:
-        rc, out, err = cli(*eval_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, "--log_samples", log_dir))
     assert rc == 0, err
     assert sorted(again.rows) == [3, 4, 5]
     final = json.loads(out)["results"]["gsm8k_cot_llama"]
@@ -731,23 +707,23 @@ def test_resume_a_smaller_run_with_more_rows_and_repeats(isolated_env, tmp_path)
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow(wrong={1})) as srv:
         port = srv.port
-        rc, out, err = cli(*eval_args(srv, 4, "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 4, "--log_samples", log_dir))
         assert len(srv.chat_requests) == 4
     assert rc == 0, err
     # 6 rows x 2 repeats: rows 0-3 of repeat 0 are in the log; 12 - 4 = 8 requests remain
     responder = ByRow(wrong={1})
     with FakeOpenAI(responder=responder, port=port) as srv:
-        rc, out, err = cli(*eval_args(srv, 6, "--log_samples", log_dir, "--repeats", 2))
+        rc, out, err = cli(*gsm8k_args(srv, 6, "--log_samples", log_dir, "--repeats", 2))
         assert len(srv.chat_requests) == 8
     assert rc == 0, err
     assert responder.attempts == {0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 2}
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert result["num_reused"] == 4 and result["num_samples"] == 12 and result["num_documents"] == 6
-    records = read_log(log_dir)
+    records = read_log(log_dir, sort=False)
     assert sorted((r["row_idx"], r["repeat"]) for r in records) == [(row, k) for row in range(6) for k in range(2)]
     # equal to an uninterrupted run: 5/6 each pass
     with FakeOpenAI(responder=ByRow(wrong={1})) as srv:
-        rc, out2, err2 = cli(*eval_args(srv, 6, "--log_samples", tmp_path / "whole", "--repeats", 2))
+        rc, out2, err2 = cli(*gsm8k_args(srv, 6, "--log_samples", tmp_path / "whole", "--repeats", 2))
     assert rc == 0, err2
     whole = json.loads(out2)["results"]["gsm8k_cot_llama"]
     assert result["metrics"] == whole["metrics"]
@@ -761,13 +737,13 @@ def test_resume_a_log_written_before_repeats_existed(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
         port = srv.port
-        run_inproc(srv, log_dir, 3)
+        run_inproc(srv, None, 3, log_dir=log_dir)[0]
     path = log_dir / LOG_NAME
-    old = [{k: v for k, v in r.items() if k != "repeat"} for r in read_log(log_dir)]
+    old = [{k: v for k, v in r.items() if k != "repeat"} for r in read_log(log_dir, sort=False)]
     path.write_text("".join(json.dumps(r) + "\n" for r in old), "utf-8")
     responder = ByRow()
     with FakeOpenAI(responder=responder, port=port) as srv:
-        result = run_inproc(srv, log_dir, 3, repeats=2)
+        result = run_inproc(srv, None, 3, log_dir=log_dir, repeats=2)[0]
     assert sorted(responder.rows) == [0, 1, 2]
     assert result["num_reused"] == 3 and result["num_samples"] == 6
 
@@ -775,10 +751,9 @@ def test_resume_a_log_written_before_repeats_existed(isolated_env, tmp_path):
 def test_replay_a_later_repeat_resends_its_own_seed(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
-        rc, out, err = cli(*eval_args(srv, 1, "--repeats", 2, "--gen_kwargs", "temperature=0.5",
-                                      "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 1, "--repeats", 2, "--gen_kwargs", "temperature=0.5", "--log_samples", log_dir))
         assert rc == 0, err
-        records = read_log(log_dir)
+        records = read_log(log_dir, sort=False)
         line = 1 + next(i for i, r in enumerate(records) if r["repeat"] == 1)
         rc, out, err = cli("replay", f"{log_dir / LOG_NAME}:{line}")
         assert rc == 0, err
@@ -796,12 +771,12 @@ def repeated_logs(isolated_env, tmp_path):
     """A: row 0 wrong, deterministic. B: all right on the first pass; on the second, row 2 is wrong and
     row 5 right with other text. 10 rows x 2 repeats each."""
     with FakeOpenAI(responder=ByRow(wrong={0})) as srv:
-        run_inproc(srv, tmp_path / "a", 10, repeats=2)
+        run_inproc(srv, None, 10, log_dir=tmp_path / "a", repeats=2)[0]
     plan = {2: [right(2), WRONG], 5: [right(5), OTHER_RIGHT.format(GSM8K_GOLD[5])]}
     with FakeOpenAI(responder=ByRow(plan)) as srv:
-        run_inproc(srv, tmp_path / "b", 10, repeats=2, num_concurrent=1)
+        run_inproc(srv, None, 10, log_dir=tmp_path / "b", repeats=2, num_concurrent=1)[0]
     with FakeOpenAI(responder=ByRow(wrong={0})) as srv:
-        run_inproc(srv, tmp_path / "single", 10)
+        run_inproc(srv, None, 10, log_dir=tmp_path / "single")[0]
     return tmp_path
 
 
@@ -855,7 +830,7 @@ def test_python_api_repeats_and_expectation(isolated_env, tmp_path):
     # 4 rows x 2 repeats; row 3 wrong on its second repeat only
     # pass 0: 1.0, pass 1: 0.75 -> mean 0.875, SEM 0.125; documents 1, 1, 1, 0.5
     with FakeOpenAI(responder=ByRow({3: [right(3), WRONG]})) as srv:
-        result = run_inproc(srv, None, 4, repeats=2, num_concurrent=1)
+        result = run_inproc(srv, None, 4, repeats=2, num_concurrent=1)[0]
         assert len(srv.chat_requests) == 8
     assert result["num_samples"] == 8 and result["num_documents"] == 4
     strict = result["repeats"]["metrics"][STRICT]

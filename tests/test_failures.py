@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import run_inproc, cli, error_lines
+from fakes import cli, error_lines, read_log, run_inproc
 from fakes import ByRow, FakeOpenAI, Reply, fault_plan, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,12 +38,6 @@ assert GOLD[0] == "18"  # Janet's ducks: the examples below rely on it
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def read_log(log_dir: Path) -> list[dict]:
-    path = Path(log_dir) / "samples_gsm8k_cot_llama.jsonl"
-    records = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
-    return sorted(records, key=lambda r: r["row_idx"])
 
 
 def gaps(times: list[float]) -> list[float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import run_inproc, cli, error_lines
+from fakes import cli, error_lines, read_log, run_inproc, warning_lines
 from fakes import (GSM8K, ByRow, FakeDatasetsServer, FakeOpenAI, Reply, free_port, gsm8k_row_of, question_of,
                    send_chunked, serve_https)
 
@@ -38,15 +38,6 @@ TASK = TASKS["gsm8k_cot_llama"]
 
 
 
-
-
-def warnings(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("nano-eval: warning:")]
-
-
-def read_log(path: Path) -> list[dict]:
-    records = [json.loads(line) for line in Path(path).read_text("utf-8").splitlines()]
-    return sorted(records, key=lambda r: r["row_idx"])
 
 
 @pytest.fixture
@@ -315,9 +306,9 @@ def test_truncated_reasoning_without_an_answer_is_a_budget_problem(isolated_env,
     assert result["reasoning"] == {"budget_ran_out_in_reasoning": 1}
     assert result["finish_reasons"] == {"length": 1}
     assert result["num_truncated"] == 1
-    budget = [line for line in warnings(err) if "ran out of tokens" in line]
+    budget = [line for line in warning_lines(err) if "ran out of tokens" in line]
     assert len(budget) == 1 and "max_tokens" in budget[0]
-    assert not [line for line in warnings(err) if "reasoning channel" in line]
+    assert not [line for line in warning_lines(err) if "reasoning channel" in line]
 
 
 def test_null_content_keeps_its_finish_reason(isolated_env, tmp_path):
@@ -334,9 +325,9 @@ def test_an_answer_only_in_the_reasoning_is_flagged_without_max_tokens_advice(is
     assert record["reasoning_flags"] == ["answer_only_in_reasoning"]
     assert result["reasoning"] == {"answer_only_in_reasoning": 1}
     assert result["finish_reasons"] == {"stop": 1} and result["num_truncated"] == 0
-    advice = [line for line in warnings(err) if "reasoning channel" in line]
+    advice = [line for line in warning_lines(err) if "reasoning channel" in line]
     assert len(advice) == 1 and "max_tokens" not in advice[0]
-    assert not [line for line in warnings(err) if "ran out of tokens" in line]
+    assert not [line for line in warning_lines(err) if "ran out of tokens" in line]
 
 
 # --- 6. oversized responses ------------------------------------------------------------------
@@ -406,7 +397,7 @@ def test_a_hung_server_does_not_claim_unsent_samples_when_there_are_none(isolate
     assert "num_not_sent" not in result
     assert "remaining samples are counted" not in err
     assert "were not sent" not in err
-    stopped = [line for line in warnings(err) if "stopped answering" in line]
+    stopped = [line for line in warning_lines(err) if "stopped answering" in line]
     assert len(stopped) <= 1
     assert all("no more requests are sent" in line for line in stopped)
 
@@ -423,9 +414,9 @@ def test_a_hung_server_counts_the_samples_it_did_not_send(isolated_env, tmp_path
     assert unsent and len(unsent) == 16 - chat
     assert result["num_not_sent"] == len(unsent)
     assert all(r["status"] == "connection" and "not sent" in r["error"] for r in unsent)
-    told = [line for line in warnings(err) if "were not sent" in line]
+    told = [line for line in warning_lines(err) if "were not sent" in line]
     assert len(told) == 1 and f"{len(unsent)} samples were not sent" in told[0]
-    assert len([line for line in warnings(err) if "no more requests are sent" in line]) == 1
+    assert len([line for line in warning_lines(err) if "no more requests are sent" in line]) == 1
 
 
 def test_a_self_signed_certificate_is_named_with_the_ways_out(isolated_env, no_ca_env):

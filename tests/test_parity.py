@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 import fakes  # noqa: E402
 import nano_eval  # noqa: E402
-from fakes import FakeOpenAI  # noqa: E402
+from fakes import FakeOpenAI, cli_env  # noqa: E402
 from nano_eval import TASKS, APIConfig, DatasetCache  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -218,35 +218,12 @@ def test_chartqa_corrupted_cached_image_is_not_sent(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def raw_bodies(monkeypatch):
-    """The raw request bytes the fakes receive (the fakes themselves keep only the parsed body)."""
-    raw: list[bytes] = []
-    original = fakes._parse_body
-
-    def recording(data: bytes):
-        raw.append(bytes(data))
-        return original(data)
-
-    monkeypatch.setattr(fakes, "_parse_body", recording)
-    return raw
-
-
-def clean_env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               NANO_EVAL_DATA_DIR=str(tmp_path / "data"),
-               NANO_EVAL_DATASETS_SERVER="http://127.0.0.1:9")  # gsm8k ships in data/: never asked
-    return env
-
-
 def test_cli_end_to_end_bodies_equal_lm_eval(tmp_path, raw_bodies):
     with FakeOpenAI(models=["stub-model"]) as server:
         proc = subprocess.run(
             [sys.executable, str(ROOT / "nano_eval.py"), "--tasks", "gsm8k_cot_llama", "--base_url",
              server.base_url, "--seed", "1234", "--model", "stub-model", "--max_samples", "4", "--no_progress"],
-            capture_output=True, text=True, env=clean_env(tmp_path), cwd=str(tmp_path), timeout=120)
+            capture_output=True, text=True, env=cli_env(tmp_path), cwd=str(tmp_path), timeout=120)
         chats = server.chat_requests
     assert proc.returncode == 0, proc.stderr
     results = json.loads(proc.stdout)

@@ -21,6 +21,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
+from fakes import cli, run_main
 from conformance_fakes import CHECKS, COUNTING_ANSWER, ConformanceFake  # noqa: E402
 
 MODEL = "conformance-model"
@@ -33,18 +34,6 @@ def preflight(srv: ConformanceFake, **config) -> dict:
 
 def grid(report: dict) -> dict:
     return {c["check"]: c["result"] for c in report["checks"]}
-
-
-def run_main(argv: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = ne.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "nano_eval.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def test_well_behaved_server_passes_every_check():
@@ -214,7 +203,7 @@ def test_check_alone(isolated_env, capsys):
 
 def test_api_conformance_task_in_a_subprocess(isolated_env):
     with ConformanceFake() as srv:
-        proc = run_cli("--tasks", "api_conformance", "--base-url", srv.base_url, "--no_progress")
+        proc = cli("--tasks", "api_conformance", "--base-url", srv.base_url, "--no_progress")
     assert proc.returncode == 0, proc.stderr
     conformance = json.loads(proc.stdout)["results"]["api_conformance"]
     assert [(c["check"], c["result"]) for c in conformance["checks"]] == [(name, "PASS") for name in CHECKS]
@@ -272,7 +261,7 @@ def test_check_with_a_task_runs_both(isolated_env, gsm8k_answers, capsys):
 
 def test_check_hang_with_short_timeout_in_a_subprocess(isolated_env):
     with ConformanceFake(malformed="hang") as srv:
-        proc = run_cli("--check", "--base_url", srv.base_url, "--timeout", "2", "--no_progress")
+        proc = cli("--check", "--base_url", srv.base_url, "--timeout", "2", "--no_progress")
     assert proc.returncode == 1, proc.stderr
     checks = json.loads(proc.stdout)["results"]["api_conformance"]["checks"]
     assert {c["check"]: c["result"] for c in checks} == {**{name: "PASS" for name in CHECKS},

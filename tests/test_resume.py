@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import fakes
-from fakes import FakeOpenAI, Reply, question_of
+from fakes import FakeOpenAI, Reply, cli, cli_command, gsm8k_args, question_of
 
 ROOT = Path(__file__).resolve().parent.parent
 NANO_EVAL = ROOT / "nano_eval.py"
@@ -46,38 +46,6 @@ def ByRow(plan=None, delay=None):
     return fakes.ByRow(plan, wrong=WRONG, delay=delay)
 
 
-@pytest.fixture
-def raw_bodies(monkeypatch):
-    """Every non-empty request body the fakes received, as the exact bytes."""
-    captured: list[bytes] = []
-    original = fakes._parse_body
-
-    def capture(raw):
-        if raw:
-            captured.append(bytes(raw))
-        return original(raw)
-
-    monkeypatch.setattr(fakes, "_parse_body", capture)
-    return captured
-
-
-def cli_args(*args):
-    return [sys.executable, str(NANO_EVAL), *map(str, args)]
-
-
-def cli(*args, timeout=60, env=None):
-    proc = subprocess.run(cli_args(*args), capture_output=True, timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
-
-
-def eval_args(server, n, log_dir=None, *extra):
-    args = ["--tasks", "gsm8k_cot_llama", "--base_url", server.base_url, "--max_samples", n, "--no_progress",
-            "--max_fail_rate", 1]
-    if log_dir is not None:
-        args += ["--log_samples", log_dir]
-    return args + list(extra)
-
-
 def log_lines(log_dir: Path) -> list[str]:
     path = Path(log_dir) / LOG_NAME
     return path.read_text("utf-8").splitlines() if path.exists() else []
@@ -97,7 +65,7 @@ def comparable(result: dict) -> dict:
 def uninterrupted(tmp_path, n) -> dict:
     """The results of one clean run of the first n rows with the standard responder."""
     with FakeOpenAI(responder=ByRow()) as srv:
-        code, out, err = cli(*eval_args(srv, n, tmp_path / "clean_log"))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, log_dir=tmp_path / "clean_log"))
     assert code == 0, err
     return json.loads(out)["results"]["gsm8k_cot_llama"]
 
@@ -125,7 +93,7 @@ def test_sample_log_has_one_complete_line_per_sample(isolated_env, tmp_path, raw
     responder = ByRow(plan, delay=0.05)
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=responder) as srv:
-        code, out, err = cli(*eval_args(srv, 8, log_dir, "--num_concurrent", 3))
+        code, out, err = cli(*gsm8k_args(srv, 8, "--max_fail_rate", 1, "--num_concurrent", 3, log_dir=log_dir))
         received = {row_of(r["body"]): r["body"] for r in srv.chat_requests}
     assert code == 0, err
     lines = log_lines(log_dir)
@@ -186,7 +154,7 @@ def test_log_extracted_answers_differ_per_filter(isolated_env, tmp_path):
     responder = ByRow({0: Reply(content="16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars"),
                        1: Reply(content="The final answer is 3 or maybe 4")})
     with FakeOpenAI(responder=responder) as srv:
-        code, out, err = cli(*eval_args(srv, 2, tmp_path / "logs"))
+        code, out, err = cli(*gsm8k_args(srv, 2, "--max_fail_rate", 1, log_dir=tmp_path / "logs"))
     assert code == 0, err
     recs = sorted(records(tmp_path / "logs"), key=lambda r: r["row_idx"])
     assert recs[0]["extracted"] == {"strict-match": "[invalid]", "flexible-extract": "18"}
@@ -202,7 +170,7 @@ def test_output_implies_a_sample_log_beside_it(isolated_env, tmp_path):
     output = tmp_path / "run" / "results.json"
     output.parent.mkdir()
     with FakeOpenAI(responder=ByRow()) as srv:
-        code, out, err = cli(*eval_args(srv, 4), "--output", output)
+        code, out, err = cli(*gsm8k_args(srv, 4, "--max_fail_rate", 1), "--output", output)
     assert code == 0, err
     document = json.loads(out)
     assert json.loads(output.read_text("utf-8")) == document
@@ -216,7 +184,7 @@ def test_output_implies_a_sample_log_beside_it(isolated_env, tmp_path):
 
 def logged_run(tmp_path, srv, n=3):
     log_dir = tmp_path / "logs"
-    code, out, err = cli(*eval_args(srv, n, log_dir, "--num_concurrent", 1))
+    code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 1, log_dir=log_dir))
     assert code == 0, err
     return log_dir / LOG_NAME
 
@@ -311,7 +279,7 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
                     10: Reply(status=400)})
     with FakeOpenAI(responder=faulty) as srv:
         port = srv.port  # the reruns restart "the same server": resume is per server URL
-        code, out, err = cli(*eval_args(srv, n, log_dir, "--max_retries", 1))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--max_retries", 1, log_dir=log_dir))
     assert code == 0, err  # --max_fail_rate 1
     first = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert first["failures"] == {"bad_response": 1, "empty": 1, "http_400": 1, "http_500": 1}
@@ -319,7 +287,7 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
 
     healthy = ByRow()
     with FakeOpenAI(responder=healthy, port=port) as srv:  # restarted, now healthy: the bodies are the same
-        code, out, err = cli(*eval_args(srv, n, log_dir, "--max_retries", 1))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--max_retries", 1, log_dir=log_dir))
     assert code == 0, err
     assert sorted(healthy.rows) == [2, 5, 9, 10]  # only the failed samples were sent again
     assert "resuming" in err
@@ -330,7 +298,7 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
 
     again = ByRow()
     with FakeOpenAI(responder=again, port=port) as srv:  # everything answered: nothing is sent
-        code, out, err = cli(*eval_args(srv, n, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     assert again.rows == []
     assert comparable(json.loads(out)["results"]["gsm8k_cot_llama"]) == comparable(resumed)
@@ -340,11 +308,11 @@ def test_resume_with_other_settings_sends_everything(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
         port = srv.port
-        code, out, err = cli(*eval_args(srv, 5, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     responder = ByRow()
     with FakeOpenAI(responder=responder, port=port) as srv:
-        code, out, err = cli(*eval_args(srv, 5, log_dir, "--seed", 99))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, "--seed", 99, log_dir=log_dir))
     assert code == 0, err
     assert sorted(responder.rows) == [0, 1, 2, 3, 4]  # a different body is a different request
     assert all(body["seed"] == 99 for body in (r["body"] for r in srv.chat_requests))
@@ -355,7 +323,7 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
         port = srv.port
-        code, out, err = cli(*eval_args(srv, n, log_dir, "--num_concurrent", 1))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 1, log_dir=log_dir))
     assert code == 0, err
     lines = log_lines(log_dir)
     torn_row = json.loads(lines[-1])["row_idx"]
@@ -363,7 +331,7 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2], encoding="utf-8")
     responder = ByRow()
     with FakeOpenAI(responder=responder, port=port) as srv:
-        code, out, err = cli(*eval_args(srv, n, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     assert responder.rows == [torn_row]
     assert comparable(json.loads(out)["results"]["gsm8k_cot_llama"]) == comparable(uninterrupted(tmp_path, n))
@@ -374,7 +342,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_pat
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow(delay=0.15)) as srv:
         port = srv.port
-        proc = subprocess.Popen(cli_args(*eval_args(srv, n, log_dir, "--num_concurrent", 2)),
+        proc = subprocess.Popen(cli_command(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 2, log_dir=log_dir)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             assert wait_for(lambda: len(log_lines(log_dir)) >= 6), "no samples were logged"
@@ -391,7 +359,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_pat
 
     responder = ByRow()
     with FakeOpenAI(responder=responder, port=port) as srv:
-        code, out, err = cli(*eval_args(srv, n, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     assert sorted(responder.rows) == sorted(set(range(n)) - done)  # every sample accounted for, none twice
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
@@ -411,7 +379,7 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
     responder = ByRow({row: Reply(hang=True) for row in range(4, n)})
     with FakeOpenAI(responder=responder) as srv:
         port = srv.port
-        proc = subprocess.Popen(cli_args(*eval_args(srv, n, log_dir, "--num_concurrent", 4, "--output", output)),
+        proc = subprocess.Popen(cli_command(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 4, "--output", output, log_dir=log_dir)),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             assert wait_for(lambda: len(log_lines(log_dir)) >= 4 and srv.in_flight >= 4), "run did not start"
@@ -439,7 +407,7 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
     # the same command again resumes: only the 16 unfinished samples are sent
     responder = ByRow()
     with FakeOpenAI(responder=responder, port=port) as srv:
-        code, out, err = cli(*eval_args(srv, n, log_dir, "--num_concurrent", 4, "--output", output))
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 4, "--output", output, log_dir=log_dir))
     assert code == 0, err
     assert sorted(responder.rows) == list(range(4, n))
     final = json.loads(out)["results"]["gsm8k_cot_llama"]
@@ -452,11 +420,11 @@ def test_a_sample_log_holds_one_server(isolated_env, tmp_path):
     read a log as one run)."""
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
-        code, out, err = cli(*eval_args(srv, 5, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     other = ByRow()
     with FakeOpenAI(responder=other) as srv:  # another URL
-        code, out, err = cli(*eval_args(srv, 5, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
     lines = [line for line in err.splitlines() if line.startswith("nano-eval: error:")]
     assert code == 2 and len(lines) == 1 and "holds samples from" in lines[0], err
     assert other.rows == [] and len(log_lines(log_dir)) == 5
@@ -466,15 +434,15 @@ def test_no_resume_sends_everything_again(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRow()) as srv:
         port = srv.port
-        code, out, err = cli(*eval_args(srv, 5, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     again = ByRow()
     with FakeOpenAI(responder=again, port=port) as srv:
-        code, out, err = cli(*eval_args(srv, 5, log_dir, "--no_resume"))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, "--no_resume", log_dir=log_dir))
     assert code == 0, err
     assert sorted(again.rows) == [0, 1, 2, 3, 4]
     resumed = ByRow()
     with FakeOpenAI(responder=resumed, port=port) as srv:
-        code, out, err = cli(*eval_args(srv, 5, log_dir))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
     assert code == 0, err
     assert resumed.rows == [] and json.loads(out)["results"]["gsm8k_cot_llama"]["num_reused"] == 5

@@ -18,6 +18,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
+from fakes import run_main
 from fakes import FakeOpenAI, _json_response, _text_response, free_port  # noqa: E402
 
 LLAMA_PROPS = {
@@ -156,13 +157,6 @@ def test_identify_server_does_not_wait_for_a_hanging_endpoint():
     with Hangs(extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv:
         identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None), timeout=1.0)
     assert (identity["name"], identity["version"]) == ("vLLM", "0.9.1")
-
-
-def run_main(argv, capsys):
-    capsys.readouterr()
-    code = ne.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("routes, header, name, version, evidence", [
