@@ -1162,15 +1162,42 @@ def cli_command(*args, script=NANO_EVAL) -> list[str]:
     return [sys.executable, str(script), *map(str, args)]
 
 
-def cli(*args, env=None, cwd=None, timeout=120, script=NANO_EVAL, command=None) -> CliRun:
+def cli(*args, env=None, cwd=None, timeout=120, script=NANO_EVAL, command=None, terminal=False) -> CliRun:
     """``python nano_eval.py ARGS`` in a child process (``script``: another copy of it; ``command``:
     another program, e.g. an installed console script). Runs in ``cwd``, by default the repository
-    root (the script's folder for another script). Output is decoded as UTF-8 with replacement."""
+    root (the script's folder for another script). Output is decoded as UTF-8 with replacement.
+    terminal=True: stderr is a pseudo-terminal (isatty() is true), read back with its "\r\n"
+    line ends made "\n" again."""
     argv = [*(command or [sys.executable, str(script)]), *map(str, args)]
     if cwd is None:
         cwd = ROOT if Path(script) == NANO_EVAL else Path(script).parent
-    proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, cwd=str(cwd))
-    return CliRun(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
+    if not terminal:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, cwd=str(cwd))
+        return CliRun(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
+    master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def drain():  # read while the child runs, so a full pty buffer never blocks it
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                              timeout=timeout, env=env, cwd=str(cwd))
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    err = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    return CliRun(proc.returncode, proc.stdout.decode("utf-8", "replace"), err)
 
 
 def cli_env(tmp_path=None, datasets_server=DEAD_URL, **extra) -> dict:

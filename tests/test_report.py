@@ -19,22 +19,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-report = nano_eval
-from fakes import main_json
-from fakes import (CHARTQA, GSM8K_GOLD, ByRow, FakeDatasetsServer, FakeOpenAI, Reply, answers_responder,  # noqa: E402
-                   free_port, synthetic_chartqa_dataset)
+from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply, answers_responder,  # noqa: E402
+    free_port, main_json, synthetic_chartqa_dataset)
 
 GSM = "gsm8k_cot_llama"
-KEY = "sk-test-0123456789abcdef"
-TOKEN = "team-token-fedcba9876543210"  # the value of an extra --header: a secret too
-HOSTILE = "<script>alert(1)</script>"
-FIXTURES = ROOT / "tests" / "fixtures" / "chartqa"
-CHART_ROWS = [json.loads(line) for line in (FIXTURES / "rows.jsonl").read_text("utf-8").splitlines()]
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
 
 class Page(HTMLParser):
@@ -73,12 +65,20 @@ class Page(HTMLParser):
                 for m in [re.fullmatch(r"(.+) \((\d+)\)", e["text"].strip())] if m}
 
 
+HOSTILE = "<script>alert(1)</script>"
+
+KEY = "sk-test-0123456789abcdef"
+
+TOKEN = "team-token-fedcba9876543210"  # the value of an extra --header: a secret too
+
 # A is wrong on rows 1 and 3; B is wrong on 2 and 3, answers row 4 with a script, echoes the key on
 # row 5 (right, but the text differs) and fails row 6 with HTTP 400.
 # -> wrong 1,2,3,4,6 (5); flipped 1,2,4,6 (4); text differs 1,2,4,5,6 (5); failed 6 (1)
 # -> A-only correct 3 (2, 4, 6), B-only correct 1 (1): McNemar p = 2 * (1 + 4) / 16 = 0.625
 B_PLAN = {4: HOSTILE, 5: f"Let me think. My key is {KEY}, {TOKEN}. The final answer is {GSM8K_GOLD[5]}",
           6: Reply(status=400)}
+
+report = nano_eval
 
 
 @pytest.fixture
@@ -217,6 +217,11 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
     assert report.report_from_document(document).count('<details class="s') == 6
 
 
+FIXTURES = ROOT / "tests" / "fixtures" / "chartqa"
+
+CHART_ROWS = [json.loads(line) for line in (FIXTURES / "rows.jsonl").read_text("utf-8").splitlines()]
+
+
 def test_chartqa_report_shows_the_image_sent(isolated_env, tmp_path, capsys):
     answers = {r["query"]: r["label"][0] for r in CHART_ROWS}
     pages = {}
@@ -265,6 +270,9 @@ def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
                               capture_output=True, text=True, timeout=timeout)
     finally:
         shutil.rmtree(profile, ignore_errors=True)
+
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium) "
