@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, Reply, answers_responder, cli, cli_env,  # noqa: E402
+from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, Reply, answers_responder, cli, cli_env, error_lines, gsm8k_args, read_log,  # noqa: E402
     error_line, free_port, gsm8k_row_of, main_json, one_error, question_of)
 
 
@@ -200,6 +201,116 @@ def test_keep_think_scores_the_raw_content(isolated_env, keep_think):
     metrics = document["results"]["gsm8k_cot_llama"]["metrics"]
     assert metrics["exact_match,strict-match"] == (1.0 if keep_think else 0.0)
     assert metrics["exact_match,flexible-extract"] == (1.0 if keep_think else 0.0)
+
+
+# (content, keep_think) -> the extracted (strict-match, flexible-extract) answers of row 0 (gold 18).
+# Both filters take the LAST match (lm-eval's group_select -1), so an answer after the think block
+# wins either way; an answer only inside it counts only with --keep_think.
+KEEP_THINK_CASES = {
+    ("<think>16-3-4=9, 9*2=18. The final answer is 18</think> Hmm, maybe 7", False): ("[invalid]", "7"),
+    ("<think>16-3-4=9, 9*2=18. The final answer is 18</think> Hmm, maybe 7", True): ("18", "7"),
+    ("<think>The final answer is 5</think> The final answer is 18", False): ("18", "18"),
+    ("<think>The final answer is 5</think> The final answer is 18", True): ("18", "18"),
+    ("<think>Maybe 7. The final answer is 18</think> The final answer is 7", False): ("7", "7"),
+    ("<think>Maybe 7. The final answer is 18</think> The final answer is 7", True): ("7", "7"),
+}
+
+
+@pytest.mark.parametrize("content, keep_think", list(KEEP_THINK_CASES))
+def test_keep_think_decides_what_is_scored(content, keep_think, tmp_path):
+    strict, flexible = KEEP_THINK_CASES[content, keep_think]
+    with FakeOpenAI(responder=lambda body, n: Reply(content=content)) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 1, *(["--keep_think"] if keep_think else []), log_dir=tmp_path / "log"),
+                             env=cli_env(tmp_path))
+    assert code == 0, err
+    (record,) = read_log(tmp_path / "log")
+    assert record["extracted"] == {"strict-match": strict, "flexible-extract": flexible}
+    metrics = json.loads(out)["results"][GSM]["metrics"]
+    assert metrics["exact_match,strict-match"] == float(strict == "18")
+    assert metrics["exact_match,flexible-extract"] == float(flexible == "18")
+    assert record["response"]["content"] == content  # logged raw either way
+
+
+@pytest.mark.parametrize("timeout, status", [("0.5", "timeout"), ("10", "ok")])
+def test_timeout_decides_whether_a_slow_answer_counts(timeout, status, tmp_path):
+    # the same right answer, 1.5 s late: a timeout under --timeout 0.5, an ok sample under 10
+    with FakeOpenAI(responder=lambda body, n: Reply(content="The final answer is 18", delay=1.5)) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 1, "--timeout", timeout, "--max_retries", 1,
+                                         log_dir=tmp_path / "log"), env=cli_env(tmp_path))
+        assert len(srv.chat_requests) == 1
+    (record,) = read_log(tmp_path / "log")
+    assert record["status"] == status and record["attempts"] == 1
+    result = json.loads(out)["results"][GSM]
+    assert result["num_ok"] == (status == "ok") and code == (0 if status == "ok" else 1), err
+
+
+@pytest.mark.parametrize("max_retries", [1, 2, 4])
+def test_max_retries_is_the_number_of_attempts(max_retries, tmp_path):
+    # HTTP 500 is retryable: the server sees exactly --max_retries attempts (Retry-After: 0 keeps it fast)
+    with FakeOpenAI(responder=lambda body, n: Reply(status=500, headers={"Retry-After": "0"})) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 1, "--max_retries", max_retries, "--max_fail_rate", 1,
+                                         log_dir=tmp_path / "log"), env=cli_env(tmp_path))
+        assert len(srv.chat_requests) == max_retries
+    (record,) = read_log(tmp_path / "log")
+    assert record["status"] == "http_500" and record["attempts"] == max_retries
+    assert json.loads(out)["config"]["max_retries"] == max_retries
+
+
+@pytest.mark.parametrize("rate, expected", [(None, 1), ("0.05", 1), ("0.0999", 1), ("0.1", 0), ("0.5", 0)])
+def test_max_fail_rate_is_the_exit_threshold(rate, expected, tmp_path):
+    # the same 2 failures of 20 (a fail rate of 0.1) every time: exit 1 above the rate, 0 at or
+    # below it (the default is 0.05)
+    plan = {3: Reply(status=400), 11: Reply(status=400)}
+    with FakeOpenAI(responder=ByRow(plan)) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 20, *(["--max_fail_rate", rate] if rate else [])), env=cli_env(tmp_path))
+    result = json.loads(out)["results"][GSM]
+    assert result["num_failed"] == 2 and result["failures"] == {"http_400": 2}
+    assert code == expected, err
+    lines = error_lines(err)
+    assert len(lines) == expected and all("2 of 20" in line and "max_fail_rate" in line for line in lines)
+
+
+@pytest.mark.parametrize("flag", [None, "--no_progress", "--no-progress"])
+def test_no_progress_removes_the_progress_line_from_a_terminal(flag, tmp_path):
+    # stderr is a terminal: the progress line ("\rTASK: done/total ...") is drawn, unless --no_progress
+    with FakeOpenAI() as srv:
+        args = ["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 3, *([flag] if flag else [])]
+        code, out, err = cli(*args, env=cli_env(tmp_path), terminal=True)
+    assert code == 0, err
+    assert json.loads(out)["results"][GSM]["num_samples"] == 3
+    progress = re.findall(rf"\r{GSM}: (\d+)/3", err)
+    if flag:
+        assert progress == [] and "\r" not in err, repr(err)
+    else:
+        assert progress and progress[-1] == "3", repr(err)
+
+
+@pytest.mark.parametrize("log_images", [False, True])
+def test_log_images_puts_the_image_itself_in_the_sample_log(log_images, fake_hf, tmp_path):
+    # without --log_images the logged request holds a stub naming the image; with it, the data: URL sent
+    with FakeOpenAI() as srv:
+        code, out, err = cli("--tasks", "chartqa", "--base_url", srv.base_url, "--max_samples", 3, "--no_progress",
+                             "--log_samples", tmp_path / "log", *(["--log_images"] if log_images else []),
+                             env=cli_env(tmp_path, fake_hf))
+        sent = sorted(image_url_of(r["body"]) for r in srv.chat_requests)
+    assert code == 0, err
+    assert len(sent) == 3 and all(url.startswith("data:image/png;base64,") for url in sent)
+    records = read_log(tmp_path / "log", "chartqa")
+    logged = sorted(image_url_of(r["request"]) for r in records)
+    if log_images:
+        assert logged == sent
+    else:
+        for record, url in zip(records, (image_url_of(r["request"]) for r in records)):
+            image = record["image"]
+            assert url == f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
+            assert re.fullmatch(r"<image sha256=[0-9a-f]{64} bytes=\d+ format=png>", url)
+        assert "base64," not in (tmp_path / "log" / "samples_chartqa.jsonl").read_text("utf-8")
+
+
+def image_url_of(body: dict) -> str:
+    """The one image URL of a chartqa request body."""
+    (url,) = [p["image_url"]["url"] for p in body["messages"][-1]["content"] if p.get("type") == "image_url"]
+    return url
 
 # --------------------------------------------------------------------------------------------
 # Bad input: one error line, the documented exit code, nothing sent
