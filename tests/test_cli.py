@@ -188,27 +188,14 @@ def test_cli_timeout_flag(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("keep_think", [False, True])
-def test_keep_think_scores_the_raw_content(isolated_env, keep_think):
-    # the answer is only inside the think block: right with --keep_think, wrong without
-    content = "<think>16-3-4=9 and 9*2=18. The final answer is 18</think>\nI am not sure."
-    with FakeOpenAI(responder=lambda body, n: Reply(content=content)) as srv:
-        code, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv.base_url, "--max_samples", 1,
-                             "--no_progress", *(["--keep_think"] if keep_think else []))
-    assert code == 0, err
-    document = json.loads(out)
-    assert document["config"]["keep_think"] is keep_think
-    metrics = document["results"]["gsm8k_cot_llama"]["metrics"]
-    assert metrics["exact_match,strict-match"] == (1.0 if keep_think else 0.0)
-    assert metrics["exact_match,flexible-extract"] == (1.0 if keep_think else 0.0)
-
-
 # (content, keep_think) -> the extracted (strict-match, flexible-extract) answers of row 0 (gold 18).
 # Both filters take the LAST match (lm-eval's group_select -1), so an answer after the think block
 # wins either way; an answer only inside it counts only with --keep_think.
 KEEP_THINK_CASES = {
     ("<think>16-3-4=9, 9*2=18. The final answer is 18</think> Hmm, maybe 7", False): ("[invalid]", "7"),
     ("<think>16-3-4=9, 9*2=18. The final answer is 18</think> Hmm, maybe 7", True): ("18", "7"),
+    ("<think>16-3-4=9 and 9*2=18. The final answer is 18</think>\nI am not sure.", False): ("[invalid]", "[invalid]"),
+    ("<think>16-3-4=9 and 9*2=18. The final answer is 18</think>\nI am not sure.", True): ("18", "18"),
     ("<think>The final answer is 5</think> The final answer is 18", False): ("18", "18"),
     ("<think>The final answer is 5</think> The final answer is 18", True): ("18", "18"),
     ("<think>Maybe 7. The final answer is 18</think> The final answer is 7", False): ("7", "7"),
@@ -225,6 +212,7 @@ def test_keep_think_decides_what_is_scored(content, keep_think, tmp_path):
     assert code == 0, err
     (record,) = read_log(tmp_path / "log")
     assert record["extracted"] == {"strict-match": strict, "flexible-extract": flexible}
+    assert json.loads(out)["config"]["keep_think"] is keep_think
     metrics = json.loads(out)["results"][GSM]["metrics"]
     assert metrics["exact_match,strict-match"] == float(strict == "18")
     assert metrics["exact_match,flexible-extract"] == float(flexible == "18")
@@ -345,6 +333,12 @@ USAGE_CASES = {
     "seed-text": (["--seed", "lucky"], "seed"),
     "fewshot-not-bool": (["--fewshot_as_multiturn", "maybe"], "fewshot_as_multiturn"),
     "unknown-flag": (["--temperature", "0"], "--temperature"),
+    "no-such-flag": (["--no-such-flag"], "--no-such-flag"),
+    "gen_kwargs-lone-key": (["--gen_kwargs", "temperature"], "temperature"),
+    "max_samples-text": (["--max_samples", "x"], "max_samples"),
+    "limit-negative": (["--limit", "-1"], "--limit"),
+    "max_fail_rate-1.5": (["--max_fail_rate", "1.5"], "max_fail_rate"),
+    "model_args-text-seed": (["--model_args", "seed=abc"], "seed"),
 }
 
 
@@ -366,19 +360,6 @@ def test_usage_errors(server, case):
     assert server.chat_requests == []
 
 
-@pytest.mark.parametrize("argv", [
-    ["--gen_kwargs", "temperature"], ["--gen_kwargs", "=3"], ["--max_samples", "0"], ["--max_samples", "x"],
-    ["--limit", "-1"], ["--num_concurrent", "0"], ["--timeout", "0"], ["--timeout", "inf"],
-    ["--max_retries", "0"], ["--max_fail_rate", "1.5"], ["--fewshot_as_multiturn", "maybe"], ["--seed", "x"],
-    ["--no-such-flag"], ["--model_args", "num_concurrent=0"], ["--model_args", "seed=abc"],
-])
-def test_bad_values_exit_2(argv, isolated_env, fake_openai, capsys):
-    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, *argv], capsys)
-    assert code == 2 and doc is None
-    error_line(err)
-    assert fake_openai.chat_requests == []
-
-
 def test_unknown_model_arg_is_usage_error(isolated_env, fake_openai, capsys):
     code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--model_args", "bogus=1"], capsys)
     assert code == 2 and doc is None
@@ -389,11 +370,7 @@ def test_unknown_model_arg_is_usage_error(isolated_env, fake_openai, capsys):
 def test_missing_tasks_is_a_usage_error(server):
     code, out, err = cli("--base_url", server.base_url)
     one_error(code, err, 2, "--tasks")
-
-
-def test_no_tasks_exit_2(tmp_path):
-    proc = cli("--base_url", "http://127.0.0.1:9/v1", env=cli_env(tmp_path))
-    assert proc.returncode == 2 and "--tasks" in error_line(proc.stderr)
+    assert server.requests == []
 
 
 def test_unknown_task_exit_2_with_valid_list(tmp_path):
@@ -408,32 +385,17 @@ def test_unknown_task_exit_2_with_valid_list(tmp_path):
 
 
 @pytest.mark.parametrize("url", ["localhost:8000", "ftp://x", "http://", "127.0.0.1:8000/v1",
-                                 "http://127.0.0.1:99999/v1", "http://:80/v1"])
+                                 "http://127.0.0.1:99999/v1", "http://:80/v1",
+                                 "localhost:8000/v1", "ftp://127.0.0.1/v1", "http://127.0.0.1:abc/v1"])
 def test_invalid_base_url(server, url):
     code, out, err = cli(*TASK_ARGS, "--base_url", url)
     one_error(code, err, 2, "base URL")
     assert server.requests == []
 
 
-@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://127.0.0.1/v1", "http://127.0.0.1:abc/v1"])
-def test_invalid_base_url_exit_2(url, isolated_env, capsys):
-    code, doc, err = main_json(["--tasks", GSM, "--base_url", url], capsys)
-    assert code == 2 and doc is None
-    assert "URL" in error_line(err)
-
-
 def test_invalid_base_url_in_model_args(server):
     code, out, err = cli(*TASK_ARGS, "--model_args", "base_url=localhost:8000")
     one_error(code, err, 2, "base URL")
-
-
-@pytest.mark.parametrize("where", ["missing_dir", "is_dir"])
-def test_bad_output_exit_2(where, isolated_env, fake_openai, tmp_path, capsys):
-    target = tmp_path / "nope" / "r.json" if where == "missing_dir" else tmp_path
-    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--output", target], capsys)
-    assert code == 2 and doc is None
-    assert "--output" in error_line(err)
-    assert fake_openai.chat_requests == []
 
 
 def test_directory_as_output(server, tmp_path):

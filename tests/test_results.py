@@ -530,16 +530,6 @@ def test_results_reach_a_cp1252_stdout(isolated_env, tmp_path):
 # Exit codes and their severity
 # --------------------------------------------------------------------------------------------
 
-def test_fail_rate_at_the_limit_exits_0(isolated_env, tmp_path):
-    with FakeOpenAI(responder=ByRow({3: Reply(status=400)})) as srv:
-        code, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv.base_url, "--max_samples", 20,
-                             "--max_fail_rate", 0.05, "--no_progress")
-    assert code == 0, err
-    result = json.loads(out)["results"]["gsm8k_cot_llama"]
-    assert result["num_failed"] == 1 and result["failures"] == {"http_400": 1}
-    assert error_lines(err) == []
-
-
 def test_fail_rate_above_the_limit_exits_1_after_writing_results(isolated_env, tmp_path):
     output = tmp_path / "res.json"
     with FakeOpenAI(responder=ByRow({3: Reply(status=400), 11: Reply(content="")})) as srv:

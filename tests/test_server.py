@@ -95,12 +95,6 @@ def test_base_url_probing_nothing_answers(tmp_path):
         assert str(port) in line
 
 
-def test_unreachable_server_exit_3(isolated_env, capsys):
-    code, doc, err = main_json(["--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1"], capsys)
-    assert code == 3 and doc is None
-    assert "cannot reach" in error_line(err)
-
-
 def test_server_not_there_exits_3_quickly(isolated_env):
     port = free_port()
     start = time.monotonic()
@@ -109,7 +103,7 @@ def test_server_not_there_exits_3_quickly(isolated_env):
     elapsed = time.monotonic() - start
     assert code == 3, err
     lines = error_lines(err)
-    assert len(lines) == 1 and str(port) in lines[0]
+    assert len(lines) == 1 and str(port) in lines[0] and "cannot reach" in lines[0]
     assert "Traceback" not in err and out == ""
     assert elapsed < 5
 
@@ -147,21 +141,11 @@ def test_model_autodetection_none_or_several_exit_3(models, isolated_env, capsys
     assert "--model" in line
     for m in models:
         assert m in line
+    if not models:
+        assert "no models" in line
 
 
 TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
-
-
-def test_empty_model_list(isolated_env):
-    with FakeOpenAI(models=()) as srv:
-        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
-    one_error(code, err, 3, "no models")
-
-
-def test_several_models_listed(isolated_env):
-    with FakeOpenAI(models=("alpha", "beta")) as srv:
-        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
-    one_error(code, err, 3, "alpha", "beta")
 
 
 HTML_PAGE = ("<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
@@ -201,14 +185,6 @@ def test_non_utf8_model_list(isolated_env, body):
     one_error(code, err, 3, "/v1/models")
 
 
-def test_wrong_api_key_exit_4(isolated_env, capsys):
-    with FakeOpenAI(api_key="sk-right") as server:
-        code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--api_key", "sk-bad-key-123"], capsys)
-        assert server.chat_requests == []
-    assert code == 4 and doc is None
-    assert "authentication" in error_line(err) and "sk-bad-key-123" not in err
-
-
 def assert_auth_failure(code, out, err, secret):
     assert code == 4, err
     lines = error_lines(err)
@@ -224,7 +200,7 @@ def test_wrong_api_key_exits_4(isolated_env):
                              "--api_key", "sk-wrong-key", "--no_progress")
         chat = len(srv.chat_requests)
     assert_auth_failure(code, out, err, "sk-wrong-key")
-    assert chat <= 8
+    assert chat == 0  # refused at GET /v1/models, before any chat request
 
 # --------------------------------------------------------------------------------------------
 # Server identity
