@@ -33,6 +33,7 @@ from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, Reply, answers_
 # Every flag, in both spellings, and its effect
 # --------------------------------------------------------------------------------------------
 
+
 GSM = "gsm8k_cot_llama"
 
 FLAG_VALUES = {
@@ -300,9 +301,11 @@ def image_url_of(body: dict) -> str:
     (url,) = [p["image_url"]["url"] for p in body["messages"][-1]["content"] if p.get("type") == "image_url"]
     return url
 
+
 # --------------------------------------------------------------------------------------------
 # Bad input: one error line, the documented exit code, nothing sent
 # --------------------------------------------------------------------------------------------
+
 
 TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
 
@@ -457,9 +460,11 @@ def test_fail_if_needs_several_servers(isolated_env, fake_openai):
     assert proc.returncode == 2 and "several --base_url" in proc.stderr
     assert fake_openai.chat_requests == []
 
+
 # --------------------------------------------------------------------------------------------
 # Several --base_url: one unusable server does not lose the others
 # --------------------------------------------------------------------------------------------
+
 
 GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
@@ -503,9 +508,11 @@ def test_one_unusable_server_does_not_lose_the_others(isolated_env, fake_openai,
     assert "answered 404" in document["runs"][1]["error"] and document["comparisons"] == []
     assert json.loads((tmp_path / "o.json").read_text()) == document
 
+
 # --------------------------------------------------------------------------------------------
 # Several tasks: a later task's failure keeps the finished ones
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tasks", ["gsm8k_cot_llama,chartqa", "chartqa,gsm8k_cot_llama"])
 def test_a_dataset_error_in_one_task_keeps_the_other(isolated_env, gsm8k_spec, tmp_path, tasks):
@@ -668,9 +675,11 @@ def test_cli_both_tasks(fake_hf, gsm8k_answers, tmp_path):
     assert set(doc["config"]["request_params"]) == {"gsm8k_cot_llama", "chartqa"}
     assert not [r for r in fake_hf.rows_requests if r["query"]["dataset"] == GSM8K[0]]  # gsm8k ships in data/
 
+
 # --------------------------------------------------------------------------------------------
 # main(), the entry points and the installed wheel
 # --------------------------------------------------------------------------------------------
+
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 

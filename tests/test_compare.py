@@ -30,6 +30,7 @@ from fakes import ByRow, FakeOpenAI, GSM8K_GOLD, cli, error_lines, one_error, ru
 # mcnemar_exact, paired_bootstrap, compare_runs and `nano-eval compare`
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("a_only, b_only, expected", [
     # no discordant pairs: nothing to test
     (0, 0, 1.0),
@@ -544,9 +545,11 @@ def test_compare_of_a_non_utf8_file(isolated_env, tmp_path):
     code, out, err = cli("compare", str(path), str(path))
     one_error(code, err, 2)
 
+
 # --------------------------------------------------------------------------------------------
 # Repeated runs
 # --------------------------------------------------------------------------------------------
+
 
 OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
 
@@ -600,9 +603,11 @@ def test_compare_one_repeated_run_and_one_single(repeated_logs):
     rc, out, err = cli("compare", repeated_logs / "single", repeated_logs / "single")
     assert rc == 0 and "self-agreement" not in out
 
+
 # --------------------------------------------------------------------------------------------
 # --fail_if
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def gate_logs(isolated_env, tmp_path):
@@ -678,9 +683,11 @@ def test_gate_failures(c, fail_if, failed):
     assert ne.gate_failures({"t": c}, fail_if) == failed
     assert ne.gate_exit({"t": c}, fail_if) == (6 if failed else 0)
 
+
 # --------------------------------------------------------------------------------------------
 # Several servers in one command, compared
 # --------------------------------------------------------------------------------------------
+
 
 def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
     # first 20 GSM8K rows: server A is wrong on rows 0-1, server B on rows 2-7

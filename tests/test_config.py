@@ -30,6 +30,7 @@ from nano_eval import APIConfig, TASKS, UsageError, normalize_base_url, parse_kv
 # Base URLs
 # --------------------------------------------------------------------------------------------
 
+
 def test_normalize_base_url():
     assert normalize_base_url("http://h:1/v1/chat/completions") == ("http://h:1/v1", "http://h:1/v1/chat/completions")
     assert normalize_base_url(" https://h/api/v1/ ") == ("https://h/api/v1", "https://h/api/v1/chat/completions")
@@ -60,9 +61,11 @@ def test_non_ascii_or_credentials_in_the_url_are_usage_errors(isolated_env, url)
     one_error(code, err, 2)
     assert "pw@" not in err
 
+
 # --------------------------------------------------------------------------------------------
 # lm-eval's k=v,k=v arguments
 # --------------------------------------------------------------------------------------------
+
 
 def test_parse_kv_examples():
     assert parse_kv(None, "--x") == {} and parse_kv("", "--x") == {} and parse_kv("  ", "--x") == {}
@@ -169,9 +172,11 @@ def test_python_api_rejects_bad_config():
     with pytest.raises(UsageError):
         asyncio.run(run_task(TASKS[GSM], APIConfig(url="http://127.0.0.1:9/v1", model="m"), max_samples=0))
 
+
 # --------------------------------------------------------------------------------------------
 # The API key: where it comes from, and never written anywhere
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("how", ["flag", "model_args", "env"])
 def test_api_key_sources(how, isolated_env, monkeypatch, capsys):
@@ -332,9 +337,11 @@ def test_a_short_key_does_not_corrupt_results_or_the_log(isolated_env, fake_open
     lines = (tmp_path / "logs" / "samples_gsm8k_cot_llama.jsonl").read_text("utf-8").splitlines()
     assert [json.loads(line)["request"]["seed"] for line in lines] == [1234] * 3
 
+
 # --------------------------------------------------------------------------------------------
 # Extra headers: sent on every request, secret like the key
 # --------------------------------------------------------------------------------------------
+
 
 SECRETS = {"X-Gateway-Token": "s3cr3t-value", "X-Second": "s3cond-s3cr3t", "X-Other": "v2-0th3r-s3cr3t"}
 

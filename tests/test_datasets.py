@@ -38,6 +38,7 @@ from nano_eval import (APIConfig, DatasetCache, DatasetError, DatasetsClient, TA
 # The datasets-server client
 # --------------------------------------------------------------------------------------------
 
+
 GSM_REF = TASKS["gsm8k_cot_llama"].data
 
 
@@ -312,9 +313,11 @@ def test_a_short_page_is_an_error_not_a_smaller_denominator(tmp_path, monkeypatc
     assert code == 5
     assert not list((tmp_path / "d").rglob("rows-00000.jsonl"))  # nothing cached
 
+
 # --------------------------------------------------------------------------------------------
 # The verified cache
 # --------------------------------------------------------------------------------------------
+
 
 def test_second_load_makes_no_request(no_bundled, gsm8k_spec):
     with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
@@ -548,6 +551,7 @@ def test_cli_read_only_data_dir_exit_2(tmp_path, fake_openai):
 # --------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------
+
 
 NULL_ROWS = {16, 17}
 

@@ -39,6 +39,7 @@ from nano_eval import (AdaptiveLimiter, APIConfig, AuthError, ChatClient, Connec
 # HTTPClient: one send per request, keep-alive, requests in flight bounded by num_concurrent
 # --------------------------------------------------------------------------------------------
 
+
 class Recorder:
     """What a connection's send() is given, instead of a socket."""
 
@@ -149,9 +150,11 @@ def test_cli_num_concurrent_bounds_in_flight(tmp_path, capsys, monkeypatch):
         assert server.max_in_flight == 2
     assert json.loads(capsys.readouterr().out)["config"]["num_concurrent"] == 2
 
+
 # --------------------------------------------------------------------------------------------
 # classify_response: what each answer is (Outcome)
 # --------------------------------------------------------------------------------------------
+
 
 METRICS = ["exact_match,strict-match", "exact_match,flexible-extract"]
 
@@ -232,9 +235,11 @@ def test_dropped_connection(isolated_env, tmp_path):
     assert rec["response"]["http_status"] is None and rec["error"]
     assert result["failures"] == {"connection": 1}
 
+
 # --------------------------------------------------------------------------------------------
 # Timeouts
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.usefixtures("no_datasets_server")
 def test_hanging_server_times_out(tmp_path):
@@ -276,9 +281,11 @@ def test_timeout_on_a_hanging_server_is_retried(isolated_env, tmp_path):
     assert elapsed >= 1.9  # each attempt waited its full 1 s timeout
     assert result["failures"] == {"timeout": 1}
 
+
 # --------------------------------------------------------------------------------------------
 # Retries, backoff, Retry-After and long waits
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("code", [429, 500, 502, 503, 504])
 def test_server_errors_are_retried_up_to_max_retries(isolated_env, tmp_path, code):
@@ -405,9 +412,11 @@ def test_short_waits_are_not_announced(isolated_env):
     assert len(srv.chat_requests) == 2
     assert "waiting" not in err
 
+
 # --------------------------------------------------------------------------------------------
 # ChatClient: authentication failures on chat requests
 # --------------------------------------------------------------------------------------------
+
 
 def assert_auth_failure(code, out, err, secret):
     assert code == 4, err
@@ -455,9 +464,11 @@ def test_in_process_auth_error_is_raised(isolated_env, tmp_path):
         with pytest.raises(AuthError, match="authentication failed"):
             run_inproc(srv, tmp_path, n=3)
 
+
 # --------------------------------------------------------------------------------------------
 # AdaptiveLimiter
 # --------------------------------------------------------------------------------------------
+
 
 def test_adaptive_concurrency_shrinks_on_429_and_recovers(isolated_env, tmp_path):
     seen = []  # requests in flight at the fake when each request arrived
@@ -576,9 +587,11 @@ def test_limiter_admits_no_more_than_a_lowered_cap():
     limiter.close()
     assert limiter.acquire() is False
 
+
 # --------------------------------------------------------------------------------------------
 # The response size cap
 # --------------------------------------------------------------------------------------------
+
 
 BIG = "x" * (2 * 2 ** 20) + " The final answer is 0"  # a 2 MB answer
 
@@ -628,9 +641,11 @@ def test_the_response_cap_in_process(isolated_env, tmp_path):
     with pytest.raises(UsageError, match="max_response_mb"):
         APIConfig(url="http://127.0.0.1:1/v1", max_response_mb=0)
 
+
 # --------------------------------------------------------------------------------------------
 # TLS
 # --------------------------------------------------------------------------------------------
+
 
 TLS_WAYS = {
     "default": ([], {}, 3),
@@ -759,9 +774,11 @@ def test_https_to_a_plain_http_port_says_so(isolated_env):
     assert "plain http" in line and "http://" in line
     assert "WRONG_VERSION_NUMBER" not in line and "is the server running" not in line
 
+
 # --------------------------------------------------------------------------------------------
 # Proxies
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def proxy():

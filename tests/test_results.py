@@ -33,6 +33,7 @@ from nano_eval import APIConfig, TASKS, mean_stderr, run_task  # noqa: E402
 # aggregate: means and lm-eval's stderr
 # --------------------------------------------------------------------------------------------
 
+
 def gsm8k_first(n: int) -> list[dict]:
     with open(ROOT / "tests" / "fixtures" / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(n), f)]
@@ -119,9 +120,11 @@ def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
     assert summary["self_agreement"] == {"documents": 2, "responses": 0.5, "scores": 1.0}
     assert (summary["k"], summary["temperature"]) == (2, 0)
 
+
 # --------------------------------------------------------------------------------------------
 # Warnings: reasoning accounting
 # --------------------------------------------------------------------------------------------
+
 
 GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
@@ -167,9 +170,11 @@ def test_an_answer_only_in_the_reasoning_is_flagged_without_max_tokens_advice(is
     assert len(advice) == 1 and "max_tokens" not in advice[0]
     assert not [line for line in warning_lines(err) if "ran out of tokens" in line]
 
+
 # --------------------------------------------------------------------------------------------
 # --expect
 # --------------------------------------------------------------------------------------------
+
 
 HALF_STDERR = 0.5 / 3
 
@@ -323,9 +328,11 @@ def test_several_servers_each_checked_against_expect(isolated_env):
     assert [run["results"]["gsm8k_cot_llama"]["expectation"]["verdict"] for run in runs] == ["above", "below"]
     assert runs[0]["results"]["gsm8k_cot_llama"]["expectation"]["margin"] == pytest.approx(0.02)
 
+
 # --------------------------------------------------------------------------------------------
 # Published reference scores
 # --------------------------------------------------------------------------------------------
+
 
 # 10 rows, rows 0-6 wrong: observed 0.3, stderr sqrt(0.3 * 0.7 / 9) = 0.15275,
 # margin 1.96 * 0.15275 + 0.02 = 0.31940
@@ -481,9 +488,11 @@ def test_python_api_repeats_and_expectation(isolated_env, tmp_path):
     # 0.875 vs 1.0: -0.125 within 0.265
     assert ne.expectation(result, 1.0, STRICT)["verdict"] == "consistent"
 
+
 # --------------------------------------------------------------------------------------------
 # The results JSON
 # --------------------------------------------------------------------------------------------
+
 
 GSM = "gsm8k_cot_llama"
 
@@ -526,9 +535,11 @@ def test_results_reach_a_cp1252_stdout(isolated_env, tmp_path):
     table = [line for line in err.splitlines() if line.startswith("task ") or line.startswith("gsm8k_cot_llama ")]
     assert len(table) >= 2 and "metric" in table[0] and "exact_match" in table[1]
 
+
 # --------------------------------------------------------------------------------------------
 # Exit codes and their severity
 # --------------------------------------------------------------------------------------------
+
 
 def test_fail_rate_above_the_limit_exits_1_after_writing_results(isolated_env, tmp_path):
     output = tmp_path / "res.json"

@@ -41,6 +41,7 @@ from nano_eval import APIConfig, DatasetsClient, TASKS, run_task  # noqa: E402
 # run_task and the sample log
 # --------------------------------------------------------------------------------------------
 
+
 GSM = "gsm8k_cot_llama"
 
 
@@ -302,9 +303,11 @@ def test_a_sample_log_holds_one_server(isolated_env, tmp_path):
     assert code == 2 and len(lines) == 1 and "holds samples from" in lines[0], err
     assert other.rows == [] and len(log_lines(log_dir)) == 5
 
+
 # --------------------------------------------------------------------------------------------
 # Failed samples stay in the denominator
 # --------------------------------------------------------------------------------------------
+
 
 def test_failures_dict_and_headline_counts_failed_as_wrong(isolated_env, tmp_path):
     plan = {
@@ -467,9 +470,11 @@ def test_a_hung_server_counts_the_samples_it_did_not_send(isolated_env, tmp_path
     assert len(told) == 1 and f"{len(unsent)} samples were not sent" in told[0]
     assert len([line for line in warning_lines(err) if "no more requests are sent" in line]) == 1
 
+
 # --------------------------------------------------------------------------------------------
 # Repeats, as the runner sends them
 # --------------------------------------------------------------------------------------------
+
 
 STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
 
@@ -620,9 +625,11 @@ def test_repeats_must_be_positive(isolated_env, tmp_path):
         assert srv.chat_requests == []
     assert rc == 2 and len(error_lines(err)) == 1
 
+
 # --------------------------------------------------------------------------------------------
 # Resume
 # --------------------------------------------------------------------------------------------
+
 
 def comparable(result: dict) -> dict:
     """The parts of a task result that must not depend on how the run was split up."""
@@ -916,9 +923,11 @@ def test_resume_a_log_written_before_repeats_existed(isolated_env, tmp_path):
     assert sorted(responder.rows) == [0, 1, 2]
     assert result["num_reused"] == 3 and result["num_samples"] == 6
 
+
 # --------------------------------------------------------------------------------------------
 # Signals
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, sig):
@@ -964,9 +973,11 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
     assert final["complete"] is True and final["num_samples"] == n
     assert comparable(final) == comparable(uninterrupted(tmp_path, n))
 
+
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
+
 
 DRIVER = r"""
 import contextlib, io, json, sys, tracemalloc

@@ -31,6 +31,7 @@ from fakes import (ByRow, FakeOpenAI, _json_response, _text_response, cli, cli_e
 # Probing local ports when there is no --base_url
 # --------------------------------------------------------------------------------------------
 
+
 class _PortHTTPServer(fakes._HTTPServer):
     def __init__(self, fake, port):
         self.fake = fake
@@ -107,9 +108,11 @@ def test_server_not_there_exits_3_quickly(isolated_env):
     assert "Traceback" not in err and out == ""
     assert elapsed < 5
 
+
 # --------------------------------------------------------------------------------------------
 # The model, from GET /v1/models
 # --------------------------------------------------------------------------------------------
+
 
 def bodies(server) -> list[dict]:
     return [r["body"] for r in server.chat_requests]
@@ -202,9 +205,11 @@ def test_wrong_api_key_exits_4(isolated_env):
     assert_auth_failure(code, out, err, "sk-wrong-key")
     assert chat == 0  # refused at GET /v1/models, before any chat request
 
+
 # --------------------------------------------------------------------------------------------
 # Server identity
 # --------------------------------------------------------------------------------------------
+
 
 LLAMA_PROPS = {
     "default_generation_settings": {"n_ctx": 4096, "params": {"temperature": 0.8, "top_k": 40}},

@@ -37,6 +37,7 @@ from nano_eval import (APIConfig, DatasetCache, DatasetsClient, TASKS, _relaxed_
 # Request bodies: lm-eval's, as parsed JSON, in key order, as bytes
 # --------------------------------------------------------------------------------------------
 
+
 FIXTURES = ROOT / "tests" / "fixtures"
 
 CAPTURES = FIXTURES / "lm_eval_requests"
@@ -325,9 +326,11 @@ def test_jpeg_rows_sent_as_jpeg(no_env, chart_server, tmp_path):
     images = tmp_path / "data" / "HuggingFaceM4__ChartQA" / "default" / "test" / "images"
     assert (images / "0.jpg").read_bytes() == TINY_JPEG
 
+
 # --------------------------------------------------------------------------------------------
 # gen_kwargs, as lm-eval merges them
 # --------------------------------------------------------------------------------------------
+
 
 GSM = "gsm8k_cot_llama"
 
@@ -396,9 +399,11 @@ def test_until_must_be_text(isolated_env, fake_openai):
     assert "until must be text" in one_error(code, err, 2)
     assert fake_openai.chat_requests == []
 
+
 # --------------------------------------------------------------------------------------------
 # Scoring: lm-eval's golden vectors
 # --------------------------------------------------------------------------------------------
+
 
 GOLDEN = ROOT / "tests" / "fixtures" / "golden"
 
@@ -498,9 +503,11 @@ def test_human_and_augmented_split(no_env, tmp_path):
     groups = {i: rec["group"] for i, rec in read_log_by_row(tmp_path / "log").items()}
     assert groups == {i: ("human" if i % 2 == 0 else "augmented") for i in range(10)}
 
+
 # --------------------------------------------------------------------------------------------
 # Think blocks and reasoning
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("content, keep, expected", [
     ("<think>x</think>The final answer is 18", False, "The final answer is 18"),
@@ -632,9 +639,11 @@ def test_budget_ran_out_in_reasoning_channel(isolated_env, tmp_path):
     assert result["reasoning"] == {"budget_ran_out_in_reasoning": 1}
     assert result["num_truncated"] == 1 and result["finish_reasons"] == {"length": 1}
 
+
 # --------------------------------------------------------------------------------------------
 # Properties: the scorers and chartqa_target never raise, whatever the text
 # --------------------------------------------------------------------------------------------
+
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
