@@ -33,6 +33,7 @@ import sys
 import typing
 import random
 import re
+import signal
 import socket
 import socketserver
 import struct
@@ -1297,3 +1298,62 @@ def run_inproc(server, tmp_path=None, n=1, *, log_dir=None, repeats=1, **config)
     result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=server.base_url, **config),
                                   max_samples=n, log_dir=log_dir, progress=False, repeats=repeats))
     return result, (read_log(log_dir) if log_dir is not None else [])
+
+
+def wait_for(predicate, timeout=20.0, interval=0.02) -> bool:
+    """Whether predicate() became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def interrupted_cli(*args, when, sig=signal.SIGINT, what="the run did not get there", env=None):
+    """Starts ``python nano_eval.py ARGS``, waits until when() is true (failing with ``what`` after
+    20 s), sends ``sig``: (its CliRun, seconds from the signal to its exit)."""
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    try:
+        assert wait_for(when), what
+        start = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return CliRun(proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")), elapsed
+
+
+def interrupt_while_waiting(cmd: list) -> tuple:
+    """Starts `cmd`, waits for its "waiting ..." notice on stderr, sends SIGINT: (the process,
+    its stderr lines, the notice, stdout, seconds from SIGINT to exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    announced = threading.Event()
+
+    def read_stderr():
+        for raw in proc.stderr:
+            lines.append(raw.decode("utf-8", "replace"))
+            if "waiting" in lines[-1]:
+                announced.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert announced.wait(20), "".join(lines)
+        notice = next(line for line in lines if "waiting" in line)
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
+        out = proc.stdout.read()
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    return proc, lines, notice, out, elapsed

@@ -25,8 +25,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, Reply, answers_responder, cli, cli_env, error_lines, gsm8k_args, read_log,  # noqa: E402
-    error_line, free_port, gsm8k_row_of, main_json, one_error, question_of)
+from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, NANO_EVAL, Reply,  # noqa: E402
+    answers_responder, cli, cli_env, error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of,
+    main_json, one_error, question_of, read_log)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,9 +433,6 @@ def test_log_samples_under_a_regular_file(server):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--log_samples", "/etc/passwd/logs")
     one_error(code, err, 2, "/etc/passwd/logs")
     assert server.chat_requests == []
-
-
-NANO_EVAL = ROOT / "nano_eval.py"
 
 
 def test_non_utf8_task_name(server):

@@ -14,11 +14,7 @@ import base64
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -28,8 +24,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, TINY_JPEG, answers_responder,  # noqa: E402
-    cli, cli_env, make_png, error_line, question_of, read_log)
+from fakes import (CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, NANO_EVAL, TINY_JPEG,  # noqa: E402
+    answers_responder, cli, cli_env, error_line, interrupt_while_waiting, make_png, question_of,
+    read_log)
 from nano_eval import (APIConfig, DatasetCache, DatasetError, DatasetsClient, TASKS, load_rows,  # noqa: E402
     resolve_data_dir, run_task, sniff_image)
 
@@ -162,41 +159,6 @@ def test_plain_text_500_forever_is_a_dataset_error(no_bundled, gsm8k_spec):
     message = str(err.value)
     assert "500" in message and "\n" not in message
     assert not (no_bundled / "openai__gsm8k" / "main" / "test" / "rows-00000.jsonl").exists()
-
-
-NANO_EVAL = ROOT / "nano_eval.py"
-
-
-def interrupt_while_waiting(cmd: list) -> tuple:
-    """Starts `cmd`, waits for its "waiting ..." notice on stderr, sends SIGINT: (the process,
-    its stderr lines, the notice, stdout, seconds from SIGINT to exit)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    announced = threading.Event()
-
-    def read_stderr():
-        for raw in proc.stderr:
-            lines.append(raw.decode("utf-8", "replace"))
-            if "waiting" in lines[-1]:
-                announced.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    try:
-        assert announced.wait(20), "".join(lines)
-        notice = next(line for line in lines if "waiting" in line)
-        time.sleep(0.3)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
-        out = proc.stdout.read()
-        elapsed = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(5)
-    return proc, lines, notice, out, elapsed
 
 
 def test_a_long_retry_after_from_the_datasets_server_is_announced_and_interruptible(isolated_env, fake_hf):

@@ -15,8 +15,6 @@ import http.client
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -29,8 +27,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, ForwardProxy, Reply, TLS_CERT, cli, error_lines, fault_plan,  # noqa: E402
-    gsm8k_row_of, read_log, run_inproc, send_chunked, serve_https)
+from fakes import (ByRow, FakeOpenAI, ForwardProxy, NANO_EVAL, Reply, TLS_CERT, cli, error_lines,  # noqa: E402
+    fault_plan, gsm8k_row_of, interrupt_while_waiting, read_log, run_inproc, send_chunked,
+    serve_https)
 from nano_eval import (AdaptiveLimiter, APIConfig, AuthError, ChatClient, Connection, HTTPClient, TASKS,  # noqa: E402
     UsageError, run_task)
 
@@ -347,41 +346,6 @@ def test_backoff_grows(isolated_env, tmp_path):
 
 
 GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
-
-NANO_EVAL = ROOT / "nano_eval.py"
-
-
-def interrupt_while_waiting(cmd: list) -> tuple:
-    """Starts `cmd`, waits for its "waiting ..." notice on stderr, sends SIGINT: (the process,
-    its stderr lines, the notice, stdout, seconds from SIGINT to exit)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    announced = threading.Event()
-
-    def read_stderr():
-        for raw in proc.stderr:
-            lines.append(raw.decode("utf-8", "replace"))
-            if "waiting" in lines[-1]:
-                announced.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    try:
-        assert announced.wait(20), "".join(lines)
-        notice = next(line for line in lines if "waiting" in line)
-        time.sleep(0.3)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
-        out = proc.stdout.read()
-        elapsed = time.monotonic() - start
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(5)
-    return proc, lines, notice, out, elapsed
-
 
 def test_a_long_retry_after_is_announced_and_ctrl_c_stops_the_wait(isolated_env, tmp_path):
     output = tmp_path / "o.json"

@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, GSM8K_GOLD, Reply, cli, error_lines, gsm8k_args, main_json,  # noqa: E402
-    question_of, read_log, run_inproc, warning_lines)
+from fakes import (ByRow, FakeOpenAI, GSM8K_GOLD, NANO_EVAL, Reply, cli, error_lines, gsm8k_args,  # noqa: E402
+    main_json, question_of, read_log, run_inproc, warning_lines)
 from nano_eval import APIConfig, TASKS, mean_stderr, run_task  # noqa: E402
 
 
@@ -507,9 +507,6 @@ def test_output_file_equals_stdout(isolated_env, fake_openai, tmp_path, capsys):
     assert sorted(r["row_idx"] for r in records) == [0, 1, 2]
     assert doc["config"]["log_samples"] == str(tmp_path / "res_samples")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-
-
-NANO_EVAL = ROOT / "nano_eval.py"
 
 
 def test_results_reach_a_cp1252_stdout(isolated_env, tmp_path):

@@ -31,9 +31,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
 
 import fakes  # noqa: E402
 import nano_eval as ne  # noqa: E402
-from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply, answers_responder, cli,  # noqa: E402
-    cli_command, cli_env, error_lines, gsm8k_args, gsm8k_row_of, question_of, read_log, run_inproc,
-    synthetic_chartqa_dataset, warning_lines)
+from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply,  # noqa: E402
+    answers_responder, cli, cli_env, error_lines, gsm8k_args, gsm8k_row_of, interrupted_cli,
+    question_of, read_log, run_inproc, synthetic_chartqa_dataset, warning_lines)
 from nano_eval import APIConfig, DatasetsClient, TASKS, run_task  # noqa: E402
 
 
@@ -711,31 +711,15 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     assert comparable(json.loads(out)["results"]["gsm8k_cot_llama"]) == comparable(uninterrupted(tmp_path, n))
 
 
-def wait_for(predicate, timeout=20.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
 def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_path):
     n = 24
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=ByRowWithWrongRows(delay=0.15)) as srv:
         port = srv.port
-        proc = subprocess.Popen(cli_command(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 2, log_dir=log_dir)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert wait_for(lambda: len(log_lines(log_dir)) >= 6), "no samples were logged"
-            proc.kill()  # SIGKILL: no handler, no cleanup
-            proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        killed, _ = interrupted_cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 2, log_dir=log_dir),
+                                    when=lambda: len(log_lines(log_dir)) >= 6, what="no samples were logged",
+                                    sig=signal.SIGKILL)  # no handler, no cleanup
+    assert killed.code == -signal.SIGKILL
     before = records(log_dir)  # every line is complete JSON: lines are written whole and flushed
     done = {r["row_idx"] for r in before if r["status"] in ("ok", "truncated")}
     assert 6 <= len(done) < n
@@ -833,9 +817,6 @@ def test_resume_in_the_middle_of_a_repeated_run(isolated_env, tmp_path):
     assert again["repeats"] == whole["repeats"]
 
 
-NANO_EVAL = ROOT / "nano_eval.py"
-
-
 def test_sigint_in_the_second_pass_then_resume(isolated_env, tmp_path):
     # 6 rows x 2 repeats, 2 at a time; row 1 always wrong. The second requests of rows 3-5 hang, so at
     # the signal pass 0 is done (rows 0-5) and pass 1 has rows 0-2: 9 samples of 12.
@@ -844,21 +825,11 @@ def test_sigint_in_the_second_pass_then_resume(isolated_env, tmp_path):
     responder = ByRow({r: [right(r), hang] for r in (3, 4, 5)}, wrong={1})
     with FakeOpenAI(responder=responder) as srv:
         port = srv.port
-        proc = subprocess.Popen([sys.executable, str(NANO_EVAL), *map(str, gsm8k_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, "--log_samples", log_dir))],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 20
-            while not ((log_dir / LOG_NAME).exists() and len(read_log(log_dir, sort=False)) >= 9 and srv.in_flight >= 2):
-                assert time.monotonic() < deadline, "the run did not reach the second pass"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    assert proc.returncode == 130, err
+        (code, out, err), _ = interrupted_cli(
+            *gsm8k_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, log_dir=log_dir),
+            when=lambda: (log_dir / LOG_NAME).exists() and len(read_log(log_dir, sort=False)) >= 9 and srv.in_flight >= 2,
+            what="the run did not reach the second pass")
+    assert code == 130, err
     partial = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert partial["complete"] is False and partial["num_samples"] == 9 and partial["num_planned"] == 12
     # pass 0: 5/6; pass 1 so far (rows 0-2): 2/3; only rows 0-2 have both repeats
@@ -869,7 +840,7 @@ def test_sigint_in_the_second_pass_then_resume(isolated_env, tmp_path):
 
     again = ByRow(wrong={1})
     with FakeOpenAI(responder=again, port=port) as srv:
-        rc, out, err = cli(*gsm8k_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, "--log_samples", log_dir))
+        rc, out, err = cli(*gsm8k_args(srv, 6, "--repeats", 2, "--num_concurrent", 2, log_dir=log_dir))
     assert rc == 0, err
     assert sorted(again.rows) == [3, 4, 5]
     final = json.loads(out)["results"]["gsm8k_cot_llama"]
@@ -938,20 +909,10 @@ def test_signal_mid_run_exits_130_with_partial_results(isolated_env, tmp_path, s
     responder = ByRowWithWrongRows({row: Reply(hang=True) for row in range(4, n)})
     with FakeOpenAI(responder=responder) as srv:
         port = srv.port
-        proc = subprocess.Popen(cli_command(*gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 4, "--output", output, log_dir=log_dir)),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            assert wait_for(lambda: len(log_lines(log_dir)) >= 4 and srv.in_flight >= 4), "run did not start"
-            start = time.monotonic()
-            proc.send_signal(sig)
-            out, err = proc.communicate(timeout=20)
-            elapsed = time.monotonic() - start
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    out, err = out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
-    assert proc.returncode == 130, err
+        (code, out, err), elapsed = interrupted_cli(
+            *gsm8k_args(srv, n, "--max_fail_rate", 1, "--num_concurrent", 4, "--output", output, log_dir=log_dir),
+            when=lambda: len(log_lines(log_dir)) >= 4 and srv.in_flight >= 4, what="run did not start", sig=sig)
+    assert code == 130, err
     assert elapsed < 10, elapsed  # requests in flight on a hanging server do not hold the exit
     assert "Traceback" not in err
     document = json.loads(out)
