@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, NANO_EVAL, Reply,  # noqa: E402
+from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM8K_GOLD, NANO_EVAL, Reply,  # noqa: E402
     answers_responder, cli, cli_env, error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of,
     main_json, one_error, question_of, read_log)
 
@@ -36,6 +36,7 @@ from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, NANO_EVAL, Repl
 
 
 GSM = "gsm8k_cot_llama"
+assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 FLAG_VALUES = {
     "tasks": GSM, "base_url": None, "model": "custom-model", "model_args": "model=from-model-args,seed=5",
@@ -169,7 +170,7 @@ def no_datasets_server(monkeypatch):
 
 
 @pytest.mark.usefixtures("no_datasets_server")
-def test_cli_timeout_flag(tmp_path):
+def test_timeout_bounds_each_attempt_of_a_cli_run(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
     env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
@@ -394,6 +395,7 @@ def test_unknown_task_exit_2_with_valid_list(tmp_path):
 def test_invalid_base_url(server, url):
     code, out, err = cli(*TASK_ARGS, "--base_url", url)
     one_error(code, err, 2, "base URL")
+    assert out == ""
     assert server.requests == []
 
 
@@ -405,12 +407,14 @@ def test_invalid_base_url_in_model_args(server):
 def test_directory_as_output(server, tmp_path):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", str(tmp_path))
     one_error(code, err, 2, "--output")
+    assert out == ""
     assert server.chat_requests == []
 
 
 def test_output_in_a_missing_folder(server, tmp_path):
     code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", str(tmp_path / "no" / "r.json"))
     one_error(code, err, 2, "--output")
+    assert out == ""
     assert server.chat_requests == []
 
 
@@ -624,7 +628,7 @@ def chart_server():
         yield server
 
 
-def test_cli_chartqa_30(fake_hf, chart_server, tmp_path):
+def test_chartqa_run_of_30_rows_from_the_command_line(fake_hf, chart_server, tmp_path):
     args = ["--tasks", "chartqa", "--base_url", chart_server.base_url, "--max_samples", "30", "--no_progress"]
     proc = cli(*args, env=cli_env(tmp_path, fake_hf))
     assert proc.returncode == 1, proc.stderr  # 2 of 30 failed (missing_image) > --max_fail_rate 0.05
@@ -657,7 +661,7 @@ def test_cli_chartqa_30(fake_hf, chart_server, tmp_path):
     assert json.loads(proc.stdout)["results"]["chartqa"]["metrics"] == res["metrics"]
 
 
-def test_cli_both_tasks(fake_hf, gsm8k_answers, tmp_path):
+def test_both_tasks_in_one_command(fake_hf, gsm8k_answers, tmp_path):
     with FakeOpenAI(responder=answers_responder({**gsm8k_answers, **ANSWERS})) as oa:
         proc = cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", oa.base_url, "--max_samples", "5",
                         "--log_samples", tmp_path / "log", env=cli_env(tmp_path, fake_hf))

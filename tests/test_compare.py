@@ -554,6 +554,8 @@ def test_compare_of_a_non_utf8_file(isolated_env, tmp_path):
 OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
 
 WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
+assert "0" not in GSM8K_GOLD[:40]
+assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
 
 
 def right(row: int) -> str:

@@ -27,9 +27,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, ForwardProxy, NANO_EVAL, Reply, TLS_CERT, cli, error_lines,  # noqa: E402
-    fault_plan, gsm8k_row_of, interrupt_while_waiting, read_log, run_inproc, send_chunked,
-    serve_https)
+from fakes import (ByRow, FakeOpenAI, ForwardProxy, GSM8K_GOLD, NANO_EVAL, Reply, TLS_CERT, cli,  # noqa: E402
+    error_lines, fault_plan, gsm8k_row_of, interrupt_while_waiting, read_log, run_inproc,
+    send_chunked, serve_https)
 from nano_eval import (AdaptiveLimiter, APIConfig, AuthError, ChatClient, Connection, HTTPClient, TASKS,  # noqa: E402
     UsageError, run_task)
 
@@ -156,6 +156,7 @@ def test_cli_num_concurrent_bounds_in_flight(tmp_path, capsys, monkeypatch):
 
 
 METRICS = ["exact_match,strict-match", "exact_match,flexible-extract"]
+assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 
 def test_ok_is_scored(isolated_env, tmp_path):

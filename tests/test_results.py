@@ -176,7 +176,9 @@ def test_an_answer_only_in_the_reasoning_is_flagged_without_max_tokens_advice(is
 # --------------------------------------------------------------------------------------------
 
 
+HALF = [0.0] * 5 + [1.0] * 5  # a run of 10 with half right
 HALF_STDERR = 0.5 / 3
+assert sem(HALF) == pytest.approx(HALF_STDERR)
 
 
 @pytest.mark.parametrize("expect, tolerance, reference, metric, verdict, code", [
@@ -457,6 +459,8 @@ def test_reference_score(task, model, score):
 
 
 WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
+assert "0" not in GSM8K_GOLD[:40]
+assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
 
 
 def right(row: int) -> str:

@@ -68,6 +68,7 @@ GSM8K_ROWS = [json.loads(line) for line in
               (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()[:60]]
 
 GOLD = [row["answer"].split("####")[-1].strip() for row in GSM8K_ROWS]
+assert GOLD[0] == "18"  # Janet's ducks: the examples below rely on it
 
 RECORD_KEYS = {"task", "row_idx", "doc_hash", "body_hash", "url", "request", "response", "status", "error",
                "target", "extracted", "scores", "group", "image", "latency", "attempts", "reasoning_flags"}
@@ -523,6 +524,8 @@ def test_repeats_deterministic_server(isolated_env, tmp_path):
 OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
 
 WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
+assert "0" not in GSM8K_GOLD[:40]
+assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
 
 
 def right(row: int) -> str:

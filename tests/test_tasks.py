@@ -26,9 +26,9 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (CHARTQA, FakeDatasetsServer, FakeOpenAI, Reply, TINY_JPEG, answers_responder,  # noqa: E402
-    chartqa_dataset, cli, cli_env, main_json, one_error, question_of, read_log, run_inproc,
-    synthetic_chartqa_dataset)
+from fakes import (CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply, TINY_JPEG,  # noqa: E402
+    answers_responder, chartqa_dataset, cli, cli_env, main_json, one_error, question_of, read_log,
+    run_inproc, synthetic_chartqa_dataset)
 from nano_eval import (APIConfig, DatasetCache, DatasetsClient, TASKS, _relaxed_preprocess, answer_text,  # noqa: E402
     chartqa_target, gsm8k_target, run_task, score_chartqa, score_gsm8k)
 
@@ -525,6 +525,7 @@ def test_answer_text(content, keep, expected):
 
 
 METRICS = ["exact_match,strict-match", "exact_match,flexible-extract"]
+assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 
 def test_think_block_is_stripped_before_scoring(isolated_env, tmp_path):
