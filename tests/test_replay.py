@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import fakes  # noqa: E402
-from fakes import ByRow, FakeOpenAI, Reply, cli, gsm8k_args, one_error, question_of, read_log  # noqa: E402
+from fakes import ByRow, FakeOpenAI, Reply, cli, gsm8k_args, gsm8k_row_of, one_error, read_log  # noqa: E402
 
 WRONG_ROWS = {1, 4, 9, 13, 17, 22}  # rows the standard responder answers wrongly (so metrics are not trivial)
 
@@ -41,22 +41,12 @@ def logged_run(tmp_path, srv, n=3):
     return log_dir / LOG_NAME
 
 
-GSM8K_ROWS = [json.loads(line) for line in
-              (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()[:60]]
-
-ROW_OF = {row["question"]: i for i, row in enumerate(GSM8K_ROWS)}
-
-
-def row_of(body) -> int:
-    return ROW_OF[question_of(body)[1]]
-
-
 @pytest.mark.parametrize("line", [1, 3])
 def test_replay_resends_exactly_the_logged_body(isolated_env, tmp_path, raw_bodies, line):
     with FakeOpenAI(responder=ByRowWithWrongRows()) as srv:
         log = logged_run(tmp_path, srv)
         record = json.loads(log.read_text("utf-8").splitlines()[line - 1])
-        original = [raw for raw in raw_bodies if row_of(json.loads(raw)) == record["row_idx"]]
+        original = [raw for raw in raw_bodies if gsm8k_row_of(json.loads(raw)) == record["row_idx"]]
         assert len(original) == 1
         before = len(raw_bodies)
         code, out, err = cli("replay", f"{log}:{line}")

@@ -67,8 +67,7 @@ def ByRowWithWrongRows(plan=None, delay=None):
 GSM8K_ROWS = [json.loads(line) for line in
               (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()[:60]]
 
-GOLD = [row["answer"].split("####")[-1].strip() for row in GSM8K_ROWS]
-assert GOLD[0] == "18"  # Janet's ducks: the examples below rely on it
+assert GSM8K_GOLD[0] == "18"  # Janet's ducks: the examples below rely on it
 
 RECORD_KEYS = {"task", "row_idx", "doc_hash", "body_hash", "url", "request", "response", "status", "error",
                "target", "extracted", "scores", "group", "image", "latency", "attempts", "reasoning_flags"}
@@ -83,17 +82,10 @@ def log_lines(log_dir: Path) -> list[str]:
     return path.read_text("utf-8").splitlines() if path.exists() else []
 
 
-ROW_OF = {row["question"]: i for i, row in enumerate(GSM8K_ROWS)}
-
-
-def row_of(body) -> int:
-    return ROW_OF[question_of(body)[1]]
-
-
 def test_sample_log_has_one_complete_line_per_sample(isolated_env, tmp_path, raw_bodies):
     plan = {
         2: Reply(status=400),
-        3: Reply(content=f"The final answer is {GOLD[3]}", finish_reason="length"),
+        3: Reply(content=f"The final answer is {GSM8K_GOLD[3]}", finish_reason="length"),
         5: [Reply(status=500), None],  # ok on the second attempt
         6: Reply(content="The answer: $1,234.50 maybe. The final answer is 7",
                  reasoning_content="hmm", usage={"prompt_tokens": 11, "completion_tokens": 7}),
@@ -102,20 +94,20 @@ def test_sample_log_has_one_complete_line_per_sample(isolated_env, tmp_path, raw
     log_dir = tmp_path / "logs"
     with FakeOpenAI(responder=responder) as srv:
         code, out, err = cli(*gsm8k_args(srv, 8, "--max_fail_rate", 1, "--num_concurrent", 3, log_dir=log_dir))
-        received = {row_of(r["body"]): r["body"] for r in srv.chat_requests}
+        received = {gsm8k_row_of(r["body"]): r["body"] for r in srv.chat_requests}
     assert code == 0, err
     lines = log_lines(log_dir)
     assert len(lines) == 8  # one line per sample (the retry of row 5 is one line)
     recs = sorted((json.loads(line) for line in lines), key=lambda r: r["row_idx"])
     assert [r["row_idx"] for r in recs] == list(range(8))
-    raw_by_row = {row_of(json.loads(raw)): raw for raw in raw_bodies}
+    raw_by_row = {gsm8k_row_of(json.loads(raw)): raw for raw in raw_bodies}
     chat_url = srv.base_url + "/chat/completions"
     for rec in recs:
         row = rec["row_idx"]
         assert set(rec) >= RECORD_KEYS, RECORD_KEYS - set(rec)
         assert set(rec["response"]) >= RESPONSE_KEYS
         assert rec["task"] == "gsm8k_cot_llama" and rec["url"] == chat_url
-        assert rec["target"] == GOLD[row]
+        assert rec["target"] == GSM8K_GOLD[row]
         # the exact request: same JSON, same key order, same bytes, and body_hash is their sha256
         assert rec["request"] == received[row]
         assert json.dumps(rec["request"]).encode() == raw_by_row[row]
@@ -171,7 +163,7 @@ def test_log_extracted_answers_differ_per_filter(isolated_env, tmp_path):
     recs = sorted(records(tmp_path / "logs"), key=lambda r: r["row_idx"])
     assert recs[0]["extracted"] == {"strict-match": "[invalid]", "flexible-extract": "18"}
     assert recs[0]["scores"] == {"exact_match,strict-match": 0.0, "exact_match,flexible-extract": 1.0}
-    assert GOLD[1] == "3"
+    assert GSM8K_GOLD[1] == "3"
     assert recs[1]["extracted"] == {"strict-match": "3", "flexible-extract": "4"}
     assert recs[1]["scores"] == {"exact_match,strict-match": 1.0, "exact_match,flexible-extract": 0.0}
     metrics = json.loads(out)["results"]["gsm8k_cot_llama"]["metrics"]
@@ -315,7 +307,7 @@ def test_failures_dict_and_headline_counts_failed_as_wrong(isolated_env, tmp_pat
         1: Reply(status=400),  # http_400
         2: Reply(content=None),  # empty
         3: Reply(raw=b"<html>oops</html>"),  # bad_response
-        4: Reply(content=f"The final answer is {GOLD[4]}", finish_reason="length"),  # truncated, right
+        4: Reply(content=f"The final answer is {GSM8K_GOLD[4]}", finish_reason="length"),  # truncated, right
         5: Reply(status=422),  # http_422
     }
     responder = ByRow(plan, wrong={6})
