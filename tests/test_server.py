@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
 
 import fakes  # noqa: E402
 import nano_eval as ne  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, _json_response, _text_response, cli, cli_env, error_line, error_lines,  # noqa: E402
-    free_port, main_json, one_error, run_main)
+from fakes import (ByRow, FakeOpenAI, _json_response, _text_response, cli, cli_env, error_line,  # noqa: E402
+    error_lines, free_port, main_json, one_error, run_main)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,6 +168,42 @@ class RawModels(FakeOpenAI):
             status, body, content_type = self.models_answer
             return fakes._Response(status, body, {"Content-Type": content_type})
         return super()._route(request)
+
+
+class LoadingModels(FakeOpenAI):
+    """A FakeOpenAI whose GET /v1/models answers 503 (the model is still loading) to its first
+    `loading` requests."""
+
+    def __init__(self, loading: int, **kwargs):
+        super().__init__(**kwargs)
+        self.loading = loading
+
+    def _route(self, request):
+        if request["method"] == "GET" and request["path"] == "/v1/models" and self.loading > 0:
+            self.loading -= 1
+            self._record(self.requests, request)
+            return _json_response(503, {"error": {"message": "Loading model"}})
+        return super()._route(request)
+
+
+def test_a_server_still_loading_its_model_is_waited_for(isolated_env, gsm8k_answers):
+    with LoadingModels(2, answers=gsm8k_answers) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
+        models_asked = [r for r in srv.requests if r["path"] == "/v1/models"]
+        assert [r["status"] for r in models_asked][:3] == [503, 503, 200] and len(srv.chat_requests) == 2
+    assert code == 0, err
+    assert json.loads(out)["config"]["model"] == "fake-model"
+    notices = [line for line in err.splitlines() if "answers 503" in line]
+    assert len(notices) == 1 and "finish loading" in notices[0]  # said once, not once a second
+
+
+def test_a_server_that_stays_loading_is_given_up(isolated_env, monkeypatch, capsys):
+    monkeypatch.setattr(ne, "LOADING_WAIT", 1.5)
+    with LoadingModels(10 ** 6) as srv:
+        code, doc, err = main_json([*TASK_ARGS, "--base_url", srv.base_url], capsys)
+        assert srv.chat_requests == []
+    assert doc is None
+    one_error(code, err, 3, "HTTP 503", "--model")
 
 
 @pytest.mark.parametrize("status", [200, 502])
