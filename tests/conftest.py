@@ -84,3 +84,21 @@ def isolated_env(monkeypatch, tmp_path, fake_hf) -> Path:
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     return data_dir
+
+
+@pytest.fixture
+def raw_bodies(monkeypatch) -> list[bytes]:
+    """Every non-empty request body the fakes receive, as the exact bytes (the fakes themselves keep
+    only the parsed body)."""
+    import fakes
+
+    captured: list[bytes] = []
+    original = fakes._parse_body
+
+    def capture(raw):
+        if raw:
+            captured.append(bytes(raw))
+        return original(raw)
+
+    monkeypatch.setattr(fakes, "_parse_body", capture)
+    return captured

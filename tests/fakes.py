@@ -27,10 +27,13 @@ import dataclasses
 import hashlib
 import http.server
 import json
-import sys
+import os
 import subprocess
+import sys
+import typing
 import random
 import re
+import signal
 import socket
 import socketserver
 import struct
@@ -1137,14 +1140,110 @@ class ForwardProxy(_FakeServer):
 # Running the CLI
 # --------------------------------------------------------------------------------------------
 
-NANO_EVAL = Path(__file__).resolve().parent.parent / "nano_eval.py"
+ROOT = Path(__file__).resolve().parent.parent
+NANO_EVAL = ROOT / "nano_eval.py"
+DEAD_URL = "http://127.0.0.1:9"  # the discard port: nothing listens there
 
 
-def cli(*args, env=None, timeout=60):
-    """(exit code, stdout, stderr) of ``python nano_eval.py ARGS`` in a child process."""
-    proc = subprocess.run([sys.executable, str(NANO_EVAL), *map(str, args)], capture_output=True,
-                          timeout=timeout, env=env)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace")
+class CliRun(typing.NamedTuple):
+    """A child run of nano-eval: unpacks as ``code, out, err``; ``.returncode``, ``.stdout`` and
+    ``.stderr`` give the same (the names of subprocess.CompletedProcess)."""
+
+    code: int
+    out: str
+    err: str
+
+    returncode = property(lambda self: self.code)
+    stdout = property(lambda self: self.out)
+    stderr = property(lambda self: self.err)
+
+
+def cli_command(*args, script=NANO_EVAL) -> list[str]:
+    """The argv of ``python SCRIPT ARGS`` (for Popen)."""
+    return [sys.executable, str(script), *map(str, args)]
+
+
+def cli(*args, env=None, cwd=None, timeout=120, script=NANO_EVAL, command=None, terminal=False) -> CliRun:
+    """``python nano_eval.py ARGS`` in a child process (``script``: another copy of it; ``command``:
+    another program, e.g. an installed console script). Runs in ``cwd``, by default the repository
+    root (the script's folder for another script). Output is decoded as UTF-8 with replacement.
+    terminal=True: stderr is a pseudo-terminal (isatty() is true), read back with its "\r\n"
+    line ends made "\n" again."""
+    argv = [*(command or [sys.executable, str(script)]), *map(str, args)]
+    if cwd is None:
+        cwd = ROOT if Path(script) == NANO_EVAL else Path(script).parent
+    if not terminal:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, env=env, cwd=str(cwd))
+        return CliRun(proc.returncode, proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
+    master, slave = os.openpty()
+    chunks: list[bytes] = []
+
+    def drain():  # read while the child runs, so a full pty buffer never blocks it
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                              timeout=timeout, env=env, cwd=str(cwd))
+    finally:
+        os.close(slave)
+        reader.join(10)
+        os.close(master)
+    err = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n")
+    return CliRun(proc.returncode, proc.stdout.decode("utf-8", "replace"), err)
+
+
+def cli_env(tmp_path=None, datasets_server=DEAD_URL, **extra) -> dict:
+    """os.environ without NANO_EVAL_*, OPENAI_API_KEY or HF_TOKEN, with 127.0.0.1 off any proxy;
+    NANO_EVAL_DATA_DIR=tmp_path/"data" when tmp_path is given; NANO_EVAL_DATASETS_SERVER=
+    datasets_server (a URL or a FakeDatasetsServer; by default a dead port: gsm8k ships in data/);
+    plus ``extra`` variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
+    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    if tmp_path is not None:
+        env["NANO_EVAL_DATA_DIR"] = str(Path(tmp_path) / "data")
+    if datasets_server is not None:
+        env["NANO_EVAL_DATASETS_SERVER"] = getattr(datasets_server, "url", datasets_server)
+    env.update(extra)
+    return env
+
+
+def gsm8k_args(server, n, *extra, log_dir=None) -> list:
+    """The CLI arguments of a gsm8k_cot_llama run of ``n`` rows against ``server``, without a
+    progress line (``log_dir``: --log_samples), then ``extra``."""
+    args = ["--tasks", "gsm8k_cot_llama", "--base_url", server.base_url, "--max_samples", n, "--no_progress"]
+    if log_dir is not None:
+        args += ["--log_samples", log_dir]
+    return args + list(extra)
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """nano_eval.main(ARGV) in this process: (exit code, stdout, stderr) of that call alone."""
+    import nano_eval
+
+    capsys.readouterr()
+    code = nano_eval.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def main_json(argv, capsys):
+    """run_main(), with stdout parsed: (exit code, the results document or None, stderr)."""
+    code, out, err = run_main(argv, capsys)
+    try:
+        doc = json.loads(out) if out.strip() else None
+    except ValueError:
+        doc = None
+    return code, doc, err
 
 
 def error_lines(stderr: str) -> list:
@@ -1152,17 +1251,109 @@ def error_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.startswith("nano-eval: error:")]
 
 
-def run_inproc(server, tmp_path, n=1, **config):
-    """(results, sample records sorted by row) of an in-process gsm8k run of `n` rows against
-    ``server``, each in a fresh sample log under tmp_path (fast retries, model "fake-model")."""
+def warning_lines(stderr: str) -> list:
+    """The warnings nano-eval printed."""
+    return [line for line in stderr.splitlines() if line.startswith("nano-eval: warning:")]
+
+
+def error_line(stderr: str, *fragments) -> str:
+    """The single 'nano-eval: error:' line, holding every fragment; fails on a traceback, an
+    internal error or several error lines."""
+    assert "Traceback" not in stderr and "internal error" not in stderr, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def one_error(code, err, expected_code, *fragments) -> str:
+    """Exit code ``expected_code`` and error_line(err, *fragments)."""
+    assert code == expected_code, (code, err)
+    return error_line(err, *fragments)
+
+
+def read_log(where, task="gsm8k_cot_llama", sort=True) -> list[dict]:
+    """The records of a sample log: ``where`` is the file, or its folder (then samples_TASK.jsonl);
+    sorted by row_idx (a stable sort: a row's repeats keep their order) unless sort=False."""
+    path = Path(where)
+    if path.is_dir():
+        path = path / f"samples_{task}.jsonl"
+    records = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+    return sorted(records, key=lambda r: r["row_idx"]) if sort else records
+
+
+def run_inproc(server, tmp_path=None, n=1, *, log_dir=None, repeats=1, **config):
+    """(results, sample records sorted by row) of an in-process gsm8k run of `n` rows, ``repeats``
+    times, against ``server`` (fast retries, model "fake-model"), logged in ``log_dir``, by default
+    a fresh folder under tmp_path (neither: no sample log, no records)."""
     import asyncio
 
     from nano_eval import APIConfig, TASKS, run_task
 
     config.setdefault("retry_base_delay", 0.01)
     config.setdefault("model", "fake-model")
-    log_dir = tmp_path / f"log{len(list(tmp_path.glob('log*')))}"
+    if log_dir is None and tmp_path is not None:
+        log_dir = tmp_path / f"log{len(list(tmp_path.glob('log*')))}"
     result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=server.base_url, **config),
-                                  max_samples=n, log_dir=log_dir, progress=False))
-    records = [json.loads(line) for line in (log_dir / "samples_gsm8k_cot_llama.jsonl").read_text("utf-8").splitlines()]
-    return result, sorted(records, key=lambda r: r["row_idx"])
+                                  max_samples=n, log_dir=log_dir, progress=False, repeats=repeats))
+    return result, (read_log(log_dir) if log_dir is not None else [])
+
+
+def wait_for(predicate, timeout=20.0, interval=0.02) -> bool:
+    """Whether predicate() became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def interrupted_cli(*args, when, sig=signal.SIGINT, what="the run did not get there", env=None):
+    """Starts ``python nano_eval.py ARGS``, waits until when() is true (failing with ``what`` after
+    20 s), sends ``sig``: (its CliRun, seconds from the signal to its exit)."""
+    proc = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(ROOT))
+    try:
+        assert wait_for(when), what
+        start = time.monotonic()
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return CliRun(proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")), elapsed
+
+
+def interrupt_while_waiting(cmd: list) -> tuple:
+    """Starts `cmd`, waits for its "waiting ..." notice on stderr, sends SIGINT: (the process,
+    its stderr lines, the notice, stdout, seconds from SIGINT to exit)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    announced = threading.Event()
+
+    def read_stderr():
+        for raw in proc.stderr:
+            lines.append(raw.decode("utf-8", "replace"))
+            if "waiting" in lines[-1]:
+                announced.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert announced.wait(20), "".join(lines)
+        notice = next(line for line in lines if "waiting" in line)
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)  # not communicate(): the reader thread owns stderr
+        out = proc.stdout.read()
+        elapsed = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    return proc, lines, notice, out, elapsed

@@ -1,80 +1,57 @@
-"""The command line: every flag in both spellings, precedence, gen_kwargs, exit codes, model and
-server detection, the results document, secrets, the entry points and the Python API."""
+"""CLI: every flag, in both spellings, with its effect; bad input; main() and the entry points.
+
+Bad input gives one "nano-eval: error:" line, no traceback, the documented exit code, and sends
+nothing. Several --base_url servers and several tasks run to the end when one of them fails.
+nano-eval runs as ``python nano_eval.py``, ``python -m nano_eval``, the console script and the
+wheel installed into a fresh venv.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import http.server
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
-import fakes  # noqa: E402
 import nano_eval  # noqa: E402
-from fakes import FakeOpenAI, free_port  # noqa: E402
-from nano_eval import TASKS, APIConfig, UsageError, normalize_base_url, parse_kv, parse_value, run_task  # noqa: E402
+from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM8K_GOLD, NANO_EVAL, Reply,  # noqa: E402
+    answers_responder, cli, cli_env, error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of,
+    main_json, one_error, question_of, read_log)
 
-NANO = ROOT / "nano_eval.py"
+
+# --------------------------------------------------------------------------------------------
+# Every flag, in both spellings, and its effect
+# --------------------------------------------------------------------------------------------
+
+
 GSM = "gsm8k_cot_llama"
-STOP = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>"]
+assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
+FLAG_VALUES = {
+    "tasks": GSM, "base_url": None, "model": "custom-model", "model_args": "model=from-model-args,seed=5",
+    "api_key": "sk-flag", "num_concurrent": "3", "gen_kwargs": "top_k=5", "max_samples": "3", "limit": "3",
+    "seed": "77", "output": "{tmp}/out.json", "log_samples": "{tmp}/logs", "log_images": True, "timeout": "33",
+    "max_retries": "2", "max_fail_rate": "0.5", "keep_think": True, "data_dir": "{tmp}/dd",
+    "system_instruction": "Be brief.", "fewshot_as_multiturn": "false", "no_progress": True,
+}
 
-# --------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------
-
-
-def main(argv, capsys):
-    """nano_eval.main in-process: (exit code, parsed stdout JSON or None, stderr)."""
-    code = nano_eval.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    try:
-        doc = json.loads(out) if out.strip() else None
-    except ValueError:
-        doc = None
-    return code, doc, err
-
-
-def cli_env(tmp_path: Path, datasets_server: str = "http://127.0.0.1:9", **extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
-               NANO_EVAL_DATA_DIR=str(tmp_path / "data"), NANO_EVAL_DATASETS_SERVER=datasets_server)
-    env.update(extra)
-    return env
-
-
-def run_cli(args, env, cwd=None, command=None, timeout=120):
-    command = command or [sys.executable, str(NANO)]
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=str(cwd or ROOT), timeout=timeout)
+SPELLINGS = [(name, f"--{name}") for name in FLAG_VALUES] + \
+    [(name, f"--{name.replace('_', '-')}") for name in FLAG_VALUES if "_" in name and name != "limit"]
 
 
 def bodies(server) -> list[dict]:
     return [r["body"] for r in server.chat_requests]
-
-
-def error_line(stderr: str) -> str:
-    """The single 'nano-eval: error:' line; fails on a traceback or several error lines."""
-    assert "Traceback" not in stderr
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("nano-eval: error:")]
-    assert len(lines) == 1, stderr
-    return lines[0]
-
-
-# --------------------------------------------------------------------------------------------
-# every flag, both spellings
-# --------------------------------------------------------------------------------------------
 
 
 def _check_flag(name, doc, server, tmp):
@@ -109,17 +86,6 @@ def _check_flag(name, doc, server, tmp):
     return checks[name]()
 
 
-FLAG_VALUES = {
-    "tasks": GSM, "base_url": None, "model": "custom-model", "model_args": "model=from-model-args,seed=5",
-    "api_key": "sk-flag", "num_concurrent": "3", "gen_kwargs": "top_k=5", "max_samples": "3", "limit": "3",
-    "seed": "77", "output": "{tmp}/out.json", "log_samples": "{tmp}/logs", "log_images": True, "timeout": "33",
-    "max_retries": "2", "max_fail_rate": "0.5", "keep_think": True, "data_dir": "{tmp}/dd",
-    "system_instruction": "Be brief.", "fewshot_as_multiturn": "false", "no_progress": True,
-}
-SPELLINGS = [(name, f"--{name}") for name in FLAG_VALUES] + \
-    [(name, f"--{name.replace('_', '-')}") for name in FLAG_VALUES if "_" in name and name != "limit"]
-
-
 @pytest.mark.parametrize("name, spelling", SPELLINGS, ids=[s for _, s in SPELLINGS])
 def test_flag_spelling(name, spelling, isolated_env, fake_openai, fake_hf, tmp_path, capsys):
     base = {"tasks": GSM, "base_url": fake_openai.base_url, "max_samples": "2"}
@@ -133,33 +99,14 @@ def test_flag_spelling(name, spelling, isolated_env, fake_openai, fake_hf, tmp_p
         if key != name:
             argv += [f"--{key}", val]
     argv += [spelling] if value is True else [spelling, str(value).format(tmp=tmp_path)]
-    code, doc, err = main(argv, capsys)
+    code, doc, err = main_json(argv, capsys)
     assert code == 0, err
     assert _check_flag(name, doc, fake_openai, tmp_path), (name, doc["config"])
     assert fake_hf.requests == []  # gsm8k ships in data/: no datasets-server call
 
 
-def test_check_flag_and_conformance_task(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--check"],
-                          capsys)
-    assert code in (0, 1)  # the fake is not a perfect server; FAILs make it 1
-    checks = doc["results"]["api_conformance"]["checks"]
-    assert {c["result"] for c in checks} <= {"PASS", "WARN", "FAIL"}
-    assert doc["results"][GSM]["num_samples"] == 2
-    metrics = doc["results"]["api_conformance"]["metrics"]
-    assert metrics["pass"] + metrics["warn"] + metrics["fail"] == len(checks)
-    code2, doc2, _ = main(["--tasks", "api_conformance", "--base_url", fake_openai.base_url], capsys)
-    assert list(doc2["results"]) == ["api_conformance"]
-    assert code2 == code
-
-
-# --------------------------------------------------------------------------------------------
-# precedence: flags > --model_args > environment/defaults
-# --------------------------------------------------------------------------------------------
-
-
 def test_flags_win_over_model_args(isolated_env, fake_openai, capsys):
-    code, doc, err = main([
+    code, doc, err = main_json([
         "--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2",
         "--model_args", "model=a,seed=7,num_concurrent=2,max_gen_toks=77,timeout=5,max_retries=3,"
                         "base_url=http://127.0.0.1:9/v1",
@@ -175,7 +122,7 @@ def test_flags_win_over_model_args(isolated_env, fake_openai, capsys):
 
 
 def test_model_args_alone(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--max_samples", "2",
+    code, doc, err = main_json(["--tasks", GSM, "--max_samples", "2",
                            "--model_args", f"base_url={fake_openai.base_url},model=m,seed=11,num_concurrent=1,"
                                            "tokenizer_backend=None,tokenized_requests=False"], capsys)
     assert code == 0, err
@@ -186,167 +133,253 @@ def test_model_args_alone(isolated_env, fake_openai, capsys):
 
 
 def test_gen_kwargs_max_gen_toks_beats_model_args(isolated_env, fake_openai, capsys):
-    code, _, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1",
+    code, _, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1",
                          "--model_args", "max_gen_toks=77", "--gen_kwargs", "max_gen_toks=100"], capsys)
     assert code == 0, err
     assert bodies(fake_openai)[0]["max_tokens"] == 100
 
 
-def test_unknown_model_arg_is_usage_error(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--model_args", "bogus=1"], capsys)
-    assert code == 2 and doc is None
-    assert "bogus" in error_line(err)
-    assert fake_openai.requests == []
-
-
-@pytest.mark.parametrize("how", ["flag", "model_args", "env"])
-def test_api_key_sources(how, isolated_env, monkeypatch, capsys):
-    with FakeOpenAI(api_key="sk-right") as server:
-        argv = ["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "1"]
-        if how == "flag":
-            monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-env")
-            argv += ["--api_key", "sk-right", "--model_args", "api_key=sk-wrong-args"]
-        elif how == "model_args":
-            monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-env")
-            argv += ["--model_args", "api_key=sk-right"]
-        else:
-            monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
-        code, doc, err = main(argv, capsys)
-        assert code == 0, err
-        assert server.chat_requests[0]["headers"]["Authorization"] == "Bearer sk-right"
-    assert "sk-right" not in json.dumps(doc) and "sk-right" not in err
-
-
-def test_wrong_api_key_exit_4(isolated_env, capsys):
-    with FakeOpenAI(api_key="sk-right") as server:
-        code, doc, err = main(["--tasks", GSM, "--base_url", server.base_url, "--api_key", "sk-bad-key-123"],
-                              capsys)
-        assert server.chat_requests == []
-    assert code == 4 and doc is None
-    assert "authentication" in error_line(err) and "sk-bad-key-123" not in err
-
-
-# --------------------------------------------------------------------------------------------
-# gen_kwargs
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("text, value", [
-    # lm-eval's handle_arg_string: no None, and only digit strings become int ("-3" -> -3.0)
-    ("true", True), ("False", False), ("NONE", "NONE"), ("12", 12), ("-3", -3.0), ("0.5", 0.5), ("1e3", 1000.0),
-    ("abc", "abc"), ("", ""), ("0.1.2", "0.1.2"),
-])
-def test_parse_value(text, value):
-    parsed = parse_value(text)
-    assert parsed == value and type(parsed) is type(value)
-
-
-def test_parse_kv():
-    assert parse_kv(" a = 1 , b=x,,c=b=c ", "--gen_kwargs") == {"a": 1, "b": "x", "c": "b=c"}
-    assert parse_kv("", "--gen_kwargs") == {} and parse_kv(None, "--x") == {}
-    for bad in ("a", "=1", "a=1,b"):
-        with pytest.raises(UsageError):
-            parse_kv(bad, "--gen_kwargs")
-
-
-def test_gen_kwargs_merged_into_body(isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2",
-                           "--gen_kwargs", "temperature=0.7,top_p=1,do_sample=true,max_gen_toks=64,"
-                                           "presence_penalty=-0.5,logprobs=false,user=alice,min_p=none"], capsys)
-    assert code == 0, err
-    for body in bodies(fake_openai):
-        assert list(body) == ["messages", "model", "max_tokens", "temperature", "stop", "seed",
-                              "top_p", "presence_penalty", "logprobs", "user", "min_p"]
-        assert body["max_tokens"] == 64 and body["temperature"] == 0.7 and body["stop"] == STOP
-        assert body["top_p"] == 1 and type(body["top_p"]) is int
-        assert body["presence_penalty"] == -0.5 and body["logprobs"] is False
-        assert body["user"] == "alice" and body["min_p"] == "none"  # lm-eval sends the text
-        assert "do_sample" not in body and "max_gen_toks" not in body and "until" not in body
-    params = doc["config"]["request_params"][GSM]
-    assert "do_sample" not in params and params["max_tokens"] == 64
-    assert doc["config"]["gen_kwargs"]["temperature"] == 0.7
-
-
-def test_gen_kwargs_chartqa_defaults_overridden():
-    config = APIConfig(url="http://127.0.0.1:9/v1", gen_kwargs={"temperature": 0, "max_gen_toks": 9})
-    params = TASKS["chartqa"].request_params(config)
-    assert params == {"max_tokens": 9, "temperature": 0, "stop": [], "seed": 1234}
-
-
-@pytest.mark.parametrize("argv", [
-    ["--gen_kwargs", "temperature"], ["--gen_kwargs", "=3"], ["--max_samples", "0"], ["--max_samples", "x"],
-    ["--limit", "-1"], ["--num_concurrent", "0"], ["--timeout", "0"], ["--timeout", "inf"],
-    ["--max_retries", "0"], ["--max_fail_rate", "1.5"], ["--fewshot_as_multiturn", "maybe"], ["--seed", "x"],
-    ["--no-such-flag"], ["--model_args", "num_concurrent=0"], ["--model_args", "seed=abc"],
-])
-def test_bad_values_exit_2(argv, isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, *argv], capsys)
-    assert code == 2 and doc is None
-    error_line(err)
-    assert fake_openai.chat_requests == []
-
-
-# --------------------------------------------------------------------------------------------
-# --max_samples/--limit, --seed, --output
-# --------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("flag", ["--max_samples", "--max-samples", "--limit"])
 def test_max_samples_limits_requests(flag, isolated_env, fake_openai, capsys):
-    code, doc, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, flag, "7"], capsys)
+    code, doc, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, flag, "7"], capsys)
     assert code == 0
     assert doc["results"][GSM]["num_samples"] == 7 and len(fake_openai.chat_requests) == 7
     assert doc["config"]["max_samples"] == 7
 
 
 def test_seed_sent_as_body_seed(isolated_env, fake_openai, capsys):
-    code, doc, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--seed", "-5"],
-                        capsys)
+    code, doc, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--seed", "-5"], capsys)
     assert code == 0
     assert [b["seed"] for b in bodies(fake_openai)] == [-5, -5, -5]
     assert doc["config"]["request_params"][GSM]["seed"] == -5
 
 
 def test_default_seed_is_1234(isolated_env, fake_openai, capsys):
-    code, _, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1"], capsys)
+    code, _, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1"], capsys)
     assert code == 0 and bodies(fake_openai)[0]["seed"] == 1234
 
 
-def test_output_file_equals_stdout(isolated_env, fake_openai, tmp_path, capsys):
-    out = tmp_path / "res.json"
-    code, doc, _ = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "3", "--output", out],
-                        capsys)
-    assert code == 0
-    assert json.loads(out.read_text("utf-8")) == doc
-    log = tmp_path / "res_samples" / f"samples_{GSM}.jsonl"  # the sample log defaults beside it
-    records = [json.loads(line) for line in log.read_text("utf-8").splitlines()]
-    assert sorted(r["row_idx"] for r in records) == [0, 1, 2]
-    assert doc["config"]["log_samples"] == str(tmp_path / "res_samples")
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+@pytest.fixture
+def no_datasets_server(monkeypatch):
+    """No NANO_EVAL_* or OPENAI_API_KEY from the environment; the datasets-server is a dead port."""
+    for name in list(os.environ):
+        if name.startswith("NANO_EVAL_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", "http://127.0.0.1:9")  # gsm8k ships in data/
 
 
-@pytest.mark.parametrize("where", ["missing_dir", "is_dir"])
-def test_bad_output_exit_2(where, isolated_env, fake_openai, tmp_path, capsys):
-    target = tmp_path / "nope" / "r.json" if where == "missing_dir" else tmp_path
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--output", target], capsys)
+@pytest.mark.usefixtures("no_datasets_server")
+def test_timeout_bounds_each_attempt_of_a_cli_run(tmp_path):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
+    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost",
+               NANO_EVAL_DATA_DIR=str(tmp_path / "data"), NANO_EVAL_DATASETS_SERVER="http://127.0.0.1:9")
+    with FakeOpenAI(responder=lambda body, n: Reply(delay=15)) as server:
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "nano_eval.py"), "--tasks", "gsm8k_cot_llama", "--base_url",
+             server.base_url, "--max_samples", "3", "--timeout", "1", "--max_retries", "1", "--no_progress"],
+            capture_output=True, text=True, env=env, timeout=120)
+        elapsed = time.monotonic() - start
+        assert len(server.chat_requests) == 3
+    assert proc.returncode == 1, proc.stderr  # every sample failed
+    doc = json.loads(proc.stdout)
+    assert doc["results"]["gsm8k_cot_llama"]["failures"] == {"timeout": 3}
+    assert doc["config"]["timeout"] == 1.0 and doc["config"]["max_retries"] == 1
+    assert elapsed < 30
+    assert "Traceback" not in proc.stderr
+
+
+# (content, keep_think) -> the extracted (strict-match, flexible-extract) answers of row 0 (gold 18).
+# Both filters take the LAST match (lm-eval's group_select -1), so an answer after the think block
+# wins either way; an answer only inside it counts only with --keep_think.
+KEEP_THINK_CASES = {
+    ("<think>16-3-4=9, 9*2=18. The final answer is 18</think> Hmm, maybe 7", False): ("[invalid]", "7"),
+    ("<think>16-3-4=9, 9*2=18. The final answer is 18</think> Hmm, maybe 7", True): ("18", "7"),
+    ("<think>16-3-4=9 and 9*2=18. The final answer is 18</think>\nI am not sure.", False): ("[invalid]", "[invalid]"),
+    ("<think>16-3-4=9 and 9*2=18. The final answer is 18</think>\nI am not sure.", True): ("18", "18"),
+    ("<think>The final answer is 5</think> The final answer is 18", False): ("18", "18"),
+    ("<think>The final answer is 5</think> The final answer is 18", True): ("18", "18"),
+    ("<think>Maybe 7. The final answer is 18</think> The final answer is 7", False): ("7", "7"),
+    ("<think>Maybe 7. The final answer is 18</think> The final answer is 7", True): ("7", "7"),
+}
+
+
+@pytest.mark.parametrize("content, keep_think", list(KEEP_THINK_CASES))
+def test_keep_think_decides_what_is_scored(content, keep_think, tmp_path):
+    strict, flexible = KEEP_THINK_CASES[content, keep_think]
+    with FakeOpenAI(responder=lambda body, n: Reply(content=content)) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 1, *(["--keep_think"] if keep_think else []), log_dir=tmp_path / "log"),
+                             env=cli_env(tmp_path))
+    assert code == 0, err
+    (record,) = read_log(tmp_path / "log")
+    assert record["extracted"] == {"strict-match": strict, "flexible-extract": flexible}
+    assert json.loads(out)["config"]["keep_think"] is keep_think
+    metrics = json.loads(out)["results"][GSM]["metrics"]
+    assert metrics["exact_match,strict-match"] == float(strict == "18")
+    assert metrics["exact_match,flexible-extract"] == float(flexible == "18")
+    assert record["response"]["content"] == content  # logged raw either way
+
+
+@pytest.mark.parametrize("timeout, status", [("0.5", "timeout"), ("10", "ok")])
+def test_timeout_decides_whether_a_slow_answer_counts(timeout, status, tmp_path):
+    # the same right answer, 1.5 s late: a timeout under --timeout 0.5, an ok sample under 10
+    with FakeOpenAI(responder=lambda body, n: Reply(content="The final answer is 18", delay=1.5)) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 1, "--timeout", timeout, "--max_retries", 1,
+                                         log_dir=tmp_path / "log"), env=cli_env(tmp_path))
+        assert len(srv.chat_requests) == 1
+    (record,) = read_log(tmp_path / "log")
+    assert record["status"] == status and record["attempts"] == 1
+    result = json.loads(out)["results"][GSM]
+    assert result["num_ok"] == (status == "ok") and code == (0 if status == "ok" else 1), err
+
+
+@pytest.mark.parametrize("max_retries", [1, 2, 4])
+def test_max_retries_is_the_number_of_attempts(max_retries, tmp_path):
+    # HTTP 500 is retryable: the server sees exactly --max_retries attempts (Retry-After: 0 keeps it fast)
+    with FakeOpenAI(responder=lambda body, n: Reply(status=500, headers={"Retry-After": "0"})) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 1, "--max_retries", max_retries, "--max_fail_rate", 1,
+                                         log_dir=tmp_path / "log"), env=cli_env(tmp_path))
+        assert len(srv.chat_requests) == max_retries
+    (record,) = read_log(tmp_path / "log")
+    assert record["status"] == "http_500" and record["attempts"] == max_retries
+    assert json.loads(out)["config"]["max_retries"] == max_retries
+
+
+@pytest.mark.parametrize("rate, expected", [(None, 1), ("0.05", 1), ("0.0999", 1), ("0.1", 0), ("0.5", 0)])
+def test_max_fail_rate_is_the_exit_threshold(rate, expected, tmp_path):
+    # the same 2 failures of 20 (a fail rate of 0.1) every time: exit 1 above the rate, 0 at or
+    # below it (the default is 0.05)
+    plan = {3: Reply(status=400), 11: Reply(status=400)}
+    with FakeOpenAI(responder=ByRow(plan)) as srv:
+        code, out, err = cli(*gsm8k_args(srv, 20, *(["--max_fail_rate", rate] if rate else [])), env=cli_env(tmp_path))
+    result = json.loads(out)["results"][GSM]
+    assert result["num_failed"] == 2 and result["failures"] == {"http_400": 2}
+    assert code == expected, err
+    lines = error_lines(err)
+    assert len(lines) == expected and all("2 of 20" in line and "max_fail_rate" in line for line in lines)
+
+
+@pytest.mark.parametrize("flag", [None, "--no_progress", "--no-progress"])
+def test_no_progress_removes_the_progress_line_from_a_terminal(flag, tmp_path):
+    # stderr is a terminal: the progress line ("\rTASK: done/total ...") is drawn, unless --no_progress
+    with FakeOpenAI() as srv:
+        args = ["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 3, *([flag] if flag else [])]
+        code, out, err = cli(*args, env=cli_env(tmp_path), terminal=True)
+    assert code == 0, err
+    assert json.loads(out)["results"][GSM]["num_samples"] == 3
+    progress = re.findall(rf"\r{GSM}: (\d+)/3", err)
+    if flag:
+        assert progress == [] and "\r" not in err, repr(err)
+    else:
+        assert progress and progress[-1] == "3", repr(err)
+
+
+@pytest.mark.parametrize("log_images", [False, True])
+def test_log_images_puts_the_image_itself_in_the_sample_log(log_images, fake_hf, tmp_path):
+    # without --log_images the logged request holds a stub naming the image; with it, the data: URL sent
+    with FakeOpenAI() as srv:
+        code, out, err = cli("--tasks", "chartqa", "--base_url", srv.base_url, "--max_samples", 3, "--no_progress",
+                             "--log_samples", tmp_path / "log", *(["--log_images"] if log_images else []),
+                             env=cli_env(tmp_path, fake_hf))
+        sent = sorted(image_url_of(r["body"]) for r in srv.chat_requests)
+    assert code == 0, err
+    assert len(sent) == 3 and all(url.startswith("data:image/png;base64,") for url in sent)
+    records = read_log(tmp_path / "log", "chartqa")
+    logged = sorted(image_url_of(r["request"]) for r in records)
+    if log_images:
+        assert logged == sent
+    else:
+        for record, url in zip(records, (image_url_of(r["request"]) for r in records)):
+            image = record["image"]
+            assert url == f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
+            assert re.fullmatch(r"<image sha256=[0-9a-f]{64} bytes=\d+ format=png>", url)
+        assert "base64," not in (tmp_path / "log" / "samples_chartqa.jsonl").read_text("utf-8")
+
+
+def image_url_of(body: dict) -> str:
+    """The one image URL of a chartqa request body."""
+    (url,) = [p["image_url"]["url"] for p in body["messages"][-1]["content"] if p.get("type") == "image_url"]
+    return url
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one error line, the documented exit code, nothing sent
+# --------------------------------------------------------------------------------------------
+
+
+TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
+
+USAGE_CASES = {
+    "model_args-no-equals": (["--model_args", "a,b"], "--model_args"),
+    "model_args-empty-key": (["--model_args", "=x"], "--model_args"),
+    "model_args-unknown-key": (["--model_args", "colour=blue"], "colour"),
+    "model_args-zero-concurrency": (["--model_args", "num_concurrent=0"], "num_concurrent"),
+    "model_args-text-timeout": (["--model_args", "timeout=soon"], "timeout"),
+    "model_args-negative-retries": (["--model_args", "max_retries=-2"], "max_retries"),
+    "gen_kwargs-no-equals": (["--gen_kwargs", "a,b"], "--gen_kwargs"),
+    "gen_kwargs-empty-key": (["--gen_kwargs", "=x"], "--gen_kwargs"),
+    "unknown-task": (["--tasks", "gsm9k"], "gsm9k"),
+    "num_concurrent-0": (["--num_concurrent", "0"], "num_concurrent"),
+    "num_concurrent-negative": (["--num_concurrent", "-4"], "num_concurrent"),
+    "num_concurrent-text": (["--num_concurrent", "many"], "num_concurrent"),
+    "max_samples-negative": (["--max_samples", "-1"], "max_samples"),
+    "max_samples-0": (["--max_samples", "0"], "max_samples"),
+    "limit-0": (["--limit", "0"], None),
+    "timeout-0": (["--timeout", "0"], "timeout"),
+    "timeout-negative": (["--timeout", "-5"], "timeout"),
+    "timeout-nan": (["--timeout", "nan"], "timeout"),
+    "timeout-inf": (["--timeout", "inf"], "timeout"),
+    "max_retries-0": (["--max_retries", "0"], "max_retries"),
+    "max_fail_rate-2": (["--max_fail_rate", "2"], "max_fail_rate"),
+    "max_fail_rate-negative": (["--max_fail_rate", "-0.1"], "max_fail_rate"),
+    "max_fail_rate-nan": (["--max_fail_rate", "nan"], "max_fail_rate"),
+    "seed-text": (["--seed", "lucky"], "seed"),
+    "fewshot-not-bool": (["--fewshot_as_multiturn", "maybe"], "fewshot_as_multiturn"),
+    "unknown-flag": (["--temperature", "0"], "--temperature"),
+    "no-such-flag": (["--no-such-flag"], "--no-such-flag"),
+    "gen_kwargs-lone-key": (["--gen_kwargs", "temperature"], "temperature"),
+    "max_samples-text": (["--max_samples", "x"], "max_samples"),
+    "limit-negative": (["--limit", "-1"], "--limit"),
+    "max_fail_rate-1.5": (["--max_fail_rate", "1.5"], "max_fail_rate"),
+    "model_args-text-seed": (["--model_args", "seed=abc"], "seed"),
+}
+
+
+@pytest.fixture
+def server(isolated_env):
+    with FakeOpenAI() as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("case", list(USAGE_CASES))
+def test_usage_errors(server, case):
+    extra, fragment = USAGE_CASES[case]
+    args = [*TASK_ARGS, "--base_url", server.base_url]
+    if extra[0] == "--tasks":
+        args = args[2:]
+    code, out, err = cli(*args, *extra)
+    one_error(code, err, 2, *([fragment] if fragment else []))
+    assert out == ""
+    assert server.chat_requests == []
+
+
+def test_unknown_model_arg_is_usage_error(isolated_env, fake_openai, capsys):
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--model_args", "bogus=1"], capsys)
     assert code == 2 and doc is None
-    assert "--output" in error_line(err)
-    assert fake_openai.chat_requests == []
+    assert "bogus" in error_line(err)
+    assert fake_openai.requests == []
 
 
-# --------------------------------------------------------------------------------------------
-# --version, unknown task, entry points
-# --------------------------------------------------------------------------------------------
-
-
-def test_version(tmp_path):
-    proc = run_cli(["--version"], cli_env(tmp_path))
-    assert proc.returncode == 0
-    assert proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
+def test_missing_tasks_is_a_usage_error(server):
+    code, out, err = cli("--base_url", server.base_url)
+    one_error(code, err, 2, "--tasks")
+    assert server.requests == []
 
 
 def test_unknown_task_exit_2_with_valid_list(tmp_path):
-    proc = run_cli(["--tasks", "gsm8k,chartqa", "--base_url", "http://127.0.0.1:9/v1"], cli_env(tmp_path))
+    proc = cli("--tasks", "gsm8k,chartqa", "--base_url", "http://127.0.0.1:9/v1", env=cli_env(tmp_path))
     assert proc.returncode == 2
     assert proc.stdout == ""
     line = error_line(proc.stderr)
@@ -356,161 +389,299 @@ def test_unknown_task_exit_2_with_valid_list(tmp_path):
         assert name in line
 
 
-def test_no_tasks_exit_2(tmp_path):
-    proc = run_cli(["--base_url", "http://127.0.0.1:9/v1"], cli_env(tmp_path))
-    assert proc.returncode == 2 and "--tasks" in error_line(proc.stderr)
+@pytest.mark.parametrize("url", ["localhost:8000", "ftp://x", "http://", "127.0.0.1:8000/v1",
+                                 "http://127.0.0.1:99999/v1", "http://:80/v1",
+                                 "localhost:8000/v1", "ftp://127.0.0.1/v1", "http://127.0.0.1:abc/v1"])
+def test_invalid_base_url(server, url):
+    code, out, err = cli(*TASK_ARGS, "--base_url", url)
+    one_error(code, err, 2, "base URL")
+    assert out == ""
+    assert server.requests == []
 
 
-def test_python_dash_m(tmp_path, fake_openai):
-    env = cli_env(tmp_path, PYTHONPATH=str(ROOT))
-    proc = run_cli(["--version"], env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
-    assert proc.returncode == 0 and proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
-    proc = run_cli(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--no_progress"],
-                   env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
+def test_invalid_base_url_in_model_args(server):
+    code, out, err = cli(*TASK_ARGS, "--model_args", "base_url=localhost:8000")
+    one_error(code, err, 2, "base URL")
 
 
-@pytest.mark.skipif(shutil.which("nano-eval") is None, reason="the nano-eval console script is not installed")
-def test_console_script(tmp_path, fake_openai):
-    env = cli_env(tmp_path)
-    proc = run_cli(["--version"], env, command=["nano-eval"])
-    assert proc.returncode == 0 and proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
-    proc = run_cli(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2"], env,
-                   command=["nano-eval"])
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
+def test_directory_as_output(server, tmp_path):
+    code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", str(tmp_path))
+    one_error(code, err, 2, "--output")
+    assert out == ""
+    assert server.chat_requests == []
+
+
+def test_output_in_a_missing_folder(server, tmp_path):
+    code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", str(tmp_path / "no" / "r.json"))
+    one_error(code, err, 2, "--output")
+    assert out == ""
+    assert server.chat_requests == []
+
+
+def test_output_under_a_regular_file(server, tmp_path):
+    # a path under a regular file cannot be written, even by root
+    code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--output", "/etc/passwd/out.json")
+    one_error(code, err, 2)
+    assert server.chat_requests == []
+    assert not Path("/etc/passwd").is_dir()
+
+
+@pytest.mark.parametrize("flag", ["--output", "--log_samples"])
+def test_unwritable_paths_are_usage_errors_before_connecting(isolated_env, flag):
+    path = "/etc/passwd/out.json" if flag == "--output" else "/etc/passwd/logs"
+    code, out, err = cli(*TASK_ARGS, "--base_url", f"http://127.0.0.1:{free_port()}/v1", flag, path)
+    one_error(code, err, 2)
+
+
+def test_log_samples_under_a_regular_file(server):
+    code, out, err = cli(*TASK_ARGS, "--base_url", server.base_url, "--log_samples", "/etc/passwd/logs")
+    one_error(code, err, 2, "/etc/passwd/logs")
+    assert server.chat_requests == []
+
+
+def test_non_utf8_task_name(server):
+    proc = subprocess.run([sys.executable, str(NANO_EVAL), "--tasks", b"gsm8k\xff", "--base_url", server.base_url],
+                          capture_output=True, timeout=60)
+    one_error(proc.returncode, proc.stderr.decode("utf-8", "replace"), 2, "not valid UTF-8")
+    assert server.requests == []
+
+
+def test_non_utf8_system_instruction(server, tmp_path):
+    proc = subprocess.run([sys.executable, str(NANO_EVAL), *TASK_ARGS, "--base_url", server.base_url,
+                           "--system_instruction", b"Be brief \xff", "--log_samples", str(tmp_path / "logs")],
+                          capture_output=True, timeout=60)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert "Traceback" not in err and "internal error" not in err, err
+    if proc.returncode != 0:
+        one_error(proc.returncode, err, 2)
+
+
+def test_fail_if_needs_several_servers(isolated_env, fake_openai):
+    proc = subprocess.run([sys.executable, str(ROOT / "nano_eval.py"), "--tasks", "gsm8k_cot_llama", "--base_url",
+                           fake_openai.base_url, "--fail_if", "worse"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "several --base_url" in proc.stderr
+    assert fake_openai.chat_requests == []
 
 
 # --------------------------------------------------------------------------------------------
-# model autodetection, server probing, URLs
+# Several --base_url: one unusable server does not lose the others
 # --------------------------------------------------------------------------------------------
 
 
-def test_model_autodetected_when_one(isolated_env, capsys):
-    with FakeOpenAI(models=["the-only-model"]) as server:
-        code, doc, err = main(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "2"], capsys)
-        assert code == 0, err
-        assert {b["model"] for b in bodies(server)} == {"the-only-model"}
-    assert doc["config"]["model"] == "the-only-model"
+GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
-@pytest.mark.parametrize("models", [[], ["model-a", "model-b", "model-c"]])
-def test_model_autodetection_none_or_several_exit_3(models, isolated_env, capsys):
-    with FakeOpenAI(models=models) as server:
-        code, doc, err = main(["--tasks", GSM, "--base_url", server.base_url], capsys)
-        assert server.chat_requests == []
-    assert code == 3 and doc is None
-    line = error_line(err)
-    assert "--model" in line
-    for m in models:
-        assert m in line
+@pytest.mark.parametrize("closed_first", [True, False], ids=["unreachable-first", "unreachable-last"])
+def test_an_unreachable_server_does_not_stop_the_others(isolated_env, tmp_path, closed_first):
+    port = free_port()
+    closed = f"http://127.0.0.1:{port}/v1"
+    output = tmp_path / "o.json"
+    with FakeOpenAI(responder=ByRow()) as srv:
+        urls = [closed, srv.base_url] if closed_first else [srv.base_url, closed]
+        code, out, err = cli(*GSM_ARGS, "--base_url", urls[0], "--base_url", urls[1], "--max_samples", 5,
+                             "--output", output)
+        chat = srv.chat_requests
+    assert code == 3, err
+    assert "Traceback" not in err
+    document = json.loads(out)
+    assert set(document) >= {"runs", "comparisons"}
+    assert len(document["runs"]) == 2
+    dead, alive = document["runs"] if closed_first else document["runs"][::-1]
+    assert "connection refused" in dead["error"] and str(port) in dead["error"]
+    assert dead["complete"] is False and dead["results"] == {}
+    assert "error" not in alive
+    assert alive["config"]["chat_url"] == srv.base_url + "/chat/completions"
+    result = alive["results"]["gsm8k_cot_llama"]
+    assert result["num_samples"] == 5 and result["num_ok"] == 5 and result["metrics"]["exact_match"] == 1.0
+    assert alive["complete"] is True
+    assert len(chat) == 5
+    assert sorted(gsm8k_row_of(r["body"]) for r in chat) == [0, 1, 2, 3, 4]  # each row sent once
+    assert document["comparisons"] == []  # one usable server: nothing to compare it with
+    assert json.loads(output.read_text("utf-8")) == document
 
 
-def test_given_model_skips_detection_among_several(isolated_env, capsys):
-    with FakeOpenAI(models=["model-a", "model-b"]) as server:
-        code, _, err = main(["--tasks", GSM, "--base_url", server.base_url, "--model", "model-b",
-                             "--max_samples", "1"], capsys)
-        assert code == 0, err
-        assert bodies(server)[0]["model"] == "model-b"
+def test_one_unusable_server_does_not_lose_the_others(isolated_env, fake_openai, tmp_path):
+    with FakeOpenAI(responder=lambda body, n: Reply(status=404)) as broken:
+        code, out, err = cli(*GSM_ARGS, "--base_url", fake_openai.base_url, "--base_url", broken.base_url,
+                             "--max_samples", 3, "--output", tmp_path / "o.json")
+    document = json.loads(out)
+    assert code == 3 and "Traceback" not in err
+    assert document["runs"][0]["results"]["gsm8k_cot_llama"]["num_samples"] == 3
+    assert "answered 404" in document["runs"][1]["error"] and document["comparisons"] == []
+    assert json.loads((tmp_path / "o.json").read_text()) == document
 
 
-def test_unreachable_server_exit_3(isolated_env, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1"], capsys)
-    assert code == 3 and doc is None
-    assert "cannot reach" in error_line(err)
+# --------------------------------------------------------------------------------------------
+# Several tasks: a later task's failure keeps the finished ones
+# --------------------------------------------------------------------------------------------
 
 
-class _PortHTTPServer(fakes._HTTPServer):
-    def __init__(self, fake, port):
-        self.fake = fake
-        http.server.ThreadingHTTPServer.__init__(self, ("127.0.0.1", port), fakes._Handler)
+@pytest.mark.parametrize("tasks", ["gsm8k_cot_llama,chartqa", "chartqa,gsm8k_cot_llama"])
+def test_a_dataset_error_in_one_task_keeps_the_other(isolated_env, gsm8k_spec, tmp_path, tasks):
+    """chartqa cannot be fetched (the datasets-server does not have it: 401, not retried); gsm8k
+    comes from the shipped data. Whichever runs first, gsm8k's results are reported."""
+    output = tmp_path / "o.json"
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as hf, FakeOpenAI(responder=ByRow()) as srv:
+        env = {**os.environ, "NANO_EVAL_DATASETS_SERVER": hf.url}
+        code, out, err = cli("--tasks", tasks, "--base_url", srv.base_url, "--max_samples", 3,
+                             "--output", output, "--no_progress", env=env)
+        chat = len(srv.chat_requests)
+        asked = [r["query"].get("dataset") for r in hf.rows_requests]
+    assert code == 5, err
+    assert "Traceback" not in err
+    assert asked and set(asked) == {"HuggingFaceM4/ChartQA"}  # gsm8k was not fetched: the shipped split
+    document = json.loads(out)
+    gsm = document["results"]["gsm8k_cot_llama"]
+    assert gsm["num_samples"] == 3 and gsm["num_ok"] == 3 and gsm["complete"] is True
+    assert gsm["metrics"]["exact_match"] == 1.0
+    chartqa = document["results"]["chartqa"]
+    assert chartqa["complete"] is False
+    assert "HuggingFaceM4/ChartQA" in chartqa["error"] and "401" in chartqa["error"]
+    assert document["complete"] is False
+    assert chat == 3  # only gsm8k's requests
+    assert json.loads(output.read_text("utf-8")) == document
+    assert "chartqa" in err and "gsm8k_cot_llama" in err  # both in the stderr table / error line
 
 
-class FakeOpenAIOnPort(FakeOpenAI):
-    """FakeOpenAI bound to a chosen port (the base class picks a random one)."""
-
-    def __init__(self, port, **kwargs):
-        super().__init__(**kwargs)
-        self._httpd.server_close()
-        self._httpd = _PortHTTPServer(self, port)
-        self.port, self.url = port, f"http://127.0.0.1:{port}"
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+def test_an_unreachable_datasets_server_in_a_later_task_keeps_the_finished_one(isolated_env, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The datasets-server is not listening at all (connection refused after every retry). In
+    process, with the datasets-server client's retries made short."""
+    monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", f"http://127.0.0.1:{free_port()}")
+    init = nano_eval.DatasetsClient.__init__
+    monkeypatch.setattr(nano_eval.DatasetsClient, "__init__",
+                        lambda self, *a, **k: init(self, *a, **{**k, "retries": 2, "retry_base_delay": 0.01}))
+    output = tmp_path / "o.json"
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code = nano_eval.main(["--tasks", "gsm8k_cot_llama,chartqa", "--base_url", srv.base_url, "--max_samples", "4",
+                               "--output", str(output), "--no_progress"])
+        chat = len(srv.chat_requests)
+    out, err = capsys.readouterr()
+    assert code == 5, err
+    document = json.loads(out)
+    gsm = document["results"]["gsm8k_cot_llama"]
+    assert gsm["num_samples"] == 4 and gsm["num_ok"] == 4 and gsm["complete"] is True
+    chartqa = document["results"]["chartqa"]
+    assert chartqa["complete"] is False and "connection refused" in chartqa["error"]
+    assert chat == 4
+    assert json.loads(output.read_text("utf-8")) == document
 
 
-PROBED = [8000, 8080, 30000, 11434, 1234]
+def test_an_auth_failure_after_a_finished_task_keeps_it(isolated_env, tmp_path):
+    """The gateway accepts gsm8k requests and answers 401 to chartqa ones."""
+    def responder(body, n):
+        found = question_of(body)
+        if found and found[0] == "chartqa":
+            return Reply(status=401)
+        return ByRow()(body, n)
+
+    output = tmp_path / "o.json"
+    with FakeOpenAI(responder=responder) as srv:
+        code, out, err = cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", srv.base_url, "--max_samples", 3,
+                             "--num_concurrent", 1, "--output", output, "--no_progress")
+        chartqa_sent = [r for r in srv.chat_requests if question_of(r["body"])[0] == "chartqa"]
+    assert code == 4, err
+    assert "Traceback" not in err
+    document = json.loads(out)
+    gsm = document["results"]["gsm8k_cot_llama"]
+    assert gsm["num_samples"] == 3 and gsm["num_ok"] == 3 and gsm["complete"] is True
+    chartqa = document["results"]["chartqa"]
+    assert chartqa["complete"] is False and "authentication failed" in chartqa["error"]
+    assert 1 <= len(chartqa_sent) <= 2  # stopped at the first 401
+    assert document["complete"] is False
+    assert json.loads(output.read_text("utf-8")) == document
 
 
-def test_base_url_probing(tmp_path, gsm8k_answers):
-    for i, port in enumerate(PROBED[:2]):
-        if _bindable(port) and not any(_listening(p) for p in PROBED[:i]):
-            break
-    else:
-        pytest.skip("ports 8000 and 8080 are both in use on 127.0.0.1")
-    with FakeOpenAIOnPort(port, answers=gsm8k_answers) as server:
-        proc = run_cli(["--tasks", GSM, "--max_samples", "3", "--no_progress"], cli_env(tmp_path))
-        assert any(r["path"] == "/v1/models" for r in server.requests)
-        assert len(server.chat_requests) == 3
+def test_a_task_not_run_because_the_server_refused_the_key_has_an_entry(isolated_env, tmp_path):
+    """Every request gets 401: the first task stops with the auth error and the second cannot run;
+    each task asked for has an entry with its error and complete false."""
+    output = tmp_path / "o.json"
+    with FakeOpenAI(responder=lambda body, n: Reply(status=401)) as srv:
+        code, out, err = cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", srv.base_url, "--max_samples", 2,
+                             "--num_concurrent", 1, "--output", output, "--no_progress")
+        chat = len(srv.chat_requests)
+    assert code == 4, err
+    assert chat == 1
+    document = json.loads(out)
+    assert "authentication failed" in document["results"]["gsm8k_cot_llama"]["error"]
+    assert document["results"]["gsm8k_cot_llama"]["complete"] is False
+    assert "chartqa" in document["results"], document["results"].keys()
+    assert document["results"]["chartqa"]["complete"] is False and document["results"]["chartqa"]["error"]
+    assert json.loads(output.read_text("utf-8")) == document
+
+
+CHARTQA_KEYS = {"exact_match", "relaxed_accuracy", "anywhere_accuracy"}
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
+
+with open(ROWS_JSONL, encoding="utf-8") as _f:
+    FIXTURE_ROWS = [json.loads(line) for line in _f]
+
+ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
+
+
+@pytest.fixture
+def chart_server():
+    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
+        yield server
+
+
+def test_chartqa_run_of_30_rows_from_the_command_line(fake_hf, chart_server, tmp_path):
+    args = ["--tasks", "chartqa", "--base_url", chart_server.base_url, "--max_samples", "30", "--no_progress"]
+    proc = cli(*args, env=cli_env(tmp_path, fake_hf))
+    assert proc.returncode == 1, proc.stderr  # 2 of 30 failed (missing_image) > --max_fail_rate 0.05
+    doc = json.loads(proc.stdout)  # results are still written
+    res = doc["results"]["chartqa"]
+    expected_keys = set()
+    for k in CHARTQA_KEYS:
+        expected_keys |= {k, f"{k}_stderr", f"{k},valid"}
+    expected_keys.add("relaxed_accuracy,human")
+    assert set(res["metrics"]) == expected_keys  # every row of the fixture is human
+    assert res["headline"] == "relaxed_accuracy"
+    assert res["num_samples"] == 30 and res["num_ok"] == 28
+    assert res["failures"] == {"missing_image": 2}
+    assert res["images"] == {"formats": {"png": 28}, "jpeg_reencoded": 0}
+    assert res["metrics"]["relaxed_accuracy"] == pytest.approx(28 / 30)
+    assert res["metrics"]["relaxed_accuracy,human"] == pytest.approx(28 / 30)
+    assert res["metrics"]["exact_match,valid"] == 1.0
+    assert res["dataset"] == {"path": "HuggingFaceM4/ChartQA", "config": "default", "split": "test",
+                              "revision": "a" * 40}
+    assert doc["config"]["request_params"]["chartqa"] == {"max_tokens": 512, "temperature": 0.0, "stop": [],
+                                                          "seed": 1234}
+    assert len(chart_server.chat_requests) == 28
+    assert len(fake_hf.asset_requests) == 28
+    assert "missing_image" in proc.stderr
+    # the same run again, allowing 10% failures: exit 0, and nothing downloaded
+    n = len(fake_hf.requests) + len(fake_hf.asset_requests)
+    proc = cli(*(args + ["--max_fail_rate", "0.1"]), env=cli_env(tmp_path, fake_hf))
+    assert proc.returncode == 0, proc.stderr
+    assert len(fake_hf.requests) + len(fake_hf.asset_requests) == n
+    assert json.loads(proc.stdout)["results"]["chartqa"]["metrics"] == res["metrics"]
+
+
+def test_both_tasks_in_one_command(fake_hf, gsm8k_answers, tmp_path):
+    with FakeOpenAI(responder=answers_responder({**gsm8k_answers, **ANSWERS})) as oa:
+        proc = cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", oa.base_url, "--max_samples", "5",
+                        "--log_samples", tmp_path / "log", env=cli_env(tmp_path, fake_hf))
+        kinds = sorted(question_of(r["body"])[0] for r in oa.chat_requests)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["config"]["base_url"] == f"http://127.0.0.1:{port}/v1"
-    assert doc["results"][GSM]["metrics"]["exact_match"] == 1.0
-    assert str(port) in proc.stderr  # it says which port it picked
-
-
-def test_base_url_probing_nothing_answers(tmp_path):
-    if any(_listening(p) for p in PROBED):
-        pytest.skip("something listens on one of the probed ports")
-    proc = run_cli(["--tasks", GSM], cli_env(tmp_path))
-    assert proc.returncode == 3
-    line = error_line(proc.stderr)
-    for port in PROBED:
-        assert str(port) in line
-
-
-@pytest.mark.parametrize("suffix", ["/v1/chat/completions", "/v1/chat/completions/", "/v1/", "/v1", ""])
-def test_base_url_forms_accepted(suffix, isolated_env, fake_openai, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", fake_openai.url + suffix, "--max_samples", "2"], capsys)
-    assert code == 0, err
-    assert {r["path"] for r in fake_openai.chat_requests} == {"/v1/chat/completions"}
-    assert doc["config"]["base_url"] == fake_openai.base_url
-    assert doc["config"]["chat_url"] == fake_openai.base_url + "/chat/completions"
-
-
-def test_normalize_base_url():
-    assert normalize_base_url("http://h:1/v1/chat/completions") == ("http://h:1/v1", "http://h:1/v1/chat/completions")
-    assert normalize_base_url(" https://h/api/v1/ ") == ("https://h/api/v1", "https://h/api/v1/chat/completions")
-    assert normalize_base_url("http://h:8000") == ("http://h:8000/v1", "http://h:8000/v1/chat/completions")
-    for bad in ("localhost:8000", "ftp://h/v1", "http:///v1", "http://h:99999999/v1", "", None):
-        with pytest.raises(UsageError):
-            normalize_base_url(bad)
-
-
-@pytest.mark.parametrize("url", ["localhost:8000/v1", "ftp://127.0.0.1/v1", "http://127.0.0.1:abc/v1"])
-def test_invalid_base_url_exit_2(url, isolated_env, capsys):
-    code, doc, err = main(["--tasks", GSM, "--base_url", url], capsys)
-    assert code == 2 and doc is None
-    assert "URL" in error_line(err)
+    assert list(doc["results"]) == ["gsm8k_cot_llama", "chartqa"]
+    assert doc["results"]["gsm8k_cot_llama"]["metrics"]["exact_match"] == 1.0
+    assert doc["results"]["chartqa"]["metrics"]["relaxed_accuracy"] == 1.0
+    assert kinds == ["chartqa"] * 5 + ["gsm8k"] * 5
+    assert (tmp_path / "log" / "samples_gsm8k_cot_llama.jsonl").is_file()
+    assert (tmp_path / "log" / "samples_chartqa.jsonl").is_file()
+    assert set(doc["config"]["request_params"]) == {"gsm8k_cot_llama", "chartqa"}
+    assert not [r for r in fake_hf.rows_requests if r["query"]["dataset"] == GSM8K[0]]  # gsm8k ships in data/
 
 
 # --------------------------------------------------------------------------------------------
-# a full run as a user runs it, and secrets
+# main(), the entry points and the installed wheel
 # --------------------------------------------------------------------------------------------
+
 
 SECRET = "sk-test-SECRET-0123456789abcdef"
 
@@ -518,8 +689,8 @@ SECRET = "sk-test-SECRET-0123456789abcdef"
 def test_full_subprocess_run(tmp_path, gsm8k_answers, fake_hf):
     out = tmp_path / "results.json"
     with FakeOpenAI(answers=gsm8k_answers, api_key=SECRET) as server:
-        proc = run_cli(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "20", "--api_key", SECRET,
-                        "--output", out], cli_env(tmp_path, datasets_server=fake_hf.url))
+        proc = cli("--tasks", GSM, "--base_url", server.base_url, "--max_samples", "20", "--api_key", SECRET,
+                        "--output", out, env=cli_env(tmp_path, datasets_server=fake_hf.url))
         chats = server.chat_requests
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -546,34 +717,92 @@ def test_full_subprocess_run(tmp_path, gsm8k_answers, fake_hf):
     assert json.loads(out.read_text()) == doc
 
 
-def test_secret_key_not_printed_on_failure(tmp_path):
-    """An unreachable server: the error line names the URL but never the key."""
-    proc = run_cli(["--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1"],
-                   cli_env(tmp_path, OPENAI_API_KEY=SECRET))
-    assert proc.returncode == 3
-    assert SECRET not in proc.stderr and SECRET not in proc.stdout
+def test_version(tmp_path):
+    proc = cli("--version", env=cli_env(tmp_path))
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
 
 
-# --------------------------------------------------------------------------------------------
-# the Python API
-# --------------------------------------------------------------------------------------------
+def test_python_dash_m(tmp_path, fake_openai):
+    env = cli_env(tmp_path, PYTHONPATH=str(ROOT))
+    proc = cli("--version", env=env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
+    proc = cli("--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--no_progress", env=env, cwd=tmp_path, command=[sys.executable, "-m", "nano_eval"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
 
 
-def test_python_api_run_task(isolated_env, fake_openai):
-    config = APIConfig(url=fake_openai.base_url, num_concurrent=8)
-    result = asyncio.run(run_task(TASKS[GSM], config, max_samples=10))
-    assert config.model == "fake-model"  # detected from /v1/models
-    assert result["num_samples"] == 10 and result["num_ok"] == 10
-    assert result["metrics"]["exact_match"] == 1.0
-    assert result["metrics"]["exact_match,flexible-extract"] == 1.0
-    assert len(fake_openai.chat_requests) == 10
-    assert fake_openai.max_in_flight <= 8
+@pytest.mark.skipif(shutil.which("nano-eval") is None, reason="the nano-eval console script is not installed")
+def test_console_script(tmp_path, fake_openai):
+    env = cli_env(tmp_path)
+    proc = cli("--version", env=env, command=["nano-eval"])
+    assert proc.returncode == 0 and proc.stdout.strip() == f"nano-eval {nano_eval.__version__}"
+    proc = cli("--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", env=env, command=["nano-eval"])
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
 
 
-def test_python_api_rejects_bad_config():
-    with pytest.raises(UsageError):
-        APIConfig(url="http://127.0.0.1:9/v1", num_concurrent=0)
-    with pytest.raises(UsageError):
-        APIConfig(url="not a url")
-    with pytest.raises(UsageError):
-        asyncio.run(run_task(TASKS[GSM], APIConfig(url="http://127.0.0.1:9/v1", model="m"), max_samples=0))
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+              "no_proxy")
+
+
+def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):
+    """Build the wheel, install it into a fresh venv, run it from elsewhere with no datasets-server
+    and no data dir: gsm8k must come from the split the wheel carries (slow-ish: ~10 s)."""
+    # build from a clean copy of what the build reads, so no build/ dir of the checkout is reused or left
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "nano_eval.py", *(p.name for p in ROOT.glob("LICENSE*"))):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "data" / "openai__gsm8k", source / "data" / "openai__gsm8k")
+    shutil.copy2(ROOT / "data" / "README.md", source / "data" / "README.md")
+    wheels = tmp_path / "wheels"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", ".", "-w", str(wheels)],
+                           cwd=source, capture_output=True, text=True, timeout=300)
+    if build.returncode != 0:
+        text = build.stdout + build.stderr
+        if any(s in text for s in ("No matching distribution", "Could not find a version", "NewConnectionError",
+                                   "Network is unreachable", "Temporary failure in name resolution",
+                                   "ProxyError", "connection broken", "ConnectTimeoutError")):
+            pytest.skip(f"cannot build the wheel without the package index: {text.strip().splitlines()[-1]}")
+        pytest.fail(f"pip wheel failed:\n{text}")
+    (wheel,) = wheels.glob("nano_eval-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "nano_eval.py" in names
+    shipped = sorted(n for n in names if n.startswith("nano_eval_data/openai__gsm8k/main/test/"))
+    assert "nano_eval_data/openai__gsm8k/main/test/manifest.json" in shipped and len(shipped) == 15
+    assert not [n for n in names if "chartqa" in n.lower() or n.startswith("tests/")]  # no GPL test data
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
+                              "--no-index", "--no-deps", str(wheel)], capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANO_EVAL_") and k not in PROXY_VARS
+           and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "cache"),
+               NANO_EVAL_DATASETS_SERVER=f"http://127.0.0.1:{free_port()}", NO_PROXY="127.0.0.1,localhost")
+    where = subprocess.run([str(python), "-c", "import nano_eval; print(nano_eval.__file__); "
+                            "print(nano_eval.BUNDLED_DATA)"], capture_output=True, text=True, cwd=home, env=env,
+                           timeout=60)
+    module_file, bundled = where.stdout.split()
+    assert Path(module_file).is_relative_to(venv) and Path(bundled).is_relative_to(venv), where.stdout
+    assert Path(bundled).name == "nano_eval_data"
+
+    responder = ByRow()
+    with FakeOpenAI(responder=responder) as srv:
+        proc = subprocess.run([str(venv / "bin" / "nano-eval"), *GSM_ARGS, "--base_url", srv.base_url, "--max_samples", "3"],
+                              capture_output=True, text=True, cwd=home, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    document = json.loads(proc.stdout)
+    result = document["results"]["gsm8k_cot_llama"]
+    assert result["num_samples"] == 3 and result["num_ok"] == 3 and result["metrics"]["exact_match"] == 1.0
+    assert sorted(responder.rows) == [0, 1, 2]  # the first 3 test rows, in dataset order
+    shipped_manifest = json.loads((ROOT / "data" / "openai__gsm8k" / "main" / "test" / "manifest.json").read_text())
+    revision = shipped_manifest["pages"]["0"].get("revision") or shipped_manifest.get("source")
+    assert result["dataset"]["revision"] == revision
+    assert not (home / "cache" / "nano-eval" / "openai__gsm8k" / "main" / "test" / "rows-00000.jsonl").exists()

@@ -1,11 +1,8 @@
-"""Paired comparison of two runs (issue 5): mcnemar_exact, paired_bootstrap, compare_runs /
-`nano-eval compare`, and several --base_url servers in one command.
+"""Compare (issue 5, issue 15): mcnemar_exact, paired_bootstrap, compare_runs / `nano-eval
+compare`, the --fail_if gate, and several --base_url servers run and compared in one command.
 
-The sample logs here are written by hand, record by record, in the sample-log format of the
-contract (task, row_idx, doc_hash, body_hash, url, request, response{content, reasoning_content,
-finish_reason, usage, http_status}, status, error, target, extracted, scores, ...). The request
-bodies are the real gsm8k_cot_llama bodies nano-eval builds for the first GSM8K test rows, with a
-different "model" for run A and run B, so the two runs are comparable.
+The sample logs here are mostly written by hand, record by record, in the sample-log format of the
+contract, with planted differences whose exact p-values and intervals are known.
 """
 
 from __future__ import annotations
@@ -19,53 +16,19 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
-from fakes import FakeOpenAI  # noqa: E402
-
-NANO_EVAL = ROOT / "nano_eval.py"
-GSM8K_ROWS = [json.loads(line) for line in
-              (ROOT / "tests/fixtures/gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()[:260]]
-TASK = ne.TASKS["gsm8k_cot_llama"]
-HEADLINE = "exact_match,strict-match"
-PREFIX = "Let me think. The final answer is "  # 34 characters: "Let me think." (13) + " The final answer is " (21)
-WRONG = "-1"  # no GSM8K test target starts with "-", so "-1" always differs at PREFIX's end
+from fakes import ByRow, FakeOpenAI, GSM8K_GOLD, cli, error_lines, one_error, run_inproc, run_main  # noqa: E402
 
 
-def run_cli(*args: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(NANO_EVAL), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def run_main(argv: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = ne.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-# ---------------------------------------------------------------------------------------------
-# mcnemar_exact
-# ---------------------------------------------------------------------------------------------
-
-
-def binomial_two_sided(a: int, b: int) -> Fraction:
-    """Exact two-sided sign-test p at 1/2, computed without math.comb: the pmf by the recurrence
-    P(k+1) = P(k) * (n-k)/(k+1), starting at P(0) = 1/2^n; p = min(1, 2 * P(X <= min(a, b)))."""
-    n = a + b
-    if n == 0:
-        return Fraction(1)
-    pmf, tail = Fraction(1, 2 ** n), Fraction(0)
-    for k in range(min(a, b) + 1):
-        tail += pmf
-        pmf = pmf * (n - k) / (k + 1)
-    return min(Fraction(1), 2 * tail)
+# --------------------------------------------------------------------------------------------
+# mcnemar_exact, paired_bootstrap, compare_runs and `nano-eval compare`
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("a_only, b_only, expected", [
@@ -92,6 +55,19 @@ def test_mcnemar_exact_known_values(a_only, b_only, expected):
     assert ne.mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-12, abs=0)
 
 
+def binomial_two_sided(a: int, b: int) -> Fraction:
+    """Exact two-sided sign-test p at 1/2, computed without math.comb: the pmf by the recurrence
+    P(k+1) = P(k) * (n-k)/(k+1), starting at P(0) = 1/2^n; p = min(1, 2 * P(X <= min(a, b)))."""
+    n = a + b
+    if n == 0:
+        return Fraction(1)
+    pmf, tail = Fraction(1, 2 ** n), Fraction(0)
+    for k in range(min(a, b) + 1):
+        tail += pmf
+        pmf = pmf * (n - k) / (k + 1)
+    return min(Fraction(1), 2 * tail)
+
+
 def test_mcnemar_exact_large_case_against_direct_sum():
     # n = 250: p = 2 * sum_{k<=100} C(250, k) / 2^250, summed exactly then converted once
     a, b = 150, 100
@@ -115,11 +91,6 @@ def test_mcnemar_exact_property(a, b):
         hi, lo = max(a, b), min(a, b)
         if lo > 0:
             assert ne.mcnemar_exact(hi + 1, lo - 1) <= p
-
-
-# ---------------------------------------------------------------------------------------------
-# paired_bootstrap
-# ---------------------------------------------------------------------------------------------
 
 
 def planted_differences(n: int, seed: int = 7) -> list:
@@ -172,14 +143,26 @@ def test_paired_bootstrap_all_equal_and_empty():
     assert ne.paired_bootstrap([1.0] * 50, 1000) == (1.0, 1.0)  # B right everywhere A is wrong
 
 
-# ---------------------------------------------------------------------------------------------
-# Synthetic sample logs
-# ---------------------------------------------------------------------------------------------
+GSM8K_ROWS = [json.loads(line) for line in
+              (ROOT / "tests/fixtures/gsm8k/test.jsonl").read_text(encoding="utf-8").splitlines()[:260]]
 
+HEADLINE = "exact_match,strict-match"
 
-def gsm8k_sample(row_idx: int, model: str, **config_kwargs) -> ne.Sample:
-    config = ne.APIConfig("http://127.0.0.1:9/v1", model=model, **config_kwargs)
-    return TASK.build({"row_idx": row_idx, "row": GSM8K_ROWS[row_idx]}, config)
+# Hand values for planted_runs() (n = 200 pairs; row 200 is unmatched):
+#   accuracy A = 130/200 = 0.65, accuracy B = (100 + 5)/200 = 0.525, B - A = -0.125
+#   a_only = 30 (rows 100-129), b_only = 5 (rows 130-134)
+#   McNemar: n = 35, tail = sum_{k<=5} C(35,k) = 384168 -> p = 2 * 384168 / 2^35 = 2.2362e-05
+#   identical text: rows 0-79 and 135-199 -> 80 + 65 = 145 of 200 = 72.5%
+#   first difference: 20 rows at 5, 29 rows at 34, 1 row at 0, 5 rows at 34
+#       -> (20*5 + 29*34 + 0 + 5*34) / 55 = (100 + 986 + 170) / 55 = 1256 / 55 = 22.836
+#   output tokens: A 10.0; B (189*12 + 10*256) / 199 (the timed-out row has no usage) = 4828/199 = 24.26
+P_PLANTED = 2 * 384168 / 2 ** 35
+
+WRONG_NUMBER = "-1"  # no GSM8K test target starts with "-", so "-1" always differs at PREFIX's end
+
+PREFIX = "Let me think. The final answer is "  # 34 characters: "Let me think." (13) + " The final answer is " (21)
+
+TASK = ne.TASKS["gsm8k_cot_llama"]
 
 
 def gsm8k_record(sample: ne.Sample, content: str | None, *, status: str = "ok", finish: str | None = "stop",
@@ -205,12 +188,9 @@ def gsm8k_record(sample: ne.Sample, content: str | None, *, status: str = "ok", 
     }
 
 
-def write_log(path: Path, records: list) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return path
+def gsm8k_sample(row_idx: int, model: str, **config_kwargs) -> ne.Sample:
+    config = ne.APIConfig("http://127.0.0.1:9/v1", model=model, **config_kwargs)
+    return TASK.build({"row_idx": row_idx, "row": GSM8K_ROWS[row_idx]}, config)
 
 
 def planted_runs() -> tuple[list, list]:
@@ -232,7 +212,7 @@ def planted_runs() -> tuple[list, list]:
         sa, sb = gsm8k_sample(i, "model-a"), gsm8k_sample(i, "model-b")
         t = sa.target
         assert not t.startswith("-")
-        right, wrong = PREFIX + t, PREFIX + WRONG
+        right, wrong = PREFIX + t, PREFIX + WRONG_NUMBER
         if i < 80:
             text_a = text_b = right
         elif i < 100:
@@ -259,23 +239,20 @@ def planted_runs() -> tuple[list, list]:
     return run_a, run_b
 
 
+def write_log(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> tuple[Path, Path]:
     run_a, run_b = planted_runs()
     folder = tmp_path_factory.mktemp("planted")
     return (write_log(folder / "a" / "samples_gsm8k_cot_llama.jsonl", run_a),
             write_log(folder / "b" / "samples_gsm8k_cot_llama.jsonl", run_b))
-
-
-# Hand values for planted_runs() (n = 200 pairs; row 200 is unmatched):
-#   accuracy A = 130/200 = 0.65, accuracy B = (100 + 5)/200 = 0.525, B - A = -0.125
-#   a_only = 30 (rows 100-129), b_only = 5 (rows 130-134)
-#   McNemar: n = 35, tail = sum_{k<=5} C(35,k) = 384168 -> p = 2 * 384168 / 2^35 = 2.2362e-05
-#   identical text: rows 0-79 and 135-199 -> 80 + 65 = 145 of 200 = 72.5%
-#   first difference: 20 rows at 5, 29 rows at 34, 1 row at 0, 5 rows at 34
-#       -> (20*5 + 29*34 + 0 + 5*34) / 55 = (100 + 986 + 170) / 55 = 1256 / 55 = 22.836
-#   output tokens: A 10.0; B (189*12 + 10*256) / 199 (the timed-out row has no usage) = 4828/199 = 24.26
-P_PLANTED = 2 * 384168 / 2 ** 35
 
 
 def test_compare_runs_planted_numbers(planted):
@@ -309,7 +286,7 @@ def test_compare_runs_planted_numbers(planted):
     assert len(c["flips"]) == 10
     for flip, i in zip(c["flips"], range(100, 110)):
         target = ne.gsm8k_target(GSM8K_ROWS[i])
-        assert flip == {"row_idx": i, "target": target, "a": target, "b": WRONG, "a_correct": True,
+        assert flip == {"row_idx": i, "target": target, "a": target, "b": WRONG_NUMBER, "a_correct": True,
                         "b_correct": False}
 
 
@@ -319,7 +296,7 @@ def test_compare_runs_all_flips_listed_with_both_answers(planted):
     timed_out = c["flips"][29]
     assert timed_out["row_idx"] == 129 and timed_out["b"] == "<timeout>" and timed_out["a_correct"]
     for flip in c["flips"][30:]:  # B-only right
-        assert flip["a"] == WRONG and flip["b"] == flip["target"]
+        assert flip["a"] == WRONG_NUMBER and flip["b"] == flip["target"]
         assert (flip["a_correct"], flip["b_correct"]) == (False, True)
 
 
@@ -339,18 +316,18 @@ def test_compare_text_output(planted, capsys):
     assert "  output tokens   A 10.0   B 24.3" in lines
     assert "  flipped samples (row: target | A | B):" in lines
     t100 = ne.gsm8k_target(GSM8K_ROWS[100])
-    assert f"    100: {t100} | {t100} ok | {WRONG}" in lines
+    assert f"    100: {t100} | {t100} ok | {WRONG_NUMBER}" in lines
     assert sum(1 for line in lines if line.startswith("    1")) == 10  # --top defaults to 10
     # --top N lists N
     code, out, _ = run_main(["compare", a, b, "--top", "35"], capsys)
     t130 = ne.gsm8k_target(GSM8K_ROWS[130])
     assert f"    129: {ne.gsm8k_target(GSM8K_ROWS[129])} | {ne.gsm8k_target(GSM8K_ROWS[129])} ok | <timeout>" in out
-    assert f"    130: {t130} | {WRONG} | {t130} ok" in out.splitlines()
+    assert f"    130: {t130} | {WRONG_NUMBER} | {t130} ok" in out.splitlines()
 
 
 def test_compare_json_matches_text_numbers(planted):
     a, b = map(str, planted)
-    proc = run_cli("compare", a, b, "--json")
+    proc = cli("compare", a, b, "--json")
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)
     assert document["a"] == a and document["b"] == b
@@ -361,7 +338,7 @@ def test_compare_json_matches_text_numbers(planted):
     assert c["mcnemar_p"] == pytest.approx(P_PLANTED, rel=1e-12)
     assert c["accuracy_a"] == pytest.approx(0.65) and c["accuracy_b"] == pytest.approx(0.525)
     # the text form prints the same numbers
-    text = run_cli("compare", a, b).stdout
+    text = cli("compare", a, b).stdout
     assert f"p={c['mcnemar_p']:.3g}" in text
     assert f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]" in text
 
@@ -453,8 +430,8 @@ def test_compare_b_higher_verdict(tmp_path):
     for i in range(12):
         sa, sb = gsm8k_sample(i, "a"), gsm8k_sample(i, "b")
         a_right, b_right = i < 2 or i == 11, i < 11
-        run_a.append(gsm8k_record(sa, PREFIX + (sa.target if a_right else WRONG)))
-        run_b.append(gsm8k_record(sb, PREFIX + (sb.target if b_right else WRONG)))
+        run_a.append(gsm8k_record(sa, PREFIX + (sa.target if a_right else WRONG_NUMBER)))
+        run_b.append(gsm8k_record(sb, PREFIX + (sb.target if b_right else WRONG_NUMBER)))
     c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
                         ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
     assert (c["a_only_correct"], c["b_only_correct"]) == (1, 9)
@@ -519,12 +496,34 @@ def test_compare_ignores_only_the_model_name(tmp_path):
     assert c["n"] == 3
 
 
+def test_compare_uses_the_last_record_of_a_resumed_log(tmp_path):
+    # a resumed log: row 0 first timed out, then was answered (right) on the rerun; a crash left a
+    # half-written line in between, which is skipped
+    sa, sb = gsm8k_sample(0, "a"), gsm8k_sample(0, "b")
+    a = write_log(tmp_path / "a.jsonl", [gsm8k_record(sa, None, status="timeout", finish=None, prompt_tokens=None)])
+    with open(a, "a", encoding="utf-8") as f:
+        f.write('{"task": "gsm8k_cot_llama", "row_id\n')
+        f.write(json.dumps(gsm8k_record(sa, PREFIX + sa.target)) + "\n")
+    b = write_log(tmp_path / "b.jsonl", [gsm8k_record(sb, PREFIX + WRONG_NUMBER)])
+    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    assert (c["n"], c["accuracy_a"], c["a_only_correct"], c["status_a"]) == (1, 1.0, 1, {"ok": 1})
+
+
+def test_compare_no_samples_in_common(tmp_path, capsys):
+    a = write_log(tmp_path / "a.jsonl", [gsm8k_record(gsm8k_sample(i, "a"), PREFIX + "1") for i in range(3)])
+    b = write_log(tmp_path / "b.jsonl", [gsm8k_record(gsm8k_sample(i, "b"), PREFIX + "1") for i in range(3, 5)])
+    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    assert c == {"n": 0, "unmatched": 5, "verdict": "no samples in common"}
+    code, out, _ = run_main(["compare", str(a), str(b)], capsys)
+    assert code == 0 and "gsm8k_cot_llama: no samples in common" in out
+
+
 def test_compare_missing_and_empty_inputs(tmp_path, planted, capsys):
     missing = tmp_path / "nope.jsonl"
     code, out, err = run_main(["compare", str(missing), str(planted[1])], capsys)
     assert code == 2 and out == ""
     assert len(err.splitlines()) == 1 and err.startswith("nano-eval: error: ") and str(missing) in err
-    proc = run_cli("compare", str(planted[0]), str(missing))
+    proc = cli("compare", str(planted[0]), str(missing))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nano-eval: error: ")
     assert "Traceback" not in proc.stderr
@@ -540,31 +539,156 @@ def test_compare_missing_and_empty_inputs(tmp_path, planted, capsys):
     assert code == 2 and len(err.splitlines()) == 1
 
 
-def test_compare_uses_the_last_record_of_a_resumed_log(tmp_path):
-    # a resumed log: row 0 first timed out, then was answered (right) on the rerun; a crash left a
-    # half-written line in between, which is skipped
-    sa, sb = gsm8k_sample(0, "a"), gsm8k_sample(0, "b")
-    a = write_log(tmp_path / "a.jsonl", [gsm8k_record(sa, None, status="timeout", finish=None, prompt_tokens=None)])
-    with open(a, "a", encoding="utf-8") as f:
-        f.write('{"task": "gsm8k_cot_llama", "row_id\n')
-        f.write(json.dumps(gsm8k_record(sa, PREFIX + sa.target)) + "\n")
-    b = write_log(tmp_path / "b.jsonl", [gsm8k_record(sb, PREFIX + WRONG)])
-    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
-    assert (c["n"], c["accuracy_a"], c["a_only_correct"], c["status_a"]) == (1, 1.0, 1, {"ok": 1})
+def test_compare_of_a_non_utf8_file(isolated_env, tmp_path):
+    path = tmp_path / "samples_gsm8k_cot_llama.jsonl"
+    path.write_bytes(b"\xff\xfe\x00{not a record}\n")
+    code, out, err = cli("compare", str(path), str(path))
+    one_error(code, err, 2)
 
 
-def test_compare_no_samples_in_common(tmp_path, capsys):
-    a = write_log(tmp_path / "a.jsonl", [gsm8k_record(gsm8k_sample(i, "a"), PREFIX + "1") for i in range(3)])
-    b = write_log(tmp_path / "b.jsonl", [gsm8k_record(gsm8k_sample(i, "b"), PREFIX + "1") for i in range(3, 5)])
-    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
-    assert c == {"n": 0, "unmatched": 5, "verdict": "no samples in common"}
-    code, out, _ = run_main(["compare", str(a), str(b)], capsys)
-    assert code == 0 and "gsm8k_cot_llama: no samples in common" in out
+# --------------------------------------------------------------------------------------------
+# Repeated runs
+# --------------------------------------------------------------------------------------------
 
 
-# ---------------------------------------------------------------------------------------------
-# Several servers in one command
-# ---------------------------------------------------------------------------------------------
+OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
+
+WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
+assert "0" not in GSM8K_GOLD[:40]
+assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
+
+
+def right(row: int) -> str:
+    """ByRow's own right answer for a row (the default when a row has no plan)."""
+    return f"Let me think. The final answer is {GSM8K_GOLD[row]}"
+
+
+@pytest.fixture
+def repeated_logs(isolated_env, tmp_path):
+    """A: row 0 wrong, deterministic. B: all right on the first pass; on the second, row 2 is wrong and
+    row 5 right with other text. 10 rows x 2 repeats each."""
+    with FakeOpenAI(responder=ByRow(wrong={0})) as srv:
+        run_inproc(srv, None, 10, log_dir=tmp_path / "a", repeats=2)[0]
+    plan = {2: [right(2), WRONG], 5: [right(5), OTHER_RIGHT.format(GSM8K_GOLD[5])]}
+    with FakeOpenAI(responder=ByRow(plan)) as srv:
+        run_inproc(srv, None, 10, log_dir=tmp_path / "b", repeats=2, num_concurrent=1)[0]
+    with FakeOpenAI(responder=ByRow(wrong={0})) as srv:
+        run_inproc(srv, None, 10, log_dir=tmp_path / "single")[0]
+    return tmp_path
+
+
+def test_compare_repeated_runs_json(repeated_logs):
+    rc, out, err = cli("compare", repeated_logs / "a", repeated_logs / "b", "--json")
+    assert rc == 0, err
+    c = json.loads(out)["comparison"]["gsm8k_cot_llama"]
+    # the paired comparison is over the first repeat: A 9/10, B 10/10, one discordant row (0)
+    assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (10, 0, 1)
+    assert c["accuracy_a"] == pytest.approx(0.9) and c["accuracy_b"] == pytest.approx(1.0)
+    assert c["self_agreement_a"] == {"documents": 10, "responses": 1.0, "scores": 1.0}
+    # B: rows 2 and 5 differ in text (8/10), only row 2 in score (9/10)
+    assert c["self_agreement_b"] == {"documents": 10, "responses": 0.8, "scores": 0.9}
+
+
+def test_compare_repeated_runs_text(repeated_logs):
+    rc, out, err = cli("compare", repeated_logs / "a", repeated_logs / "b")
+    assert rc == 0, err
+    assert ("  self-agreement  A 100.0% identical over its repeats   B 80.0% identical over its repeats   "
+            "(the noise floor for identical text)") in out.splitlines()
+
+
+def test_compare_one_repeated_run_and_one_single(repeated_logs):
+    rc, out, err = cli("compare", repeated_logs / "single", repeated_logs / "b", "--json")
+    assert rc == 0, err
+    c = json.loads(out)["comparison"]["gsm8k_cot_llama"]
+    assert "self_agreement_a" not in c
+    assert c["self_agreement_b"] == {"documents": 10, "responses": 0.8, "scores": 0.9}
+    rc, out, err = cli("compare", repeated_logs / "single", repeated_logs / "single")
+    assert rc == 0 and "self-agreement" not in out
+
+
+# --------------------------------------------------------------------------------------------
+# --fail_if
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gate_logs(isolated_env, tmp_path):
+    """Sample logs of 30 rows: all right, all wrong, and right but for rows 0-2."""
+    logs = {}
+    for name, wrong in (("right", ()), ("wrong", range(30)), ("three", range(3))):
+        with FakeOpenAI(responder=ByRow(wrong=wrong)) as srv:
+            run_inproc(srv, None, 30, log_dir=tmp_path / name)[0]
+        logs[name] = tmp_path / name
+    return logs
+
+
+@pytest.mark.parametrize("a, b, flag, code", [
+    # B wrong on 30 rows A gets right: a_only 30, b_only 0, McNemar p = 2 / 2^30 -> significant, B lower
+    ("right", "wrong", ["--fail_if", "worse"], 6),
+    ("right", "wrong", ["--fail-if", "different"], 6),
+    ("right", "wrong", [], 0),
+    # B better: not worse, but different
+    ("wrong", "right", ["--fail_if", "worse"], 0),
+    ("wrong", "right", ["--fail_if", "different"], 6),
+    # 3 discordant rows: p = 2 / 2^3 = 0.25, not significant either way
+    ("right", "three", ["--fail_if", "worse"], 0),
+    ("right", "three", ["--fail_if", "different"], 0),
+    ("three", "right", ["--fail_if", "different"], 0),
+])
+def test_compare_fail_if(gate_logs, a, b, flag, code):
+    rc, out, err = cli("compare", gate_logs[a], gate_logs[b], "--json", *flag)
+    assert rc == code, err
+    c = json.loads(out)["comparison"]["gsm8k_cot_llama"]
+    discordant = {"right": set(), "wrong": set(range(30)), "three": {0, 1, 2}}
+    a_only = len(discordant[b] - discordant[a])
+    b_only = len(discordant[a] - discordant[b])
+    assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (30, a_only, b_only)
+    assert c["mcnemar_p"] == pytest.approx(2 / 2 ** (a_only + b_only), rel=1e-9)
+    if code == 6:
+        word = "worse" if flag[1] == "worse" else "different"
+        assert error_lines(err) == [f"nano-eval: error: --fail_if {flag[1]}: B is significantly {word} "
+                                    "on gsm8k_cot_llama"]
+    else:
+        assert error_lines(err) == []
+
+
+def test_fail_if_from_python(gate_logs):
+    worse = ne.compare_paths(str(gate_logs["right"]), str(gate_logs["wrong"]))
+    assert ne.gate_failures(worse, "worse") == ["gsm8k_cot_llama"]
+    assert ne.gate_failures(worse, "different") == ["gsm8k_cot_llama"]
+    better = ne.compare_paths(str(gate_logs["wrong"]), str(gate_logs["right"]))
+    assert ne.gate_failures(better, "worse") == [] and ne.gate_failures(better, "different") == ["gsm8k_cot_llama"]
+    assert ne.gate_exit(better, "worse") == 0 and ne.gate_exit(better, "different") == 6
+
+
+def test_compare_fail_if_text_output_still_printed(gate_logs):
+    rc, out, err = cli("compare", gate_logs["right"], gate_logs["wrong"], "--fail_if", "worse")
+    assert rc == 6
+    assert "  verdict         B is lower by 100.0 points, p=1.86e-09" in out.splitlines()  # 2/2^30
+
+
+def test_compare_fail_if_bad_choice(gate_logs):
+    rc, out, err = cli("compare", gate_logs["right"], gate_logs["wrong"], "--fail_if", "better")
+    assert rc == 2 and out == "" and len(error_lines(err)) == 1
+
+
+@pytest.mark.parametrize("c, fail_if, failed", [
+    ({"n": 30, "mcnemar_p": 0.01, "difference": -0.2}, "worse", ["t"]),
+    ({"n": 30, "mcnemar_p": 0.01, "difference": 0.2}, "worse", []),
+    ({"n": 30, "mcnemar_p": 0.01, "difference": 0.2}, "different", ["t"]),
+    ({"n": 30, "mcnemar_p": 0.05, "difference": -0.2}, "different", []),  # p < 0.05, strictly
+    ({"n": 30, "mcnemar_p": 0.0499, "difference": -0.2}, "worse", ["t"]),
+    ({"n": 30, "mcnemar_p": 0.01, "difference": -0.2}, None, []),
+    ({"n": 0, "unmatched": 4, "verdict": "no samples in common"}, "different", []),
+])
+def test_gate_failures(c, fail_if, failed):
+    assert ne.gate_failures({"t": c}, fail_if) == failed
+    assert ne.gate_exit({"t": c}, fail_if) == (6 if failed else 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Several servers in one command, compared
+# --------------------------------------------------------------------------------------------
 
 
 def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
@@ -572,14 +696,13 @@ def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
     # -> A 18/20 = 0.9, B 14/20 = 0.7; a_only = 6 (rows 2-7), b_only = 2 (rows 0-1)
     # McNemar n=8: tail = C(8,0)+C(8,1)+C(8,2) = 1+8+28 = 37 -> p = 74/256 = 0.2890625
     questions = [row["question"] for row in GSM8K_ROWS[:20]]
-    answers_a = {**gsm8k_answers, **{q: WRONG for q in questions[0:2]}}
-    answers_b = {**gsm8k_answers, **{q: WRONG for q in questions[2:8]}}
+    answers_a = {**gsm8k_answers, **{q: WRONG_NUMBER for q in questions[0:2]}}
+    answers_b = {**gsm8k_answers, **{q: WRONG_NUMBER for q in questions[2:8]}}
     log_dir = tmp_path / "logs"
     with FakeOpenAI(models=["model-a"], answers=answers_a, server_header="uvicorn") as srv_a, \
             FakeOpenAI(models=["model-b"], answers=answers_b,
                        extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv_b:
-        proc = run_cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base-url", srv_b.base_url,
-                       "--max_samples", "20", "--log_samples", str(log_dir), "--no_progress")
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base-url", srv_b.base_url, "--max_samples", "20", "--log_samples", str(log_dir), "--no_progress")
         assert len(srv_a.chat_requests) == 20 and len(srv_b.chat_requests) == 20
     assert proc.returncode == 0, proc.stderr
     document = json.loads(proc.stdout)  # stdout is the JSON only
@@ -631,8 +754,7 @@ def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
             new = log_dir2 / f"{i}_127.0.0.1_{(srv_a2, srv_b2)[i].port}" / "samples_gsm8k_cot_llama.jsonl"
             new.parent.mkdir(parents=True)
             new.write_text(old.read_text().replace(srv.url, (srv_a2, srv_b2)[i].url))
-        proc2 = run_cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a2.base_url, "--base_url", srv_b2.base_url,
-                        "--max_samples", "20", "--log_samples", str(log_dir2), "--no_progress")
+        proc2 = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a2.base_url, "--base_url", srv_b2.base_url, "--max_samples", "20", "--log_samples", str(log_dir2), "--no_progress")
         assert proc2.returncode == 0, proc2.stderr
         assert srv_a2.chat_requests == [] and srv_b2.chat_requests == []
     c2 = json.loads(proc2.stdout)["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
@@ -652,3 +774,45 @@ def test_several_servers_without_log_samples(isolated_env, gsm8k_answers, capsys
     assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (5, 5, 0)
     assert c["mcnemar_p"] == pytest.approx(0.0625)
     assert [run["results"]["gsm8k_cot_llama"]["metrics"]["exact_match"] for run in document["runs"]] == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("wrong_a, wrong_b, fail_if, code", [
+    # B wrong everywhere A is right: a_only 30, p = 2 / 2^30
+    ((), range(30), "worse", 6),
+    # B right everywhere A is wrong: better, so not worse ... but different
+    (range(30), (), "worse", 0),
+    (range(30), (), "different", 6),
+    # 3 discordant rows, p = 0.25
+    ((), range(3), "different", 0),
+])
+def test_several_servers_fail_if(isolated_env, tmp_path, wrong_a, wrong_b, fail_if, code):
+    output = tmp_path / "results.json"
+    with FakeOpenAI(responder=ByRow(wrong=wrong_a)) as srv_a, FakeOpenAI(responder=ByRow(wrong=wrong_b)) as srv_b:
+        rc, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base_url", srv_b.base_url,
+                           "--max_samples", 30, "--no_progress", "--fail_if", fail_if, "--output", output)
+        assert len(srv_a.chat_requests) == 30 and len(srv_b.chat_requests) == 30
+    assert rc == code, err
+    document = json.loads(out)
+    assert json.loads(output.read_text("utf-8")) == document  # written before the exit code
+    accuracy = [1 - len(list(w)) / 30 for w in (wrong_a, wrong_b)]
+    assert [run["results"]["gsm8k_cot_llama"]["metrics"]["exact_match"] for run in document["runs"]] == \
+        pytest.approx(accuracy)
+    c = document["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
+    assert c["n"] == 30 and c["difference"] == pytest.approx(accuracy[1] - accuracy[0])
+    if code == 6:
+        assert error_lines(err) == [f"nano-eval: error: --fail_if {fail_if}: B is significantly {fail_if} "
+                                    "on gsm8k_cot_llama"]
+    else:
+        assert error_lines(err) == []
+
+
+def test_several_servers_with_repeats_show_self_agreement(isolated_env, tmp_path):
+    plan = {2: [right(2), WRONG], 5: [right(5), OTHER_RIGHT.format(GSM8K_GOLD[5])]}
+    with FakeOpenAI(responder=ByRow()) as srv_a, FakeOpenAI(responder=ByRow(plan)) as srv_b:
+        rc, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv_a.base_url, "--base_url", srv_b.base_url,
+                           "--max_samples", 10, "--no_progress", "--repeats", 2, "--num_concurrent", 1)
+    assert rc == 0, err
+    c = json.loads(out)["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
+    assert c["self_agreement_a"] == {"documents": 10, "responses": 1.0, "scores": 1.0}
+    assert c["self_agreement_b"] == {"documents": 10, "responses": 0.8, "scores": 0.9}
+    assert "  self-agreement  A 100.0% identical over its repeats   B 80.0% identical over its repeats" in err

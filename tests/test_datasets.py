@@ -1,67 +1,42 @@
-"""The datasets-server client and the verified dataset cache, against FakeDatasetsServer."""
+"""Datasets: rows and images, fetched once and verified ever after.
+
+The datasets-server client pages through /rows concurrently, fetching only the pages needed first,
+retrying 429/5xx/not-ready answers and sending HF_TOKEN to the API only; the verified cache keeps
+each page with its sha256 in a manifest, so a damaged, truncated or lying cache is refetched and a
+complete cache (the shipped gsm8k split) needs no datasets-server; chartqa images are downloaded
+only when needed, refetched when their signed URL expired or their cached bytes are damaged.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import CHARTQA, GSM8K, FakeDatasetsServer, FakeOpenAI, answers_responder, chartqa_dataset  # noqa: E402
-from nano_eval import TASKS, DatasetCache, DatasetError, DatasetsClient, load_rows, run_task, APIConfig  # noqa: E402
+from fakes import (CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, NANO_EVAL, TINY_JPEG,  # noqa: E402
+    answers_responder, cli, cli_env, error_line, interrupt_while_waiting, make_png, question_of,
+    read_log)
+from nano_eval import (APIConfig, DatasetCache, DatasetError, DatasetsClient, TASKS, load_rows,  # noqa: E402
+    resolve_data_dir, run_task, sniff_image)
 
-FIXTURES = ROOT / "tests" / "fixtures"
+
+# --------------------------------------------------------------------------------------------
+# The datasets-server client
+# --------------------------------------------------------------------------------------------
+
+
 GSM_REF = TASKS["gsm8k_cot_llama"].data
-CQA_REF = TASKS["chartqa"].data
-TOKEN = "hf_TESTTOKEN_do_not_leak_42"
-
-
-def fixture_gsm8k() -> list[dict]:
-    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-GSM8K_ROWS = fixture_gsm8k()
-
-
-@pytest.fixture
-def no_bundled(monkeypatch, tmp_path):
-    """Hide the data/ shipped beside nano_eval.py, so gsm8k has to come from the datasets-server."""
-    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", tmp_path / "no-bundled-data")
-    for name in ("HF_TOKEN", "NANO_EVAL_DATA_DIR", "NANO_EVAL_DATASETS_SERVER"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "cache"
-
-
-def client(server, token=None) -> DatasetsClient:
-    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
-
-
-def load(ref, count, roots, server, image_column=None, token=None):
-    return asyncio.run(load_rows(ref, count, [Path(r) for r in roots], image_column, client(server, token)))
-
-
-def offsets(server) -> list[int]:
-    return [int(r["query"]["offset"]) for r in server.rows_requests]
-
-
-def assert_gsm8k_rows(rows, n):
-    assert [r["row_idx"] for r in rows] == list(range(n))
-    assert [r["row"] for r in rows] == GSM8K_ROWS[:n]
-
-
-def stray_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
 
 
 class SlowRows(FakeDatasetsServer):
@@ -84,9 +59,45 @@ class SlowRows(FakeDatasetsServer):
                 self.rows_in_flight -= 1
 
 
-# --------------------------------------------------------------------------------------------
-# the pager
-# --------------------------------------------------------------------------------------------
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def fixture_gsm8k() -> list[dict]:
+    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+GSM8K_ROWS = fixture_gsm8k()
+
+
+def assert_gsm8k_rows(rows, n):
+    assert [r["row_idx"] for r in rows] == list(range(n))
+    assert [r["row"] for r in rows] == GSM8K_ROWS[:n]
+
+
+def client(server, token=None) -> DatasetsClient:
+    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
+
+
+def load(ref, count, roots, server, image_column=None, token=None):
+    return asyncio.run(load_rows(ref, count, [Path(r) for r in roots], image_column, client(server, token)))
+
+
+@pytest.fixture
+def no_bundled(monkeypatch, tmp_path):
+    """Hide the data/ shipped beside nano_eval.py, so gsm8k has to come from the datasets-server."""
+    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", tmp_path / "no-bundled-data")
+    for name in ("HF_TOKEN", "NANO_EVAL_DATA_DIR", "NANO_EVAL_DATASETS_SERVER"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "cache"
+
+
+def offsets(server) -> list[int]:
+    return [int(r["query"]["offset"]) for r in server.rows_requests]
+
+
+def stray_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
 
 
 def test_all_pages_fetched_concurrently(no_bundled, gsm8k_spec):
@@ -150,6 +161,23 @@ def test_plain_text_500_forever_is_a_dataset_error(no_bundled, gsm8k_spec):
     assert not (no_bundled / "openai__gsm8k" / "main" / "test" / "rows-00000.jsonl").exists()
 
 
+def test_a_long_retry_after_from_the_datasets_server_is_announced_and_interruptible(isolated_env, fake_hf):
+    """chartqa's rows are throttled with Retry-After: 3600: said on stderr, and Ctrl-C stops the wait."""
+    fake_hf.faults.append({"path": "/rows", "status": 429, "headers": {"Retry-After": "3600"}, "times": 100})
+    with FakeOpenAI() as srv:
+        proc, lines, notice, out, elapsed = interrupt_while_waiting(
+            [sys.executable, str(NANO_EVAL), "--tasks", "chartqa", "--no_progress", "--base_url", srv.base_url,
+             "--max_samples", "2"])
+        chat = len(srv.chat_requests)
+    assert "datasets-server" in notice and "429" in notice
+    assert "waiting 300 s" in notice and "Retry-After: 3600 s, capped at 300 s" in notice
+    assert proc.returncode == 130, "".join(lines)
+    assert elapsed < 5, elapsed
+    assert len(fake_hf.rows_requests) == 1 and chat == 0
+    document = json.loads(out)
+    assert document["complete"] is False and document["interrupted"] is True
+
+
 def test_unknown_dataset_401_mentions_hf_token(no_bundled):
     with FakeDatasetsServer({}) as server:
         with pytest.raises(DatasetError) as err:
@@ -158,6 +186,11 @@ def test_unknown_dataset_401_mentions_hf_token(no_bundled):
     message = str(err.value)
     assert "HF_TOKEN" in message and "401" in message and "\n" not in message
     assert err.value.exit_code == 5
+
+
+CQA_REF = TASKS["chartqa"].data
+
+TOKEN = "hf_TESTTOKEN_do_not_leak_42"
 
 
 def test_hf_token_sent_as_bearer_to_the_api_only(no_bundled, chartqa_spec):
@@ -177,11 +210,6 @@ def test_no_token_no_authorization_header(no_bundled, gsm8k_spec):
     with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
         load(GSM_REF, 10, [no_bundled], server)
         assert all("Authorization" not in r["headers"] for r in server.rows_requests)
-
-
-# --------------------------------------------------------------------------------------------
-# revision
-# --------------------------------------------------------------------------------------------
 
 
 def test_revision_in_manifest_and_results(no_bundled, gsm8k_spec, gsm8k_answers):
@@ -206,11 +234,6 @@ def test_new_revision_recorded_per_page(no_bundled, gsm8k_spec):
     assert cache.revisions([0, 100]) == ["1" * 40, "2" * 40]
 
 
-# --------------------------------------------------------------------------------------------
-# feature styles
-# --------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("style", ["List", "Sequence", "legacy"])
 def test_list_feature_styles_accepted(style, no_bundled, chartqa_spec):
     answers = {}
@@ -227,8 +250,34 @@ def test_list_feature_styles_accepted(style, no_bundled, chartqa_spec):
     assert result["metrics"]["exact_match"] == 1.0
 
 
+GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
+
+
+def test_a_short_page_is_an_error_not_a_smaller_denominator(tmp_path, monkeypatch, gsm8k_spec, fake_openai):
+    rows = [row for i, row in enumerate(gsm8k_spec.rows[:150]) if i != 5]
+    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", tmp_path / "none")
+    with FakeDatasetsServer({GSM8K: Dataset(gsm8k_spec.features, rows)}) as hf:
+        # the fake renumbers rows densely, so tamper with what it sends: drop row 5 from page 0
+        original = hf._route
+
+        def route(request):
+            response = original(request)
+            if request["path"] == "/rows" and request["query"].get("offset") == "0":
+                body = json.loads(response.body)
+                body["rows"] = [r for r in body["rows"] if r["row_idx"] != 5]
+                response.body = json.dumps(body).encode()
+            return response
+
+        monkeypatch.setattr(hf, "_route", route)
+        monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", hf.url)
+        code = nano_eval.main([*GSM_ARGS, "--base_url", fake_openai.base_url, "--max_samples", "20",
+                               "--data_dir", str(tmp_path / "d")])
+    assert code == 5
+    assert not list((tmp_path / "d").rglob("rows-00000.jsonl"))  # nothing cached
+
+
 # --------------------------------------------------------------------------------------------
-# the cache
+# The verified cache
 # --------------------------------------------------------------------------------------------
 
 
@@ -328,11 +377,6 @@ def test_cache_writes_leave_no_temp_files(no_bundled, chartqa_spec, gsm8k_spec):
     assert images == sorted(f"{i}.png" for i in range(12))
 
 
-# --------------------------------------------------------------------------------------------
-# the gsm8k split shipped in data/
-# --------------------------------------------------------------------------------------------
-
-
 def test_shipped_gsm8k_cache_is_complete_and_verifies():
     cache = DatasetCache([ROOT / "data"], GSM_REF)
     assert cache.num_rows_total() == 1319
@@ -359,16 +403,24 @@ def test_complete_bundled_cache_needs_no_datasets_server(tmp_path, monkeypatch, 
     assert result["metrics"]["exact_match"] == pytest.approx(50 / 250)
 
 
-# --------------------------------------------------------------------------------------------
-# the CLI: exit codes and where the token goes
-# --------------------------------------------------------------------------------------------
+def test_a_bad_hf_token_does_not_stop_an_offline_run(isolated_env, fake_openai, monkeypatch):
+    monkeypatch.delenv("NANO_EVAL_DATA_DIR")  # gsm8k from the shipped data/: nothing is fetched
+    code, out, err = cli(*GSM_ARGS, "--base_url", fake_openai.base_url, "--max_samples", 2,
+                         env={**nano_eval.os.environ, "HF_TOKEN": "hf_\x01bad"})
+    assert code == 0, err
 
 
-def cli_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("NANO_EVAL_") and k not in ("OPENAI_API_KEY", "HF_TOKEN")}
-    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", **extra)
-    return env
+def test_a_pip_installed_module_caches_in_the_user_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("NANO_EVAL_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    installed = tmp_path / "lib" / "site-packages" / "data"
+    installed.parent.mkdir(parents=True)
+    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", installed)
+    assert resolve_data_dir(None) == [tmp_path / "cache" / "nano-eval", installed]
+    copied = tmp_path / "box" / "data"
+    copied.parent.mkdir()
+    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", copied)  # nano_eval.py copied alone: data/ beside it
+    assert resolve_data_dir(None) == [copied]
 
 
 def solo_copy(tmp_path: Path) -> Path:
@@ -379,16 +431,10 @@ def solo_copy(tmp_path: Path) -> Path:
     return folder / "nano_eval.py"
 
 
-def run_cli(script: Path, args, env):
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=str(script.parent), timeout=120)
-
-
 def test_cli_unknown_dataset_exit_5(tmp_path, fake_openai):
     script = solo_copy(tmp_path)
     with FakeDatasetsServer({}) as hf:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url],
-                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url, env=cli_env(NANO_EVAL_DATASETS_SERVER=hf.url), script=script)
     assert proc.returncode == 5, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nano-eval: error:")]
@@ -401,9 +447,8 @@ def test_cli_copied_alone_fetches_gsm8k_with_token(tmp_path, gsm8k_spec, fake_op
     out = tmp_path / "out" / "r.json"
     out.parent.mkdir()
     with FakeDatasetsServer({GSM8K: gsm8k_spec}, revision="c" * 40) as hf:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
-                                "--max_samples", "150", "--output", out],
-                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                "--max_samples", "150", "--output", out, env=cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN), script=script)
         assert {r["headers"].get("Authorization") for r in hf.rows_requests} == {f"Bearer {TOKEN}"}
         assert sorted(offsets(hf)) == [0, 100]
     assert proc.returncode == 0, proc.stderr
@@ -417,8 +462,8 @@ def test_cli_copied_alone_fetches_gsm8k_with_token(tmp_path, gsm8k_spec, fake_op
             assert TOKEN.encode() not in path.read_bytes(), path
     # a second run: the cache written beside the copy is complete for these rows
     with FakeDatasetsServer({}) as hf2:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
-                                "--max_samples", "150"], cli_env(NANO_EVAL_DATASETS_SERVER=hf2.url))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                "--max_samples", "150", env=cli_env(NANO_EVAL_DATASETS_SERVER=hf2.url), script=script)
         assert hf2.requests == []
     assert proc.returncode == 0, proc.stderr
 
@@ -427,8 +472,7 @@ def test_cli_token_not_in_dataset_error(tmp_path, fake_openai):
     script = solo_copy(tmp_path)
     faults = [{"path": "/rows", "status": 404, "body": {"error": f"token {TOKEN} has no access"}}]
     with FakeDatasetsServer({}, faults=faults) as hf:
-        proc = run_cli(script, ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url],
-                       cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN))
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url, env=cli_env(NANO_EVAL_DATASETS_SERVER=hf.url, HF_TOKEN=TOKEN), script=script)
     assert proc.returncode == 5
     assert "has no access" in proc.stderr  # the server's message is shown...
     assert TOKEN not in proc.stderr and TOKEN not in proc.stdout  # ...with the token scrubbed
@@ -445,13 +489,11 @@ def test_cli_unwritable_data_dir_exit_2(how, tmp_path, fake_openai):
         args += ["--data_dir", target]
     else:
         env["NANO_EVAL_DATA_DIR"] = str(target)
-    proc = run_cli(ROOT / "nano_eval.py", args, env)
+    proc = cli(*args, env=env, script=ROOT / "nano_eval.py")
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" or how == "env"
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("nano-eval: error:")]
-    assert len(errors) == 1 and str(target) in errors[0]
-    assert "Traceback" not in proc.stderr
-    assert fake_openai.chat_requests == []
+    error_line(proc.stderr, str(target))  # one error line, no traceback
+    assert fake_openai.requests == []  # checked before connecting
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
@@ -460,9 +502,219 @@ def test_cli_read_only_data_dir_exit_2(tmp_path, fake_openai):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        proc = run_cli(ROOT / "nano_eval.py", ["--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
-                                               "--data_dir", folder / "cache"], cli_env())
+        proc = cli("--tasks", "gsm8k_cot_llama", "--base_url", fake_openai.base_url,
+                                               "--data_dir", folder / "cache", env=cli_env(), script=ROOT / "nano_eval.py")
     finally:
         folder.chmod(0o700)
     assert proc.returncode == 2
     assert "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------
+
+
+NULL_ROWS = {16, 17}
+
+
+def asset_rows(hf, status=None) -> list[int]:
+    return sorted(int(r["path"].split("/")[-3]) for r in hf.asset_requests if status is None or r["status"] == status)
+
+
+ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
+
+with open(ROWS_JSONL, encoding="utf-8") as _f:
+    FIXTURE_ROWS = [json.loads(line) for line in _f]
+
+ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
+
+
+@pytest.fixture
+def chart_server():
+    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
+        yield server
+
+
+def image_of(row_idx: int) -> bytes:
+    return (FIXTURES / "chartqa" / FIXTURE_ROWS[row_idx]["image"]).read_bytes()
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("NANO_EVAL_"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+CQA = TASKS["chartqa"]
+
+
+def run_chartqa(config, n, data_dir, hf, **kwargs) -> dict:
+    return asyncio.run(run_task(CQA, config, max_samples=n, data_dir=str(data_dir), datasets_server=client(hf),
+                                progress=False, **kwargs))
+
+
+def test_downloads_only_the_images_needed(no_env, fake_hf, chart_server, tmp_path):
+    config = APIConfig(url=chart_server.base_url, model="m")
+    result = run_chartqa(config, 20, tmp_path / "data", fake_hf)
+    with_image = [i for i in range(20) if i not in NULL_ROWS]
+    assert asset_rows(fake_hf) == with_image  # 18 <= 20: only rows the run needs, once each
+    assert asset_rows(fake_hf, 200) == with_image
+    images = tmp_path / "data" / "HuggingFaceM4__ChartQA" / "default" / "test" / "images"
+    for i in with_image:
+        assert (images / f"{i}.png").read_bytes() == image_of(i)
+    assert result["num_samples"] == 20 and result["num_ok"] == 18
+    assert result["images"] == {"formats": {"png": 18}, "jpeg_reencoded": 0}
+    assert result["metrics"]["relaxed_accuracy"] == pytest.approx(18 / 20)
+    assert result["metrics"]["relaxed_accuracy,valid"] == 1.0
+    # a second run: everything from the cache
+    n_rows, n_assets = len(fake_hf.requests), len(fake_hf.asset_requests)
+    again = run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 20, tmp_path / "data", fake_hf)
+    assert (len(fake_hf.requests), len(fake_hf.asset_requests)) == (n_rows, n_assets)
+    assert again["metrics"] == result["metrics"]
+
+
+class ExpireFirstIssue(FakeDatasetsServer):
+    """The first /rows answer carries already-expired image URLs; later ones are valid."""
+
+    def _rows(self, request):
+        response = super()._rows(request)
+        self.expire_seconds = 3600
+        return response
+
+
+def test_expired_urls_refetch_the_page(no_env, chartqa_spec, chart_server, tmp_path):
+    with ExpireFirstIssue({CHARTQA: chartqa_spec}, expire_seconds=-1) as hf:
+        result = run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 5, tmp_path / "data", hf)
+        assert len(hf.rows_requests) == 2  # the page again, for fresh URLs
+        assert asset_rows(hf, 403) == [0, 1, 2, 3, 4]
+        assert asset_rows(hf, 200) == [0, 1, 2, 3, 4]
+    assert result["num_ok"] == 5 and result["metrics"]["relaxed_accuracy"] == 1.0
+
+
+def test_urls_expired_between_runs(no_env, fake_hf, chart_server, tmp_path):
+    run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 5, tmp_path / "data", fake_hf)
+    assert asset_rows(fake_hf, 200) == [0, 1, 2, 3, 4]
+    n_rows = len(fake_hf.rows_requests)
+    fake_hf.expire_now()  # every URL issued so far (and cached in rows-00000.jsonl) is dead now
+    first_new = len(fake_hf.asset_requests)
+    result = run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 10, tmp_path / "data", fake_hf)
+    new = fake_hf.asset_requests[first_new:]
+    assert len(fake_hf.rows_requests) > n_rows  # the page was fetched again for fresh URLs
+    assert sorted(int(r["path"].split("/")[-3]) for r in new if r["status"] == 200) == [5, 6, 7, 8, 9]
+    assert result["num_ok"] == 10 and result["metrics"]["relaxed_accuracy"] == 1.0
+
+
+def test_urls_that_never_work_are_a_dataset_error(no_env, chartqa_spec, chart_server, tmp_path):
+    with FakeDatasetsServer({CHARTQA: chartqa_spec}, expire_seconds=-1) as hf:
+        with pytest.raises(DatasetError) as err:
+            run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 3, tmp_path / "data", hf)
+        assert 2 <= len(hf.rows_requests) <= 5  # refetched a bounded number of times
+    assert "\n" not in str(err.value) and err.value.exit_code == 5
+    assert chart_server.chat_requests == []
+
+
+def chart_row_of(body: dict) -> int:
+    """The fixture row a chat request is for (by its query)."""
+    task, query = question_of(body)
+    assert task == "chartqa"
+    return next(i for i, r in enumerate(FIXTURE_ROWS) if r["query"] == query)
+
+
+def image_url(body: dict) -> str:
+    parts = body["messages"][-1]["content"]
+    urls = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
+    assert len(urls) == 1
+    return urls[0]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_damaged_cached_image_is_refetched(damage, no_env, fake_hf, chart_server, tmp_path):
+    run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 3, tmp_path / "data", fake_hf)
+    path = tmp_path / "data" / "HuggingFaceM4__ChartQA" / "default" / "test" / "images" / "1.png"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    chart_server.requests.clear()
+    result = run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 3, tmp_path / "data", fake_hf)
+    sent = {chart_row_of(b): image_url(b) for b in (r["body"] for r in chart_server.chat_requests)}
+    assert result["failures"] == {}
+    assert sent[1] == "data:image/png;base64," + base64.b64encode(image_of(1)).decode()
+
+
+CAPTURES = FIXTURES / "lm_eval_requests"
+
+URL = "http://127.0.0.1:9/v1"  # never contacted: build() does not talk to the server
+
+
+def chartqa_cache(tmp_path: Path) -> DatasetCache:
+    return DatasetCache([tmp_path], TASKS["chartqa"].data)
+
+
+def image_bytes_of(body: dict) -> bytes:
+    url = body["messages"][-1]["content"][0]["image_url"]["url"]
+    header, _, data = url.partition(",")
+    assert header == "data:image/png;base64"
+    return base64.b64decode(data)
+
+
+def load_capture(name: str) -> list[dict]:
+    return json.loads((CAPTURES / name).read_text("utf-8"))
+
+
+def test_chartqa_corrupted_cached_image_is_not_sent(tmp_path):
+    """A cached image whose bytes no longer match the manifest sha256 is never sent."""
+    captures = load_capture("chartqa.synthetic.requests.json")
+    meta = json.loads((CAPTURES / "chartqa_images" / "chartqa_images_meta.json").read_text("utf-8"))
+    cache = chartqa_cache(tmp_path)
+    png = image_bytes_of(captures[0]["body"])
+    entry = cache.write_image(0, png, "png")
+    path = cache.write_dir / entry["file"]
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    row = {"row_idx": 0, "row": {"image": {"src": "x"}, "query": meta[0]["query"], "label": meta[0]["label"],
+                                 "human_or_machine": 0}}
+    sample = TASKS["chartqa"].build(row, APIConfig(url=URL, model="stub-model"), cache)
+    assert sample.error is not None and sample.error[0] == "missing_image"
+    assert "base64" not in json.dumps(sample.body)
+
+
+def read_log_by_row(log_dir: Path) -> dict[int, dict]:
+    return {rec["row_idx"]: rec for rec in read_log(log_dir, "chartqa", sort=False)}
+
+
+def test_null_image_rows_are_missing_image(no_env, fake_hf, chart_server, tmp_path):
+    result = run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 20, tmp_path / "data", fake_hf,
+                 log_dir=tmp_path / "log")
+    sent_rows = sorted(chart_row_of(r["body"]) for r in chart_server.chat_requests)
+    assert sent_rows == [i for i in range(20) if i not in NULL_ROWS]  # never sent
+    log = read_log_by_row(tmp_path / "log")
+    assert sorted(log) == list(range(20))
+    for i in NULL_ROWS:
+        rec = log[i]
+        assert rec["status"] == "missing_image"
+        assert "image" in rec["error"].lower()
+        assert rec["scores"] == {"exact_match": 0.0, "relaxed_accuracy": 0.0, "anywhere_accuracy": 0.0}
+        assert rec["image"] is None
+    assert result["failures"] == {"missing_image": 2}
+    assert result["num_failed"] == 2 and result["num_samples"] == 20
+    assert result["metrics"]["relaxed_accuracy"] == pytest.approx(18 / 20)
+
+
+def test_sniff_image():
+    assert sniff_image(make_png(4, 3)) == ("png", "image/png")
+    assert sniff_image(TINY_JPEG) == ("jpeg", "image/jpeg")
+    assert sniff_image(b"GIF87a" + b"\x00" * 10) == ("gif", "image/gif")
+    assert sniff_image(b"GIF89a" + b"\x00" * 10) == ("gif", "image/gif")
+    assert sniff_image(b"RIFF\x10\x00\x00\x00WEBPVP8 ") == ("webp", "image/webp")
+    assert sniff_image(b"RIFF\x10\x00\x00\x00WAVEfmt ") is None
+    assert sniff_image(b"<html>nope</html>") is None
+    assert sniff_image(b"") is None
+    assert sniff_image(b"\x89PNG") is None  # a truncated magic

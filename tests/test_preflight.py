@@ -1,15 +1,14 @@
-"""The conformance preflight (issue 5): run_preflight(), `--check` and `--tasks api_conformance`.
+"""Preflight (issue 5): run_preflight(), `--check` and `--tasks api_conformance`.
 
-ConformanceFake (tests/conformance_fakes.py) is a well-behaved chat server; each keyword breaks
-one behaviour. Every check must PASS against the good server, and each broken variant must
-fail or warn exactly its own check while every other check still PASSes.
+ConformanceFake (tests/conformance_fakes.py) is a well-behaved chat server; each keyword breaks one
+behaviour. Every check must PASS against the good server, and each broken variant must fail or
+warn exactly its own check.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,30 +20,19 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
-from conformance_fakes import CHECKS, COUNTING_ANSWER, ConformanceFake  # noqa: E402
+from conformance_fakes import CHECKS, ConformanceFake, COUNTING_ANSWER  # noqa: E402
+from fakes import FakeOpenAI, cli, main_json, run_main  # noqa: E402
 
 MODEL = "conformance-model"
-
-
-def preflight(srv: ConformanceFake, **config) -> dict:
-    config.setdefault("timeout", 10)
-    return ne.run_preflight(ne.APIConfig(srv.base_url, model=MODEL, **config))
 
 
 def grid(report: dict) -> dict:
     return {c["check"]: c["result"] for c in report["checks"]}
 
 
-def run_main(argv: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = ne.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "nano_eval.py"), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+def preflight(srv: ConformanceFake, **config) -> dict:
+    config.setdefault("timeout", 10)
+    return ne.run_preflight(ne.APIConfig(srv.base_url, model=MODEL, **config))
 
 
 def test_well_behaved_server_passes_every_check():
@@ -85,6 +73,9 @@ def test_seed_check_sends_the_configured_seed():
     assert {c["check"]: c["evidence"] for c in report["checks"]}["seed"] == "seed 42 accepted"
 
 
+# Without usage, the image placeholder check cannot count tokens either: it warns as well.
+ALSO_WARNS = {"usage-missing": ["image placeholder"]}
+
 # (ConformanceFake keyword, the check it breaks, the expected result, a phrase of the evidence)
 BROKEN = [
     (dict(models="no_data"), "/v1/models", "FAIL", "no data list"),
@@ -110,8 +101,6 @@ BROKEN = [
     (dict(image_literal="reject"), "image placeholder", "WARN",
      "a text-only prompt with the literal <image> is refused (HTTP 400: 1 image placeholder but 0 images)"),
 ]
-# Without usage, the image placeholder check cannot count tokens either: it warns as well.
-ALSO_WARNS = {"usage-missing": ["image placeholder"]}
 
 
 @pytest.mark.parametrize("options, check, result, phrase", BROKEN,
@@ -183,11 +172,6 @@ def test_max_completion_tokens_ignored_without_usage_is_not_a_pass():
     assert grid(report)["max_completion_tokens"] != "PASS"
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------------------------
-
-
 def assert_grid_on_stderr(err: str, expected: dict) -> None:
     lines = [line for line in err.splitlines() if line[:4] in ("PASS", "WARN", "FAIL")]
     assert [line.split("  ")[0].strip() for line in lines] == [expected[name] for name in CHECKS]
@@ -214,7 +198,7 @@ def test_check_alone(isolated_env, capsys):
 
 def test_api_conformance_task_in_a_subprocess(isolated_env):
     with ConformanceFake() as srv:
-        proc = run_cli("--tasks", "api_conformance", "--base-url", srv.base_url, "--no_progress")
+        proc = cli("--tasks", "api_conformance", "--base-url", srv.base_url, "--no_progress")
     assert proc.returncode == 0, proc.stderr
     conformance = json.loads(proc.stdout)["results"]["api_conformance"]
     assert [(c["check"], c["result"]) for c in conformance["checks"]] == [(name, "PASS") for name in CHECKS]
@@ -272,7 +256,7 @@ def test_check_with_a_task_runs_both(isolated_env, gsm8k_answers, capsys):
 
 def test_check_hang_with_short_timeout_in_a_subprocess(isolated_env):
     with ConformanceFake(malformed="hang") as srv:
-        proc = run_cli("--check", "--base_url", srv.base_url, "--timeout", "2", "--no_progress")
+        proc = cli("--check", "--base_url", srv.base_url, "--timeout", "2", "--no_progress")
     assert proc.returncode == 1, proc.stderr
     checks = json.loads(proc.stdout)["results"]["api_conformance"]["checks"]
     assert {c["check"]: c["result"] for c in checks} == {**{name: "PASS" for name in CHECKS},
@@ -307,3 +291,42 @@ def test_check_with_several_servers(isolated_env, gsm8k_answers, capsys):
     c = document["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
     assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (3, 0, 0)
     assert sum(1 for line in err.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))) == 2 * len(CHECKS)
+
+
+GSM = "gsm8k_cot_llama"
+
+
+def test_check_flag_and_conformance_task(isolated_env, fake_openai, capsys):
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", "--check"], capsys)
+    checks = doc["results"]["api_conformance"]["checks"]
+    assert {c["result"] for c in checks} <= {"PASS", "WARN", "FAIL"}
+    assert doc["results"][GSM]["num_samples"] == 2
+    metrics = doc["results"]["api_conformance"]["metrics"]
+    assert metrics["pass"] + metrics["warn"] + metrics["fail"] == len(checks)
+    assert code == (1 if metrics["fail"] else 0), err  # the fake is not a perfect server; a FAIL makes it 1
+    code2, doc2, _ = main_json(["--tasks", "api_conformance", "--base_url", fake_openai.base_url], capsys)
+    assert list(doc2["results"]) == ["api_conformance"]
+    assert code2 == code
+
+
+def test_check_alone_against_two_servers(isolated_env, fake_openai, tmp_path):
+    with FakeOpenAI() as other:
+        code, out, err = cli("--check", "--base_url", fake_openai.base_url, "--base_url", other.base_url,
+                             "--output", tmp_path / "o.json")
+    document = json.loads(out)
+    assert "Traceback" not in err
+    assert [len(run["results"]["api_conformance"]["checks"]) for run in document["runs"]] == [12, 12]
+    failed = [run["results"]["api_conformance"]["metrics"]["fail"] for run in document["runs"]]
+    assert code == (1 if any(failed) else 0), err
+    assert document["comparisons"] == [] and json.loads((tmp_path / "o.json").read_text()) == document
+
+
+def test_the_preflight_sends_the_headers(isolated_env):
+    with FakeOpenAI() as srv:
+        code, out, err = cli("--check", "--no_progress", "--base_url", srv.base_url, "--header", "X-Gw: pf-s3cr3t")
+        requests = srv.requests
+    assert json.loads(out)["results"]["api_conformance"]["checks"], err
+    chat = [r for r in requests if r["path"] == "/v1/chat/completions"]
+    assert len(chat) >= 3
+    assert all(r["headers"].get("X-Gw") == "pf-s3cr3t" for r in requests)
+    assert "pf-s3cr3t" not in out + err

@@ -19,21 +19,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-report = nano_eval
-from fakes import (CHARTQA, GSM8K_GOLD, ByRow, FakeDatasetsServer, FakeOpenAI, Reply, answers_responder,  # noqa: E402
-                   free_port, synthetic_chartqa_dataset)
+from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply, answers_responder,  # noqa: E402
+    free_port, main_json, synthetic_chartqa_dataset)
 
 GSM = "gsm8k_cot_llama"
-KEY = "sk-test-0123456789abcdef"
-TOKEN = "team-token-fedcba9876543210"  # the value of an extra --header: a secret too
-HOSTILE = "<script>alert(1)</script>"
-FIXTURES = ROOT / "tests" / "fixtures" / "chartqa"
-CHART_ROWS = [json.loads(line) for line in (FIXTURES / "rows.jsonl").read_text("utf-8").splitlines()]
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
 
 class Page(HTMLParser):
@@ -72,12 +65,11 @@ class Page(HTMLParser):
                 for m in [re.fullmatch(r"(.+) \((\d+)\)", e["text"].strip())] if m}
 
 
-def run_main(argv: list, capsys) -> tuple[int, dict]:
-    capsys.readouterr()
-    code = nano_eval.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, json.loads(out)
+HOSTILE = "<script>alert(1)</script>"
 
+KEY = "sk-test-0123456789abcdef"
+
+TOKEN = "team-token-fedcba9876543210"  # the value of an extra --header: a secret too
 
 # A is wrong on rows 1 and 3; B is wrong on 2 and 3, answers row 4 with a script, echoes the key on
 # row 5 (right, but the text differs) and fails row 6 with HTTP 400.
@@ -86,13 +78,15 @@ def run_main(argv: list, capsys) -> tuple[int, dict]:
 B_PLAN = {4: HOSTILE, 5: f"Let me think. My key is {KEY}, {TOKEN}. The final answer is {GSM8K_GOLD[5]}",
           6: Reply(status=400)}
 
+report = nano_eval
+
 
 @pytest.fixture
 def compared(isolated_env, tmp_path, capsys) -> dict:
     """Two servers that disagree, run in one command (several --base_url) with --api_key."""
     with FakeOpenAI(models=["model-a"], responder=ByRow(wrong={1, 3}), api_key=KEY) as a, \
             FakeOpenAI(models=["model-b"], responder=ByRow(wrong={2, 3}, plan=B_PLAN), api_key=KEY) as b:
-        code, document = run_main(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
                                    "--api_key", KEY, "--header", f"X-Team: {TOKEN}", "--max_samples", 10,
                                    "--max_fail_rate", 0.5,
                                    "--output", tmp_path / "both.json", "--log_samples", tmp_path / "logs",
@@ -184,7 +178,7 @@ def test_several_servers_one_unusable_and_a_prompt_mismatch(isolated_env, tmp_pa
                        usage={"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12})
     with FakeOpenAI(responder=ByRow()) as a, FakeOpenAI(responder=ByRow(plan={0: odd_prompt})) as b:
         dead = f"http://127.0.0.1:{free_port()}/v1"
-        code, document = run_main(["--tasks", GSM, "--base_url", dead, "--base_url", a.base_url, "--base_url",
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", dead, "--base_url", a.base_url, "--base_url",
                                    b.base_url, "--max_samples", 5, "--log_samples", tmp_path / "logs", "--no_progress"],
                                   capsys)
     assert code != 0 and "error" in document["runs"][0]
@@ -202,7 +196,7 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
                      reasoning_content="The channel's own thoughts.")
     plan = {2: Reply(status=400), 3: Reply(content=None), 4: thinking}
     with FakeOpenAI(models=["solo"], responder=ByRow(wrong={1}, plan=plan)) as srv:
-        code, document = run_main(["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 6,
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 6,
                                    "--max_fail_rate", 0.5, "--output", tmp_path / "out.json", "--no_progress"], capsys)
     assert code == 0 and document["results"][GSM]["failures"] == {"empty": 1, "http_400": 1}
     from_json = report.report_run(str(tmp_path / "out.json"))
@@ -223,13 +217,18 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
     assert report.report_from_document(document).count('<details class="s') == 6
 
 
+FIXTURES = ROOT / "tests" / "fixtures" / "chartqa"
+
+CHART_ROWS = [json.loads(line) for line in (FIXTURES / "rows.jsonl").read_text("utf-8").splitlines()]
+
+
 def test_chartqa_report_shows_the_image_sent(isolated_env, tmp_path, capsys):
     answers = {r["query"]: r["label"][0] for r in CHART_ROWS}
     pages = {}
     with FakeOpenAI(models=["vision"], responder=answers_responder(answers)) as srv:
         for images in (True, False):
             log = tmp_path / f"log_{images}"
-            code, document = run_main(["--tasks", "chartqa", "--base_url", srv.base_url, "--max_samples", 3,
+            code, document, _ = main_json(["--tasks", "chartqa", "--base_url", srv.base_url, "--max_samples", 3,
                                        "--log_samples", log, "--no_progress"] + ["--log_images"] * images, capsys)
             assert code == 0
             pages[images] = report.report_from_document(document)
@@ -273,6 +272,9 @@ def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium) "
                                              "so the report is not checked in a real browser")
 def test_report_in_a_real_browser(compared):
@@ -305,7 +307,7 @@ def test_large_chartqa_comparison_opens_fast(tmp_path, monkeypatch, capsys):
             FakeOpenAI(responder=lambda body, n: "Final Answer: 1" if n % 3 else "Final Answer: 2") as b:
         monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", hf.url)
         monkeypatch.setenv("NANO_EVAL_DATA_DIR", str(tmp_path / "data"))
-        code, document = run_main(["--tasks", "chartqa", "--base_url", a.base_url, "--base_url", b.base_url,
+        code, document, _ = main_json(["--tasks", "chartqa", "--base_url", a.base_url, "--base_url", b.base_url,
                                    "--log_samples", tmp_path / "logs", "--log_images", "--max_fail_rate", 1,
                                    "--num_concurrent", 16, "--no_progress"], capsys)
     path = tmp_path / "report.html"
@@ -322,7 +324,7 @@ def test_large_chartqa_comparison_opens_fast(tmp_path, monkeypatch, capsys):
 def test_report_flag_on_a_run_without_a_sample_log(isolated_env, tmp_path, capsys):
     """--report alone: the samples still reach the report (a temporary sample log is kept for it)."""
     with FakeOpenAI(responder=ByRow(wrong={2})) as srv:
-        code, document = run_main(["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 4,
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 4,
                                    "--report", tmp_path / "r.html", "--no_progress"], capsys)
     assert code == 0 and document["results"][GSM]["num_samples"] == 4
     page = Page((tmp_path / "r.html").read_text("utf-8"))
@@ -332,7 +334,7 @@ def test_report_flag_on_a_run_without_a_sample_log(isolated_env, tmp_path, capsy
 
 def test_report_flag_on_several_servers(isolated_env, tmp_path, capsys):
     with FakeOpenAI(models=["m"], responder=ByRow()) as a, FakeOpenAI(models=["m"], responder=ByRow(wrong={0, 1})) as b:
-        code, document = run_main(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
                                    "--max_samples", 5, "--report", tmp_path / "both.html", "--no_progress"], capsys)
     assert code == 0 and len(document["comparisons"]) == 1
     page = Page((tmp_path / "both.html").read_text("utf-8"))

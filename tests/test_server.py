@@ -1,14 +1,18 @@
-"""Server identity (issue 5): identify_server() and config.server in the results of a CLI run.
+"""Finding the server: which URL, which model, which backend.
 
-Each fake exposes only the endpoint the real backend has, with the body shape that backend
-returns (vLLM GET /version, SGLang GET /get_server_info, llama.cpp GET /props, Ollama
-GET /api/version, TGI GET /info), everything else answering 404 as FakeOpenAI does.
+Without --base_url the usual local ports are probed; the model comes from GET /v1/models when
+there is exactly one (none, several, an HTML page, bytes that are not UTF-8 or a refused key stop
+the run with exit 3 or 4 before any chat request); identify_server() names the backend (vLLM,
+SGLang, llama.cpp, Ollama, TGI, LM Studio, a gateway) without waiting on endpoints that hang.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,16 +21,241 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
+import fakes  # noqa: E402
 import nano_eval as ne  # noqa: E402
-from fakes import FakeOpenAI, _json_response, _text_response, free_port  # noqa: E402
+from fakes import (ByRow, FakeOpenAI, _json_response, _text_response, cli, cli_env, error_line,  # noqa: E402
+    error_lines, free_port, main_json, one_error, run_main)
+
+
+# --------------------------------------------------------------------------------------------
+# Probing local ports when there is no --base_url
+# --------------------------------------------------------------------------------------------
+
+
+class _PortHTTPServer(fakes._HTTPServer):
+    def __init__(self, fake, port):
+        self.fake = fake
+        http.server.ThreadingHTTPServer.__init__(self, ("127.0.0.1", port), fakes._Handler)
+
+
+class FakeOpenAIOnPort(FakeOpenAI):
+    """FakeOpenAI bound to a chosen port (the base class picks a random one)."""
+
+    def __init__(self, port, **kwargs):
+        super().__init__(**kwargs)
+        self._httpd.server_close()
+        self._httpd = _PortHTTPServer(self, port)
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+
+
+GSM = "gsm8k_cot_llama"
+
+PROBED = [8000, 8080, 30000, 11434, 1234]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_base_url_probing(tmp_path, gsm8k_answers):
+    for i, port in enumerate(PROBED[:2]):
+        if _bindable(port) and not any(_listening(p) for p in PROBED[:i]):
+            break
+    else:
+        pytest.skip("ports 8000 and 8080 are both in use on 127.0.0.1")
+    with FakeOpenAIOnPort(port, answers=gsm8k_answers) as server:
+        proc = cli("--tasks", GSM, "--max_samples", "3", "--no_progress", env=cli_env(tmp_path))
+        assert any(r["path"] == "/v1/models" for r in server.requests)
+        assert len(server.chat_requests) == 3
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["config"]["base_url"] == f"http://127.0.0.1:{port}/v1"
+    assert doc["results"][GSM]["metrics"]["exact_match"] == 1.0
+    assert str(port) in proc.stderr  # it says which port it picked
+
+
+def test_base_url_probing_nothing_answers(tmp_path):
+    if any(_listening(p) for p in PROBED):
+        pytest.skip("something listens on one of the probed ports")
+    proc = cli("--tasks", GSM, env=cli_env(tmp_path))
+    assert proc.returncode == 3
+    line = error_line(proc.stderr)
+    for port in PROBED:
+        assert str(port) in line
+
+
+def test_server_not_there_exits_3_quickly(isolated_env):
+    port = free_port()
+    start = time.monotonic()
+    code, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", f"http://127.0.0.1:{port}/v1",
+                         "--max_samples", 5, "--no_progress", timeout=30)
+    elapsed = time.monotonic() - start
+    assert code == 3, err
+    lines = error_lines(err)
+    assert len(lines) == 1 and str(port) in lines[0] and "cannot reach" in lines[0]
+    assert "Traceback" not in err and out == ""
+    assert elapsed < 5
+
+
+# --------------------------------------------------------------------------------------------
+# The model, from GET /v1/models
+# --------------------------------------------------------------------------------------------
+
+
+def bodies(server) -> list[dict]:
+    return [r["body"] for r in server.chat_requests]
+
+
+def test_model_autodetected_when_one(isolated_env, capsys):
+    with FakeOpenAI(models=["the-only-model"]) as server:
+        code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "2"], capsys)
+        assert code == 0, err
+        assert {b["model"] for b in bodies(server)} == {"the-only-model"}
+    assert doc["config"]["model"] == "the-only-model"
+
+
+def test_given_model_skips_detection_among_several(isolated_env, capsys):
+    with FakeOpenAI(models=["model-a", "model-b"]) as server:
+        code, _, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--model", "model-b",
+                             "--max_samples", "1"], capsys)
+        assert code == 0, err
+        assert bodies(server)[0]["model"] == "model-b"
+
+
+@pytest.mark.parametrize("models", [[], ["model-a", "model-b", "model-c"]])
+def test_model_autodetection_none_or_several_exit_3(models, isolated_env, capsys):
+    with FakeOpenAI(models=models) as server:
+        code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url], capsys)
+        assert server.chat_requests == []
+    assert code == 3 and doc is None
+    line = error_line(err)
+    assert "--model" in line
+    for m in models:
+        assert m in line
+    if not models:
+        assert "no models" in line
+
+
+TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
+
+
+HTML_PAGE = ("<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
+             "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>")
+
+
+class RawModels(FakeOpenAI):
+    """A FakeOpenAI whose GET /v1/models answers with fixed bytes."""
+
+    def __init__(self, body: bytes, status: int = 200, content_type: str = "application/json", **kwargs):
+        super().__init__(**kwargs)
+        self.models_answer = (status, body, content_type)
+
+    def _route(self, request):
+        if request["method"] == "GET" and request["path"] == "/v1/models":
+            self._record(self.requests, request)
+            status, body, content_type = self.models_answer
+            return fakes._Response(status, body, {"Content-Type": content_type})
+        return super()._route(request)
+
+
+class LoadingModels(FakeOpenAI):
+    """A FakeOpenAI whose GET /v1/models answers 503 (the model is still loading) to its first
+    `loading` requests."""
+
+    def __init__(self, loading: int, **kwargs):
+        super().__init__(**kwargs)
+        self.loading = loading
+
+    def _route(self, request):
+        if request["method"] == "GET" and request["path"] == "/v1/models" and self.loading > 0:
+            self.loading -= 1
+            self._record(self.requests, request)
+            return _json_response(503, {"error": {"message": "Loading model"}})
+        return super()._route(request)
+
+
+def test_a_server_still_loading_its_model_is_waited_for(isolated_env, gsm8k_answers):
+    with LoadingModels(2, answers=gsm8k_answers) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
+        models_asked = [r for r in srv.requests if r["path"] == "/v1/models"]
+        assert [r["status"] for r in models_asked][:3] == [503, 503, 200] and len(srv.chat_requests) == 2
+    assert code == 0, err
+    assert json.loads(out)["config"]["model"] == "fake-model"
+    notices = [line for line in err.splitlines() if "answers 503" in line]
+    assert len(notices) == 1 and "finish loading" in notices[0]  # said once, not once a second
+
+
+def test_a_server_that_stays_loading_is_given_up(isolated_env, monkeypatch, capsys):
+    monkeypatch.setattr(ne, "LOADING_WAIT", 1.5)
+    with LoadingModels(10 ** 6) as srv:
+        code, doc, err = main_json([*TASK_ARGS, "--base_url", srv.base_url], capsys)
+        assert srv.chat_requests == []
+    assert doc is None
+    one_error(code, err, 3, "HTTP 503", "--model")
+
+
+@pytest.mark.parametrize("status", [200, 502])
+def test_html_page_instead_of_model_list(isolated_env, status):
+    with RawModels(HTML_PAGE.encode(), status=status, content_type="text/html") as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
+        assert srv.chat_requests == []
+    line = one_error(code, err, 3, "/v1/models")
+    assert "<html" not in line.lower()
+
+
+@pytest.mark.parametrize("body", [b"\xff\xfe\x00garbage\x80\x81", b'{"data": [{"id": "m\xff\xfe"}]}'],
+                         ids=["binary", "json-with-bad-bytes"])
+def test_non_utf8_model_list(isolated_env, body):
+    with RawModels(body) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
+        assert srv.chat_requests == []
+    one_error(code, err, 3, "/v1/models")
+
+
+def assert_auth_failure(code, out, err, secret):
+    assert code == 4, err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert "authentication failed" in lines[0] and "--api_key" in lines[0]
+    assert "Traceback" not in err
+    assert secret not in err and secret not in out
+
+
+def test_wrong_api_key_exits_4(isolated_env):
+    with FakeOpenAI(api_key="sk-right-key", responder=ByRow()) as srv:
+        code, out, err = cli("--tasks", "gsm8k_cot_llama", "--base_url", srv.base_url, "--max_samples", 5,
+                             "--api_key", "sk-wrong-key", "--no_progress")
+        chat = len(srv.chat_requests)
+    assert_auth_failure(code, out, err, "sk-wrong-key")
+    assert chat == 0  # refused at GET /v1/models, before any chat request
+
+
+# --------------------------------------------------------------------------------------------
+# Server identity
+# --------------------------------------------------------------------------------------------
+
 
 LLAMA_PROPS = {
     "default_generation_settings": {"n_ctx": 4096, "params": {"temperature": 0.8, "top_k": 40}},
     "total_slots": 2, "model_path": "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf",
     "chat_template": "{% for message in messages %}...", "build_info": "b5000-abc",
 }
+
 SGLANG_INFO = {"version": "0.4.6", "tp_size": 1, "model_path": "Qwen/Qwen2.5-0.5B-Instruct",
                "served_model_name": "Qwen/Qwen2.5-0.5B-Instruct", "port": 30000}
+
 TGI_INFO = {"model_id": "Qwen/Qwen2.5-0.5B-Instruct", "model_sha": None, "model_pipeline_tag": "text-generation",
             "max_input_tokens": 4095, "max_total_tokens": 4096, "router": "text-generation-router",
             "version": "3.0.0", "sha": "abc", "docker_label": None}
@@ -156,13 +385,6 @@ def test_identify_server_does_not_wait_for_a_hanging_endpoint():
     with Hangs(extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv:
         identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None), timeout=1.0)
     assert (identity["name"], identity["version"]) == ("vLLM", "0.9.1")
-
-
-def run_main(argv, capsys):
-    capsys.readouterr()
-    code = ne.main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("routes, header, name, version, evidence", [

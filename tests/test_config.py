@@ -1,0 +1,422 @@
+"""Config: what a run is configured with, and what of it is never written.
+
+APIConfig and its validation; base URLs normalised to .../v1 and its chat URL; lm-eval's
+``k=v,k=v`` arguments (--model_args, --gen_kwargs) parsed as lm-eval parses them; the API key from
+--api_key, --model_args, OPENAI_API_KEY or a file, and extra headers: sent where they belong,
+redacted from everything nano-eval writes (stdout, stderr, results, the sample log, temporary files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
+    sys.path.insert(0, str(ROOT))
+
+import nano_eval  # noqa: E402
+from fakes import ByRow, FakeOpenAI, Reply, cli, cli_env, error_lines, free_port, main_json, one_error  # noqa: E402
+from nano_eval import APIConfig, TASKS, UsageError, normalize_base_url, parse_kv, parse_value, run_task  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# Base URLs
+# --------------------------------------------------------------------------------------------
+
+
+def test_normalize_base_url():
+    assert normalize_base_url("http://h:1/v1/chat/completions") == ("http://h:1/v1", "http://h:1/v1/chat/completions")
+    assert normalize_base_url(" https://h/api/v1/ ") == ("https://h/api/v1", "https://h/api/v1/chat/completions")
+    assert normalize_base_url("http://h:8000") == ("http://h:8000/v1", "http://h:8000/v1/chat/completions")
+    for bad in ("localhost:8000", "ftp://h/v1", "http:///v1", "http://h:99999999/v1", "", None):
+        with pytest.raises(UsageError):
+            normalize_base_url(bad)
+
+
+GSM = "gsm8k_cot_llama"
+
+
+@pytest.mark.parametrize("suffix", ["/v1/chat/completions", "/v1/chat/completions/", "/v1/", "/v1", ""])
+def test_base_url_forms_accepted(suffix, isolated_env, fake_openai, capsys):
+    code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.url + suffix, "--max_samples", "2"], capsys)
+    assert code == 0, err
+    assert {r["path"] for r in fake_openai.chat_requests} == {"/v1/chat/completions"}
+    assert doc["config"]["base_url"] == fake_openai.base_url
+    assert doc["config"]["chat_url"] == fake_openai.base_url + "/chat/completions"
+
+
+GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/vé1", "http://user:pw@127.0.0.1:8000/v1"])
+def test_non_ascii_or_credentials_in_the_url_are_usage_errors(isolated_env, url):
+    code, out, err = cli(*GSM_ARGS, "--base_url", url)
+    one_error(code, err, 2)
+    assert "pw@" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# lm-eval's k=v,k=v arguments
+# --------------------------------------------------------------------------------------------
+
+
+def test_parse_kv_examples():
+    assert parse_kv(None, "--x") == {} and parse_kv("", "--x") == {} and parse_kv("  ", "--x") == {}
+    assert parse_kv("a=1,b=2.5,c=true,d=None,e=hello, f = x y ", "--x") == {
+        "a": 1, "b": 2.5, "c": True, "d": "None", "e": "hello", "f": "x y"}
+    assert parse_kv("a=,b=2", "--x") == {"a": "", "b": 2}
+    assert parse_kv(" a = 1 , b=x,,c=b=c ", "--gen_kwargs") == {"a": 1, "b": "x", "c": "b=c"}  # empty items skipped
+    for bad in ("a", "a,b", "=x", "=1", "a=1,b", " =1"):
+        with pytest.raises(UsageError):
+            parse_kv(bad, "--x")
+
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(st.one_of(st.text(max_size=60), st.text(alphabet=",= ab1.\t\n", max_size=30)))
+@example("a,b")
+@example("=x")
+@example(",,,")
+@example("a==b")
+@example(" = ")
+def test_parse_kv_only_raises_usage_error(text):
+    try:
+        result = parse_kv(text, "--gen_kwargs")
+    except UsageError as exc:
+        assert "--gen_kwargs" in str(exc)
+    else:
+        assert isinstance(result, dict)
+        assert all(isinstance(k, str) and k and k == k.strip() for k in result)
+
+
+safe_key = st.text(alphabet=st.characters(exclude_characters=",=", exclude_categories=("Cs",)),
+                   min_size=1, max_size=12).map(str.strip).filter(bool)
+
+plain_string = st.text(alphabet=st.characters(exclude_characters=",=", exclude_categories=("Cs",)),
+                       min_size=1, max_size=12).map(str.strip).filter(lambda s: s and parse_value(s) == s)
+
+simple_value = st.one_of(st.integers(min_value=0), st.booleans(),
+                         st.floats(allow_nan=False, allow_infinity=False), plain_string)
+
+
+@FAST
+@given(st.dictionaries(safe_key, simple_value, max_size=6))
+def test_parse_kv_round_trips_simple_dicts(mapping):
+    text = ",".join(f"{k}={v}" for k, v in mapping.items())
+    parsed = parse_kv(text, "--model_args")
+    assert parsed == mapping
+    for key, value in mapping.items():
+        assert type(parsed[key]) is type(value)
+
+
+@pytest.mark.parametrize("text, value", [
+    # lm-eval's handle_arg_string: no None, and only digit strings become int ("-3" -> -3.0)
+    ("true", True), ("False", False), ("NONE", "NONE"), ("12", 12), ("-3", -3.0), ("0.5", 0.5), ("1e3", 1000.0),
+    ("abc", "abc"), ("", ""), ("0.1.2", "0.1.2"),
+    ("True", True), ("TRUE", True), ("false", False), ("none", "none"), ("None", "None"),
+])
+def test_parse_value(text, value):
+    parsed = parse_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@FAST
+@given(st.integers())
+def test_parse_value_int(i):
+    value = parse_value(str(i))  # lm-eval: digits only -> int; "-5" -> -5.0
+    assert (value, type(value)) == ((i, int) if i >= 0 else (float(i), float))
+
+
+@FAST
+@given(st.floats(allow_nan=False))
+def test_parse_value_float(f):
+    value = parse_value(repr(f))
+    assert type(value) is float and value == f
+
+
+def test_parse_value_nan():
+    assert math.isnan(parse_value("nan"))
+
+
+@FAST
+@given(st.text(max_size=40))
+def test_parse_value_types(text):
+    value = parse_value(text)
+    assert value is None or type(value) in (bool, int, float, str)
+    if type(value) is str:
+        assert value == text  # a string comes back unchanged
+    if type(value) is bool:
+        assert text.lower() in ("true", "false")
+
+
+@pytest.mark.parametrize("arg", ["eos_string=</s>", "eos_string=<|eot_id|>"])
+def test_model_args_that_would_change_lm_evals_behaviour_are_refused(isolated_env, fake_openai, arg):
+    code, out, err = cli(*GSM_ARGS, "--base_url", fake_openai.base_url, "--model_args", arg)
+    assert "unsupported key" in one_error(code, err, 2)
+
+
+def test_python_api_rejects_bad_config():
+    with pytest.raises(UsageError):
+        APIConfig(url="http://127.0.0.1:9/v1", num_concurrent=0)
+    with pytest.raises(UsageError):
+        APIConfig(url="not a url")
+    with pytest.raises(UsageError):
+        asyncio.run(run_task(TASKS[GSM], APIConfig(url="http://127.0.0.1:9/v1", model="m"), max_samples=0))
+
+
+# --------------------------------------------------------------------------------------------
+# The API key: where it comes from, and never written anywhere
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["flag", "model_args", "env"])
+def test_api_key_sources(how, isolated_env, monkeypatch, capsys):
+    with FakeOpenAI(api_key="sk-right") as server:
+        argv = ["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "1"]
+        if how == "flag":
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-env")
+            argv += ["--api_key", "sk-right", "--model_args", "api_key=sk-wrong-args"]
+        elif how == "model_args":
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong-env")
+            argv += ["--model_args", "api_key=sk-right"]
+        else:
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-right")
+        code, doc, err = main_json(argv, capsys)
+        assert code == 0, err
+        assert server.chat_requests[0]["headers"]["Authorization"] == "Bearer sk-right"
+    assert "sk-right" not in json.dumps(doc) and "sk-right" not in err
+
+
+@pytest.mark.parametrize("key", ["sk-\x01abc", "sk-a\nbc", "sk-é"])
+def test_a_key_that_cannot_be_a_header_is_a_usage_error(isolated_env, fake_openai, key):
+    code, out, err = cli(*GSM_ARGS, "--base_url", fake_openai.base_url, "--max_samples", 2,
+                         env={**nano_eval.os.environ, "OPENAI_API_KEY": key})
+    assert "HTTP header" in one_error(code, err, 2)
+    assert "sk-" not in err and fake_openai.chat_requests == []
+
+
+def test_a_key_read_from_a_windows_file_is_stripped(isolated_env):
+    with FakeOpenAI(api_key="sk-abc") as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 1,
+                             env={**nano_eval.os.environ, "OPENAI_API_KEY": "sk-abc\r\n"})
+    assert code == 0, err
+
+
+ENV_KEY = "sk-ENVSECRET-456"
+
+FLAG_KEY = "sk-SECRET-123"
+
+HF_KEY = "hf_TOKENSECRET789"
+
+
+def all_bytes_under(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_no_secret(out: str, err: str, folder: Path, *secrets: str):
+    files = all_bytes_under(folder)
+    assert files, "nothing was written"
+    for secret in secrets:
+        assert secret not in out, f"{secret} on stdout"
+        assert secret not in err, f"{secret} on stderr"
+        for path, data in files.items():
+            assert secret.encode() not in data, f"{secret} in {path}"
+
+
+@pytest.fixture
+def secret_env(isolated_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", ENV_KEY)
+    monkeypatch.setenv("HF_TOKEN", HF_KEY)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # temporary files land where they are searched too
+    return tmp_path
+
+
+def test_api_key_never_written(secret_env, fake_hf):
+    tmp_path = secret_env
+    with FakeOpenAI(api_key=FLAG_KEY) as srv:
+        code, out, err = cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", srv.base_url,
+                             "--api_key", FLAG_KEY, "--max_samples", "3", "--no_progress",
+                             "--output", str(tmp_path / "results.json"),
+                             "--log_samples", str(tmp_path / "logs"), "--log_images",
+                             "--data_dir", str(tmp_path / "data"), "--max_fail_rate", "1")
+        auth = {r["headers"].get("Authorization") for r in srv.chat_requests}
+    assert code == 0, err
+    assert auth == {f"Bearer {FLAG_KEY}"}  # the flag's key was used (and won over the env)
+    document = json.loads(out)
+    assert set(document["results"]) == {"gsm8k_cot_llama", "chartqa"}
+    assert (tmp_path / "data").is_dir() and (tmp_path / "logs" / "samples_chartqa.jsonl").exists()
+    assert_no_secret(out, err, tmp_path, FLAG_KEY, ENV_KEY, HF_KEY)
+
+
+TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
+
+
+def test_env_api_key_never_written(secret_env):
+    tmp_path = secret_env
+    with FakeOpenAI(api_key=ENV_KEY) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url, "--output", str(tmp_path / "results.json"))
+        auth = {r["headers"].get("Authorization") for r in srv.chat_requests}
+    assert code == 0, err
+    assert auth == {f"Bearer {ENV_KEY}"}
+    assert_no_secret(out, err, tmp_path, ENV_KEY, HF_KEY)
+
+
+def test_model_args_api_key_never_written(secret_env, monkeypatch):
+    tmp_path = secret_env
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with FakeOpenAI(api_key=FLAG_KEY) as srv:
+        code, out, err = cli(*TASK_ARGS, "--model_args", f"base_url={srv.base_url},api_key={FLAG_KEY}",
+                             "--output", str(tmp_path / "results.json"))
+    assert code == 0, err
+    assert_no_secret(out, err, tmp_path, FLAG_KEY)
+
+
+@pytest.mark.parametrize("where", ["models", "chat"])
+def test_rejected_api_key_never_written(secret_env, where):
+    tmp_path = secret_env
+    models = {"object": "list", "data": [{"id": "fake-model", "object": "model", "owned_by": "fake"}]}
+    routes = {"/v1/models": (200, models)} if where == "chat" else {}
+    with FakeOpenAI(api_key="sk-the-right-one", extra_routes=routes) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url, "--api_key", FLAG_KEY,
+                             "--output", str(tmp_path / "results.json"), "--log_samples", str(tmp_path / "logs"))
+    one_error(code, err, 4, "authentication failed")
+    for secret in (FLAG_KEY, ENV_KEY, HF_KEY):
+        assert secret not in out and secret not in err
+        for path, data in all_bytes_under(tmp_path).items():
+            assert secret.encode() not in data, f"{secret} in {path}"
+
+
+def test_api_key_in_an_error_message_is_redacted(secret_env):
+    # a server that echoes the Authorization header back in its error message
+    def echo(body, n):
+        return Reply(status=400, json_body={"error": {"message": f"bad request with key {FLAG_KEY}"}})
+
+    tmp_path = secret_env
+    with FakeOpenAI(responder=echo) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url, "--api_key", FLAG_KEY,
+                             "--output", str(tmp_path / "results.json"), "--max_fail_rate", "1")
+    assert code == 0, err
+    assert_no_secret(out, err, tmp_path, FLAG_KEY)
+
+
+SECRET = "sk-test-SECRET-0123456789abcdef"
+
+
+def test_secret_key_not_printed_on_failure(tmp_path):
+    """An unreachable server: the error line names the URL but never the key."""
+    proc = cli("--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1", env=cli_env(tmp_path, OPENAI_API_KEY=SECRET))
+    assert proc.returncode == 3
+    assert SECRET not in proc.stderr and SECRET not in proc.stdout
+
+
+def test_a_key_echoed_in_a_server_error_is_scrubbed_from_the_log(isolated_env, tmp_path):
+    key = "sk-echoed-secret-42"
+    with FakeOpenAI(responder=lambda body, n: Reply(status=400, json_body={"error": {"message": f"bad {key}"}})) as srv:
+        cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2, "--api_key", key, "--log_samples", tmp_path / "l")
+    assert key not in (tmp_path / "l" / "samples_gsm8k_cot_llama.jsonl").read_text("utf-8")
+
+
+def test_a_short_key_does_not_corrupt_results_or_the_log(isolated_env, fake_openai, tmp_path):
+    """The key 1234 equals the request seed: redaction must not touch structured data."""
+    code, out, err = cli(*GSM_ARGS, "--base_url", fake_openai.base_url, "--max_samples", 3, "--api_key", "1234",
+                         "--log_samples", tmp_path / "logs")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["config"]["seed"] == 1234
+    lines = (tmp_path / "logs" / "samples_gsm8k_cot_llama.jsonl").read_text("utf-8").splitlines()
+    assert [json.loads(line)["request"]["seed"] for line in lines] == [1234] * 3
+
+
+# --------------------------------------------------------------------------------------------
+# Extra headers: sent on every request, secret like the key
+# --------------------------------------------------------------------------------------------
+
+
+SECRETS = {"X-Gateway-Token": "s3cr3t-value", "X-Second": "s3cond-s3cr3t", "X-Other": "v2-0th3r-s3cr3t"}
+
+
+def test_extra_headers_reach_every_request_and_are_never_written(isolated_env, tmp_path):
+    output = tmp_path / "o.json"
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 3, "--output", output,
+                             "--header", f"X-Gateway-Token: {SECRETS['X-Gateway-Token']}",
+                             "--header", f"X-Second:{SECRETS['X-Second']}",
+                             "--model_args", f"header=X-Other: {SECRETS['X-Other']}")
+        requests = srv.requests
+    assert code == 0, err
+    assert json.loads(out)["results"]["gsm8k_cot_llama"]["num_ok"] == 3
+    paths = {r["path"] for r in requests}
+    assert {"/v1/models", "/v1/chat/completions", "/version", "/props"} <= paths  # models, identity, chat
+    for r in requests:
+        assert {name: r["headers"].get(name) for name in SECRETS} == SECRETS, r["path"]
+    written = [out, err, output.read_text("utf-8")]
+    log_dir = tmp_path / "o_samples"
+    logs = list(log_dir.glob("*.jsonl"))
+    assert logs
+    written += [p.read_text("utf-8") for p in logs]
+    for text in written:
+        for value in SECRETS.values():
+            assert value not in text
+
+    # replay prints the header's name with a placeholder, never its value
+    code, out, err = cli("replay", f"{logs[0]}:1", "--curl", "--header", f"X-Gateway-Token: {SECRETS['X-Gateway-Token']}")
+    assert code == 0, err
+    assert "X-Gateway-Token" in out
+    assert SECRETS["X-Gateway-Token"] not in out and SECRETS["X-Gateway-Token"] not in err
+
+
+def test_an_authorization_header_replaces_the_key(isolated_env):
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2, "--api_key", "sk-plain-key",
+                             "--header", "Authorization: Bearer gw-issued-token")
+        seen = {r["headers"].get("Authorization") for r in srv.requests}
+    assert code == 0, err
+    assert seen == {"Bearer gw-issued-token"}
+    assert "gw-issued-token" not in out + err
+
+
+def test_json_model_args_header_dict(isolated_env):
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2,
+                             "--model_args", json.dumps({"header": {"X-J": "jv-s3cr3t", "X-K": "kv-s3cr3t"},
+                                                         "num_concurrent": 2}))
+        requests = srv.requests
+    assert code == 0, err
+    assert json.loads(out)["config"]["num_concurrent"] == 2
+    assert requests and all(r["headers"].get("X-J") == "jv-s3cr3t" and r["headers"].get("X-K") == "kv-s3cr3t"
+                            for r in requests)
+    assert "jv-s3cr3t" not in out + err and "kv-s3cr3t" not in out + err
+
+
+def test_a_header_value_echoed_by_the_server_is_scrubbed(isolated_env, tmp_path):
+    value = "echoed-gateway-s3cr3t"
+    reply = Reply(status=400, json_body={"error": {"message": f"gateway refused token {value}"}})
+    with FakeOpenAI(responder=lambda body, n: reply) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2, "--max_fail_rate", 1,
+                             "--header", f"X-Gateway-Token: {value}", "--log_samples", tmp_path / "l")
+    assert code == 0, err
+    log = (tmp_path / "l" / "samples_gsm8k_cot_llama.jsonl").read_text("utf-8")
+    assert "gateway refused token" in log
+    assert value not in log and value not in out and value not in err
+
+
+@pytest.mark.parametrize("header", ["novalue", ": value", "Bad Name: v"])
+def test_a_malformed_header_is_one_usage_error(isolated_env, header):
+    with FakeOpenAI() as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 1, "--header", header)
+        requests = srv.requests
+    assert code == 2, err
+    assert len(error_lines(err)) == 1 and "Traceback" not in err
+    assert "header" in error_lines(err)[0] and "'Name: value'" in error_lines(err)[0]
+    assert out == "" and requests == []
