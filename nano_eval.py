@@ -5,7 +5,7 @@ Runs lm-evaluation-harness's `gsm8k_cot_llama` and `chartqa` exactly as lm-eval'
 `local-chat-completions` model does (same request bodies, same scoring, same metric
 names) against any `/v1/chat/completions` endpoint, with the standard library only.
 
-The map, in the order data flows. The core, lines 77-2798, is one run from the
+The map, in the order data flows. The core, lines 77-2801, is one run from the
 command line to the printed JSON: start at main() at its end, then read it from
 the top. Inside every section helpers come before their callers, and the section's
 entry point is last.
@@ -14,22 +14,22 @@ entry point is last.
    2. HTTP            357-828  HTTPClient (a keep-alive connection per worker thread, TLS,
                                proxies), response classification, retries, an adaptive
                                limiter, ChatClient
-   3. Finding the     829-958  the local port probe, the model /v1/models lists, which
+   3. Finding the     829-961  the local port probe, the model /v1/models lists, which
       server                   backend answers: find_server()
-   4. Datasets       959-1301  the datasets-server `/rows` client and a verified cache in
+   4. Datasets       962-1304  the datasets-server `/rows` client and a verified cache in
                                data/ (rows, images, sha256 manifest): load_rows()
-   5. Tasks         1302-1704  gsm8k_cot_llama and chartqa: prompts, request bodies,
+   5. Tasks         1305-1707  gsm8k_cot_llama and chartqa: prompts, request bodies,
                                lm-eval's filters and metrics, the TASKS table
-   6. Runner        1705-2039  run_task(): worker threads build, send, score and log each
+   6. Runner        1708-2042  run_task(): worker threads build, send, score and log each
                                sample; resume from the sample log
-   7. Results       2040-2416  aggregate(), warnings, the summary table, expectations, the
+   7. Results       2043-2419  aggregate(), warnings, the summary table, expectations, the
                                results JSON and the exit code
-   8. CLI           2417-2798  arguments, one server or several, main()
+   8. CLI           2420-2801  arguments, one server or several, main()
 The optional tools, each a section ending in its entry point:
-   9. Preflight     2799-3028  conformance checks (--check): preflight_result()
-  10. Compare       3029-3283  paired comparison of two runs: `nano-eval compare`
-  11. Replay        3284-3359  resend one logged request: `nano-eval replay`
-  12. HTML report   3360-3722  one page of a run or a comparison: `nano-eval report`
+   9. Preflight     2802-3031  conformance checks (--check): preflight_result()
+  10. Compare       3032-3286  paired comparison of two runs: `nano-eval compare`
+  11. Replay        3287-3362  resend one logged request: `nano-eval replay`
+  12. HTML report   3363-3725  one page of a run or a comparison: `nano-eval report`
 
 Python API:
     import asyncio
@@ -881,8 +881,11 @@ def resolve_model(config: APIConfig, model: str | None) -> str:
             hint = "; is the server running?" if isinstance(exc, (ConnectionRefusedError, socket.gaierror,
                                                                     socket.timeout, TimeoutError)) else ""
             raise ServerError(f"cannot reach {config.api_root}: {describe_network_error(exc)[1]}{hint}") from None
-        if status != 503 or time.monotonic() > deadline:
+        if status != 503:
             break
+        if time.monotonic() > deadline:
+            raise ServerError(f"{url} still answers HTTP 503 after {LOADING_WAIT:.0f} s: the server has not finished "
+                              "loading its model")
         if deadline - time.monotonic() > LOADING_WAIT - 1:
             info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
         time.sleep(1.0)

@@ -806,3 +806,23 @@ def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):
     revision = shipped_manifest["pages"]["0"].get("revision") or shipped_manifest.get("source")
     assert result["dataset"]["revision"] == revision
     assert not (home / "cache" / "nano-eval" / "openai__gsm8k" / "main" / "test" / "rows-00000.jsonl").exists()
+
+
+# ============================================================================
+# The module itself
+# ============================================================================
+
+
+def test_the_module_docstring_is_a_true_map_of_its_sections():
+    """Each numbered section banner of nano_eval.py is in the docstring's map, in order, with the
+    line range it really has; the core is sections 1-8."""
+    lines = Path(nano_eval.__file__).read_text(encoding="utf-8").splitlines()
+    banners = [i + 1 for i, line in enumerate(lines) if re.match(r"# \d+\. ", line)]
+    assert len(banners) == 12
+    starts = [b - 1 for b in banners]  # the ===== line above each title
+    ends = [s - 1 for s in starts[1:]] + [len(lines)]
+    mapped = [tuple(map(int, m)) for m in re.findall(r"^ +\d+\. .*? (\d+)-(\d+) ", nano_eval.__doc__, re.M)]
+    assert mapped == list(zip(starts, ends)), "nano_eval's docstring map is out of date: update its line ranges"
+    core = re.search(r"The core, lines (\d+)-(\d+)", nano_eval.__doc__)
+    assert (int(core.group(1)), int(core.group(2))) == (starts[0], ends[7])
+    assert any(line.startswith("def main(") for line in lines[starts[7]:ends[7]])

@@ -197,13 +197,15 @@ def test_a_server_still_loading_its_model_is_waited_for(isolated_env, gsm8k_answ
     assert len(notices) == 1 and "finish loading" in notices[0]  # said once, not once a second
 
 
-def test_a_server_that_stays_loading_is_given_up(isolated_env, monkeypatch, capsys):
+@pytest.mark.parametrize("model", [[], ["--model", "fake-model"]], ids=["model-from-the-list", "model-given"])
+def test_a_server_that_stays_loading_is_given_up(isolated_env, monkeypatch, capsys, model):
+    """Given --model or not: nothing is sent to a server that never finishes loading."""
     monkeypatch.setattr(ne, "LOADING_WAIT", 1.5)
     with LoadingModels(10 ** 6) as srv:
-        code, doc, err = main_json([*TASK_ARGS, "--base_url", srv.base_url], capsys)
+        code, doc, err = main_json([*TASK_ARGS, "--base_url", srv.base_url, *model], capsys)
         assert srv.chat_requests == []
     assert doc is None
-    one_error(code, err, 3, "HTTP 503", "--model")
+    one_error(code, err, 3, "still answers HTTP 503 after 2 s", "not finished loading")
 
 
 @pytest.mark.parametrize("status", [200, 502])
