@@ -5,31 +5,32 @@ Runs lm-evaluation-harness's `gsm8k_cot_llama` and `chartqa` exactly as lm-eval'
 `local-chat-completions` model does (same request bodies, same scoring, same metric
 names) against any `/v1/chat/completions` endpoint, with the standard library only.
 
-The map, in the order data flows. The core, lines 77-2801, is one run from the
-command line to the printed JSON: start at main() at its end, then read it from
-the top. Inside every section helpers come before their callers, and the section's
-entry point is last.
-   1. Config           77-356  every constant, errors and exit codes, the value checks
+The map, in the order data flows. The core, lines 78-2800, is one run from the
+command line to the printed JSON (it calls the optional tools only when asked to:
+--check, several --base_url, --report): start at main() at its end, then read it
+from the top. Inside every section, and every class, helpers come before their
+callers; the section's entry point is last.
+   1. Config           78-357  every constant, errors and exit codes, the value checks
                                shared by argparse and APIConfig, APIConfig
-   2. HTTP            357-828  HTTPClient (a keep-alive connection per worker thread, TLS,
+   2. HTTP            358-828  HTTPClient (a keep-alive connection per worker thread, TLS,
                                proxies), response classification, retries, an adaptive
                                limiter, ChatClient
    3. Finding the     829-961  the local port probe, the model /v1/models lists, which
       server                   backend answers: find_server()
-   4. Datasets       962-1304  the datasets-server `/rows` client and a verified cache in
+   4. Datasets       962-1303  the datasets-server `/rows` client and a verified cache in
                                data/ (rows, images, sha256 manifest): load_rows()
-   5. Tasks         1305-1707  gsm8k_cot_llama and chartqa: prompts, request bodies,
+   5. Tasks         1304-1706  gsm8k_cot_llama and chartqa: prompts, request bodies,
                                lm-eval's filters and metrics, the TASKS table
-   6. Runner        1708-2042  run_task(): worker threads build, send, score and log each
+   6. Runner        1707-2041  run_task(): worker threads build, send, score and log each
                                sample; resume from the sample log
-   7. Results       2043-2419  aggregate(), warnings, the summary table, expectations, the
+   7. Results       2042-2417  aggregate(), warnings, the summary table, expectations, the
                                results JSON and the exit code
-   8. CLI           2420-2801  arguments, one server or several, main()
+   8. CLI           2418-2800  arguments, one server or several, main()
 The optional tools, each a section ending in its entry point:
-   9. Preflight     2802-3031  conformance checks (--check): preflight_result()
-  10. Compare       3032-3286  paired comparison of two runs: `nano-eval compare`
-  11. Replay        3287-3362  resend one logged request: `nano-eval replay`
-  12. HTML report   3363-3725  one page of a run or a comparison: `nano-eval report`
+   9. Preflight     2801-3033  conformance checks (--check): preflight_result()
+  10. Compare       3034-3288  paired comparison of two runs: `nano-eval compare`
+  11. Replay        3289-3364  resend one logged request: `nano-eval replay`
+  12. HTML report   3365-3727  one page of a run or a comparison: `nano-eval report`
 
 Python API:
     import asyncio
@@ -93,7 +94,7 @@ MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long
 LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on stderr
 LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
-DOWNLOADS = 8  # dataset pages, and images, fetched at once
+DOWNLOADS = 8  # dataset pages fetched at once; images too, over all pages
 
 # What a response is
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
@@ -207,52 +208,51 @@ def parse_kv(text: str | None, flag: str) -> dict:
     return result
 
 
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# The value checks. Each takes a parsed value (a model_arg, an APIConfig field) and refuses
+# text; argparse reaches the same checks through from_text(), so every way in is checked alike.
 def positive_int(value: Any) -> int:
-    """A count, from a flag's text or a parsed model_arg. The checks below are argparse
-    types and APIConfig's field checks alike, so every way in is checked the same."""
-    number = parse_value(value) if isinstance(value, str) else value
-    if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+    return value
 
 
 def integer(value: Any) -> int:
-    try:
-        number = int(value.strip()) if isinstance(value, str) else value  # "-5" too
-    except ValueError:
-        number = None
-    if not isinstance(number, int) or isinstance(number, bool):
+    if not isinstance(value, int) or isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
-    return number
-
-
-def as_number(value: Any) -> float:
-    """float(value); NaN, which every check refuses, for what is not a number (or is a bool)."""
-    try:
-        return math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        return math.nan
+    return value
 
 
 def positive_float(value: Any) -> float:
-    number = as_number(value)
-    if not number > 0 or math.isinf(number):
+    if not is_number(value) or not value > 0 or math.isinf(value):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
+    return value
 
 
 def fraction(value: Any) -> float:
-    number = as_number(value)
-    if not 0.0 <= number <= 1.0:
+    if not is_number(value) or not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
-    return number
+    return value
 
 
 def boolean(value: Any) -> bool:
-    flag = parse_value(value) if isinstance(value, str) else value
-    if not isinstance(flag, bool):
+    if not isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-    return flag
+    return value
+
+
+def from_text(kind: Callable[[Any], Any], parse: Callable[[str], Any] = parse_value) -> Callable[[str], Any]:
+    """An argparse type: the flag's text parsed (by default as lm-eval parses model_args), then
+    checked by `kind`; text that does not parse is refused by `kind` with its own message."""
+    def convert(text: str) -> Any:
+        try:
+            return kind(parse(text))
+        except ValueError:
+            return kind(text)
+    return convert
 
 
 def checked(name: str, kind: Callable[[Any], Any], value: Any) -> Any:
@@ -315,6 +315,7 @@ def normalize_base_url(url: str) -> tuple[str, str]:
 FIELD_CHECKS = {"num_concurrent": positive_int, "max_retries": positive_int, "max_gen_toks": positive_int,
                 "seed": integer, "timeout": positive_float, "max_response_mb": positive_float,
                 "verify_certificate": boolean}
+NULLABLE = ("max_gen_toks", "seed")  # None: each task's own max_tokens; a null seed in the body
 
 
 @dataclasses.dataclass
@@ -346,7 +347,7 @@ class APIConfig:
         self.api_root, self.chat_url = normalize_base_url(self.url)
         for name, kind in FIELD_CHECKS.items():
             value = getattr(self, name)
-            if value is not None or name not in ("max_gen_toks", "seed"):  # None: the tasks' max_tokens; seed null
+            if value is not None or name not in NULLABLE:
                 setattr(self, name, checked(name, kind, value))
         self.headers = parse_headers(self.headers)
         if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
@@ -458,6 +459,22 @@ class HTTPClient:
         pool[key] = conn
         return conn, False
 
+    def _read(self, resp: http.client.HTTPResponse) -> bytes:
+        if self.max_body is None:
+            return resp.read()
+        declared = resp.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_body:
+            raise ResponseTooLarge(f"Content-Length {int(declared):,}")
+        data = resp.read(self.max_body + 1)
+        if len(data) > self.max_body:
+            raise ResponseTooLarge(f"more than {self.max_body:,} bytes")
+        return data
+
+    def _drop(self, parts: urllib.parse.SplitResult) -> None:
+        conn = self._local.__dict__.get("connections", {}).pop((parts.scheme, parts.netloc), None)
+        if conn is not None:
+            conn.close()
+
     def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> HTTPResponse:
         parts = urllib.parse.urlsplit(url)
         target = parts.path or "/"
@@ -485,23 +502,6 @@ class HTTPClient:
                 self._drop(parts)
             return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         raise AssertionError("unreachable")
-
-    def _read(self, resp: http.client.HTTPResponse) -> bytes:
-        if self.max_body is None:
-            return resp.read()
-        declared = resp.getheader("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise ResponseTooLarge(f"Content-Length {int(declared):,}")
-        data = resp.read(self.max_body + 1)
-        if len(data) > self.max_body:
-            raise ResponseTooLarge(f"more than {self.max_body:,} bytes")
-        return data
-
-    def _drop(self, parts: urllib.parse.SplitResult) -> None:
-        conn = self._local.__dict__.get("connections", {}).pop((parts.scheme, parts.netloc), None)
-        if conn is not None:
-            conn.close()
-
 
 def auth_headers(token: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -654,11 +654,11 @@ def classify_response(resp: HTTPResponse) -> Outcome:
     content = message.get("content")
     if content is not None and not isinstance(content, str):
         return Outcome("bad_response", http_status=200, error="message content is not a string")
-    field = next((f for f in ("reasoning_content", "reasoning") if isinstance(message.get(f), str) and message[f]),
-                 None)
+    field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
+    reasoning = message.get(field) if isinstance(message.get(field), str) else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     finish = choice.get("finish_reason")
-    outcome = Outcome("ok", content=content, reasoning=message[field] if field else None, reasoning_field=field,
+    outcome = Outcome("ok", content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
                       finish_reason=finish, usage=usage, http_status=200)
     if not content or not content.strip():
         outcome.status = "empty"
@@ -701,6 +701,11 @@ class AdaptiveLimiter:
             self._slots.append(None)
             return True
 
+    def _wake(self) -> None:
+        free = self.limit - len(self._slots)
+        if free > 0:
+            self._changed.notify(free)  # as many waiters as there are free slots
+
     def release(self, throttled: bool = False, success: bool = False) -> None:
         if not throttled and self.limit >= self.maximum:  # at full width nothing but the count changes
             self._slots.pop()
@@ -719,11 +724,6 @@ class AdaptiveLimiter:
                     self.limit += 1
                     self._successes = 0
             self._wake()
-
-    def _wake(self) -> None:
-        free = self.limit - len(self._slots)
-        if free > 0:
-            self._changed.notify(free)  # as many waiters as there are free slots
 
     def close(self) -> None:
         with self._changed:
@@ -1117,6 +1117,14 @@ class DatasetCache:
                 return rows
         return None
 
+    def save(self) -> None:
+        """Writes the manifest if a page or an image was added since the last save."""
+        with self._lock:
+            if self._changed:
+                atomic_write(self.write_dir / "manifest.json",
+                             json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+                self._changed = False
+
     def write_page(self, offset: int, rows: list[dict], num_rows_total: int, revision: str | None) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         name = f"rows-{offset:05d}.jsonl"
@@ -1146,15 +1154,6 @@ class DatasetCache:
             self._changed = True
         return entry
 
-    def save(self) -> None:
-        """Writes the manifest if a page or an image was added since the last save."""
-        with self._lock:
-            if self._changed:
-                atomic_write(self.write_dir / "manifest.json",
-                             json.dumps(self.manifest, indent=1, sort_keys=True).encode())
-                self._changed = False
-
-
 class DatasetsClient:
     """A minimal client for the HuggingFace datasets-server `/rows` API."""
 
@@ -1165,6 +1164,11 @@ class DatasetsClient:
         self.retries = retries
         self.retry_base_delay = retry_base_delay
         self.http = HTTPClient(timeout=120.0, connect_timeout=15.0)
+
+    def _wait(self, attempt: int, why: str, retry_after: float | None) -> None:
+        delay = backoff(attempt, self.retry_base_delay, retry_after)
+        announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt, self.retries)
+        time.sleep(delay)
 
     def _get(self, url: str, headers: dict, what: str) -> HTTPResponse:
         """GET with retries on 429/5xx and network errors (the server is sometimes busy).
@@ -1184,11 +1188,6 @@ class DatasetsClient:
                     continue
                 return resp
         raise AssertionError("unreachable")
-
-    def _wait(self, attempt: int, why: str, retry_after: float | None) -> None:
-        delay = backoff(attempt, self.retry_base_delay, retry_after)
-        announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt, self.retries)
-        time.sleep(delay)
 
     def rows(self, ref: DatasetRef, offset: int, length: int = PAGE_SIZE) -> tuple[dict, str | None]:
         """One page of `/rows`: (the JSON body, X-Revision)."""
@@ -1757,13 +1756,13 @@ class SampleLog:
     def line(record: dict) -> str:
         return json.dumps(record, ensure_ascii=False) + "\n"
 
-    def write(self, record: dict) -> None:
-        self.write_lines([self.line(record)])
-
     def write_lines(self, lines: list) -> None:
         """Whole lines, then flushed."""
         self._file.write("".join(lines))
         self._file.flush()
+
+    def write(self, record: dict) -> None:
+        self.write_lines([self.line(record)])
 
     def close(self) -> None:
         self._file.close()
@@ -2012,8 +2011,8 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
     Cancelling the coroutine (Ctrl-C) leaves the log complete up to that point, and
     the partial results in `sink[task.name]`."""
     if max_samples is not None:
-        checked("max_samples", positive_int, max_samples)
-    checked("repeats", positive_int, repeats)
+        max_samples = checked("max_samples", positive_int, max_samples)
+    repeats = checked("repeats", positive_int, repeats)
     start = time.perf_counter()
     if config.model is None:
         config.model = await asyncio.get_running_loop().run_in_executor(None, resolve_model, config, None)
@@ -2202,7 +2201,7 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         result["num_documents"] = len(documents)
         result["repeats"] = repeat_summary(task, records, documents, repeats, temperature)
     if task.image_column:
-        formats = counts(r["image"]["format"] for r in records if r.get("image"))
+        formats = dict(collections.Counter(r["image"]["format"] for r in records if r.get("image")))
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
     return result
 
@@ -2343,7 +2342,7 @@ def config_record(config: APIConfig, tasks: list, max_samples: int | None, args:
 
 
 def results_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
-                 preflight: dict | None, finished: bool, start: float) -> dict:
+                     preflight: dict | None, finished: bool, start: float) -> dict:
     """The results JSON of one server's run."""
     document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
                             **results},
@@ -2378,7 +2377,6 @@ def write_results(document: dict, output: Path | None, report: Path | None) -> N
     print(stdout_json(document), flush=True)
     if report:
         write_report(report, report_from_document(document))
-        info(f"report written to {report}")
 
 
 def most_severe(codes: list) -> int:
@@ -2407,7 +2405,7 @@ def exit_code_of(document: dict, args: argparse.Namespace, log_dir: Path | None)
     if preflight and preflight["metrics"]["fail"]:
         info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
         codes.append(EXIT_FAILURES)
-    codes.append(fail_rate_exit({n: r for n, r in results.items() if "num_samples" in r and "error" not in r},
+    codes.append(fail_rate_exit({n: r for n, r in results.items() if n != CONFORMANCE and "error" not in r},
                                 args.max_fail_rate))
     below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
              and not r["expectation"].get("informational")]
@@ -2446,36 +2444,36 @@ def build_parser() -> ArgumentParser:
     add("model", help="model name sent in each request (default: the only model /v1/models lists)")
     add("model_args", help="lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=..")
     add("api_key", help="bearer token (default: env OPENAI_API_KEY)")
-    add("num_concurrent", type=positive_int, help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
+    add("num_concurrent", type=from_text(positive_int), help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
     add("gen_kwargs", help="k=v,... merged into each request body (max_gen_toks means max_tokens)")
-    add("max_samples", type=positive_int, help="first N rows of each task, like lm-eval's --limit")
-    parser.add_argument("--limit", dest="max_samples", type=positive_int, help=argparse.SUPPRESS)
-    add("seed", type=integer, help=f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)")
+    add("max_samples", type=from_text(positive_int), help="first N rows of each task, like lm-eval's --limit")
+    parser.add_argument("--limit", dest="max_samples", type=from_text(positive_int), help=argparse.SUPPRESS)
+    add("seed", type=from_text(integer, int), help=f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)")
     add("output", help="write the results JSON here too (and the sample log beside it)")
     add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
         "rerunning with the same DIR resumes")
     add("log_images", action="store_true", help="keep the base64 images in the sample log")
-    add("timeout", type=positive_float, help=f"seconds per request attempt (default {DEFAULT_TIMEOUT:.0f})")
-    add("max_retries", type=positive_int, help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
-    add("max_fail_rate", type=fraction, default=DEFAULT_MAX_FAIL_RATE,
+    add("timeout", type=from_text(positive_float, float), help=f"seconds per request attempt (default {DEFAULT_TIMEOUT:.0f})")
+    add("max_retries", type=from_text(positive_int), help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
+    add("max_fail_rate", type=from_text(fraction, float), default=DEFAULT_MAX_FAIL_RATE,
         help=f"exit 1 when more than this fraction of samples failed (default {DEFAULT_MAX_FAIL_RATE})")
     add("keep_think", action="store_true", help="score the content as is, without dropping <think>...</think>")
     add("no_resume", action="store_true", help="send every sample again, even those the sample log already has")
     add("data_dir", help="dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)")
     add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
-    add("fewshot_as_multiturn", type=boolean, default=True,
+    add("fewshot_as_multiturn", type=from_text(boolean), default=True,
         help="few-shots as chat turns (default true, as lm-eval with --apply_chat_template)")
     add("header", action="append", metavar="'NAME: VALUE'", help="an extra request header for the inference "
         "server (repeatable); its value is a secret, like the key")
     add("insecure", action="store_true", help="do not verify the server's TLS certificate")
     add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
-    add("max_response_mb", type=positive_float, help=f"a larger response is a failed sample, status too_large "
+    add("max_response_mb", type=from_text(positive_float, float), help=f"a larger response is a failed sample, status too_large "
         f"(default {DEFAULT_MAX_RESPONSE_MB})")
-    add("repeats", type=positive_int, default=1, help="send every sample K times and report the mean, its SEM "
+    add("repeats", type=from_text(positive_int), default=1, help="send every sample K times and report the mean, its SEM "
         "and the self-agreement (at temperature > 0, repeat i uses seed + i)")
     add("expect", action="append", metavar="TASK[:METRIC]=VALUE", help="the score you expect (repeatable); "
         f"a score significantly below it exits {EXIT_GATE}")
-    add("expect_tolerance", type=fraction, default=DEFAULT_TOLERANCE,
+    add("expect_tolerance", type=from_text(fraction, float), default=DEFAULT_TOLERANCE,
         help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
     add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
         "worse than the first (or different either way)")
@@ -2535,7 +2533,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
     def pick(name: str, default: Any = None) -> Any:
         value = getattr(args, name, None)
         value = value if value is not None else model_args.get(name, default)
-        return checked(name, FIELD_CHECKS[name], value) if name in FIELD_CHECKS and value is not None else value
+        if name in FIELD_CHECKS and (value is not None or name not in NULLABLE):
+            value = checked(name, FIELD_CHECKS[name], value)
+        return value
 
     base_urls = args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else [])
     model = pick("model")
@@ -2549,7 +2549,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
         "think_end_token": str(model_args.get("think_end_token", THINK_END)),
         "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
         "headers": {**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
-        "verify_certificate": not args.insecure and pick("verify_certificate", True),
+        "verify_certificate": pick("verify_certificate", True) and not args.insecure,
         "ca_cert": args.ca_cert or model_args.get("ca_cert_path"),
         "max_response_mb": args.max_response_mb or DEFAULT_MAX_RESPONSE_MB,
         "system_instruction": args.system_instruction,
@@ -2578,12 +2578,11 @@ def parse_expectations(items: list | None, tasks: list) -> dict:
         if metric and metric not in [task.headline.split(",")[0], *task.metric_names]:
             raise UsageError(f"--expect {item!r}: {task.name} has no metric {metric!r} "
                              f"(one of {', '.join([task.headline.split(',')[0], *task.metric_names])})")
+        text = value.strip()
         try:
-            number = float(value.strip().rstrip("%")) / (100 if value.strip().endswith("%") else 1)
-        except ValueError:
-            number = -1.0
-        if not 0 <= number <= 1:
-            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%")
+            number = fraction(float(text.rstrip("%")) / (100 if text.endswith("%") else 1))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%") from None
         expected[task.name] = (metric, number)
     return expected
 
@@ -2813,8 +2812,9 @@ ONE_PIXEL_PNG = base64.b64decode(
 
 
 class Preflight:
-    """What the checks of PREFLIGHT_CHECKS share: short requests on the runner's own
-    client and response classification, and the first plain answer."""
+    """What the checks of PREFLIGHT_CHECKS share: short requests with the run's TLS
+    settings and headers (no retries: each answer is evidence), classified as the runner
+    classifies its responses, and the first plain answer."""
 
     PROMPT = [{"role": "user", "content": "Write the numbers from 1 to 30, separated by spaces."}]
 
@@ -2981,8 +2981,10 @@ def malformed_refused(pf: Preflight) -> tuple[str, str]:
     if not 400 <= resp.status < 500:
         return "FAIL", f"HTTP {resp.status} instead of a 4xx: {error_message(resp.body)}"
     try:
-        json.loads(resp.body)
+        error = json.loads(resp.body)
     except (ValueError, UnicodeDecodeError):
+        error = None
+    if not isinstance(error, dict):
         return "WARN", f"HTTP {resp.status} but the body is not JSON"
     return "PASS", f"HTTP {resp.status} with a JSON error"
 
@@ -3010,7 +3012,7 @@ def run_preflight(config: APIConfig) -> dict:
         result, evidence = check(context)
         evidence = redact(" ".join(str(evidence).split()), _SECRETS)  # a server may echo the key in an error
         checks.append({"check": name, "result": result, "evidence": evidence[:300]})
-        if name == "chat completion" and result == "FAIL":
+        if check is chat_answers and result == "FAIL":
             break  # every other check needs a plain answer
     tally = collections.Counter(c["result"] for c in checks)
     return {"checks": checks, "metrics": {result.lower(): tally[result] for result in ("PASS", "WARN", "FAIL")}}
@@ -3272,7 +3274,7 @@ def cmd_compare(argv: list) -> int:
     parser.add_argument("run_a", help="sample log (samples_<task>.jsonl) or the --log_samples folder of run A")
     parser.add_argument("run_b", help="the same for run B")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    parser.add_argument("--top", type=positive_int, default=10, help="flipped samples to list (default 10)")
+    parser.add_argument("--top", type=from_text(positive_int), default=10, help="flipped samples to list (default 10)")
     parser.add_argument("--fail_if", "--fail-if", dest="fail_if", choices=FAIL_IF,
                         help=f"exit {EXIT_GATE} when B is significantly worse than A, or different either way")
     args = parser.parse_args(argv)
@@ -3317,7 +3319,7 @@ def cmd_replay(argv: list) -> int:
     parser.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--ca_cert", "--ca-cert", dest="ca_cert", metavar="FILE", help="CA bundle (PEM)")
     parser.add_argument("--curl", action="store_true", help="print a curl command instead of sending")
-    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT)
+    parser.add_argument("--timeout", type=from_text(positive_float, float), default=DEFAULT_TIMEOUT)
     args = parser.parse_args(argv)
     path, _, line_text = args.where.rpartition(":")
     if not path or not line_text.isdigit() or int(line_text) < 1:
@@ -3633,6 +3635,7 @@ def write_report(path: str | Path, page: str) -> None:
         atomic_write(target, page.encode("utf-8", "replace"))  # "replace": a lone surrogate from a JSON log
     except OSError as exc:
         raise UsageError(f"cannot write the report {target}: {exc.strerror or exc}") from None
+    info(f"report written to {target}")
 
 
 def read_results_file(path: str) -> dict | None:
@@ -3717,7 +3720,6 @@ def cmd_report(argv: list) -> int:
         runs = [report_run(path) for path in (args.run_a, args.run_b) if path]
         page = render_report(runs, [compare_runs(runs[0]["records"], runs[1]["records"])] if args.run_b else None)
     write_report(args.output, page)
-    info(f"report written to {args.output}")
     return EXIT_OK
 
 

@@ -173,6 +173,51 @@ def test_python_api_rejects_bad_config():
         asyncio.run(run_task(TASKS[GSM], APIConfig(url="http://127.0.0.1:9/v1", model="m"), max_samples=0))
 
 
+@pytest.mark.parametrize("field, value", [
+    ("num_concurrent", "8"), ("num_concurrent", True), ("num_concurrent", 2.0), ("max_retries", 0),
+    ("timeout", "60"), ("timeout", True), ("timeout", math.inf), ("timeout", math.nan), ("timeout", -1),
+    ("seed", "5"), ("seed", 1.5), ("max_gen_toks", 0), ("max_response_mb", 0), ("verify_certificate", "false"),
+])
+def test_python_api_checks_each_field_like_the_command_line(field, value):
+    """A parsed value of the wrong type is refused, text included (the command line parses its text
+    before the same check), and so are bools, NaN and infinity."""
+    with pytest.raises(UsageError, match=field):
+        APIConfig(url="http://127.0.0.1:9/v1", **{field: value})
+
+
+def test_python_api_keeps_the_values_it_was_given():
+    config = APIConfig(url="http://127.0.0.1:9/v1", timeout=60, max_response_mb=16, seed=None, max_gen_toks=None)
+    assert (config.timeout, type(config.timeout), config.max_response_mb, type(config.max_response_mb)) == \
+        (60, int, 16, int)
+    assert config.seed is None and config.max_gen_toks is None  # a null seed; each task's own max_tokens
+
+
+@pytest.mark.parametrize("keyword", [{"repeats": "2"}, {"repeats": 0}, {"max_samples": "3"}, {"max_samples": True}])
+def test_run_task_checks_its_counts(keyword):
+    with pytest.raises(UsageError, match=next(iter(keyword))):
+        asyncio.run(run_task(TASKS[GSM], APIConfig(url="http://127.0.0.1:9/v1", model="m"), **keyword))
+
+
+@pytest.mark.parametrize("args", [
+    ["--model_args", '{"timeout": null}'],
+    ["--model_args", '{"num_concurrent": "8"}'],
+    ["--model_args", "verify_certificate=maybe", "--insecure"],
+    ["--model_args", "timeout=inf"],
+])
+def test_a_bad_model_arg_is_refused_before_any_server_is_looked_for(isolated_env, args):
+    """No --base_url: the model_args are checked before the local ports are probed (exit 2, not 3)."""
+    code, out, err = cli("--tasks", GSM, *args)
+    assert out == ""
+    one_error(code, err, 2)
+    assert "no server answered" not in err
+
+
+def test_model_args_numbers_are_recorded_as_given(isolated_env, fake_openai, capsys):
+    code, doc, err = main_json([*GSM_ARGS, "--base_url", fake_openai.base_url, "--model_args", "timeout=60"], capsys)
+    assert code == 0, err
+    assert doc["config"]["timeout"] == 60 and isinstance(doc["config"]["timeout"], int)
+
+
 # --------------------------------------------------------------------------------------------
 # The API key: where it comes from, and never written anywhere
 # --------------------------------------------------------------------------------------------
