@@ -14,9 +14,16 @@ import pytest
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))
 
-from fakes import CHARTQA, GSM8K, Dataset, FakeDatasetsServer, FakeOpenAI, chartqa_dataset, gsm8k_dataset
+from fakes import (ANSWERS, CHARTQA, GSM8K, Dataset, FakeDatasetsServer, FakeOpenAI, answers_responder,  # noqa: E402
+                   chartqa_dataset, gsm8k_dataset)
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def clear_env(monkeypatch, *names: str) -> None:
+    """Every NANO_EVAL_* variable and `names` out of the environment, for one test."""
+    for name in [n for n in os.environ if n.startswith("NANO_EVAL_")] + list(names):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +80,7 @@ def isolated_env(monkeypatch, tmp_path, fake_hf) -> Path:
     created), removes OPENAI_API_KEY, HF_TOKEN and any other NANO_EVAL_* variable, and keeps
     127.0.0.1 off any proxy. Returns the data dir.
     """
-    for name in list(os.environ):
-        if name.startswith("NANO_EVAL_"):
-            monkeypatch.delenv(name)
-    for name in ("OPENAI_API_KEY", "HF_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
+    clear_env(monkeypatch, "OPENAI_API_KEY", "HF_TOKEN")
     data_dir = tmp_path / "data"
     monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", fake_hf.url)
     monkeypatch.setenv("NANO_EVAL_DATA_DIR", str(data_dir))
@@ -102,3 +105,22 @@ def raw_bodies(monkeypatch) -> list[bytes]:
 
     monkeypatch.setattr(fakes, "_parse_body", capture)
     return captured
+
+
+@pytest.fixture
+def no_datasets_server(monkeypatch):
+    """No NANO_EVAL_* or OPENAI_API_KEY from the environment; the datasets-server is a dead port."""
+    clear_env(monkeypatch, "OPENAI_API_KEY")
+    monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", "http://127.0.0.1:9")  # gsm8k ships in data/
+
+
+@pytest.fixture
+def chart_server():
+    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
+        yield server
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    """No NANO_EVAL_*, HF_TOKEN or OPENAI_API_KEY from the environment."""
+    clear_env(monkeypatch, "HF_TOKEN", "OPENAI_API_KEY")

@@ -1357,3 +1357,170 @@ def interrupt_while_waiting(cmd: list) -> tuple:
             proc.wait()
     reader.join(5)
     return proc, lines, notice, out, elapsed
+
+
+# --------------------------------------------------------------------------------------------
+# Shared by several test files
+# --------------------------------------------------------------------------------------------
+
+# These helpers use nano_eval itself, which the rest of this file never imports.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+import math  # noqa: E402
+
+import nano_eval as ne  # noqa: E402
+from nano_eval import TASKS, APIConfig, DatasetCache, DatasetsClient, run_task  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+GSM = "gsm8k_cot_llama"
+
+
+def bodies(server) -> list[dict]:
+    return [r["body"] for r in server.chat_requests]
+
+
+TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
+
+
+GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
+
+
+ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
+
+
+with open(ROWS_JSONL, encoding="utf-8") as _f:
+    FIXTURE_ROWS = [json.loads(line) for line in _f]
+
+
+ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
+
+
+SECRET = "sk-test-SECRET-0123456789abcdef"
+
+
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+              "no_proxy")
+
+
+TASK = ne.TASKS["gsm8k_cot_llama"]
+
+
+OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
+
+
+WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
+
+
+def right(row: int) -> str:
+    """ByRow's own right answer for a row (the default when a row has no plan)."""
+    return f"Let me think. The final answer is {GSM8K_GOLD[row]}"
+
+
+def client(server, token=None) -> DatasetsClient:
+    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
+
+
+def image_of(row_idx: int) -> bytes:
+    return (FIXTURES / "chartqa" / FIXTURE_ROWS[row_idx]["image"]).read_bytes()
+
+
+CQA = TASKS["chartqa"]
+
+
+def run_chartqa(config, n, data_dir, hf, **kwargs) -> dict:
+    return asyncio.run(run_task(CQA, config, max_samples=n, data_dir=str(data_dir), datasets_server=client(hf),
+                                progress=False, **kwargs))
+
+
+def chart_row_of(body: dict) -> int:
+    """The fixture row a chat request is for (by its query)."""
+    task, query = question_of(body)
+    assert task == "chartqa"
+    return next(i for i, r in enumerate(FIXTURE_ROWS) if r["query"] == query)
+
+
+def image_url(body: dict) -> str:
+    parts = body["messages"][-1]["content"]
+    urls = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
+    assert len(urls) == 1
+    return urls[0]
+
+
+CAPTURES = FIXTURES / "lm_eval_requests"
+
+
+URL = "http://127.0.0.1:9/v1"  # never contacted: build() does not talk to the server
+
+
+def chartqa_cache(tmp_path: Path) -> DatasetCache:
+    return DatasetCache([tmp_path], TASKS["chartqa"].data)
+
+
+def image_bytes_of(body: dict) -> bytes:
+    url = body["messages"][-1]["content"][0]["image_url"]["url"]
+    header, _, data = url.partition(",")
+    assert header == "data:image/png;base64"
+    return base64.b64decode(data)
+
+
+def read_log_by_row(log_dir: Path) -> dict[int, dict]:
+    return {rec["row_idx"]: rec for rec in read_log(log_dir, "chartqa", sort=False)}
+
+
+METRICS = ["exact_match,strict-match", "exact_match,flexible-extract"]
+
+
+def assert_auth_failure(code, out, err, secret):
+    assert code == 4, err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert "authentication failed" in lines[0] and "--api_key" in lines[0]
+    assert "Traceback" not in err
+    assert secret not in err and secret not in out
+
+
+WRONG_ROWS = {1, 4, 9, 13, 17, 22}  # rows the standard responder answers wrongly (so metrics are not trivial)
+
+
+def ByRowWithWrongRows(plan=None, delay=None):
+    """ByRow with WRONG_ROWS wrong."""
+    return ByRow(plan, wrong=WRONG_ROWS, delay=delay)
+
+
+LOG_NAME = "samples_gsm8k_cot_llama.jsonl"
+
+
+def gsm8k_first(n: int) -> list[dict]:
+    with open(ROOT / "tests" / "fixtures" / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+def responder_for(correct_rows: set, rows: list, fail_rows: set = frozenset(), wrap=None):
+    """Answer rows in ``correct_rows`` right, rows in ``fail_rows`` with HTTP 400, the rest wrong."""
+    by_question = {r["question"]: (i, r["answer"].split("####")[-1].strip()) for i, r in enumerate(rows)}
+
+    def respond(body, n):
+        found = question_of(body)
+        i, gold = by_question[found[1]]
+        if i in fail_rows:
+            return Reply(status=400)
+        text = f"Let me think. The final answer is {gold}" if i in correct_rows else "The final answer is -1"
+        return wrap(text) if wrap else text
+
+    return respond
+
+
+def run_gsm8k_plain(config: APIConfig, n: int, tmp_path: Path) -> dict:
+    return asyncio.run(run_task(TASKS["gsm8k_cot_llama"], config, max_samples=n, data_dir=str(tmp_path / "data"),
+                                progress=False))
+
+
+def sem(values) -> float:
+    """lm-eval's stderr of a mean, by hand: sample stdev (n - 1) / sqrt(n)."""
+    n = len(values)
+    m = sum(values) / n
+    return math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1)) / math.sqrt(n)

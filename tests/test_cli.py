@@ -25,9 +25,10 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM8K_GOLD, NANO_EVAL, Reply,  # noqa: E402
-    answers_responder, cli, cli_env, error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of,
-    main_json, one_error, question_of, read_log)
+from fakes import (ANSWERS, ByRow, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K, GSM8K_GOLD, GSM_ARGS,  # noqa: E402
+                   NANO_EVAL, PROXY_VARS, Reply, SECRET, TASK_ARGS, answers_responder, bodies, cli, cli_env,
+                   error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of, main_json, one_error, question_of,
+                   read_log)
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,7 +36,6 @@ from fakes import (ByRow, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM8K_GOLD, NAN
 # --------------------------------------------------------------------------------------------
 
 
-GSM = "gsm8k_cot_llama"
 assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 FLAG_VALUES = {
@@ -48,10 +48,6 @@ FLAG_VALUES = {
 
 SPELLINGS = [(name, f"--{name}") for name in FLAG_VALUES] + \
     [(name, f"--{name.replace('_', '-')}") for name in FLAG_VALUES if "_" in name and name != "limit"]
-
-
-def bodies(server) -> list[dict]:
-    return [r["body"] for r in server.chat_requests]
 
 
 def _check_flag(name, doc, server, tmp):
@@ -157,16 +153,6 @@ def test_seed_sent_as_body_seed(isolated_env, fake_openai, capsys):
 def test_default_seed_is_1234(isolated_env, fake_openai, capsys):
     code, _, _ = main_json(["--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "1"], capsys)
     assert code == 0 and bodies(fake_openai)[0]["seed"] == 1234
-
-
-@pytest.fixture
-def no_datasets_server(monkeypatch):
-    """No NANO_EVAL_* or OPENAI_API_KEY from the environment; the datasets-server is a dead port."""
-    for name in list(os.environ):
-        if name.startswith("NANO_EVAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", "http://127.0.0.1:9")  # gsm8k ships in data/
 
 
 @pytest.mark.usefixtures("no_datasets_server")
@@ -308,8 +294,6 @@ def image_url_of(body: dict) -> str:
 # Bad input: one error line, the documented exit code, nothing sent
 # --------------------------------------------------------------------------------------------
 
-
-TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
 
 USAGE_CASES = {
     "model_args-no-equals": (["--model_args", "a,b"], "--model_args"),
@@ -468,9 +452,6 @@ def test_fail_if_needs_several_servers(isolated_env, fake_openai):
 # --------------------------------------------------------------------------------------------
 
 
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
-
-
 @pytest.mark.parametrize("closed_first", [True, False], ids=["unreachable-first", "unreachable-last"])
 def test_an_unreachable_server_does_not_stop_the_others(isolated_env, tmp_path, closed_first):
     port = free_port()
@@ -614,19 +595,6 @@ CHARTQA_KEYS = {"exact_match", "relaxed_accuracy", "anywhere_accuracy"}
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
-ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
-
-with open(ROWS_JSONL, encoding="utf-8") as _f:
-    FIXTURE_ROWS = [json.loads(line) for line in _f]
-
-ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
-
-
-@pytest.fixture
-def chart_server():
-    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
-        yield server
-
 
 def test_chartqa_run_of_30_rows_from_the_command_line(fake_hf, chart_server, tmp_path):
     args = ["--tasks", "chartqa", "--base_url", chart_server.base_url, "--max_samples", "30", "--no_progress"]
@@ -683,9 +651,6 @@ def test_both_tasks_in_one_command(fake_hf, gsm8k_answers, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-SECRET = "sk-test-SECRET-0123456789abcdef"
-
-
 def test_full_subprocess_run(tmp_path, gsm8k_answers, fake_hf):
     out = tmp_path / "results.json"
     with FakeOpenAI(answers=gsm8k_answers, api_key=SECRET) as server:
@@ -740,10 +705,6 @@ def test_console_script(tmp_path, fake_openai):
     proc = cli("--tasks", GSM, "--base_url", fake_openai.base_url, "--max_samples", "2", env=env, command=["nano-eval"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 2
-
-
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
-              "no_proxy")
 
 
 def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):

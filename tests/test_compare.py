@@ -23,7 +23,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
-from fakes import ByRow, FakeOpenAI, GSM8K_GOLD, cli, error_lines, one_error, run_inproc, run_main  # noqa: E402
+from fakes import (ByRow, FakeOpenAI, GSM8K_GOLD, OTHER_RIGHT, TASK, WRONG, cli, error_lines, one_error,  # noqa: E402
+                   right, run_inproc, run_main)
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,8 +162,6 @@ P_PLANTED = 2 * 384168 / 2 ** 35
 WRONG_NUMBER = "-1"  # no GSM8K test target starts with "-", so "-1" always differs at PREFIX's end
 
 PREFIX = "Let me think. The final answer is "  # 34 characters: "Let me think." (13) + " The final answer is " (21)
-
-TASK = ne.TASKS["gsm8k_cot_llama"]
 
 
 def gsm8k_record(sample: ne.Sample, content: str | None, *, status: str = "ok", finish: str | None = "stop",
@@ -551,16 +550,8 @@ def test_compare_of_a_non_utf8_file(isolated_env, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
-
-WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
 assert "0" not in GSM8K_GOLD[:40]
 assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
-
-
-def right(row: int) -> str:
-    """ByRow's own right answer for a row (the default when a row has no plan)."""
-    return f"Let me think. The final answer is {GSM8K_GOLD[row]}"
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import ByRow, FakeOpenAI, Reply, cli, cli_env, error_lines, free_port, main_json, one_error  # noqa: E402
+from fakes import (ByRow, FakeOpenAI, GSM, GSM_ARGS, Reply, SECRET, TASK_ARGS, cli, cli_env, error_lines,  # noqa: E402
+                   free_port, main_json, one_error)
 from nano_eval import APIConfig, TASKS, UsageError, normalize_base_url, parse_kv, parse_value, run_task  # noqa: E402
 
 
@@ -40,9 +41,6 @@ def test_normalize_base_url():
             normalize_base_url(bad)
 
 
-GSM = "gsm8k_cot_llama"
-
-
 @pytest.mark.parametrize("suffix", ["/v1/chat/completions", "/v1/chat/completions/", "/v1/", "/v1", ""])
 def test_base_url_forms_accepted(suffix, isolated_env, fake_openai, capsys):
     code, doc, err = main_json(["--tasks", GSM, "--base_url", fake_openai.url + suffix, "--max_samples", "2"], capsys)
@@ -50,9 +48,6 @@ def test_base_url_forms_accepted(suffix, isolated_env, fake_openai, capsys):
     assert {r["path"] for r in fake_openai.chat_requests} == {"/v1/chat/completions"}
     assert doc["config"]["base_url"] == fake_openai.base_url
     assert doc["config"]["chat_url"] == fake_openai.base_url + "/chat/completions"
-
-
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8000/vé1", "http://user:pw@127.0.0.1:8000/v1"])
@@ -304,9 +299,6 @@ def test_api_key_never_written(secret_env, fake_hf):
     assert_no_secret(out, err, tmp_path, FLAG_KEY, ENV_KEY, HF_KEY)
 
 
-TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
-
-
 def test_env_api_key_never_written(secret_env):
     tmp_path = secret_env
     with FakeOpenAI(api_key=ENV_KEY) as srv:
@@ -353,9 +345,6 @@ def test_api_key_in_an_error_message_is_redacted(secret_env):
                              "--output", str(tmp_path / "results.json"), "--max_fail_rate", "1")
     assert code == 0, err
     assert_no_secret(out, err, tmp_path, FLAG_KEY)
-
-
-SECRET = "sk-test-SECRET-0123456789abcdef"
 
 
 def test_secret_key_not_printed_on_failure(tmp_path):

@@ -24,11 +24,12 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, NANO_EVAL, TINY_JPEG,  # noqa: E402
-    answers_responder, cli, cli_env, error_line, interrupt_while_waiting, make_png, question_of,
-    read_log)
-from nano_eval import (APIConfig, DatasetCache, DatasetError, DatasetsClient, TASKS, load_rows,  # noqa: E402
-    resolve_data_dir, run_task, sniff_image)
+from fakes import (CAPTURES, CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM_ARGS, NANO_EVAL,  # noqa: E402
+                   TINY_JPEG, URL, answers_responder, chart_row_of, chartqa_cache, cli, cli_env, client, error_line,
+                   image_bytes_of, image_of, image_url, interrupt_while_waiting, make_png, read_log_by_row,
+                   run_chartqa)
+from nano_eval import (APIConfig, DatasetCache, DatasetError, TASKS, load_rows, resolve_data_dir, run_task,  # noqa: E402
+                       sniff_image)
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,10 +74,6 @@ GSM8K_ROWS = fixture_gsm8k()
 def assert_gsm8k_rows(rows, n):
     assert [r["row_idx"] for r in rows] == list(range(n))
     assert [r["row"] for r in rows] == GSM8K_ROWS[:n]
-
-
-def client(server, token=None) -> DatasetsClient:
-    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
 
 
 def load(ref, count, roots, server, image_column=None, token=None):
@@ -248,9 +245,6 @@ def test_list_feature_styles_accepted(style, no_bundled, chartqa_spec):
     assert result["num_ok"] == 6
     assert result["metrics"]["relaxed_accuracy"] == 1.0
     assert result["metrics"]["exact_match"] == 1.0
-
-
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
 def test_a_short_page_is_an_error_not_a_smaller_denominator(tmp_path, monkeypatch, gsm8k_spec, fake_openai):
@@ -522,41 +516,6 @@ def asset_rows(hf, status=None) -> list[int]:
     return sorted(int(r["path"].split("/")[-3]) for r in hf.asset_requests if status is None or r["status"] == status)
 
 
-ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
-
-with open(ROWS_JSONL, encoding="utf-8") as _f:
-    FIXTURE_ROWS = [json.loads(line) for line in _f]
-
-ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
-
-
-@pytest.fixture
-def chart_server():
-    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
-        yield server
-
-
-def image_of(row_idx: int) -> bytes:
-    return (FIXTURES / "chartqa" / FIXTURE_ROWS[row_idx]["image"]).read_bytes()
-
-
-@pytest.fixture
-def no_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("NANO_EVAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-CQA = TASKS["chartqa"]
-
-
-def run_chartqa(config, n, data_dir, hf, **kwargs) -> dict:
-    return asyncio.run(run_task(CQA, config, max_samples=n, data_dir=str(data_dir), datasets_server=client(hf),
-                                progress=False, **kwargs))
-
-
 def test_downloads_only_the_images_needed(no_env, fake_hf, chart_server, tmp_path):
     config = APIConfig(url=chart_server.base_url, model="m")
     result = run_chartqa(config, 20, tmp_path / "data", fake_hf)
@@ -617,20 +576,6 @@ def test_urls_that_never_work_are_a_dataset_error(no_env, chartqa_spec, chart_se
     assert chart_server.chat_requests == []
 
 
-def chart_row_of(body: dict) -> int:
-    """The fixture row a chat request is for (by its query)."""
-    task, query = question_of(body)
-    assert task == "chartqa"
-    return next(i for i, r in enumerate(FIXTURE_ROWS) if r["query"] == query)
-
-
-def image_url(body: dict) -> str:
-    parts = body["messages"][-1]["content"]
-    urls = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
-    assert len(urls) == 1
-    return urls[0]
-
-
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
 def test_damaged_cached_image_is_refetched(damage, no_env, fake_hf, chart_server, tmp_path):
     run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 3, tmp_path / "data", fake_hf)
@@ -646,22 +591,6 @@ def test_damaged_cached_image_is_refetched(damage, no_env, fake_hf, chart_server
     sent = {chart_row_of(b): image_url(b) for b in (r["body"] for r in chart_server.chat_requests)}
     assert result["failures"] == {}
     assert sent[1] == "data:image/png;base64," + base64.b64encode(image_of(1)).decode()
-
-
-CAPTURES = FIXTURES / "lm_eval_requests"
-
-URL = "http://127.0.0.1:9/v1"  # never contacted: build() does not talk to the server
-
-
-def chartqa_cache(tmp_path: Path) -> DatasetCache:
-    return DatasetCache([tmp_path], TASKS["chartqa"].data)
-
-
-def image_bytes_of(body: dict) -> bytes:
-    url = body["messages"][-1]["content"][0]["image_url"]["url"]
-    header, _, data = url.partition(",")
-    assert header == "data:image/png;base64"
-    return base64.b64decode(data)
 
 
 def load_capture(name: str) -> list[dict]:
@@ -684,10 +613,6 @@ def test_chartqa_corrupted_cached_image_is_not_sent(tmp_path):
     sample = TASKS["chartqa"].build(row, APIConfig(url=URL, model="stub-model"), cache)
     assert sample.error is not None and sample.error[0] == "missing_image"
     assert "base64" not in json.dumps(sample.body)
-
-
-def read_log_by_row(log_dir: Path) -> dict[int, dict]:
-    return {rec["row_idx"]: rec for rec in read_log(log_dir, "chartqa", sort=False)}
 
 
 def test_null_image_rows_are_missing_image(no_env, fake_hf, chart_server, tmp_path):

@@ -19,24 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fakes import (
-    CHARTQA,
-    GSM8K,
-    STRING,
-    TINY_JPEG,
-    Dataset,
-    FakeDatasetsServer,
-    FakeOpenAI,
-    Reply,
-    answers_responder,
-    chartqa_dataset,
-    fault_plan,
-    free_port,
-    image_size,
-    list_of,
-    make_png,
-    synthetic_chartqa_dataset,
-)
+from fakes import (CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, Reply, STRING, TINY_JPEG,  # noqa: E402
+                   answers_responder, chartqa_dataset, fault_plan, free_port, image_size, list_of, make_png,
+                   synthetic_chartqa_dataset)
 
 
 # --- tiny HTTP client helpers ----------------------------------------------------------------

@@ -27,11 +27,11 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, ForwardProxy, GSM8K_GOLD, NANO_EVAL, Reply, TLS_CERT, cli,  # noqa: E402
-    error_lines, fault_plan, gsm8k_row_of, interrupt_while_waiting, read_log, run_inproc,
-    send_chunked, serve_https)
+from fakes import (ByRow, FakeOpenAI, ForwardProxy, GSM8K_GOLD, GSM_ARGS, METRICS, NANO_EVAL, PROXY_VARS,  # noqa: E402
+                   Reply, TLS_CERT, assert_auth_failure, cli, error_lines, fault_plan, gsm8k_row_of,
+                   interrupt_while_waiting, read_log, run_inproc, send_chunked, serve_https)
 from nano_eval import (AdaptiveLimiter, APIConfig, AuthError, ChatClient, Connection, HTTPClient, TASKS,  # noqa: E402
-    UsageError, run_task)
+                       UsageError, run_task)
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,16 +60,6 @@ def test_one_send_sends_what_http_client_sends(body):
     ours, theirs = Recorder(Connection), Recorder(http.client.HTTPConnection)
     assert ours.request(body) == theirs.request(body)
     assert len(ours.sent) == 1
-
-
-@pytest.fixture
-def no_datasets_server(monkeypatch):
-    """No NANO_EVAL_* or OPENAI_API_KEY from the environment; the datasets-server is a dead port."""
-    for name in list(os.environ):
-        if name.startswith("NANO_EVAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", "http://127.0.0.1:9")  # gsm8k ships in data/
 
 
 @pytest.mark.usefixtures("no_datasets_server")
@@ -155,7 +145,6 @@ def test_cli_num_concurrent_bounds_in_flight(tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-METRICS = ["exact_match,strict-match", "exact_match,flexible-extract"]
 assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 
@@ -346,8 +335,6 @@ def test_backoff_grows(isolated_env, tmp_path):
     assert g[2] > g[0], g
 
 
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
-
 def test_a_long_retry_after_is_announced_and_ctrl_c_stops_the_wait(isolated_env, tmp_path):
     output = tmp_path / "o.json"
     with FakeOpenAI(responder=lambda body, n: Reply(status=429, headers={"Retry-After": "3600"})) as srv:
@@ -381,15 +368,6 @@ def test_short_waits_are_not_announced(isolated_env):
 # --------------------------------------------------------------------------------------------
 # ChatClient: authentication failures on chat requests
 # --------------------------------------------------------------------------------------------
-
-
-def assert_auth_failure(code, out, err, secret):
-    assert code == 4, err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    assert "authentication failed" in lines[0] and "--api_key" in lines[0]
-    assert "Traceback" not in err
-    assert secret not in err and secret not in out
 
 
 def test_401_on_first_chat_request_exits_4(isolated_env):
@@ -622,9 +600,6 @@ TLS_WAYS = {
 }
 
 VERIFICATION_OFF = "verification is off"
-
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
-              "no_proxy")
 
 
 def env_with(**values) -> dict:

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
 
 import nano_eval as ne  # noqa: E402
 from conformance_fakes import CHECKS, ConformanceFake, COUNTING_ANSWER  # noqa: E402
-from fakes import FakeOpenAI, cli, main_json, run_main  # noqa: E402
+from fakes import FakeOpenAI, GSM, cli, main_json, run_main  # noqa: E402
 
 MODEL = "conformance-model"
 
@@ -291,9 +291,6 @@ def test_check_with_several_servers(isolated_env, gsm8k_answers, capsys):
     c = document["comparisons"][0]["comparison"]["gsm8k_cot_llama"]
     assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (3, 0, 0)
     assert sum(1 for line in err.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))) == 2 * len(CHECKS)
-
-
-GSM = "gsm8k_cot_llama"
 
 
 def test_check_flag_and_conformance_task(isolated_env, fake_openai, capsys):

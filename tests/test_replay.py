@@ -20,18 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
-import fakes  # noqa: E402
-from fakes import ByRow, FakeOpenAI, Reply, cli, gsm8k_args, gsm8k_row_of, one_error, read_log  # noqa: E402
-
-WRONG_ROWS = {1, 4, 9, 13, 17, 22}  # rows the standard responder answers wrongly (so metrics are not trivial)
-
-
-def ByRowWithWrongRows(plan=None, delay=None):
-    """fakes.ByRow with this file's WRONG rows."""
-    return fakes.ByRow(plan, wrong=WRONG_ROWS, delay=delay)
-
-
-LOG_NAME = "samples_gsm8k_cot_llama.jsonl"
+from fakes import (ByRow, ByRowWithWrongRows, FakeOpenAI, GSM_ARGS, LOG_NAME, Reply, cli, gsm8k_args,  # noqa: E402
+                   gsm8k_row_of, one_error, read_log)
 
 
 def logged_run(tmp_path, srv, n=3):
@@ -80,9 +70,6 @@ def test_replay_a_later_repeat_resends_its_own_seed(isolated_env, tmp_path):
         assert rc == 0, err
         assert len(srv.chat_requests) == 3 and srv.chat_requests[-1]["body"]["seed"] == 1235
         assert srv.chat_requests[-1]["body"] == records[line - 1]["request"]
-
-
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
 def test_replay_sends_the_header(isolated_env, tmp_path):

@@ -23,10 +23,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply, answers_responder,  # noqa: E402
-    free_port, main_json, synthetic_chartqa_dataset)
-
-GSM = "gsm8k_cot_llama"
+from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K_GOLD, Reply,  # noqa: E402
+                   answers_responder, free_port, main_json, synthetic_chartqa_dataset)
 
 
 class Page(HTMLParser):

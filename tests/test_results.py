@@ -8,7 +8,6 @@ severity (--max_fail_rate, the gate, real errors).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
@@ -24,39 +23,15 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, GSM8K_GOLD, NANO_EVAL, Reply, cli, error_lines, gsm8k_args,  # noqa: E402
-    main_json, question_of, read_log, run_inproc, warning_lines)
-from nano_eval import APIConfig, TASKS, mean_stderr, run_task  # noqa: E402
+from fakes import (ByRow, FakeOpenAI, GSM, GSM8K_GOLD, GSM_ARGS, NANO_EVAL, Reply, TASK, WRONG, cli,  # noqa: E402
+                   error_lines, gsm8k_args, gsm8k_first, main_json, read_log, responder_for, right, run_gsm8k_plain,
+                   run_inproc, sem, warning_lines)
+from nano_eval import APIConfig, mean_stderr  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
 # aggregate: means and lm-eval's stderr
 # --------------------------------------------------------------------------------------------
-
-
-def gsm8k_first(n: int) -> list[dict]:
-    with open(ROOT / "tests" / "fixtures" / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
-
-
-def responder_for(correct_rows: set, rows: list, fail_rows: set = frozenset(), wrap=None):
-    """Answer rows in ``correct_rows`` right, rows in ``fail_rows`` with HTTP 400, the rest wrong."""
-    by_question = {r["question"]: (i, r["answer"].split("####")[-1].strip()) for i, r in enumerate(rows)}
-
-    def respond(body, n):
-        found = question_of(body)
-        i, gold = by_question[found[1]]
-        if i in fail_rows:
-            return Reply(status=400)
-        text = f"Let me think. The final answer is {gold}" if i in correct_rows else "The final answer is -1"
-        return wrap(text) if wrap else text
-
-    return respond
-
-
-def run_gsm8k_plain(config: APIConfig, n: int, tmp_path: Path) -> dict:
-    return asyncio.run(run_task(TASKS["gsm8k_cot_llama"], config, max_samples=n, data_dir=str(tmp_path / "data"),
-                                progress=False))
 
 
 def test_stderr_is_sample_stdev_over_sqrt_n(isolated_env, tmp_path):
@@ -91,15 +66,6 @@ def test_stderr_is_na_for_one_sample(isolated_env, tmp_path):
 
 STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
 
-TASK = ne.TASKS["gsm8k_cot_llama"]
-
-
-def sem(values) -> float:
-    """lm-eval's stderr of a mean, by hand: sample stdev (n - 1) / sqrt(n)."""
-    n = len(values)
-    m = sum(values) / n
-    return math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
-
 
 def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
     # doc 0: same text twice; doc 1: two texts, same scores; doc 2: only its first repeat (interrupted)
@@ -124,9 +90,6 @@ def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
 # --------------------------------------------------------------------------------------------
 # Warnings: reasoning accounting
 # --------------------------------------------------------------------------------------------
-
-
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
 def cli_one_sample(tmp_path, reply: Reply) -> tuple[int, dict, dict, str]:
@@ -458,14 +421,8 @@ def test_reference_score(task, model, score):
         assert found[0] == score and isinstance(found[1], str) and found[1]
 
 
-WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
 assert "0" not in GSM8K_GOLD[:40]
 assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
-
-
-def right(row: int) -> str:
-    """ByRow's own right answer for a row (the default when a row has no plan)."""
-    return f"Let me think. The final answer is {GSM8K_GOLD[row]}"
 
 
 def test_python_api_repeats_and_expectation(isolated_env, tmp_path):
@@ -496,9 +453,6 @@ def test_python_api_repeats_and_expectation(isolated_env, tmp_path):
 # --------------------------------------------------------------------------------------------
 # The results JSON
 # --------------------------------------------------------------------------------------------
-
-
-GSM = "gsm8k_cot_llama"
 
 
 def test_output_file_equals_stdout(isolated_env, fake_openai, tmp_path, capsys):

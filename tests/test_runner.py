@@ -14,7 +14,6 @@ import base64
 import hashlib
 import json
 import math
-import os
 import signal
 import statistics
 import subprocess
@@ -29,20 +28,18 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
     sys.path.insert(0, str(ROOT))
 
-import fakes  # noqa: E402
 import nano_eval as ne  # noqa: E402
-from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply,  # noqa: E402
-    answers_responder, cli, cli_env, error_lines, gsm8k_args, gsm8k_row_of, interrupted_cli,
-    question_of, read_log, run_inproc, synthetic_chartqa_dataset, warning_lines)
-from nano_eval import APIConfig, DatasetsClient, TASKS, run_task  # noqa: E402
+from fakes import (ByRow, ByRowWithWrongRows, CHARTQA, FakeDatasetsServer, FakeOpenAI, FIXTURE_ROWS, GSM,  # noqa: E402
+                   GSM8K_GOLD, GSM_ARGS, LOG_NAME, OTHER_RIGHT, Reply, WRONG, chart_row_of, cli, cli_env,
+                   error_lines, gsm8k_args, gsm8k_first, gsm8k_row_of, image_of, image_url, interrupted_cli,
+                   read_log, read_log_by_row, responder_for, right, run_chartqa, run_gsm8k_plain, run_inproc, sem,
+                   synthetic_chartqa_dataset, warning_lines)
+from nano_eval import APIConfig, TASKS, run_task  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
 # run_task and the sample log
 # --------------------------------------------------------------------------------------------
-
-
-GSM = "gsm8k_cot_llama"
 
 
 def test_python_api_run_task(isolated_env, fake_openai):
@@ -56,14 +53,6 @@ def test_python_api_run_task(isolated_env, fake_openai):
     assert fake_openai.max_in_flight <= 8
 
 
-WRONG_ROWS = {1, 4, 9, 13, 17, 22}  # rows the standard responder answers wrongly (so metrics are not trivial)
-
-
-def ByRowWithWrongRows(plan=None, delay=None):
-    """fakes.ByRow with this file's WRONG rows."""
-    return fakes.ByRow(plan, wrong=WRONG_ROWS, delay=delay)
-
-
 GSM8K_ROWS = [json.loads(line) for line in
               (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()[:60]]
 
@@ -73,8 +62,6 @@ RECORD_KEYS = {"task", "row_idx", "doc_hash", "body_hash", "url", "request", "re
                "target", "extracted", "scores", "group", "image", "latency", "attempts", "reasoning_flags"}
 
 RESPONSE_KEYS = {"content", "reasoning_content", "finish_reason", "usage", "http_status"}
-
-LOG_NAME = "samples_gsm8k_cot_llama.jsonl"
 
 
 def log_lines(log_dir: Path) -> list[str]:
@@ -184,63 +171,6 @@ def test_reasoning_fields_are_logged(isolated_env, tmp_path, field):
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
-ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
-
-with open(ROWS_JSONL, encoding="utf-8") as _f:
-    FIXTURE_ROWS = [json.loads(line) for line in _f]
-
-
-def chart_row_of(body: dict) -> int:
-    """The fixture row a chat request is for (by its query)."""
-    task, query = question_of(body)
-    assert task == "chartqa"
-    return next(i for i, r in enumerate(FIXTURE_ROWS) if r["query"] == query)
-
-
-ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
-
-
-@pytest.fixture
-def chart_server():
-    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
-        yield server
-
-
-def image_of(row_idx: int) -> bytes:
-    return (FIXTURES / "chartqa" / FIXTURE_ROWS[row_idx]["image"]).read_bytes()
-
-
-def image_url(body: dict) -> str:
-    parts = body["messages"][-1]["content"]
-    urls = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
-    assert len(urls) == 1
-    return urls[0]
-
-
-@pytest.fixture
-def no_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("NANO_EVAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-def read_log_by_row(log_dir: Path) -> dict[int, dict]:
-    return {rec["row_idx"]: rec for rec in read_log(log_dir, "chartqa", sort=False)}
-
-
-CQA = TASKS["chartqa"]
-
-
-def client(server, token=None) -> DatasetsClient:
-    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
-
-
-def run_chartqa(config, n, data_dir, hf, **kwargs) -> dict:
-    return asyncio.run(run_task(CQA, config, max_samples=n, data_dir=str(data_dir), datasets_server=client(hf),
-                                progress=False, **kwargs))
-
 
 @pytest.mark.parametrize("log_images", [False, True])
 def test_sample_log_images(log_images, no_env, fake_hf, chart_server, tmp_path):
@@ -333,31 +263,6 @@ def test_failures_dict_and_headline_counts_failed_as_wrong(isolated_env, tmp_pat
     assert "exact_match_stderr,valid" not in m
 
 
-def gsm8k_first(n: int) -> list[dict]:
-    with open(ROOT / "tests" / "fixtures" / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
-
-
-def responder_for(correct_rows: set, rows: list, fail_rows: set = frozenset(), wrap=None):
-    """Answer rows in ``correct_rows`` right, rows in ``fail_rows`` with HTTP 400, the rest wrong."""
-    by_question = {r["question"]: (i, r["answer"].split("####")[-1].strip()) for i, r in enumerate(rows)}
-
-    def respond(body, n):
-        found = question_of(body)
-        i, gold = by_question[found[1]]
-        if i in fail_rows:
-            return Reply(status=400)
-        text = f"Let me think. The final answer is {gold}" if i in correct_rows else "The final answer is -1"
-        return wrap(text) if wrap else text
-
-    return respond
-
-
-def run_gsm8k_plain(config: APIConfig, n: int, tmp_path: Path) -> dict:
-    return asyncio.run(run_task(TASKS["gsm8k_cot_llama"], config, max_samples=n, data_dir=str(tmp_path / "data"),
-                                progress=False))
-
-
 def test_failed_samples_score_zero_over_all_samples(isolated_env, tmp_path):
     """A failed sample (HTTP 400, not retried) counts as wrong; ",valid" excludes it."""
     rows = gsm8k_first(8)
@@ -416,9 +321,6 @@ def test_server_dying_mid_run_is_not_retried_forever(isolated_env, tmp_path, cap
     assert elapsed < 30  # generous; would be minutes if every sample were retried with real backoff
 
 
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
-
-
 def test_a_hung_server_is_given_up_like_a_dead_one(isolated_env):
     with FakeOpenAI(responder=lambda body, n: Reply(hang=True)) as srv:
         code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 10, "--num_concurrent", 1,
@@ -472,13 +374,6 @@ def test_a_hung_server_counts_the_samples_it_did_not_send(isolated_env, tmp_path
 STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
 
 
-def sem(values) -> float:
-    """lm-eval's stderr of a mean, by hand: sample stdev (n - 1) / sqrt(n)."""
-    n = len(values)
-    m = sum(values) / n
-    return math.sqrt(sum((x - m) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
-
-
 def test_repeats_deterministic_server(isolated_env, tmp_path):
     # 6 rows, rows 1 and 4 wrong, 3 repeats: every pass scores 4/6
     log_dir = tmp_path / "logs"
@@ -513,16 +408,8 @@ def test_repeats_deterministic_server(isolated_env, tmp_path):
     assert sorted((r["row_idx"], r["repeat"]) for r in records) == [(row, k) for row in range(6) for k in range(3)]
 
 
-OTHER_RIGHT = "Let me see. The final answer is {}"  # right, but other text than ByRow's default
-
-WRONG = "Let me think. The final answer is 0"  # no gold answer of the first 40 rows is 0
 assert "0" not in GSM8K_GOLD[:40]
 assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
-
-
-def right(row: int) -> str:
-    """ByRow's own right answer for a row (the default when a row has no plan)."""
-    return f"Let me think. The final answer is {GSM8K_GOLD[row]}"
 
 
 # Per-row script over 3 repeats (R right, W wrong, R' right with other text):

@@ -23,8 +23,8 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
 
 import fakes  # noqa: E402
 import nano_eval as ne  # noqa: E402
-from fakes import (ByRow, FakeOpenAI, _json_response, _text_response, cli, cli_env, error_line,  # noqa: E402
-    error_lines, free_port, main_json, one_error, run_main)
+from fakes import (ByRow, FakeOpenAI, GSM, TASK_ARGS, _json_response, _text_response, assert_auth_failure,  # noqa: E402
+                   bodies, cli, cli_env, error_line, error_lines, free_port, main_json, one_error, run_main)
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,8 +47,6 @@ class FakeOpenAIOnPort(FakeOpenAI):
         self._httpd = _PortHTTPServer(self, port)
         self.port, self.url = port, f"http://127.0.0.1:{port}"
 
-
-GSM = "gsm8k_cot_llama"
 
 PROBED = [8000, 8080, 30000, 11434, 1234]
 
@@ -114,10 +112,6 @@ def test_server_not_there_exits_3_quickly(isolated_env):
 # --------------------------------------------------------------------------------------------
 
 
-def bodies(server) -> list[dict]:
-    return [r["body"] for r in server.chat_requests]
-
-
 def test_model_autodetected_when_one(isolated_env, capsys):
     with FakeOpenAI(models=["the-only-model"]) as server:
         code, doc, err = main_json(["--tasks", GSM, "--base_url", server.base_url, "--max_samples", "2"], capsys)
@@ -146,9 +140,6 @@ def test_model_autodetection_none_or_several_exit_3(models, isolated_env, capsys
         assert m in line
     if not models:
         assert "no models" in line
-
-
-TASK_ARGS = ["--tasks", "gsm8k_cot_llama", "--max_samples", "2", "--no_progress"]
 
 
 HTML_PAGE = ("<!DOCTYPE html><html><head><title>502 Bad Gateway</title></head>"
@@ -224,15 +215,6 @@ def test_non_utf8_model_list(isolated_env, body):
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url)
         assert srv.chat_requests == []
     one_error(code, err, 3, "/v1/models")
-
-
-def assert_auth_failure(code, out, err, secret):
-    assert code == 4, err
-    lines = error_lines(err)
-    assert len(lines) == 1, err
-    assert "authentication failed" in lines[0] and "--api_key" in lines[0]
-    assert "Traceback" not in err
-    assert secret not in err and secret not in out
 
 
 def test_wrong_api_key_exits_4(isolated_env):

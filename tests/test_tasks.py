@@ -9,11 +9,9 @@ the parsers and scorers never raise, whatever the text (hypothesis).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,11 +24,13 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does no
     sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
-from fakes import (CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM8K_GOLD, Reply, TINY_JPEG,  # noqa: E402
-    answers_responder, chartqa_dataset, cli, cli_env, main_json, one_error, question_of, read_log,
-    run_inproc, synthetic_chartqa_dataset)
-from nano_eval import (APIConfig, DatasetCache, DatasetsClient, TASKS, _relaxed_preprocess, answer_text,  # noqa: E402
-    chartqa_target, gsm8k_target, run_task, score_chartqa, score_gsm8k)
+from fakes import (CAPTURES, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K_GOLD, GSM_ARGS, METRICS,  # noqa: E402
+                   Reply, ROWS_JSONL, TINY_JPEG, URL, bodies, chart_row_of, chartqa_cache, chartqa_dataset, cli,
+                   cli_env, gsm8k_first, image_bytes_of, image_of, image_url, main_json, one_error, question_of,
+                   read_log, read_log_by_row, responder_for, run_chartqa, run_gsm8k_plain, run_inproc,
+                   synthetic_chartqa_dataset)
+from nano_eval import (APIConfig, TASKS, _relaxed_preprocess, answer_text, chartqa_target, gsm8k_target,  # noqa: E402
+                       score_chartqa, score_gsm8k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -40,16 +40,12 @@ from nano_eval import (APIConfig, DatasetCache, DatasetsClient, TASKS, _relaxed_
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
-CAPTURES = FIXTURES / "lm_eval_requests"
-
 
 def load_capture(name: str) -> list[dict]:
     return json.loads((CAPTURES / name).read_text("utf-8"))
 
 
 GSM8K_CAPTURE = load_capture("gsm8k_cot_llama.multiturn.requests.json")
-
-URL = "http://127.0.0.1:9/v1"  # never contacted: build() does not talk to the server
 
 
 def key_paths(obj, prefix=()):
@@ -140,17 +136,6 @@ def test_gsm8k_variant_shapes():
     body = build(**VARIANTS["singleturn"])
     assert len(body["messages"]) == 1 and body["messages"][0]["content"].endswith("\n")
     assert body["messages"][0]["content"].count("Problem: ") == 9
-
-
-def chartqa_cache(tmp_path: Path) -> DatasetCache:
-    return DatasetCache([tmp_path], TASKS["chartqa"].data)
-
-
-def image_bytes_of(body: dict) -> bytes:
-    url = body["messages"][-1]["content"][0]["image_url"]["url"]
-    header, _, data = url.partition(",")
-    assert header == "data:image/png;base64"
-    return base64.b64decode(data)
 
 
 def test_chartqa_synthetic_bodies_equal_lm_eval(tmp_path):
@@ -258,60 +243,6 @@ def test_prepared_bodies_are_json_dumps(settings):
             assert fast.body == plain.body and fast.body_hash == plain.body_hash
 
 
-ROWS_JSONL = FIXTURES / "chartqa" / "rows.jsonl"
-
-with open(ROWS_JSONL, encoding="utf-8") as _f:
-    FIXTURE_ROWS = [json.loads(line) for line in _f]
-
-
-def chart_row_of(body: dict) -> int:
-    """The fixture row a chat request is for (by its query)."""
-    task, query = question_of(body)
-    assert task == "chartqa"
-    return next(i for i, r in enumerate(FIXTURE_ROWS) if r["query"] == query)
-
-
-ANSWERS = {r["query"]: r["label"][0] for r in FIXTURE_ROWS}
-
-
-@pytest.fixture
-def chart_server():
-    with FakeOpenAI(responder=answers_responder(ANSWERS)) as server:
-        yield server
-
-
-def image_of(row_idx: int) -> bytes:
-    return (FIXTURES / "chartqa" / FIXTURE_ROWS[row_idx]["image"]).read_bytes()
-
-
-def image_url(body: dict) -> str:
-    parts = body["messages"][-1]["content"]
-    urls = [p["image_url"]["url"] for p in parts if p.get("type") == "image_url"]
-    assert len(urls) == 1
-    return urls[0]
-
-
-@pytest.fixture
-def no_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("NANO_EVAL_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-
-
-CQA = TASKS["chartqa"]
-
-
-def client(server, token=None) -> DatasetsClient:
-    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
-
-
-def run_chartqa(config, n, data_dir, hf, **kwargs) -> dict:
-    return asyncio.run(run_task(CQA, config, max_samples=n, data_dir=str(data_dir), datasets_server=client(hf),
-                                progress=False, **kwargs))
-
-
 def test_jpeg_rows_sent_as_jpeg(no_env, chart_server, tmp_path):
     spec = chartqa_dataset(ROWS_JSONL, jpeg_rows=[0, 3])
     with FakeDatasetsServer({CHARTQA: spec}) as hf:
@@ -332,13 +263,7 @@ def test_jpeg_rows_sent_as_jpeg(no_env, chart_server, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-GSM = "gsm8k_cot_llama"
-
 STOP = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>"]
-
-
-def bodies(server) -> list[dict]:
-    return [r["body"] for r in server.chat_requests]
 
 
 def test_gen_kwargs_merged_into_body(isolated_env, fake_openai, capsys):
@@ -389,9 +314,6 @@ def test_max_tokens_wins_and_max_gen_toks_is_then_sent_as_it_is():
 def test_chartqa_max_tokens_override_keeps_the_task_max_gen_toks_like_lm_eval():
     params = TASKS["chartqa"].request_params(APIConfig(url="http://x/v1", gen_kwargs={"max_tokens": 100}))
     assert params == {"max_tokens": 100, "temperature": 0.0, "stop": [], "seed": 1234, "max_gen_toks": 512}
-
-
-GSM_ARGS = ["--tasks", "gsm8k_cot_llama", "--no_progress"]
 
 
 def test_until_must_be_text(isolated_env, fake_openai):
@@ -488,10 +410,6 @@ def even_rows_right(body, n):
     return f"Final Answer: {i if i % 2 == 0 else 'wrong'}"
 
 
-def read_log_by_row(log_dir: Path) -> dict[int, dict]:
-    return {rec["row_idx"]: rec for rec in read_log(log_dir, "chartqa", sort=False)}
-
-
 def test_human_and_augmented_split(no_env, tmp_path):
     spec = synthetic_chartqa_dataset(10, 40, 30)  # human_or_machine = row % 2
     with FakeDatasetsServer({CHARTQA: spec}) as hf, FakeOpenAI(responder=even_rows_right) as oa:
@@ -524,7 +442,6 @@ def test_answer_text(content, keep, expected):
     assert answer_text(content, keep) == expected
 
 
-METRICS = ["exact_match,strict-match", "exact_match,flexible-extract"]
 assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 
@@ -536,31 +453,6 @@ def test_think_block_is_stripped_before_scoring(isolated_env, tmp_path):
     assert rec["extracted"] == {"strict-match": "18", "flexible-extract": "18"}
     assert rec["scores"] == {m: 1.0 for m in METRICS}
     assert rec["response"]["content"] == content  # logged raw
-
-
-def gsm8k_first(n: int) -> list[dict]:
-    with open(ROOT / "tests" / "fixtures" / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
-
-
-def responder_for(correct_rows: set, rows: list, fail_rows: set = frozenset(), wrap=None):
-    """Answer rows in ``correct_rows`` right, rows in ``fail_rows`` with HTTP 400, the rest wrong."""
-    by_question = {r["question"]: (i, r["answer"].split("####")[-1].strip()) for i, r in enumerate(rows)}
-
-    def respond(body, n):
-        found = question_of(body)
-        i, gold = by_question[found[1]]
-        if i in fail_rows:
-            return Reply(status=400)
-        text = f"Let me think. The final answer is {gold}" if i in correct_rows else "The final answer is -1"
-        return wrap(text) if wrap else text
-
-    return respond
-
-
-def run_gsm8k_plain(config: APIConfig, n: int, tmp_path: Path) -> dict:
-    return asyncio.run(run_task(TASKS["gsm8k_cot_llama"], config, max_samples=n, data_dir=str(tmp_path / "data"),
-                                progress=False))
 
 
 def test_think_stripped_answer_after_think_is_scored(isolated_env, tmp_path):
