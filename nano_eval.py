@@ -5,32 +5,33 @@ Runs lm-evaluation-harness's `gsm8k_cot_llama` and `chartqa` exactly as lm-eval'
 `local-chat-completions` model does (same request bodies, same scoring, same metric
 names) against any `/v1/chat/completions` endpoint, with the standard library only.
 
-The map, in the order data flows. The core, lines 78-2800, is one run from the
-command line to the printed JSON (it calls the optional tools only when asked to:
---check, several --base_url, --report): start at main() at its end, then read it
-from the top. Inside every section, and every class, helpers come before their
-callers; the section's entry point is last.
-   1. Config           78-357  every constant, errors and exit codes, the value checks
-                               shared by argparse and APIConfig, APIConfig
-   2. HTTP            358-828  HTTPClient (a keep-alive connection per worker thread, TLS,
-                               proxies), response classification, retries, an adaptive
-                               limiter, ChatClient
-   3. Finding the     829-961  the local port probe, the model /v1/models lists, which
-      server                   backend answers: find_server()
-   4. Datasets       962-1303  the datasets-server `/rows` client and a verified cache in
-                               data/ (rows, images, sha256 manifest): load_rows()
-   5. Tasks         1304-1706  gsm8k_cot_llama and chartqa: prompts, request bodies,
-                               lm-eval's filters and metrics, the TASKS table
-   6. Runner        1707-2041  run_task(): worker threads build, send, score and log each
-                               sample; resume from the sample log
-   7. Results       2042-2417  aggregate(), warnings, the summary table, expectations, the
-                               results JSON and the exit code
-   8. CLI           2418-2800  arguments, one server or several, main()
+The map, in the order data flows. The core (sections 1-8) is one run from the command
+line to the printed JSON; it calls the optional tools only when asked to (--check,
+several --base_url, --report, --logprobs in a comparison). Start at main() at the end
+of the core, then read it from the top. Inside every section, and every class, helpers
+come before their callers; a section's entry point is last.
+   1. Config          every constant, errors and exit codes, the value checks shared by
+                      argparse and APIConfig, APIConfig
+   2. HTTP            HTTPClient (a keep-alive connection per worker thread, TLS, proxies),
+                      response classification (logprobs included), retries, an adaptive
+                      limiter, ChatClient
+   3. Finding the     the local port probe, the model /v1/models lists, which backend
+      server          answers: find_server()
+   4. Datasets        the datasets-server `/rows` client and a verified cache in data/
+                      (rows, images, sha256 manifest): load_rows()
+   5. Tasks           gsm8k_cot_llama and chartqa: prompts, request bodies, lm-eval's
+                      filters and metrics, the TASKS table
+   6. Runner          run_task(): worker threads build, send, score and log each sample;
+                      resume from the sample log
+   7. Results         aggregate(), warnings, the summary table, expectations, the results
+                      JSON and the exit code
+   8. CLI             arguments, one server or several, main()
 The optional tools, each a section ending in its entry point:
-   9. Preflight     2801-3033  conformance checks (--check): preflight_result()
-  10. Compare       3034-3288  paired comparison of two runs: `nano-eval compare`
-  11. Replay        3289-3364  resend one logged request: `nano-eval replay`
-  12. HTML report   3365-3727  one page of a run or a comparison: `nano-eval report`
+   9. Preflight       conformance checks (--check): preflight_result()
+  10. Compare         paired comparison of two runs, accuracy and numerics (logprob
+                      parity): `nano-eval compare`
+  11. Replay          resend one logged request: `nano-eval replay`
+  12. HTML report     one page of a run or a comparison: `nano-eval report`
 
 Python API:
     import asyncio
@@ -88,6 +89,12 @@ DEFAULT_MAX_RESPONSE_MB = 16  # a larger response body is a failed sample (`too_
 DEFAULT_MAX_FAIL_RATE = 0.05  # more failed samples than this exits 1
 DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
 THINK_END = "</think>"  # lm-eval's think_end_token: only the text after its last occurrence is scored
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
+# The numerics verdict of a comparison (--logprobs), from noise floors and planted bugs measured
+# on real servers (README, "What nano-eval catches"):
+DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
+CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
+CONFIDENT_PARTINGS = 0.05  # share of the samples (at least 1) that may part confidently before it is a bug
 
 # Waits and limits
 MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
@@ -113,7 +120,7 @@ KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (1143
 
 # The command line
 MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
-              "think_end_token", "header", "verify_certificate", "ca_cert_path"}
+              "think_end_token", "header", "verify_certificate", "ca_cert_path", "logprobs"}
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
 IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
                       "trust_remote_code"}
@@ -238,6 +245,12 @@ def fraction(value: Any) -> float:
     return value
 
 
+def top_logprobs(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOP_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_TOP_LOGPROBS}, got {value!r}")
+    return value
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
@@ -314,8 +327,9 @@ def normalize_base_url(url: str) -> tuple[str, str]:
 # The checks of APIConfig's fields, which resolve_settings also applies to --model_args
 FIELD_CHECKS = {"num_concurrent": positive_int, "max_retries": positive_int, "max_gen_toks": positive_int,
                 "seed": integer, "timeout": positive_float, "max_response_mb": positive_float,
-                "verify_certificate": boolean}
-NULLABLE = ("max_gen_toks", "seed")  # None: each task's own max_tokens; a null seed in the body
+                "verify_certificate": boolean, "logprobs": top_logprobs}
+# None: each task's own max_tokens; a null seed in the body; no logprobs asked for
+NULLABLE = ("max_gen_toks", "seed", "logprobs")
 
 
 @dataclasses.dataclass
@@ -342,6 +356,7 @@ class APIConfig:
     verify_certificate: bool = True  # lm-eval's model_arg; False: any certificate is accepted
     ca_cert: str | None = None  # a CA bundle (PEM) to verify the server's certificate with
     max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
+    logprobs: int | None = None  # K: every request also asks for the top K logprobs of each token
 
     def __post_init__(self):
         self.api_root, self.chat_url = normalize_base_url(self.url)
@@ -617,6 +632,7 @@ class Outcome:
     retry_after: float | None = None
     latency: float = 0.0
     attempts: int = 1
+    logprobs: list | None = None  # per generated token [token, logprob, [[token, logprob], ...]] (logged_logprobs)
 
     @property
     def retryable(self) -> bool:
@@ -629,8 +645,38 @@ class Outcome:
         return self.status in VALID_STATUSES
 
 
+def logged_token(entry: dict) -> str | dict:
+    """A token as the sample log keeps it: its text where its bytes (if given) are whole UTF-8;
+    else {"bytes": hex} (part of a character) or {"id": n} (a special token llama.cpp spells "")."""
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and raw and all(type(b) is int and 0 <= b < 256 for b in raw):
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            return {"bytes": bytes(raw).hex()}
+    text = entry.get("token")
+    if isinstance(text, str) and text:
+        return text
+    return {"id": entry["id"]} if type(entry.get("id")) is int else ""
+
+
+def logged_logprob(value: Any) -> float | None:
+    return round(float(value), 7) if is_number(value) and math.isfinite(value) else None
+
+
+def logged_logprobs(choice: dict) -> list | None:
+    """`choices[0].logprobs.content` in the sample log's compact form: per generated token
+    [token, logprob, [[token, logprob], ...the top K]]; None when the server sent none."""
+    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+    if not isinstance(content, list) or not all(isinstance(e, dict) for e in content):
+        return None
+    return [[logged_token(e), logged_logprob(e.get("logprob")),
+             [[logged_token(t), logged_logprob(t.get("logprob"))] for t in e.get("top_logprobs") or []
+              if isinstance(t, dict)]] for e in content]
+
+
 def classify_response(resp: HTTPResponse) -> Outcome:
-    """Turns an HTTP response into an Outcome, reading content, reasoning and usage."""
+    """Turns an HTTP response into an Outcome, reading content, reasoning, usage and logprobs."""
     if resp.status != 200:
         return Outcome(f"http_{resp.status}", http_status=resp.status, error=error_message(resp.body),
                        retry_after=retry_after_seconds(resp.headers))
@@ -659,7 +705,7 @@ def classify_response(resp: HTTPResponse) -> Outcome:
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     finish = choice.get("finish_reason")
     outcome = Outcome("ok", content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
-                      finish_reason=finish, usage=usage, http_status=200)
+                      finish_reason=finish, usage=usage, http_status=200, logprobs=logged_logprobs(choice))
     if not content or not content.strip():
         outcome.status = "empty"
     elif finish == "length":
@@ -1468,14 +1514,18 @@ class Task:
     def request_params(self, config: APIConfig) -> dict:
         """Every body key but messages and model, as local-chat-completions builds them:
         max_tokens, temperature, stop (the first 4 of `until`), seed, then whatever is
-        left of the generation kwargs (a `stop` or `seed` there replaces ours in place)."""
+        left of the generation kwargs (a `stop` or `seed` there replaces ours in place); with
+        --logprobs, then "logprobs": true and "top_logprobs": K."""
         gen = {**self.generation_kwargs, **config.gen_kwargs}
         gen.pop("do_sample", None)
         max_tokens = gen.pop("max_tokens") if "max_tokens" in gen else gen.pop("max_gen_toks", config.max_gen_toks or 256)
         temperature = gen.pop("temperature", 0)
         until = gen.pop("until", None)
         stop = [] if until is None else [until] if isinstance(until, str) else list(until)
-        return {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
+        params = {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
+        if config.logprobs:
+            params |= {"logprobs": True, "top_logprobs": config.logprobs}
+        return params
 
     def prepare(self, config: APIConfig) -> tuple[dict, str | None]:
         """What build() needs that is the same for every request of a run: request_params
@@ -1804,7 +1854,8 @@ def outcome_from_record(record: dict) -> Outcome:
     return Outcome(record["status"], content=response.get("content"), reasoning=response.get("reasoning_content"),
                    finish_reason=response.get("finish_reason"), usage=response.get("usage"),
                    http_status=response.get("http_status"), error=record.get("error"),
-                   latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0)
+                   latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0,
+                   logprobs=response.get("logprobs"))
 
 
 def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
@@ -1843,6 +1894,7 @@ class TaskRun:
         self.closed = False  # after the final flush: nothing more is recorded
         self.building = threading.Lock() if task.image_column else None
         self.errors: list = []  # what ended a worker thread
+        self.logprobs_said = False  # the server's answer to --logprobs is reported once
         self.go = threading.Semaphore(0)  # released once all have started, then by each worker to the next
 
     def records(self) -> list:
@@ -1867,7 +1919,27 @@ class TaskRun:
         if down:
             warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
                  f"in {outcome.status} after every retry): no more requests are sent to it")
+        if outcome.valid and outcome.logprobs is None and self.prepared[0].get("logprobs"):
+            self.say_once_about_logprobs("answered without logprobs although asked for them: this run's "
+                                         "numerics verdict will be 'unknown'")
         return outcome
+
+    def say_once_about_logprobs(self, what: str) -> None:
+        with self.lock:
+            said, self.logprobs_said = self.logprobs_said, True
+        if not said:
+            warn(f"{self.config.chat_url} {what}")
+
+    def refused_logprobs(self, outcome: Outcome) -> bool:
+        """An HTTP 400 about logprobs: from now on they are not asked for (the run goes on)."""
+        if outcome.http_status != 400 or "logprob" not in (outcome.error or "").lower():
+            return False
+        with self.lock:
+            if self.prepared[0].get("logprobs"):
+                self.prepared = self.task.prepare(dataclasses.replace(self.config, logprobs=None))
+        self.say_once_about_logprobs(f"refused logprobs ({outcome.error}): they are no longer asked for, and "
+                                     "this run's numerics verdict will be 'unknown'")
+        return True
 
     def record(self, sample: Sample, outcome: Outcome) -> dict:
         response_text = answer_text(outcome.content, self.config.keep_think, self.config.think_end_token) \
@@ -1882,7 +1954,8 @@ class TaskRun:
             "request": redact_images(sample.body, sample.image),
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
-                         "http_status": outcome.http_status},
+                         "http_status": outcome.http_status,
+                         **({"logprobs": outcome.logprobs} if outcome.logprobs is not None else {})},
             "status": outcome.status, "error": redact(outcome.error, _SECRETS) if outcome.error else None,
             "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
@@ -1924,6 +1997,9 @@ class TaskRun:
                     sample.body = redact_images(sample.body, sample.image)  # not kept twice while in flight
                 previous = self.logged.get((sample.doc_hash, sample.body_hash, repeat))
                 outcome = outcome_from_record(previous) if previous else self.send(sample)
+                if previous is None and self.refused_logprobs(outcome):
+                    sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
+                    outcome = self.send(sample)
                 record = self.record(sample, outcome)
                 line = None
                 if previous is None and log:
@@ -2324,6 +2400,7 @@ def config_record(config: APIConfig, tasks: list, max_samples: int | None, args:
         "max_samples": max_samples,
         "num_concurrent": config.num_concurrent,
         "seed": config.seed,
+        "logprobs": config.logprobs,
         "gen_kwargs": config.gen_kwargs,
         "request_params": {t.name: t.request_params(config) for t in tasks},
         "system_instruction": config.system_instruction,
@@ -2469,6 +2546,8 @@ def build_parser() -> ArgumentParser:
     add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
     add("max_response_mb", type=from_text(positive_float, float), help=f"a larger response is a failed sample, status too_large "
         f"(default {DEFAULT_MAX_RESPONSE_MB})")
+    add("logprobs", metavar="K", type=from_text(top_logprobs), help="also ask for the top K (1-20) logprobs of "
+        "every generated token and log them: compare then judges numerics (logprob parity) too")
     add("repeats", type=from_text(positive_int), default=1, help="send every sample K times and report the mean, its SEM "
         "and the self-agreement (at temperature > 0, repeat i uses seed + i)")
     add("expect", action="append", metavar="TASK[:METRIC]=VALUE", help="the score you expect (repeatable); "
@@ -2476,7 +2555,10 @@ def build_parser() -> ArgumentParser:
     add("expect_tolerance", type=from_text(fraction, float), default=DEFAULT_TOLERANCE,
         help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
     add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
-        "worse than the first (or different either way)")
+        "worse than the first (or different either way, in accuracy or, with --logprobs, in numerics)")
+    add("logprob_tolerance", type=from_text(positive_float, float), default=DEFAULT_LOGPROB_TOLERANCE,
+        help="the p99 |delta logprob| over shared tokens above which two servers' numerics differ "
+             f"(default {DEFAULT_LOGPROB_TOLERANCE}, see the README)")
     add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
         "comparison, with several --base_url)")
     add("check", action="store_true", help="run the server conformance preflight first")
@@ -2546,6 +2628,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
         "timeout": pick("timeout", DEFAULT_TIMEOUT),
         "max_retries": pick("max_retries", DEFAULT_MAX_RETRIES),
         "max_gen_toks": pick("max_gen_toks"),
+        "logprobs": pick("logprobs"),
         "think_end_token": str(model_args.get("think_end_token", THINK_END)),
         "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
         "headers": {**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
@@ -2680,14 +2763,14 @@ def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir
     return document
 
 
-def compare_servers(runs: list) -> list:
+def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> list:
     """The first run compared with each of the others, printed and returned."""
     comparisons = []
     for run in runs[1:]:
         a, b = runs[0]["config"], run["config"]
         entry = {"a": a["chat_url"], "b": b["chat_url"]}
         try:
-            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"])
+            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance)
             print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
         except UsageError as exc:  # e.g. a run with no sample at all
             entry["error"] = str(exc)
@@ -2725,7 +2808,7 @@ def run_several(configs: list, model: str | None, tasks: list, args: argparse.Na
             codes.append(error.exit_code)
         if runs[-1]["interrupted"]:
             break
-    comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [])
+    comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [], args.logprob_tolerance)
     document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
     write_results(document, output, report)
     codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
@@ -3069,10 +3152,13 @@ def logged_request(record: dict) -> dict:
     return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
 
 
+NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
+
+
 def request_difference(a: dict, b: dict) -> str | None:
-    """The first request field (other than the model name) that differs, or None."""
+    """The first request field (other than the model name and the logprobs asked for) that differs, or None."""
     for key in list(dict.fromkeys(list(a) + list(b))):
-        if key != "model" and a.get(key) != b.get(key):
+        if key not in NOT_COMPARED and a.get(key) != b.get(key):
             return key
     return None
 
@@ -3094,6 +3180,112 @@ def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) 
     n = len(differences)
     means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
+
+
+UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
+
+
+def token_key(token: Any) -> str:
+    return token if isinstance(token, str) and token else UNSPELLED
+
+
+def rank_and_gap(entry: list, other: str) -> tuple[int | None, float | None]:
+    """Where `other` stands in this side's top K at a parting: (rank from 1, how far the
+    chosen token's logprob leads it); (None, None) when it is not in the top K."""
+    top = sorted((t for t in entry[2] if t[1] is not None), key=lambda t: -t[1])
+    for rank, (token, logprob) in enumerate(top, 1):
+        if token_key(token) == other:
+            return rank, (entry[1] - logprob) if entry[1] is not None else None
+    return None, None
+
+
+def token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
+    """|delta logprob| of the chosen tokens both sides generated (all of them when the texts are
+    the same; else up to where they part), and the parting: where, each side's token, the
+    other's rank and gap there, and whether it is a near-tie (each choice within the other's
+    top K and within CONFIDENT_GAP of its top-1)."""
+    diffs: list = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if not same_text and token_key(x[0]) != token_key(y[0]):
+            break
+        if x[1] is not None and y[1] is not None:
+            diffs.append(abs(x[1] - y[1]))
+    else:
+        if same_text or len(a) == len(b):
+            return diffs, None
+        i = min(len(a), len(b))  # one side stopped where the other went on
+    if i >= len(a) or i >= len(b):
+        return diffs, {"token": i, "a": None, "b": None, "near_tie": False}
+    key_a, key_b = token_key(a[i][0]), token_key(b[i][0])
+    rank_b_in_a, gap_a = rank_and_gap(a[i], key_b)
+    rank_a_in_b, gap_b = rank_and_gap(b[i], key_a)
+    near_tie = None not in (gap_a, gap_b) and max(gap_a, gap_b) < CONFIDENT_GAP
+    return diffs, {"token": i, "a": key_a, "b": key_b, "a_logprob": a[i][1], "b_logprob": b[i][1],
+                   "rank_of_b_in_a": rank_b_in_a, "gap_a": gap_a, "rank_of_a_in_b": rank_a_in_b, "gap_b": gap_b,
+                   "near_tie": near_tie}
+
+
+def quantile(values: list, q: float) -> float | None:
+    """The q-quantile of sorted `values` (nearest rank); None when empty."""
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else None
+
+
+def numerics_verdict(pairs: list, prompt_mismatch: int, tolerance: float = DEFAULT_LOGPROB_TOLERANCE,
+                     top: int = 10) -> dict:
+    """Whether two servers compute the same thing, from the logprobs of the samples both
+    answered with them: `equivalent` (what differs is float noise), `different` (with the
+    evidence: prompt tokens, logprob distance over the shared tokens, confident partings)
+    or `unknown` (no logprobs to judge)."""
+    with_logprobs = [(a, b) for a, b in pairs if (a.get("response") or {}).get("logprobs")
+                     and (b.get("response") or {}).get("logprobs")]
+    result: dict = {"samples": len(with_logprobs), "tolerance": tolerance}
+    if not with_logprobs:
+        sides = [side for side, i in (("A", 0), ("B", 1))
+                 if not any((p[i].get("response") or {}).get("logprobs") for p in pairs)]
+        return {**result, "verdict": "unknown",
+                "evidence": [f"no logprobs from {' and '.join(sides) or 'both on the same samples'} "
+                             "(run both with --logprobs K)"]}
+    diffs, per_sample_max, partings = [], [], []
+    for a, b in with_logprobs:
+        same_text = (a["response"].get("content") or "") == (b["response"].get("content") or "")
+        sample_diffs, parting = token_pair(a["response"]["logprobs"], b["response"]["logprobs"], same_text)
+        diffs += sample_diffs
+        if sample_diffs:
+            per_sample_max.append(max(sample_diffs))
+        if parting:
+            partings.append({"row_idx": a.get("row_idx"),
+                             "char": first_difference(a["response"].get("content") or "",
+                                                      b["response"].get("content") or ""), **parting})
+    diffs.sort()
+    per_sample_max.sort()
+    unexplained = [p for p in partings if not p["near_tie"]]
+    allowed = max(1, math.floor(CONFIDENT_PARTINGS * len(with_logprobs)))
+    p99 = quantile(diffs, 0.99)
+    evidence = []
+    if prompt_mismatch:
+        evidence.append(f"prompt tokens differ on {prompt_mismatch} of {len(pairs)} samples: the servers do not "
+                        "see the same input (chat template, BOS)")
+    if p99 is not None and p99 > tolerance:
+        evidence.append(f"logprob distance: p99 |delta| {p99:.3g} > {tolerance:g} over {len(diffs)} shared tokens")
+    if len(unexplained) > allowed:
+        evidence.append(f"{len(unexplained)} of {len(with_logprobs)} samples part at a confident token "
+                        f"(not a near-tie; at most {allowed} allowed)")
+    if evidence:
+        verdict = "different"
+    elif not diffs and not partings:
+        verdict, evidence = "unknown", ["no generated tokens to compare"]
+    else:
+        verdict = "equivalent"
+        evidence = [f"p99 |delta logprob| {p99 if p99 is not None else 0:.3g} <= {tolerance:g} over {len(diffs)} "
+                    f"shared tokens; {len(partings) - len(unexplained)} of {len(partings)} partings are near-ties"]
+    return {**result, "verdict": verdict, "evidence": evidence, "shared_tokens": len(diffs),
+            "mean_abs_logprob_diff": sum(diffs) / len(diffs) if diffs else None,
+            "median_abs_logprob_diff": quantile(diffs, 0.5), "p99_abs_logprob_diff": p99,
+            "max_abs_logprob_diff": diffs[-1] if diffs else None,
+            "median_sample_max_abs_logprob_diff": quantile(per_sample_max, 0.5),
+            "divergences": len(partings), "unexplained": len(unexplained), "unexplained_allowed": allowed,
+            "mean_parting_char": sum(p["char"] for p in partings) / len(partings) if partings else None,
+            "partings": partings[:top]}
 
 
 def first_difference(a: str, b: str) -> int:
@@ -3124,7 +3316,8 @@ def answer_of(record: dict) -> str | None:
     return extracted.get("strict-match") or extracted.get("final_answer") or ""
 
 
-def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int) -> dict:
+def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
+                  tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     task = TASKS.get(task_name)
     metric = task.headline if task else next(iter(pairs[0][0].get("scores") or {"score": 0}))
     score_a = [float((a.get("scores") or {}).get(metric, 0.0)) for a, _ in pairs]
@@ -3147,11 +3340,16 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
                      if tokens(a, "prompt_tokens") is not None and tokens(b, "prompt_tokens") is not None]
     prompt_mismatch = [(a, b) for a, b in prompt_counts if tokens(a, "prompt_tokens") != tokens(b, "prompt_tokens")]
     flips = [(a, b) for (a, b), x, y in zip(pairs, score_a, score_b) if x != y][:top]
+    numerics = numerics_verdict(pairs, len(prompt_mismatch), tolerance, top)
+    if numerics["verdict"] == "different":
+        verdict += f"; but the implementations differ: {'; '.join(numerics['evidence'])}"
+    elif numerics["verdict"] == "equivalent":
+        verdict += "; numerics equivalent (logprobs agree within float noise)"
     result = {
         "metric": metric, "n": n, "unmatched": unmatched,
         "accuracy_a": acc_a, "accuracy_b": acc_b, "difference": diff,
         "ci95": [low, high], "mcnemar_p": p_value, "a_only_correct": a_only, "b_only_correct": b_only,
-        "verdict": verdict,
+        "verdict": verdict, "numerics": numerics,
         "response_agreement": sum(1 for x, y in texts if x == y) / n,
         "mean_first_difference": sum(differing) / len(differing) if differing else None,
         "prompt_tokens_equal": len(prompt_counts) - len(prompt_mismatch),
@@ -3174,7 +3372,8 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     return result
 
 
-def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000) -> dict:
+def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
+                 tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     """Per-task paired comparison of two runs joined on (task, doc hash)."""
     comparison: dict = {}
     for task_name in sorted({task for task, _ in run_a} | {task for task, _ in run_b}):
@@ -3191,15 +3390,15 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
             if field:
                 raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
                                  "(only the model name may differ); compare runs made with the same settings")
-        comparison[task_name] = compare_pairs(task_name, pairs, only, top, resamples)
+        comparison[task_name] = compare_pairs(task_name, pairs, only, top, resamples, tolerance)
     return comparison
 
 
-def compare_paths(path_a: str, path_b: str, top: int = 10) -> dict:
+def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
     repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
     comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
-                              {k: v[min(v)] for k, v in repeats_b.items()}, top=top)
+                              {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):
         for task_name, c in comparison.items():
             documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
@@ -3209,24 +3408,57 @@ def compare_paths(path_a: str, path_b: str, top: int = 10) -> dict:
 
 
 def gate_failures(comparison: dict, fail_if: str | None) -> list:
-    """The tasks where B is significantly worse than A (`worse`) or differs (`different`)."""
+    """The tasks where B is significantly worse than A (`worse`) or differs (`different`: in
+    accuracy, or in numerics)."""
     if not fail_if:
         return []
-    return [name for name, c in comparison.items() if c.get("n") and c["mcnemar_p"] < 0.05
-            and (fail_if == "different" or c["difference"] < 0)]
+    return [name for name, c in comparison.items() if c.get("n") and (
+        (c["mcnemar_p"] < 0.05 and (fail_if == "different" or c["difference"] < 0))
+        or (fail_if == "different" and (c.get("numerics") or {}).get("verdict") == "different"))]
 
 
 def gate_exit(comparison: dict, fail_if: str | None) -> int:
     failed = gate_failures(comparison, fail_if)
-    if failed:
+    in_accuracy = [name for name in failed if comparison[name]["mcnemar_p"] < 0.05]
+    if in_accuracy:
         info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
-             f"on {', '.join(failed)}")
-        return EXIT_GATE
-    return EXIT_OK
+             f"on {', '.join(in_accuracy)}")
+    for name in failed:
+        if name not in in_accuracy:
+            info(f"error: --fail_if {fail_if}: B's numerics differ from A's on {name}: "
+                 f"{'; '.join(comparison[name]['numerics']['evidence'])}")
+    return EXIT_GATE if failed else EXIT_OK
 
 
 def format_counts(counted: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in counted.items()) or "-"
+
+
+def format_parting(p: dict) -> str:
+    """One parting: where, and each side's token with its rank and gap in the other's top K."""
+    def side(token: str | None, rank: int | None, gap: float | None, other: str) -> str:
+        if token is None:
+            return "(stopped)"
+        where = f"{other}'s rank {rank}, {gap:.3f} behind" if rank is not None and gap is not None \
+            else f"not in {other}'s top K"
+        return f"{json.dumps(token, ensure_ascii=False)} ({where})"
+
+    return (f"row {p['row_idx']} at token {p['token']} (char {p['char']}): "
+            f"A {side(p['a'], p.get('rank_of_a_in_b'), p.get('gap_b'), 'B')} | "
+            f"B {side(p['b'], p.get('rank_of_b_in_a'), p.get('gap_a'), 'A')}"
+            f" -> {'near-tie' if p['near_tie'] else 'confident'}")
+
+
+def format_numerics(nm: dict) -> list:
+    lines = [f"  numerics        {nm['verdict']}: {'; '.join(nm['evidence'])}"]
+    if nm.get("shared_tokens") is not None:
+        g = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+        lines.append(f"  logprobs        {nm['samples']} samples, {nm['shared_tokens']} shared tokens, |delta| mean "
+                     f"{g(nm['mean_abs_logprob_diff'])} median {g(nm['median_abs_logprob_diff'])} p99 "
+                     f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; {nm['divergences']} "
+                     f"partings, {nm['unexplained']} confident")
+        lines += [f"    {format_parting(p)}" for p in nm["partings"]]
+    return lines
 
 
 def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") -> str:
@@ -3244,6 +3476,7 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             f"  McNemar         p={c['mcnemar_p']:.3g}   A-only correct {c['a_only_correct']}   "
             f"B-only correct {c['b_only_correct']}",
             f"  verdict         {c['verdict']}",
+            *format_numerics(c["numerics"]),
             *([f"  warning         the prompts differ on {c['prompt_tokens_mismatch']} of {c['n']} samples "
                "(usage.prompt_tokens): the servers do not see the same input"] if c["prompt_tokens_mismatch"] else []),
             f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
@@ -3276,9 +3509,14 @@ def cmd_compare(argv: list) -> int:
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
     parser.add_argument("--top", type=from_text(positive_int), default=10, help="flipped samples to list (default 10)")
     parser.add_argument("--fail_if", "--fail-if", dest="fail_if", choices=FAIL_IF,
-                        help=f"exit {EXIT_GATE} when B is significantly worse than A, or different either way")
+                        help=f"exit {EXIT_GATE} when B is significantly worse than A, or different either way "
+                             "(in accuracy, or in numerics when both logged logprobs)")
+    parser.add_argument("--logprob_tolerance", "--logprob-tolerance", dest="logprob_tolerance",
+                        type=from_text(positive_float, float), default=DEFAULT_LOGPROB_TOLERANCE,
+                        help="the p99 |delta logprob| over shared tokens above which the numerics differ "
+                             f"(default {DEFAULT_LOGPROB_TOLERANCE})")
     args = parser.parse_args(argv)
-    comparison = compare_paths(args.run_a, args.run_b, top=args.top)
+    comparison = compare_paths(args.run_a, args.run_b, top=args.top, tolerance=args.logprob_tolerance)
     if args.json:
         print(stdout_json({"a": args.run_a, "b": args.run_b, "comparison": comparison}))
     else:

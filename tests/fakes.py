@@ -381,6 +381,7 @@ class Reply:
     hang: bool = False
     drop: bool = False
     usage: bool | dict = True
+    logprobs: dict | None = None  # sent as choices[0].logprobs (see LogprobModel)
 
 
 Responder = Callable[[dict, int], "str | Reply"]
@@ -473,6 +474,58 @@ _GSM8K_ROW_OF = {row["question"]: i for i, row in enumerate(_GSM8K_ROWS)}
 def gsm8k_row_of(body: dict) -> int:
     """The gsm8k test row a request body asks about."""
     return _GSM8K_ROW_OF[question_of(body)[1]]
+
+
+def openai_token(text: str | None, logprob: float, raw: bytes | None = None, **extra) -> dict:
+    """One entry of choices[0].logprobs.content as vLLM and llama.cpp send it (bytes = UTF-8 of the text)."""
+    raw = text.encode() if raw is None and text is not None else raw
+    return {"token": text or "", "bytes": list(raw) if raw else [], "logprob": logprob, **extra}
+
+
+class LogprobModel:
+    """A gsm8k responder that is a tiny stand-in for a real model: row r answers
+    "Let me think. The final answer is <gold>" as word tokens, each with a logprob fixed by
+    the row and token (in -0.05..-0.6) and a runner-up 1 nat behind, plus Gaussian `noise`
+    (nats, seeded by `seed`: two instances with different seeds are two backends' float
+    noise). `ties` {row: token index}: there the runner-up is only `gap` nats behind; on
+    the rows in `parts` this side takes the runner-up there, and the rest of its answer
+    follows that branch (a small gap: a near-tie flipped by noise; a large one: a confident
+    parting). The final token is an EOS spelled as `eos`. Asked with "logprobs": true it
+    sends them (top_logprobs of them), unless send_logprobs is False."""
+
+    def __init__(self, noise: float = 0.0, seed: int = 0, ties: dict | None = None, parts=(), gap: float = 0.01,
+                 eos: dict | None = None, send_logprobs: bool = True):
+        self.noise, self.seed, self.ties, self.parts, self.gap = noise, seed, ties or {}, set(parts), gap
+        self.eos = eos if eos is not None else {"token": "<|im_end|>"}
+        self.send_logprobs = send_logprobs
+
+    def tokens(self, row: int) -> list[tuple[str, float, str, float]]:
+        """(chosen, its logprob, runner-up, its logprob) for each generated token."""
+        words = ["Let", " me", " think", ".", " The", " final", " answer", " is", f" {GSM8K_GOLD[row]}"]
+        base = random.Random(f"{row}")  # the same "true" model on every side
+        rng = random.Random(f"{row}-{self.seed}")
+        out, branch = [], ""
+        for i, word in enumerate(words):
+            lp = -0.05 - 0.55 * base.random() + rng.gauss(0, self.noise)
+            word, alt = word + branch, word + branch + "x"
+            if self.ties.get(row) == i:
+                if row in self.parts:
+                    word, alt, branch = alt, word, "y"
+                out.append((word, lp, alt, lp - self.gap))
+            else:
+                out.append((word, lp, alt, lp - 1.0))
+        return out
+
+    def __call__(self, body, n):
+        tokens = self.tokens(gsm8k_row_of(body))
+        logprobs = None
+        if body.get("logprobs") and self.send_logprobs:
+            k = body.get("top_logprobs") or 0
+            entries = [openai_token(t, lp, top_logprobs=[openai_token(t, lp), openai_token(alt, alp)][:k])
+                       for t, lp, alt, alp in tokens]
+            eos = {**openai_token(None, -0.001), **self.eos}
+            logprobs = {"content": entries + [{**eos, "top_logprobs": [eos][:k]}]}
+        return Reply(content="".join(t[0] for t in tokens), logprobs=logprobs)
 
 
 def fault_plan(plan: dict[int, str | Reply], fallback: Responder | None = None) -> Responder:
@@ -586,6 +639,8 @@ class FakeOpenAI(_FakeServer):
             "model": body.get("model") or (self.models[0] if self.models else "fake-model"),
             "choices": [{"index": 0, "message": message, "finish_reason": reply.finish_reason}],
         }
+        if reply.logprobs is not None:
+            completion["choices"][0]["logprobs"] = reply.logprobs
         if reply.usage is True:
             prompt_tokens = len(json.dumps(body.get("messages", []))) // 4
             completion_tokens = len((reply.content or "").split())

@@ -807,3 +807,155 @@ def test_several_servers_with_repeats_show_self_agreement(isolated_env, tmp_path
     assert c["self_agreement_a"] == {"documents": 10, "responses": 1.0, "scores": 1.0}
     assert c["self_agreement_b"] == {"documents": 10, "responses": 0.8, "scores": 0.9}
     assert "  self-agreement  A 100.0% identical over its repeats   B 80.0% identical over its repeats" in err
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics: logprob parity (issue 22)
+# --------------------------------------------------------------------------------------------
+
+from fakes import LogprobModel, openai_token  # noqa: E402
+
+GSM = "gsm8k_cot_llama"
+ROWS = 20
+# A wrong RoPE base on the real servers: max |delta| per sample ~0.27 (median), p99 ~0.4; float
+# noise between two correct backends: p99 0.033 (tests/real_server/README.md). Gaussian noise of
+# sd 0.2 nats on one side gives p99 ~0.5; sd 0.005 on each gives p99 ~0.02.
+ROPE_NOISE, FLOAT_NOISE = 0.2, 0.005
+
+
+def logprob_run(tmp_path, name, model, k=5, n=ROWS, *extra):
+    log_dir = tmp_path / name
+    with FakeOpenAI(responder=model) as srv:
+        proc = cli("--tasks", GSM, "--base_url", srv.base_url, "--max_samples", n, "--no_progress",
+                   "--log_samples", log_dir, *(["--logprobs", k] if k else []), *extra)
+    assert proc.returncode == 0, proc.stderr
+    return log_dir
+
+
+def numerics_of(log_a, log_b, *flags):
+    proc = cli("compare", log_a, log_b, "--json", *flags)
+    return proc, json.loads(proc.stdout)["comparison"][GSM] if proc.stdout else None
+
+
+def test_numerics_near_tie_partings_are_equivalent_and_a_wrong_rope_is_different(tmp_path):
+    """The issue's 'done when': two runs whose texts part at near-ties (each side's token the
+    other's rank 2, 0.01 nats behind) are `equivalent`; logprobs that differ by a wrong RoPE's
+    amount are `different`, with the logprob distance named; accuracy says nothing either way."""
+    ties = {row: 4 for row in range(ROWS)}
+    ref = logprob_run(tmp_path, "ref", LogprobModel(noise=FLOAT_NOISE, seed=1, ties=ties))
+    tie = logprob_run(tmp_path, "tie", LogprobModel(noise=FLOAT_NOISE, seed=2, ties=ties, parts={3, 7, 11}))
+    rope = logprob_run(tmp_path, "rope", LogprobModel(noise=ROPE_NOISE, seed=3, ties=ties))
+    proc, c = numerics_of(ref, tie)
+    assert proc.returncode == 0, proc.stderr
+    nm = c["numerics"]
+    assert nm["verdict"] == "equivalent", nm
+    assert (nm["samples"], nm["divergences"], nm["unexplained"]) == (ROWS, 3, 0)
+    assert [(p["row_idx"], p["token"], p["rank_of_b_in_a"], p["rank_of_a_in_b"]) for p in nm["partings"]] == \
+        [(3, 4, 2, 2), (7, 4, 2, 2), (11, 4, 2, 2)]
+    assert all(p["near_tie"] and p["gap_a"] == pytest.approx(0.01, abs=0.03) for p in nm["partings"])
+    assert nm["p99_abs_logprob_diff"] < 0.05 and nm["shared_tokens"] == 17 * 10 + 3 * 4
+    assert c["response_agreement"] == pytest.approx(17 / 20)
+    assert "numerics equivalent" in c["verdict"]
+    proc, c = numerics_of(ref, rope)
+    nm = c["numerics"]
+    assert nm["verdict"] == "different", nm
+    assert nm["p99_abs_logprob_diff"] > 0.3 and nm["divergences"] == 0 and c["response_agreement"] == 1.0
+    assert len(nm["evidence"]) == 1 and nm["evidence"][0].startswith("logprob distance: p99 |delta|")
+    # the accuracy verdict alone would read "no significant difference"; the line says more
+    assert c["verdict"].startswith("no significant difference") and "the implementations differ: logprob " \
+        "distance" in c["verdict"]
+    # the text view carries the same verdict and evidence
+    text = cli("compare", ref, rope).stdout
+    assert "  numerics        different: logprob distance: p99 |delta|" in text
+    assert cli("compare", ref, tie).stdout.count("-> near-tie") == 3
+
+
+def test_numerics_confident_partings_and_prompt_tokens_are_different(tmp_path):
+    ties = {row: 2 for row in range(ROWS)}
+    ref = logprob_run(tmp_path, "ref", LogprobModel(seed=1, ties=ties, gap=1.0))
+    # the same logprobs, but 2 of 20 samples part where the runner-up is 1 nat behind: no coin flip
+    bold = logprob_run(tmp_path, "bold", LogprobModel(seed=1, ties=ties, gap=1.0, parts={5, 6}))
+    nm = numerics_of(ref, bold)[1]["numerics"]
+    assert (nm["verdict"], nm["divergences"], nm["unexplained"], nm["unexplained_allowed"]) == \
+        ("different", 2, 2, 1)
+    assert nm["evidence"] == ["2 of 20 samples part at a confident token (not a near-tie; at most 1 allowed)"]
+    assert nm["p99_abs_logprob_diff"] == 0.0
+    # one confident parting in 20 is allowed (5%, at least one)
+    one = logprob_run(tmp_path, "one", LogprobModel(seed=1, ties=ties, gap=1.0, parts={5}))
+    assert numerics_of(ref, one)[1]["numerics"]["verdict"] == "equivalent"
+
+
+def test_numerics_names_prompt_tokens_when_the_servers_see_different_prompts(tmp_path):
+    runs = []
+    for name, offset in (("a", 0), ("b", 1)):
+        model = LogprobModel(seed=1)
+        def respond(body, n, model=model, offset=offset):
+            reply = model(body, n)
+            reply.usage = {"prompt_tokens": 1254 + offset, "completion_tokens": 10, "total_tokens": 1264 + offset}
+            return reply
+        runs.append(logprob_run(tmp_path, name, respond, 5, 6))
+    nm = numerics_of(*runs)[1]["numerics"]
+    assert nm["verdict"] == "different"
+    assert nm["evidence"] == ["prompt tokens differ on 6 of 6 samples: the servers do not see the same input "
+                              "(chat template, BOS)"]
+
+
+def test_numerics_unknown_without_logprobs_and_gate(tmp_path):
+    ref = logprob_run(tmp_path, "ref", LogprobModel(seed=1))
+    plain = logprob_run(tmp_path, "plain", LogprobModel(seed=1), 0)
+    rope = logprob_run(tmp_path, "rope", LogprobModel(noise=ROPE_NOISE, seed=3))
+    proc, c = numerics_of(ref, plain)
+    assert proc.returncode == 0  # the logprobs asked for are no request difference
+    assert c["numerics"] == {"samples": 0, "tolerance": 0.05, "verdict": "unknown",
+                             "evidence": ["no logprobs from B (run both with --logprobs K)"]}
+    assert "numerics" not in c["verdict"]
+    # --fail_if different fails on a `different` numerics verdict, naming it; worse does not
+    proc = cli("compare", ref, rope, "--fail_if", "different")
+    assert proc.returncode == 6
+    assert error_lines(proc.stderr) == [l for l in error_lines(proc.stderr) if "B's numerics differ from A's on "
+                                        f"{GSM}: logprob distance" in l] != []
+    assert cli("compare", ref, rope, "--fail_if", "worse").returncode == 0
+    assert cli("compare", ref, plain, "--fail_if", "different").returncode == 0
+    # the tolerance is the user's: a loose one calls the RoPE pair equivalent
+    assert numerics_of(ref, rope, "--logprob_tolerance", "5")[1]["numerics"]["verdict"] == "equivalent"
+
+
+def test_several_servers_with_logprobs_judge_numerics_and_gate(tmp_path):
+    with FakeOpenAI(responder=LogprobModel(seed=1)) as a, \
+            FakeOpenAI(responder=LogprobModel(noise=ROPE_NOISE, seed=2)) as b:
+        proc = cli("--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url, "--max_samples", 10,
+                   "--no_progress", "--logprobs", 3, "--fail_if", "different")
+        assert all(r["body"]["top_logprobs"] == 3 for r in a.chat_requests + b.chat_requests)
+    assert proc.returncode == 6, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["comparisons"][0]["comparison"][GSM]["numerics"]["verdict"] == "different"
+    assert "  numerics        different: logprob distance" in proc.stderr
+
+
+def test_token_keys_match_across_spellings():
+    """Special tokens and parts of a character are spelled differently by each server (llama.cpp
+    "" with an id, or the valid prefix " " with the raw bytes; vLLM the text, or "" with no bytes):
+    they share one key, so a final EOS or a split character is no parting."""
+    keys = [ne.token_key(ne.logged_token(e)) for e in (
+        {"token": "", "id": 2, "bytes": []}, {"token": "<|im_end|>", "bytes": list(b"<|im_end|>")},
+        {"token": " ", "bytes": [32, 195]}, {"token": "", "bytes": []}, {"token": " caf", "bytes": list(b" caf")})]
+    assert keys == [ne.UNSPELLED, "<|im_end|>", ne.UNSPELLED, ne.UNSPELLED, " caf"]
+    assert ne.logged_token({"token": "", "id": 2}) == {"id": 2}
+    assert ne.logged_token({"token": " ", "bytes": [32, 195]}) == {"bytes": "20c3"}
+    # the same text, the EOS spelled two ways: every token pair compared, no parting
+    a = [["Hi", -0.5, []], [" there", -0.25, []], [{"id": 2}, -0.001, []]]
+    b = [["Hi", -0.5, []], [" there", -0.26, []], ["<|im_end|>", -0.003, []]]
+    diffs, parting = ne.token_pair(a, b, same_text=True)
+    assert parting is None and diffs == pytest.approx([0.0, 0.01, 0.002])
+
+
+def test_classify_response_keeps_logprobs_compactly():
+    body = {"choices": [{"message": {"content": "Hi"}, "finish_reason": "stop", "logprobs": {"content": [
+        openai_token("Hi", -0.1234567891, top_logprobs=[openai_token("Hi", -0.1234567891),
+                                                         openai_token("Hello", -2.5)]),
+        {"token": "", "id": 2, "bytes": [], "logprob": float("-inf"), "top_logprobs": []}]}}]}
+    outcome = ne.classify_response(ne.HTTPResponse(200, {}, json.dumps(body).encode()))
+    assert outcome.logprobs == [["Hi", -0.1234568, [["Hi", -0.1234568], ["Hello", -2.5]]], [{"id": 2}, None, []]]
+    for broken in ({"content": None}, None, {"content": "x"}, {"content": [1]}):
+        body["choices"][0]["logprobs"] = broken
+        assert ne.classify_response(ne.HTTPResponse(200, {}, json.dumps(body).encode())).logprobs is None

@@ -857,3 +857,92 @@ def test_peak_memory_does_not_grow_with_images(log, tmp_path):
         peak_100 = peak_memory(100, tmp_path, hf, oa, log)
         peak_300 = peak_memory(300, tmp_path, hf, oa, log)
     assert peak_300 < peak_100 * 1.5 + 1_500_000, (peak_100, peak_300)
+
+
+# --------------------------------------------------------------------------------------------
+# --logprobs K (issue 22): asked for after lm-eval's own fields, logged compactly, resumed
+# --------------------------------------------------------------------------------------------
+
+from fakes import LogprobModel  # noqa: E402
+
+
+def test_logprobs_are_asked_for_after_lm_evals_fields_and_logged(tmp_path):
+    with FakeOpenAI(responder=LogprobModel(seed=1)) as srv:
+        proc = cli("--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 3, "--no_progress",
+                   "--log_samples", tmp_path / "log", "--logprobs", 2)
+        bodies = [r["body"] for r in srv.chat_requests]
+    assert proc.returncode == 0, proc.stderr
+    assert list(bodies[0]) == ["messages", "model", "max_tokens", "temperature", "stop", "seed", "logprobs",
+                               "top_logprobs"]
+    assert all(b["logprobs"] is True and b["top_logprobs"] == 2 for b in bodies)
+    records = read_log(tmp_path / "log")
+    first = records[0]["response"]["logprobs"]
+    assert first[0] == ["Let", first[0][1], [["Let", first[0][1]], ["Letx", first[0][1] - 1.0]]]
+    assert first[-1][0] == "<|im_end|>" and len(first) == 10
+    assert json.loads(proc.stdout)["config"]["logprobs"] == 2
+
+
+def test_logprobs_resume_on_the_same_server_sends_nothing_again(tmp_path):
+    model = LogprobModel(seed=1)
+    with FakeOpenAI(responder=model) as srv:
+        args = ["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 4, "--no_progress",
+                "--log_samples", tmp_path / "log", "--logprobs", 3]
+        assert cli(*args).returncode == 0
+        assert len(srv.chat_requests) == 4
+        proc = cli(*args)
+        assert proc.returncode == 0 and len(srv.chat_requests) == 4, proc.stderr
+        # without --logprobs the bodies differ: those samples are sent again, not mixed up
+        proc = cli(*args[:-2])
+        assert proc.returncode == 0 and len(srv.chat_requests) == 8
+    records = read_log(tmp_path / "log")
+    assert sum(1 for r in records if "logprobs" in r["response"]) == 4
+
+
+@pytest.mark.parametrize("k", ["0", "21", "x", "2.5", "true"])
+def test_logprobs_k_out_of_range_is_a_usage_error(k):
+    proc = cli("--tasks", GSM, "--base_url", "http://127.0.0.1:9/v1", "--logprobs", k)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(error_lines(proc.stderr)) == 1 and "from 1 to 20" in proc.stderr, proc.stderr
+    proc = cli("--tasks", GSM, "--model_args", f"base_url=http://127.0.0.1:9/v1,logprobs={k}")
+    assert proc.returncode == 2 and "logprobs: expected an integer from 1 to 20" in proc.stderr, proc.stderr
+
+
+def test_logprobs_as_a_model_arg(tmp_path):
+    with FakeOpenAI(responder=LogprobModel(seed=1)) as srv:
+        proc = cli("--tasks", GSM, "--max_samples", 2, "--no_progress",
+                   "--model_args", f"base_url={srv.base_url},logprobs=4")
+        assert [r["body"]["top_logprobs"] for r in srv.chat_requests] == [4, 4]
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_server_that_ignores_logprobs_is_reported_once_and_the_run_goes_on(tmp_path):
+    with FakeOpenAI(responder=LogprobModel(seed=1, send_logprobs=False)) as srv:
+        proc = cli("--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 5, "--no_progress",
+                   "--log_samples", tmp_path / "log", "--logprobs", 5, "--num_concurrent", 2)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [w for w in warning_lines(proc.stderr) if "logprobs" in w]
+    assert warnings == [f"nano-eval: warning: {srv.base_url}/chat/completions answered without logprobs although "
+                        "asked for them: this run's numerics verdict will be 'unknown'"]
+    assert json.loads(proc.stdout)["results"][GSM]["num_samples"] == 5
+    assert all("logprobs" not in r["response"] for r in read_log(tmp_path / "log"))
+
+
+def test_a_server_that_refuses_logprobs_is_asked_without_them(tmp_path):
+    model = LogprobModel(seed=1)
+
+    def refusing(body, n):
+        if body.get("logprobs"):
+            return Reply(status=400, json_body={"error": {"message": "logprobs is not supported", "code": 400}})
+        return model(body, n)
+
+    with FakeOpenAI(responder=refusing) as srv:
+        proc = cli("--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 6, "--no_progress",
+                   "--log_samples", tmp_path / "log", "--logprobs", 5, "--num_concurrent", 1)
+        sent = [bool(r["body"].get("logprobs")) for r in srv.chat_requests]
+    assert proc.returncode == 0, proc.stderr
+    assert sent == [True, False, False, False, False, False, False]  # the refused one, resent without
+    warnings = [w for w in warning_lines(proc.stderr) if "logprobs" in w]
+    assert len(warnings) == 1 and "refused logprobs (logprobs is not supported)" in warnings[0], proc.stderr
+    records = read_log(tmp_path / "log")
+    assert [r["status"] for r in records] == ["ok"] * 6
+    assert all("logprobs" not in r["request"] for r in records)

