@@ -660,6 +660,13 @@ def logged_token(entry: dict) -> str | dict:
     return {"id": entry["id"]} if type(entry.get("id")) is int else ""
 
 
+UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
+
+
+def token_key(token: Any) -> str:
+    return token if isinstance(token, str) and token else UNSPELLED
+
+
 def logged_logprob(value: Any) -> float | None:
     return round(float(value), 7) if is_number(value) and math.isfinite(value) else None
 
@@ -3006,6 +3013,27 @@ def seed_accepted(pf: Preflight) -> tuple[str, str]:
     return "FAIL", f"seed rejected: {o.error or o.status}"
 
 
+def logprobs_consistent(pf: Preflight, k: int = 3) -> tuple[str, str]:
+    """What the numerics verdict reads: per token a logprob <= 0 and the top K, sorted, with the
+    chosen token first (temperature 0 is greedy)."""
+    o = pf.chat(messages=pf.PROMPT, max_tokens=8, logprobs=True, top_logprobs=k)
+    if o.http_status != 200:
+        return "WARN", f"logprobs refused (compare cannot judge numerics): {failure(o)}"
+    if not o.logprobs:
+        return "WARN", "no logprobs in the answer (compare cannot judge numerics)"
+    for i, (token, logprob, top) in enumerate(o.logprobs):
+        values = [t[1] for t in top]
+        problem = ("a logprob that is not a number" if logprob is None or None in values
+                   else f"logprob {logprob} > 0" if logprob > 1e-6
+                   else f"{len(top)} top_logprobs, asked for {k}" if len(top) != k
+                   else "top_logprobs not sorted" if values != sorted(values, reverse=True)
+                   else f"chosen {token!r} ({logprob:.4f}) is not the top-1 {top[0][0]!r} ({values[0]:.4f})"
+                   if token_key(token) != token_key(top[0][0]) and values[0] - logprob > 1e-4 else None)
+        if problem:
+            return "FAIL", f"token {i}: {problem}"
+    return "PASS", f"{len(o.logprobs)} tokens, each with top {k} sorted, the greedy choice first"
+
+
 def image_accepted(pf: Preflight) -> tuple[str, str]:
     content = [{"type": "image_url", "image_url": {"url": data_url(ONE_PIXEL_PNG), "detail": "auto"}},
                {"type": "text", "text": "What color is this image? Answer in one word."}]
@@ -3080,6 +3108,7 @@ PREFLIGHT_CHECKS = (
     ("stop", stop_honoured),
     ("greedy repeatable", greedy_repeatable),
     ("seed", seed_accepted),
+    ("logprobs", logprobs_consistent),
     ("image input", image_accepted),
     ("image placeholder", image_placeholder),
     ("reasoning channel", reasoning_channel),
@@ -3180,13 +3209,6 @@ def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) 
     n = len(differences)
     means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
-
-
-UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
-
-
-def token_key(token: Any) -> str:
-    return token if isinstance(token, str) and token else UNSPELLED
 
 
 def rank_and_gap(entry: list, other: str) -> tuple[int | None, float | None]:

@@ -39,6 +39,9 @@ chat                   "ok" | "fail" (every chat request gets HTTP 500)
 image_literal          "text" (a literal ``<image>`` in the text counts 3 prompt tokens: < image >) |
                        "token" (it counts 1: the model's image placeholder) | "reject" (HTTP 400
                        for a text-only request containing it, as a server expecting an image does)
+logprobs               "ok" (asked for: a logprob per word, the top K sorted, the word first) |
+                       "missing" (none sent) | "reject" (HTTP 400) | "positive" (a logprob > 0) |
+                       "unsorted" | "not_greedy" (a runner-up above the chosen word) | "wrong_k" (K+1)
 =====================  =========================================================================
 
 ``srv.chat_requests`` (from FakeOpenAI) records every chat body received.
@@ -58,7 +61,7 @@ THOUGHT = "The user wants the numbers one to thirty."
 
 # The checks nano-eval's preflight runs, in its order.
 CHECKS = ["/v1/models", "chat completion", "usage", "max_tokens", "stop", "greedy repeatable", "seed",
-          "image input", "image placeholder", "reasoning channel", "max_completion_tokens", "malformed request"]
+          "logprobs", "image input", "image placeholder", "reasoning channel", "max_completion_tokens", "malformed request"]
 
 
 def _text_of(content) -> str:
@@ -98,12 +101,12 @@ class ConformanceFake(FakeOpenAI):
     def __init__(self, *, models: str = "ok", usage: str = "ok", max_tokens: str = "ok", stop: str = "ok",
                  deterministic: bool = True, seed: str = "ok", image: str = "ok", reasoning: str | None = None,
                  max_completion_tokens: str = "ok", malformed: str = "ok", chat: str = "ok",
-                 image_literal: str = "text", model: str = "conformance-model", answers: dict | None = None,
+                 image_literal: str = "text", logprobs: str = "ok", model: str = "conformance-model", answers: dict | None = None,
                  fallback=None, **kwargs):
         self.options = dict(models=models, usage=usage, max_tokens=max_tokens, stop=stop,
                             deterministic=deterministic, seed=seed, image=image, reasoning=reasoning,
                             max_completion_tokens=max_completion_tokens, malformed=malformed, chat=chat,
-                            image_literal=image_literal)
+                            image_literal=image_literal, logprobs=logprobs)
         for name, value in self.options.items():
             allowed = _ALLOWED[name]
             if value not in allowed:
@@ -164,6 +167,9 @@ class ConformanceFake(FakeOpenAI):
         if literals and not _has_image(messages) and o["image_literal"] == "reject":
             return Reply(status=400, json_body={"error": {"message": "1 image placeholder but 0 images",
                                                           "type": "invalid_request_error", "code": 400}})
+        if body.get("logprobs") and o["logprobs"] == "reject":
+            return Reply(status=400, json_body={"error": {"message": "logprobs are not supported",
+                                                          "type": "invalid_request_error", "code": 400}})
         if "max_completion_tokens" in body and o["max_completion_tokens"] == "reject":
             return Reply(status=400, json_body={"error": {"message": "Unknown field max_completion_tokens",
                                                           "type": "invalid_request_error", "code": 400}})
@@ -203,11 +209,26 @@ class ConformanceFake(FakeOpenAI):
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
         reply = Reply(content=text, finish_reason=finish, usage=usage)
+        if body.get("logprobs") and o["logprobs"] != "missing":
+            reply.logprobs = {"content": [self._logprobs(word, i, body.get("top_logprobs") or 0)
+                                          for i, word in enumerate(words)]}
         if o["reasoning"] == "reasoning_content":
             reply.reasoning_content = THOUGHT
         elif o["reasoning"] == "reasoning":
             reply.reasoning = THOUGHT
         return reply
+
+
+    def _logprobs(self, word: str, i: int, k: int) -> dict:
+        o = self.options["logprobs"]
+        chosen = 0.5 if o == "positive" and i == 1 else -0.1
+        top = [(word, chosen)] + [(f"{word}{j}", -1.0 - j) for j in range(k - 1 + (o == "wrong_k"))]
+        if o == "unsorted" and len(top) > 2:
+            top[1], top[2] = top[2], top[1]
+        if o == "not_greedy":
+            top = [(f"{word}!", -0.05)] + top[:-1]
+        entry = lambda token, lp: {"token": token, "bytes": list(token.encode()), "logprob": lp}  # noqa: E731
+        return {**entry(word, chosen), "top_logprobs": [entry(t, lp) for t, lp in top]}
 
 
 _ALLOWED = {
@@ -223,6 +244,7 @@ _ALLOWED = {
     "malformed": ("ok", "500", "hang", "400_text", "200"),
     "chat": ("ok", "fail"),
     "image_literal": ("text", "token", "reject"),
+    "logprobs": ("ok", "missing", "reject", "positive", "unsorted", "not_greedy", "wrong_k"),
 }
 
 __all__ = ["CHECKS", "COUNTING_ANSWER", "ConformanceFake", "cut_at_stop"]

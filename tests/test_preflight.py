@@ -41,7 +41,7 @@ def test_well_behaved_server_passes_every_check():
         bodies = [r["body"] for r in srv.chat_requests]
     assert [c["check"] for c in report["checks"]] == CHECKS
     assert grid(report) == {name: "PASS" for name in CHECKS}
-    assert report["metrics"] == {"pass": 12, "warn": 0, "fail": 0}
+    assert report["metrics"] == {"pass": 13, "warn": 0, "fail": 0}
     evidence = {c["check"]: c["evidence"] for c in report["checks"]}
     assert evidence["/v1/models"] == "object list, 1 model(s)"
     assert evidence["usage"] == json.dumps({"prompt_tokens": 10, "completion_tokens": 30, "total_tokens": 40})
@@ -49,6 +49,8 @@ def test_well_behaved_server_passes_every_check():
     assert evidence["stop"] == "stopped before '3': '1 2 ', finish_reason 'stop'"
     assert evidence["max_completion_tokens"] == "honoured: completion_tokens 5, finish_reason 'length'"
     assert evidence["malformed request"] == "HTTP 400 with a JSON error"
+    assert evidence["logprobs"] == "8 tokens, each with top 3 sorted, the greedy choice first"
+    assert sum(1 for b in bodies if b.get("logprobs") is True and b.get("top_logprobs") == 3) == 1
     assert all(len(c["evidence"]) <= 300 and "\n" not in c["evidence"] for c in report["checks"])
     # what was sent: every body names the model; the requests the checks describe
     assert all(b.get("model") == MODEL for b in bodies)
@@ -97,6 +99,12 @@ BROKEN = [
     (dict(malformed="500"), "malformed request", "FAIL", "HTTP 500 instead of a 4xx"),
     (dict(malformed="200"), "malformed request", "FAIL", "HTTP 200 instead of a 4xx"),
     (dict(malformed="400_text"), "malformed request", "WARN", "HTTP 400 but the body is not JSON"),
+    (dict(logprobs="missing"), "logprobs", "WARN", "no logprobs in the answer"),
+    (dict(logprobs="reject"), "logprobs", "WARN", "logprobs refused (compare cannot judge numerics): HTTP 400"),
+    (dict(logprobs="positive"), "logprobs", "FAIL", "token 1: logprob 0.5 > 0"),
+    (dict(logprobs="unsorted"), "logprobs", "FAIL", "token 0: top_logprobs not sorted"),
+    (dict(logprobs="not_greedy"), "logprobs", "FAIL", "token 0: chosen '1' (-0.1000) is not the top-1 '1!'"),
+    (dict(logprobs="wrong_k"), "logprobs", "FAIL", "token 0: 4 top_logprobs, asked for 3"),
     (dict(image_literal="token"), "image placeholder", "WARN", "the literal <image> is one token here (2 -> 3"),
     (dict(image_literal="reject"), "image placeholder", "WARN",
      "a text-only prompt with the literal <image> is refused (HTTP 400: 1 image placeholder but 0 images)"),
@@ -116,7 +124,7 @@ def test_each_broken_behaviour_trips_only_its_check(options, check, result, phra
     assert grid(report) == expected
     evidence = next(c["evidence"] for c in report["checks"] if c["check"] == check)
     assert phrase in evidence
-    assert report["metrics"] == {"pass": 11 - len(also), "warn": int(result == "WARN") + len(also),
+    assert report["metrics"] == {"pass": 12 - len(also), "warn": int(result == "WARN") + len(also),
                                  "fail": int(result == "FAIL")}
 
 
@@ -188,7 +196,7 @@ def test_check_alone(isolated_env, capsys):
     conformance = document["results"]["api_conformance"]
     assert [c["check"] for c in conformance["checks"]] == CHECKS
     assert all(c["result"] == "PASS" for c in conformance["checks"])
-    assert conformance["metrics"] == {"pass": 12, "warn": 0, "fail": 0}
+    assert conformance["metrics"] == {"pass": 13, "warn": 0, "fail": 0}
     assert document["complete"] is True
     assert document["config"]["model"] == MODEL
     assert_grid_on_stderr(err, {name: "PASS" for name in CHECKS})
@@ -202,7 +210,7 @@ def test_api_conformance_task_in_a_subprocess(isolated_env):
     assert proc.returncode == 0, proc.stderr
     conformance = json.loads(proc.stdout)["results"]["api_conformance"]
     assert [(c["check"], c["result"]) for c in conformance["checks"]] == [(name, "PASS") for name in CHECKS]
-    assert conformance["metrics"] == {"pass": 12, "warn": 0, "fail": 0}
+    assert conformance["metrics"] == {"pass": 13, "warn": 0, "fail": 0}
     assert_grid_on_stderr(proc.stderr, {name: "PASS" for name in CHECKS})
 
 
@@ -215,7 +223,7 @@ def test_check_fail_exits_1_and_still_writes_results(isolated_env, tmp_path, cap
     assert json.loads(output.read_text()) == document
     results = {c["check"]: c["result"] for c in document["results"]["api_conformance"]["checks"]}
     assert results == {**{name: "PASS" for name in CHECKS}, "seed": "FAIL"}
-    assert document["results"]["api_conformance"]["metrics"] == {"pass": 11, "warn": 0, "fail": 1}
+    assert document["results"]["api_conformance"]["metrics"] == {"pass": 12, "warn": 0, "fail": 1}
     assert "the conformance preflight failed 1 check(s)" in err
     assert_grid_on_stderr(err, {**{name: "PASS" for name in CHECKS}, "seed": "FAIL"})
 
@@ -224,7 +232,7 @@ def test_check_warn_only_exits_0(isolated_env, capsys):
     with ConformanceFake(image="reject", max_completion_tokens="reject") as srv:
         code, out, err = run_main(["--check", "--base_url", srv.base_url], capsys)
     assert code == 0, err
-    assert json.loads(out)["results"]["api_conformance"]["metrics"] == {"pass": 10, "warn": 2, "fail": 0}
+    assert json.loads(out)["results"]["api_conformance"]["metrics"] == {"pass": 11, "warn": 2, "fail": 0}
     assert_grid_on_stderr(err, {**{name: "PASS" for name in CHECKS}, "image input": "WARN",
                                 "max_completion_tokens": "WARN"})
 
@@ -312,7 +320,7 @@ def test_check_alone_against_two_servers(isolated_env, fake_openai, tmp_path):
                              "--output", tmp_path / "o.json")
     document = json.loads(out)
     assert "Traceback" not in err
-    assert [len(run["results"]["api_conformance"]["checks"]) for run in document["runs"]] == [12, 12]
+    assert [len(run["results"]["api_conformance"]["checks"]) for run in document["runs"]] == [13, 13]
     failed = [run["results"]["api_conformance"]["metrics"]["fail"] for run in document["runs"]]
     assert code == (1 if any(failed) else 0), err
     assert document["comparisons"] == [] and json.loads((tmp_path / "o.json").read_text()) == document
