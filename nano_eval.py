@@ -3629,7 +3629,7 @@ def cmd_replay(argv: list) -> int:
 REPORT_CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1400px;margin:0 auto;padding:1em 2em}
 h2{border-bottom:2px solid #ddd;margin-top:2em}table{border-collapse:collapse;margin:.5em 0}
-th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}
+th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top;white-space:pre-line}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .verdict{font-size:1.3em;font-weight:600;padding:.4em .8em;border-radius:4px;background:#e8f5e9}
 .verdict.differ{background:#ffebee}.warn{color:#b71c1c;font-weight:600}.muted{color:#777}
@@ -3649,6 +3649,9 @@ pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#fafafa;border:1px so
 font:12.5px/1.4 ui-monospace,monospace}
 mark{background:#ffd54f;outline:1px solid #e65100}mark:empty::after{content:"\\2205"}
 .top{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}
+svg.dlp{background:#fafafa;border:1px solid #eee}svg.dlp rect{fill:#5c6bc0}svg.dlp line{stroke:#b71c1c}
+.tok{font:12.5px ui-monospace,monospace;white-space:pre;background:#f1f1f1;margin:0 1px;padding:0 2px}
+.tok.part{background:#ffd54f;outline:1px solid #e65100}
 img{max-width:100%;max-height:480px;border:1px solid #ddd}
 """
 DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
@@ -3752,6 +3755,63 @@ def response_html(label: str, record: dict | None, text: str, other: str | None)
             + f"<pre>{marked(visible, other_visible)}</pre></div>")
 
 
+DLP_CAP = 0.5  # nats: the top of the |delta logprob| chart (a wrong RoPE reaches it; float noise stays near 0)
+
+
+def dlp_svg(diffs: list, parting: dict | None) -> str:
+    """|delta logprob| of each shared token as bars, the tolerance as a dashed line, and a red
+    line where the texts part: a coin flip parts after low bars, a bug after high ones."""
+    width, height = 600, 48
+    n = max(len(diffs) + (parting is not None), 1)
+    step = width / n
+    bars = "".join(f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
+                   f'height="{h:.1f}"/>' for i, d in enumerate(diffs) if (h := min(d, DLP_CAP) / DLP_CAP * height) > 0)
+    level = height - DEFAULT_LOGPROB_TOLERANCE / DLP_CAP * height
+    parted = (f'<line x1="{len(diffs) * step:.1f}" x2="{len(diffs) * step:.1f}" y1="0" y2="{height}" '
+              'stroke-width="2"/>' if parting else "")
+    label = f"|delta logprob| over {len(diffs)} shared tokens, max {max(diffs, default=0):.3g}"
+    return (f'<svg class="dlp" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f"<title>{esc(label)}</title>{bars}"
+            f'<line x1="0" x2="{width}" y1="{level:.1f}" y2="{level:.1f}" stroke-dasharray="4 3" stroke-width="1"/>'
+            f'{parted}</svg><div class="muted">{esc(label)} (bars up to {DLP_CAP} nats; dashed: '
+            f"{DEFAULT_LOGPROB_TOLERANCE}; red: where the texts part)</div>")
+
+
+def token_html(token: Any, parting: bool = False) -> str:
+    return f'<span class="tok{" part" if parting else ""}">{esc(token_key(token))}</span>'
+
+
+def parting_html(logprobs: list, other: list, at: int, label: str, other_label: str) -> str:
+    """One side's tokens around the parting, and its top K there with the other side's choice marked."""
+    if at >= len(logprobs):
+        return f"<div><h4>{label}</h4><p class=muted>stopped here</p></div>"
+    context = "".join(token_html(t[0], i == at) for i, t in enumerate(logprobs[max(0, at - 8):at + 4], max(0, at - 8)))
+    theirs = token_key(other[at][0]) if at < len(other) else None
+    top = sorted((t for t in logprobs[at][2] if t[1] is not None), key=lambda t: -t[1])
+    rows = "".join(f"<tr><td>{token_html(token)}</td><td class=n>{logprob:.4f}</td><td>"
+                   f"{'chosen' if token_key(token) == token_key(logprobs[at][0]) else ''}"
+                   f"{f' ({other_label} chose it)' if token_key(token) == theirs else ''}</td></tr>"
+                   for token, logprob in top)
+    return f"<div><h4>{label}</h4><p>{context}</p><table><tr><th>top K</th><th>logprob</th><th></th></tr>{rows}</table></div>"
+
+
+def numerics_html(a: dict | None, b: dict | None, label_b: str) -> str:
+    """Run A against `label_b` on one sample, from their logprobs: the |delta| chart, and where
+    the texts part, both token streams there with each side's top K."""
+    streams = [((r or {}).get("response") or {}).get("logprobs") for r in (a, b)]
+    if not all(streams):
+        return ""
+    diffs, parting = token_pair(streams[0], streams[1], content_of(a) == content_of(b))
+    where = ""
+    if parting:
+        at = parting["token"]
+        where = (f"<p>the texts part at token {at}: "
+                 f"{'a near-tie' if parting['near_tie'] else 'a confident token (not a near-tie)'}</p>"
+                 f'<div class="cols">{parting_html(streams[0], streams[1], at, "A", label_b)}'
+                 f"{parting_html(streams[1], streams[0], at, label_b, 'A')}</div>")
+    return f"<div><h4>numerics, A vs {label_b}</h4>{dlp_svg(diffs, parting)}{where}</div>"
+
+
 def sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
     first = next(r for r in records if r)
     row = first.get("row_idx", first.get("doc_hash", "")[:12])
@@ -3767,7 +3827,9 @@ def sample_html(task: str, records: list, flags: list, metric: str, opened: bool
     columns = "".join(response_html(run_letter(i), r, texts[i], against[i]) for i, r in enumerate(records))
     return (f'<details class="s {" ".join(flags)}" id="{esc(task)}-{esc(row)}"{" open" if opened else ""}>'
             f'<summary>{summary}</summary><div class="body"><pre>{esc(question)}</pre>'
-            f'<div class="cols">{image_html(records)}{columns}</div></div></details>')
+            f'<div class="cols">{image_html(records)}{columns}</div>'
+            + "".join(numerics_html(records[0], r, run_letter(i)) for i, r in enumerate(records) if i)
+            + "</div></details>")
 
 
 def samples_html(index: int, task: str, runs: list) -> str:
@@ -3838,12 +3900,15 @@ def comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
         ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])} · {label_b} "
                           f"{one_decimal(c['mean_output_tokens_b'])}"),
     ]
-    table = "".join(f'<tr><th>{name}</th><td{" class=warn" if name == "prompt tokens" and mismatch else ""}>'
+    numerics = c.get("numerics") or {"verdict": "unknown", "evidence": []}
+    rows.insert(0, ("numerics", "\n".join(format_numerics(numerics)).replace("  numerics        ", "", 1).strip()))
+    differs = {"prompt tokens": mismatch, "numerics": numerics["verdict"] == "different"}
+    table = "".join(f'<tr><th>{name}</th><td{" class=warn" if differs.get(name) else ""}>'
                     f"{esc(value)}</td></tr>" for name, value in rows)
     unmatched = f", {c['unmatched']} unmatched" if c["unmatched"] else ""
     warning = (f'<br><span class="warn">the prompts differ on {mismatch} of {c["n"]} samples (usage.prompt_tokens): '
                "the servers do not see the same input</span>" if mismatch else "")
-    return (f'<p class="verdict{" differ" if c["mcnemar_p"] < 0.05 or mismatch else ""}">{label_b} vs A '
+    return (f'<p class="verdict{" differ" if c["mcnemar_p"] < 0.05 or mismatch or differs["numerics"] else ""}">{label_b} vs A '
             f'({esc(c["metric"])}, n={c["n"]}{unmatched}): {esc(c["verdict"])}{warning}</p>', f"<table>{table}"
             + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
 

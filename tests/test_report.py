@@ -344,3 +344,48 @@ def test_report_flag_refuses_an_unwritable_path_before_sending(isolated_env, fak
     code = nano_eval.main(["--tasks", GSM, "--base_url", fake_openai.base_url, "--report", str(tmp_path / "no" / "r.html")])
     assert code == 2 and "--report: folder" in capsys.readouterr().err
     assert fake_openai.chat_requests == []
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics on the page (issue 22): the verdict first, the |delta logprob| chart, the parting
+# --------------------------------------------------------------------------------------------
+
+from fakes import LogprobModel  # noqa: E402
+
+
+def test_report_shows_numerics_verdict_chart_and_parting(isolated_env, tmp_path, capsys):
+    ties = {row: 4 for row in range(6)}
+    with FakeOpenAI(responder=LogprobModel(seed=1, noise=0.003, ties=ties)) as a, \
+            FakeOpenAI(responder=LogprobModel(seed=2, noise=0.003, ties=ties, parts={2})) as b:
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
+                                       "--max_samples", 6, "--logprobs", 3, "--log_samples", tmp_path / "logs",
+                                       "--no_progress"], capsys)
+    assert code == 0
+    page = Page(report.report_from_document(document))
+    verdict = page.find("p", "verdict")[0]["text"]
+    assert "numerics equivalent" in verdict and "differ" not in page.find("p", "verdict")[0]["attrs"]["class"]
+    rows = [e["text"] for e in page.find("tr") if e["text"].startswith(("numerics", "accuracy"))]
+    assert rows[0].startswith("numericsequivalent: p99 |delta logprob|")  # first in the comparison table
+    assert rows[1].startswith("accuracy")
+    charts = page.find("svg", "dlp")
+    assert len(charts) == 6  # one per sample, A vs B
+    parted = page.find("details", "s")[2]
+    assert "the texts part at token 4: a near-tie" in parted["text"]
+    marked = [e["text"] for e in page.find("span", "part")]
+    assert marked == [" The", " Thex"]  # A's token, B's token, each highlighted in its own stream
+    assert "(B chose it)" in parted["text"] and "(A chose it)" in parted["text"]
+    # a chart's bars: one rect per shared token with a nonzero |delta|, none higher than the chart
+    rects = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"/>',
+                       report.report_from_document(document))
+    assert rects and all(0 <= float(y) and float(y) + float(h) == pytest.approx(48, abs=0.11) for y, h in rects)
+
+
+def test_report_marks_a_numerics_difference(isolated_env, tmp_path, capsys):
+    with FakeOpenAI(responder=LogprobModel(seed=1)) as a, FakeOpenAI(responder=LogprobModel(seed=2, noise=0.3)) as b:
+        code, document, _ = main_json(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
+                                       "--max_samples", 6, "--logprobs", 3, "--log_samples", tmp_path / "logs",
+                                       "--no_progress"], capsys)
+    page = Page(report.report_from_document(document))
+    verdict = page.find("p", "verdict")[0]
+    assert "differ" in verdict["attrs"]["class"].split()
+    assert "but the implementations differ: logprob distance" in verdict["text"]
