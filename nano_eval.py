@@ -475,14 +475,20 @@ class HTTPClient:
         return conn, False
 
     def _read(self, resp: http.client.HTTPResponse) -> bytes:
-        if self.max_body is None:
-            return resp.read()
+        """The whole body; a connection that closes before Content-Length bytes is an
+        IncompleteRead (http.client's read(n) returns what came, short, without a word)."""
         declared = resp.getheader("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self.max_body:
-            raise ResponseTooLarge(f"Content-Length {int(declared):,}")
-        data = resp.read(self.max_body + 1)
-        if len(data) > self.max_body:
-            raise ResponseTooLarge(f"more than {self.max_body:,} bytes")
+        declared = int(declared) if declared and declared.isdigit() else None
+        if self.max_body is None:
+            data = resp.read()
+        else:
+            if declared is not None and declared > self.max_body:
+                raise ResponseTooLarge(f"Content-Length {declared:,}")
+            data = resp.read(self.max_body + 1)
+            if len(data) > self.max_body:
+                raise ResponseTooLarge(f"more than {self.max_body:,} bytes")
+        if declared is not None and len(data) < declared and resp.getheader("Transfer-Encoding") is None:
+            raise http.client.IncompleteRead(data, declared - len(data))
         return data
 
     def _drop(self, parts: urllib.parse.SplitResult) -> None:
@@ -551,6 +557,9 @@ def describe_network_error(exc: BaseException) -> tuple[str, str]:
         return "connection", "the server speaks plain http, not https: use an http:// URL"
     if isinstance(exc, ssl.SSLError):
         return "connection", f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, http.client.IncompleteRead):
+        got = len(exc.partial)
+        return "connection", f"the connection closed mid-response ({got:,} of {got + (exc.expected or 0):,} bytes)"
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return "connection", f"{type(exc).__name__}: {exc}".rstrip(": ")
     return "connection", type(exc).__name__  # not its message: it may quote a header, and so a key
@@ -1791,9 +1800,25 @@ class SampleLog:
         self.log_images = log_images
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            torn = self.ends_torn(path)
             self._file = open(path, "a", encoding="utf-8")
+            if torn:  # a line cut short by a crash or a full disk: end it, so the next record starts a line
+                self._file.write("\n")
         except OSError as exc:
             raise UsageError(f"cannot write the sample log {path}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def ends_torn(path: Path) -> bool:
+        """Whether the file's last line has no newline (read_records skips that line)."""
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() == 0:
+                    return False
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) != b"\n"
+        except FileNotFoundError:
+            return False
 
     def completed(self, task: str, url: str) -> dict:
         """(doc_hash, body_hash, repeat) -> the last valid record of `task` in the log. A log

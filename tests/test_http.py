@@ -851,3 +851,65 @@ def test_python_api_tls_and_headers(isolated_env, https_fake, tmp_path, monkeypa
     with pytest.raises(UsageError):
         APIConfig(url=https_fake.base_url, ca_cert=str(tmp_path / "missing.pem"))
     assert "gw-s3cr3t" not in repr(APIConfig(url=https_fake.base_url, headers={"X-Api-Gw": "gw-s3cr3t"}))
+
+
+# --------------------------------------------------------------------------------------------
+# A body cut short (issue 23, item 6): a dropped connection, retried, never a short body accepted
+# --------------------------------------------------------------------------------------------
+
+import socket as _socket  # noqa: E402
+
+
+def short_body_server(answers: list) -> tuple:
+    """A raw HTTP server on 127.0.0.1 answering each connection's first request with the next of
+    `answers` (bytes: the whole response, sent as is, then the connection is closed)."""
+    listener = _socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    seen: list = []
+
+    def serve():
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(next((l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(
+                    b"content-length")), b"0"))
+                while len(rest) < length:
+                    rest += conn.recv(65536)
+                seen.append(head.split(b"\r\n")[0])
+                conn.sendall(answer)
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}/v1", seen
+
+
+def completion(content: str) -> bytes:
+    return json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                    "finish_reason": "stop"}]}).encode()
+
+
+@pytest.mark.parametrize("cap", [None, 16])
+def test_a_body_cut_short_is_a_dropped_connection_and_retried(cap):
+    whole = completion("The final answer is 18")
+    short = whole[:19]
+    valid_but_short = completion("The final answer is 1")  # valid JSON, shorter than it says
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + short,
+               b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (len(whole) + 5)
+               + valid_but_short,
+               b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(whole) + whole]
+    url, seen = short_body_server(answers)
+    config = nano_eval.APIConfig(url, model="m", retry_base_delay=0.01, max_response_mb=cap or 16)
+    client = nano_eval.ChatClient(config)
+    if cap is None:
+        client.http.max_body = None  # the uncapped read path too
+    outcome = client.send_blocking(b'{"messages": []}')
+    client.close()
+    assert (outcome.status, outcome.content, outcome.attempts) == ("ok", "The final answer is 18", 3)
+    assert len(seen) == 3
+    status, reason = nano_eval.describe_network_error(http.client.IncompleteRead(short, 981))
+    assert (status, reason) == ("connection", "the connection closed mid-response (19 of 1,000 bytes)")

