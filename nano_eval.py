@@ -166,11 +166,20 @@ class DatasetError(NanoEvalError):
     exit_code = EXIT_DATASET
 
 
+SHORT_SECRET = 8  # characters: a shorter secret is replaced only where it stands as a credential
+
+
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with each secret replaced by ***. Only for free text (messages, server
-    errors): in structured data a short key could match a number or a word."""
+    """`text` with each secret replaced by ***: anywhere when it is SHORT_SECRET characters or
+    longer; a shorter one only as a whole value after "Bearer ", ": " or "=" (replaced
+    everywhere, a 1-character key would mangle every word and so reveal itself). Only for
+    free text (messages, server answers): in structured data a key could match a number."""
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "***")
+        if len(secret) >= SHORT_SECRET:
+            text = text.replace(secret, "***")
+        elif secret in text:
+            text = re.sub(rf"(?<=Bearer ){re.escape(secret)}(?![\w-])|(?<=[:=] ){re.escape(secret)}(?![\w-])"
+                          rf"|(?<==){re.escape(secret)}(?![\w-])", "***", text)
     return text
 
 
@@ -1016,9 +1025,11 @@ def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
 
 
 def find_server(config: APIConfig, model: str | None) -> None:
-    """The model to ask for and which backend answers (AuthError/ServerError if unusable)."""
+    """The model to ask for and which backend answers (AuthError/ServerError if unusable);
+    what the server said is recorded redacted (a /version may echo the request's headers)."""
     config.model = resolve_model(config, model)
-    config.server = identify_server(config)
+    config.server = {key: redact(value, _SECRETS) if isinstance(value, str) else value
+                     for key, value in identify_server(config).items()}
 
 
 # ============================================================================
@@ -1890,6 +1901,11 @@ def outcome_from_record(record: dict) -> Outcome:
                    logprobs=response.get("logprobs"))
 
 
+def scrubbed(text: str | None) -> str | None:
+    """A server's text as the log keeps it: a server may echo the key or a header back."""
+    return redact(text, _SECRETS) if text and _SECRETS else text
+
+
 def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
     """Why a reasoning model may have scored badly: the task's extractor finds an answer
     in the reasoning channel but none in the content, or the token budget ran out while
@@ -1984,7 +2000,7 @@ class TaskRun:
             "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat, "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
             "request": redact_images(sample.body, sample.image),
-            "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
+            "response": {"content": scrubbed(outcome.content), "reasoning_content": scrubbed(outcome.reasoning),
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status,
                          **({"logprobs": outcome.logprobs} if outcome.logprobs is not None else {})},

@@ -454,3 +454,47 @@ def test_a_malformed_header_is_one_usage_error(isolated_env, header):
     assert len(error_lines(err)) == 1 and "Traceback" not in err
     assert "header" in error_lines(err)[0] and "'Name: value'" in error_lines(err)[0]
     assert out == "" and requests == []
+
+
+# --------------------------------------------------------------------------------------------
+# What a server echoes back is redacted too; short secrets do not mangle messages (issue 23, 9-10)
+# --------------------------------------------------------------------------------------------
+
+
+def test_credentials_echoed_by_the_server_are_never_written(secret_env):
+    """A /version that echoes the request headers, and completions that echo them: the key and the
+    --header value reach neither stdout, nor --output, nor the sample log, nor a report of it."""
+    tmp_path = secret_env
+    header = "team-secret-7f3a9c"
+    seen = {}
+
+    class Echo(FakeOpenAI):
+        def _route(self, request):
+            seen.update((k.lower(), v) for k, v in request["headers"].items())
+            return super()._route(request)
+
+    echo = f"Authorization: Bearer {FLAG_KEY}, X-Team: {header}"
+    with Echo(responder=lambda body, n: f"{echo}. The final answer is 7",
+              extra_routes={"/version": (200, {"version": echo})}) as srv:
+        code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url, "--api_key", FLAG_KEY, "--header",
+                             f"X-Team: {header}", "--output", tmp_path / "results.json", "--log_samples",
+                             tmp_path / "logs")
+    assert code in (0, 1), err
+    assert seen.get("x-team") == header  # the header was sent, so the server could echo it
+    assert json.loads(out)["config"]["server"]["version"] == "Authorization: Bearer ***, X-Team: ***"
+    report = cli("report", tmp_path / "logs", "-o", tmp_path / "report.html")
+    assert report.returncode == 0, report.stderr
+    assert_no_secret(out, err + report.stderr, tmp_path, FLAG_KEY, header)
+    assert "Authorization: Bearer ***" in (tmp_path / "logs" / f"samples_{GSM}.jsonl").read_text("utf-8")
+
+
+@pytest.mark.parametrize("env, flags", [({"OPENAI_API_KEY": "a"}, []), ({}, ["--header", "X-Debug: 1"])])
+def test_a_one_character_secret_does_not_mangle_messages(tmp_path, env, flags):
+    proc = cli("--tasks", GSM, "--base_url", f"http://127.0.0.1:{free_port()}/v1", *flags,
+               env=cli_env(tmp_path, **env))
+    assert proc.returncode == 3
+    assert error_lines(proc.stderr)[0].startswith("nano-eval: error: cannot reach http://127.0.0.1:"), proc.stderr
+    assert "***" not in proc.stderr
+    # where it stands as a credential it is still replaced
+    assert nano_eval.redact("Authorization: Bearer a; X-Debug: 1; key=a", ["a", "1"]) == \
+        "Authorization: Bearer ***; X-Debug: ***; key=***"
