@@ -2490,18 +2490,37 @@ def stdout_json(document: dict) -> str:
     return json.dumps(document, indent=2, ensure_ascii=not utf8)
 
 
+def print_to_stdout(text: str) -> bool:
+    """`text` on stdout; False when stdout is closed (`... | head`): it is then pointed at
+    os.devnull, so that Python's own flush at exit does not fail too."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
 def write_results(document: dict, output: Path | None, report: Path | None) -> None:
-    """The document on stdout, in --output, and as the --report page."""
+    """The document in --output, as the --report page, and on stdout: each is written even
+    when another fails (the first failure is raised after)."""
+    failures: list = []
     if output:
         text = json.dumps(document, indent=2, ensure_ascii=False)
         try:
             atomic_write(output, (text + "\n").encode("utf-8"))
         except OSError as exc:
-            print(stdout_json(document), flush=True)
-            raise UsageError(f"cannot write --output {output}: {exc.strerror or exc}") from None
-    print(stdout_json(document), flush=True)
+            failures.append(UsageError(f"cannot write --output {output}: {exc.strerror or exc}"))
+            output = None
     if report:
-        write_report(report, report_from_document(document))
+        try:
+            write_report(report, report_from_document(document))
+        except Exception as exc:  # noqa: BLE001 -- the results still reach stdout
+            failures.append(exc)
+    if not print_to_stdout(stdout_json(document)):
+        info("stdout is closed: the results JSON was not printed" + (f"; it is in {output}" if output else ""))
+    if failures:
+        raise failures[0]
 
 
 def most_severe(codes: list) -> int:
@@ -2739,6 +2758,13 @@ def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None
     return None
 
 
+def failure_of(exc: Exception) -> str:
+    """One line for an error that is not nano-eval's own (a full disk, a bug)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
+    return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
+
+
 async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
                     results: dict) -> tuple[bool, str | None]:
     """Runs the tasks one after the other into `results`: (False when interrupted, the
@@ -2746,6 +2772,7 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
     with its `error`; the next task still runs, unless the server itself is unusable."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -2758,11 +2785,13 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
                 await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
                                log_images=args.log_images, progress=False if args.no_progress else None,
                                sink=results, resume=not args.no_resume, repeats=args.repeats)
-            except NanoEvalError as exc:
-                message = redact(str(exc), _SECRETS)
+            except Exception as exc:  # noqa: BLE001 -- whatever ended this task, the finished ones are kept
+                if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
+                    raise
+                message = redact(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc), _SECRETS)
                 info(f"error: {task.name}: {message}")
-                results[task.name] = {**results.get(task.name, {}), "error": message, "exit_code": exc.exit_code,
-                                      "complete": False}
+                results[task.name] = {**results.get(task.name, {}), "error": message,
+                                      "exit_code": getattr(exc, "exit_code", EXIT_FAILURES), "complete": False}
                 if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
                     for skipped in tasks[tasks.index(task) + 1:]:
                         results[skipped.name] = {"error": f"not run: {message}", "exit_code": exc.exit_code,
@@ -2778,7 +2807,8 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.remove_signal_handler(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
+                signal.signal(sig, previous[sig])  # asyncio leaves SIG_DFL behind
+            except (NotImplementedError, RuntimeError, ValueError, TypeError):
                 pass
     if work.done():
         stopper.cancel()
@@ -2841,22 +2871,27 @@ def run_several(configs: list, model: str | None, tasks: list, args: argparse.Na
         except (AuthError, ServerError) as exc:
             unusable[id(config)] = exc
             info(f"error: {exc}")
-    runs, codes = [], []
-    for i, config in enumerate(configs):
-        parts = urllib.parse.urlsplit(config.api_root)
-        run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
-        error = unusable.get(id(config))
-        if error is None:
-            info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-            runs.append(run_server(config, tasks, args, run_dir, check))
-            codes.append(exit_code_of(runs[-1], args, run_dir))
-        else:  # this server is unusable; the others' results still count
-            runs.append({"results": {}, "config": config_record(config, tasks, args.max_samples, args),
-                         "error": redact(str(error), _SECRETS), "complete": False, "interrupted": False})
-            codes.append(error.exit_code)
-        if runs[-1]["interrupted"]:
-            break
-    comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [], args.logprob_tolerance)
+    runs, codes, comparisons = [], [], []
+    try:  # Ctrl-C or SIGTERM between or after the runs: what finished is still written
+        for i, config in enumerate(configs):
+            parts = urllib.parse.urlsplit(config.api_root)
+            run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
+            error = unusable.get(id(config))
+            if error is None:
+                info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
+                runs.append(run_server(config, tasks, args, run_dir, check))
+                codes.append(exit_code_of(runs[-1], args, run_dir))
+            else:  # this server is unusable; the others' results still count
+                runs.append({"results": {}, "config": config_record(config, tasks, args.max_samples, args),
+                             "error": redact(str(error), _SECRETS), "complete": False, "interrupted": False})
+                codes.append(error.exit_code)
+            if runs[-1]["interrupted"]:
+                break
+        comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [],
+                                      args.logprob_tolerance)
+    except KeyboardInterrupt:
+        info("interrupted: the runs that finished are written, without their comparison")
+        codes.append(EXIT_INTERRUPTED)
     document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
     write_results(document, output, report)
     codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
@@ -2895,8 +2930,14 @@ def cmd_eval(argv: list) -> int:
     return exit_code_of(document, args, log_dir)
 
 
+def raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM stops nano-eval as Ctrl-C does, everywhere
     commands = {"compare": cmd_compare, "replay": cmd_replay, "report": cmd_report}
     for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
         if hasattr(stream, "reconfigure"):

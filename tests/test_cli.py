@@ -784,3 +784,71 @@ def test_the_module_docstring_names_every_section_in_order():
     assert [(n, title.split()[0]) for n, title in mapped] == [(n, t.split()[0]) for _, (n, t) in banners]
     main_at = next(i for i, line in enumerate(lines) if line.startswith("def main("))
     assert banners[7][0] < main_at < banners[8][0]
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing finished is lost (issue 23, items 1, 2, 4)
+# --------------------------------------------------------------------------------------------
+
+import signal  # noqa: E402
+
+from conformance_fakes import ConformanceFake  # noqa: E402
+from fakes import cli_command, interrupted_cli  # noqa: E402
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB tmpfs (root only; skipped where it cannot be mounted)."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a 64 KB tmpfs")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_under_the_sample_log_keeps_every_finished_result(isolated_env, tmp_path, small_disk):
+    """Any exception, not only nano-eval's own, is the task's error: the results JSON still
+    reaches stdout and --output, and the task that failed says why (issue 23, item 1)."""
+    with FakeOpenAI(responder=ByRow()) as srv:
+        proc = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 40, "--num_concurrent", 1,
+                   "--log_samples", small_disk, "--output", tmp_path / "r.json", env=cli_env(tmp_path))
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    result = doc["results"][GSM]
+    assert result["error"].startswith("No space left on device") and result["complete"] is False, result
+    assert result["num_ok"] >= 1 and "metrics" in result  # what finished before the disk filled is there
+    assert json.loads((tmp_path / "r.json").read_text("utf-8")) == doc
+    assert f"error: {GSM}: No space left on device" in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_a_closed_stdout_still_writes_the_report_and_the_output(isolated_env, tmp_path):
+    with FakeOpenAI(responder=ByRow()) as srv:
+        proc = subprocess.Popen(cli_command(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2,
+                                            "--output", tmp_path / "r.json", "--report", tmp_path / "r.html"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT), env=cli_env(tmp_path))
+        proc.stdout.close()  # `nano-eval ... | true`
+        err = proc.stderr.read().decode()
+        code = proc.wait(60)
+    assert code == 0, err
+    assert "stdout is closed: the results JSON was not printed; it is in" in err
+    assert "internal error" not in err and "Exception ignored" not in err and "BrokenPipe" not in err
+    assert (tmp_path / "r.html").stat().st_size > 1000
+    assert json.loads((tmp_path / "r.json").read_text("utf-8"))["results"][GSM]["num_samples"] == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_the_second_servers_check_keeps_the_first_run(isolated_env, tmp_path, sig):
+    with FakeOpenAI(responder=ByRow()) as a, ConformanceFake(malformed="hang") as b:
+        run, _ = interrupted_cli(*GSM_ARGS, "--base_url", a.base_url, "--base_url", b.base_url, "--max_samples", 2,
+                                 "--check", "--output", tmp_path / "r.json", env=cli_env(tmp_path),
+                                 when=lambda: any(r["body"] == {"model": "conformance-model",
+                                                                "messages": "this is not a list of messages"}
+                                                  for r in b.chat_requests if isinstance(r["body"], dict)),
+                                 what="the second server's check did not start", sig=sig)
+    assert run.code == 130, run.err
+    doc = json.loads(run.out)
+    assert [r["results"][GSM]["num_samples"] for r in doc["runs"]] == [2]
+    assert json.loads((tmp_path / "r.json").read_text("utf-8")) == doc
+    assert "interrupted: the runs that finished are written" in run.err
