@@ -221,6 +221,8 @@ def parse_kv(text: str | None, flag: str) -> dict:
         if not sep or not key:
             raise UsageError(f"{flag}: {item.strip()!r} is not key=value (expected k=v,k=v)")
         result[key] = parse_value(value.strip())
+        if isinstance(result[key], float) and not math.isfinite(result[key]):
+            raise UsageError(f"{flag}: {key}={value.strip()} is not a finite number (JSON has no NaN or infinity)")
     return result
 
 
@@ -243,8 +245,8 @@ def integer(value: Any) -> int:
 
 
 def positive_float(value: Any) -> float:
-    if not is_number(value) or not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    if not is_number(value) or not 0 < value <= 1e9:
+        raise argparse.ArgumentTypeError(f"expected a positive number up to 1e9, got {value!r}")
     return value
 
 
@@ -295,6 +297,9 @@ def check_secret(value: str | None, name: str) -> str | None:
     return value or None
 
 
+OWN_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "content-type"}  # framing: ours
+
+
 def parse_headers(headers: dict | Iterable[str]) -> dict:
     """Extra request headers, from a dict or from `Name: value` strings, checked like a key."""
     if not isinstance(headers, dict):
@@ -307,6 +312,8 @@ def parse_headers(headers: dict | Iterable[str]) -> dict:
         name = str(name).strip()
         if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
             raise UsageError(f"header {name!r} is not a valid header name (expected 'Name: value')")
+        if name.lower() in OWN_HEADERS:
+            raise UsageError(f"header {name} is set by nano-eval for each request and cannot be given")
         result[name] = check_secret(str(value), f"the value of header {name}") or ""
     return result
 
@@ -324,13 +331,18 @@ def normalize_base_url(url: str) -> tuple[str, str]:
         raise UsageError("invalid base URL: no user:password@ in it (use --api_key)")
     if not url.isascii():
         raise UsageError(f"invalid base URL {url!r}: ASCII only")
+    if re.search(r"[\s\x00-\x1f\x7f]", url.strip()):
+        raise UsageError(f"invalid base URL {url!r}: no spaces or control characters (write a space as %20)")
+    if parsed.fragment:
+        raise UsageError(f"invalid base URL {url!r}: no #fragment")
     path = parsed.path.rstrip("/")
     if path.endswith("/chat/completions"):
         path = path[: -len("/chat/completions")]
     if not path:
         path = "/v1"
     root = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
-    return root, root + "/chat/completions"
+    query = f"?{parsed.query}" if parsed.query else ""  # e.g. Azure's ?api-version=: sent on every request
+    return root, root + "/chat/completions" + query
 
 
 # The checks of APIConfig's fields, which resolve_settings also applies to --model_args
@@ -376,6 +388,11 @@ class APIConfig:
         self.headers = parse_headers(self.headers)
         if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
             raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
+        if self.ca_cert is not None:
+            try:
+                tls_context(self.verify_certificate, self.ca_cert)
+            except (ssl.SSLError, OSError) as exc:
+                raise UsageError(f"CA certificate file {self.ca_cert} holds no PEM certificate ({exc})") from None
         _SECRETS.update(v for v in (self.api_key, *self.headers.values()) if v)
 
 
@@ -976,16 +993,17 @@ def resolve_model(config: APIConfig, model: str | None) -> str:
 
 
 def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
-    """Which backend answered, from the endpoints each one has: vLLM /version, SGLang
-    /get_server_info, llama.cpp /props, Ollama /api/version, TGI /info; else the
-    `owned_by` of /v1/models and the Server header."""
+    """Which backend answered, from the endpoints each one has: vLLM /version, MAX /version
+    with the title "MAX Serve" in /openapi.json, SGLang /get_server_info, llama.cpp /props,
+    Ollama /api/version, TGI /info; else the `owned_by` of /v1/models and the Server header."""
     api_root = config.api_root
     parts = urllib.parse.urlsplit(api_root)
     origin = f"{parts.scheme}://{parts.netloc}"
     client = server_client(config, timeout=timeout, connect_timeout=timeout)
     paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
              "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
-             "models": f"{api_root}/models", "control": f"{origin}/nano-eval-no-such-path"}
+             "models": f"{api_root}/models", "openapi": f"{origin}/openapi.json",
+             "control": f"{origin}/nano-eval-no-such-path"}
 
     def fetch(url: str) -> tuple[int, Any, dict]:
         try:
@@ -1015,6 +1033,8 @@ def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
         identity.update(name="Ollama", version=only_version["ollama"], evidence="/api/version")
     elif "model_id" in tgi and "version" in tgi:
         identity.update(name="TGI", version=tgi["version"], evidence="/info")
+    elif "version" in only_version and (ok.get("openapi", {}).get("info") or {}).get("title") == "MAX Serve":
+        identity.update(name="MAX", version=only_version["version"], evidence="/version, /openapi.json")
     elif "version" in only_version:
         identity.update(name=owner or "vLLM", version=only_version["version"], evidence="/version")
     elif owner:
@@ -1052,6 +1072,18 @@ def sniff_image(data: bytes) -> tuple[str, str] | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp", "image/webp"
     return None
+
+
+def image_is_whole(data: bytes, fmt: str) -> bool:
+    """Whether an image ends as its format ends (a download cut short does not): PNG's IEND
+    chunk, JPEG's end-of-image marker, GIF's trailer, WebP's RIFF length."""
+    if fmt == "png":
+        return data.endswith(b"IEND\xaeB`\x82")
+    if fmt == "jpeg":
+        return b"\xff\xd9" in data[-64:]
+    if fmt == "gif":
+        return data.rstrip(b"\x00").endswith(b";")
+    return len(data) >= int.from_bytes(data[4:8], "little") + 8  # webp
 
 
 def sha256(data: bytes) -> str:
@@ -1305,6 +1337,10 @@ def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, o
         kind = sniff_image(resp.body)
         if kind is None:
             raise DatasetError(f"image of row {row_idx} of {ref.dataset} is not PNG, JPEG, WebP or GIF")
+        if not image_is_whole(resp.body, kind[0]):
+            warn(f"the image of row {row_idx} of {ref.dataset} is truncated ({len(resp.body):,} bytes of "
+                 f"{kind[0].upper()}): not cached, and that sample fails as missing_image")
+            return None
         cache.write_image(row_idx, resp.body, kind[0])
         return None
 
@@ -1450,6 +1486,8 @@ def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dic
         return None, None, ("missing_image", "the image is not in the cache or failed its sha256 check")
     data, entry = found
     meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (sniff_image(data) or (entry.get("format"),))[0]}
+    if not image_is_whole(data, meta["format"]):
+        return None, None, ("missing_image", f"the cached image is truncated ({len(data):,} bytes)")
     return meta, data_url(data), None
 
 
@@ -1786,16 +1824,45 @@ TASKS: dict[str, Task] = {
 # ============================================================================
 
 
-def read_records(path: Path) -> Iterator[dict]:
-    """The records of a sample log; a line cut short by a crash is skipped."""
+# The fields of a sample record that the tools read, and the types they must have
+RECORD_FIELDS = {"task": str, "doc_hash": str, "status": str, "row_idx": int, "repeat": int, "scores": dict,
+                 "response": dict, "extracted": dict, "request": dict, "image": dict, "target": str}
+
+
+def record_problem(record: Any) -> str | None:
+    """Why a parsed log line is not a sample record nano-eval wrote, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    for name in ("task", "doc_hash", "status"):
+        if name not in record:
+            return f"no {name!r}"
+    for name, kind in RECORD_FIELDS.items():
+        value = record.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"{name!r} is not of type {kind.__name__}"
+    if not all(is_number(v) for v in (record.get("scores") or {}).values()):
+        return "a score is not a number"
+    usage = (record.get("response") or {}).get("usage")
+    if usage is not None and not isinstance(usage, dict):
+        return "'usage' is not an object"
+    return None
+
+
+def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
+    """The records of a sample log. A line that is not JSON (cut short by a crash) is
+    skipped; so is one that is JSON but not a sample record, or with `strict` it is a
+    UsageError naming it."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 try:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(record, dict):
+                problem = record_problem(record)
+                if problem and strict:
+                    raise UsageError(f"{path}:{number}: not a nano-eval sample record ({problem})")
+                if not problem:
                     yield record
     except FileNotFoundError:
         return
@@ -2758,6 +2825,20 @@ def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None
     return None
 
 
+def check_distinct_outputs(output: Path | None, report: Path | None, log_dir: Path | None) -> None:
+    """--output, --report and the sample logs are different files: one written over another
+    would lose it (the results replaced by HTML, the resume state by a page)."""
+    def same(a: Path, b: Path) -> bool:
+        return a.resolve() == b.resolve()
+
+    if output and report and same(output, report):
+        raise UsageError(f"--output and --report are the same file ({output}): give each its own")
+    for path, flag in ((output, "--output"), (report, "--report")):
+        if path and log_dir and same(path.parent, log_dir) and path.name.startswith("samples_") \
+                and path.suffix == ".jsonl":
+            raise UsageError(f"{flag} {path} is a sample log of this run: give it another name")
+
+
 def failure_of(exc: Exception) -> str:
     """One line for an error that is not nano-eval's own (a full disk, a bug)."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -2908,6 +2989,7 @@ def cmd_eval(argv: list) -> int:
     _SECRETS.update(s for s in (fields["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     report = check_output_path(args.report, "--report")
+    check_distinct_outputs(output, report, sample_log_dir(args, output))
     log_dir = sample_log_dir(args, output) or (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report else None)
     if log_dir and not is_writable_dir(log_dir):
         raise UsageError(f"cannot write the sample log in {log_dir}")
@@ -3243,7 +3325,7 @@ def load_repeats(path: str) -> dict:
         raise UsageError(f"{source}: no samples_<task>.jsonl in this folder")
     records: dict = {}
     for file in files:
-        for record in read_records(file):
+        for record in read_records(file, strict=True):
             if "task" in record and "doc_hash" in record:
                 records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
     if not records:
@@ -3511,23 +3593,37 @@ def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DE
     return comparison
 
 
+GATE_MATCHED = 0.9  # of a task's samples, the share both runs must have for --fail_if to judge it
+
+
+def too_few_matched(c: dict) -> bool:
+    """A gate judges two runs over the same samples: a candidate that crashed early has few."""
+    return c.get("n", 0) < GATE_MATCHED * (c.get("n", 0) + c.get("unmatched", 0)) or not c.get("n")
+
+
 def gate_failures(comparison: dict, fail_if: str | None) -> list:
     """The tasks where B is significantly worse than A (`worse`) or differs (`different`: in
-    accuracy, or in numerics)."""
+    accuracy, or in numerics), or that too few samples of both runs cover to judge."""
     if not fail_if:
         return []
-    return [name for name, c in comparison.items() if c.get("n") and (
+    return [name for name, c in comparison.items() if too_few_matched(c) or (
         (c["mcnemar_p"] < 0.05 and (fail_if == "different" or c["difference"] < 0))
         or (fail_if == "different" and (c.get("numerics") or {}).get("verdict") == "different"))]
 
 
 def gate_exit(comparison: dict, fail_if: str | None) -> int:
     failed = gate_failures(comparison, fail_if)
-    in_accuracy = [name for name in failed if comparison[name]["mcnemar_p"] < 0.05]
+    for name in failed:
+        c = comparison[name]
+        if too_few_matched(c):
+            info(f"error: --fail_if {fail_if}: {name}: only {c.get('n', 0)} of {c.get('n', 0) + c.get('unmatched', 0)} "
+                 f"samples are in both runs (at least {GATE_MATCHED:.0%} needed): rerun the one that stopped early")
+    failed_by_score = [name for name in failed if not too_few_matched(comparison[name])]
+    in_accuracy = [name for name in failed_by_score if comparison[name]["mcnemar_p"] < 0.05]
     if in_accuracy:
         info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
              f"on {', '.join(in_accuracy)}")
-    for name in failed:
+    for name in failed_by_score:
         if name not in in_accuracy:
             info(f"error: --fail_if {fail_if}: B's numerics differ from A's on {name}: "
                  f"{'; '.join(comparison[name]['numerics']['evidence'])}")
@@ -4045,6 +4141,21 @@ def write_report(path: str | Path, page: str) -> None:
     info(f"report written to {target}")
 
 
+def document_problem(document: dict) -> str | None:
+    """Why a parsed results JSON is not one nano-eval wrote, or None."""
+    if "runs" in document:
+        if not isinstance(document["runs"], list) or not isinstance(document.get("comparisons", []), list):
+            return "'runs' and 'comparisons' are not lists"
+        return next((f"run {i}: {p}" for i, run in enumerate(document["runs"])
+                     if (p := "not an object" if not isinstance(run, dict) else document_problem(run))), None)
+    results, config = document.get("results"), document.get("config")
+    if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
+        return "'results' is not an object of task results"
+    if config is not None and not isinstance(config, dict):
+        return "'config' is not an object"
+    return None
+
+
 def read_results_file(path: str) -> dict | None:
     """The results JSON at `path` (--output), or None when `path` is a sample log or folder."""
     source = Path(path).expanduser()
@@ -4056,6 +4167,9 @@ def read_results_file(path: str) -> dict | None:
         raise UsageError(f"{source} is not a results JSON: {exc}") from None
     if not isinstance(document, dict) or not ("results" in document or "runs" in document):
         raise UsageError(f"{source} is not a results JSON (no 'results')")
+    problem = document_problem(document)
+    if problem:
+        raise UsageError(f"{source} is not a results JSON nano-eval wrote ({problem})")
     return document
 
 

@@ -533,6 +533,9 @@ def test_compare_missing_and_empty_inputs(tmp_path, planted, capsys):
     junk = tmp_path / "junk.jsonl"
     junk.write_text("not json\n[1, 2]\n{\"no\": \"task\"}\n")
     code, _, err = run_main(["compare", str(junk), str(planted[1])], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"{junk}:2: not a nano-eval sample record" in err
+    junk.write_text("not json\n")  # only lines cut short: nothing to compare
+    code, _, err = run_main(["compare", str(junk), str(planted[1])], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "no sample records" in err
     code, _, err = run_main(["compare", str(planted[0])], capsys)  # one run only: usage error
     assert code == 2 and len(err.splitlines()) == 1
@@ -670,7 +673,12 @@ def test_compare_fail_if_bad_choice(gate_logs):
     ({"n": 30, "mcnemar_p": 0.05, "difference": -0.2}, "different", []),  # p < 0.05, strictly
     ({"n": 30, "mcnemar_p": 0.0499, "difference": -0.2}, "worse", ["t"]),
     ({"n": 30, "mcnemar_p": 0.01, "difference": -0.2}, None, []),
-    ({"n": 0, "unmatched": 4, "verdict": "no samples in common"}, "different", []),
+    ({"n": 0, "unmatched": 4, "verdict": "no samples in common"}, "different", ["t"]),  # nothing to judge: fails
+    ({"n": 0, "unmatched": 4, "verdict": "no samples in common"}, "worse", ["t"]),
+    ({"n": 1, "unmatched": 39, "mcnemar_p": 1.0, "difference": 0.0}, "worse", ["t"]),  # a crashed candidate
+    ({"n": 36, "unmatched": 4, "mcnemar_p": 1.0, "difference": 0.0}, "worse", []),  # 90% in both: judged
+    ({"n": 35, "unmatched": 5, "mcnemar_p": 1.0, "difference": 0.0}, "worse", ["t"]),
+    ({"n": 0, "unmatched": 4, "verdict": "no samples in common"}, None, []),
 ])
 def test_gate_failures(c, fail_if, failed):
     assert ne.gate_failures({"t": c}, fail_if) == failed
@@ -959,3 +967,48 @@ def test_classify_response_keeps_logprobs_compactly():
     for broken in ({"content": None}, None, {"content": "x"}, {"content": [1]}):
         body["choices"][0]["logprobs"] = broken
         assert ne.classify_response(ne.HTTPResponse(200, {}, json.dumps(body).encode())).logprobs is None
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"task": "gsm8k_cot_llama", "doc_hash": "x"}', "no 'status'"),
+    ('{"task": "gsm8k_cot_llama", "doc_hash": "x", "status": "ok", "scores": 5}', "'scores' is not of type dict"),
+    ('{"task": "gsm8k_cot_llama", "doc_hash": "x", "status": "ok", "response": "a"}',
+     "'response' is not of type dict"),
+    ('{"task": "gsm8k_cot_llama", "doc_hash": "x", "status": "ok", "scores": {"m": "1"}}', "a score is not a number"),
+    ('[1, 2]', "not a JSON object"),
+])
+@pytest.mark.parametrize("command", ["compare", "report"])
+def test_a_malformed_sample_log_is_one_line_error(tmp_path, line, problem, command):
+    """Issue 23, item 12: no internal error, exit 2, the file and line named."""
+    log = tmp_path / "samples_gsm8k_cot_llama.jsonl"
+    good = json.dumps({"task": GSM, "doc_hash": "y", "status": "ok", "row_idx": 0, "scores": {}})
+    log.write_text(good + "\n" + line + "\n", encoding="utf-8")
+    args = [command, log, log] if command == "compare" else [command, log, "-o", tmp_path / "r.html"]
+    proc = cli(*args)
+    one_error(proc.returncode, proc.stderr, 2, f"{log}:2: not a nano-eval sample record ({problem})")
+
+
+@pytest.mark.parametrize("document, problem", [
+    ({"results": {GSM: 5}, "config": 3}, "'results' is not an object of task results"),
+    ({"results": {GSM: {}}, "config": 3}, "'config' is not an object"),
+    ({"runs": [1], "comparisons": []}, "run 0: not an object"),
+    ({"runs": [], "comparisons": 2}, "'runs' and 'comparisons' are not lists"),
+])
+def test_a_malformed_results_json_is_one_line_error(tmp_path, document, problem):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(document), encoding="utf-8")
+    proc = cli("report", path, "-o", tmp_path / "r.html")
+    one_error(proc.returncode, proc.stderr, 2, f"is not a results JSON nano-eval wrote ({problem})")
+
+
+def test_fail_if_refuses_to_pass_a_candidate_that_stopped_early(gate_logs, tmp_path):
+    """Issue 23, item 8: 1 of 30 samples in common is no pass."""
+    source = Path(gate_logs["right"])
+    log = source if source.is_file() else next(source.glob("samples_*.jsonl"))
+    crashed = tmp_path / "samples_gsm8k_cot_llama.jsonl"
+    crashed.write_text(log.read_text("utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    for flag in ("worse", "different"):
+        proc = cli("compare", gate_logs["right"], crashed, "--fail_if", flag)
+        one_error(proc.returncode, proc.stderr, 6, f"--fail_if {flag}: gsm8k_cot_llama: only 1 of 30 samples are in "
+                  "both runs (at least 90% needed)")
+    assert cli("compare", gate_logs["right"], crashed).returncode == 0  # without a gate: just the comparison

@@ -498,3 +498,35 @@ def test_a_one_character_secret_does_not_mangle_messages(tmp_path, env, flags):
     # where it stands as a credential it is still replaced
     assert nano_eval.redact("Authorization: Bearer a; X-Debug: 1; key=a", ["a", "1"]) == \
         "Authorization: Bearer ***; X-Debug: ***; key=***"
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input is the user's (exit 2, one line), not the server's (issue 23, item 12)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--base_url", "http://h:1/v 1"], "no spaces or control characters"),
+    (["--ca_cert", "{garbage}"], "holds no PEM certificate"),
+    (["--timeout", "1e300"], "--timeout: expected a positive number up to 1e9"),
+    (["--gen_kwargs", "temperature=nan"], "temperature=nan is not a finite number"),
+    (["--gen_kwargs", "temperature=inf"], "temperature=inf is not a finite number"),
+    (["--header", "Content-Length: 5"], "header Content-Length is set by nano-eval"),
+    (["--header", "Transfer-Encoding: chunked"], "header Transfer-Encoding is set by nano-eval"),
+])
+def test_bad_input_is_a_usage_error(tmp_path, flags, fragment):
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate\n")
+    flags = [f.format(garbage=garbage) for f in flags]
+    base = [] if "--base_url" in flags else ["--base_url", f"http://127.0.0.1:{free_port()}/v1"]
+    proc = cli("--tasks", GSM, *base, *flags, env=cli_env(tmp_path))
+    one_error(proc.returncode, proc.stderr, 2, fragment)
+    assert proc.stdout == ""
+
+
+def test_a_query_in_the_base_url_is_sent_with_every_chat_request(isolated_env, tmp_path):
+    with FakeOpenAI(responder=ByRow()) as srv:
+        proc = cli(*GSM_ARGS, "--base_url", srv.base_url + "?api-version=2024-06-01", "--max_samples", 2)
+        queries = [r["query"] for r in srv.chat_requests]
+    assert proc.returncode == 0, proc.stderr
+    assert queries == [{"api-version": "2024-06-01"}] * 2

@@ -643,3 +643,26 @@ def test_sniff_image():
     assert sniff_image(b"<html>nope</html>") is None
     assert sniff_image(b"") is None
     assert sniff_image(b"\x89PNG") is None  # a truncated magic
+
+
+class TruncatesRowOne(FakeDatasetsServer):
+    """Serves row 1's chart cut to its first 40 bytes (the PNG signature and IHDR, no IEND)."""
+
+    def _asset(self, request):
+        response = super()._asset(request)
+        if "/1/image/" in request["path"] and response.status == 200:
+            response.body = response.body[:40]
+        return response
+
+
+def test_a_truncated_image_is_not_cached_nor_sent(no_env, chartqa_spec, chart_server, tmp_path, capsys):
+    """Issue 23, item 8: a 40-byte PNG is named, not cached, and its sample fails as missing_image."""
+    with TruncatesRowOne({CHARTQA: chartqa_spec}) as hf:
+        result = run_chartqa(APIConfig(url=chart_server.base_url, model="m"), 3, tmp_path / "data", hf)
+    err = capsys.readouterr().err
+    assert "the image of row 1 of HuggingFaceM4/ChartQA is truncated (40 bytes of PNG): not cached" in err
+    assert sorted(chart_row_of(r["body"]) for r in chart_server.chat_requests) == [0, 2]
+    assert result["failures"] == {"missing_image": 1} and result["num_samples"] == 3
+    assert not (tmp_path / "data" / "HuggingFaceM4__ChartQA" / "default" / "test" / "images" / "1.png").exists()
+    for fmt, whole in (("png", make_png(4, 3)), ("jpeg", TINY_JPEG)):
+        assert nano_eval.image_is_whole(whole, fmt) and not nano_eval.image_is_whole(whole[:-10], fmt)

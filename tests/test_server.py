@@ -392,3 +392,36 @@ def test_cli_records_server_identity(isolated_env, gsm8k_answers, capsys, routes
     # the start line on stderr names it too
     label = f"({name} {version})" if version else f"({name})"
     assert label in err
+
+
+# --------------------------------------------------------------------------------------------
+# The real servers' own answers (tests/fixtures/servers, recorded from the pinned builds)
+# --------------------------------------------------------------------------------------------
+
+SERVERS = Path(__file__).parent / "fixtures" / "servers"
+
+
+def recorded(name: str) -> tuple[dict, str | None]:
+    """(GET routes answering as the real server did, its Server header)."""
+    routes, header = {}, None
+    for path in sorted((SERVERS / name).glob("get-*.json")):
+        answer = json.loads(path.read_text("utf-8"))
+        routes[answer["path"]] = (answer["status"], answer["body"] if answer["body"] is not None else "")
+        header = answer["headers"].get("server", header)
+    return routes, header
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("max-26.7.0", {"name": "MAX", "version": "26.7.0", "evidence": "/version, /openapi.json", "owned_by": "",
+                    "server_header": "uvicorn"}),
+    ("vllm-0.32.0", {"name": "vLLM", "version": "0.32.0", "evidence": "/version", "owned_by": "vllm",
+                     "server_header": "uvicorn"}),
+    ("llama.cpp-11434", {"name": "llama.cpp", "version": "b0-unknown", "evidence": "/props", "owned_by": "llamacpp",
+                         "server_header": "llama.cpp"}),
+])
+def test_identify_the_real_servers_from_their_recorded_answers(name, expected):
+    """MAX is named MAX (not vLLM, whose /version looks the same), from what MAX really answers."""
+    routes, header = recorded(name)
+    with FakeOpenAI(extra_routes=routes, server_header=header) as srv:
+        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+    assert {k: identity.get(k) for k in expected} == expected

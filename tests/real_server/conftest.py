@@ -13,8 +13,9 @@ Optional environment:
     NANO_EVAL_LLAMA_MODEL       use this GGUF instead of the pinned SmolLM2-135M-Instruct
     NANO_EVAL_CI_CACHE          cache root for the builds (see setup_llama_server.sh, setup_vllm.sh)
 
-test_vllm.py and test_vlm.py also start vLLM (setup_vllm.sh builds its venv, ~4 min cold);
-each server is module-scoped, so at most one vLLM runs at a time.
+test_vllm.py, test_numerics.py and test_vlm.py also start vLLM (setup_vllm.sh builds its venv,
+~4 min cold), test_vllm.py and test_max.py MAX (setup_max.sh, ~5 min cold); each server is
+module-scoped, so at most one vLLM and one MAX run at a time.
 """
 
 from __future__ import annotations
@@ -310,6 +311,46 @@ def vlm_server(vllm_paths, tmp_path_factory):
                    extra=("--limit-mm-per-prompt", '{"image": 1}'))
     with launch_server("vllm-idefics3", cmd, logdir, VLLM_HEALTH_TIMEOUT_S, vllm_env()) as server:
         server.alias, server.version = VLM_ALIAS, vllm_paths["VLLM_VERSION"]
+        yield server
+
+
+# --------------------------------------------------------------------------- MAX
+
+MAX_SETUP_SCRIPT = HERE / "setup_max.sh"
+MAX_HEALTH_TIMEOUT_S = 1800  # a warm compile cache: ~20 s; a cold one: minutes (setup_max.sh fills it)
+
+
+@pytest.fixture(scope="session")
+def max_paths(pytestconfig) -> dict:
+    """setup_max.sh's KEY=value lines: MAX_PYTHON, MAX_VERSION, MAX_MODEL, MAX_SERVE, MAX_CACHE."""
+    t0 = time.monotonic()
+    with _uncaptured(pytestconfig):
+        print(f"\n[real_server] running {MAX_SETUP_SCRIPT.name} (cached: ~1 s; cold: ~5 min)", flush=True)
+        proc = subprocess.run(["bash", str(MAX_SETUP_SCRIPT)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        print(f"[real_server] MAX setup finished in {time.monotonic() - t0:.0f} s", flush=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{MAX_SETUP_SCRIPT} failed with exit code {proc.returncode}:\n{proc.stdout}")
+    return dict(line.split("=", 1) for line in shlex.split(proc.stdout) if "=" in line)
+
+
+def max_env(cache: str) -> dict:
+    """Telemetry and crash reports off, the compile cache in the CI cache, nothing from a hub."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAX_", "MODULAR_", "NANO_EVAL_"))}
+    env.update(HF_HUB_OFFLINE="1", MAX_SERVE_DISABLE_TELEMETRY="1", MODULAR_TELEMETRY_ENABLED="0",
+               MODULAR_CRASH_REPORTING_ENABLED="0", MODULAR_DERIVED_PATH=cache,
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    return env
+
+
+@pytest.fixture(scope="module")
+def max_server(max_paths, tmp_path_factory):
+    """MAX (CPU) serving the SAME float32 SmolLM2 HF folder as vllm_server, on 127.0.0.1 only."""
+    logdir = tmp_path_factory.mktemp("max_server")
+    cmd = lambda port: [max_paths["MAX_SERVE"], "serve", "--model-path", max_paths["MAX_MODEL"],  # noqa: E731
+                        "--devices", "cpu", "--host", "127.0.0.1", "--port", str(port),
+                        "--served-model-name", TEXT_ALIAS, "--max-length", "4096"]
+    with launch_server("max", cmd, logdir, MAX_HEALTH_TIMEOUT_S, max_env(max_paths["MAX_CACHE"])) as server:
+        server.alias, server.version = TEXT_ALIAS, max_paths["MAX_VERSION"]
         yield server
 
 

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # CI entry for nano-eval's real-server tests: llama.cpp llama-server + SmolLM2-135M
 # (setup_llama_server.sh), vLLM CPU + the same weights in float32 + a tiny Idefics3 VLM
-# (setup_vllm.sh).
+# (setup_vllm.sh), MAX CPU on the same float32 weights (setup_max.sh, after setup_vllm.sh).
 #
 #   bash tests/real_server/run_in_ci.sh --prepare-bg   # start both setups in the background, return at once
 #   ...run the other test suites...
 #   bash tests/real_server/run_in_ci.sh [pytest args]  # wait for / finish the setups, then run the tests
 #
 # The setups cache under ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}; a warm cache
-# makes them take ~1 s. A cold one builds llama-server (~10 min on 2 idle cores) and the
-# vLLM venv (~3 min); in the background they run under `nice`, so the tests in the
-# foreground keep priority. A foreground call after --prepare-bg blocks on each setup's
+# makes them take ~1 s. A cold one builds llama-server (~12 min on 2 idle cores), the vLLM
+# venv (~4 min) and then the MAX venv and its compiled graphs (~5 min); in the background
+# they run under `nice`, so the tests in the foreground keep priority. Each setup proves its
+# server answers a real completion on this machine before it marks itself ready. A foreground call after --prepare-bg blocks on each setup's
 # lock until its background job is done, then finds the cache ready; if a background job
 # failed it retries.
 # The whole script is one { ... } block: bash parses it completely before running it, so
@@ -41,8 +42,11 @@ if [ "${1:-}" = "--prepare-bg" ]; then
   # setsid + nohup: survives the caller's shell; the setup's flock serializes with later calls.
   nohup setsid nice -n 10 bash "$HERE/setup_llama_server.sh" >"$BG_LOG" 2>&1 </dev/null &
   echo "[run_in_ci] llama-server setup started in the background (pid $!, log $BG_LOG)" >&2
-  nohup setsid nice -n 10 bash "$HERE/setup_vllm.sh" >"$VLLM_BG_LOG" 2>&1 </dev/null &
-  echo "[run_in_ci] vLLM setup started in the background (pid $!, log $VLLM_BG_LOG)" >&2
+  # MAX serves setup_vllm.sh's float32 folder: its setup runs setup_vllm.sh first (which waits on
+  # the lock of the vLLM setup above), then builds its own venv.
+  nohup setsid nice -n 10 bash -c 'bash "$1/setup_vllm.sh" && bash "$1/setup_max.sh"' _ "$HERE" \
+    >"$VLLM_BG_LOG" 2>&1 </dev/null &
+  echo "[run_in_ci] vLLM, then MAX, setup started in the background (pid $!, log $VLLM_BG_LOG)" >&2
   exit 0
 fi
 
@@ -61,6 +65,11 @@ if ! bash "$HERE/setup_vllm.sh" >/dev/null; then
   exit 1
 fi
 echo "[run_in_ci] vLLM ready after $(( $(date +%s) - T0 )) s" >&2
+if ! bash "$HERE/setup_max.sh" >/dev/null; then
+  [ -f "$VLLM_BG_LOG" ] && { echo "--- background vLLM/MAX setup log ---" >&2; tail -n 40 "$VLLM_BG_LOG" >&2; }
+  exit 1
+fi
+echo "[run_in_ci] MAX ready after $(( $(date +%s) - T0 )) s" >&2
 
 cd "$ROOT"
 set +e

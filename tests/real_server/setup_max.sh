@@ -27,9 +27,11 @@
 # Cache: ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}/<key>/{venv,modular} where <key>
 # names the modular version, the hash of max-lock.txt and the arch; compiled graphs live in
 # modular/cache/.max_cache. The ready stamp is written only after MAX has served a real
-# completion (prove_server.py), which also fills that compile cache. Idempotent and safe to
-# run concurrently (flock). Cold: venv ~1.5-4 min (115 packages, 2.0 GB) + the first graph
-# compile (minutes; 12 min on a loaded machine); warm: ~1 s.
+# completion (prove_server.py), which also fills that compile cache (78 MB). Idempotent and
+# safe to run concurrently (flock). Cold: ~5 min (venv ~2 min: 115 packages, 2.0 GB; first
+# completion ~3 min after start, nearly all graph compile; 12 min on a heavily loaded machine);
+# warm: ~1 s; a warm server answers ~25 s after start (--smoke: ~30 s).
+# MAX also reads MAX_SERVE_* settings from a .env file in its working directory, if any.
 # The whole script is one { ... } block: bash parses it completely before running it.
 {
 set -euo pipefail
@@ -45,7 +47,7 @@ PROVE_TIMEOUT=1800                    # the first graph compile is slow on 2 bus
 
 PYTHON=${PYTHON:-python3}
 SETUP_NAME=setup_max
-HELP_LINES=2,33
+HELP_LINES=2,35
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
 VENV_PYTHON_BIN=${NANO_EVAL_MAX_BASE_PYTHON:-}
@@ -75,14 +77,13 @@ max_env() {
   env HF_HUB_OFFLINE=1 MAX_SERVE_DISABLE_TELEMETRY=1 MODULAR_TELEMETRY_ENABLED=0 \
     MODULAR_CRASH_REPORTING_ENABLED=0 MODULAR_DERIVED_PATH="$MAX_CACHE" "$@"
 }
-serve_cmd() {  # the prove_server.py command line; {port} is filled in by it
-  printf '%s\0' "$MAX_BIN" serve --model-path "$MODEL_DIR" --devices cpu --host 127.0.0.1 \
-    --port '{port}' --served-model-name "$SERVED_NAME" --max-length 4096
-}
+# The server command for prove_server.py, which fills in {port}.
+SERVE_CMD=("$MAX_BIN" serve --model-path "$MODEL_DIR" --devices cpu --host 127.0.0.1 \
+  --port '{port}' --served-model-name "$SERVED_NAME" --max-length 4096)
 
 # stamps: what each artifact was made from (a changed pin or model redoes that step)
 venv_stamp() { printf '%s %s\n' "$LOCK_SHA" "$MAX_VER"; }
-proven_stamp() {  # the venv, the model folder and what made it (setup_vllm.sh's stamp)
+proved_stamp() {  # the venv, the model folder and what made it (setup_vllm.sh's stamp)
   printf '%s %s %s\n' "$(venv_stamp)" "$MODEL_DIR" "$(cat "$MODEL_DIR.stamp" 2>/dev/null || echo none)"
 }
 stamp_ok() { [ -f "$1.stamp" ] && [ "$(cat "$1.stamp")" = "$2" ]; }
@@ -92,7 +93,7 @@ print_paths() {
     "$VPY" "$MAX_VER" "$MODEL_DIR" "$MAX_BIN" "$MAX_CACHE"
 }
 is_ready() {
-  [ -n "$MODEL_DIR" ] && stamp_ok "$DIR/venv" "$(venv_stamp)" && stamp_ok "$DIR/proven" "$(proven_stamp)"
+  [ -n "$MODEL_DIR" ] && stamp_ok "$DIR/venv" "$(venv_stamp)" && stamp_ok "$DIR/proved" "$(proved_stamp)"
 }
 
 if ! begin_setup "$DIR"; then
@@ -109,8 +110,8 @@ if ! begin_setup "$DIR"; then
     fi
     [ -n "$VENV_PYTHON_BIN" ] || die "no Python 3.11 found (max-lock.txt is for CPython 3.11; set NANO_EVAL_MAX_BASE_PYTHON)"
     [ "$(uname -m)" = x86_64 ] || die "max-lock.txt is for x86_64 Linux (glibc >= 2.34), this is $(uname -m)"
-    log "creating the venv with $VENV_PYTHON_BIN and installing $MAX_PKG==$MAX_VER (~1.5-4 min, 2.0 GB)"
-    rm -rf "$DIR/venv" "$DIR/venv.stamp" "$DIR/proven.stamp"
+    log "creating the venv with $VENV_PYTHON_BIN and installing $MAX_PKG==$MAX_VER (~2 min, 2.0 GB)"
+    rm -rf "$DIR/venv" "$DIR/venv.stamp" "$DIR/proved.stamp"
     "$VENV_PYTHON_BIN" -m venv "$DIR/venv"
     T1=$(date +%s)
     # --no-deps: exactly the locked set (pip 23's resolver cannot even resolve modular==26.7.0;
@@ -125,16 +126,15 @@ if ! begin_setup "$DIR"; then
   fi
 
   # 2. prove it serves a completion (also compiles the graphs into $MAX_CACHE) ---
-  if ! stamp_ok "$DIR/proven" "$(proven_stamp)"; then
+  if ! stamp_ok "$DIR/proved" "$(proved_stamp)"; then
     mkdir -p "$MAX_CACHE"
-    rm -f "$DIR/proven.stamp"
+    rm -f "$DIR/proved.stamp"
     log "proving MAX serves $MODEL_DIR on CPU (the first graph compile takes minutes; log: $DIR/prove-server.log)"
     T1=$(date +%s)
-    mapfile -d '' CMD < <(serve_cmd)
-    max_env "$PYTHON" "$HERE/prove_server.py" max-serve "$DIR/prove-server.log" "$PROVE_TIMEOUT" -- "${CMD[@]}" \
+    max_env "$PYTHON" "$HERE/prove_server.py" max-serve "$DIR/prove-server.log" "$PROVE_TIMEOUT" -- "${SERVE_CMD[@]}" \
       || { tail -n 30 "$DIR/prove-server.log" >&2; die "MAX did not serve a completion"; }
     log "MAX served its first completion $(( $(date +%s) - T1 )) s after start (compile cache: $MAX_CACHE)"
-    proven_stamp > "$DIR/proven.stamp"
+    proved_stamp > "$DIR/proved.stamp"
   fi
 
   rm -rf "$WORK"
@@ -143,10 +143,9 @@ if ! begin_setup "$DIR"; then
 fi
 
 if [ "$MODE" = smoke ]; then
-  log "smoke: starting MAX on a free 127.0.0.1 port, one chat completion, stop (warm: ~1 min)"
+  log "smoke: starting MAX on a free 127.0.0.1 port, one chat completion, stop (~30 s)"
   T1=$(date +%s)
-  mapfile -d '' CMD < <(serve_cmd)
-  max_env "$PYTHON" "$HERE/prove_server.py" max-serve "$DIR/smoke-server.log" "$PROVE_TIMEOUT" -- "${CMD[@]}" \
+  max_env "$PYTHON" "$HERE/prove_server.py" max-serve "$DIR/smoke-server.log" "$PROVE_TIMEOUT" -- "${SERVE_CMD[@]}" \
     || { tail -n 30 "$DIR/smoke-server.log" >&2; die "smoke test failed"; }
   log "smoke OK in $(( $(date +%s) - T1 )) s"
 fi

@@ -40,7 +40,7 @@ TASK = "gsm8k_cot_llama"
 K = 5  # --logprobs
 N_REF = 10  # vLLM's reference run: the most any comparison below uses
 N_NOISE = 10  # the pairs that must be equivalent
-N_BLATANT, N_SUBTLE = 4, 10
+N_BLATANT, N_SUBTLE = 3, 6
 
 RMS_EPS = "llama.attention.layer_norm_rms_epsilon=float:{}"  # the model's own: 1e-5
 # (name, what is wrong, llama-server flags, the Q4_1 weights instead of float32, n, the evidence named)
@@ -51,8 +51,8 @@ ZOO = [
      N_BLATANT, "logprob distance"),
     ("rms_eps_1e-3", "RMS-norm epsilon 1e-3", ["--override-kv", RMS_EPS.format(0.001)], False, N_SUBTLE,
      "logprob distance"),
-    ("kv_q8_0", "KV cache q8_0 (-ctk/-ctv q8_0)", ["-ctk", "q8_0", "-ctv", "q8_0"], False, N_SUBTLE,
-     "logprob distance"),
+    ("kv_q8_0", "KV cache q8_0 (-ctk/-ctv q8_0)", ["-ctk", "q8_0", "-ctv", "q8_0"], False, N_REF,
+     "logprob distance"),  # the closest to the noise (p99 0.063 against 0.033 for two correct backends)
     ("kv_q4_0", "KV cache q4_0", ["-ctk", "q4_0", "-ctv", "q4_0"], False, N_BLATANT, "logprob distance"),
     ("q4_1_weights", "the Q4_1 GGUF instead of float32", [], True, N_SUBTLE, "logprob distance"),
     ("chatml_template", "ChatML template (--no-jinja --chat-template chatml)",

