@@ -84,6 +84,10 @@ MODEL="$DIR/models/$MODEL_FILE"
 # shell-quoted (%q) so that `eval "$(bash setup_llama_server.sh)"` works even with spaces in paths
 print_paths() { printf 'LLAMA_SERVER=%q\nLLAMA_MODEL=%q\n' "$BIN" "$MODEL"; }
 is_ready() { [ -x "$BIN" ] && [ -f "$MODEL" ] && [ -f "$DIR/model.verified" ]; }
+serve_once() {  # serve_once BINARY LOG: on a free 127.0.0.1 port, one real chat completion, stopped
+  "$PYTHON" "$HERE/prove_server.py" llama-server "$2" 300 -- \
+    "$1" -m "$MODEL" -a smollm2-135m-instruct --host 127.0.0.1 --port '{port}' -c 4096 -np 1 -t 1
+}
 
 if ! begin_setup "$DIR"; then
 
@@ -134,8 +138,7 @@ PY
       die "the build holds AMX tile instructions although -mno-amx-* was given"
     fi
     log "proving the binary serves a real completion here (Q4_1 model: the repacked kernels)"
-    "$PYTHON" "$HERE/prove_server.py" llama-server "$DIR/prove-server.log" 300 -- \
-      "$BIN.tmp" -m "$MODEL" -a smollm2-135m-instruct --host 127.0.0.1 --port '{port}' -c 4096 -np 1 -t 1 \
+    serve_once "$BIN.tmp" "$DIR/prove-server.log" \
       || die "the built llama-server does not serve on this machine; not cached (log: $DIR/prove-server.log)"
     mv -f "$BIN.tmp" "$BIN"
   fi
@@ -145,44 +148,8 @@ PY
 fi
 
 if [ "$MODE" = smoke ]; then
-  PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  log "smoke: starting llama-server on 127.0.0.1:$PORT"
-  "$BIN" -m "$MODEL" -a smollm2-135m-instruct --host 127.0.0.1 --port "$PORT" \
-    -c 8192 -np 2 -t 2 --jinja >"$DIR/smoke-server.log" 2>&1 &
-  SPID=$!
-  trap 'kill $SPID 2>/dev/null || true' EXIT
-  # python instead of curl: curl may be missing.
-  "$PYTHON" - "$PORT" "$SPID" <<'PY' || { tail -n 30 "$DIR/smoke-server.log" >&2; die "smoke test failed"; }
-import json, os, sys, time, urllib.request
-port, pid = sys.argv[1], int(sys.argv[2])
-base = f"http://127.0.0.1:{port}"
-deadline = time.time() + 300
-while True:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit("llama-server exited during startup")
-    try:
-        with urllib.request.urlopen(base + "/health", timeout=5) as r:
-            if r.status == 200:
-                break
-    except Exception:
-        pass
-    if time.time() > deadline:
-        sys.exit("no /health 200 within 300 s")
-    time.sleep(0.5)
-with urllib.request.urlopen(base + "/v1/models", timeout=30) as r:
-    print("models:", [m["id"] for m in json.load(r)["data"]], file=sys.stderr)
-body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 8, "temperature": 0,
-                   "messages": [{"role": "user", "content": "Say hi."}]}).encode()
-req = urllib.request.Request(base + "/v1/chat/completions", data=body,
-                             headers={"Content-Type": "application/json"})
-with urllib.request.urlopen(req, timeout=300) as r:
-    out = json.load(r)
-print("chat:", repr(out["choices"][0]["message"]["content"]), out["choices"][0]["finish_reason"], file=sys.stderr)
-PY
-  kill "$SPID"; wait "$SPID" 2>/dev/null || true
-  trap - EXIT
+  log "smoke: llama-server on a free 127.0.0.1 port, one chat completion, stop"
+  serve_once "$BIN" "$DIR/smoke-server.log" || die "smoke test failed (log: $DIR/smoke-server.log)"
   log "smoke OK"
 fi
 

@@ -68,6 +68,13 @@ f32_stamp() { printf '%s %s\n' "$(hf_stamp)" "$LLAMA_SDIST_SHA256"; }
 vlm_stamp() { printf '%s\n' "$(sha256_of "$HERE/make_tiny_vlm.py")"; }
 stamp_ok() { [ -f "$1.stamp" ] && [ "$(cat "$1.stamp")" = "$2" ]; }
 
+serve_once() {  # serve_once LOG: vLLM on the text model, on a free 127.0.0.1 port, one completion, stopped
+  VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
+    "$PYTHON" "$HERE/prove_server.py" vLLM "$1" 900 -- \
+    "$VPY" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" --served-model-name smollm2-135m-instruct \
+    --host 127.0.0.1 --port '{port}' --dtype float32 --max-model-len 4096 --enforce-eager
+}
+
 print_paths() {
   printf 'VLLM_PYTHON=%q\nVLLM_VERSION=%q\nVLLM_MODEL=%q\nLLAMA_F32_MODEL=%q\nVLLM_VLM_MODEL=%q\n' \
     "$VPY" "$VLLM_VER" "$HF_DIR" "$F32_GGUF" "$VLM_DIR"
@@ -174,11 +181,7 @@ PY
   # 6. proof: the venv serves a real completion on this machine (not just an import) -------
   if ! stamp_ok "$DIR/proved" "$(proved_stamp)"; then
     log "proving vLLM serves a real completion here (~1 min)"
-    VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 \
-      "$PYTHON" "$HERE/prove_server.py" vLLM "$DIR/prove-server.log" 900 -- \
-      "$VPY" -m vllm.entrypoints.openai.api_server --model "$HF_DIR" --served-model-name smollm2-135m-instruct \
-      --host 127.0.0.1 --port '{port}' --dtype float32 --max-model-len 4096 --enforce-eager \
-      || die "vLLM does not serve on this machine; not marked ready (log: $DIR/prove-server.log)"
+    serve_once "$DIR/prove-server.log" || die "vLLM does not serve on this machine; not marked ready (log: $DIR/prove-server.log)"
     proved_stamp > "$DIR/proved.stamp"
   fi
 
@@ -188,44 +191,8 @@ PY
 fi
 
 if [ "$MODE" = smoke ]; then
-  PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  log "smoke: starting vLLM on 127.0.0.1:$PORT (~30 s)"
-  VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1 "$VPY" -m vllm.entrypoints.openai.api_server \
-    --model "$HF_DIR" --served-model-name smollm2-135m-instruct --host 127.0.0.1 --port "$PORT" \
-    --dtype float32 --max-model-len 4096 --enforce-eager >"$DIR/smoke-server.log" 2>&1 &
-  SPID=$!
-  trap 'kill $SPID 2>/dev/null || true' EXIT
-  "$PYTHON" - "$PORT" "$SPID" <<'PY' || { tail -n 30 "$DIR/smoke-server.log" >&2; die "smoke test failed"; }
-import json, os, sys, time, urllib.request
-port, pid = sys.argv[1], int(sys.argv[2])
-base = f"http://127.0.0.1:{port}"
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-deadline = time.time() + 600
-while True:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        sys.exit("vLLM exited during startup")
-    try:
-        with opener.open(base + "/health", timeout=5) as r:
-            if r.status == 200:
-                break
-    except Exception:
-        pass
-    if time.time() > deadline:
-        sys.exit("no /health 200 within 600 s")
-    time.sleep(1)
-with opener.open(base + "/version", timeout=30) as r:
-    print("version:", json.load(r), file=sys.stderr)
-body = json.dumps({"model": "smollm2-135m-instruct", "max_tokens": 8, "temperature": 0,
-                   "messages": [{"role": "user", "content": "Say hi."}]}).encode()
-req = urllib.request.Request(base + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
-with opener.open(req, timeout=300) as r:
-    out = json.load(r)
-print("chat:", repr(out["choices"][0]["message"]["content"]), out["usage"], file=sys.stderr)
-PY
-  kill "$SPID"; wait "$SPID" 2>/dev/null || true
-  trap - EXIT
+  log "smoke: vLLM on the text model on a free 127.0.0.1 port, one chat completion, stop (~30 s)"
+  serve_once "$DIR/smoke-server.log" || die "smoke test failed (log: $DIR/smoke-server.log)"
   log "smoke OK"
 fi
 
