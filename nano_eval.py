@@ -1153,6 +1153,9 @@ class DatasetRef:
         return "/".join((self.dataset.replace("/", "__"), self.config, self.split))
 
 
+SHIPPED_ROWS = {"openai__gsm8k/main/test": 1319}  # the splits in data/ beside nano_eval.py, and their size
+
+
 class DatasetCache:
     """Pages of rows and images of one split, verified by a manifest of sha256 sums.
 
@@ -1189,6 +1192,31 @@ class DatasetCache:
             if isinstance(manifest.get("num_rows_total"), int):
                 return manifest["num_rows_total"]
         return None
+
+    def check(self) -> None:
+        """A manifest must agree with itself and with what is known of the split: its pages tile
+        the first rows of num_rows_total (full pages of PAGE_SIZE, the last one shorter), and the
+        shipped split has its known size. Else it was edited or damaged: never a smaller
+        denominator from it (DatasetError)."""
+        for folder, manifest in zip(self.dirs, self.manifests):
+            total = manifest.get("num_rows_total")
+            if total is None and not manifest["pages"]:
+                continue
+            problem = None
+            known = SHIPPED_ROWS.get(self.ref.folder) if folder.resolve().is_relative_to(BUNDLED_DATA) else None
+            if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+                problem = f"num_rows_total is {total!r}"
+            else:
+                for offset, entry in manifest["pages"].items():
+                    rows = entry.get("rows") if isinstance(entry, dict) else None
+                    if not offset.isdigit() or int(offset) % PAGE_SIZE or rows != min(PAGE_SIZE, total - int(offset)):
+                        problem = f"page {offset} holds {rows!r} rows, which does not fit num_rows_total {total}"
+                        break
+            if not problem and known is not None and total != known:
+                problem = f"num_rows_total is {total}, but the shipped split has {known} rows"
+            if problem:
+                raise DatasetError(f"the dataset cache {folder / 'manifest.json'} does not agree with itself "
+                                   f"({problem}): it was edited or damaged; delete that folder to fetch the split again")
 
     def revisions(self, offsets: Iterable[int]) -> list[str]:
         found = set()
@@ -1387,6 +1415,7 @@ async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image
     the run needs is downloaded right after its page (signed URLs expire) and stored in
     the cache; a 403/404 on download fetches that page again for fresh URLs."""
     cache = DatasetCache(roots, ref)
+    cache.check()
     server = server or DatasetsClient()
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="nano-eval-data")

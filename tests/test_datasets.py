@@ -27,7 +27,7 @@ import nano_eval  # noqa: E402
 from fakes import (CAPTURES, CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM_ARGS, NANO_EVAL,  # noqa: E402
                    TINY_JPEG, URL, answers_responder, chart_row_of, chartqa_cache, cli, cli_env, client, error_line,
                    image_bytes_of, image_of, image_url, interrupt_while_waiting, make_png, read_log_by_row,
-                   run_chartqa)
+                   run_chartqa, ByRow, GSM, one_error)
 from nano_eval import (APIConfig, DatasetCache, DatasetError, TASKS, load_rows, resolve_data_dir, run_task,  # noqa: E402
                        sniff_image)
 
@@ -666,3 +666,26 @@ def test_a_truncated_image_is_not_cached_nor_sent(no_env, chartqa_spec, chart_se
     assert not (tmp_path / "data" / "HuggingFaceM4__ChartQA" / "default" / "test" / "images" / "1.png").exists()
     for fmt, whole in (("png", make_png(4, 3)), ("jpeg", TINY_JPEG)):
         assert nano_eval.image_is_whole(whole, fmt) and not nano_eval.image_is_whole(whole[:-10], fmt)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m.update(num_rows_total=1219), "page 1200 holds 100 rows, which does not fit num_rows_total 1219"),
+    (lambda m: m.update(num_rows_total=1419), "page 1300 holds 19 rows, which does not fit num_rows_total 1419"),
+    (lambda m: (m.update(num_rows_total=1219), m["pages"].pop("1200"), m["pages"].pop("1300"),
+                m["pages"].__setitem__("1200", {**m["pages"]["1100"], "rows": 19})),
+     "num_rows_total is 1219, but the shipped split has 1319 rows"),
+    (lambda m: m.update(num_rows_total="1319"), "num_rows_total is '1319'"),
+])
+def test_an_edited_cache_manifest_is_never_a_smaller_denominator(tmp_path, edit, problem):
+    """Issue 23, item 7: the manifest is checked against itself and the shipped split's size."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "bench", "__pycache__"))
+    manifest_path = copy / "data" / "openai__gsm8k" / "main" / "test" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text("utf-8"))
+    edit(manifest)
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    with FakeOpenAI(responder=ByRow()) as srv:
+        proc = cli("--tasks", GSM, "--base_url", srv.base_url, "--no_progress", env=cli_env(),
+                   script=copy / "nano_eval.py")
+        assert srv.chat_requests == []
+    one_error(proc.returncode, proc.stderr, 5, "does not agree with itself", problem, "delete that folder")
