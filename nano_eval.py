@@ -412,6 +412,10 @@ class ResponseTooLarge(Exception):
     """A response body over the client's cap: not read further."""
 
 
+class ProxyFailed(OSError):
+    """The HTTP proxy, not the server, could not be reached or refused the tunnel."""
+
+
 class OneSend:
     """An http.client connection that sends a request's head and a bytes body in one
     send(), as Python 2's http.client did: one system call and one TCP segment instead
@@ -454,6 +458,10 @@ def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
     return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
+def describe_os_error(exc: OSError) -> str:
+    return "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
+
+
 class HTTPClient:
     """Blocking HTTP/1.1 with one persistent connection per (thread, host).
 
@@ -485,7 +493,7 @@ class HTTPClient:
             return conn, True
         if conn is not None:
             conn.close()
-        proxy = self.proxy_for(parts.scheme, parts.hostname or "")
+        proxy = self.proxy_for(parts.scheme, parts.netloc)  # host:port, as urllib matches NO_PROXY
         netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
         if parts.scheme == "https":
             conn = TLSConnection(netloc, timeout=self.connect_timeout, context=tls_context(self.verify, self.ca_cert))
@@ -494,7 +502,18 @@ class HTTPClient:
         else:
             conn = Connection(netloc, timeout=self.connect_timeout)
         conn.proxy = proxy if parts.scheme == "http" else None  # absolute-form request targets
-        conn.connect()
+        try:
+            conn.connect()
+        except OSError as exc:
+            if proxy is None or isinstance(exc, ssl.SSLError):
+                raise
+            where = f"the HTTP proxy {proxy.hostname}:{proxy.port or 80} ({parts.scheme.upper()}_PROXY)"
+            if "407" in str(exc):
+                raise ProxyFailed(PROXY_AUTH) from None
+            if str(exc).startswith("Tunnel connection failed"):
+                raise ProxyFailed(f"{where} refused the tunnel to {parts.netloc} ({exc})") from None
+            raise ProxyFailed(f"cannot reach {where}: {describe_os_error(exc)}; the server was not tried "
+                              "(list it in NO_PROXY to bypass the proxy)") from None
         conn.sock.settimeout(self.timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pool[key] = conn
@@ -569,6 +588,8 @@ def server_client(config: APIConfig, timeout: float | None = None, connect_timeo
 
 def describe_network_error(exc: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by HTTPClient.request."""
+    if isinstance(exc, ProxyFailed):
+        return "connection", str(exc)
     if isinstance(exc, ResponseTooLarge):
         return "too_large", f"response body too large ({exc}; --max_response_mb raises the cap)"
     if isinstance(exc, (socket.timeout, TimeoutError)):
@@ -1126,7 +1147,9 @@ def resolve_data_dir(explicit: str | None) -> list[Path]:
 
     An explicit `--data_dir`/NANO_EVAL_DATA_DIR must be writable. The default is the
     data/ folder beside this file (which ships the gsm8k split); for a pip-installed
-    module, or when that folder is not writable, the user cache dir (data/ still read)."""
+    module, or when that folder is not writable, the user cache dir (data/ still read).
+    When neither is writable, data/ alone: the shipped split needs no writing, and a split
+    that must be fetched says then that it cannot be cached."""
     chosen = explicit or os.environ.get("NANO_EVAL_DATA_DIR")
     if chosen:
         path = Path(chosen).expanduser()
@@ -1137,9 +1160,7 @@ def resolve_data_dir(explicit: str | None) -> list[Path]:
     if not installed and is_writable_dir(BUNDLED_DATA):
         return [BUNDLED_DATA]
     fallback = user_cache_dir()
-    if not is_writable_dir(fallback):
-        raise UsageError(f"{BUNDLED_DATA} and {fallback} are not writable: pass --data_dir")
-    return [fallback, BUNDLED_DATA]
+    return [fallback, BUNDLED_DATA] if is_writable_dir(fallback) else [BUNDLED_DATA]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1254,14 +1275,20 @@ class DatasetCache:
         """Writes the manifest if a page or an image was added since the last save."""
         with self._lock:
             if self._changed:
-                atomic_write(self.write_dir / "manifest.json",
-                             json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+                self.write("manifest.json", json.dumps(self.manifest, indent=1, sort_keys=True).encode())
                 self._changed = False
+
+    def write(self, name: str, data: bytes) -> None:
+        try:
+            atomic_write(self.write_dir / name, data)
+        except OSError as exc:
+            raise DatasetError(f"cannot write the dataset cache in {self.write_dir} ({exc.strerror or exc}): "
+                               "pass a writable --data_dir (or set NANO_EVAL_DATA_DIR)") from None
 
     def write_page(self, offset: int, rows: list[dict], num_rows_total: int, revision: str | None) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         name = f"rows-{offset:05d}.jsonl"
-        atomic_write(self.write_dir / name, data)
+        self.write(name, data)
         with self._lock:
             self.manifest.update(dataset=self.ref.dataset, config=self.ref.config, split=self.ref.split,
                                  num_rows_total=num_rows_total)
@@ -1280,7 +1307,7 @@ class DatasetCache:
 
     def write_image(self, row_idx: int, data: bytes, fmt: str) -> dict:
         name = f"images/{row_idx}.{'jpg' if fmt == 'jpeg' else fmt}"
-        atomic_write(self.write_dir / name, data)
+        self.write(name, data)
         entry = {"file": name, "bytes": len(data), "sha256": sha256(data), "format": fmt}
         with self._lock:
             self.manifest["images"][str(row_idx)] = entry

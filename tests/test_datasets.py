@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import os
+import subprocess
 import shutil
 import sys
 from pathlib import Path
@@ -689,3 +690,43 @@ def test_an_edited_cache_manifest_is_never_a_smaller_denominator(tmp_path, edit,
                    script=copy / "nano_eval.py")
         assert srv.chat_requests == []
     one_error(proc.returncode, proc.stderr, 5, "does not agree with itself", problem, "delete that folder")
+
+
+def test_a_read_only_checkout_without_a_writable_home_runs_the_shipped_split(isolated_env):
+    """Issue 23, item 13: as user nobody, a read-only copy and no writable HOME: the shipped gsm8k
+    split needs no cache and runs; a split that must be fetched says once that it cannot be cached."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as nobody")
+    top = Path(tempfile.mkdtemp(prefix="nano-eval-ro-"))
+    try:
+        copy = top / "checkout"
+        shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "bench", "__pycache__"))
+        for path in [top, *copy.rglob("*"), copy]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        env = {**cli_env(), "HOME": "/nonexistent", "XDG_CACHE_HOME": "/nonexistent/cache"}
+        nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", sys.executable,
+                  str(copy / "nano_eval.py")]
+        with FakeOpenAI(responder=ByRow()) as srv, FakeDatasetsServer({CHARTQA: chartqa_dataset_small()}) as hf:
+            gsm = subprocess.run([*nobody, "--tasks", GSM, "--base_url", srv.base_url, "--max_samples", "2",
+                                  "--no_progress"], capture_output=True, text=True, env=env, timeout=120)
+            chart = subprocess.run([*nobody, "--tasks", "chartqa", "--base_url", srv.base_url, "--max_samples", "1",
+                                    "--no_progress"], capture_output=True, text=True, timeout=120,
+                                   env={**env, "NANO_EVAL_DATASETS_SERVER": hf.url})
+        assert gsm.returncode == 0, gsm.stderr
+        assert json.loads(gsm.stdout)["results"][GSM]["num_samples"] == 2
+        assert chart.returncode == 5, chart.stderr
+        errors = [line for line in chart.stderr.splitlines() if line.startswith("nano-eval: error:")]
+        assert len(errors) == 1 and "cannot write the dataset cache in" in errors[0], chart.stderr
+        assert "pass a writable --data_dir" in chart.stderr and "Traceback" not in chart.stderr
+    finally:
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        shutil.rmtree(top)
+
+
+def chartqa_dataset_small():
+    from fakes import synthetic_chartqa_dataset
+
+    return synthetic_chartqa_dataset(3)

@@ -819,7 +819,31 @@ def test_a_proxy_that_wants_credentials_is_named_in_the_error(isolated_env, http
     assert code == 3, err
     (line,) = error_lines(err)
     assert "407" in line and "proxy" in line.lower()
+    assert "put them in the proxy URL" in line and "OSError" not in line and "Tunnel connection failed" not in line
     assert "--model" not in line and "--api_key" not in line
+
+
+def test_a_proxy_that_is_down_is_named_not_the_server(isolated_env):
+    """Issue 23, item 11: HTTP_PROXY at a closed port while the server is up."""
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2,
+                             env=env_with(HTTP_PROXY="http://127.0.0.1:9"), timeout=60)
+        assert srv.requests == []
+    assert code == 3, err
+    (line,) = error_lines(err)
+    assert "cannot reach the HTTP proxy 127.0.0.1:9 (HTTP_PROXY): connection refused" in line
+    assert "list it in NO_PROXY" in line and "is the server running" not in line
+
+
+def test_no_proxy_with_a_port_bypasses_the_proxy_as_urllib_does(isolated_env, proxy):
+    with FakeOpenAI(responder=ByRow()) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2,
+                             env=env_with(HTTP_PROXY=proxy.url, NO_PROXY=f"127.0.0.1:{srv.port}"))
+        chat = len(srv.chat_requests)
+    assert code == 0, err
+    assert chat == 2 and proxy.requests == [] and proxy.connections == 0
+    import urllib.request
+    assert urllib.request.proxy_bypass_environment(f"127.0.0.1:{srv.port}", {"no": f"127.0.0.1:{srv.port}"})
 
 
 def test_python_api_tls_and_headers(isolated_env, https_fake, tmp_path, monkeypatch):
