@@ -59,6 +59,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -232,39 +233,40 @@ def is_number(value: Any) -> bool:
 
 # The value checks. Each takes a parsed value (a model_arg, an APIConfig field) and refuses
 # text; argparse reaches the same checks through from_text(), so every way in is checked alike.
+# Their messages say what is expected; the caller adds what it got, as the user wrote it.
 def positive_int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        raise argparse.ArgumentTypeError("expected a positive integer")
     return value
 
 
 def integer(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}")
+        raise argparse.ArgumentTypeError("expected an integer")
     return value
 
 
 def positive_float(value: Any) -> float:
     if not is_number(value) or not 0 < value <= 1e9:
-        raise argparse.ArgumentTypeError(f"expected a positive number up to 1e9, got {value!r}")
+        raise argparse.ArgumentTypeError("expected a positive number up to 1e9")
     return value
 
 
 def fraction(value: Any) -> float:
     if not is_number(value) or not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {value!r}")
+        raise argparse.ArgumentTypeError("expected a number from 0 to 1")
     return value
 
 
 def top_logprobs(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOP_LOGPROBS:
-        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_TOP_LOGPROBS}, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_TOP_LOGPROBS}")
     return value
 
 
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+        raise argparse.ArgumentTypeError("expected true or false")
     return value
 
 
@@ -273,9 +275,12 @@ def from_text(kind: Callable[[Any], Any], parse: Callable[[str], Any] = parse_va
     checked by `kind`; text that does not parse is refused by `kind` with its own message."""
     def convert(text: str) -> Any:
         try:
-            return kind(parse(text))
-        except ValueError:
-            return kind(text)
+            try:
+                return kind(parse(text))
+            except ValueError:
+                return kind(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
     return convert
 
 
@@ -284,7 +289,7 @@ def checked(name: str, kind: Callable[[Any], Any], value: Any) -> Any:
     try:
         return kind(value)
     except argparse.ArgumentTypeError as exc:
-        raise UsageError(f"{name}: {exc}") from None
+        raise UsageError(f"{name}: {exc}, got {value!r}") from None
 
 
 def check_secret(value: str | None, name: str) -> str | None:
@@ -668,7 +673,8 @@ def announce_wait(what: str, why: str, delay: float, retry_after: float | None, 
         cause = f"Retry-After: {retry_after:.0f} s, capped at {MAX_RETRY_AFTER:.0f} s"
     else:
         cause = f"Retry-After: {retry_after:.0f} s"
-    info(f"{what} answered {why}: waiting {delay:.0f} s ({cause}) before attempt {attempt + 1} of {attempts}; "
+    said = f"answered {why}" if why.startswith("HTTP ") else f"did not answer ({why})"
+    info(f"{what} {said}: waiting {delay:.0f} s ({cause}) before attempt {attempt + 1} of {attempts}; "
          "Ctrl-C stops the run and keeps what finished")
 
 
@@ -1339,8 +1345,10 @@ class DatasetsClient:
                     resp = self.http.request("GET", url, headers=headers)
                 except Exception as exc:
                     _, reason = describe_network_error(exc)
-                    if attempt == self.retries:
-                        raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}") from None
+                    if isinstance(exc, socket.gaierror) or attempt == self.retries:  # a name that does not resolve
+                        raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}; set "
+                                           "NANO_EVAL_DATASETS_SERVER to a mirror, or give --data_dir a copy of a "
+                                           "data/ folder that holds the split") from None
                     self._wait(attempt, reason, None)
                     continue
                 if resp.status in RETRYABLE_STATUS and attempt < self.retries:
@@ -1421,10 +1429,14 @@ def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offs
         body, revision = prefetched or server.rows(ref, offset)
         rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
         expected = list(range(offset, min(offset + PAGE_SIZE, body["num_rows_total"])))
-        if [r["row_idx"] for r in rows] != expected:
-            raise DatasetError(f"datasets-server sent rows {rows[0]['row_idx'] if rows else '-'}-"
-                               f"{rows[-1]['row_idx'] if rows else '-'} for rows {offset}-{expected[-1] if expected else '-'} "
-                               f"of {ref.dataset}; not caching a short page")
+        got = [r["row_idx"] for r in rows]
+        if got != expected:
+            what = "a short page" if len(got) < len(expected) else "rows out of place"
+            wrong = next((f"row_idx {g} where {e} belongs" for g, e in zip(got, expected) if g != e), "")
+            raise DatasetError(f"datasets-server sent {len(got)} rows ({got[0] if got else '-'}-"
+                               f"{got[-1] if got else '-'}) for rows {offset}-{expected[-1] if expected else '-'} of "
+                               f"{ref.dataset}: {what}{f', {wrong}' if wrong and len(got) >= len(expected) else ''}; "
+                               "not caching it")
         cache.write_page(offset, rows, body["num_rows_total"], revision)
     if image_column:
         needed = [r for r in rows if r["row_idx"] < wanted]
@@ -2955,6 +2967,9 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
         await work
     except asyncio.CancelledError:
         pass
+    for task in tasks:  # a task interrupted before its first sample (its dataset loading) is still named
+        results.setdefault(task.name, {"error": "not run: interrupted", "exit_code": EXIT_INTERRUPTED,
+                                       "complete": False})
     return False, None
 
 
@@ -3045,8 +3060,19 @@ def cmd_eval(argv: list) -> int:
     _SECRETS.update(s for s in (fields["api_key"], os.environ.get("HF_TOKEN")) if s)
     output = check_output_path(args.output)
     report = check_output_path(args.report, "--report")
-    check_distinct_outputs(output, report, sample_log_dir(args, output))
-    log_dir = sample_log_dir(args, output) or (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report else None)
+    log_dir = sample_log_dir(args, output)
+    check_distinct_outputs(output, report, log_dir)
+    scratch = Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report and not log_dir else None
+    try:
+        return evaluate(args, tasks, check, base_urls, model, fields, output, report, log_dir or scratch)
+    finally:
+        if scratch:  # the report needed the samples; nobody asked to keep them
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def evaluate(args: argparse.Namespace, tasks: list, check: bool, base_urls: list, model: str | None, fields: dict,
+             output: Path | None, report: Path | None, log_dir: Path | None) -> int:
+    """The run cmd_eval checked the settings of: one server, or several compared."""
     if log_dir and not is_writable_dir(log_dir):
         raise UsageError(f"cannot write the sample log in {log_dir}")
     if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
@@ -3358,6 +3384,8 @@ def format_preflight(report: dict) -> str:
 def preflight_result(config: APIConfig) -> dict:
     """The preflight's entry in the results (printed on stderr as it ends)."""
     start = time.perf_counter()
+    info(f"--check: {len(PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, one request at a time "
+         f"(each waits up to {min(120.0, config.timeout):.0f} s)")
     report = run_preflight(config)
     print(format_preflight(report), file=sys.stderr)
     return {**report, "elapsed": round(time.perf_counter() - start, 3)}
@@ -3888,6 +3916,8 @@ svg.dlp{background:#fafafa;border:1px solid #eee}svg.dlp rect{fill:#5c6bc0}svg.d
 .tok.part{background:#ffd54f;outline:1px solid #e65100}
 img{max-width:100%;max-height:480px;border:1px solid #ddd}
 """
+# The bidirectional controls that would reverse the rest of a line (U+202E, ...): shown as \u202e, not obeyed
+BIDI_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
 FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped", "differs": "text differs"}
 
@@ -4185,7 +4215,7 @@ def render_report(runs: list, comparisons: list | None = None) -> str:
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>' + esc(title) + "</title>"
             '<meta name="viewport" content="width=device-width"><style>' + REPORT_CSS + "</style></head><body>\n"
             + "\n".join(parts) + f'\n<p class="muted">nano-eval {__version__}, '
-            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n')
+            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n').translate(BIDI_CONTROLS)
 
 
 def write_report(path: str | Path, page: str) -> None:

@@ -791,6 +791,7 @@ def test_the_module_docstring_names_every_section_in_order():
 # --------------------------------------------------------------------------------------------
 
 import signal  # noqa: E402
+import tempfile  # noqa: E402
 
 from conformance_fakes import ConformanceFake  # noqa: E402
 from fakes import cli_command, interrupted_cli  # noqa: E402
@@ -852,3 +853,86 @@ def test_an_interrupt_during_the_second_servers_check_keeps_the_first_run(isolat
     assert [r["results"][GSM]["num_samples"] for r in doc["runs"]] == [2]
     assert json.loads((tmp_path / "r.json").read_text("utf-8")) == doc
     assert "interrupted: the runs that finished are written" in run.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "{t}/x.json", "--report", "{t}/x.json"], "--output and --report are the same file"),
+    (["--report", "{t}/logs/samples_gsm8k_cot_llama.jsonl", "--log_samples", "{t}/logs"],
+     "--report {t}/logs/samples_gsm8k_cot_llama.jsonl is a sample log of this run"),
+    (["--output", "{t}/logs/samples_chartqa.jsonl", "--log_samples", "{t}/logs"],
+     "--output {t}/logs/samples_chartqa.jsonl is a sample log of this run"),
+])
+def test_colliding_output_paths_are_refused_up_front(isolated_env, tmp_path, flags, message):
+    """Issue 23, item 5: nothing is sent, nothing is written over."""
+    (tmp_path / "logs").mkdir()
+    log = tmp_path / "logs" / f"samples_{GSM}.jsonl"
+    log.write_text('{"task": "gsm8k_cot_llama"}\n', encoding="utf-8")
+    with FakeOpenAI(responder=ByRow()) as srv:
+        proc = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 1,
+                   *[f.format(t=tmp_path) for f in flags], env=cli_env(tmp_path))
+        assert srv.chat_requests == []
+    one_error(proc.returncode, proc.stderr, 2, message.format(t=tmp_path))
+    assert log.read_text("utf-8") == '{"task": "gsm8k_cot_llama"}\n' and not (tmp_path / "x.json").exists()
+
+
+def test_small_words(isolated_env, tmp_path, capsys):
+    """Issue 23, item 14: the user's own text in a bad value; no temporary sample folder left by
+    --report; a bidirectional override in a response does not reverse the report's lines; a wrong
+    row_idx is not called a short page; --check says it is working before a slow server answers."""
+    proc = cli(*GSM_ARGS, "--base_url", "http://127.0.0.1:9/v1", "--max_samples", "-1")
+    one_error(proc.returncode, proc.stderr, 2, "expected a positive integer, got '-1'")
+    scratch_before = set(Path(tempfile.gettempdir()).glob("nano-eval-samples-*"))
+    rlo = "The final answer is \u202e81"
+    with FakeOpenAI(responder=ByRow(plan={0: rlo})) as srv:
+        proc = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 2, "--check", "--report",
+                   tmp_path / "r.html", env=cli_env(tmp_path, TMPDIR=tempfile.gettempdir()))
+    assert proc.returncode in (0, 1), proc.stderr
+    assert set(Path(tempfile.gettempdir()).glob("nano-eval-samples-*")) == scratch_before
+    page = (tmp_path / "r.html").read_text("utf-8")
+    assert "\u202e" not in page and "The final answer is \\u202e81" in page
+    assert "nano-eval: --check: 13 conformance checks against" in proc.stderr
+
+
+def test_a_wrong_row_idx_is_named_as_such(isolated_env, tmp_path):
+    from fakes import CHARTQA, FakeDatasetsServer, synthetic_chartqa_dataset
+
+    class Shifted(FakeDatasetsServer):
+        def _rows(self, request):
+            response = super()._rows(request)
+            body = json.loads(response.body)
+            body["rows"][1]["row_idx"] = 7
+            response.body = json.dumps(body).encode()
+            response.headers["Content-Length"] = str(len(response.body))
+            return response
+
+    with FakeOpenAI(responder=ByRow()) as srv, Shifted({CHARTQA: synthetic_chartqa_dataset(3)}) as hf:
+        proc = cli("--tasks", "chartqa", "--base_url", srv.base_url, "--no_progress", env=cli_env(tmp_path, hf))
+    one_error(proc.returncode, proc.stderr, 5, "rows out of place, row_idx 7 where 1 belongs")
+    assert "short page" not in proc.stderr
+
+
+def test_ctrl_c_while_chartqa_loads_keeps_gsm8k_and_names_chartqa(isolated_env, tmp_path):
+    from fakes import CHARTQA, FakeDatasetsServer, synthetic_chartqa_dataset
+
+    class Slow(FakeDatasetsServer):
+        def _rows(self, request):
+            self._sleep(30)
+            return super()._rows(request)
+
+    with FakeOpenAI(responder=ByRow()) as srv, Slow({CHARTQA: synthetic_chartqa_dataset(3)}) as hf:
+        run, _ = interrupted_cli("--tasks", "gsm8k_cot_llama,chartqa", "--base_url", srv.base_url, "--max_samples", 2,
+                                 "--no_progress", env=cli_env(tmp_path, hf), when=lambda: hf.rows_requests,
+                                 what="chartqa's rows were not asked for")
+    assert run.code == 130, run.err
+    results = json.loads(run.out)["results"]
+    assert results["gsm8k_cot_llama"]["num_samples"] == 2
+    assert results["chartqa"] == {"error": "not run: interrupted", "exit_code": 130, "complete": False}
+
+
+def test_a_datasets_server_name_that_does_not_resolve_is_said_at_once(isolated_env, tmp_path):
+    with FakeOpenAI(responder=ByRow()) as srv:
+        proc = cli("--tasks", "chartqa", "--base_url", srv.base_url, "--no_progress",
+                   env=cli_env(tmp_path, "http://no-such-host.invalid"))
+    line = one_error(proc.returncode, proc.stderr, 5, "cannot resolve host", "NANO_EVAL_DATASETS_SERVER",
+                     "--data_dir")
+    assert "answered" not in line and "waiting" not in proc.stderr  # nothing answered; not retried
