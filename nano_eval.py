@@ -3396,8 +3396,25 @@ def preflight_result(config: APIConfig) -> dict:
 # ============================================================================
 
 
-def load_repeats(path: str) -> dict:
-    """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them."""
+def logged_request(record: dict) -> dict:
+    """The logged body with any image as its sha256 stub, whether or not --log_images was on."""
+    body = record.get("request") or {}
+    return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
+
+
+def slim_request(record: dict) -> dict:
+    """What a comparison needs of a logged body: every field, and the messages as one sha256
+    (of them with any image as its stub). The 8-shot gsm8k messages are ~5 KB a sample."""
+    body = logged_request(record)
+    if isinstance(body.get("messages"), list):
+        body = {**body, "messages": sha256(json.dumps(body["messages"], sort_keys=True).encode())}
+    return body
+
+
+def load_repeats(path: str, slim: bool = False) -> dict:
+    """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them;
+    `slim`: each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
+    logs then fits in a few hundred MB)."""
     source = Path(path).expanduser()
     if source.is_dir():
         files = sorted(source.glob("samples_*.jsonl"))
@@ -3410,6 +3427,8 @@ def load_repeats(path: str) -> dict:
     records: dict = {}
     for file in files:
         for record in read_records(file, strict=True):
+            if slim and isinstance(record.get("request"), dict):
+                record["request"] = slim_request(record)
             if "task" in record and "doc_hash" in record:
                 records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
     if not records:
@@ -3421,12 +3440,6 @@ def load_run(path: str) -> dict:
     """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
     folder of them."""
     return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
-
-
-def logged_request(record: dict) -> dict:
-    """The logged body with any image as its sha256 stub, whether or not --log_images was on."""
-    body = record.get("request") or {}
-    return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
 
 
 NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
@@ -3441,21 +3454,76 @@ def request_difference(a: dict, b: dict) -> str | None:
 
 
 def mcnemar_exact(a_only: int, b_only: int) -> float:
-    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs at 1/2."""
+    """Two-sided exact McNemar p-value: a binomial test of the discordant pairs at 1/2. The tail
+    P(X <= min) is summed in integers from its largest term down, each term from the one before
+    (C(n, k-1) = C(n, k)·k/(n-k+1)), and stops once what is left cannot move the float result:
+    100,000 discordant pairs take milliseconds, not a sum of n-digit binomials."""
     n = a_only + b_only
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(a_only, b_only) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
+    m = min(a_only, b_only)
+    total, term = 0, math.comb(n, m)
+    for k in range(m, -1, -1):
+        total += term
+        if term * (k + 1) < total >> 64:  # the k terms left, each smaller than this one
+            break
+        term = term * k // (n - k + 1)
+    return min(1.0, 2 * total / 2 ** n)
+
+
+def binomial(n: int, p: float, rng: random.Random) -> int:
+    """One exact Binomial(n, p) draw in O(1) expected time: inversion when n·p < 10, else
+    Hörmann's BTRS (transformed rejection with squeeze, 1993)."""
+    if n == 0 or p <= 0.0:
+        return 0
+    if p >= 1.0:
+        return n
+    if p > 0.5:
+        return n - binomial(n, 1.0 - p, rng)
+    if n * p < 10:
+        pmf, u, k = (1.0 - p) ** n, rng.random(), 0
+        while u > pmf and k < n:
+            u -= pmf
+            k += 1
+            pmf *= p / (1.0 - p) * (n - k + 1) / k
+        return k
+    spq = math.sqrt(n * p * (1.0 - p))
+    b = 1.15 + 2.53 * spq
+    a = -0.0873 + 0.0248 * b + 0.01 * p
+    c, alpha, v_r = n * p + 0.5, (2.83 + 5.1 / b) * spq, 0.92 - 4.2 / b
+    m, log_odds = math.floor((n + 1) * p), math.log(p / (1.0 - p))
+    h = math.lgamma(m + 1) + math.lgamma(n - m + 1)
+    while True:
+        u, v = rng.random() - 0.5, rng.random()
+        us = 0.5 - abs(u)
+        k = math.floor((2 * a / us + b) * u + c) if us > 0 else -1
+        if not 0 <= k <= n:
+            continue
+        if us >= 0.07 and v <= v_r:
+            return k
+        if math.log(v * alpha / (a / (us * us) + b)) <= h - math.lgamma(k + 1) - math.lgamma(n - k + 1) + (k - m) * log_odds:
+            return k
 
 
 def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean paired difference (seeded, deterministic)."""
+    """95% percentile interval of the mean paired difference (seeded, deterministic). A resample
+    of n pairs is drawn as how many times each distinct difference comes up (a multinomial, by
+    sequential binomials): the same bootstrap distribution as n draws with replacement, in time
+    independent of n for 0/1 scores (three distinct differences)."""
     if not differences:
         return 0.0, 0.0
     rng = random.Random(seed)
     n = len(differences)
-    means = sorted(sum(rng.choices(differences, k=n)) / n for _ in range(resamples))
+    counted = sorted(collections.Counter(differences).items())
+    means = []
+    for _ in range(resamples):
+        left, rest, total = n, n, 0.0
+        for value, count in counted[:-1]:
+            k = binomial(left, count / rest, rng)
+            total += value * k
+            left, rest = left - k, rest - count
+        means.append((total + counted[-1][0] * left) / n)
+    means.sort()
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
 
@@ -3666,7 +3734,7 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
 
 def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
-    repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
+    repeats_a, repeats_b = load_repeats(path_a, slim=True), load_repeats(path_b, slim=True)
     comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
                               {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):

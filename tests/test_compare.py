@@ -1012,3 +1012,29 @@ def test_fail_if_refuses_to_pass_a_candidate_that_stopped_early(gate_logs, tmp_p
         one_error(proc.returncode, proc.stderr, 6, f"--fail_if {flag}: gsm8k_cot_llama: only 1 of 30 samples are in "
                   "both runs (at least 90% needed)")
     assert cli("compare", gate_logs["right"], crashed).returncode == 0  # without a gate: just the comparison
+
+
+def test_binomial_draws_follow_the_binomial_distribution():
+    """The bootstrap's resampling draws (issue 23, item 15): chi-square against the exact pmf."""
+    rng = random.Random(5)
+    for n, p in ((100, 0.3), (40, 0.5), (12, 0.05), (30, 0.9)):
+        draws = 100_000
+        counts = [0] * (n + 1)
+        for _ in range(draws):
+            counts[ne.binomial(n, p, rng)] += 1
+        expected = [draws * math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
+        cells = [(c, e) for c, e in zip(counts, expected) if e >= 5]
+        chi2, df = sum((c - e) ** 2 / e for c, e in cells), len(cells) - 1
+        assert chi2 < df + 5 * math.sqrt(2 * df), (n, p, chi2, df)
+    assert ne.binomial(0, 0.3, rng) == 0 and ne.binomial(7, 1.0, rng) == 7 and ne.binomial(7, 0.0, rng) == 0
+
+
+def test_the_statistics_of_a_100000_pair_comparison():
+    """McNemar on 50,000 discordant pairs and the bootstrap of 100,000 differences: both were
+    minutes (n-digit binomials; 10,000 x n draws) and are now well under a second (timed in
+    bench/README.md, not here): the figures are still the exact p and the bootstrap interval."""
+    p = ne.mcnemar_exact(25_000, 25_500)
+    low, high = ne.paired_bootstrap([1.0] * 15_000 + [-1.0] * 5_000 + [0.0] * 80_000, 10_000)
+    assert p == pytest.approx(0.02638245, rel=1e-6)  # 2 P(X <= 25000), X ~ Bin(50500, 1/2)
+    se = math.sqrt((0.2 - 0.1 ** 2) / 100_000)
+    assert low == pytest.approx(0.1 - 1.96 * se, abs=3e-4) and high == pytest.approx(0.1 + 1.96 * se, abs=3e-4)
