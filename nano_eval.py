@@ -95,7 +95,7 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
 # on real servers (README, "What nano-eval catches"):
 DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
 CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
-CONFIDENT_PARTINGS = 0.05  # share of the samples (at least 1) that may part confidently before it is a bug
+CONFIDENT_PARTINGS = 0.1  # share of the samples (at least 1) that may part confidently before it is a bug
 
 # Waits and limits
 MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
@@ -3002,9 +3002,9 @@ def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) ->
         try:
             entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance)
             print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
-        except UsageError as exc:  # e.g. a run with no sample at all
-            entry["error"] = str(exc)
-            info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {exc}")
+        except Exception as exc:  # noqa: BLE001 -- e.g. a run with no sample at all; the runs are kept
+            entry["error"] = redact(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc), _SECRETS)
+            info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {entry['error']}")
         comparisons.append(entry)
     return comparisons
 

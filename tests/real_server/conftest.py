@@ -191,7 +191,7 @@ def _stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # children left behind by a leader that exited
 
 
-def llama_cmd(binary: str, model: str, alias: str, slots: int = SLOTS, threads: int = 2, extra=(),
+def llama_cmd(binary: str, model: str, alias: str, slots: int = SLOTS, threads: int = 1, extra=(),
               jinja: bool = True):
     flags = _jinja_flag(binary) if jinja else []
     return lambda port: [
@@ -284,21 +284,6 @@ def llama_f32_server(pytestconfig, vllm_paths, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("llama_f32")
     cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4, threads=F32_THREADS)
     with launch_server("llama-server-f32", cmd, logdir) as server:
-        server.alias = TEXT_ALIAS
-        yield server
-
-
-@pytest.fixture(scope="module")
-def llama_broken_server(pytestconfig, vllm_paths, tmp_path_factory):
-    """The same float32 GGUF on llama-server, deliberately misconfigured: llama.cpp's built-in
-    Llama 3 chat template (`--no-jinja --chat-template llama3`), another model family's.
-    (`--no-jinja` matters: with Jinja on, the default of this build, `--chat-template llama3`
-    is taken as the template's source text, and every prompt becomes the 3 tokens "llama3".)"""
-    binary, _ = _llama_paths(pytestconfig)
-    logdir = tmp_path_factory.mktemp("llama_broken")
-    cmd = llama_cmd(binary, vllm_paths["LLAMA_F32_MODEL"], TEXT_ALIAS, slots=4, threads=F32_THREADS,
-                    jinja=False, extra=("--no-jinja", "--chat-template", "llama3"))
-    with launch_server("llama-server-llama3-template", cmd, logdir) as server:
         server.alias = TEXT_ALIAS
         yield server
 

@@ -114,9 +114,11 @@ def reference(vllm_server, datasets_server, tmp_path_factory):
 FIGURES: list = []
 
 
-def report(entry: dict) -> None:
+def report(entry: dict, c: dict) -> None:
     FIGURES.append(entry)
     print("ZOO " + json.dumps(entry))
+    for parting in c["numerics"].get("partings") or []:
+        print(f"    {nano_eval.format_parting(parting)}")
 
 
 def test_noise_pairs_are_equivalent(reference, llama_f32_server, datasets_server, tmp_path):
@@ -130,7 +132,7 @@ def test_noise_pairs_are_equivalent(reference, llama_f32_server, datasets_server
              ("vLLM vs llama.cpp", "two correct backends", reference["vllm_c1"], llama_c1)]
     for name, what, a, b in pairs:
         c = compared(a, b, N_NOISE)
-        report(row(name, what, c))
+        report(row(name, what, c), c)
         assert c["prompt_tokens_mismatch"] == 0, (name, c)
         assert c["numerics"]["verdict"] == "equivalent", (name, c["numerics"])
 
@@ -145,7 +147,7 @@ def test_planted_bug_is_different(name, what, flags, q4_1, n, evidence, referenc
     with launch_server(f"llama-{name}", cmd, tmp_path) as server:
         logprob_run(datasets_server, server, tmp_path / "log", n, 1)
     c = compared(reference["vllm_c1"], tmp_path / "log", n)
-    report(row(f"vLLM vs llama.cpp, {name}", what, c))
+    report(row(f"vLLM vs llama.cpp, {name}", what, c), c)
     nm = c["numerics"]
     assert nm["verdict"] == "different", nm
     assert any(e.startswith(evidence) for e in nm["evidence"]), nm["evidence"]

