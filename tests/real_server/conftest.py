@@ -108,24 +108,24 @@ def _http_status(url: str, timeout: float = 5.0) -> int | None:
         return None
 
 
+def setup_paths(config, script: Path, what: str, cold: str) -> dict:
+    """Run a setup script (its progress on the terminal) and return its KEY=value lines."""
+    t0 = time.monotonic()
+    with _uncaptured(config):
+        print(f"\n[real_server] running {script.name} (cached: ~1 s; cold: {cold})", flush=True)
+        proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
+        print(f"[real_server] {what} setup finished in {time.monotonic() - t0:.0f} s", flush=True)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} failed with exit code {proc.returncode}:\n{proc.stdout}")
+    return dict(line.split("=", 1) for line in shlex.split(proc.stdout) if "=" in line)  # values: bash %q
+
+
 def _llama_paths(config) -> tuple[str, str]:
     bin_env = os.environ.get("NANO_EVAL_LLAMA_SERVER_BIN")
     model_env = os.environ.get("NANO_EVAL_LLAMA_MODEL")
     if bin_env and model_env:
         return bin_env, model_env
-    t0 = time.monotonic()
-    with _uncaptured(config):
-        print(f"\n[real_server] running {SETUP_SCRIPT.name} (cached: ~1 s; cold: 5-10 min build)", flush=True)
-        # stderr (progress) goes to the terminal; stdout carries the KEY=VALUE paths.
-        proc = subprocess.run(
-            ["bash", str(SETUP_SCRIPT)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
-        )
-        print(f"[real_server] setup finished in {time.monotonic() - t0:.0f} s", flush=True)
-    if proc.returncode != 0:
-        pytest.fail(f"{SETUP_SCRIPT} failed with exit code {proc.returncode}:\n{proc.stdout}")
-    paths = dict(  # KEY=VALUE lines, VALUE shell-quoted by bash's printf %q
-        line.split("=", 1) for line in shlex.split(proc.stdout) if line.startswith("LLAMA_")
-    )
+    paths = setup_paths(config, SETUP_SCRIPT, "llama-server", "~12 min build")
     return bin_env or paths["LLAMA_SERVER"], model_env or paths["LLAMA_MODEL"]
 
 
@@ -230,22 +230,11 @@ VLM_ALIAS = "tiny-idefics3"
 F32_THREADS = 1
 
 
-def _vllm_paths(config) -> dict:
-    t0 = time.monotonic()
-    with _uncaptured(config):
-        print(f"\n[real_server] running {VLLM_SETUP_SCRIPT.name} (cached: ~1 s; cold: ~4 min)", flush=True)
-        proc = subprocess.run(["bash", str(VLLM_SETUP_SCRIPT)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-        print(f"[real_server] vLLM setup finished in {time.monotonic() - t0:.0f} s", flush=True)
-    if proc.returncode != 0:
-        pytest.fail(f"{VLLM_SETUP_SCRIPT} failed with exit code {proc.returncode}:\n{proc.stdout}")
-    return dict(line.split("=", 1) for line in shlex.split(proc.stdout) if "=" in line)
-
-
 @pytest.fixture(scope="session")
 def vllm_paths(pytestconfig) -> dict:
     """setup_vllm.sh's KEY=value lines: VLLM_PYTHON, VLLM_VERSION, VLLM_MODEL,
     LLAMA_F32_MODEL, VLLM_VLM_MODEL."""
-    return _vllm_paths(pytestconfig)
+    return setup_paths(pytestconfig, VLLM_SETUP_SCRIPT, "vLLM", "~4 min")
 
 
 def vllm_env() -> dict:
@@ -308,14 +297,7 @@ MAX_HEALTH_TIMEOUT_S = 1800  # a warm compile cache: ~20 s; a cold one: minutes 
 @pytest.fixture(scope="session")
 def max_paths(pytestconfig) -> dict:
     """setup_max.sh's KEY=value lines: MAX_PYTHON, MAX_VERSION, MAX_MODEL, MAX_SERVE, MAX_CACHE."""
-    t0 = time.monotonic()
-    with _uncaptured(pytestconfig):
-        print(f"\n[real_server] running {MAX_SETUP_SCRIPT.name} (cached: ~1 s; cold: ~5 min)", flush=True)
-        proc = subprocess.run(["bash", str(MAX_SETUP_SCRIPT)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
-        print(f"[real_server] MAX setup finished in {time.monotonic() - t0:.0f} s", flush=True)
-    if proc.returncode != 0:
-        pytest.fail(f"{MAX_SETUP_SCRIPT} failed with exit code {proc.returncode}:\n{proc.stdout}")
-    return dict(line.split("=", 1) for line in shlex.split(proc.stdout) if "=" in line)
+    return setup_paths(pytestconfig, MAX_SETUP_SCRIPT, "MAX", "~5 min")
 
 
 def max_env(cache: str) -> dict:

