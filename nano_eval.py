@@ -723,10 +723,14 @@ def logged_token(entry: dict) -> str | dict:
 
 
 UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
+# A special token as vLLM spells it (llama.cpp: "" with its id; MAX: ""): the end of a turn or of the text
+SPECIAL_TOKEN = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<eos>|<end_of_turn>")
 
 
 def token_key(token: Any) -> str:
-    return token if isinstance(token, str) and token else UNSPELLED
+    if not isinstance(token, str) or not token or SPECIAL_TOKEN.fullmatch(token):
+        return UNSPELLED
+    return token
 
 
 def logged_logprob(value: Any) -> float | None:

@@ -942,12 +942,18 @@ def test_several_servers_with_logprobs_judge_numerics_and_gate(tmp_path):
 
 def test_token_keys_match_across_spellings():
     """Special tokens and parts of a character are spelled differently by each server (llama.cpp
-    "" with an id, or the valid prefix " " with the raw bytes; vLLM the text, or "" with no bytes):
-    they share one key, so a final EOS or a split character is no parting."""
+    "" with an id, or the valid prefix " " with the raw bytes; vLLM the text, or "" with no bytes;
+    MAX ""): they share one key, so a final EOS or a split character is no parting, and where one
+    side stops and the other goes on (measured: llama.cpp's EOS {"id": 2} against vLLM's
+    "<|im_end|>", its rank 2) the parting is a near-tie, not "not in the other's top K"."""
     keys = [ne.token_key(ne.logged_token(e)) for e in (
         {"token": "", "id": 2, "bytes": []}, {"token": "<|im_end|>", "bytes": list(b"<|im_end|>")},
         {"token": " ", "bytes": [32, 195]}, {"token": "", "bytes": []}, {"token": " caf", "bytes": list(b" caf")})]
-    assert keys == [ne.UNSPELLED, "<|im_end|>", ne.UNSPELLED, ne.UNSPELLED, " caf"]
+    assert keys == [ne.UNSPELLED, ne.UNSPELLED, ne.UNSPELLED, ne.UNSPELLED, " caf"]
+    # MAX spells a part of a character as the replacement character itself, with its bytes
+    assert ne.token_key(ne.logged_token({"token": "\ufffd", "bytes": [239, 191, 189]})) == ne.UNSPELLED
+    assert [ne.token_key(t) for t in ("<|eot_id|>", "</s>", "<end_of_turn>", "<|", "a<|im_end|>")] == \
+        [ne.UNSPELLED] * 3 + ["<|", "a<|im_end|>"]
     assert ne.logged_token({"token": "", "id": 2}) == {"id": 2}
     assert ne.logged_token({"token": " ", "bytes": [32, 195]}) == {"bytes": "20c3"}
     # the same text, the EOS spelled two ways: every token pair compared, no parting
