@@ -49,8 +49,10 @@ import asyncio
 import base64
 import codecs
 import collections
+import contextlib
 import dataclasses
 import functools
+import gc
 import hashlib
 import html
 import http.client
@@ -70,9 +72,10 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 __version__ = "0.2.0"
 
@@ -184,11 +187,27 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
-_SECRETS: set[str] = set()  # API key, header values, HF token: scrubbed from every message we print
+class Secrets:
+    """The secrets of this process, scrubbed from every text nano-eval prints or writes (messages,
+    server answers, logged responses, the report). Registered where they enter: an APIConfig's
+    key and header values when it is made (so no way of using one can print them), HF_TOKEN and
+    the environment's key by the commands that read them."""
+
+    def __init__(self) -> None:
+        self.values: set[str] = set()
+
+    def add(self, *values: str | None) -> None:
+        self.values.update(v for v in values if v)
+
+    def scrub(self, text: str) -> str:
+        return redact(text, self.values) if text and self.values else text
+
+
+SECRETS = Secrets()
 
 
 def info(message: str) -> None:
-    print(redact(f"nano-eval: {message}", _SECRETS), file=sys.stderr, flush=True)
+    print(SECRETS.scrub(f"nano-eval: {message}"), file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
@@ -398,7 +417,7 @@ class APIConfig:
                 tls_context(self.verify_certificate, self.ca_cert)
             except (ssl.SSLError, OSError) as exc:
                 raise UsageError(f"CA certificate file {self.ca_cert} holds no PEM certificate ({exc})") from None
-        _SECRETS.update(v for v in (self.api_key, *self.headers.values()) if v)
+        SECRETS.add(self.api_key, *self.headers.values())
 
 
 # ============================================================================
@@ -803,10 +822,6 @@ class AdaptiveLimiter:
         self._closed = False
         self._changed = threading.Condition(threading.Lock())
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._slots)
-
     def acquire(self) -> bool:
         """Blocks until a request may be sent; False if the limiter was closed instead."""
         if self.limit >= self.maximum and len(self._slots) < self.limit and not self._closed:
@@ -890,13 +905,12 @@ def allow_open_files(count: int) -> None:
 
 
 class ChatClient:
-    """Sends chat requests through a thread pool of blocking calls: `send_blocking` in
-    a worker thread (retries, backoff and the limiter included), `send` from asyncio."""
+    """Sends chat requests as blocking calls from the runner's worker threads: `send_blocking`,
+    with retries, backoff and the adaptive limiter."""
 
     def __init__(self, config: APIConfig):
         self.config = config
         self.http = server_client(config, capped=True)
-        self.pool = ThreadPoolExecutor(max_workers=config.num_concurrent, thread_name_prefix="nano-eval-http")
         self.limiter = AdaptiveLimiter(config.num_concurrent)
         self.headers = {"Content-Type": "application/json", **server_headers(config)}
         self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
@@ -935,14 +949,9 @@ class ChatClient:
                 raise Stopped()
         return outcome
 
-    async def send(self, payload: bytes) -> Outcome:
-        """send_blocking as one executor job."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.send_blocking, payload)
-
     def close(self) -> None:
         self.stopped.set()
         self.limiter.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ============================================================================
@@ -1079,7 +1088,7 @@ def find_server(config: APIConfig, model: str | None) -> None:
     """The model to ask for and which backend answers (AuthError/ServerError if unusable);
     what the server said is recorded redacted (a /version may echo the request's headers)."""
     config.model = resolve_model(config, model)
-    config.server = {key: redact(value, _SECRETS) if isinstance(value, str) else value
+    config.server = {key: SECRETS.scrub(value) if isinstance(value, str) else value
                      for key, value in identify_server(config).items()}
 
 
@@ -1431,6 +1440,11 @@ def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offs
     fresh = rows is None
     if fresh:
         body, revision = prefetched or server.rows(ref, offset)
+        cached_total = cache.num_rows_total()
+        if cached_total is not None and body["num_rows_total"] != cached_total:  # the run counts on cached_total
+            raise DatasetError(f"the dataset cache says {ref.dataset} {ref.split} has {cached_total} rows, the "
+                               f"datasets-server {body['num_rows_total']}: the cache is stale or was edited; "
+                               f"delete {cache.write_dir} to fetch the split again")
         rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
         expected = list(range(offset, min(offset + PAGE_SIZE, body["num_rows_total"])))
         got = [r["row_idx"] for r in rows]
@@ -1641,6 +1655,7 @@ class Task:
     score: Callable[[str, str], tuple[dict, dict]]  # (response, target) -> (extracted, scores)
     doc_identity: Callable[[dict, dict], dict]  # the fields that identify a doc (for its hash)
     answer_key: str  # the extracted answer the headline metric scores
+    template: str  # the question's user turn, {field} where the doc's text goes (the report shows the text)
     image_column: str | None = None
     group: Callable[[dict], str | None] = lambda row: None
 
@@ -1869,6 +1884,7 @@ TASKS: dict[str, Task] = {
         target=gsm8k_target,
         score=score_gsm8k,
         answer_key="strict-match",
+        template=GSM8K_TEMPLATE,
         doc_identity=lambda doc, image: {"question": doc["question"], "answer": doc["answer"]},
     ),
     "chartqa": Task(
@@ -1882,6 +1898,7 @@ TASKS: dict[str, Task] = {
         target=chartqa_target,
         score=score_chartqa,
         answer_key="final_answer",
+        template=CHARTQA_TEMPLATE,
         doc_identity=lambda doc, image: {"query": doc["query"], "label": doc["label"],
                                          "human_or_machine": doc.get("human_or_machine"),
                                          "image_sha256": image.get("sha256")},
@@ -1910,14 +1927,40 @@ def record_problem(record: Any) -> str | None:
             return f"no {name!r}"
     for name, kind in RECORD_FIELDS.items():
         value = record.get(name)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if value is not None and type(value) is not kind and (not isinstance(value, kind) or type(value) is bool):
             return f"{name!r} is not of type {kind.__name__}"
-    if not all(is_number(v) for v in (record.get("scores") or {}).values()):
+    if not all(type(v) is float or is_number(v) for v in (record.get("scores") or {}).values()):
         return "a score is not a number"
     usage = (record.get("response") or {}).get("usage")
     if usage is not None and not isinstance(usage, dict):
         return "'usage' is not an object"
     return None
+
+
+READ_BATCH = 1 << 18  # bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
+
+
+def parsed_lines(file: Any) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) of each line of the file that is JSON. Lines are parsed
+    READ_BATCH bytes at a time; a batch that is not one JSON object per line is parsed line by line."""
+    number = 0
+    while True:
+        lines = file.readlines(READ_BATCH)
+        if not lines:
+            return
+        try:
+            values = json.loads("[" + ",".join(lines) + "]")
+        except ValueError:
+            values = None
+        if values is not None and len(values) == len(lines) and all(type(v) is dict for v in values):
+            yield from enumerate(values, number + 1)
+        else:
+            for offset, line in enumerate(lines, number + 1):
+                try:
+                    yield offset, json.loads(line)
+                except ValueError:
+                    continue
+        number += len(lines)
 
 
 def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
@@ -1926,11 +1969,7 @@ def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
     UsageError naming it."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
+            for number, record in parsed_lines(f):
                 problem = record_problem(record)
                 if problem and strict:
                     raise UsageError(f"{path}:{number}: not a nano-eval sample record ({problem})")
@@ -1993,9 +2032,6 @@ class SampleLog:
         self._file.write("".join(lines))
         self._file.flush()
 
-    def write(self, record: dict) -> None:
-        self.write_lines([self.line(record)])
-
     def close(self) -> None:
         self._file.close()
 
@@ -2038,11 +2074,6 @@ def outcome_from_record(record: dict) -> Outcome:
                    http_status=response.get("http_status"), error=record.get("error"),
                    latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0,
                    logprobs=response.get("logprobs"))
-
-
-def scrubbed(text: str | None) -> str | None:
-    """A server's text as the log keeps it: a server may echo the key or a header back."""
-    return redact(text, _SECRETS) if text and _SECRETS else text
 
 
 def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
@@ -2139,11 +2170,13 @@ class TaskRun:
             "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat, "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
             "request": redact_images(sample.body, sample.image),
-            "response": {"content": scrubbed(outcome.content), "reasoning_content": scrubbed(outcome.reasoning),
+            # a server may echo the key or a header back
+            "response": {"content": SECRETS.scrub(outcome.content),
+                         "reasoning_content": SECRETS.scrub(outcome.reasoning),
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status,
                          **({"logprobs": outcome.logprobs} if outcome.logprobs is not None else {})},
-            "status": outcome.status, "error": redact(outcome.error, _SECRETS) if outcome.error else None,
+            "status": outcome.status, "error": SECRETS.scrub(outcome.error) if outcome.error else None,
             "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
             "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
@@ -2162,9 +2195,9 @@ class TaskRun:
         if finished:
             self.progress.advance(finished)
 
-    def work(self, todo: Iterator[tuple]) -> None:
+    def work(self) -> None:
         """One worker thread's loop, until the documents run out or the run stops."""
-        lock, log = self.lock, self.log
+        lock, log, todo = self.lock, self.log, self.todo
         # Images: one build at a time (it is CPU work under the GIL either way), so that the
         # workers do not all hold an image in its three encodings at once
         building = self.building
@@ -2211,7 +2244,7 @@ class TaskRun:
         try:
             self.go.acquire()
             self.go.release()  # the next one goes
-            self.work(self.todo)
+            self.work()
         except BaseException as exc:  # noqa: B036 -- handed to the event loop, which raises it
             with self.lock:
                 self.errors.append(exc)
@@ -2231,7 +2264,7 @@ class TaskRun:
         threads: one still waiting for an answer the run no longer wants does not hold the exit."""
         threading.Thread(target=self.worker, name=f"nano-eval-worker-{index}", daemon=True).start()
 
-    async def run(self) -> None:
+    async def drive(self) -> None:
         """N worker threads (N = --num_concurrent) each take the next document and build,
         send, score and record it themselves; the event loop only waits for them, and
         every FLUSH_EVERY seconds appends the finished records to the log."""
@@ -2288,7 +2321,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
              "again (--no_resume to send them all)")
     complete = False
     try:
-        await run.run()
+        await run.drive()  # asyncio drives the worker threads that send the samples
         complete = True
     finally:
         run.progress.close()
@@ -2508,8 +2541,9 @@ def report_warnings(task_name: str, result: dict) -> None:
         what, fix = advice[flag]
         warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); {fix}")
     if result.get("num_truncated"):
-        warn(f"{task_name}: {result['num_truncated']} responses hit max_tokens (finish_reason length); "
-             "they are scored as they are")
+        cut = result["num_truncated"]
+        warn(f"{task_name}: {cut} {'response' if cut == 1 else 'responses'} hit max_tokens (finish_reason length); "
+             "scored as they are")
     repeats = result.get("repeats") or {}
     agreement = (repeats.get("self_agreement") or {}).get("responses")
     if repeats.get("temperature") == 0 and agreement is not None and agreement < 1:
@@ -2721,7 +2755,7 @@ def build_parser() -> ArgumentParser:
         spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         parser.add_argument(*spellings, dest=name, **kwargs)
 
-    add("tasks", help=f"comma-separated tasks: {', '.join(TASKS)}")
+    add("tasks", help=f"comma-separated tasks: {', '.join([*TASKS, CONFORMANCE])} (the preflight of --check)")
     add("base_url", action="append", help="http://host:port/v1 or the full .../v1/chat/completions; repeat it "
         "to run the same samples against several servers and compare them (default: probe 127.0.0.1)")
     add("model", help="model name sent in each request (default: the only model /v1/models lists)")
@@ -2767,7 +2801,8 @@ def build_parser() -> ArgumentParser:
              f"(default {DEFAULT_LOGPROB_TOLERANCE}, see the README)")
     add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
         "comparison, with several --base_url)")
-    add("check", action="store_true", help="run the server conformance preflight first")
+    add("check", action="store_true", help="run the server conformance preflight first; without --tasks, "
+        "only the preflight")
     add("no_progress", action="store_true", help="no progress line on stderr")
     parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
     return parser
@@ -2918,7 +2953,7 @@ def failure_of(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
 
 
-async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
+async def evaluate_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
                     results: dict) -> tuple[bool, str | None]:
     """Runs the tasks one after the other into `results`: (False when interrupted, the
     error that made the server unusable). A task that cannot run or finish gets an entry
@@ -2941,7 +2976,7 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
             except Exception as exc:  # noqa: BLE001 -- whatever ended this task, the finished ones are kept
                 if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
                     raise
-                message = redact(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc), _SECRETS)
+                message = SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc))
                 info(f"error: {task.name}: {message}")
                 results[task.name] = {**results.get(task.name, {}), "error": message,
                                       "exit_code": getattr(exc, "exit_code", EXIT_FAILURES), "complete": False}
@@ -2977,14 +3012,14 @@ async def run_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, lo
     return False, None
 
 
-def run_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None,
+def evaluate_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None,
                check: bool) -> dict:
     """The preflight (if asked) and the tasks against one server: its results document."""
     start = time.perf_counter()
     preflight = preflight_result(config) if check else None
     results: dict = {}
     try:
-        finished, server_error = asyncio.run(run_tasks(tasks, config, args, log_dir, results))
+        finished, server_error = asyncio.run(evaluate_tasks(tasks, config, args, log_dir, results))
     finally:
         for name, result in results.items():
             report_warnings(name, result)
@@ -3007,13 +3042,13 @@ def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) ->
             entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance)
             print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 -- e.g. a run with no sample at all; the runs are kept
-            entry["error"] = redact(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc), _SECRETS)
+            entry["error"] = SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc))
             info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {entry['error']}")
         comparisons.append(entry)
     return comparisons
 
 
-def run_several(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
+def evaluate_servers(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
                 log_dir: Path | None, check: bool, report: Path | None = None) -> int:
     """The same samples against each server, then the paired comparison of the first
     usable server with each of the others. A server that cannot be used is reported in
@@ -3035,11 +3070,11 @@ def run_several(configs: list, model: str | None, tasks: list, args: argparse.Na
             error = unusable.get(id(config))
             if error is None:
                 info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-                runs.append(run_server(config, tasks, args, run_dir, check))
+                runs.append(evaluate_server(config, tasks, args, run_dir, check))
                 codes.append(exit_code_of(runs[-1], args, run_dir))
             else:  # this server is unusable; the others' results still count
                 runs.append({"results": {}, "config": config_record(config, tasks, args.max_samples, args),
-                             "error": redact(str(error), _SECRETS), "complete": False, "interrupted": False})
+                             "error": SECRETS.scrub(str(error)), "complete": False, "interrupted": False})
                 codes.append(error.exit_code)
             if runs[-1]["interrupted"]:
                 break
@@ -3061,7 +3096,7 @@ def cmd_eval(argv: list) -> int:
     args.expected = parse_expectations(args.expect, tasks)
     if args.fail_if and len(base_urls) < 2:
         raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
-    _SECRETS.update(s for s in (fields["api_key"], os.environ.get("HF_TOKEN")) if s)
+    SECRETS.add(fields["api_key"], os.environ.get("HF_TOKEN"))
     output = check_output_path(args.output)
     report = check_output_path(args.report, "--report")
     log_dir = sample_log_dir(args, output)
@@ -3086,20 +3121,34 @@ def evaluate(args: argparse.Namespace, tasks: list, check: bool, base_urls: list
         warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
              "any server can pose as this one")
     if len(configs) > 1:
-        return run_several(configs, model, tasks, args, output, log_dir, check, report)
+        return evaluate_servers(configs, model, tasks, args, output, log_dir, check, report)
     config = configs[0]
     find_server(config, model)
     server = config.server
     info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
          f"{' ' + str(server['version']) if server.get('version') else ''}): "
          f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
-    document = run_server(config, tasks, args, log_dir, check)
+    document = evaluate_server(config, tasks, args, log_dir, check)
     write_results(document, output, report)
     return exit_code_of(document, args, log_dir)
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a tool works on whole sample logs: their records
+    hold no cycles, and it would rescan the growing heap again and again (half the time of a
+    comparison of two 100,000-sample logs)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def main(argv: list | None = None) -> int:
@@ -3118,9 +3167,13 @@ def main(argv: list | None = None) -> int:
             except UnicodeEncodeError:
                 raise UsageError(f"argument {arg!r} is not valid UTF-8") from None
         command = commands.get(argv[0]) if argv else None
-        code = command(argv[1:]) if command else cmd_eval(argv)
+        if command:
+            with collector_paused():
+                code = command(argv[1:])
+        else:
+            code = cmd_eval(argv)
     except NanoEvalError as exc:
-        print(redact(f"nano-eval: error: {exc}", _SECRETS), file=sys.stderr)
+        print(SECRETS.scrub(f"nano-eval: error: {exc}"), file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("nano-eval: interrupted", file=sys.stderr)
@@ -3128,8 +3181,8 @@ def main(argv: list | None = None) -> int:
     except Exception as exc:  # a bug: one line, unless asked for the traceback
         if os.environ.get("NANO_EVAL_DEBUG"):
             raise
-        print(redact(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
-                     "(set NANO_EVAL_DEBUG=1 for a traceback)", _SECRETS), file=sys.stderr)
+        print(SECRETS.scrub(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
+                            "(set NANO_EVAL_DEBUG=1 for a traceback)"), file=sys.stderr)
         code = 1
     if _BLOCKED_CALLS.value:  # abandoned requests still wait on sockets: do not wait for them
         sys.stdout.flush()
@@ -3367,12 +3420,12 @@ PREFLIGHT_CHECKS = (
 )
 
 
-def run_preflight(config: APIConfig) -> dict:
+def preflight_checks(config: APIConfig) -> dict:
     """Every check of PREFLIGHT_CHECKS, in order: {"checks": [...], "metrics": pass/warn/fail counts}."""
     context, checks = Preflight(config), []
     for name, check in PREFLIGHT_CHECKS:
         result, evidence = check(context)
-        evidence = redact(" ".join(str(evidence).split()), _SECRETS)  # a server may echo the key in an error
+        evidence = SECRETS.scrub(" ".join(str(evidence).split()))  # a server may echo the key in an error
         checks.append({"check": name, "result": result, "evidence": evidence[:300]})
         if check is chat_answers and result == "FAIL":
             break  # every other check needs a plain answer
@@ -3390,7 +3443,7 @@ def preflight_result(config: APIConfig) -> dict:
     start = time.perf_counter()
     info(f"--check: {len(PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, one request at a time "
          f"(each waits up to {min(120.0, config.timeout):.0f} s)")
-    report = run_preflight(config)
+    report = preflight_checks(config)
     print(format_preflight(report), file=sys.stderr)
     return {**report, "elapsed": round(time.perf_counter() - start, 3)}
 
@@ -3406,19 +3459,37 @@ def logged_request(record: dict) -> dict:
     return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
 
 
-def slim_request(record: dict) -> dict:
-    """What a comparison needs of a logged body: every field, and the messages as one sha256
-    (of them with any image as its stub). The 8-shot gsm8k messages are ~5 KB a sample."""
-    body = logged_request(record)
+def messages_digest(messages: list) -> str:
+    """One sha256 of the messages (a 100,000-sample gsm8k log holds ~600 MB of them): when all
+    are {"role": str, "content": str}, of their role NUL content; else of their sorted JSON."""
+    try:
+        if sum(map(len, messages)) == 2 * len(messages):  # then each has exactly "role" and "content", or KeyError
+            text = "\2".join([m["role"] + "\0" + m["content"] for m in messages])
+            return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    except (TypeError, KeyError):
+        pass
+    return hashlib.sha256(("\1" + json.dumps(messages, sort_keys=True)).encode()).hexdigest()
+
+
+NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
+
+
+def slim_request(record: dict, shown: bool = False) -> dict:
+    """What the tools keep of a logged body (the 8-shot gsm8k messages are ~5 KB a sample):
+    the fields a comparison compares, and the messages as [{"sha256": of them all, any image
+    as its stub}], followed when the sample is to be `shown` (the report) by the last message
+    as logged: the question, and its image if the log kept it."""
+    body = {key: value for key, value in logged_request(record).items() if key not in NOT_COMPARED}
     if isinstance(body.get("messages"), list):
-        body = {**body, "messages": sha256(json.dumps(body["messages"], sort_keys=True).encode())}
+        last = record["request"]["messages"][-1:] if shown else []
+        body["messages"] = [{"sha256": messages_digest(body["messages"])}, *last]
     return body
 
 
-def load_repeats(path: str, slim: bool = False) -> dict:
-    """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them;
-    `slim`: each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
-    logs then fits in a few hundred MB)."""
+def load_repeats(path: str, shown: bool = False) -> dict:
+    """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them,
+    each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
+    logs then fits in 750 MB)."""
     source = Path(path).expanduser()
     if source.is_dir():
         files = sorted(source.glob("samples_*.jsonl"))
@@ -3431,26 +3502,59 @@ def load_repeats(path: str, slim: bool = False) -> dict:
     records: dict = {}
     for file in files:
         for record in read_records(file, strict=True):
-            if slim and isinstance(record.get("request"), dict):
-                record["request"] = slim_request(record)
-            if "task" in record and "doc_hash" in record:
-                records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
+            if isinstance(record.get("request"), dict):
+                record["request"] = slim_request(record, shown)
+            records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
     if not records:
         raise UsageError(f"{source}: no sample records")
     return records
 
 
-def load_run(path: str) -> dict:
+def load_run(path: str, shown: bool = False) -> dict:
     """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
     folder of them."""
-    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
+    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path, shown).items()}
 
 
-NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
+SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is read in a child process
+
+
+def log_bytes(path: str) -> int:
+    source = Path(path).expanduser()
+    files = source.glob("samples_*.jsonl") if source.is_dir() else [source] if source.is_file() else []
+    return sum(f.stat().st_size for f in files)
+
+
+def read_paused(read: Callable, path: str) -> Any:
+    with collector_paused():
+        return read(path)
+
+
+def side_by_side(read: Callable, first: str, second: str) -> tuple:
+    """read(first) here while read(second) runs in a child process: the report of two big
+    logs on two cores (reading 100,000 samples is ~4 s). One after the other for small logs,
+    on one core, or where no child process can start."""
+    if log_bytes(first) + log_bytes(second) < SIDE_BY_SIDE_BYTES or (os.cpu_count() or 1) < 2:
+        return read(first), read(second)
+    try:
+        pool = ProcessPoolExecutor(max_workers=1)
+        pending = pool.submit(read_paused, read, second)
+    except (OSError, RuntimeError, ImportError):
+        return read(first), read(second)
+    try:
+        result = read(first)
+        try:
+            return result, pending.result()
+        except BrokenProcessPool:
+            return result, read(second)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def request_difference(a: dict, b: dict) -> str | None:
     """The first request field (other than the model name and the logprobs asked for) that differs, or None."""
+    if a == b:
+        return None
     for key in list(dict.fromkeys(list(a) + list(b))):
         if key not in NOT_COMPARED and a.get(key) != b.get(key):
             return key
@@ -3631,16 +3735,31 @@ def numerics_verdict(pairs: list, prompt_mismatch: int, tolerance: float = DEFAU
 
 
 def first_difference(a: str, b: str) -> int:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return min(len(a), len(b))
+    """The length of the common prefix: a binary search on slices, which compare in C."""
+    same, differ = 0, min(len(a), len(b)) + 1  # a[:same] == b[:same]; a[:differ] != b[:differ] (or too long)
+    while differ - same > 1:
+        middle = (same + differ) // 2
+        same, differ = (middle, differ) if a[:middle] == b[:middle] else (same, middle)
+    return same
 
 
-def tokens(record: dict, name: str) -> int | None:
-    usage = (record.get("response") or {}).get("usage") or {}
-    value = usage.get(name)
-    return value if isinstance(value, int) else None
+class Answered(NamedTuple):
+    """What a comparison reads of one sample record, read once (a record's fields are optional)."""
+    score: float
+    content: str
+    finish_reason: str | None
+    status: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+    @classmethod
+    def of(cls, record: dict, metric: str) -> Answered:
+        response = record.get("response") or {}
+        usage = response.get("usage") or {}
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        return cls(float((record.get("scores") or {}).get(metric, 0.0)), response.get("content") or "",
+                   response.get("finish_reason"), record.get("status"),
+                   prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None)
 
 
 def mean_of(values: Iterable) -> float | None:
@@ -3648,40 +3767,48 @@ def mean_of(values: Iterable) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def answer_of(record: dict) -> str | None:
+def labelled_answer(record: dict) -> tuple[str, str | None]:
+    """(the answer a sample gave, the filter that found it): the one its task scores
+    (gsm8k: strict-match), else another that found one (flexible-extract), else what failed."""
     extracted = record.get("extracted") or {}
-    for key in ("strict-match", "final_answer", "flexible-extract"):
-        if extracted.get(key) not in (None, "", INVALID):
-            return extracted[key]
+    task = TASKS.get(record.get("task"))
+    filters = list(dict.fromkeys([*([task.answer_key] if task else []), *extracted]))
+    filters = [name for name in filters if name != "none"]  # chartqa's "none": the whole response
+    for name in filters:
+        if extracted.get(name) not in (None, "", INVALID):
+            return extracted[name], name
     if record.get("status") not in VALID_STATUSES:
-        return f"<{record.get('status')}>"
-    return extracted.get("strict-match") or extracted.get("final_answer") or ""
+        return f"<{record.get('status')}>", None
+    return (extracted.get(filters[0]) or "", filters[0]) if filters else ("", None)
+
+
+def answer_of(record: dict) -> str:
+    return labelled_answer(record)[0]
 
 
 def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
                   tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     task = TASKS.get(task_name)
     metric = task.headline if task else next(iter(pairs[0][0].get("scores") or {"score": 0}))
-    score_a = [float((a.get("scores") or {}).get(metric, 0.0)) for a, _ in pairs]
-    score_b = [float((b.get("scores") or {}).get(metric, 0.0)) for _, b in pairs]
+    side_a = [Answered.of(a, metric) for a, _ in pairs]
+    side_b = [Answered.of(b, metric) for _, b in pairs]
     n = len(pairs)
-    acc_a, acc_b = sum(score_a) / n, sum(score_b) / n
-    a_only = sum(1 for x, y in zip(score_a, score_b) if x > y)
-    b_only = sum(1 for x, y in zip(score_a, score_b) if y > x)
-    low, high = paired_bootstrap([y - x for x, y in zip(score_a, score_b)], resamples)
+    acc_a, acc_b = sum(x.score for x in side_a) / n, sum(y.score for y in side_b) / n
+    a_only = sum(1 for x, y in zip(side_a, side_b) if x.score > y.score)
+    b_only = sum(1 for x, y in zip(side_a, side_b) if y.score > x.score)
+    low, high = paired_bootstrap([y.score - x.score for x, y in zip(side_a, side_b)], resamples)
     p_value = mcnemar_exact(a_only, b_only)
     diff = acc_b - acc_a
     if p_value < 0.05:
-        verdict = f"B is {'lower' if diff < 0 else 'higher'} by {abs(diff) * 100:.1f} points, p={p_value:.3g}"
+        verdict = f"B is {'lower' if diff < 0 else 'higher'} by {abs(diff):.4f}, p={p_value:.3g}"
     else:
         verdict = f"no significant difference at n={n} (p={p_value:.3g})"
-    texts = [((a.get("response") or {}).get("content") or "", (b.get("response") or {}).get("content") or "")
-             for a, b in pairs]
-    differing = [first_difference(x, y) for x, y in texts if x != y]
-    prompt_counts = [(a, b) for a, b in pairs
-                     if tokens(a, "prompt_tokens") is not None and tokens(b, "prompt_tokens") is not None]
-    prompt_mismatch = [(a, b) for a, b in prompt_counts if tokens(a, "prompt_tokens") != tokens(b, "prompt_tokens")]
-    flips = [(a, b) for (a, b), x, y in zip(pairs, score_a, score_b) if x != y][:top]
+    same_text = sum(1 for x, y in zip(side_a, side_b) if x.content == y.content)
+    differing = [first_difference(x.content, y.content) for x, y in zip(side_a, side_b) if x.content != y.content]
+    counted = [(pair, x, y) for pair, x, y in zip(pairs, side_a, side_b)
+               if x.prompt_tokens is not None and y.prompt_tokens is not None]
+    prompt_mismatch = [(pair, x, y) for pair, x, y in counted if x.prompt_tokens != y.prompt_tokens]
+    flips = [(pair, x, y) for pair, x, y in zip(pairs, side_a, side_b) if x.score != y.score][:top]
     numerics = numerics_verdict(pairs, len(prompt_mismatch), tolerance, top)
     if numerics["verdict"] == "different":
         verdict += f"; but the implementations differ: {'; '.join(numerics['evidence'])}"
@@ -3692,25 +3819,23 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
         "accuracy_a": acc_a, "accuracy_b": acc_b, "difference": diff,
         "ci95": [low, high], "mcnemar_p": p_value, "a_only_correct": a_only, "b_only_correct": b_only,
         "verdict": verdict, "numerics": numerics,
-        "response_agreement": sum(1 for x, y in texts if x == y) / n,
+        "response_agreement": same_text / n,
         "mean_first_difference": sum(differing) / len(differing) if differing else None,
-        "prompt_tokens_equal": len(prompt_counts) - len(prompt_mismatch),
+        "prompt_tokens_equal": len(counted) - len(prompt_mismatch),
         "prompt_tokens_mismatch": len(prompt_mismatch),
-        "prompt_tokens_unknown": n - len(prompt_counts),
-        "finish_reasons_a": counts((a.get("response") or {}).get("finish_reason") for a, _ in pairs),
-        "finish_reasons_b": counts((b.get("response") or {}).get("finish_reason") for _, b in pairs),
-        "status_a": counts(a.get("status") for a, _ in pairs),
-        "status_b": counts(b.get("status") for _, b in pairs),
-        "mean_output_tokens_a": mean_of(tokens(a, "completion_tokens") for a, _ in pairs),
-        "mean_output_tokens_b": mean_of(tokens(b, "completion_tokens") for _, b in pairs),
-        "flips": [{"row_idx": a.get("row_idx"), "target": a.get("target"),
-                   "a": answer_of(a), "b": answer_of(b), "a_correct": bool(sa), "b_correct": bool(sb)}
-                  for (a, b), sa, sb in ((p, p[0]["scores"].get(metric), p[1]["scores"].get(metric)) for p in flips)],
+        "prompt_tokens_unknown": n - len(counted),
+        "finish_reasons_a": counts(x.finish_reason for x in side_a),
+        "finish_reasons_b": counts(y.finish_reason for y in side_b),
+        "status_a": counts(x.status for x in side_a),
+        "status_b": counts(y.status for y in side_b),
+        "mean_output_tokens_a": mean_of(x.completion_tokens for x in side_a),
+        "mean_output_tokens_b": mean_of(y.completion_tokens for y in side_b),
+        "flips": [{"row_idx": a.get("row_idx"), "target": a.get("target"), "a": answer_of(a), "b": answer_of(b),
+                   "a_correct": bool(x.score), "b_correct": bool(y.score)} for (a, b), x, y in flips],
     }
     if prompt_mismatch:
-        a, b = prompt_mismatch[0]
-        result["first_prompt_mismatch"] = {"row_idx": a.get("row_idx"), "a": tokens(a, "prompt_tokens"),
-                                           "b": tokens(b, "prompt_tokens")}
+        (a, _), x, y = prompt_mismatch[0]
+        result["first_prompt_mismatch"] = {"row_idx": a.get("row_idx"), "a": x.prompt_tokens, "b": y.prompt_tokens}
     return result
 
 
@@ -3738,7 +3863,7 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
 
 def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
-    repeats_a, repeats_b = load_repeats(path_a, slim=True), load_repeats(path_b, slim=True)
+    repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
     comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
                               {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):
@@ -3805,16 +3930,53 @@ def format_parting(p: dict) -> str:
             f" -> {'near-tie' if p['near_tie'] else 'confident'}")
 
 
-def format_numerics(nm: dict) -> list:
-    lines = [f"  numerics        {nm['verdict']}: {'; '.join(nm['evidence'])}"]
+def numerics_rows(nm: dict) -> list:
+    """(label, text) of the numerics verdict, and of the logprob figures with each parting."""
+    rows = [("numerics", f"{nm['verdict']}: {'; '.join(nm['evidence'])}")]
     if nm.get("shared_tokens") is not None:
         g = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
-        lines.append(f"  logprobs        {nm['samples']} samples, {nm['shared_tokens']} shared tokens, |delta| mean "
-                     f"{g(nm['mean_abs_logprob_diff'])} median {g(nm['median_abs_logprob_diff'])} p99 "
-                     f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; {nm['divergences']} "
-                     f"partings, {nm['unexplained']} confident")
-        lines += [f"    {format_parting(p)}" for p in nm["partings"]]
-    return lines
+        rows.append(("logprobs", "\n".join([
+            f"{nm['samples']} samples, {nm['shared_tokens']} shared tokens, |delta| mean "
+            f"{g(nm['mean_abs_logprob_diff'])} median {g(nm['median_abs_logprob_diff'])} p99 "
+            f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; {nm['divergences']} "
+            f"partings, {nm['unexplained']} confident", *map(format_parting, nm["partings"])])))
+    return rows
+
+
+def comparison_rows(c: dict, b: str = "B") -> list:
+    """(label, text, is a warning) of one task's comparison, in the order both the text and
+    the HTML views show them; accuracy in fractions, as every metric."""
+    f4 = lambda x: f"{x:.4f}"  # noqa: E731
+    one_decimal = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    mismatch, first = c["prompt_tokens_mismatch"], c.get("first_prompt_mismatch")
+    numerics = c.get("numerics") or {"verdict": "unknown", "evidence": []}
+    self_agreement = "   ".join(f"{side.upper()} {c[f'self_agreement_{side}']['responses'] * 100:.1f}% identical "
+                                "over its repeats" for side in "ab" if f"self_agreement_{side}" in c)
+    rows = [
+        ("verdict", c["verdict"], c["mcnemar_p"] < 0.05),
+        *((label, text, numerics["verdict"] == "different") for label, text in numerics_rows(numerics)),
+        ("warning", f"the prompts differ on {mismatch} of {c['n']} samples (usage.prompt_tokens): the servers do "
+                    "not see the same input", True) if mismatch else None,
+        ("accuracy", f"A {f4(c['accuracy_a'])}   {b} {f4(c['accuracy_b'])}   {b}-A {c['difference']:+.4f} "
+                     f"[95% CI {c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]", False),
+        ("McNemar", f"p={c['mcnemar_p']:.3g}   A-only correct {c['a_only_correct']}   "
+                    f"{b}-only correct {c['b_only_correct']}", False),
+        ("identical text", f"{c['response_agreement'] * 100:.1f}%" + (
+            f"   first difference at char {c['mean_first_difference']:.0f} on average"
+            if c["mean_first_difference"] is not None else ""), False),
+        ("self-agreement", f"{self_agreement}   (the noise floor for identical text)", False)
+        if self_agreement else None,
+        ("prompt tokens", f"{c['prompt_tokens_equal']} equal, {mismatch} differ"
+                          + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "")
+                          + (f"   (row {first['row_idx']}: A {first['a']} vs {b} {first['b']}: the chat templates "
+                             "differ)" if first else ""), bool(mismatch)),
+        ("finish_reason", f"A {format_counts(c['finish_reasons_a'])}   {b} {format_counts(c['finish_reasons_b'])}",
+         False),
+        ("status", f"A {format_counts(c['status_a'])}   {b} {format_counts(c['status_b'])}", False),
+        ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])}   {b} {one_decimal(c['mean_output_tokens_b'])}",
+         False),
+    ]
+    return [row for row in rows if row]
 
 
 def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") -> str:
@@ -3824,33 +3986,11 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
         if not c.get("n"):
             lines.append(f"{task_name}: {c['verdict']}")
             continue
-        pct = lambda x: f"{x * 100:.1f}"  # noqa: E731
-        lines += [
-            f"{task_name} ({c['metric']}, n={c['n']}" + (f", {c['unmatched']} unmatched" if c["unmatched"] else "") + ")",
-            f"  accuracy        A {pct(c['accuracy_a'])}   B {pct(c['accuracy_b'])}   B-A {c['difference'] * 100:+.1f} points "
-            f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]",
-            f"  McNemar         p={c['mcnemar_p']:.3g}   A-only correct {c['a_only_correct']}   "
-            f"B-only correct {c['b_only_correct']}",
-            f"  verdict         {c['verdict']}",
-            *format_numerics(c["numerics"]),
-            *([f"  warning         the prompts differ on {c['prompt_tokens_mismatch']} of {c['n']} samples "
-               "(usage.prompt_tokens): the servers do not see the same input"] if c["prompt_tokens_mismatch"] else []),
-            f"  identical text  {c['response_agreement'] * 100:.1f}%" + (
-                f"   first difference at char {c['mean_first_difference']:.0f} on average"
-                if c["mean_first_difference"] is not None else ""),
-            *(["  self-agreement  " + "   ".join(
-                f"{side.upper()} {c[f'self_agreement_{side}']['responses'] * 100:.1f}% identical over its repeats"
-                for side in "ab" if f"self_agreement_{side}" in c) + "   (the noise floor for identical text)"]
-              if "self_agreement_a" in c or "self_agreement_b" in c else []),
-            f"  prompt tokens   {c['prompt_tokens_equal']} equal, {c['prompt_tokens_mismatch']} differ"
-            + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "") + (
-                f"   (row {c['first_prompt_mismatch']['row_idx']}: A {c['first_prompt_mismatch']['a']} vs "
-                f"B {c['first_prompt_mismatch']['b']}: the chat templates differ)" if c.get("first_prompt_mismatch") else ""),
-            f"  finish_reason   A {format_counts(c['finish_reasons_a'])}   B {format_counts(c['finish_reasons_b'])}",
-            f"  status          A {format_counts(c['status_a'])}   B {format_counts(c['status_b'])}",
-            "  output tokens   A {}   B {}".format(*(f"{v:.1f}" if v is not None else "-" for v in
-                                                  (c["mean_output_tokens_a"], c["mean_output_tokens_b"]))),
-        ]
+        lines.append(f"{task_name} ({c['metric']}, n={c['n']}"
+                     + (f", {c['unmatched']} unmatched" if c["unmatched"] else "") + ")")
+        for label, text, _ in comparison_rows(c):
+            first, *more = text.split("\n")
+            lines += [f"  {label:<15} {first}", *(f"    {line}" for line in more)]
         if c["flips"]:
             lines.append("  flipped samples (row: target | A | B):")
             lines += [f"    {f['row_idx']}: {f['target']} | {f['a']}{' ok' if f['a_correct'] else ''} | "
@@ -3952,7 +4092,7 @@ def cmd_replay(argv: list) -> int:
         raise ServerError(f"cannot reach {url}: {describe_network_error(exc)[1]}") from None
     outcome = classify_response(resp)
     info(f"HTTP {resp.status}, status {outcome.status} (logged: {record.get('status')})")
-    sys.stdout.write(redact(resp.body.decode("utf-8", "replace"), _SECRETS) + "\n")
+    sys.stdout.write(SECRETS.scrub(resp.body.decode("utf-8", "replace")) + "\n")
     return EXIT_OK if resp.status == 200 else EXIT_SERVER
 
 
@@ -3992,11 +4132,13 @@ img{max-width:100%;max-height:480px;border:1px solid #ddd}
 BIDI_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
 FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped", "differs": "text differs"}
+REPORT_SAMPLES = 2000  # per task on the page (a browser slows past a few thousand); the most telling first
+SAMPLE_PRIORITY = ("flipped", "failed", "differs", "wrong")
 
 
 def clean(value: Any) -> str:
     """Free text as the report shows it: any secret replaced by ***."""
-    return redact(str(value), _SECRETS)
+    return SECRETS.scrub(str(value))
 
 
 def esc(value: Any) -> str:
@@ -4027,17 +4169,17 @@ def content_of(record: dict | None) -> str:
 def sample_flags(records: list, metric: str) -> list:
     """The filters a sample belongs to: wrong or failed in any run; flipped (score) or text
     differs from run A's in any other run."""
-    present = [r for r in records if r]
-    others = [r for r in records[1:] if r] if records[0] else []
-    flags = {"wrong": any(not score_of(r, metric) for r in present),
-             "failed": any(r.get("status") not in VALID_STATUSES for r in present),
-             "flipped": any(score_of(r, metric) != score_of(records[0], metric) for r in others),
-             "differs": any(content_of(r) != content_of(records[0]) for r in others)}
+    present = [(score_of(r, metric), content_of(r), r.get("status")) for r in records if r]
+    others = present[1:] if records[0] else []
+    flags = {"wrong": any(not score for score, _, _ in present),
+             "failed": any(status not in VALID_STATUSES for _, _, status in present),
+             "flipped": any(score != present[0][0] for score, _, _ in others),
+             "differs": any(content != present[0][1] for _, content, _ in others)}
     return [name for name, on in flags.items() if on]
 
 
 def logged_question(record: dict) -> str:
-    """The question of a logged request: the text of its last user message without the
+    """The question of a logged request: the text of its last user message without its
     task's template around it (gsm8k: the problem; chartqa: the query)."""
     messages = (record.get("request") or {}).get("messages") or []
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
@@ -4045,8 +4187,9 @@ def logged_question(record: dict) -> str:
     if isinstance(content, list):
         content = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
     content = content if isinstance(content, str) else ""
-    for template in (GSM8K_TEMPLATE, CHARTQA_TEMPLATE):
-        before, after = re.split(r"\{\w+\}", template, maxsplit=1)
+    task = TASKS.get(record.get("task"))
+    if task:
+        before, after = re.split(r"\{\w+\}", task.template, maxsplit=1)
         if content.endswith(after) and before in content:
             return content[content.rindex(before) + len(before):len(content) - len(after)]
     return content
@@ -4083,7 +4226,9 @@ def response_html(label: str, record: dict | None, text: str, other: str | None)
     thinking, sep, visible = text.rpartition(THINK_END)
     thinking = "\n\n".join(filter(None, (clean(response.get("reasoning_content") or ""), thinking + sep)))
     other_visible = other.rpartition(THINK_END)[2] if other is not None else None
-    return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>answer <b>{esc(answer_of(record))}</b>'
+    answer, found_by = labelled_answer(record)
+    return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>{esc(found_by or "")} answer '
+            f'<b>{esc(answer)}</b>'
             f" · {scores}</p>"
             + (f'<p class="warn">{esc(record["error"])}</p>' if record.get("error") else "")
             + (f"<details><summary>reasoning ({len(thinking)} characters)</summary><pre>{html.escape(thinking)}</pre>"
@@ -4148,14 +4293,22 @@ def numerics_html(a: dict | None, b: dict | None, label_b: str) -> str:
     return f"<div><h4>numerics, A vs {label_b}</h4>{dlp_svg(diffs, parting)}{where}</div>"
 
 
+def answer_html(record: dict, metric: str) -> str:
+    """The answer with the mark of the headline metric, and the filter that found it when
+    that is not the one the headline scores (strict-match found none: flexible-extract's)."""
+    answer, found_by = labelled_answer(record)
+    task = TASKS.get(record.get("task"))
+    by = f' <span class="muted">({esc(found_by)})</span>' if found_by and task and found_by != task.answer_key else ""
+    right = score_of(record, metric)
+    return f'<span class="{"ok" if right else "bad"}">{esc(answer)}{by} {"✓" if right else "✗"}</span>'
+
+
 def sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
     first = next(r for r in records if r)
     row = first.get("row_idx", first.get("doc_hash", "")[:12])
     question = logged_question(first)
-    answers = " · ".join(
-        f"{run_letter(i)} " + ("-" if r is None else f'<span class="{"ok" if score_of(r, metric) else "bad"}">'
-                               f'{esc(answer_of(r))} {"✓" if score_of(r, metric) else "✗"}</span>')
-        for i, r in enumerate(records))
+    answers = " · ".join(f"{run_letter(i)} " + ("-" if r is None else answer_html(r, metric))
+                         for i, r in enumerate(records))
     summary = (f"<b>#{esc(row)}</b> target <b>{esc(first.get('target'))}</b> · {answers} · "
                f'<span class="muted">{esc(" ".join(question.split())[:160])}</span>')
     texts = [clean(content_of(r)) if r else None for r in records]
@@ -4176,6 +4329,13 @@ def samples_html(index: int, task: str, runs: list) -> str:
     rows.sort(key=lambda records: next((r.get("row_idx") or 0 for r in records if r), 0))
     metric = TASKS[task].headline if task in TASKS else ""
     flags = [sample_flags(records, metric) for records in rows]
+    total, note = len(rows), ""
+    if total > REPORT_SAMPLES:
+        kept = sorted(sorted(range(total), key=lambda i: min(
+            [SAMPLE_PRIORITY.index(f) for f in flags[i]] or [len(SAMPLE_PRIORITY)]))[:REPORT_SAMPLES])
+        rows, flags = [rows[i] for i in kept], [flags[i] for i in kept]
+        note = (f'<p class="muted">{REPORT_SAMPLES:,} of {total:,} samples shown: flipped, failed, differing and '
+                "wrong ones first; the sample logs hold every one</p>")
     shown = [n for n in FILTERS if len(runs) > 1 or n not in ("flipped", "differs")]
     opened = next((i for i, f in enumerate(flags) if (len(runs) > 1 and "flipped" in f) or "wrong" in f), None)
     controls = "".join(f'<input type="radio" name="f{index}" id="f{index}-{n}" class="f-{n}"'
@@ -4183,7 +4343,7 @@ def samples_html(index: int, task: str, runs: list) -> str:
                        f"({len(rows) if n == 'all' else sum(n in f for f in flags)})</label>" for n in shown)
     samples = "\n".join(sample_html(task, records, f, metric, i == opened)
                         for i, (records, f) in enumerate(zip(rows, flags)))
-    return f'<div class="browse">{controls}<div class="samples">\n{samples}\n</div></div>'
+    return f'{note}<div class="browse">{controls}<div class="samples">\n{samples}\n</div></div>'
 
 
 def metrics_table(task: str, runs: list) -> str:
@@ -4197,7 +4357,7 @@ def metrics_table(task: str, runs: list) -> str:
         return fmt_value(m[name]) + (f" ± {fmt_value(se)}" if isinstance(se, float) else "") if name in m else "-"
 
     bold = {headline, *(r.get("headline") for r in results)}
-    rows = [(f"<b>{esc(n)}</b>" if n in bold else esc(n), [value(m, n) for m in metrics]) for n in names]
+    rows = [(f"<b>{esc(n)}</b> (headline)" if n in bold else esc(n), [value(m, n) for m in metrics]) for n in names]
     rows += [(label, [esc(fn(r)) if r.get("metrics") else "-" for r in results]) for label, fn in (
         ("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
         ("failures by status", lambda r: format_counts(r.get("failures") or {})),
@@ -4205,48 +4365,27 @@ def metrics_table(task: str, runs: list) -> str:
     head = "".join(f'<th class="n">{run_letter(i)}</th>' for i in range(len(runs)))
     body = "".join(f"<tr><th>{name}</th>" + "".join(f'<td class="n">{v}</td>' for v in values) + "</tr>"
                    for name, values in rows)
-    return f"<table><tr><th>metric</th>{head}</tr>{body}</table>" if names else ""
+    note = ('<p class="muted">± is the standard error (lm-eval\'s stderr: sample standard deviation over √n); '
+            "<i>,valid</i> is the score over the valid responses only (ok and truncated), failed samples left out; "
+            "every other score counts a failed sample as wrong.</p>")
+    return f"<table><tr><th>metric</th>{head}</tr>{body}</table>{note}" if names else ""
 
 
 def comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
-    """(the verdict, a table of the rest) of one task's compare_runs() result."""
+    """(the verdict, a table of the rest) of one task's compare_runs() result: comparison_rows(),
+    the verdict and the prompt warning above the table, flipped samples linked."""
     if not c.get("n"):
         return f'<p class="verdict">{label_b} vs A: {esc(c.get("verdict"))}</p>', ""
-    pct = lambda x: f"{x * 100:.1f}"  # noqa: E731
-    one_decimal = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
-    mismatch = c["prompt_tokens_mismatch"]
-    first = c.get("first_prompt_mismatch")
+    rows = comparison_rows(c, label_b)
+    alarm = any(warn for label, _, warn in rows if label in ("verdict", "warning", "numerics"))
+    heading = "".join(f'<br><span class="warn">{esc(text)}</span>' for label, text, _ in rows if label == "warning")
+    table = "".join(f'<tr><th>{label}</th><td{" class=warn" if warn else ""}>{esc(text)}</td></tr>'
+                    for label, text, warn in rows if label not in ("verdict", "warning"))
     flips = ", ".join(f'<a href="#{esc(task)}-{esc(f["row_idx"])}">{esc(f["row_idx"])}</a>' for f in c["flips"])
-    rows = [
-        ("accuracy", f"A {pct(c['accuracy_a'])} · {label_b} {pct(c['accuracy_b'])} · {label_b}−A "
-                     f"{c['difference'] * 100:+.1f} points "
-                     f"[95% CI {c['ci95'][0] * 100:+.1f}, {c['ci95'][1] * 100:+.1f}]"),
-        ("McNemar", f"p={c['mcnemar_p']:.3g} · A-only correct {c['a_only_correct']} · "
-                    f"{label_b}-only correct {c['b_only_correct']}"),
-        ("identical text", f"{pct(c['response_agreement'])}%" + (
-            f" · first difference at char {c['mean_first_difference']:.0f} on average"
-            if c["mean_first_difference"] is not None else "")),
-        ("prompt tokens", f"{c['prompt_tokens_equal']} equal, {mismatch} differ"
-                          + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "")
-                          + (f" (row {first['row_idx']}: A {first['a']} vs {label_b} {first['b']}: "
-                             "the servers do not see the same input)" if first else "")),
-        ("finish_reason", f"A {format_counts(c['finish_reasons_a'])} · "
-                          f"{label_b} {format_counts(c['finish_reasons_b'])}"),
-        ("status", f"A {format_counts(c['status_a'])} · {label_b} {format_counts(c['status_b'])}"),
-        ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])} · {label_b} "
-                          f"{one_decimal(c['mean_output_tokens_b'])}"),
-    ]
-    numerics = c.get("numerics") or {"verdict": "unknown", "evidence": []}
-    rows.insert(0, ("numerics", "\n".join(format_numerics(numerics)).replace("  numerics        ", "", 1).strip()))
-    differs = {"prompt tokens": mismatch, "numerics": numerics["verdict"] == "different"}
-    table = "".join(f'<tr><th>{name}</th><td{" class=warn" if differs.get(name) else ""}>'
-                    f"{esc(value)}</td></tr>" for name, value in rows)
     unmatched = f", {c['unmatched']} unmatched" if c["unmatched"] else ""
-    warning = (f'<br><span class="warn">the prompts differ on {mismatch} of {c["n"]} samples (usage.prompt_tokens): '
-               "the servers do not see the same input</span>" if mismatch else "")
-    return (f'<p class="verdict{" differ" if c["mcnemar_p"] < 0.05 or mismatch or differs["numerics"] else ""}">{label_b} vs A '
-            f'({esc(c["metric"])}, n={c["n"]}{unmatched}): {esc(c["verdict"])}{warning}</p>', f"<table>{table}"
-            + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
+    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A ({esc(c["metric"])}, n={c["n"]}'
+            f'{unmatched}): {esc(c["verdict"])}{heading}</p>',
+            f"<table>{table}" + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
 
 
 def task_section(index: int, task: str, runs: list, comparisons: list) -> str:
@@ -4276,7 +4415,7 @@ def runs_table(runs: list) -> str:
 
 
 def render_report(runs: list, comparisons: list | None = None) -> str:
-    """One self-contained HTML page. `runs`: report_run() dicts; `comparisons[i]`: compare_runs()
+    """One self-contained HTML page. `runs`: report_side() dicts; `comparisons[i]`: compare_runs()
     of runs[0] and runs[i + 1], or None."""
     tasks = list(dict.fromkeys(name for run in runs for name in [*run["results"], *(t for t, _ in run["records"])]
                                if name != CONFORMANCE))
@@ -4331,7 +4470,7 @@ def read_results_file(path: str) -> dict | None:
     return document
 
 
-def run_from_document(document: dict, label: str | None = None, base: Path = Path(".")) -> dict:
+def report_side_from_document(document: dict, label: str | None = None, base: Path = Path(".")) -> dict:
     """A run for the report from one server's results document: its config and metrics, and
     the records of the sample log it names (config.log_samples, also tried relative to `base`)."""
     config = document.get("config") or {}
@@ -4341,7 +4480,7 @@ def run_from_document(document: dict, label: str | None = None, base: Path = Pat
     else:
         folder = next((p for p in (Path(log).expanduser(), base / log) if p.exists()), None)
         try:
-            records = load_run(str(folder or log))
+            records = load_run(str(folder or log), shown=True)
         except UsageError as exc:
             note = str(exc)
     results = {name: r for name, r in (document.get("results") or {}).items()
@@ -4350,7 +4489,7 @@ def run_from_document(document: dict, label: str | None = None, base: Path = Pat
             "records": records, "note": note, "error": document.get("error")}
 
 
-def report_run(path: str) -> dict:
+def report_side(path: str) -> dict:
     """A run for the report from a results JSON, or a sample log (file or folder) alone: then the
     metrics are recomputed from its records and the config is unknown."""
     document = read_results_file(path)
@@ -4358,8 +4497,8 @@ def report_run(path: str) -> dict:
         if "runs" in document:
             raise UsageError(f"{path} holds several servers' runs: give it alone to report them all")
         label = f"{(document.get('config') or {}).get('chat_url', '')} ({path})".strip()
-        return run_from_document(document, label, Path(path).expanduser().parent)
-    records = load_run(path)
+        return report_side_from_document(document, label, Path(path).expanduser().parent)
+    records = load_run(path, shown=True)
     by_task: dict = {}
     for (task, _), record in records.items():
         by_task.setdefault(task, []).append(record)
@@ -4373,8 +4512,8 @@ def report_from_document(document: dict) -> str:
     """The report of what an eval run just wrote: one server's document, or the several
     --base_url document {"runs": [...], "comparisons": [...]} (run A against each other run)."""
     if "runs" not in document:
-        return render_report([run_from_document(document)])
-    runs = sorted((run_from_document(run) for run in document["runs"]), key=lambda run: bool(run["error"]))
+        return render_report([report_side_from_document(document)])
+    runs = sorted((report_side_from_document(run) for run in document["runs"]), key=lambda run: bool(run["error"]))
     by_b = {c.get("b"): c for c in document.get("comparisons") or []}  # A is the first usable server
     entries = [by_b.get(run["config"].get("chat_url"), {}) for run in runs[1:]]
     for run, entry in zip(runs[1:], entries):
@@ -4391,12 +4530,12 @@ def cmd_report(argv: list) -> int:
     parser.add_argument("run_b", metavar="RUN_B", nargs="?", help="a second run, compared with the first")
     parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default report.html)")
     args = parser.parse_args(argv)
-    _SECRETS.update(s for s in (os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN")) if s)
+    SECRETS.add(os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN"))
     document = read_results_file(args.run_a)
     if document is not None and "runs" in document and not args.run_b:
         page = report_from_document(document)
     else:
-        runs = [report_run(path) for path in (args.run_a, args.run_b) if path]
+        runs = list(side_by_side(report_side, args.run_a, args.run_b)) if args.run_b else [report_side(args.run_a)]
         page = render_report(runs, [compare_runs(runs[0]["records"], runs[1]["records"])] if args.run_b else None)
     write_report(args.output, page)
     return EXIT_OK

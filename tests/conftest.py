@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-# Test modules import the fakes as a top-level module ("from fakes import ..."). pytest's default
-# import mode already puts tests/ on sys.path; this keeps it working under --import-mode=importlib.
-if str(Path(__file__).parent) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parent))
+# Test modules import the fakes ("from fakes import ...") and nano_eval as top-level modules: tests/
+# and the repository on sys.path, for plain `pytest` and --import-mode=importlib alike.
+for folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
-from fakes import (ANSWERS, CHARTQA, GSM8K, Dataset, FakeDatasetsServer, FakeOpenAI, answers_responder,  # noqa: E402
-                   chartqa_dataset, gsm8k_dataset)
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from fakes import (ANSWERS, CHARTQA, FIXTURES, GSM8K, GSM8K_GOLD, GSM8K_ROWS, Dataset,  # noqa: E402
+                   FakeDatasetsServer, FakeOpenAI, answers_responder, chartqa_dataset, gsm8k_dataset)
 
 
 def clear_env(monkeypatch, *names: str) -> None:
@@ -48,12 +46,7 @@ def chartqa_spec() -> Dataset:
 @pytest.fixture(scope="session")
 def gsm8k_answers() -> dict[str, str]:
     """{question: gold answer} for the first 50 gsm8k test questions."""
-    answers = {}
-    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        for _, line in zip(range(50), f):
-            row = json.loads(line)
-            answers[row["question"]] = row["answer"].split("####")[-1].strip()
-    return answers
+    return {row["question"]: gold for row, gold in zip(GSM8K_ROWS[:50], GSM8K_GOLD)}
 
 
 @pytest.fixture

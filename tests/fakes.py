@@ -465,10 +465,13 @@ class ByRow:
         return reply
 
 
-_GSM8K_ROWS = [json.loads(line) for line in
-               (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()]
-GSM8K_GOLD = [row["answer"].split("####")[-1].strip() for row in _GSM8K_ROWS]
-_GSM8K_ROW_OF = {row["question"]: i for i, row in enumerate(_GSM8K_ROWS)}
+# The gsm8k test split of tests/fixtures (all 1319 rows, parsed once for every test file) and its gold answers
+GSM8K_ROWS = [json.loads(line) for line in
+              (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()]
+GSM8K_GOLD = [row["answer"].split("####")[-1].strip() for row in GSM8K_ROWS]
+# what the tests' planted answers rely on: row 0 is Janet's ducks (18), no gold answer among the first 40 is 0
+assert GSM8K_GOLD[:3] == ["18", "3", "70000"] and "0" not in GSM8K_GOLD[:40]
+_GSM8K_ROW_OF = {row["question"]: i for i, row in enumerate(GSM8K_ROWS)}
 
 
 def gsm8k_row_of(body: dict) -> int:
@@ -1550,8 +1553,7 @@ LOG_NAME = "samples_gsm8k_cot_llama.jsonl"
 
 
 def gsm8k_first(n: int) -> list[dict]:
-    with open(ROOT / "tests" / "fixtures" / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
+    return GSM8K_ROWS[:n]
 
 
 def responder_for(correct_rows: set, rows: list, fail_rows: set = frozenset(), wrap=None):

@@ -11,15 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
 
 import nano_eval  # noqa: E402
 from fakes import (ByRow, FakeOpenAI, GSM, GSM_ARGS, Reply, SECRET, TASK_ARGS, cli, cli_env, error_lines,  # noqa: E402

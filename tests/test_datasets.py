@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
+from fakes import FIXTURES, GSM8K_ROWS, ROOT  # noqa: E402
 
 import nano_eval  # noqa: E402
 from fakes import (CAPTURES, CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, GSM8K, GSM_ARGS, NANO_EVAL,  # noqa: E402
@@ -59,17 +57,6 @@ class SlowRows(FakeDatasetsServer):
         finally:
             with self._lock:
                 self.rows_in_flight -= 1
-
-
-FIXTURES = ROOT / "tests" / "fixtures"
-
-
-def fixture_gsm8k() -> list[dict]:
-    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-GSM8K_ROWS = fixture_gsm8k()
 
 
 def assert_gsm8k_rows(rows, n):
@@ -730,3 +717,20 @@ def chartqa_dataset_small():
     from fakes import synthetic_chartqa_dataset
 
     return synthetic_chartqa_dataset(3)
+
+
+def test_a_fetched_split_whose_cached_size_was_edited_is_caught_by_the_datasets_server(no_bundled, gsm8k_spec):
+    """Issue 23, item 7: a fetched split's manifest edited to fewer rows, consistently (pages that
+    tile it), is caught when a missing page is fetched: the datasets-server's num_rows_total is
+    not the cache's, and no run goes on with the smaller denominator."""
+    with FakeDatasetsServer({GSM8K: gsm8k_spec}) as server:
+        load(GSM_REF, None, [no_bundled], server)
+        path = no_bundled / "openai__gsm8k" / "main" / "test" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["num_rows_total"] = 1200
+        del manifest["pages"]["1200"], manifest["pages"]["1300"], manifest["pages"]["500"]  # page 500: fetched again
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(nano_eval.DatasetError, match="the dataset cache says openai/gsm8k test has 1200 rows, "
+                                                         "the datasets-server 1319: the cache is stale or was edited"):
+            load(GSM_REF, None, [no_bundled], server)
+        assert "500" not in json.loads(path.read_text())["pages"]  # nothing cached from the refused page

@@ -1,4 +1,4 @@
-"""Preflight (issue 5): run_preflight(), `--check` and `--tasks api_conformance`.
+"""Preflight (issue 5): preflight_checks(), `--check` and `--tasks api_conformance`.
 
 ConformanceFake (tests/conformance_fakes.py) is a well-behaved chat server; each keyword breaks one
 behaviour. Every check must PASS against the good server, and each broken variant must fail or
@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
 from conformance_fakes import CHECKS, ConformanceFake, COUNTING_ANSWER  # noqa: E402
@@ -32,7 +27,7 @@ def grid(report: dict) -> dict:
 
 def preflight(srv: ConformanceFake, **config) -> dict:
     config.setdefault("timeout", 10)
-    return ne.run_preflight(ne.APIConfig(srv.base_url, model=MODEL, **config))
+    return ne.preflight_checks(ne.APIConfig(srv.base_url, model=MODEL, **config))
 
 
 def test_well_behaved_server_passes_every_check():
@@ -168,7 +163,7 @@ def test_chat_that_fails_stops_the_preflight():
 
 def test_unreachable_server_fails_without_raising():
     from fakes import free_port
-    report = ne.run_preflight(ne.APIConfig(f"http://127.0.0.1:{free_port()}/v1", model=MODEL, timeout=2))
+    report = ne.preflight_checks(ne.APIConfig(f"http://127.0.0.1:{free_port()}/v1", model=MODEL, timeout=2))
     assert [(c["check"], c["result"]) for c in report["checks"]] == [("/v1/models", "FAIL"),
                                                                        ("chat completion", "FAIL")]
     assert "connection refused" in report["checks"][0]["evidence"]

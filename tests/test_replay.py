@@ -11,14 +11,10 @@ import json
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
 
 from fakes import (ByRow, ByRowWithWrongRows, FakeOpenAI, GSM_ARGS, LOG_NAME, Reply, cli, gsm8k_args,  # noqa: E402
                    gsm8k_row_of, one_error, read_log)

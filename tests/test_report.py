@@ -18,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
+from fakes import FIXTURES, ROOT  # noqa: E402
 
 import nano_eval  # noqa: E402
 from fakes import (ByRow, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K_GOLD, Reply,  # noqa: E402
@@ -197,7 +195,7 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
         code, document, _ = main_json(["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 6,
                                    "--max_fail_rate", 0.5, "--output", tmp_path / "out.json", "--no_progress"], capsys)
     assert code == 0 and document["results"][GSM]["failures"] == {"empty": 1, "http_400": 1}
-    from_json = report.report_run(str(tmp_path / "out.json"))
+    from_json = report.report_side(str(tmp_path / "out.json"))
     assert from_json["config"]["model"] == "solo" and from_json["results"] == document["results"]
     page = Page(report.render_report([from_json]))
     assert page.filter_counts() == {"all": 6, "wrong": 3, "failed": 2}  # no flipped / differs for one run
@@ -209,15 +207,15 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
     assert answer == f"The final answer is {GSM8K_GOLD[4]}"
     assert texts_in(page, f"{GSM}-4", "summary")[1].startswith("reasoning (")
     # the sample log alone: the same metrics, recomputed, and the config unknown
-    from_log = report.report_run(document["config"]["log_samples"])
+    from_log = report.report_side(document["config"]["log_samples"])
     assert from_log["config"] is None and "config unknown" in from_log["note"]
     assert from_log["results"][GSM]["metrics"] == document["results"][GSM]["metrics"]
     assert report.report_from_document(document).count('<details class="s') == 6
 
 
-FIXTURES = ROOT / "tests" / "fixtures" / "chartqa"
+CHART_FIXTURES = FIXTURES / "chartqa"
 
-CHART_ROWS = [json.loads(line) for line in (FIXTURES / "rows.jsonl").read_text("utf-8").splitlines()]
+CHART_ROWS = [json.loads(line) for line in (CHART_FIXTURES / "rows.jsonl").read_text("utf-8").splitlines()]
 
 
 def test_chartqa_report_shows_the_image_sent(isolated_env, tmp_path, capsys):
@@ -230,7 +228,7 @@ def test_chartqa_report_shows_the_image_sent(isolated_env, tmp_path, capsys):
                                        "--log_samples", log, "--no_progress"] + ["--log_images"] * images, capsys)
             assert code == 0
             pages[images] = report.report_from_document(document)
-    chart = (FIXTURES / CHART_ROWS[0]["image"]).read_bytes()
+    chart = (CHART_FIXTURES / CHART_ROWS[0]["image"]).read_bytes()
     sources = [e["attrs"]["src"] for e in Page(pages[True]).find("img")]
     assert len(sources) == 3 and sources[0] == nano_eval.data_url(chart)
     assert all(e["attrs"].get("loading") == "lazy" for e in Page(pages[True]).find("img"))
@@ -389,3 +387,59 @@ def test_report_marks_a_numerics_difference(isolated_env, tmp_path, capsys):
     verdict = page.find("p", "verdict")[0]
     assert "differ" in verdict["attrs"]["class"].split()
     assert "but the implementations differ: logprob distance" in verdict["text"]
+
+
+def test_a_big_run_lists_the_most_telling_samples_first(compared, monkeypatch):
+    """Past REPORT_SAMPLES a task's page lists that many samples, flipped, failed, differing and
+    wrong ones first (issue 23, item 15: a page of 100,000 samples would not open)."""
+    monkeypatch.setattr(nano_eval, "REPORT_SAMPLES", 5)
+    page = Page(report.report_from_document(compared["document"]))
+    samples = page.find("details", "s")
+    # flipped 1, 2, 4, 6 first; then row 5 (text differs); row 3 (wrong in both) and the rest left out
+    assert [s["attrs"]["id"] for s in samples] == [f"{GSM}-{row}" for row in (1, 2, 4, 5, 6)]
+    assert page.filter_counts() == {"all": 5, "wrong": 4, "failed": 1, "flipped": 4, "text differs": 5}
+    notes = [e["text"] for e in page.find("p", "muted") if "samples shown" in e["text"]]
+    assert notes == ["5 of 10 samples shown: flipped, failed, differing and wrong ones first; "
+                     "the sample logs hold every one"]
+
+
+def test_the_report_of_two_big_logs_reads_them_side_by_side(compared, monkeypatch):
+    """Two logs above SIDE_BY_SIDE_BYTES are read at once, the second in a child process; the
+    page is the same as when they are read one after the other, and the child's error is the error."""
+    a, b = compared["logs"]
+    out = compared["tmp"]
+    assert nano_eval.main(["report", a, b, "-o", str(out / "one.html")]) == 0
+    monkeypatch.setattr(nano_eval, "SIDE_BY_SIDE_BYTES", 0)
+    assert nano_eval.main(["report", a, b, "-o", str(out / "two.html")]) == 0
+    assert (out / "one.html").read_text() == (out / "two.html").read_text()
+    assert nano_eval.side_by_side(os.path.basename, a, b) == (os.path.basename(a), os.path.basename(b))
+    pids = nano_eval.side_by_side(process_id, a, b)
+    assert pids[0] == os.getpid() and pids[1] != os.getpid()
+    broken = out / "broken.jsonl"
+    broken.write_text('{"task": "x"}\n')
+    with pytest.raises(nano_eval.UsageError, match="broken.jsonl:1: not a nano-eval sample record"):
+        nano_eval.side_by_side(nano_eval.report_side, a, str(broken))
+
+
+def process_id(path: str) -> int:
+    return os.getpid()
+
+
+def test_the_page_names_each_answers_filter_marks_the_headline_and_explains_its_signs(compared):
+    """Issue 24, item 4: strict-match found nothing in B's row 4, so the answer shown is
+    flexible-extract's and says so (beside strict-match's ✗); the headline metric is marked; ±
+    and ,valid are explained; the comparison speaks in fractions, as the metrics table does."""
+    page = Page(compared["html"])
+    summary = next(e["text"] for e in page.find("summary") if e["text"].startswith("#4 "))
+    assert "B 1 (flexible-extract) ✗" in summary and "(strict-match)" not in summary
+    row1 = next(e["text"] for e in page.find("summary") if e["text"].startswith("#1 "))
+    assert "(flexible-extract)" not in row1  # A's strict-match answer needs no label
+    assert "strict-match answer" in "".join(texts_in(page, f"{GSM}-1", "p"))
+    assert [e["text"] for e in page.find("th") if "(headline)" in e["text"]] == [
+        "exact_match (headline)", "exact_match,strict-match (headline)"]
+    assert "± is the standard error" in compared["html"] and ",valid is the score over the valid" in \
+        " ".join(e["text"] for e in page.find("p", "muted"))
+    accuracy = next(e for i, e in enumerate(page.elements) if e["tag"] == "td"
+                    and page.elements[i - 1]["text"] == "accuracy")
+    assert accuracy["text"] == "A 0.8000   B 0.6000   B-A -0.2000 [95% CI " + accuracy["text"].split("CI ")[1]
+    assert "points" not in compared["html"]

@@ -14,13 +14,9 @@ import os
 import statistics
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
 
 import nano_eval as ne  # noqa: E402
 from fakes import (ByRow, FakeOpenAI, GSM, GSM8K_GOLD, GSM_ARGS, NANO_EVAL, Reply, TASK, WRONG, cli,  # noqa: E402
@@ -421,8 +417,6 @@ def test_reference_score(task, model, score):
         assert found[0] == score and isinstance(found[1], str) and found[1]
 
 
-assert "0" not in GSM8K_GOLD[:40]
-assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
 
 
 def test_python_api_repeats_and_expectation(isolated_env, tmp_path):

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
+from fakes import GSM8K_ROWS, ROOT  # noqa: E402
 
 import nano_eval as ne  # noqa: E402
 from fakes import (ByRow, ByRowWithWrongRows, CHARTQA, FakeDatasetsServer, FakeOpenAI, FIXTURE_ROWS, GSM,  # noqa: E402
@@ -53,10 +51,7 @@ def test_python_api_run_task(isolated_env, fake_openai):
     assert fake_openai.max_in_flight <= 8
 
 
-GSM8K_ROWS = [json.loads(line) for line in
-              (Path(__file__).parent / "fixtures" / "gsm8k" / "test.jsonl").read_text("utf-8").splitlines()[:60]]
 
-assert GSM8K_GOLD[0] == "18"  # Janet's ducks: the examples below rely on it
 
 RECORD_KEYS = {"task", "row_idx", "doc_hash", "body_hash", "url", "request", "response", "status", "error",
                "target", "extracted", "scores", "group", "image", "latency", "attempts", "reasoning_flags"}
@@ -169,7 +164,6 @@ def test_reasoning_fields_are_logged(isolated_env, tmp_path, field):
     assert "reasoning" not in result
 
 
-FIXTURES = ROOT / "tests" / "fixtures"
 
 
 @pytest.mark.parametrize("log_images", [False, True])
@@ -342,11 +336,9 @@ def test_a_hung_server_does_not_claim_unsent_samples_when_there_are_none(isolate
     result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert result["failures"] == {"timeout": 4} and chat == 4
     assert "num_not_sent" not in result
-    assert "remaining samples are counted" not in err
     assert "were not sent" not in err
     stopped = [line for line in warning_lines(err) if "stopped answering" in line]
-    assert len(stopped) <= 1
-    assert all("no more requests are sent" in line for line in stopped)
+    assert len(stopped) == 1 and "no more requests are sent" in stopped[0], err
 
 
 def test_a_hung_server_counts_the_samples_it_did_not_send(isolated_env, tmp_path):
@@ -408,8 +400,6 @@ def test_repeats_deterministic_server(isolated_env, tmp_path):
     assert sorted((r["row_idx"], r["repeat"]) for r in records) == [(row, k) for row in range(6) for k in range(3)]
 
 
-assert "0" not in GSM8K_GOLD[:40]
-assert GSM8K_GOLD[:3] == ["18", "3", "70000"]
 
 
 # Per-row script over 3 repeats (R right, W wrong, R' right with other text):

@@ -11,15 +11,11 @@ from __future__ import annotations
 import http.server
 import json
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
 
 import fakes  # noqa: E402
 import nano_eval as ne  # noqa: E402

@@ -14,17 +14,14 @@ import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) does not put the repo on sys.path
-    sys.path.insert(0, str(ROOT))
+from fakes import FIXTURES, GSM8K_ROWS, ROOT  # noqa: E402
 
 import nano_eval  # noqa: E402
-from fakes import (CAPTURES, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K_GOLD, GSM_ARGS, METRICS,  # noqa: E402
+from fakes import (CAPTURES, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM, GSM_ARGS, METRICS,  # noqa: E402
                    Reply, ROWS_JSONL, TINY_JPEG, URL, bodies, chart_row_of, chartqa_cache, chartqa_dataset, cli,
                    cli_env, gsm8k_first, image_bytes_of, image_of, image_url, main_json, one_error, question_of,
                    read_log, read_log_by_row, responder_for, run_chartqa, run_gsm8k_plain, run_inproc,
@@ -38,7 +35,6 @@ from nano_eval import (APIConfig, TASKS, _relaxed_preprocess, answer_text, chart
 # --------------------------------------------------------------------------------------------
 
 
-FIXTURES = ROOT / "tests" / "fixtures"
 
 
 def load_capture(name: str) -> list[dict]:
@@ -72,8 +68,7 @@ def assert_same_request(actual: dict, expected: dict) -> None:
 
 
 def gsm8k_rows(n: int) -> list[dict]:
-    with open(FIXTURES / "gsm8k" / "test.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
+    return GSM8K_ROWS[:n]
 
 
 @pytest.mark.parametrize("i", range(4))
@@ -442,7 +437,6 @@ def test_answer_text(content, keep, expected):
     assert answer_text(content, keep) == expected
 
 
-assert GSM8K_GOLD[0] == "18"  # Janet's ducks (row 0): the examples below rely on it
 
 
 def test_think_block_is_stripped_before_scoring(isolated_env, tmp_path):

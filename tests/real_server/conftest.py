@@ -1,7 +1,7 @@
 """Fixtures for nano-eval's end-to-end tests against a real llama.cpp server.
 
 These tests are skipped unless asked for, because the first run builds llama.cpp
-(~10 min on 2 cores). Enable them with either of:
+(~10-12 min on 2 cores). Enable them with either of:
 
     python -m pytest tests/real_server -m real_server
     NANO_EVAL_REAL_SERVER=1 python -m pytest tests/real_server
@@ -66,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(
         reason=(
-            "real-server test (first run builds llama.cpp and a vLLM venv, ~10-15 min): "
+            "real-server test (the first run builds llama.cpp, ~10-12 min, and the vLLM and MAX venvs, ~4 min each): "
             f"run with `-m real_server` or {ENV_FLAG}=1"
         )
     )
@@ -125,7 +125,7 @@ def _llama_paths(config) -> tuple[str, str]:
     model_env = os.environ.get("NANO_EVAL_LLAMA_MODEL")
     if bin_env and model_env:
         return bin_env, model_env
-    paths = setup_paths(config, SETUP_SCRIPT, "llama-server", "~12 min build")
+    paths = setup_paths(config, SETUP_SCRIPT, "llama-server", "~10-12 min build")
     return bin_env or paths["LLAMA_SERVER"], model_env or paths["LLAMA_MODEL"]
 
 

