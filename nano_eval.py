@@ -3154,7 +3154,10 @@ def collector_paused() -> Iterator[None]:
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_interrupt)  # SIGTERM stops nano-eval as Ctrl-C does, everywhere
+        # SIGTERM stops nano-eval as Ctrl-C does, everywhere; and Ctrl-C does so in every phase even when
+        # nano-eval was started with SIGINT ignored (a script's background job), as it does during the tasks
+        signal.signal(signal.SIGTERM, raise_interrupt)
+        signal.signal(signal.SIGINT, raise_interrupt)
     commands = {"compare": cmd_compare, "replay": cmd_replay, "report": cmd_report}
     for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
         if hasattr(stream, "reconfigure"):

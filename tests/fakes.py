@@ -37,6 +37,7 @@ import signal
 import socket
 import socketserver
 import struct
+import tempfile
 import threading
 import time
 import traceback
@@ -1221,12 +1222,22 @@ def cli_command(*args, script=NANO_EVAL) -> list[str]:
     return [sys.executable, str(script), *map(str, args)]
 
 
+# The repository's nano_eval.py runs in the child as an import of the module, so that its bytecode
+# is compiled once for the whole suite (`python nano_eval.py` compiles the script anew each time).
+BYTECODE = Path(tempfile.gettempdir()) / f"nano-eval-tests-bytecode-{os.getuid()}"
+RUN_NANO_EVAL = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import nano_eval; sys.exit(nano_eval.main())"
+
+
 def cli(*args, env=None, cwd=None, timeout=120, script=NANO_EVAL, command=None, terminal=False) -> CliRun:
-    """``python nano_eval.py ARGS`` in a child process (``script``: another copy of it; ``command``:
-    another program, e.g. an installed console script). Runs in ``cwd``, by default the repository
-    root (the script's folder for another script). Output is decoded as UTF-8 with replacement.
-    terminal=True: stderr is a pseudo-terminal (isatty() is true), read back with its "\r\n"
-    line ends made "\n" again."""
+    """``python nano_eval.py ARGS`` in a child process (``script``: another copy of it, run as a
+    script; ``command``: another program, e.g. an installed console script). Runs in ``cwd``, by
+    default the repository root (the script's folder for another script). Output is decoded as
+    UTF-8 with replacement. terminal=True: stderr is a pseudo-terminal (isatty() is true), read
+    back with its "\r\n" line ends made "\n" again."""
+    if command is None and Path(script) == NANO_EVAL:
+        command = [sys.executable, "-c", RUN_NANO_EVAL]
+        env = {k: v for k, v in (os.environ if env is None else env).items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = str(BYTECODE)
     argv = [*(command or [sys.executable, str(script)]), *map(str, args)]
     if cwd is None:
         cwd = ROOT if Path(script) == NANO_EVAL else Path(script).parent

@@ -937,16 +937,24 @@ def test_a_datasets_server_name_that_does_not_resolve_is_said_at_once(isolated_e
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_comparison_keeps_both_runs(isolated_env, tmp_path, capsys, monkeypatch, sig):
     """Issue 23, item 2: Ctrl-C or SIGTERM after both servers' runs finished, while they are being
-    compared: both runs reach stdout and --output, the comparison is left out, exit 130."""
+    compared: both runs reach stdout and --output, the comparison is left out, exit 130. SIGINT is
+    ignored when the run starts, as in a script's background job: Ctrl-C must still stop it."""
     def interrupted_comparison(*args, **kwargs):
         os.kill(os.getpid(), sig)
         time.sleep(5)  # the signal's handler raises here
         raise AssertionError("the signal did not arrive")
 
     monkeypatch.setattr(nano_eval, "compare_paths", interrupted_comparison)
-    with FakeOpenAI(responder=ByRow()) as a, FakeOpenAI(responder=ByRow(wrong={0})) as b:
-        code, doc, err = main_json([*GSM_ARGS, "--base_url", a.base_url, "--base_url", b.base_url, "--max_samples", 3,
-                                    "--output", tmp_path / "r.json", "--log_samples", tmp_path / "logs"], capsys)
+    previous = {s: signal.signal(s, signal.SIG_IGN if s == signal.SIGINT else signal.SIG_DFL)
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with FakeOpenAI(responder=ByRow()) as a, FakeOpenAI(responder=ByRow(wrong={0})) as b:
+            code, doc, err = main_json([*GSM_ARGS, "--base_url", a.base_url, "--base_url", b.base_url,
+                                        "--max_samples", 3, "--output", tmp_path / "r.json",
+                                        "--log_samples", tmp_path / "logs"], capsys)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     assert code == 130, err
     assert [r["results"][GSM]["num_samples"] for r in doc["runs"]] == [3, 3] and doc["comparisons"] == []
     assert json.loads((tmp_path / "r.json").read_text("utf-8")) == doc
