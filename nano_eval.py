@@ -95,7 +95,7 @@ DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding
 THINK_END = "</think>"  # lm-eval's think_end_token: only the text after its last occurrence is scored
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
 # The numerics verdict of a comparison (--logprobs), from noise floors and planted bugs measured
-# on real servers (README, "What nano-eval catches"):
+# on real servers (tests/real_server/README.md, "Issue 22: the planted-bug zoo"):
 DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
 CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
 CONFIDENT_PARTINGS = 0.1  # share of the samples (at least 1) that may part confidently before it is a bug

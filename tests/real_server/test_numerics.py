@@ -13,8 +13,8 @@ Accuracy cannot tell any of these apart here (a 135M model scores ~0 on gsm8k, s
 says "no significant difference" for every pair); prompt-token parity catches only the
 template and the BOS; the numerics verdict catches them all. Each row's figures (and the
 smallest n at which the verdict is already, and stays, `different`) are printed, and they
-are the README's table "What nano-eval catches". N per fault is chosen from those runs: every
-fault's verdict was already `different` at n=1 (the Q4_1 weights at n=2); the n here (3 for the
+are the table of README.md here ("Issue 22: the planted-bug zoo"). N per fault is chosen from
+those runs: every fault's verdict was already `different` at n=1 (the Q4_1 weights at n=2); the n here (3 for the
 blatant faults, 6 for the subtle ones, 10 for the KV cache q8_0, whose distance is the closest
 to the noise) leave room for a machine that differs from the one they were measured on.
 
