@@ -2639,6 +2639,12 @@ def config_record(config: APIConfig, tasks: list, max_samples: int | None, args:
     }
 
 
+def task_results(results: dict) -> dict:
+    """Each task's entry of a results document, without the preflight's (results_document puts
+    it first, as lm-eval would a task)."""
+    return {name: r for name, r in results.items() if name != CONFORMANCE and isinstance(r, dict)}
+
+
 def results_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
                      preflight: dict | None, finished: bool, start: float) -> dict:
     """The results JSON of one server's run."""
@@ -2722,7 +2728,7 @@ def exit_code_of(document: dict, args: argparse.Namespace, log_dir: Path | None)
     if preflight and preflight["metrics"]["fail"]:
         info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
         codes.append(EXIT_FAILURES)
-    codes.append(fail_rate_exit({n: r for n, r in results.items() if n != CONFORMANCE and "error" not in r},
+    codes.append(fail_rate_exit({n: r for n, r in task_results(results).items() if "error" not in r},
                                 args.max_fail_rate))
     below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
              and not r["expectation"].get("informational")]
@@ -4420,8 +4426,7 @@ def runs_table(runs: list) -> str:
 def render_report(runs: list, comparisons: list | None = None) -> str:
     """One self-contained HTML page. `runs`: report_side() dicts; `comparisons[i]`: compare_runs()
     of runs[0] and runs[i + 1], or None."""
-    tasks = list(dict.fromkeys(name for run in runs for name in [*run["results"], *(t for t, _ in run["records"])]
-                               if name != CONFORMANCE))
+    tasks = list(dict.fromkeys(name for run in runs for name in [*run["results"], *(t for t, _ in run["records"])]))
     title = "nano-eval report: " + ", ".join(tasks) + (f" ({' vs '.join(map(run_letter, range(len(runs))))})"
                                                        if len(runs) > 1 else "")
     parts = [f"<h1>{esc(title)}</h1>", runs_table(runs)]
@@ -4486,8 +4491,7 @@ def report_side_from_document(document: dict, label: str | None = None, base: Pa
             records = load_run(str(folder or log), shown=True)
         except UsageError as exc:
             note = str(exc)
-    results = {name: r for name, r in (document.get("results") or {}).items()
-               if name != CONFORMANCE and isinstance(r, dict)}
+    results = task_results(document.get("results") or {})
     return {"label": label or config.get("chat_url") or "run", "config": config, "results": results,
             "records": records, "note": note, "error": document.get("error")}
 
