@@ -3495,19 +3495,22 @@ def slim_request(record: dict, shown: bool = False) -> dict:
     return body
 
 
+def log_files(source: Path) -> list:
+    """The sample logs a path names: the file itself, or a folder's samples_<task>.jsonl."""
+    if source.is_dir():
+        return sorted(source.glob("samples_*.jsonl"))
+    return [source] if source.is_file() else []
+
+
 def load_repeats(path: str, shown: bool = False) -> dict:
     """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them,
     each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
     logs then fits in 750 MB)."""
     source = Path(path).expanduser()
-    if source.is_dir():
-        files = sorted(source.glob("samples_*.jsonl"))
-    elif source.is_file():
-        files = [source]
-    else:
-        raise UsageError(f"{source}: no such sample log or folder")
+    files = log_files(source)
     if not files:
-        raise UsageError(f"{source}: no samples_<task>.jsonl in this folder")
+        raise UsageError(f"{source}: no samples_<task>.jsonl in this folder" if source.is_dir()
+                         else f"{source}: no such sample log or folder")
     records: dict = {}
     for file in files:
         for record in read_records(file, strict=True):
@@ -3529,9 +3532,7 @@ SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is rea
 
 
 def log_bytes(path: str) -> int:
-    source = Path(path).expanduser()
-    files = source.glob("samples_*.jsonl") if source.is_dir() else [source] if source.is_file() else []
-    return sum(f.stat().st_size for f in files)
+    return sum(f.stat().st_size for f in log_files(Path(path).expanduser()))
 
 
 def read_paused(read: Callable, path: str) -> Any:
