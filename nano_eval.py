@@ -1927,9 +1927,9 @@ def record_problem(record: Any) -> str | None:
             return f"no {name!r}"
     for name, kind in RECORD_FIELDS.items():
         value = record.get(name)
-        if value is not None and type(value) is not kind and (not isinstance(value, kind) or type(value) is bool):
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"{name!r} is not of type {kind.__name__}"
-    if not all(type(v) is float or is_number(v) for v in (record.get("scores") or {}).values()):
+    if not all(is_number(v) for v in (record.get("scores") or {}).values()):
         return "a score is not a number"
     usage = (record.get("response") or {}).get("usage")
     if usage is not None and not isinstance(usage, dict):
