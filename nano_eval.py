@@ -56,7 +56,9 @@ import gc
 import hashlib
 import html
 import http.client
+import itertools
 import json
+import marshal
 import math
 import os
 import random
@@ -75,7 +77,7 @@ import urllib.request
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 __version__ = "0.2.0"
 
@@ -1940,43 +1942,49 @@ def record_problem(record: Any) -> str | None:
 READ_BATCH = 1 << 18  # bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
 
 
-def parsed_lines(file: Any) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed value) of each line of the file that is JSON. Lines are parsed
-    READ_BATCH bytes at a time; a batch that is not one JSON object per line is parsed line by line."""
-    number = 0
+def parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
+    """(line number, byte offset, parsed value) of each line of the file that is JSON. Lines
+    are parsed READ_BATCH bytes at a time; a batch that is not one JSON object per line is
+    parsed line by line (bytes that are not UTF-8 read as U+FFFD)."""
+    number, offset = 0, 0
     while True:
         lines = file.readlines(READ_BATCH)
         if not lines:
             return
+        starts = list(itertools.accumulate(map(len, lines), initial=offset))
         try:
-            values = json.loads("[" + ",".join(lines) + "]")
+            values = json.loads(b"[" + b",".join(lines) + b"]")
         except ValueError:
             values = None
         if values is not None and len(values) == len(lines) and all(type(v) is dict for v in values):
-            yield from enumerate(values, number + 1)
+            yield from zip(range(number + 1, number + len(lines) + 1), starts, values)
         else:
-            for offset, line in enumerate(lines, number + 1):
+            for line_number, start, line in zip(itertools.count(number + 1), starts, lines):
                 try:
-                    yield offset, json.loads(line)
+                    yield line_number, start, json.loads(line.decode("utf-8", "replace"))
                 except ValueError:
                     continue
-        number += len(lines)
+        number, offset = number + len(lines), starts[-1]
 
 
-def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
-    """The records of a sample log. A line that is not JSON (cut short by a crash) is
-    skipped; so is one that is JSON but not a sample record, or with `strict` it is a
-    UsageError naming it."""
+def read_located(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]:
+    """(byte offset, record) of each record of a sample log. A line that is not JSON (cut
+    short by a crash) is skipped; so is one that is JSON but not a sample record, or with
+    `strict` it is a UsageError naming it."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for number, record in parsed_lines(f):
+        with open(path, "rb") as f:
+            for number, offset, record in parsed_lines(f):
                 problem = record_problem(record)
                 if problem and strict:
                     raise UsageError(f"{path}:{number}: not a nano-eval sample record ({problem})")
                 if not problem:
-                    yield record
+                    yield offset, record
     except FileNotFoundError:
         return
+
+
+def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
+    return (record for _, record in read_located(path, strict))
 
 
 class SampleLog:
@@ -2421,6 +2429,47 @@ def repeat_summary(task: Task, records: list, documents: list, repeats: int, tem
     return summary
 
 
+@dataclasses.dataclass
+class Tally:
+    """What aggregate counts over a task's records, read in one pass (the report reads
+    100,000-sample logs)."""
+    statuses: collections.Counter
+    finish_reasons: collections.Counter
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    sent: int = 0  # requests this run sent (not reused from a resumed log)
+    sent_tokens: int = 0
+    latencies: list = dataclasses.field(default_factory=list)
+    reused: int = 0
+    not_sent: int = 0
+    reasoning_rows: dict = dataclasses.field(default_factory=dict)  # flag: the rows it was raised on
+
+    @classmethod
+    def of(cls, records: list) -> Tally:
+        tally = cls(collections.Counter(), collections.Counter())
+        for r in records:
+            response = r.get("response") or {}
+            usage = response.get("usage") or {}
+            completion = usage.get("completion_tokens") or 0
+            tally.statuses[r["status"]] += 1
+            if response.get("finish_reason"):
+                tally.finish_reasons[str(response["finish_reason"])] += 1
+            tally.prompt_tokens += usage.get("prompt_tokens") or 0
+            tally.completion_tokens += completion
+            if r.get("reused"):
+                tally.reused += 1
+            elif r.get("attempts"):
+                tally.sent += 1
+                tally.sent_tokens += completion
+                if r.get("latency"):
+                    tally.latencies.append(r["latency"])
+            if r.get("error") == NOT_SENT:
+                tally.not_sent += 1
+            for flag in r.get("reasoning_flags") or []:
+                tally.reasoning_rows.setdefault(flag, []).append(r["row_idx"])
+        return tally
+
+
 def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
               complete: bool = True, repeats: int = 1, temperature: Any = None) -> dict:
     """Per-task results: lm-eval's metric names (`,none` dropped), the headline metric
@@ -2451,14 +2500,9 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         add(f"{task.headline},{group}", task.headline, [r for r in scored if r.get("group") == group],
             with_stderr=False)
 
-    statuses = collections.Counter(r["status"] for r in records)
+    tally = Tally.of(records)
+    statuses, finish = tally.statuses, tally.finish_reasons
     failures = {s: c for s, c in sorted(statuses.items()) if s not in VALID_STATUSES}
-    usage = [(r.get("response") or {}).get("usage") or {} for r in records]
-    sent = [r for r in records if r.get("attempts") and not r.get("reused")]  # by this run, not resumed
-    sent_tokens = sum(((r.get("response") or {}).get("usage") or {}).get("completion_tokens") or 0 for r in sent)
-    latencies = [r["latency"] for r in sent if r.get("latency")]
-    finish = collections.Counter(str(reason) for reason in
-                                 ((r.get("response") or {}).get("finish_reason") for r in records) if reason)
     result = {
         "metrics": metrics,
         "num_samples": len(records),
@@ -2470,29 +2514,23 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         "complete": complete and len(records) == planned,
         "headline": base,
         "finish_reasons": dict(sorted(finish.items())),
-        "num_reused": sum(1 for r in records if r.get("reused")),
-        "usage": {"prompt_tokens": sum(u.get("prompt_tokens") or 0 for u in usage),
-                  "completion_tokens": sum(u.get("completion_tokens") or 0 for u in usage)},
-        "latency_p50": percentile(latencies, 0.5),
-        "latency_p95": percentile(latencies, 0.95),
-        "requests_per_second": round(len(sent) / elapsed, 3) if elapsed > 0 else None,
-        "output_tokens_per_second": round(sent_tokens / elapsed, 2) if elapsed > 0 else None,
+        "num_reused": tally.reused,
+        "usage": {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens},
+        "latency_p50": percentile(tally.latencies, 0.5),
+        "latency_p95": percentile(tally.latencies, 0.95),
+        "requests_per_second": round(tally.sent / elapsed, 3) if elapsed > 0 else None,
+        "output_tokens_per_second": round(tally.sent_tokens / elapsed, 2) if elapsed > 0 else None,
         "version": task.version,
         "dataset": {"path": task.data.dataset, "config": task.data.config, "split": task.data.split,
                     "revision": (revisions[0] if len(revisions or []) == 1 else revisions) or None},
     }
     if planned != len(records):
         result["num_planned"] = planned
-    not_sent = sum(1 for r in records if r.get("error") == NOT_SENT)
-    if not_sent:
-        result["num_not_sent"] = not_sent
-    flags: dict = {}
-    for r in records:
-        for flag in r.get("reasoning_flags") or []:
-            flags.setdefault(flag, []).append(r["row_idx"])
-    if flags:
-        result["reasoning"] = {flag: len(rows) for flag, rows in flags.items()}
-        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in flags.items()}  # the first 50 of each
+    if tally.not_sent:
+        result["num_not_sent"] = tally.not_sent
+    if tally.reasoning_rows:
+        result["reasoning"] = {flag: len(rows) for flag, rows in tally.reasoning_rows.items()}
+        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in tally.reasoning_rows.items()}  # the first 50
     if repeats > 1:
         result["num_documents"] = len(documents)
         result["repeats"] = repeat_summary(task, records, documents, repeats, temperature)
@@ -3468,30 +3506,45 @@ def logged_request(record: dict) -> dict:
     return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
 
 
+class MessagesDigest:
+    """The sha256 of a request's messages: of their role NUL content, joined by \\2, when all
+    are {"role": str, "content": str}; else of their sorted JSON. A few-shot task sends the
+    same turns before the question in every sample (gsm8k: 5 of its 5.6 KB): the hash state
+    after them is kept, and copied while they repeat."""
+
+    def __init__(self) -> None:
+        self.head: list | None = None
+        self.after_head = hashlib.sha256()
+
+    def __call__(self, messages: list) -> str:
+        try:
+            if messages and sum(map(len, messages)) == 2 * len(messages):  # each has only "role" and "content", or KeyError
+                head, last = messages[:-1], messages[-1]
+                if head != self.head:
+                    text = "".join([m["role"] + "\0" + m["content"] + "\2" for m in head])
+                    self.head, self.after_head = head, hashlib.sha256(text.encode("utf-8", "surrogatepass"))
+                digest = self.after_head.copy()
+                digest.update((last["role"] + "\0" + last["content"]).encode("utf-8", "surrogatepass"))
+                return digest.hexdigest()
+        except (TypeError, KeyError):
+            pass
+        return hashlib.sha256(("\1" + json.dumps(messages, sort_keys=True)).encode()).hexdigest()
+
+
 def messages_digest(messages: list) -> str:
-    """One sha256 of the messages (a 100,000-sample gsm8k log holds ~600 MB of them): when all
-    are {"role": str, "content": str}, of their role NUL content; else of their sorted JSON."""
-    try:
-        if sum(map(len, messages)) == 2 * len(messages):  # then each has exactly "role" and "content", or KeyError
-            text = "\2".join([m["role"] + "\0" + m["content"] for m in messages])
-            return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    except (TypeError, KeyError):
-        pass
-    return hashlib.sha256(("\1" + json.dumps(messages, sort_keys=True)).encode()).hexdigest()
+    return MessagesDigest()(messages)
 
 
 NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
 
 
-def slim_request(record: dict, shown: bool = False) -> dict:
+def slim_request(record: dict, digest: Callable = messages_digest) -> dict:
     """What the tools keep of a logged body (the 8-shot gsm8k messages are ~5 KB a sample):
     the fields a comparison compares, and the messages as [{"sha256": of them all, any image
-    as its stub}], followed when the sample is to be `shown` (the report) by the last message
-    as logged: the question, and its image if the log kept it."""
+    as its stub}]."""
     body = {key: value for key, value in logged_request(record).items() if key not in NOT_COMPARED}
     if isinstance(body.get("messages"), list):
-        last = record["request"]["messages"][-1:] if shown else []
-        body["messages"] = [{"sha256": messages_digest(body["messages"])}, *last]
+        body["messages"] = [{"sha256": digest(body["messages"])}]
     return body
 
 
@@ -3502,30 +3555,56 @@ def log_files(source: Path) -> list:
     return [source] if source.is_file() else []
 
 
-def load_repeats(path: str, shown: bool = False) -> dict:
+AT = "_at"  # the key under which the tools keep where a record was read: [log path, byte offset]
+NOT_READ_BY_TOOLS = ("url", "body_hash")
+
+
+def load_repeats(path: str) -> dict:
     """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them,
     each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
-    logs then fits in 750 MB)."""
+    logs then fits in 750 MB), and where it was read kept under AT (see full_record)."""
     source = Path(path).expanduser()
     files = log_files(source)
     if not files:
         raise UsageError(f"{source}: no samples_<task>.jsonl in this folder" if source.is_dir()
                          else f"{source}: no such sample log or folder")
     records: dict = {}
+    digest = MessagesDigest()
     for file in files:
-        for record in read_records(file, strict=True):
+        name = str(file)
+        for offset, record in read_located(file, strict=True):
             if isinstance(record.get("request"), dict):
-                record["request"] = slim_request(record, shown)
+                record["request"] = slim_request(record, digest)
+            for key in NOT_READ_BY_TOOLS:
+                record.pop(key, None)
+            record[AT] = (name, offset)
             records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
     if not records:
         raise UsageError(f"{source}: no sample records")
     return records
 
 
-def load_run(path: str, shown: bool = False) -> dict:
+def load_run(path: str) -> dict:
     """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
     folder of them."""
-    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path, shown).items()}
+    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
+
+
+def full_record(record: dict) -> dict:
+    """The record as its log holds it, whole request and all (load_repeats keeps a slim
+    one): its line read again. The slim one if the line is gone or no longer this sample."""
+    file, offset = record.get(AT) or (None, 0)
+    if not file:
+        return record
+    try:
+        with open(file, "rb") as f:
+            f.seek(offset)
+            full = json.loads(f.readline().decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return record
+    same = isinstance(full, dict) and not record_problem(full) and all(
+        full.get(key) == record.get(key) for key in ("task", "doc_hash", "repeat"))
+    return full if same else record
 
 
 SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is read in a child process
@@ -3535,26 +3614,28 @@ def log_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in log_files(Path(path).expanduser()))
 
 
-def read_paused(read: Callable, path: str) -> Any:
+def read_marshalled(read: Callable, path: str) -> bytes:
+    """read(path) in the child process, sent back marshalled: the records are JSON values, and
+    marshal moves them ~3 times faster than pickle."""
     with collector_paused():
-        return read(path)
+        return marshal.dumps(read(path))
 
 
 def side_by_side(read: Callable, first: str, second: str) -> tuple:
-    """read(first) here while read(second) runs in a child process: the report of two big
-    logs on two cores (reading 100,000 samples is ~4 s). One after the other for small logs,
+    """read(first) here while read(second) runs in a child process: the tools on two big
+    logs use both cores (reading 100,000 samples is ~4 s). One after the other for small logs,
     on one core, or where no child process can start."""
     if log_bytes(first) + log_bytes(second) < SIDE_BY_SIDE_BYTES or (os.cpu_count() or 1) < 2:
         return read(first), read(second)
     try:
         pool = ProcessPoolExecutor(max_workers=1)
-        pending = pool.submit(read_paused, read, second)
+        pending = pool.submit(read_marshalled, read, second)
     except (OSError, RuntimeError, ImportError):
         return read(first), read(second)
     try:
         result = read(first)
         try:
-            return result, pending.result()
+            return result, marshal.loads(pending.result())
         except BrokenProcessPool:
             return result, read(second)
     finally:
@@ -3686,20 +3767,17 @@ def quantile(values: list, q: float) -> float | None:
     return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else None
 
 
-def numerics_verdict(pairs: list, prompt_mismatch: int, tolerance: float = DEFAULT_LOGPROB_TOLERANCE,
-                     top: int = 10) -> dict:
+def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
+                     tolerance: float = DEFAULT_LOGPROB_TOLERANCE, top: int = 10) -> dict:
     """Whether two servers compute the same thing, from the logprobs of the samples both
-    answered with them: `equivalent` (what differs is float noise), `different` (with the
-    evidence: prompt tokens, logprob distance over the shared tokens, confident partings)
-    or `unknown` (no logprobs to judge)."""
-    with_logprobs = [(a, b) for a, b in pairs if (a.get("response") or {}).get("logprobs")
-                     and (b.get("response") or {}).get("logprobs")]
+    answered with them (`with_logprobs`, of `n` paired; `lacking`: the sides that logged none):
+    `equivalent` (what differs is float noise), `different` (with the evidence: prompt
+    tokens, logprob distance over the shared tokens, confident partings) or `unknown` (no
+    logprobs to judge)."""
     result: dict = {"samples": len(with_logprobs), "tolerance": tolerance}
     if not with_logprobs:
-        sides = [side for side, i in (("A", 0), ("B", 1))
-                 if not any((p[i].get("response") or {}).get("logprobs") for p in pairs)]
         return {**result, "verdict": "unknown",
-                "evidence": [f"no logprobs from {' and '.join(sides) or 'both on the same samples'} "
+                "evidence": [f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
                              "(run both with --logprobs K)"]}
     diffs, per_sample_max, partings = [], [], []
     for a, b in with_logprobs:
@@ -3719,7 +3797,7 @@ def numerics_verdict(pairs: list, prompt_mismatch: int, tolerance: float = DEFAU
     p99 = quantile(diffs, 0.99)
     evidence = []
     if prompt_mismatch:
-        evidence.append(f"prompt tokens differ on {prompt_mismatch} of {len(pairs)} samples: the servers do not "
+        evidence.append(f"prompt tokens differ on {prompt_mismatch} of {n} samples: the servers do not "
                         "see the same input (chat template, BOS)")
     if p99 is not None and p99 > tolerance:
         evidence.append(f"logprob distance: p99 |delta| {p99:.3g} > {tolerance:g} over {len(diffs)} shared tokens")
@@ -3761,6 +3839,8 @@ class Answered(NamedTuple):
     status: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    logprobs: list | None
+    request: Any
 
     @classmethod
     def of(cls, record: dict, metric: str) -> Answered:
@@ -3769,7 +3849,8 @@ class Answered(NamedTuple):
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         return cls(float((record.get("scores") or {}).get(metric, 0.0)), response.get("content") or "",
                    response.get("finish_reason"), record.get("status"),
-                   prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None)
+                   prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None,
+                   response.get("logprobs") or None, record.get("request"))
 
 
 def mean_of(values: Iterable) -> float | None:
@@ -3802,6 +3883,11 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     metric = task.headline if task else next(iter(pairs[0][0].get("scores") or {"score": 0}))
     side_a = [Answered.of(a, metric) for a, _ in pairs]
     side_b = [Answered.of(b, metric) for _, b in pairs]
+    for (a, b), x, y in zip(pairs, side_a, side_b):
+        field = x.request != y.request and request_difference(logged_request(a), logged_request(b))
+        if field:
+            raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
+                             "(only the model name may differ); compare runs made with the same settings")
     n = len(pairs)
     acc_a, acc_b = sum(x.score for x in side_a) / n, sum(y.score for y in side_b) / n
     a_only = sum(1 for x, y in zip(side_a, side_b) if x.score > y.score)
@@ -3819,7 +3905,9 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
                if x.prompt_tokens is not None and y.prompt_tokens is not None]
     prompt_mismatch = [(pair, x, y) for pair, x, y in counted if x.prompt_tokens != y.prompt_tokens]
     flips = [(pair, x, y) for pair, x, y in zip(pairs, side_a, side_b) if x.score != y.score][:top]
-    numerics = numerics_verdict(pairs, len(prompt_mismatch), tolerance, top)
+    with_logprobs = [pair for pair, x, y in zip(pairs, side_a, side_b) if x.logprobs and y.logprobs]
+    lacking = [side for side, answered in (("A", side_a), ("B", side_b)) if not any(x.logprobs for x in answered)]
+    numerics = numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top)
     if numerics["verdict"] == "different":
         verdict += f"; but the implementations differ: {'; '.join(numerics['evidence'])}"
     elif numerics["verdict"] == "equivalent":
@@ -3852,28 +3940,28 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
 def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
                  tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     """Per-task paired comparison of two runs joined on (task, doc hash)."""
+    paired: dict = {}
+    unmatched = collections.Counter(task for task, _ in run_b.keys() - run_a.keys())
+    for key, a in run_a.items():
+        b = run_b.get(key)
+        if b is None:
+            unmatched[key[0]] += 1
+        else:
+            paired.setdefault(key[0], []).append((a, b))
     comparison: dict = {}
-    for task_name in sorted({task for task, _ in run_a} | {task for task, _ in run_b}):
-        keys = [k for k in run_a if k[0] == task_name and k in run_b]
-        only = sum(1 for k in run_a if k[0] == task_name and k not in run_b) + \
-            sum(1 for k in run_b if k[0] == task_name and k not in run_a)
-        if not keys:
-            comparison[task_name] = {"n": 0, "unmatched": only, "verdict": "no samples in common"}
+    for task_name in sorted(paired.keys() | unmatched.keys()):
+        pairs = paired.get(task_name)
+        if not pairs:
+            comparison[task_name] = {"n": 0, "unmatched": unmatched[task_name], "verdict": "no samples in common"}
             continue
-        keys.sort(key=lambda k: run_a[k].get("row_idx", 0))
-        pairs = [(run_a[k], run_b[k]) for k in keys]
-        for a, b in pairs:
-            field = request_difference(logged_request(a), logged_request(b))
-            if field:
-                raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
-                                 "(only the model name may differ); compare runs made with the same settings")
-        comparison[task_name] = compare_pairs(task_name, pairs, only, top, resamples, tolerance)
+        pairs.sort(key=lambda pair: pair[0].get("row_idx", 0))
+        comparison[task_name] = compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance)
     return comparison
 
 
 def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
-    repeats_a, repeats_b = load_repeats(path_a), load_repeats(path_b)
+    repeats_a, repeats_b = side_by_side(load_repeats, path_a, path_b)
     comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
                               {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):
@@ -4179,13 +4267,19 @@ def content_of(record: dict | None) -> str:
 def sample_flags(records: list, metric: str) -> list:
     """The filters a sample belongs to: wrong or failed in any run; flipped (score) or text
     differs from run A's in any other run."""
-    present = [(score_of(r, metric), content_of(r), r.get("status")) for r in records if r]
-    others = present[1:] if records[0] else []
-    flags = {"wrong": any(not score for score, _, _ in present),
-             "failed": any(status not in VALID_STATUSES for _, _, status in present),
-             "flipped": any(score != present[0][0] for score, _, _ in others),
-             "differs": any(content != present[0][1] for _, content, _ in others)}
-    return [name for name, on in flags.items() if on]
+    on = dict.fromkeys(("wrong", "failed", "flipped", "differs"), False)
+    first = records[0]
+    score_a, content_a = score_of(first, metric), content_of(first)
+    for i, record in enumerate(records):
+        if record is None:
+            continue
+        score = score_of(record, metric)
+        on["wrong"] = on["wrong"] or not score
+        on["failed"] = on["failed"] or record.get("status") not in VALID_STATUSES
+        if i and first is not None:
+            on["flipped"] = on["flipped"] or score != score_a
+            on["differs"] = on["differs"] or content_of(record) != content_a
+    return [name for name, flagged in on.items() if flagged]
 
 
 def logged_question(record: dict) -> str:
@@ -4346,6 +4440,7 @@ def samples_html(index: int, task: str, runs: list) -> str:
         rows, flags = [rows[i] for i in kept], [flags[i] for i in kept]
         note = (f'<p class="muted">{REPORT_SAMPLES:,} of {total:,} samples shown: flipped, failed, differing and '
                 "wrong ones first; the sample logs hold every one</p>")
+    rows = [[full_record(r) if r else None for r in records] for records in rows]
     shown = [n for n in FILTERS if len(runs) > 1 or n not in ("flipped", "differs")]
     opened = next((i for i, f in enumerate(flags) if (len(runs) > 1 and "flipped" in f) or "wrong" in f), None)
     controls = "".join(f'<input type="radio" name="f{index}" id="f{index}-{n}" class="f-{n}"'
@@ -4489,7 +4584,7 @@ def report_side_from_document(document: dict, label: str | None = None, base: Pa
     else:
         folder = next((p for p in (Path(log).expanduser(), base / log) if p.exists()), None)
         try:
-            records = load_run(str(folder or log), shown=True)
+            records = load_run(str(folder or log))
         except UsageError as exc:
             note = str(exc)
     results = task_results(document.get("results") or {})
@@ -4506,7 +4601,7 @@ def report_side(path: str) -> dict:
             raise UsageError(f"{path} holds several servers' runs: give it alone to report them all")
         label = f"{(document.get('config') or {}).get('chat_url', '')} ({path})".strip()
         return report_side_from_document(document, label, Path(path).expanduser().parent)
-    records = load_run(path, shown=True)
+    records = load_run(path)
     by_task: dict = {}
     for (task, _), record in records.items():
         by_task.setdefault(task, []).append(record)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -1063,12 +1064,21 @@ def test_a_log_read_in_batches_keeps_every_record_and_its_line_number(planted, t
     assert ne.READ_BATCH > 5 * len(lines[0])
 
 
-def test_a_logged_request_is_kept_as_a_digest_and_its_last_message(planted):
+def test_a_logged_request_is_kept_as_a_digest_and_read_again_whole_for_the_report(planted, tmp_path):
     record = next(ne.read_records(planted[0]))
     messages = record["request"]["messages"]
     slim = ne.slim_request(record)
     assert slim["messages"] == [{"sha256": ne.messages_digest(messages)}]
-    assert ne.slim_request(record, shown=True)["messages"] == [*slim["messages"], messages[-1]]  # the report's
+    kept = ne.load_run(str(planted[0]))[("gsm8k_cot_llama", record["doc_hash"])]
+    assert kept["request"] == slim and "url" not in kept
+    assert ne.full_record(kept) == record  # the report shows what the log holds
+    log = tmp_path / "log.jsonl"
+    shutil.copy(planted[0], log)
+    kept = next(iter(ne.load_run(str(log)).values()))
+    log.write_text("\n".join(planted[0].read_text().splitlines()[1:]) + "\n")  # another sample now on that line
+    assert ne.full_record(kept) is kept
+    log.unlink()
+    assert ne.full_record(kept) is kept
     assert "model" not in slim and slim["max_tokens"] == record["request"]["max_tokens"]
     changed = [
         [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " "}],  # one character
@@ -1080,6 +1090,9 @@ def test_a_logged_request_is_kept_as_a_digest_and_its_last_message(planted):
     digests = {ne.messages_digest(m) for m in [messages, *changed]}
     assert len(digests) == 1 + len(changed)
     assert ne.messages_digest(json.loads(json.dumps(messages))) == ne.messages_digest(messages)
+    digest = ne.MessagesDigest()  # as a log is read: the turns before the question hashed once while they repeat
+    for m in [messages, *changed, messages, changed[0], [], [{"role": "user"}], messages[:1], messages]:
+        assert digest(m) == ne.messages_digest(m)
 
 
 @given(st.text(alphabet="ab", max_size=12), st.text(alphabet="ab", max_size=12))

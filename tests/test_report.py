@@ -405,13 +405,16 @@ def test_a_big_run_lists_the_most_telling_samples_first(compared, monkeypatch):
 
 def test_the_report_of_two_big_logs_reads_them_side_by_side(compared, monkeypatch):
     """Two logs above SIDE_BY_SIDE_BYTES are read at once, the second in a child process; the
-    page is the same as when they are read one after the other, and the child's error is the error."""
+    page and the comparison are the same as when they are read one after the other, and the
+    child's error is the error."""
     a, b = compared["logs"]
     out = compared["tmp"]
     assert nano_eval.main(["report", a, b, "-o", str(out / "one.html")]) == 0
+    one_after_the_other = nano_eval.compare_paths(a, b)
     monkeypatch.setattr(nano_eval, "SIDE_BY_SIDE_BYTES", 0)
     assert nano_eval.main(["report", a, b, "-o", str(out / "two.html")]) == 0
     assert (out / "one.html").read_text() == (out / "two.html").read_text()
+    assert nano_eval.compare_paths(a, b) == one_after_the_other
     assert nano_eval.side_by_side(os.path.basename, a, b) == (os.path.basename(a), os.path.basename(b))
     pids = nano_eval.side_by_side(process_id, a, b)
     assert pids[0] == os.getpid() and pids[1] != os.getpid()
