@@ -3555,14 +3555,14 @@ def log_files(source: Path) -> list:
     return [source] if source.is_file() else []
 
 
-AT = "_at"  # the key under which the tools keep where a record was read: [log path, byte offset]
+AT = "_at"  # the key under which the tools keep where a record was read: (log path, byte offset)
 NOT_READ_BY_TOOLS = ("url", "body_hash")
 
 
 def load_repeats(path: str) -> dict:
     """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them,
     each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
-    logs then fits in 750 MB), and where it was read kept under AT (see full_record)."""
+    logs then fits in 800 MB), and where it was read kept under AT (see full_record)."""
     source = Path(path).expanduser()
     files = log_files(source)
     if not files:
