@@ -22,7 +22,8 @@ come before their callers; a section's entry point is last.
    5. Tasks           gsm8k_cot_llama and chartqa: prompts, request bodies, lm-eval's
                       filters and metrics, the TASKS table
    6. Runner          run_task(): worker threads build, send, score and log each sample;
-                      resume from the sample log
+                      the sample log, resume from it, and Logged, the one way a record
+                      is read (results, compare, report)
    7. Results         aggregate(), warnings, the summary table, expectations, the results
                       JSON and the exit code
    8. CLI             arguments, one server or several, main()
@@ -1939,6 +1940,60 @@ def record_problem(record: Any) -> str | None:
     return None
 
 
+class Logged(NamedTuple):
+    """A sample record as everything that reads one takes it: the results (aggregate), resume,
+    compare and the report. In a log every field but task, doc_hash and status is optional (an
+    older nano-eval or a hand wrote it): each is read here once, with its empty value, and
+    record_problem has checked its type."""
+    task: str
+    doc_hash: str
+    row_idx: int | None
+    repeat: int
+    status: str
+    scores: dict
+    extracted: dict
+    target: str | None
+    content: str
+    reasoning: str | None
+    finish_reason: str | None
+    usage: dict
+    http_status: int | None
+    logprobs: list | None
+    request: dict
+    image: dict | None
+    group: str | None
+    error: str | None
+    latency: float
+    attempts: int
+    reused: bool
+    reasoning_flags: list
+    at: tuple | None  # (log path, byte offset) where the tools read it (see full_record)
+
+    @classmethod
+    def of(cls, record: dict, at: tuple | None = None) -> Logged:
+        response = record.get("response") or {}
+        return cls(record["task"], record["doc_hash"], record.get("row_idx"), record.get("repeat") or 0,
+                   record["status"], record.get("scores") or {}, record.get("extracted") or {}, record.get("target"),
+                   response.get("content") or "", response.get("reasoning_content"), response.get("finish_reason"),
+                   response.get("usage") or {}, response.get("http_status"), response.get("logprobs") or None,
+                   record.get("request") or {}, record.get("image"), record.get("group"), record.get("error"),
+                   record.get("latency") or 0.0, record.get("attempts") or 0, bool(record.get("reused")),
+                   record.get("reasoning_flags") or [], at)
+
+    def score(self, metric: str) -> float:
+        return float(self.scores.get(metric, 0.0))
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        count = self.usage.get("prompt_tokens")
+        return count if isinstance(count, int) else None
+
+    @property
+    def completion_tokens(self) -> int | None:
+        count = self.usage.get("completion_tokens")
+        return count if isinstance(count, int) else None
+
+
 READ_BATCH = 1 << 18  # bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
 
 
@@ -2076,12 +2131,11 @@ def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
 
 
 def outcome_from_record(record: dict) -> Outcome:
-    response = record.get("response") or {}
-    return Outcome(record["status"], content=response.get("content"), reasoning=response.get("reasoning_content"),
-                   finish_reason=response.get("finish_reason"), usage=response.get("usage"),
-                   http_status=response.get("http_status"), error=record.get("error"),
-                   latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0,
-                   logprobs=response.get("logprobs"))
+    """A logged answer, taken again on resume (only ok and truncated ones are)."""
+    logged = Logged.of(record)
+    return Outcome(logged.status, content=logged.content, reasoning=logged.reasoning,
+                   finish_reason=logged.finish_reason, usage=logged.usage or None, http_status=logged.http_status,
+                   error=logged.error, latency=logged.latency, attempts=logged.attempts, logprobs=logged.logprobs)
 
 
 def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
@@ -2335,7 +2389,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
         run.progress.close()
         if log:
             log.close()
-        result = aggregate(task, run.records(), planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
+        result = aggregate(task, [Logged.of(r) for r in run.records()], planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
                            revisions=cache.revisions(range(0, len(rows), PAGE_SIZE)), complete=complete,
                            repeats=repeats, temperature=task.request_params(config).get("temperature"))
         if sink is not None:
@@ -2397,8 +2451,8 @@ def counts(values: Iterable) -> dict:
 def by_document(records: list) -> dict:
     """{row_idx: its records, repeat by repeat}, in dataset order."""
     groups: dict = {}
-    for record in sorted(records, key=lambda r: (r["row_idx"], r.get("repeat", 0))):
-        groups.setdefault(record["row_idx"], []).append(record)
+    for record in sorted(records, key=lambda r: (r.row_idx or 0, r.repeat)):
+        groups.setdefault(record.row_idx or 0, []).append(record)
     return groups
 
 
@@ -2406,11 +2460,10 @@ def self_agreement(documents: list) -> dict:
     """Of documents sent several times and answered every time (a failed request is a
     failure, not a different answer): the share whose responses are all identical, and
     whose scores are all identical."""
-    documents = [group for group in documents if all(r.get("status") in VALID_STATUSES for r in group)]
+    documents = [group for group in documents if all(r.status in VALID_STATUSES for r in group)]
     n = len(documents)
-    same_text = sum(1 for group in documents if len({(r.get("response") or {}).get("content") for r in group}) == 1)
-    same_scores = sum(1 for group in documents if len({json.dumps(r.get("scores"), sort_keys=True)
-                                                       for r in group}) == 1)
+    same_text = sum(1 for group in documents if len({r.content for r in group}) == 1)
+    same_scores = sum(1 for group in documents if len({json.dumps(r.scores, sort_keys=True) for r in group}) == 1)
     return {"documents": n, "responses": same_text / n if n else None, "scores": same_scores / n if n else None}
 
 
@@ -2418,10 +2471,10 @@ def repeat_summary(task: Task, records: list, documents: list, repeats: int, tem
     """Each pass's metrics, their mean and standard error over the passes, and the
     self-agreement: the share of documents whose repeats gave identical text, and
     identical scores (over documents that have all their repeats)."""
-    passes = [[r for r in records if r.get("repeat", 0) == i] for i in range(repeats)]
+    passes = [[r for r in records if r.repeat == i] for i in range(repeats)]
     summary: dict = {"k": repeats, "temperature": temperature, "metrics": {}}
     for name in task.metric_names:
-        values = [mean_stderr([r["scores"][name] for r in p])[0] for p in passes if p]
+        values = [mean_stderr([r.score(name) for r in p])[0] for p in passes if p]
         mean, sem = mean_stderr(values)
         summary["metrics"][name] = {"per_repeat": values, "mean": mean, "sem": sem}
     whole = [group for group in documents if len(group) == repeats]
@@ -2448,25 +2501,23 @@ class Tally:
     def of(cls, records: list) -> Tally:
         tally = cls(collections.Counter(), collections.Counter())
         for r in records:
-            response = r.get("response") or {}
-            usage = response.get("usage") or {}
-            completion = usage.get("completion_tokens") or 0
-            tally.statuses[r["status"]] += 1
-            if response.get("finish_reason"):
-                tally.finish_reasons[str(response["finish_reason"])] += 1
-            tally.prompt_tokens += usage.get("prompt_tokens") or 0
+            completion = r.completion_tokens or 0
+            tally.statuses[r.status] += 1
+            if r.finish_reason:
+                tally.finish_reasons[str(r.finish_reason)] += 1
+            tally.prompt_tokens += r.prompt_tokens or 0
             tally.completion_tokens += completion
-            if r.get("reused"):
+            if r.reused:
                 tally.reused += 1
-            elif r.get("attempts"):
+            elif r.attempts:
                 tally.sent += 1
                 tally.sent_tokens += completion
-                if r.get("latency"):
-                    tally.latencies.append(r["latency"])
-            if r.get("error") == NOT_SENT:
+                if r.latency:
+                    tally.latencies.append(r.latency)
+            if r.error == NOT_SENT:
                 tally.not_sent += 1
-            for flag in r.get("reasoning_flags") or []:
-                tally.reasoning_rows.setdefault(flag, []).append(r["row_idx"])
+            for flag in r.reasoning_flags:
+                tally.reasoning_rows.setdefault(flag, []).append(r.row_idx)
         return tally
 
 
@@ -2477,15 +2528,15 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     counts per status, tokens, latency and throughput. With repeats, each document's
     scores are first averaged over its repeats (so stderr is over documents), and
     `repeats` holds each pass's metrics, their mean and SEM, and the self-agreement."""
-    valid = [r for r in records if r["status"] in VALID_STATUSES]
+    valid = [r for r in records if r.status in VALID_STATUSES]
     documents = list(by_document(records).values()) if repeats > 1 else []
-    scored = [{**group[0], "scores": {name: sum(r["scores"][name] for r in group) / len(group)
-                                      for name in group[0]["scores"]}} for group in documents] or records
+    scored = [group[0]._replace(scores={name: sum(r.score(name) for r in group) / len(group)
+                                        for name in group[0].scores}) for group in documents] or records
     base = task.headline.split(",")[0]
     metrics: dict = {}
 
     def add(label: str, name: str, subset: list, with_stderr: bool = True) -> None:
-        mean, se = mean_stderr([r["scores"][name] for r in subset])
+        mean, se = mean_stderr([r.score(name) for r in subset])
         metrics[label] = mean
         if with_stderr:
             metrics[stderr_key(label)] = se
@@ -2496,8 +2547,8 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         add(label, name, scored)
     for label, name in reported:
         add(f"{label},valid", name, valid, with_stderr=False)
-    for group in sorted({r["group"] for r in scored if r.get("group")}):
-        add(f"{task.headline},{group}", task.headline, [r for r in scored if r.get("group") == group],
+    for group in sorted({r.group for r in scored if r.group}):
+        add(f"{task.headline},{group}", task.headline, [r for r in scored if r.group == group],
             with_stderr=False)
 
     tally = Tally.of(records)
@@ -2535,7 +2586,7 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         result["num_documents"] = len(documents)
         result["repeats"] = repeat_summary(task, records, documents, repeats, temperature)
     if task.image_column:
-        formats = dict(collections.Counter(r["image"]["format"] for r in records if r.get("image")))
+        formats = dict(collections.Counter(r.image.get("format") for r in records if isinstance(r.image, dict)))
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
     return result
 
@@ -3500,10 +3551,10 @@ def preflight_result(config: APIConfig) -> dict:
 # ============================================================================
 
 
-def logged_request(record: dict) -> dict:
+def logged_request(record: Logged) -> dict:
     """The logged body with any image as its sha256 stub, whether or not --log_images was on."""
-    body = record.get("request") or {}
-    return redact_images(body, record.get("image")) if isinstance(body.get("messages"), list) else body
+    body = record.request
+    return redact_images(body, record.image) if isinstance(body.get("messages"), list) else body
 
 
 class MessagesDigest:
@@ -3538,7 +3589,7 @@ def messages_digest(messages: list) -> str:
 NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
 
 
-def slim_request(record: dict, digest: Callable = messages_digest) -> dict:
+def slim_request(record: Logged, digest: Callable = messages_digest) -> dict:
     """What the tools keep of a logged body (the 8-shot gsm8k messages are ~5 KB a sample):
     the fields a comparison compares, and the messages as [{"sha256": of them all, any image
     as its stub}]."""
@@ -3555,14 +3606,10 @@ def log_files(source: Path) -> list:
     return [source] if source.is_file() else []
 
 
-AT = "_at"  # the key under which the tools keep where a record was read: (log path, byte offset)
-NOT_READ_BY_TOOLS = ("url", "body_hash")
-
-
 def load_repeats(path: str) -> dict:
-    """{(task, doc_hash): {repeat: the last record}} from a sample log file or a folder of them,
-    each request reduced to slim_request() as it is read (a comparison of two 100,000-sample
-    logs then fits in 800 MB), and where it was read kept under AT (see full_record)."""
+    """{(task, doc_hash): {repeat: the last record, Logged}} from a sample log file or a folder
+    of them, each request reduced to slim_request() as it is read (a comparison of two
+    100,000-sample logs then fits in 800 MB), and where it was read kept (see full_record)."""
     source = Path(path).expanduser()
     files = log_files(source)
     if not files:
@@ -3573,12 +3620,9 @@ def load_repeats(path: str) -> dict:
     for file in files:
         name = str(file)
         for offset, record in read_located(file, strict=True):
-            if isinstance(record.get("request"), dict):
-                record["request"] = slim_request(record, digest)
-            for key in NOT_READ_BY_TOOLS:
-                record.pop(key, None)
-            record[AT] = (name, offset)
-            records.setdefault((record["task"], record["doc_hash"]), {})[record.get("repeat", 0)] = record
+            logged = Logged.of(record, (name, offset))
+            logged = logged._replace(request=slim_request(logged, digest))
+            records.setdefault((logged.task, logged.doc_hash), {})[logged.repeat] = logged
     if not records:
         raise UsageError(f"{source}: no sample records")
     return records
@@ -3590,21 +3634,22 @@ def load_run(path: str) -> dict:
     return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
 
 
-def full_record(record: dict) -> dict:
+def full_record(record: Logged) -> Logged:
     """The record as its log holds it, whole request and all (load_repeats keeps a slim
     one): its line read again. The slim one if the line is gone or no longer this sample."""
-    file, offset = record.get(AT) or (None, 0)
-    if not file:
+    if not record.at:
         return record
+    file, offset = record.at
     try:
         with open(file, "rb") as f:
             f.seek(offset)
             full = json.loads(f.readline().decode("utf-8", "replace"))
     except (OSError, ValueError):
         return record
-    same = isinstance(full, dict) and not record_problem(full) and all(
-        full.get(key) == record.get(key) for key in ("task", "doc_hash", "repeat"))
-    return full if same else record
+    if not isinstance(full, dict) or record_problem(full):
+        return record
+    full = Logged.of(full, record.at)
+    return full if (full.task, full.doc_hash, full.repeat) == (record.task, record.doc_hash, record.repeat) else record
 
 
 SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is read in a child process
@@ -3615,10 +3660,28 @@ def log_bytes(path: str) -> int:
 
 
 def read_marshalled(read: Callable, path: str) -> bytes:
-    """read(path) in the child process, sent back marshalled: the records are JSON values, and
-    marshal moves them ~3 times faster than pickle."""
+    """read(path) in the child process, sent back marshalled: marshal moves the records ~3
+    times faster than pickle, but takes only built-in types (see marshallable)."""
     with collector_paused():
-        return marshal.dumps(read(path))
+        return marshal.dumps(marshallable(read(path)))
+
+
+def marshallable(value: Any) -> Any:
+    """`value` (read from logs: JSON values and Logged records in dicts) with each Logged as a
+    plain tuple: the only tuples held as dict values, so from_marshallable knows them."""
+    if isinstance(value, Logged):
+        return tuple(value)
+    if isinstance(value, dict):
+        return {key: marshallable(item) for key, item in value.items()}
+    return value
+
+
+def from_marshallable(value: Any) -> Any:
+    if type(value) is tuple:
+        return Logged._make(value)
+    if isinstance(value, dict):
+        return {key: from_marshallable(item) for key, item in value.items()}
+    return value
 
 
 def side_by_side(read: Callable, first: str, second: str) -> tuple:
@@ -3635,7 +3698,7 @@ def side_by_side(read: Callable, first: str, second: str) -> tuple:
     try:
         result = read(first)
         try:
-            return result, marshal.loads(pending.result())
+            return result, from_marshallable(marshal.loads(pending.result()))
         except BrokenProcessPool:
             return result, read(second)
     finally:
@@ -3781,15 +3844,12 @@ def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch
                              "(run both with --logprobs K)"]}
     diffs, per_sample_max, partings = [], [], []
     for a, b in with_logprobs:
-        same_text = (a["response"].get("content") or "") == (b["response"].get("content") or "")
-        sample_diffs, parting = token_pair(a["response"]["logprobs"], b["response"]["logprobs"], same_text)
+        sample_diffs, parting = token_pair(a.logprobs, b.logprobs, a.content == b.content)
         diffs += sample_diffs
         if sample_diffs:
             per_sample_max.append(max(sample_diffs))
         if parting:
-            partings.append({"row_idx": a.get("row_idx"),
-                             "char": first_difference(a["response"].get("content") or "",
-                                                      b["response"].get("content") or ""), **parting})
+            partings.append({"row_idx": a.row_idx, "char": first_difference(a.content, b.content), **parting})
     diffs.sort()
     per_sample_max.sort()
     unexplained = [p for p in partings if not p["near_tie"]]
@@ -3831,81 +3891,58 @@ def first_difference(a: str, b: str) -> int:
     return same
 
 
-class Answered(NamedTuple):
-    """What a comparison reads of one sample record, read once (a record's fields are optional)."""
-    score: float
-    content: str
-    finish_reason: str | None
-    status: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    logprobs: list | None
-    request: Any
-
-    @classmethod
-    def of(cls, record: dict, metric: str) -> Answered:
-        response = record.get("response") or {}
-        usage = response.get("usage") or {}
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-        return cls(float((record.get("scores") or {}).get(metric, 0.0)), response.get("content") or "",
-                   response.get("finish_reason"), record.get("status"),
-                   prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None,
-                   response.get("logprobs") or None, record.get("request"))
-
-
 def mean_of(values: Iterable) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
 
 
-def labelled_answer(record: dict) -> tuple[str, str | None]:
+def labelled_answer(record: Logged) -> tuple[str, str | None]:
     """(the answer a sample gave, the filter that found it): the one its task scores
     (gsm8k: strict-match), else another that found one (flexible-extract), else what failed."""
-    extracted = record.get("extracted") or {}
-    task = TASKS.get(record.get("task"))
+    extracted = record.extracted
+    task = TASKS.get(record.task)
     filters = list(dict.fromkeys([*([task.answer_key] if task else []), *extracted]))
     filters = [name for name in filters if name != "none"]  # chartqa's "none": the whole response
     for name in filters:
         if extracted.get(name) not in (None, "", INVALID):
             return extracted[name], name
-    if record.get("status") not in VALID_STATUSES:
-        return f"<{record.get('status')}>", None
+    if record.status not in VALID_STATUSES:
+        return f"<{record.status}>", None
     return (extracted.get(filters[0]) or "", filters[0]) if filters else ("", None)
 
 
-def answer_of(record: dict) -> str:
+def answer_of(record: Logged) -> str:
     return labelled_answer(record)[0]
 
 
 def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
                   tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
     task = TASKS.get(task_name)
-    metric = task.headline if task else next(iter(pairs[0][0].get("scores") or {"score": 0}))
-    side_a = [Answered.of(a, metric) for a, _ in pairs]
-    side_b = [Answered.of(b, metric) for _, b in pairs]
-    for (a, b), x, y in zip(pairs, side_a, side_b):
-        field = x.request != y.request and request_difference(logged_request(a), logged_request(b))
+    metric = task.headline if task else next(iter(pairs[0][0].scores or {"score": 0}))
+    for a, b in pairs:
+        field = a.request != b.request and request_difference(logged_request(a), logged_request(b))
         if field:
-            raise UsageError(f"{task_name} row {a.get('row_idx')}: the runs sent different '{field}' "
+            raise UsageError(f"{task_name} row {a.row_idx}: the runs sent different '{field}' "
                              "(only the model name may differ); compare runs made with the same settings")
+    side_a, side_b = [a for a, _ in pairs], [b for _, b in pairs]
+    scores = [(a.score(metric), b.score(metric)) for a, b in pairs]
     n = len(pairs)
-    acc_a, acc_b = sum(x.score for x in side_a) / n, sum(y.score for y in side_b) / n
-    a_only = sum(1 for x, y in zip(side_a, side_b) if x.score > y.score)
-    b_only = sum(1 for x, y in zip(side_a, side_b) if y.score > x.score)
-    low, high = paired_bootstrap([y.score - x.score for x, y in zip(side_a, side_b)], resamples)
+    acc_a, acc_b = sum(x for x, _ in scores) / n, sum(y for _, y in scores) / n
+    a_only = sum(1 for x, y in scores if x > y)
+    b_only = sum(1 for x, y in scores if y > x)
+    low, high = paired_bootstrap([y - x for x, y in scores], resamples)
     p_value = mcnemar_exact(a_only, b_only)
     diff = acc_b - acc_a
     if p_value < 0.05:
         verdict = f"B is {'lower' if diff < 0 else 'higher'} by {abs(diff):.4f}, p={p_value:.3g}"
     else:
         verdict = f"no significant difference at n={n} (p={p_value:.3g})"
-    same_text = sum(1 for x, y in zip(side_a, side_b) if x.content == y.content)
-    differing = [first_difference(x.content, y.content) for x, y in zip(side_a, side_b) if x.content != y.content]
-    counted = [(pair, x, y) for pair, x, y in zip(pairs, side_a, side_b)
-               if x.prompt_tokens is not None and y.prompt_tokens is not None]
-    prompt_mismatch = [(pair, x, y) for pair, x, y in counted if x.prompt_tokens != y.prompt_tokens]
-    flips = [(pair, x, y) for pair, x, y in zip(pairs, side_a, side_b) if x.score != y.score][:top]
-    with_logprobs = [pair for pair, x, y in zip(pairs, side_a, side_b) if x.logprobs and y.logprobs]
+    same_text = sum(1 for a, b in pairs if a.content == b.content)
+    differing = [first_difference(a.content, b.content) for a, b in pairs if a.content != b.content]
+    counted = [(a, b) for a, b in pairs if a.prompt_tokens is not None and b.prompt_tokens is not None]
+    prompt_mismatch = [(a, b) for a, b in counted if a.prompt_tokens != b.prompt_tokens]
+    flips = [(a, b, x, y) for (a, b), (x, y) in zip(pairs, scores) if x != y][:top]
+    with_logprobs = [(a, b) for a, b in pairs if a.logprobs and b.logprobs]
     lacking = [side for side, answered in (("A", side_a), ("B", side_b)) if not any(x.logprobs for x in answered)]
     numerics = numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top)
     if numerics["verdict"] == "different":
@@ -3928,12 +3965,12 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
         "status_b": counts(y.status for y in side_b),
         "mean_output_tokens_a": mean_of(x.completion_tokens for x in side_a),
         "mean_output_tokens_b": mean_of(y.completion_tokens for y in side_b),
-        "flips": [{"row_idx": a.get("row_idx"), "target": a.get("target"), "a": answer_of(a), "b": answer_of(b),
-                   "a_correct": bool(x.score), "b_correct": bool(y.score)} for (a, b), x, y in flips],
+        "flips": [{"row_idx": a.row_idx, "target": a.target, "a": answer_of(a), "b": answer_of(b),
+                   "a_correct": bool(x), "b_correct": bool(y)} for a, b, x, y in flips],
     }
     if prompt_mismatch:
-        (a, _), x, y = prompt_mismatch[0]
-        result["first_prompt_mismatch"] = {"row_idx": a.get("row_idx"), "a": x.prompt_tokens, "b": y.prompt_tokens}
+        a, b = prompt_mismatch[0]
+        result["first_prompt_mismatch"] = {"row_idx": a.row_idx, "a": a.prompt_tokens, "b": b.prompt_tokens}
     return result
 
 
@@ -3954,7 +3991,7 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
         if not pairs:
             comparison[task_name] = {"n": 0, "unmatched": unmatched[task_name], "verdict": "no samples in common"}
             continue
-        pairs.sort(key=lambda pair: pair[0].get("row_idx", 0))
+        pairs.sort(key=lambda pair: pair[0].row_idx or 0)
         comparison[task_name] = compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance)
     return comparison
 
@@ -4256,42 +4293,33 @@ def marked(text: str, other: str | None) -> str:
     return f"{html.escape(text[:i])}<mark>{html.escape(text[i:i + 1])}</mark>{html.escape(text[i + 1:])}"
 
 
-def score_of(record: dict | None, metric: str) -> float | None:
-    return (record.get("scores") or {}).get(metric) if record else None
-
-
-def content_of(record: dict | None) -> str:
-    return ((record or {}).get("response") or {}).get("content") or ""
-
-
 def sample_flags(records: list, metric: str) -> list:
     """The filters a sample belongs to: wrong or failed in any run; flipped (score) or text
     differs from run A's in any other run."""
     on = dict.fromkeys(("wrong", "failed", "flipped", "differs"), False)
     first = records[0]
-    score_a, content_a = score_of(first, metric), content_of(first)
     for i, record in enumerate(records):
         if record is None:
             continue
-        score = score_of(record, metric)
+        score = record.score(metric)
         on["wrong"] = on["wrong"] or not score
-        on["failed"] = on["failed"] or record.get("status") not in VALID_STATUSES
+        on["failed"] = on["failed"] or record.status not in VALID_STATUSES
         if i and first is not None:
-            on["flipped"] = on["flipped"] or score != score_a
-            on["differs"] = on["differs"] or content_of(record) != content_a
+            on["flipped"] = on["flipped"] or score != first.score(metric)
+            on["differs"] = on["differs"] or record.content != first.content
     return [name for name, flagged in on.items() if flagged]
 
 
-def logged_question(record: dict) -> str:
+def logged_question(record: Logged) -> str:
     """The question of a logged request: the text of its last user message without its
     task's template around it (gsm8k: the problem; chartqa: the query)."""
-    messages = (record.get("request") or {}).get("messages") or []
+    messages = record.request.get("messages") or []
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     content = users[-1].get("content") if users else ""
     if isinstance(content, list):
         content = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
     content = content if isinstance(content, str) else ""
-    task = TASKS.get(record.get("task"))
+    task = TASKS.get(record.task)
     if task:
         before, after = re.split(r"\{\w+\}", task.template, maxsplit=1)
         if content.endswith(after) and before in content:
@@ -4302,39 +4330,37 @@ def logged_question(record: dict) -> str:
 def image_html(records: list) -> str:
     """The chart that was sent, from the first log that kept it (--log_images), else its sha256."""
     for record in filter(None, records):
-        for message in (record.get("request") or {}).get("messages") or []:
+        for message in record.request.get("messages") or []:
             for part in message.get("content") if isinstance(message.get("content"), list) else []:
                 url = (part.get("image_url") or {}).get("url") if isinstance(part, dict) else None
                 if isinstance(url, str) and DATA_IMAGE_URL.fullmatch(url):  # base64 only: nothing to escape
                     return f'<div><img loading="lazy" decoding="async" alt="the chart sent" src="{url}"></div>'
-    image = next((r["image"] for r in records if r and isinstance(r.get("image"), dict)), None)
+    image = next((r.image for r in records if r and isinstance(r.image, dict)), None)
     if not image:
         return ""
     return (f'<p class="muted">image sha256 {esc(image.get("sha256"))}, {esc(image.get("bytes"))} bytes, '
             f'{esc(image.get("format"))} (not in the log: run with --log_images to see it here)</p>')
 
 
-def response_html(label: str, record: dict | None, text: str, other: str | None) -> str:
+def response_html(label: str, record: Logged | None, text: str, other: str | None) -> str:
     """One run's answer: status line, extracted answer and scores, reasoning collapsed, and the
     response with its first difference from `other` marked."""
     if record is None:
         return f'<div><h4>{label}</h4><p class="muted">not in this run</p></div>'
-    response = record.get("response") or {}
-    usage = response.get("usage") or {}
-    facts = [record.get("status"), response.get("finish_reason") and f"finish {response['finish_reason']}",
-             usage.get("prompt_tokens") and f"{usage['prompt_tokens']} prompt tokens",
-             usage.get("completion_tokens") and f"{usage['completion_tokens']} tokens",
-             isinstance(record.get("latency"), (int, float)) and f"{record['latency']:.2f} s"]
+    facts = [record.status, record.finish_reason and f"finish {record.finish_reason}",
+             record.prompt_tokens and f"{record.prompt_tokens} prompt tokens",
+             record.completion_tokens and f"{record.completion_tokens} tokens",
+             record.latency and f"{record.latency:.2f} s"]
     status = " · ".join(esc(fact) for fact in facts if fact)
-    scores = " · ".join(f"{esc(k)} {esc(v)}" for k, v in (record.get("scores") or {}).items())
+    scores = " · ".join(f"{esc(k)} {esc(v)}" for k, v in record.scores.items())
     thinking, sep, visible = text.rpartition(THINK_END)
-    thinking = "\n\n".join(filter(None, (clean(response.get("reasoning_content") or ""), thinking + sep)))
+    thinking = "\n\n".join(filter(None, (clean(record.reasoning or ""), thinking + sep)))
     other_visible = other.rpartition(THINK_END)[2] if other is not None else None
     answer, found_by = labelled_answer(record)
     return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>{esc(found_by or "")} answer '
             f'<b>{esc(answer)}</b>'
             f" · {scores}</p>"
-            + (f'<p class="warn">{esc(record["error"])}</p>' if record.get("error") else "")
+            + (f'<p class="warn">{esc(record.error)}</p>' if record.error else "")
             + (f"<details><summary>reasoning ({len(thinking)} characters)</summary><pre>{html.escape(thinking)}</pre>"
                "</details>" if thinking else "")
             + f"<pre>{marked(visible, other_visible)}</pre></div>")
@@ -4380,13 +4406,13 @@ def parting_html(logprobs: list, other: list, at: int, label: str, other_label: 
     return f"<div><h4>{label}</h4><p>{context}</p><table><tr><th>top K</th><th>logprob</th><th></th></tr>{rows}</table></div>"
 
 
-def numerics_html(a: dict | None, b: dict | None, label_b: str) -> str:
+def numerics_html(a: Logged | None, b: Logged | None, label_b: str) -> str:
     """Run A against `label_b` on one sample, from their logprobs: the |delta| chart, and where
     the texts part, both token streams there with each side's top K."""
-    streams = [((r or {}).get("response") or {}).get("logprobs") for r in (a, b)]
-    if not all(streams):
+    if not (a and b and a.logprobs and b.logprobs):
         return ""
-    diffs, parting = token_pair(streams[0], streams[1], content_of(a) == content_of(b))
+    streams = [a.logprobs, b.logprobs]
+    diffs, parting = token_pair(streams[0], streams[1], a.content == b.content)
     where = ""
     if parting:
         at = parting["token"]
@@ -4397,25 +4423,25 @@ def numerics_html(a: dict | None, b: dict | None, label_b: str) -> str:
     return f"<div><h4>numerics, A vs {label_b}</h4>{dlp_svg(diffs, parting)}{where}</div>"
 
 
-def answer_html(record: dict, metric: str) -> str:
+def answer_html(record: Logged, metric: str) -> str:
     """The answer with the mark of the headline metric, and the filter that found it when
     that is not the one the headline scores (strict-match found none: flexible-extract's)."""
     answer, found_by = labelled_answer(record)
-    task = TASKS.get(record.get("task"))
+    task = TASKS.get(record.task)
     by = f' <span class="muted">({esc(found_by)})</span>' if found_by and task and found_by != task.answer_key else ""
-    right = score_of(record, metric)
+    right = record.score(metric)
     return f'<span class="{"ok" if right else "bad"}">{esc(answer)}{by} {"✓" if right else "✗"}</span>'
 
 
 def sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
     first = next(r for r in records if r)
-    row = first.get("row_idx", first.get("doc_hash", "")[:12])
+    row = first.doc_hash[:12] if first.row_idx is None else first.row_idx
     question = logged_question(first)
     answers = " · ".join(f"{run_letter(i)} " + ("-" if r is None else answer_html(r, metric))
                          for i, r in enumerate(records))
-    summary = (f"<b>#{esc(row)}</b> target <b>{esc(first.get('target'))}</b> · {answers} · "
+    summary = (f"<b>#{esc(row)}</b> target <b>{esc(first.target)}</b> · {answers} · "
                f'<span class="muted">{esc(" ".join(question.split())[:160])}</span>')
-    texts = [clean(content_of(r)) if r else None for r in records]
+    texts = [clean(r.content) if r else None for r in records]
     against = [texts[1 if i == 0 else 0] if len(texts) > 1 else None for i in range(len(texts))]  # A vs B, others vs A
     columns = "".join(response_html(run_letter(i), r, texts[i], against[i]) for i, r in enumerate(records))
     return (f'<details class="s {" ".join(flags)}" id="{esc(task)}-{esc(row)}"{" open" if opened else ""}>'
@@ -4430,7 +4456,7 @@ def samples_html(index: int, task: str, runs: list) -> str:
     if not keys:
         return ""
     rows = [[run["records"].get(k) for run in runs] for k in keys]
-    rows.sort(key=lambda records: next((r.get("row_idx") or 0 for r in records if r), 0))
+    rows.sort(key=lambda records: next((r.row_idx or 0 for r in records if r), 0))
     metric = TASKS[task].headline if task in TASKS else ""
     flags = [sample_flags(records, metric) for records in rows]
     total, note = len(rows), ""
@@ -4605,7 +4631,7 @@ def report_side(path: str) -> dict:
     by_task: dict = {}
     for (task, _), record in records.items():
         by_task.setdefault(task, []).append(record)
-    results = {name: aggregate(TASKS[name], sorted(rs, key=lambda r: r.get("row_idx") or 0), planned=len(rs),
+    results = {name: aggregate(TASKS[name], sorted(rs, key=lambda r: r.row_idx or 0), planned=len(rs),
                                elapsed=0) for name, rs in by_task.items() if name in TASKS}
     return {"label": path, "config": None, "results": results, "records": records,
             "note": "config unknown: only the sample log was given (give the results JSON to see it)"}

@@ -252,6 +252,24 @@ def test_unknown_keys_repeats_and_odd_text_do_not_break_it(compared):
     assert "&lt;/details&gt;" in out.read_text("utf-8")
 
 
+def test_a_record_with_only_its_required_fields_is_read_with_empty_values(tmp_path, capsys):
+    """In a log only task, doc_hash and status are required (Logged.of): a hand-written line
+    with nothing else is a failed-to-score sample in the report and in compare, not a KeyError."""
+    log = tmp_path / "min.jsonl"
+    log.write_text(json.dumps({"task": GSM, "doc_hash": "ab" * 32, "status": "ok"}) + "\n"
+                   + json.dumps({"task": GSM, "doc_hash": "cd" * 32, "status": "timeout", "row_idx": 3}) + "\n")
+    out = tmp_path / "min.html"
+    assert report.cmd_report([str(log), "-o", str(out)]) == 0
+    page = Page(out.read_text("utf-8"))
+    assert page.filter_counts()["all"] == 2 and page.filter_counts()["failed"] == 1
+    assert "#abababababab" in out.read_text("utf-8")  # no row: the doc hash names it
+    side = nano_eval.report_side(str(log))
+    assert side["results"][GSM]["metrics"]["exact_match"] == 0.0
+    assert side["results"][GSM]["failures"] == {"timeout": 1}
+    c = nano_eval.compare_runs(nano_eval.load_run(str(log)), nano_eval.load_run(str(log)))[GSM]
+    assert (c["n"], c["accuracy_a"], c["prompt_tokens_unknown"], c["status_b"]) == (2, 0.0, 2, {"ok": 1, "timeout": 1})
+
+
 def test_unwritable_output_is_a_usage_error(compared):
     with pytest.raises(nano_eval.UsageError, match="cannot write the report"):
         report.cmd_report([compared["logs"][0], "-o", str(compared["json"] / "r.html")])  # under a file

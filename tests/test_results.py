@@ -66,12 +66,12 @@ STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
 def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
     # doc 0: same text twice; doc 1: two texts, same scores; doc 2: only its first repeat (interrupted)
     def rec(row, repeat, content, strict):
-        return {"row_idx": row, "repeat": repeat, "status": "ok", "response": {"content": content},
-                "scores": {STRICT: strict, FLEX: strict}}
+        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "repeat": repeat,
+                             "status": "ok", "response": {"content": content}, "scores": {STRICT: strict, FLEX: strict}})
     records = [rec(0, 0, "a", 1.0), rec(1, 0, "b", 1.0), rec(2, 0, "c", 0.0),
                rec(1, 1, "b'", 1.0), rec(0, 1, "a", 1.0)]
     documents = list(ne.by_document(records).values())
-    assert [[(r["row_idx"], r["repeat"]) for r in d] for d in documents] == [[(0, 0), (0, 1)], [(1, 0), (1, 1)],
+    assert [[(r.row_idx, r.repeat) for r in d] for d in documents] == [[(0, 0), (0, 1)], [(1, 0), (1, 1)],
                                                                              [(2, 0)]]
     summary = ne.repeat_summary(TASK, records, documents, 2, 0)
     # pass 0: 1, 1, 0 -> 2/3; pass 1: 1, 1 -> 1; mean 5/6, SEM |1 - 2/3| / 2 = 1/6
