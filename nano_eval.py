@@ -2436,11 +2436,9 @@ def stderr_key(metric: str) -> str:
     return f"{name}_stderr{sep}{filt}"
 
 
-def percentile(values: list, q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+def quantile(values: list, q: float) -> float | None:
+    """The q-quantile of sorted `values` (nearest rank); None when empty."""
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else None
 
 
 def counts(values: Iterable) -> dict:
@@ -2567,8 +2565,8 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         "finish_reasons": dict(sorted(finish.items())),
         "num_reused": tally.reused,
         "usage": {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens},
-        "latency_p50": percentile(tally.latencies, 0.5),
-        "latency_p95": percentile(tally.latencies, 0.95),
+        "latency_p50": quantile(sorted(tally.latencies), 0.5),
+        "latency_p95": quantile(sorted(tally.latencies), 0.95),
         "requests_per_second": round(tally.sent / elapsed, 3) if elapsed > 0 else None,
         "output_tokens_per_second": round(tally.sent_tokens / elapsed, 2) if elapsed > 0 else None,
         "version": task.version,
@@ -3823,11 +3821,6 @@ def token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
     return diffs, {"token": i, "a": key_a, "b": key_b, "a_logprob": a[i][1], "b_logprob": b[i][1],
                    "rank_of_b_in_a": rank_b_in_a, "gap_a": gap_a, "rank_of_a_in_b": rank_a_in_b, "gap_b": gap_b,
                    "near_tie": near_tie}
-
-
-def quantile(values: list, q: float) -> float | None:
-    """The q-quantile of sorted `values` (nearest rank); None when empty."""
-    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else None
 
 
 def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,

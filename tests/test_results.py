@@ -63,6 +63,20 @@ def test_stderr_is_na_for_one_sample(isolated_env, tmp_path):
 STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
 
 
+def test_latency_percentiles_are_nearest_rank_over_the_requests_sent():
+    """One quantile for latency and logprob distances alike: the nearest rank (p50 of four is
+    the second). Reused answers were not sent by this run and do not count."""
+    def rec(row, latency, reused=False):
+        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "status": "ok",
+                             "scores": {STRICT: 1.0, FLEX: 1.0}, "latency": latency, "attempts": 1, "reused": reused})
+    records = [rec(0, 4.0), rec(1, 1.0), rec(2, 3.0), rec(3, 2.0), rec(4, 99.0, reused=True)]
+    result = ne.aggregate(TASK, records, planned=5, elapsed=2.0)
+    assert (result["latency_p50"], result["latency_p95"]) == (2.0, 4.0)
+    assert (result["num_reused"], result["requests_per_second"]) == (1, 2.0)
+    assert ne.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0 and ne.quantile([], 0.5) is None
+
+
+
 def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
     # doc 0: same text twice; doc 1: two texts, same scores; doc 2: only its first repeat (interrupted)
     def rec(row, repeat, content, strict):
