@@ -2178,8 +2178,8 @@ class TaskRun:
         self.go = threading.Semaphore(0)  # released once all have started, then by each worker to the next
 
     def records(self) -> list:
-        """The finished records in dataset order, repeat by repeat."""
-        return [self.results[key] for key in sorted(self.results)]
+        """The finished records in dataset order, repeat by repeat, as Logged."""
+        return [Logged.of(self.results[key]) for key in sorted(self.results)]
 
     def send(self, sample: Sample) -> Outcome:
         if sample.error:
@@ -2389,7 +2389,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
         run.progress.close()
         if log:
             log.close()
-        result = aggregate(task, [Logged.of(r) for r in run.records()], planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
+        result = aggregate(task, run.records(), planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
                            revisions=cache.revisions(range(0, len(rows), PAGE_SIZE)), complete=complete,
                            repeats=repeats, temperature=task.request_params(config).get("temperature"))
         if sink is not None:
