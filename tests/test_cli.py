@@ -8,12 +8,15 @@ wheel installed into a fresh venv.
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -23,10 +26,10 @@ import pytest
 from fakes import ROOT  # noqa: E402
 
 import nano_eval  # noqa: E402
-from fakes import (ANSWERS, ByRow, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K, GSM_ARGS,  # noqa: E402
+from fakes import (ANSWERS, ByRow, FakeDatasetsServer, FakeOpenAI, GSM, GSM8K, GSM8K_GOLD, GSM_ARGS,  # noqa: E402
                    NANO_EVAL, PROXY_VARS, Reply, SECRET, TASK_ARGS, answers_responder, bodies, cli, cli_env,
-                   error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of, main_json, one_error, question_of,
-                   read_log)
+                   error_line, error_lines, free_port, gsm8k_args, gsm8k_row_of, image_bytes_of, main_json, one_error,
+                   question_of, read_log, right)
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,55 +50,132 @@ SPELLINGS = [(name, f"--{name}") for name in FLAG_VALUES] + \
     [(name, f"--{name.replace('_', '-')}") for name in FLAG_VALUES if "_" in name and name != "limit"]
 
 
-def _check_flag(name, doc, server, tmp):
+def _in_flight_gate(width: int):
+    """A responder (right answers) whose first `width` requests wait until all `width` are in
+    flight, then up to 0.5 s for one more: with at most `width` requests in flight none comes, so
+    the server's peak is exactly `width`; a client sending more at once shows a larger one."""
+    arrived = threading.Condition()
+    seen = []
+    answer = ByRow()
+
+    def respond(body, n):
+        with arrived:
+            seen.append(n)
+            arrived.notify_all()
+            if n < width:
+                arrived.wait_for(lambda: len(seen) >= width, timeout=10)
+                arrived.wait_for(lambda: len(seen) > width, timeout=0.5)
+        return answer(body, n)
+
+    return respond
+
+
+def _think_wrapped(body, n):
+    """Row r's gold answer only inside a think block: scored right with --keep_think only."""
+    return f"<think>The final answer is {GSM8K_GOLD[gsm8k_row_of(body)]}</think> I am not sure."
+
+
+# What a flag needs to show its effect: another task or sample count, extra arguments, a responder
+FLAG_SETUP = {
+    "num_concurrent": {"max_samples": "4", "responder": lambda: _in_flight_gate(3)},
+    # row 0 fails twice (Retry-After: 0, so no backoff wait), then answers: 2 attempts fail it, 5 would not
+    "max_retries": {"extra": ["--max_fail_rate", "1"], "responder": lambda: ByRow(
+        {0: [Reply(status=500, headers={"Retry-After": "0"})] * 2 + [right(0)]})},
+    # 1 of 2 failed is 0.5: not more than --max_fail_rate 0.5 (exit 0), more than the default 0.05
+    "max_fail_rate": {"responder": lambda: ByRow({1: Reply(status=400)})},
+    "keep_think": {"responder": lambda: _think_wrapped},
+    "log_images": {"tasks": "chartqa", "extra": ["--log_samples", "{tmp}/logs"]},
+    "data_dir": {"tasks": "chartqa"},
+}
+CHARTQA_CACHE = Path("HuggingFaceM4__ChartQA") / "default" / "test"
+
+
+def _check_flag(name, doc, server, tmp, err, timeouts, data_dir):
     cfg = doc["config"]
-    res = doc["results"][GSM]
+    task = FLAG_SETUP.get(name, {}).get("tasks", GSM)
+    res = doc["results"][task]
     sent = bodies(server)
+    chat_timeouts = {t for method, target, t in timeouts if method == "POST" and target.endswith("/chat/completions")}
+
+    def images_logged():
+        records = read_log(tmp / "logs", "chartqa")
+        return len(records) == 2 and all(
+            hashlib.sha256(image_bytes_of(r["request"])).hexdigest() == r["image"]["sha256"] for r in records)
+
     checks = {
         "tasks": lambda: list(doc["results"]) == [GSM],
         "base_url": lambda: len(sent) == 2 and cfg["base_url"] == server.base_url,
         "model": lambda: {b["model"] for b in sent} == {"custom-model"} and cfg["model"] == "custom-model",
         "model_args": lambda: {b["model"] for b in sent} == {"from-model-args"} and {b["seed"] for b in sent} == {5},
         "api_key": lambda: {r["headers"].get("Authorization") for r in server.chat_requests} == {"Bearer sk-flag"},
-        "num_concurrent": lambda: cfg["num_concurrent"] == 3,
+        # 3 requests at once and no more (the default, 8, would send all 4 rows at once)
+        "num_concurrent": lambda: server.max_in_flight == 3 and len(sent) == 4 and cfg["num_concurrent"] == 3,
         "gen_kwargs": lambda: all(b["top_k"] == 5 and list(b)[-1] == "top_k" for b in sent),
         "max_samples": lambda: res["num_samples"] == 3 and len(sent) == 3 and cfg["max_samples"] == 3,
         "limit": lambda: res["num_samples"] == 3 and len(sent) == 3,
         "seed": lambda: {b["seed"] for b in sent} == {77} and cfg["seed"] == 77,
         "output": lambda: json.loads((tmp / "out.json").read_text()) == doc,
         "log_samples": lambda: len((tmp / "logs" / f"samples_{GSM}.jsonl").read_text().splitlines()) == 2,
-        "log_images": lambda: res["num_ok"] == 2,
-        "timeout": lambda: cfg["timeout"] == 33.0,
-        "max_retries": lambda: cfg["max_retries"] == 2,
-        "max_fail_rate": lambda: cfg["max_fail_rate"] == 0.5,
-        "keep_think": lambda: cfg["keep_think"] is True,
-        "data_dir": lambda: cfg["data_dir"] == str(tmp / "dd"),
+        # the logged request holds the image itself (without the flag: a "<image sha256=...>" stub)
+        "log_images": lambda: images_logged() and res["num_ok"] == 2,
+        # the socket of every chat request waits 33 s (the default is 600)
+        "timeout": lambda: chat_timeouts == {33.0} and cfg["timeout"] == 33.0,
+        "max_retries": lambda: server.responder.attempts == {0: 2, 1: 1} and res["failures"] == {"http_500": 1}
+                               and cfg["max_retries"] == 2,
+        "max_fail_rate": lambda: res["failures"] == {"http_400": 1} and res["num_ok"] == 1
+                                 and cfg["max_fail_rate"] == 0.5,
+        "keep_think": lambda: res["metrics"]["exact_match,strict-match"] == 1.0
+                              and res["metrics"]["exact_match,flexible-extract"] == 1.0 and cfg["keep_think"] is True,
+        # the dataset cache is written there, not in NANO_EVAL_DATA_DIR
+        "data_dir": lambda: (tmp / "dd" / CHARTQA_CACHE / "manifest.json").is_file()
+                            and not (data_dir / CHARTQA_CACHE).exists() and cfg["data_dir"] == str(tmp / "dd"),
         "system_instruction": lambda: all(b["messages"][0] == {"role": "system", "content": "Be brief."}
                                           for b in sent),
         "fewshot_as_multiturn": lambda: all(len(b["messages"]) == 1 for b in sent)
                                          and cfg["fewshot_as_multiturn"] is False,
-        "no_progress": lambda: res["num_ok"] == 2,
+        # stderr is a terminal here (see the test): only the flag keeps the progress line off it
+        "no_progress": lambda: not PROGRESS_LINE.search(err) and res["num_ok"] == 2,
     }
     return checks[name]()
 
 
+PROGRESS_LINE = re.compile(r"\r(gsm8k_cot_llama|chartqa): \d+/\d+ ")
+
+
 @pytest.mark.parametrize("name, spelling", SPELLINGS, ids=[s for _, s in SPELLINGS])
-def test_flag_spelling(name, spelling, isolated_env, fake_openai, fake_hf, tmp_path, capsys):
-    base = {"tasks": GSM, "base_url": fake_openai.base_url, "max_samples": "2"}
+def test_flag_spelling(name, spelling, isolated_env, fake_openai, fake_hf, tmp_path, capsys, monkeypatch):
+    setup = FLAG_SETUP.get(name, {})
+    base = {"tasks": setup.get("tasks", GSM), "base_url": fake_openai.base_url,
+            "max_samples": setup.get("max_samples", "2")}
     value = FLAG_VALUES[name]
     if name == "base_url":
         value = fake_openai.base_url
     if name == "limit":
         base.pop("max_samples")
+    if "responder" in setup:
+        fake_openai.responder = setup["responder"]()
     argv = []
     for key, val in base.items():
         if key != name:
             argv += [f"--{key}", val]
     argv += [spelling] if value is True else [spelling, str(value).format(tmp=tmp_path)]
+    argv += [arg.format(tmp=tmp_path) for arg in setup.get("extra", [])]
+    timeouts = []  # (method, target, the socket's timeout) of every request sent
+
+    def request(conn, method, url, *args, **kwargs):
+        timeouts.append((method, url, conn.sock.gettimeout()))
+        return http.client.HTTPConnection.request(conn, method, url, *args, **kwargs)
+
+    monkeypatch.setattr(nano_eval.Connection, "request", request)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a progress line unless --no_progress
     code, doc, err = main_json(argv, capsys)
     assert code == 0, err
-    assert _check_flag(name, doc, fake_openai, tmp_path), (name, doc["config"])
-    assert fake_hf.requests == []  # gsm8k ships in data/: no datasets-server call
+    assert _check_flag(name, doc, fake_openai, tmp_path, err, timeouts, isolated_env), (name, doc["config"])
+    assert (PROGRESS_LINE.search(err) is None) == (name == "no_progress"), err
+    if base["tasks"] == GSM:
+        assert fake_hf.requests == []  # gsm8k ships in data/: no datasets-server call
+    else:
+        assert fake_hf.requests
 
 
 def test_flags_win_over_model_args(isolated_env, fake_openai, capsys):

@@ -903,6 +903,51 @@ def test_numerics_names_prompt_tokens_when_the_servers_see_different_prompts(tmp
                               "(chat template, BOS)"]
 
 
+def logged_pair(row, text_a, tokens_a, text_b, tokens_b):
+    """Two records of one row with their logged logprobs: tokens [token, logprob, [[token, logprob], ...]]."""
+    def rec(text, tokens):
+        return ne.Logged.of({"task": GSM, "doc_hash": str(row), "row_idx": row, "status": "ok",
+                             "response": {"content": text, "logprobs": tokens}})
+    return rec(text_a, tokens_a), rec(text_b, tokens_b)
+
+
+def test_numerics_verdict_arithmetic():
+    """Hand-made logprobs: which tokens the distances are over, their statistics, the partings."""
+    words = ["A", " B", " C", " D", " E"]
+    pairs = [
+        # the same text, the first token 0.25 nats apart (-0.5 and -0.25 are exact in binary)
+        logged_pair(0, "A B C D E", [[w, -0.5 if i == 0 else -1.0, []] for i, w in enumerate(words)],
+                    "A B C D E", [[w, -0.25 if i == 0 else -1.0, []] for i, w in enumerate(words)]),
+        logged_pair(1, "C", [["C", -0.5, []]], "C", [["C", -0.25, []]]),
+        # part at a near-tie after two shared tokens (at character 6)
+        logged_pair(2, "I say Yes",
+                    [["I", -0.1, []], [" say", -0.2, []], [" Yes", -0.3, [[" Yes", -0.3], [" No", -0.35]]]],
+                    "I say No",
+                    [["I", -0.1, []], [" say", -0.2, []], [" No", -0.3, [[" No", -0.3], [" Yes", -0.32]]]]),
+        # part at once, confidently (the other's choice is 1.9 nats behind)
+        logged_pair(3, "Z", [["Z", -0.1, [["Z", -0.1], ["Q", -2.0]]]], "Q", [["Q", -0.1, [["Q", -0.1], ["Z", -2.0]]]]),
+        logged_pair(4, "E", [["E", -0.5, []]], "E", [["E", -0.25, []]]),
+    ]
+    # distances: 0.25 three times, 0 six times; each sample's largest: 0.25, 0.25, 0, 0.25
+    nm = ne.numerics_verdict(pairs, [], 5, 0, tolerance=0.25)
+    assert (nm["shared_tokens"], nm["max_abs_logprob_diff"], nm["p99_abs_logprob_diff"]) == (9, 0.25, 0.25)
+    assert nm["median_abs_logprob_diff"] == 0.0 and nm["median_sample_max_abs_logprob_diff"] == 0.25
+    assert nm["mean_abs_logprob_diff"] == pytest.approx(0.75 / 9)
+    assert [(p["row_idx"], p["token"], p["char"], p["near_tie"]) for p in nm["partings"]] == \
+        [(2, 2, 6, True), (3, 0, 0, False)]
+    assert nm["mean_parting_char"] == 3.0
+    # p99 equal to the tolerance is within it; one confident parting in 5 is allowed (at least one is)
+    assert (nm["divergences"], nm["unexplained"], nm["unexplained_allowed"]) == (2, 1, 1)
+    assert nm["verdict"] == "equivalent", nm
+    assert ne.numerics_verdict(pairs, [], 5, 0, tolerance=0.2499)["verdict"] == "different"
+    # texts that part at their first token share no token, but a near-tie parting is still evidence
+    (only,) = [logged_pair(0, "Yes", [["Yes", -0.1, [["Yes", -0.1], ["No", -0.15]]]],
+                           "No", [["No", -0.1, [["No", -0.1], ["Yes", -0.12]]]])]
+    nm = ne.numerics_verdict([only], [], 1, 0)
+    assert (nm["verdict"], nm["shared_tokens"], nm["divergences"]) == ("equivalent", 0, 1), nm
+    assert nm["max_abs_logprob_diff"] is None and nm["p99_abs_logprob_diff"] is None
+
+
 def test_numerics_unknown_without_logprobs_and_gate(tmp_path):
     ref = logprob_run(tmp_path, "ref", LogprobModel(seed=1))
     plain = logprob_run(tmp_path, "plain", LogprobModel(seed=1), 0)

@@ -470,7 +470,8 @@ def test_credentials_echoed_by_the_server_are_never_written(secret_env):
             return super()._route(request)
 
     echo = f"Authorization: Bearer {FLAG_KEY}, X-Team: {header}"
-    with Echo(responder=lambda body, n: f"{echo}. The final answer is 7",
+    # the reasoning channel echoes them too: it is logged beside the content
+    with Echo(responder=lambda body, n: Reply(content=f"{echo}. The final answer is 7", reasoning_content=echo),
               extra_routes={"/version": (200, {"version": echo})}) as srv:
         code, out, err = cli(*TASK_ARGS, "--base_url", srv.base_url, "--api_key", FLAG_KEY, "--header",
                              f"X-Team: {header}", "--output", tmp_path / "results.json", "--log_samples",
@@ -494,6 +495,14 @@ def test_a_one_character_secret_does_not_mangle_messages(tmp_path, env, flags):
     # where it stands as a credential it is still replaced
     assert nano_eval.redact("Authorization: Bearer a; X-Debug: 1; key=a", ["a", "1"]) == \
         "Authorization: Bearer ***; X-Debug: ***; key=***"
+
+
+def test_redact_long_secrets_anywhere_longest_first():
+    # SHORT_SECRET (8) characters or more: replaced wherever it stands
+    assert nano_eval.redact("token:abcdefgh;", ["abcdefgh"]) == "token:***;"
+    assert nano_eval.redact("token:abcdefg;", ["abcdefg"]) == "token:abcdefg;"  # 7: only as a credential
+    # a secret that begins another is replaced after it: no tail of the longer one is left
+    assert nano_eval.redact("key abcdefgh12345678 end", ["abcdefgh", "abcdefgh12345678"]) == "key *** end"
 
 
 # --------------------------------------------------------------------------------------------

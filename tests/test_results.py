@@ -76,6 +76,75 @@ def test_latency_percentiles_are_nearest_rank_over_the_requests_sent():
     assert ne.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0 and ne.quantile([], 0.5) is None
 
 
+def test_aggregate_counts_each_record_where_it_belongs():
+    """Hand-made records, one of each kind: what each count, rate and mean is taken over."""
+    def rec(row, status, strict, **fields):
+        response = {"finish_reason": fields.pop("finish", None), "usage": fields.pop("usage", {})}
+        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "status": status,
+                             "scores": {STRICT: strict, FLEX: strict}, "response": response, **fields})
+    records = [
+        rec(0, "ok", 1.0, finish="stop", latency=1.0, attempts=1,
+            usage={"prompt_tokens": 100, "completion_tokens": 10}),
+        rec(1, "truncated", 1.0, finish="length", latency=3.0, attempts=1, usage={"completion_tokens": 20}),
+        rec(2, "ok", 0.0, finish="stop", attempts=2, usage={"completion_tokens": 5}),  # no latency (an older log)
+        rec(3, "http_500", 0.0, latency=4.0, attempts=5, error="fake error 500"),
+        rec(4, "connection", 0.0, attempts=0, error=ne.NOT_SENT),
+        rec(5, "ok", 1.0, finish="stop", latency=50.0, attempts=1, reused=True, usage={"completion_tokens": 1000}),
+    ]
+    result = ne.aggregate(TASK, records, planned=8, elapsed=2.0, revisions=["abc"])
+    assert (result["num_samples"], result["num_ok"], result["num_truncated"]) == (6, 3, 1)
+    assert result["failures"] == {"connection": 1, "http_500": 1} and result["num_failed"] == 2
+    assert result["num_not_sent"] == 1 and result["num_reused"] == 1
+    assert result["finish_reasons"] == {"length": 1, "stop": 3}
+    assert result["metrics"][STRICT] == 0.5  # over every sample, the failed ones scoring 0
+    assert result["metrics"][f"{STRICT},valid"] == 0.75  # over ok and truncated
+    assert result["complete"] is False and result["num_planned"] == 8
+    # sent by this run: rows 0-3 (row 4 was not sent, row 5 reused), 35 completion tokens, in 2 s
+    assert (result["requests_per_second"], result["output_tokens_per_second"]) == (2.0, 17.5)
+    assert (result["latency_p50"], result["latency_p95"]) == (3.0, 4.0)  # of 1, 3, 4: row 2 has none
+    assert result["usage"] == {"prompt_tokens": 100, "completion_tokens": 1035}
+    assert result["dataset"]["revision"] == "abc"
+    two = ne.aggregate(TASK, records, planned=6, elapsed=2.0, revisions=["a", "b"])
+    assert two["dataset"]["revision"] == ["a", "b"]
+    assert ne.aggregate(TASK, records, planned=6, elapsed=2.0)["complete"] is True
+    assert mean_stderr([]) == (None, "N/A")
+
+    flagged = [rec(i, "ok", 1.0, latency=i + 1.0, attempts=1, reasoning_flags=["answer_only_in_reasoning"])
+               for i in range(51)]
+    result = ne.aggregate(TASK, flagged, planned=51, elapsed=1.0)
+    assert result["reasoning"] == {"answer_only_in_reasoning": 51}
+    assert result["reasoning_rows"] == {"answer_only_in_reasoning": list(range(50))}  # the first 50
+    assert (result["latency_p50"], result["latency_p95"]) == (26.0, 49.0)  # nearest rank: the 26th and 49th of 51
+    assert "num_planned" not in result and "num_not_sent" not in result
+
+    chart = [ne.Logged.of({"task": "chartqa", "doc_hash": "0", "row_idx": 0, "status": "ok",
+                           "image": {"format": "png"}}),
+             ne.Logged.of({"task": "chartqa", "doc_hash": "1", "row_idx": 1, "status": "http_500",
+                           "image": {"format": "jpeg"}})]
+    assert ne.aggregate(ne.TASKS["chartqa"], chart, planned=2, elapsed=1.0)["images"] == {
+        "formats": {"png": 1, "jpeg": 1}, "jpeg_reencoded": 1}  # what was sent, answered or not
+
+
+def test_aggregate_over_repeats_of_an_interrupted_run():
+    # doc 0: right then wrong; doc 1: right then failed; doc 2: its first repeat only; doc 3: right twice
+    def rec(row, repeat, status, strict, content=None):
+        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "repeat": repeat,
+                             "status": status, "response": {"content": content},
+                             "scores": {STRICT: strict, FLEX: strict}})
+    records = [rec(0, 0, "ok", 1.0, "a"), rec(1, 0, "ok", 1.0, "c"), rec(2, 0, "ok", 0.0, "d"),
+               rec(3, 0, "ok", 1.0, "e"),
+               rec(0, 1, "ok", 0.0, "b"), rec(1, 1, "http_500", 0.0), rec(3, 1, "ok", 1.0, "e")]
+    result = ne.aggregate(TASK, records, planned=8, elapsed=1.0, repeats=2)
+    assert result["num_documents"] == 4
+    assert result["metrics"][STRICT] == 0.5  # each document's mean over its own repeats: 1/2, 1/2, 0, 1
+    # a document with a failed repeat is left out of the agreement: docs 0 and 3, of which 3 agrees
+    assert result["repeats"]["self_agreement"] == {"documents": 2, "responses": 0.5, "scores": 0.5}
+    # a third pass never started: two passes are summarised
+    result = ne.aggregate(TASK, records, planned=12, elapsed=1.0, repeats=3)
+    assert result["metrics"][STRICT] == 0.5
+    assert result["repeats"]["metrics"][STRICT]["per_repeat"] == pytest.approx([0.75, 1 / 3])
+    assert result["repeats"]["self_agreement"] == {"documents": 0, "responses": None, "scores": None}
+
 
 def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
     # doc 0: same text twice; doc 1: two texts, same scores; doc 2: only its first repeat (interrupted)
@@ -431,8 +500,6 @@ def test_reference_score(task, model, score):
         assert found[0] == score and isinstance(found[1], str) and found[1]
 
 
-
-
 def test_python_api_repeats_and_expectation(isolated_env, tmp_path):
     # 4 rows x 2 repeats; row 3 wrong on its second repeat only
     # pass 0: 1.0, pass 1: 0.75 -> mean 0.875, SEM 0.125; documents 1, 1, 1, 0.5
@@ -521,6 +588,12 @@ def test_fail_rate_above_the_limit_exits_1_after_writing_results(isolated_env, t
     lines = error_lines(err)
     assert len(lines) == 1 and "2 of 20" in lines[0] and "max_fail_rate" in lines[0]
     assert "Traceback" not in err
+
+
+def test_no_samples_is_no_failure_rate():
+    assert ne.fail_rate_exit({GSM: {"num_failed": 0, "num_samples": 0}}, 0.05) == ne.EXIT_OK
+    assert ne.fail_rate_exit({GSM: {"num_failed": 1, "num_samples": 20}}, 0.05) == ne.EXIT_OK  # 5% is not more
+    assert ne.fail_rate_exit({GSM: {"num_failed": 2, "num_samples": 20}}, 0.05) == ne.EXIT_FAILURES
 
 
 @pytest.mark.parametrize("codes, expected", [

@@ -592,6 +592,25 @@ def test_resume_skips_a_torn_last_line(isolated_env, tmp_path):
     assert code == 0 and responder.rows == [], err
 
 
+def test_a_sample_log_ends_a_torn_line_only(tmp_path):
+    """A new or empty log gets no blank first line; a torn last line is ended before the next record."""
+    for before in (None, b"", b'{"a": 1}\n'):
+        path = tmp_path / "samples_x.jsonl"
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+        log = ne.SampleLog(path)
+        log.write_lines(['{"c": 3}\n'])
+        log.close()
+        assert path.read_bytes() == (before or b"") + b'{"c": 3}\n'
+    path.write_bytes(b'{"a": 1}\n{"b"')
+    log = ne.SampleLog(path)
+    log.write_lines(['{"c": 3}\n'])
+    log.close()
+    assert path.read_bytes() == b'{"a": 1}\n{"b"\n{"c": 3}\n'
+
+
 def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_path):
     n = 24
     log_dir = tmp_path / "logs"

@@ -356,6 +356,7 @@ def test_gsm8k_headline_rules():
             strict, flexible), response
     extracted, _ = score_gsm8k("no digits here", "18")
     assert extracted == {"strict-match": "[invalid]", "flexible-extract": "[invalid]"}
+    assert nano_eval.regex_filter(nano_eval.GSM8K_FILTERS["strict-match"], None) == "[invalid]"
 
 
 def test_unicode_digits_parse_as_lm_eval_does():
@@ -397,6 +398,17 @@ def test_chartqa_only_first_label_is_used():
 def test_a_lone_quote_label_is_emptied_as_lm_eval_does():
     assert _relaxed_preprocess('"') == "" and _relaxed_preprocess("'Japan'") == "Japan"
     assert _relaxed_preprocess('"Japan') == '"Japan'
+    # the emptied target matches no answer at all: a response without one still scores 0
+    _, scores = score_chartqa("I cannot read this chart.", '"')
+    assert scores["relaxed_accuracy"] == 0.0
+
+
+def test_final_answer_drops_markdown_characters():
+    """lm-eval's parse removes * _ [ ] ( ) from the answer line."""
+    assert nano_eval.chartqa_final_answer("The chart has two bars.\n**Answer:** (B)") == "B"
+    assert nano_eval.chartqa_final_answer("Final Answer: _[42]_") == "42"
+    _, scores = score_chartqa("Final Answer: (B)", "B")
+    assert scores["relaxed_accuracy"] == 1.0 and scores["exact_match"] == 0.0
 
 
 def even_rows_right(body, n):
@@ -435,6 +447,10 @@ def test_human_and_augmented_split(no_env, tmp_path):
 ])
 def test_answer_text(content, keep, expected):
     assert answer_text(content, keep) == expected
+
+
+def test_an_empty_think_end_token_strips_nothing():
+    assert answer_text("<think>x</think>The final answer is 18", False, "") == "<think>x</think>The final answer is 18"
 
 
 
