@@ -815,7 +815,9 @@ class AdaptiveLimiter:
 
     While the cap is at its maximum (a server that never throttled), acquire and
     release take no lock: the slots are items of a list, whose append and pop are
-    atomic, so the worker threads do not queue on a lock twice per request."""
+    atomic, so the worker threads do not queue on a lock twice per request. That holds
+    because there are never more worker threads than `maximum`: at full width none waits,
+    and a release wakes no one."""
 
     def __init__(self, maximum: int):
         self.maximum = maximum
