@@ -78,7 +78,7 @@ def compared(log_a: Path, log_b: Path, n: int) -> dict:
     """nano-eval compare --json of the first n samples of two logs, and the smallest n at which
     the numerics verdict is already, and stays, what it is at n (from the same logs)."""
     run_a, run_b = nano_eval.load_run(str(log_a)), nano_eval.load_run(str(log_b))
-    rows = sorted((r["row_idx"], key) for key, r in run_b.items())[:n]
+    rows = sorted((r.row_idx, key) for key, r in run_b.items())[:n]
     keys = [key for _, key in rows]
     verdicts = [nano_eval.compare_runs({k: run_a[k] for k in keys[:m]}, {k: run_b[k] for k in keys[:m]})[TASK]
                 for m in range(1, n + 1)]
