@@ -11,10 +11,10 @@ Optional environment:
                                 (e.g. http://127.0.0.1:8080/v1); nothing is built or started
     NANO_EVAL_LLAMA_SERVER_BIN  use this llama-server binary instead of building one
     NANO_EVAL_LLAMA_MODEL       use this GGUF instead of the pinned SmolLM2-135M-Instruct
-    NANO_EVAL_CI_CACHE          cache root for the builds (see setup_llama_server.sh, setup_vllm.sh)
+    NANO_EVAL_CI_CACHE          cache root for the builds (see lib.sh's cache_dir)
 
 test_vllm.py, test_numerics.py and test_vlm.py also start vLLM (setup_vllm.sh builds its venv,
-~4 min cold), test_vllm.py and test_max.py MAX (setup_max.sh, ~5 min cold); each server is
+~4 min cold), and test_vllm.py MAX too (setup_max.sh, ~5 min cold); each server is
 module-scoped, so at most one vLLM and one MAX run at a time.
 """
 
