@@ -530,6 +530,13 @@ def _stdlib_asyncio(chat_url, bodies, n):
     return elapsed, ok, sys.version.split()[0], None
 
 
+async def timed_gather(one, items: list) -> tuple[float, int]:
+    """(seconds, how many were ok) of one(item) for every item, all started at once."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*[asyncio.create_task(one(item)) for item in items])
+    return time.perf_counter() - start, sum(results)
+
+
 def _aiohttp(chat_url, bodies, n):
     """lm-eval's transport: every request a task at once, Semaphore(n) + TCPConnector(limit=n)."""
     import aiohttp
@@ -543,9 +550,7 @@ def _aiohttp(chat_url, bodies, n):
                     async with session.post(chat_url, data=body, headers=HEADERS) as resp:
                         return resp.status == 200 and _check(await resp.read())
 
-            start = time.perf_counter()
-            results = await asyncio.gather(*[asyncio.create_task(one(b)) for b in bodies])
-            return time.perf_counter() - start, sum(results)
+            return await timed_gather(one, bodies)
 
     elapsed, ok = asyncio.run(main())
     return elapsed, ok, aiohttp.__version__, None
@@ -564,9 +569,7 @@ def _httpx(chat_url, bodies, n):
                     resp = await client.post(chat_url, content=body, headers=HEADERS)
                     return resp.status_code == 200 and _check(resp.content)
 
-            start = time.perf_counter()
-            results = await asyncio.gather(*[asyncio.create_task(one(b)) for b in bodies])
-            return time.perf_counter() - start, sum(results)
+            return await timed_gather(one, bodies)
 
     elapsed, ok = asyncio.run(main())
     return elapsed, ok, httpx.__version__, None
@@ -587,11 +590,10 @@ def _openai(chat_url, bodies, n):
                 completion = await client.chat.completions.create(**kwargs)
                 return completion.choices[0].message.content is not None
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*[asyncio.create_task(one(r)) for r in requests])
-        elapsed = time.perf_counter() - start
-        await client.close()
-        return elapsed, sum(results)
+        try:
+            return await timed_gather(one, requests)
+        finally:
+            await client.close()
 
     elapsed, ok = asyncio.run(main())
     return elapsed, ok, openai.__version__, None

@@ -11,6 +11,7 @@ cap are refused; TLS options and HTTP(S)_PROXY/NO_PROXY reach every deployment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
 from pathlib import Path
 
 import pytest
@@ -434,31 +436,39 @@ def test_adaptive_concurrency_shrinks_on_429_and_recovers(isolated_env, tmp_path
     assert max(seen[-20:]) >= 4, seen
 
 
-def test_limiter_halves_on_throttling_and_grows_back():
-    replies = {"status": 429}
+PAYLOAD = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
+
+@contextlib.contextmanager
+def client_of_throttling_server(replies: dict) -> Iterator[ChatClient]:
+    """A ChatClient (8 in flight, one attempt) of a server that answers with replies["status"]."""
     with FakeOpenAI(responder=lambda body, n: Reply(status=replies["status"], content="hi")) as srv:
         client = ChatClient(APIConfig(url=srv.base_url, model="m", num_concurrent=8, max_retries=1,
                                       retry_base_delay=0.01))
-        payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
         try:
-            assert client.limiter.limit == 8
-            assert {o.status for o in send_at_once(client, payload, 8)} == {"http_429"}
-            assert client.limiter.limit == 1
-            replies["status"] = 200
-            history = []
-            for _ in range(1 + 2 + 3):
-                assert client.send_blocking(payload).status == "ok"
-                history.append(client.limiter.limit)
-            assert history == [2, 2, 3, 3, 3, 4]  # +1 after `limit` successes
-            for _ in range(4 + 5 + 6 + 7 + 5):
-                client.send_blocking(payload)
-            assert client.limiter.limit == 8  # back to the maximum, never above
-            replies["status"] = 503
-            client.send_blocking(payload)
-            assert client.limiter.limit == 4
+            yield client
         finally:
             client.close()
+
+
+def test_limiter_halves_on_throttling_and_grows_back():
+    replies = {"status": 429}
+    with client_of_throttling_server(replies) as client:
+        assert client.limiter.limit == 8
+        assert {o.status for o in send_at_once(client, PAYLOAD, 8)} == {"http_429"}
+        assert client.limiter.limit == 1
+        replies["status"] = 200
+        history = []
+        for _ in range(1 + 2 + 3):
+            assert client.send_blocking(PAYLOAD).status == "ok"
+            history.append(client.limiter.limit)
+        assert history == [2, 2, 3, 3, 3, 4]  # +1 after `limit` successes
+        for _ in range(4 + 5 + 6 + 7 + 5):
+            client.send_blocking(PAYLOAD)
+        assert client.limiter.limit == 8  # back to the maximum, never above
+        replies["status"] = 503
+        client.send_blocking(PAYLOAD)
+        assert client.limiter.limit == 4
 
 
 def send_at_once(client: ChatClient, payload: bytes, n: int) -> list:
@@ -469,19 +479,13 @@ def send_at_once(client: ChatClient, payload: bytes, n: int) -> list:
 
 def test_limiter_does_not_grow_on_errors():
     replies = {"status": 429}
-    with FakeOpenAI(responder=lambda body, n: Reply(status=replies["status"], content="hi")) as srv:
-        client = ChatClient(APIConfig(url=srv.base_url, model="m", num_concurrent=8, max_retries=1,
-                                      retry_base_delay=0.01))
-        payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-        try:
-            send_at_once(client, payload, 8)
-            assert client.limiter.limit == 1
-            replies["status"] = 500
-            for _ in range(6):
-                client.send_blocking(payload)
-            assert client.limiter.limit == 1
-        finally:
-            client.close()
+    with client_of_throttling_server(replies) as client:
+        send_at_once(client, PAYLOAD, 8)
+        assert client.limiter.limit == 1
+        replies["status"] = 500
+        for _ in range(6):
+            client.send_blocking(PAYLOAD)
+        assert client.limiter.limit == 1
 
 
 def test_limiter_never_exceeds_its_cap_under_threads():

@@ -325,15 +325,21 @@ def test_a_hung_server_is_given_up_like_a_dead_one(isolated_env):
     assert len(srv.chat_requests) == 4 and "stopped answering" in err
 
 
+def hung_server_run(log_dir: Path, samples: int) -> tuple:
+    """`samples` rows, 4 in flight, against a server that never answers (2 s timeout, one
+    attempt): (exit code, the task's results, stderr, the chat requests the server saw)."""
+    with FakeOpenAI(responder=lambda body, n: Reply(hang=True)) as srv:
+        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", samples, "--num_concurrent", 4,
+                             "--timeout", 2, "--max_retries", 1, "--log_samples", log_dir)
+        chat = len(srv.chat_requests)
+    return code, json.loads(out)["results"]["gsm8k_cot_llama"], err, chat
+
+
 def test_a_hung_server_does_not_claim_unsent_samples_when_there_are_none(isolated_env, tmp_path):
     """Four samples, four in flight, all time out: the server is marked as not answering, but
     nothing was left unsent, so nothing may be said to be counted as unsent."""
-    with FakeOpenAI(responder=lambda body, n: Reply(hang=True)) as srv:
-        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 4, "--num_concurrent", 4,
-                             "--timeout", 2, "--max_retries", 1, "--log_samples", tmp_path / "l")
-        chat = len(srv.chat_requests)
+    code, result, err, chat = hung_server_run(tmp_path / "l", 4)
     assert code == 1, err
-    result = json.loads(out)["results"]["gsm8k_cot_llama"]
     assert result["failures"] == {"timeout": 4} and chat == 4
     assert "num_not_sent" not in result
     assert "were not sent" not in err
@@ -342,12 +348,8 @@ def test_a_hung_server_does_not_claim_unsent_samples_when_there_are_none(isolate
 
 
 def test_a_hung_server_counts_the_samples_it_did_not_send(isolated_env, tmp_path):
-    with FakeOpenAI(responder=lambda body, n: Reply(hang=True)) as srv:
-        code, out, err = cli(*GSM_ARGS, "--base_url", srv.base_url, "--max_samples", 16, "--num_concurrent", 4,
-                             "--timeout", 2, "--max_retries", 1, "--log_samples", tmp_path / "l")
-        chat = len(srv.chat_requests)
+    code, result, err, chat = hung_server_run(tmp_path / "l", 16)
     assert code == 1, err
-    result = json.loads(out)["results"]["gsm8k_cot_llama"]
     records = read_log(tmp_path / "l" / "samples_gsm8k_cot_llama.jsonl")
     unsent = [r for r in records if r["attempts"] == 0]
     assert unsent and len(unsent) == 16 - chat
@@ -550,15 +552,20 @@ def test_resume_sends_only_failed_samples_and_matches_a_clean_run(isolated_env, 
     assert comparable(json.loads(out)["results"]["gsm8k_cot_llama"]) == comparable(resumed)
 
 
-def test_resume_with_other_settings_sends_everything(isolated_env, tmp_path):
-    log_dir = tmp_path / "logs"
-    with FakeOpenAI(responder=ByRowWithWrongRows()) as srv:
-        port = srv.port
-        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
-    assert code == 0, err
+def logged_run(log_dir: Path, port: int = 0, *extra) -> tuple:
+    """Five rows (some answered wrong) logged in log_dir, by a fresh server on `port` (the same
+    URL as an earlier run): (the server, its responder, exit code, stdout, stderr)."""
     responder = ByRowWithWrongRows()
     with FakeOpenAI(responder=responder, port=port) as srv:
-        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, "--seed", 99, log_dir=log_dir))
+        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, *extra, log_dir=log_dir))
+    return srv, responder, code, out, err
+
+
+def test_resume_with_other_settings_sends_everything(isolated_env, tmp_path):
+    log_dir = tmp_path / "logs"
+    srv, _, code, _, err = logged_run(log_dir)
+    assert code == 0, err
+    srv, responder, code, _, err = logged_run(log_dir, srv.port, "--seed", 99)
     assert code == 0, err
     assert sorted(responder.rows) == [0, 1, 2, 3, 4]  # a different body is a different request
     assert all(body["seed"] == 99 for body in (r["body"] for r in srv.chat_requests))
@@ -636,18 +643,12 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_metrics(isolated_env, tmp_pat
 
 def test_no_resume_sends_everything_again(isolated_env, tmp_path):
     log_dir = tmp_path / "logs"
-    with FakeOpenAI(responder=ByRowWithWrongRows()) as srv:
-        port = srv.port
-        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
+    srv, _, code, _, err = logged_run(log_dir)
     assert code == 0, err
-    again = ByRowWithWrongRows()
-    with FakeOpenAI(responder=again, port=port) as srv:
-        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, "--no_resume", log_dir=log_dir))
+    _, again, code, _, err = logged_run(log_dir, srv.port, "--no_resume")
     assert code == 0, err
     assert sorted(again.rows) == [0, 1, 2, 3, 4]
-    resumed = ByRowWithWrongRows()
-    with FakeOpenAI(responder=resumed, port=port) as srv:
-        code, out, err = cli(*gsm8k_args(srv, 5, "--max_fail_rate", 1, log_dir=log_dir))
+    _, resumed, code, out, err = logged_run(log_dir, srv.port)
     assert code == 0, err
     assert resumed.rows == [] and json.loads(out)["results"]["gsm8k_cot_llama"]["num_reused"] == 5
 
