@@ -3551,10 +3551,9 @@ def preflight_result(config: APIConfig) -> dict:
 # ============================================================================
 
 
-def logged_request(record: Logged) -> dict:
-    """The logged body with any image as its sha256 stub, whether or not --log_images was on."""
-    body = record.request
-    return redact_images(body, record.image) if isinstance(body.get("messages"), list) else body
+def logged_request(body: dict, image: dict | None) -> dict:
+    """A logged body with its image as its sha256 stub, whether or not --log_images was on."""
+    return redact_images(body, image) if isinstance(body.get("messages"), list) else body
 
 
 class MessagesDigest:
@@ -3589,11 +3588,11 @@ def messages_digest(messages: list) -> str:
 NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
 
 
-def slim_request(record: Logged, digest: Callable = messages_digest) -> dict:
+def slim_request(body: dict, image: dict | None, digest: Callable = messages_digest) -> dict:
     """What the tools keep of a logged body (the 8-shot gsm8k messages are ~5 KB a sample):
     the fields a comparison compares, and the messages as [{"sha256": of them all, any image
     as its stub}]."""
-    body = {key: value for key, value in logged_request(record).items() if key not in NOT_COMPARED}
+    body = {key: value for key, value in logged_request(body, image).items() if key not in NOT_COMPARED}
     if isinstance(body.get("messages"), list):
         body["messages"] = [{"sha256": digest(body["messages"])}]
     return body
@@ -3620,8 +3619,9 @@ def load_repeats(path: str) -> dict:
     for file in files:
         name = str(file)
         for offset, record in read_located(file, strict=True):
+            if isinstance(record.get("request"), dict):
+                record["request"] = slim_request(record["request"], record.get("image"), digest)
             logged = Logged.of(record, (name, offset))
-            logged = logged._replace(request=slim_request(logged, digest))
             records.setdefault((logged.task, logged.doc_hash), {})[logged.repeat] = logged
     if not records:
         raise UsageError(f"{source}: no sample records")
@@ -3915,7 +3915,7 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     task = TASKS.get(task_name)
     metric = task.headline if task else next(iter(pairs[0][0].scores or {"score": 0}))
     for a, b in pairs:
-        field = a.request != b.request and request_difference(logged_request(a), logged_request(b))
+        field = a.request != b.request and request_difference(logged_request(a.request, a.image), logged_request(b.request, b.image))
         if field:
             raise UsageError(f"{task_name} row {a.row_idx}: the runs sent different '{field}' "
                              "(only the model name may differ); compare runs made with the same settings")
@@ -4293,6 +4293,7 @@ def sample_flags(records: list, metric: str) -> list:
     differs from run A's in any other run."""
     on = dict.fromkeys(("wrong", "failed", "flipped", "differs"), False)
     first = records[0]
+    score_a = first.score(metric) if first else None
     for i, record in enumerate(records):
         if record is None:
             continue
@@ -4300,7 +4301,7 @@ def sample_flags(records: list, metric: str) -> list:
         on["wrong"] = on["wrong"] or not score
         on["failed"] = on["failed"] or record.status not in VALID_STATUSES
         if i and first is not None:
-            on["flipped"] = on["flipped"] or score != first.score(metric)
+            on["flipped"] = on["flipped"] or score != score_a
             on["differs"] = on["differs"] or record.content != first.content
     return [name for name, flagged in on.items() if flagged]
 

@@ -1112,7 +1112,7 @@ def test_a_log_read_in_batches_keeps_every_record_and_its_line_number(planted, t
 def test_a_logged_request_is_kept_as_a_digest_and_read_again_whole_for_the_report(planted, tmp_path):
     record = next(ne.read_records(planted[0]))
     messages = record["request"]["messages"]
-    slim = ne.slim_request(ne.Logged.of(record))
+    slim = ne.slim_request(record["request"], record.get("image"))
     assert slim["messages"] == [{"sha256": ne.messages_digest(messages)}]
     kept = ne.load_run(str(planted[0]))[("gsm8k_cot_llama", record["doc_hash"])]
     assert kept.request == slim and kept.at == (str(planted[0]), 0)
