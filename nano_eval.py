@@ -64,6 +64,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -102,6 +103,15 @@ MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
 DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
 CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
 CONFIDENT_PARTINGS = 0.1  # share of the samples (at least 1) that may part confidently before it is a bug
+POSITIVE_LOGPROB = 1e-4  # nats: a logprob above this is impossible, not a rounding of 0
+LOGPROB_COVERAGE = 0.9  # of the paired samples, the share that must carry logprobs on both sides for `equivalent`
+# In bf16 or fp16 the logits lie on a grid whose step doubles with each power of two of the logit
+# (bf16: 0.125 for logits in [16, 32)); a change of batch moves a logit by one step on >1% of the
+# tokens (reference/bf16-numerics.md: p99 0.104-0.117 on every vLLM bf16 noise pair). The verdict
+# widens with the coarser side's step and with a measured noise floor:
+GRID_TOLERANCE = 1.5  # x the step (or the floor's p99): the p99 |delta logprob| that is still noise
+GRID_GAP = 3.0  # x the step (or the floor's p99): the lead that makes a parting confident
+BF16_STEP = 2.0 ** -4  # a grid this coarse or coarser is bf16-like (fp16 reaches it only for logits >= 64)
 
 # Waits and limits
 MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
@@ -109,6 +119,7 @@ LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on stde
 LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
 DOWNLOADS = 8  # dataset pages fetched at once; images too, over all pages
+DATASETS_MAX_MB = 64  # a larger datasets-server answer (a page of rows, an image) is refused unread
 
 # What a response is
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
@@ -176,41 +187,60 @@ class DatasetError(NanoEvalError):
 SHORT_SECRET = 8  # characters: a shorter secret is replaced only where it stands as a credential
 
 
-def redact(text: str, secrets: Iterable[str | None]) -> str:
+def redact(text: str, secrets: Iterable[str | None], json_text: bool = False) -> str:
     """`text` with each secret replaced by ***: anywhere when it is SHORT_SECRET characters or
     longer; a shorter one only as a whole value after "Bearer ", ": " or "=" (replaced
-    everywhere, a 1-character key would mangle every word and so reveal itself). Only for
-    free text (messages, server answers): in structured data a key could match a number."""
+    everywhere, a 1-character key would mangle every word and so reveal itself). In JSON text
+    (`json_text`), a ": " right after a quote is the document's own and a short key there could
+    be a number (a seed of 1234): it is left alone."""
+    colon = r'(?<=[^"]: )' if json_text else r"(?<=: )"
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         if len(secret) >= SHORT_SECRET:
             text = text.replace(secret, "***")
         elif secret in text:
-            text = re.sub(rf"(?<=Bearer ){re.escape(secret)}(?![\w-])|(?<=[:=] ){re.escape(secret)}(?![\w-])"
+            text = re.sub(rf"(?<=Bearer ){re.escape(secret)}(?![\w-])|{colon}{re.escape(secret)}(?![\w-])"
                           rf"|(?<==){re.escape(secret)}(?![\w-])", "***", text)
     return text
 
 
 class Secrets:
-    """The secrets of this process, scrubbed from every text nano-eval prints or writes (messages,
-    server answers, logged responses, the report). Registered where they enter: an APIConfig's
-    key and header values when it is made (so no way of using one can print them), HF_TOKEN and
-    the environment's key by the commands that read them."""
+    """The secrets of this process, scrubbed from every text nano-eval prints or writes: each
+    message, and each sample log line, results JSON and report page whole, just before it is
+    written, so that a secret a server echoes anywhere (a model id, a finish_reason, a token)
+    never reaches a file. Registered where they enter: an APIConfig's key and header values when
+    it is made (so no way of using one can print them), HF_TOKEN and the environment's key by
+    the commands that read them. Each is also scrubbed as JSON and HTML write it."""
 
     def __init__(self) -> None:
         self.values: set[str] = set()
 
     def add(self, *values: str | None) -> None:
-        self.values.update(v for v in values if v)
+        for value in filter(None, values):
+            self.values.update({value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1],
+                                html.escape(value)})
 
     def scrub(self, text: str) -> str:
         return redact(text, self.values) if text and self.values else text
+
+    def scrub_json(self, text: str) -> str:
+        return redact(text, self.values, json_text=True) if text and self.values else text
 
 
 SECRETS = Secrets()
 
 
+# What a terminal would obey rather than show: control characters (clear screen, colours, BEL)
+# and the bidirectional controls that reverse the rest of a line (U+202E, ...)
+TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """Text from a server or a file, safe to print: each control shown as its escape (\\x1b)."""
+    return TERMINAL_CONTROLS.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def info(message: str) -> None:
-    print(SECRETS.scrub(f"nano-eval: {message}"), file=sys.stderr, flush=True)
+    print(printable(SECRETS.scrub(f"nano-eval: {message}")), file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
@@ -251,6 +281,14 @@ def parse_kv(text: str | None, flag: str) -> dict:
 
 def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite(value: Any) -> bool:
+    """A number that is neither NaN nor infinite, nor an integer too large for a float."""
+    try:
+        return is_number(value) and math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 # The value checks. Each takes a parsed value (a model_arg, an APIConfig field) and refuses
@@ -428,6 +466,39 @@ class APIConfig:
 # ============================================================================
 
 
+# Every JSON document from outside (an inference server, a datasets-server) is read by read_json,
+# once, where it enters: what comes out can be kept, counted and written. An integer too long for
+# a float (10**400) becomes None; a lone surrogate (the escape "\ud800", valid JSON that no UTF-8
+# file can hold) becomes U+FFFD; nesting deeper than the parser's recursion is a ValueError.
+LONGEST_INTEGER = 18  # characters, sign included: counts, ids and timestamps fit; 10**400 does not
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the escapes of a valid pair
+
+
+def bounded_int(text: str) -> int | None:
+    return int(text) if len(text) <= LONGEST_INTEGER else None
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def read_json(data: bytes | str) -> Any:
+    """A JSON document from outside, safe to keep (see above). ValueError if it is not JSON,
+    UnicodeDecodeError if it is not UTF-8."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    try:
+        value = json.loads(text, parse_int=bounded_int)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    return without_lone_surrogates(value) if "\\ud" in text.lower() else value
+
+
 @dataclasses.dataclass
 class HTTPResponse:
     status: int
@@ -487,6 +558,47 @@ def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
 
 def describe_os_error(exc: OSError) -> str:
     return "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
+
+
+class AttemptDeadlines:
+    """What makes a client's timeout bound a whole attempt, not each read from the socket (a
+    server sending one byte every half second would otherwise hold a request for ever): one
+    thread, started on the first request, that shuts the socket of any request still running
+    past its deadline. A request registers on the way in and out (two dict operations)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict = {}  # id -> (deadline, connection)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def start(self, conn: http.client.HTTPConnection, seconds: float) -> int:
+        key = next(self._ids)
+        with self._lock:
+            self._running[key] = (time.monotonic() + seconds, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="nano-eval-deadlines", daemon=True)
+                self._thread.start()
+        return key
+
+    def end(self, key: int) -> bool:
+        """False when the attempt ran past its deadline (and its socket was shut)."""
+        with self._lock:
+            deadline, _ = self._running.pop(key)
+        return time.monotonic() <= deadline
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                late = [conn for deadline, conn in self._running.values() if deadline < now]
+            for conn in late:
+                with contextlib.suppress(OSError, AttributeError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
+
+DEADLINES = AttemptDeadlines()
 
 
 class HTTPClient:
@@ -576,22 +688,30 @@ class HTTPClient:
         all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json", **(headers or {})}
         for attempt in (0, 1):
             conn, reused = self._connection(parts, fresh=attempt == 1)
+            watch = DEADLINES.start(conn, self.timeout)
             try:
-                if conn.proxy:
-                    conn.request(method, url, body=body, headers={**all_headers, **proxy_auth(conn.proxy)})
-                else:
-                    conn.request(method, target, body=body, headers=all_headers)
-                resp = conn.getresponse()
-                data = self._read(resp)
+                try:
+                    if conn.proxy:
+                        conn.request(method, url, body=body, headers={**all_headers, **proxy_auth(conn.proxy)})
+                    else:
+                        conn.request(method, target, body=body, headers=all_headers)
+                    resp = conn.getresponse()
+                    data = self._read(resp)
+                finally:
+                    in_time = DEADLINES.end(watch)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
                 self._drop(parts)
+                if not in_time:
+                    raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
                 if reused and attempt == 0:
                     continue  # the server closed an idle keep-alive connection: resend once on a fresh one
                 raise
-            except BaseException:
+            except BaseException as exc:
                 self._drop(parts)
+                if not in_time and isinstance(exc, Exception):
+                    raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
                 raise
-            if resp.will_close:
+            if resp.will_close or not in_time:  # not in time: the watchdog may have shut it after the last byte
                 self._drop(parts)
             return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         raise AssertionError("unreachable")
@@ -605,12 +725,12 @@ def server_headers(config: APIConfig) -> dict:
     return {**auth_headers(config.api_key), **config.headers}
 
 
-def server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0,
-                  capped: bool = False) -> HTTPClient:
-    """An HTTPClient for the inference server, with the config's TLS settings."""
+def server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0) -> HTTPClient:
+    """An HTTPClient for the inference server, with the config's TLS settings; every answer,
+    the preflight's and the identification's too, is read up to --max_response_mb only."""
     return HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
                       verify=config.verify_certificate, ca_cert=config.ca_cert,
-                      max_body=int(config.max_response_mb * 2 ** 20) if capped else None)
+                      max_body=int(config.max_response_mb * 2 ** 20))
 
 
 def describe_network_error(exc: BaseException) -> tuple[str, str]:
@@ -643,7 +763,7 @@ def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tupl
     """GET a JSON document: (status, parsed JSON or None, headers). Network errors propagate."""
     resp = client.request("GET", url, headers=headers)
     try:
-        return resp.status, json.loads(resp.body), resp.headers
+        return resp.status, read_json(resp.body), resp.headers
     except (ValueError, UnicodeDecodeError):
         return resp.status, None, resp.headers
 
@@ -756,14 +876,18 @@ def token_key(token: Any) -> str:
 
 
 def logged_logprob(value: Any) -> float | None:
-    return round(float(value), 7) if is_number(value) and math.isfinite(value) else None
+    return round(float(value), 7) if is_finite(value) else None
 
 
 def logged_logprobs(choice: dict) -> list | None:
     """`choices[0].logprobs.content` in the sample log's compact form: per generated token
-    [token, logprob, [[token, logprob], ...the top K]]; None when the server sent none."""
+    [token, logprob, [[token, logprob], ...the top K]]; None when the server sent none, or
+    sent them malformed (the run warns that they are missing). A logprob that is not a finite
+    number is logged as null, which the numerics verdict counts as broken."""
     content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
     if not isinstance(content, list) or not all(isinstance(e, dict) for e in content):
+        return None
+    if not all(isinstance(e.get("top_logprobs") or [], list) for e in content):
         return None
     return [[logged_token(e), logged_logprob(e.get("logprob")),
              [[logged_token(t), logged_logprob(t.get("logprob"))] for t in e.get("top_logprobs") or []
@@ -771,12 +895,21 @@ def logged_logprobs(choice: dict) -> list | None:
 
 
 def classify_response(resp: HTTPResponse) -> Outcome:
-    """Turns an HTTP response into an Outcome, reading content, reasoning, usage and logprobs."""
+    """Turns an HTTP response into an Outcome, reading content, reasoning, usage and logprobs.
+    Whatever a server sends, an answer it cannot read is `bad_response`, never an exception
+    (which the runner would take for a network error)."""
+    try:
+        return read_response(resp)
+    except Exception as exc:  # noqa: BLE001 -- a shape read_response did not foresee
+        return Outcome("bad_response", http_status=resp.status, error=f"malformed response ({type(exc).__name__})")
+
+
+def read_response(resp: HTTPResponse) -> Outcome:
     if resp.status != 200:
         return Outcome(f"http_{resp.status}", http_status=resp.status, error=error_message(resp.body),
                        retry_after=retry_after_seconds(resp.headers))
     try:
-        data = json.loads(resp.body.decode("utf-8"))
+        data = read_json(resp.body)
     except UnicodeDecodeError:
         return Outcome("bad_response", http_status=200, error="response is not UTF-8")
     except ValueError:
@@ -798,7 +931,7 @@ def classify_response(resp: HTTPResponse) -> Outcome:
     field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
     reasoning = message.get(field) if isinstance(message.get(field), str) else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
-    finish = choice.get("finish_reason")
+    finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
     outcome = Outcome("ok", content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
                       finish_reason=finish, usage=usage, http_status=200, logprobs=logged_logprobs(choice))
     if not content or not content.strip():
@@ -915,7 +1048,7 @@ class ChatClient:
 
     def __init__(self, config: APIConfig):
         self.config = config
-        self.http = server_client(config, capped=True)
+        self.http = server_client(config)
         self.limiter = AdaptiveLimiter(config.num_concurrent)
         self.headers = {"Content-Type": "application/json", **server_headers(config)}
         self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
@@ -925,10 +1058,12 @@ class ChatClient:
         start = time.perf_counter()
         with _BLOCKED_CALLS:
             try:
-                outcome = classify_response(self.http.request("POST", self.config.chat_url, payload, self.headers))
+                resp = self.http.request("POST", self.config.chat_url, payload, self.headers)
             except Exception as exc:  # network errors become an outcome; nothing escapes a worker
                 status, reason = describe_network_error(exc)
                 outcome = Outcome(status, error=reason)
+            else:
+                outcome = classify_response(resp)
         outcome.latency = time.perf_counter() - start
         return outcome
 
@@ -1030,6 +1165,9 @@ def resolve_model(config: APIConfig, model: str | None) -> str:
     if status != 200 or models is None:
         raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
     ids = [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
+    odd = next((i for i in ids if not isinstance(i, str)), None)
+    if odd is not None:
+        raise ServerError(f"{url} lists a model id that is not text ({json.dumps(odd)[:60]}); pass --model")
     if not ids:
         raise ServerError(f"{url} lists no models; pass --model")
     if len(ids) > 1:
@@ -1192,6 +1330,8 @@ class DatasetRef:
     dataset: str
     config: str
     split: str
+    text_columns: tuple = ()  # each row's text (a string, or a list of strings) that the task reads
+    image_column: str | None = None
 
     @property
     def folder(self) -> str:
@@ -1338,6 +1478,30 @@ class DatasetCache:
             self._changed = True
         return entry
 
+def is_text(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
+
+
+def page_problem(body: Any, ref: DatasetRef) -> str | None:
+    """What makes a `/rows` answer unusable (checked before anything of it is used or cached):
+    its shape, a positive num_rows_total, each row's index, its text columns and image cell."""
+    if not isinstance(body, dict) or not isinstance(body.get("rows"), list):
+        return "no list of rows"
+    total = body.get("num_rows_total")
+    if type(total) is not int or total <= 0:
+        return f"num_rows_total is {json.dumps(total)}, not a positive number of rows"
+    for i, row in enumerate(body["rows"]):
+        if not isinstance(row, dict) or type(row.get("row_idx")) is not int or not isinstance(row.get("row"), dict):
+            return f"its row {i} is not {{\"row_idx\": number, \"row\": {{...}}}}"
+        missing = [name for name in ref.text_columns if not is_text(row["row"].get(name))]
+        if missing:
+            return f"row {row['row_idx']} has no text in {', '.join(map(repr, missing))}"
+        image = row["row"].get(ref.image_column) if ref.image_column else None
+        if image is not None and not (isinstance(image, dict) and isinstance(image.get("src", ""), str)):
+            return f"row {row['row_idx']}'s {ref.image_column!r} is not an image cell"
+    return None
+
+
 class DatasetsClient:
     """A minimal client for the HuggingFace datasets-server `/rows` API."""
 
@@ -1347,7 +1511,7 @@ class DatasetsClient:
         self.token = token if token is not None else os.environ.get("HF_TOKEN")  # checked when sent
         self.retries = retries
         self.retry_base_delay = retry_base_delay
-        self.http = HTTPClient(timeout=120.0, connect_timeout=15.0)
+        self.http = HTTPClient(timeout=120.0, connect_timeout=15.0, max_body=DATASETS_MAX_MB * 2 ** 20)
 
     def _wait(self, attempt: int, why: str, retry_after: float | None) -> None:
         delay = backoff(attempt, self.retry_base_delay, retry_after)
@@ -1363,7 +1527,7 @@ class DatasetsClient:
                     resp = self.http.request("GET", url, headers=headers)
                 except Exception as exc:
                     _, reason = describe_network_error(exc)
-                    if isinstance(exc, socket.gaierror) or attempt == self.retries:  # a name that does not resolve
+                    if isinstance(exc, (socket.gaierror, ResponseTooLarge)) or attempt == self.retries:
                         raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}; set "
                                            "NANO_EVAL_DATASETS_SERVER to a mirror, or give --data_dir a copy of a "
                                            "data/ folder that holds the split") from None
@@ -1385,10 +1549,12 @@ class DatasetsClient:
             hint = " (set HF_TOKEN for a gated or private dataset)" if resp.status == 401 else ""
             raise DatasetError(f"datasets-server answered {resp.status} for {what}: {error_message(resp.body)}{hint}")
         try:
-            body = json.loads(resp.body)
-            assert isinstance(body.get("rows"), list) and isinstance(body.get("num_rows_total"), int)
-        except (ValueError, AssertionError, AttributeError):
-            raise DatasetError(f"datasets-server sent an unexpected body for {what}") from None
+            body = read_json(resp.body)
+        except (ValueError, UnicodeDecodeError):
+            raise DatasetError(f"datasets-server sent a body that is not JSON for {what}") from None
+        problem = page_problem(body, ref)
+        if problem:
+            raise DatasetError(f"datasets-server sent an unexpected page for {what}: {problem}; not caching it")
         return body, resp.headers.get("x-revision")
 
     def download(self, url: str) -> HTTPResponse:
@@ -1880,7 +2046,7 @@ def answer_text(content: str | None, keep_think: bool, think_end: str = THINK_EN
 TASKS: dict[str, Task] = {
     "gsm8k_cot_llama": Task(
         name="gsm8k_cot_llama",
-        data=DatasetRef("openai/gsm8k", "main", "test"),
+        data=DatasetRef("openai/gsm8k", "main", "test", ("question", "answer")),
         version="4.0",
         generation_kwargs={"until": GSM8K_UNTIL, "do_sample": False},
         headline="exact_match,strict-match",
@@ -1894,7 +2060,7 @@ TASKS: dict[str, Task] = {
     ),
     "chartqa": Task(
         name="chartqa",
-        data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test"),
+        data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query", "label"), "image"),
         version="0.0",
         generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False, "max_gen_toks": 512},
         headline="relaxed_accuracy",
@@ -1908,7 +2074,8 @@ TASKS: dict[str, Task] = {
                                          "human_or_machine": doc.get("human_or_machine"),
                                          "image_sha256": image.get("sha256")},
         image_column="image",
-        group=lambda doc: {0: "human", 1: "augmented"}.get(doc.get("human_or_machine")),
+        group=lambda doc: {0: "human", 1: "augmented"}.get(doc.get("human_or_machine"))
+        if type(doc.get("human_or_machine")) is int else None,
     ),
 }
 
@@ -1934,12 +2101,49 @@ def record_problem(record: Any) -> str | None:
         value = record.get(name)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"{name!r} is not of type {kind.__name__}"
-    if not all(is_number(v) for v in (record.get("scores") or {}).values()):
+    if not all(is_finite(v) for v in (record.get("scores") or {}).values()):
         return "a score is not a number"
-    usage = (record.get("response") or {}).get("usage")
-    if usage is not None and not isinstance(usage, dict):
-        return "'usage' is not an object"
+    for name in ("latency", "attempts"):
+        if record.get(name) is not None and not is_finite(record[name]):
+            return f"{name!r} is not a number"
+    messages = (record.get("request") or {}).get("messages", [])
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return "request 'messages' is not a list of messages"
+    image = record.get("image")
+    if image is not None and not (isinstance(image.get("sha256"), str) and type(image.get("bytes")) is int
+                                  and isinstance(image.get("format"), str)):
+        return "'image' is not {sha256, bytes, format}"
+    return response_problem(record.get("response") or {})
+
+
+RESPONSE_FIELDS = {"content": str, "reasoning_content": str, "finish_reason": str, "http_status": int,
+                   "usage": dict, "logprobs": list}
+
+
+def response_problem(response: dict) -> str | None:
+    for name, kind in RESPONSE_FIELDS.items():
+        value = response.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"response {name!r} is not of type {kind.__name__}"
+    usage = response.get("usage") or {}
+    if any(usage.get(name) is not None and not (type(usage[name]) is int and 0 <= usage[name] < 2 ** 53)
+           for name in ("prompt_tokens", "completion_tokens", "total_tokens")):
+        return "a usage count is not a count"
+    if not all(is_logged_token(entry) and all(map(is_logged_alternative, entry[2]))
+               for entry in response.get("logprobs") or ()):
+        return "logprobs are not [token, logprob, [[token, logprob], ...]] per token"
     return None
+
+
+def is_logged_alternative(entry: Any) -> bool:
+    """[token, logprob]: as logged_logprobs writes it (a logprob may be null, or NaN in another tool's log)."""
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (str, dict))
+            and (entry[1] is None or is_number(entry[1])))
+
+
+def is_logged_token(entry: Any) -> bool:
+    return (isinstance(entry, list) and len(entry) == 3 and is_logged_alternative(entry[:2])
+            and isinstance(entry[2], list))
 
 
 class Logged(NamedTuple):
@@ -2011,16 +2215,19 @@ def parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
         starts = list(itertools.accumulate(map(len, lines), initial=offset))
         try:
             values = json.loads(b"[" + b",".join(lines) + b"]")
-        except ValueError:
+        except (ValueError, RecursionError):
             values = None
         if values is not None and len(values) == len(lines) and all(type(v) is dict for v in values):
             yield from zip(range(number + 1, number + len(lines) + 1), starts, values)
         else:
             for line_number, start, line in zip(itertools.count(number + 1), starts, lines):
                 try:
-                    yield line_number, start, json.loads(line.decode("utf-8", "replace"))
-                except ValueError:
+                    value = json.loads(line.decode("utf-8", "replace"))
+                except ValueError:  # a line cut short by a crash
                     continue
+                except RecursionError:  # JSON, but nested too deeply to be a record
+                    value = None
+                yield line_number, start, value
         number, offset = number + len(lines), starts[-1]
 
 
@@ -2044,6 +2251,20 @@ def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
     return (record for _, record in read_located(path, strict))
 
 
+def lock_file(file: Any) -> bool:
+    """An exclusive lock on an open file, held until it is closed; False if another process
+    holds it. Where the system has no flock (Windows), always True."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
 class SampleLog:
     """The per-sample JSONL log: one line per sample, appended in batches (every
     FLUSH_EVERY seconds and at the end, also when the run is interrupted), so a crash
@@ -2055,11 +2276,18 @@ class SampleLog:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torn = self.ends_torn(path)
-            self._file = open(path, "a", encoding="utf-8")
-            if torn:  # a line cut short by a crash or a full disk: end it, so the next record starts a line
-                self._file.write("\n")
+            # never through a symbolic link planted at the log's path; one run at a time per log
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            self._file = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
         except OSError as exc:
-            raise UsageError(f"cannot write the sample log {path}: {exc.strerror or exc}") from None
+            why = "it is a symbolic link" if path.is_symlink() else exc.strerror or exc
+            raise UsageError(f"cannot write the sample log {path}: {why}") from None
+        if not lock_file(self._file):
+            self._file.close()
+            raise UsageError(f"another nano-eval run is writing the sample log {path}: wait for it, or give this "
+                             "run its own --log_samples")
+        if torn:  # a line cut short by a crash or a full disk: end it, so the next record starts a line
+            self._file.write("\n")
 
     @staticmethod
     def ends_torn(path: Path) -> bool:
@@ -2090,7 +2318,7 @@ class SampleLog:
 
     @staticmethod
     def line(record: dict) -> str:
-        return json.dumps(record, ensure_ascii=False) + "\n"
+        return SECRETS.scrub_json(json.dumps(record, ensure_ascii=False)) + "\n"
 
     def write_lines(self, lines: list) -> None:
         """Whole lines, then flushed."""
@@ -2204,6 +2432,9 @@ class TaskRun:
         if outcome.valid and outcome.logprobs is None and self.prepared[0].get("logprobs"):
             self.say_once_about_logprobs("answered without logprobs although asked for them: this run's "
                                          "numerics verdict will be 'unknown'")
+        elif outcome.logprobs and any(is_finite(e[1]) and e[1] > POSITIVE_LOGPROB for e in outcome.logprobs):
+            self.say_once_about_logprobs("sent a logprob above 0, which no probability has: its logprobs are "
+                                         "wrong, and a comparison will say so")
         return outcome
 
     def say_once_about_logprobs(self, what: str) -> None:
@@ -2755,7 +2986,7 @@ def stdout_json(document: dict) -> str:
         utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
     except LookupError:
         utf8 = False
-    return json.dumps(document, indent=2, ensure_ascii=not utf8)
+    return SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=not utf8))
 
 
 def print_to_stdout(text: str) -> bool:
@@ -2774,9 +3005,9 @@ def write_results(document: dict, output: Path | None, report: Path | None) -> N
     when another fails (the first failure is raised after)."""
     failures: list = []
     if output:
-        text = json.dumps(document, indent=2, ensure_ascii=False)
+        text = SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=False))
         try:
-            atomic_write(output, (text + "\n").encode("utf-8"))
+            atomic_write(output, (text + "\n").encode("utf-8", "replace"))
         except OSError as exc:
             failures.append(UsageError(f"cannot write --output {output}: {exc.strerror or exc}"))
             output = None
@@ -2865,7 +3096,7 @@ def build_parser() -> ArgumentParser:
     add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
         "rerunning with the same DIR resumes")
     add("log_images", action="store_true", help="keep the base64 images in the sample log")
-    add("timeout", type=from_text(positive_float, float), help=f"seconds per request attempt (default {DEFAULT_TIMEOUT:.0f})")
+    add("timeout", type=from_text(positive_float, float), help=f"seconds per request attempt, all of it: a server that trickles its answer is cut there (default {DEFAULT_TIMEOUT:.0f})")
     add("max_retries", type=from_text(positive_int), help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
     add("max_fail_rate", type=from_text(fraction, float), default=DEFAULT_MAX_FAIL_RATE,
         help=f"exit 1 when more than this fraction of samples failed (default {DEFAULT_MAX_FAIL_RATE})")
@@ -2893,7 +3124,10 @@ def build_parser() -> ArgumentParser:
         "worse than the first (or different either way, in accuracy or, with --logprobs, in numerics)")
     add("logprob_tolerance", type=from_text(positive_float, float), default=DEFAULT_LOGPROB_TOLERANCE,
         help="the p99 |delta logprob| over shared tokens above which two servers' numerics differ "
-             f"(default {DEFAULT_LOGPROB_TOLERANCE}, see the README)")
+             f"(default {DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)")
+    add("noise_floor", action="store_true", help="with several --base_url and --logprobs: run the first server "
+        "a second time at another --num_concurrent (1, or 8 if it ran at 1) and allow its own logprob noise "
+        "in every numerics verdict (the calibration a GPU server needs)")
     add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
         "comparison, with several --base_url)")
     add("check", action="store_true", help="run the server conformance preflight first; without --tasks, "
@@ -3127,14 +3361,30 @@ def evaluate_server(config: APIConfig, tasks: list, args: argparse.Namespace, lo
     return document
 
 
-def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> list:
-    """The first run compared with each of the others, printed and returned."""
+def floor_concurrency(num_concurrent: int) -> int:
+    """The other batch composition the reference runs at for its noise floor."""
+    return 1 if num_concurrent > 1 else DEFAULT_CONCURRENCY
+
+
+def measure_noise_floor(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path) -> dict:
+    """The reference server again, on the same samples, at another concurrency (--noise_floor):
+    its results document; its sample log is the floor of every numerics verdict against it."""
+    again = dataclasses.replace(config, num_concurrent=floor_concurrency(config.num_concurrent))
+    info(f"noise floor: {config.model} at {config.chat_url} again at --num_concurrent {again.num_concurrent} "
+         f"(it ran at {config.num_concurrent})")
+    return evaluate_server(again, tasks, args, log_dir, False)
+
+
+def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, noise_floor: str | None = None) -> list:
+    """The first run compared with each of the others, printed and returned; `noise_floor`:
+    the first server's second run, which calibrates the numerics verdicts."""
     comparisons = []
     for run in runs[1:]:
         a, b = runs[0]["config"], run["config"]
         entry = {"a": a["chat_url"], "b": b["chat_url"]}
         try:
-            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance)
+            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance,
+                                                noise_floor=noise_floor)
             print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 -- e.g. a run with no sample at all; the runs are kept
             entry["error"] = SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc))
@@ -3157,7 +3407,7 @@ def evaluate_servers(configs: list, model: str | None, tasks: list, args: argpar
         except (AuthError, ServerError) as exc:
             unusable[id(config)] = exc
             info(f"error: {exc}")
-    runs, codes, comparisons = [], [], []
+    runs, codes, comparisons, floor = [], [], [], None
     try:  # Ctrl-C or SIGTERM between or after the runs: what finished is still written
         for i, config in enumerate(configs):
             parts = urllib.parse.urlsplit(config.api_root)
@@ -3167,6 +3417,11 @@ def evaluate_servers(configs: list, model: str | None, tasks: list, args: argpar
                 info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
                 runs.append(evaluate_server(config, tasks, args, run_dir, check))
                 codes.append(exit_code_of(runs[-1], args, run_dir))
+                if args.noise_floor and floor is None and tasks and not runs[-1]["interrupted"]:
+                    floor = measure_noise_floor(config, tasks, args, run_dir.with_name(run_dir.name + "_floor"))
+                    codes.append(exit_code_of(floor, args, Path(floor["config"]["log_samples"])))
+                    if floor["interrupted"]:
+                        break
             else:  # this server is unusable; the others' results still count
                 runs.append({"results": {}, "config": config_record(config, tasks, args.max_samples, args),
                              "error": SECRETS.scrub(str(error)), "complete": False, "interrupted": False})
@@ -3174,11 +3429,12 @@ def evaluate_servers(configs: list, model: str | None, tasks: list, args: argpar
             if runs[-1]["interrupted"]:
                 break
         comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [],
-                                      args.logprob_tolerance)
+                                      args.logprob_tolerance, floor and floor["config"]["log_samples"])
     except KeyboardInterrupt:
         info("interrupted: the runs that finished are written, without their comparison")
         codes.append(EXIT_INTERRUPTED)
-    document = {"runs": runs, "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
+    document = {"runs": runs, **({"noise_floor": floor} if floor else {}), "comparisons": comparisons,
+                "total_seconds": round(time.perf_counter() - start, 3)}
     write_results(document, output, report)
     codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
     return most_severe(codes)
@@ -3191,6 +3447,9 @@ def cmd_eval(argv: list) -> int:
     args.expected = parse_expectations(args.expect, tasks)
     if args.fail_if and len(base_urls) < 2:
         raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
+    if args.noise_floor and (len(base_urls) < 2 or not fields["logprobs"] or not tasks):
+        raise UsageError("--noise_floor calibrates a comparison of logprobs: give several --base_url, --logprobs K "
+                         "and a task (or use 'nano-eval compare A B --noise_floor A2')")
     SECRETS.add(fields["api_key"], os.environ.get("HF_TOKEN"))
     output = check_output_path(args.output)
     report = check_output_path(args.report, "--report")
@@ -3789,54 +4048,152 @@ def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) 
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
 
-def rank_and_gap(entry: list, other: str) -> tuple[int | None, float | None]:
+def rank_and_gap(entry: list, other: str) -> tuple[int | None, float | None, float | None]:
     """Where `other` stands in this side's top K at a parting: (rank from 1, how far the
-    chosen token's logprob leads it); (None, None) when it is not in the top K."""
-    top = sorted((t for t in entry[2] if t[1] is not None), key=lambda t: -t[1])
+    chosen token's logprob leads it, None); when it is not in the top K, (None, None, the
+    least it can lead it by: the chosen logprob minus the last of the top K, as `other` is
+    below them all)."""
+    top = sorted((t for t in entry[2] if is_finite(t[1])), key=lambda t: -t[1])
+    chosen = entry[1] if is_finite(entry[1]) else None
     for rank, (token, logprob) in enumerate(top, 1):
         if token_key(token) == other:
-            return rank, (entry[1] - logprob) if entry[1] is not None else None
-    return None, None
+            return rank, (chosen - logprob) if chosen is not None else None, None
+    at_least = chosen - top[-1][1] if top and chosen is not None else None
+    return None, None, at_least
 
 
 def token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
     """|delta logprob| of the chosen tokens both sides generated (all of them when the texts are
     the same; else up to where they part), and the parting: where, each side's token, the
-    other's rank and gap there, and whether it is a near-tie (each choice within the other's
-    top K and within CONFIDENT_GAP of its top-1)."""
+    other's rank and gap there (or the least gap the top K shows, when the other's token is not
+    in it). Whether a parting is a near-tie is judged by parting_margin."""
     diffs: list = []
     for i, (x, y) in enumerate(zip(a, b)):
         if not same_text and token_key(x[0]) != token_key(y[0]):
             break
-        if x[1] is not None and y[1] is not None:
+        if is_finite(x[1]) and is_finite(y[1]):
             diffs.append(abs(x[1] - y[1]))
     else:
         if same_text or len(a) == len(b):
             return diffs, None
         i = min(len(a), len(b))  # one side stopped where the other went on
     if i >= len(a) or i >= len(b):
-        return diffs, {"token": i, "a": None, "b": None, "near_tie": False}
+        return diffs, {"token": i, "a": None, "b": None}
     key_a, key_b = token_key(a[i][0]), token_key(b[i][0])
-    rank_b_in_a, gap_a = rank_and_gap(a[i], key_b)
-    rank_a_in_b, gap_b = rank_and_gap(b[i], key_a)
-    near_tie = None not in (gap_a, gap_b) and max(gap_a, gap_b) < CONFIDENT_GAP
+    rank_b_in_a, gap_a, gap_a_at_least = rank_and_gap(a[i], key_b)
+    rank_a_in_b, gap_b, gap_b_at_least = rank_and_gap(b[i], key_a)
     return diffs, {"token": i, "a": key_a, "b": key_b, "a_logprob": a[i][1], "b_logprob": b[i][1],
-                   "rank_of_b_in_a": rank_b_in_a, "gap_a": gap_a, "rank_of_a_in_b": rank_a_in_b, "gap_b": gap_b,
-                   "near_tie": near_tie}
+                   "rank_of_b_in_a": rank_b_in_a, "gap_a": gap_a, "gap_a_at_least": gap_a_at_least,
+                   "rank_of_a_in_b": rank_a_in_b, "gap_b": gap_b, "gap_b_at_least": gap_b_at_least}
 
 
-def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
-                     tolerance: float = DEFAULT_LOGPROB_TOLERANCE, top: int = 10) -> dict:
-    """Whether two servers compute the same thing, from the logprobs of the samples both
-    answered with them (`with_logprobs`, of `n` paired; `lacking`: the sides that logged none):
-    `equivalent` (what differs is float noise), `different` (with the evidence: prompt
-    tokens, logprob distance over the shared tokens, confident partings) or `unknown` (no
-    logprobs to judge)."""
-    result: dict = {"samples": len(with_logprobs), "tolerance": tolerance}
-    if not with_logprobs:
-        return {**result, "verdict": "unknown",
-                "evidence": [f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
-                             "(run both with --logprobs K)"]}
+def parting_margin(p: dict, confident_gap: float) -> str:
+    """`near-tie` (each side's choice within the other's top K and within confident_gap of its
+    top-1: a coin flip that float noise can tip), `confident` (one side leads the other's choice
+    by confident_gap or more, or stopped where the other went on), or `unknown` (the top K is
+    too short to show the lead: not evidence either way)."""
+    if p["a"] is None:
+        return "confident"
+    leads = [lead for lead in (p["gap_a"], p["gap_b"], p["gap_a_at_least"], p["gap_b_at_least"]) if lead is not None]
+    if any(lead >= confident_gap for lead in leads):
+        return "confident"
+    if p["gap_a"] is not None and p["gap_b"] is not None:
+        return "near-tie"
+    return "unknown"
+
+
+# Precision, read from a log: the gaps between the top-K logprobs at a position are the gaps
+# between their logits (log-softmax subtracts one number from all of them)
+GRID_STEPS = [2.0 ** -k for k in range(13)]  # 1 nat down to 1/4096: coarser grids are no precision
+GRID_POSITIONS = 5000  # positions read per side: enough for a steady median, fast on any log
+GRID_SHARE = 0.5  # of the positions read, the share on a grid for a side to be on one
+
+
+def position_step(values: list) -> float | None:
+    """The largest step of GRID_STEPS that every gap between one position's top-K logprobs is a
+    multiple of (0.0: none is, a float32 position); None with fewer than two distinct gaps (a
+    single gap fits a coarse grid by chance too often). The slack covers float32 rounding of
+    each logprob and the sample log's 7 decimals."""
+    top = max(values)
+    gaps = sorted({round(top - v, 4) for v in values} - {0.0})
+    if len(gaps) < 2:
+        return None
+    slack = 1e-5 + 2.5e-7 * max(abs(v) for v in values)
+    exact = [top - v for v in values if top - v > slack]
+    for step in GRID_STEPS:
+        if all(abs(gap - step * round(gap / step)) <= slack for gap in exact):
+            return step
+    return 0.0
+
+
+def logit_precision(records: Iterable) -> dict:
+    """What a side's logged top-K say of its logits: `bf16-like` or `fp16-like` (on a grid, its
+    median step in nats), `float32-like` (no grid) or `unknown` (no top K of three or more)."""
+    steps: list = []
+    for record in records:
+        for entry in record.logprobs or ():
+            values = [t[1] for t in entry[2] if is_finite(t[1])]
+            step = position_step(values) if len(values) >= 3 else None
+            if step is not None:
+                steps.append(step)
+        if len(steps) >= GRID_POSITIONS:
+            break
+    if not steps:
+        return {"label": "unknown", "step": None, "positions": 0}
+    on_grid = sorted(step for step in steps if step > 0)
+    if len(on_grid) < GRID_SHARE * len(steps):
+        return {"label": "float32-like", "step": None, "positions": len(steps)}
+    step = quantile(on_grid, 0.5)
+    return {"label": "bf16-like" if step >= BF16_STEP else "fp16-like", "step": step, "positions": len(steps)}
+
+
+def precision_name(label: str) -> str:
+    return label.replace("-like", "")
+
+
+def judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> dict:
+    """The p99 |delta logprob| and the parting lead the verdict allows: the user's tolerance and
+    CONFIDENT_GAP, widened to the coarser side's logit grid and to the reference's own noise
+    floor, and what widened them (None: nothing did)."""
+    steps = [(side["step"], side["label"]) for side in precision.values() if side["step"]]
+    step, coarse = max(steps) if steps else (0.0, None)
+    floor_p99 = (floor or {}).get("p99_abs_logprob_diff") or 0.0
+    allowed = max(tolerance, GRID_TOLERANCE * step, GRID_TOLERANCE * floor_p99)
+    gap = max(CONFIDENT_GAP, GRID_GAP * step, GRID_GAP * floor_p99)
+    limit = None
+    if allowed > tolerance:
+        limit = ({"precision": coarse, "nats": allowed} if GRID_TOLERANCE * step >= GRID_TOLERANCE * floor_p99
+                 else {"precision": "noise floor", "nats": allowed})
+    return {"tolerance": allowed, "confident_gap": gap, "resolution": limit}
+
+
+def resolution_note(resolution: dict) -> str:
+    """What an `equivalent` at a coarse resolution cannot see, in one line."""
+    if resolution["precision"] == "noise floor":
+        return (f"equivalent within the reference's own noise floor ({resolution['nats']:.2g} nats, measured at "
+                "two batch compositions): faults smaller than this are invisible on this server")
+    return (f"equivalent within {precision_name(resolution['precision'])} resolution ({resolution['nats']:.2g} "
+            "nats): faults smaller than this are invisible at this precision; compare in float32 for a sharp check")
+
+
+def logprob_health(with_logprobs: list) -> tuple[int, int]:
+    """(chosen tokens whose logprob is not a finite number, chosen tokens with a logprob above 0)
+    on either side: a NaN, an infinity or a null is broken numerics, never float noise; a
+    positive logprob is impossible."""
+    broken = positive = 0
+    for pair in with_logprobs:
+        for record in pair:
+            for entry in record.logprobs:
+                if not is_finite(entry[1]):
+                    broken += 1
+                elif entry[1] > POSITIVE_LOGPROB:
+                    positive += 1
+    return broken, positive
+
+
+def logprob_distances(with_logprobs: list) -> tuple[list, list, list]:
+    """Over pairs of records that both carry logprobs: every |delta logprob| of a shared token
+    (sorted), each sample's largest, and the partings."""
     diffs, per_sample_max, partings = [], [], []
     for a, b in with_logprobs:
         sample_diffs, parting = token_pair(a.logprobs, b.logprobs, a.content == b.content)
@@ -3847,32 +4204,83 @@ def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch
             partings.append({"row_idx": a.row_idx, "char": first_difference(a.content, b.content), **parting})
     diffs.sort()
     per_sample_max.sort()
-    unexplained = [p for p in partings if not p["near_tie"]]
+    return diffs, per_sample_max, partings
+
+
+def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
+                     tolerance: float = DEFAULT_LOGPROB_TOLERANCE, top: int = 10, floor: dict | None = None) -> dict:
+    """Whether two servers compute the same thing, from the logprobs of the samples both
+    answered with them (`with_logprobs`, of `n` paired; `lacking`: the sides that logged none):
+    `equivalent` (what differs is float noise at the coarser side's precision, or within the
+    reference's measured noise `floor`), `different` (with the evidence: prompt tokens, broken
+    logprobs, logprob distance over the shared tokens, confident partings) or `unknown` (too
+    few logprobs to judge)."""
+    result: dict = {"samples": len(with_logprobs), "tolerance": tolerance}
+    if not with_logprobs:
+        return {**result, "verdict": "unknown",
+                "evidence": [f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
+                             "(run both with --logprobs K)"]}
+    precision = {side: logit_precision(pair[i] for pair in with_logprobs) for i, side in enumerate("ab")}
+    judged = judged_tolerance(tolerance, precision, floor)
+    diffs, per_sample_max, partings = logprob_distances(with_logprobs)
+    for p in partings:
+        p["margin"] = parting_margin(p, judged["confident_gap"])
+        p["near_tie"] = p["margin"] == "near-tie"
+    confident = [p for p in partings if p["margin"] == "confident"]
+    unknown_margin = sum(1 for p in partings if p["margin"] == "unknown")
     allowed = max(1, math.floor(CONFIDENT_PARTINGS * len(with_logprobs)))
+    broken, positive = logprob_health(with_logprobs)
     p99 = quantile(diffs, 0.99)
+    where = ("" if judged["resolution"] is None else f" ({precision_name(judged['resolution']['precision'])} "
+             "resolution)" if judged["resolution"]["precision"] != "noise floor" else " (the noise floor)")
     evidence = []
     if prompt_mismatch:
         evidence.append(f"prompt tokens differ on {prompt_mismatch} of {n} samples: the servers do not "
                         "see the same input (chat template, BOS)")
-    if p99 is not None and p99 > tolerance:
-        evidence.append(f"logprob distance: p99 |delta| {p99:.3g} > {tolerance:g} over {len(diffs)} shared tokens")
-    if len(unexplained) > allowed:
-        evidence.append(f"{len(unexplained)} of {len(with_logprobs)} samples part at a confident token "
+    if broken:
+        evidence.append(f"{broken} generated tokens carry a logprob that is not a finite number (NaN, infinity "
+                        "or null): broken numerics, not float noise")
+    if p99 is not None and p99 > judged["tolerance"]:
+        evidence.append(f"logprob distance: p99 |delta| {p99:.3g} > {judged['tolerance']:.3g}{where} "
+                        f"over {len(diffs)} shared tokens")
+    if len(confident) > allowed:
+        evidence.append(f"{len(confident)} of {len(with_logprobs)} samples part at a confident token "
                         f"(not a near-tie; at most {allowed} allowed)")
+    coverage = f"logprobs on {len(with_logprobs)} of {n} paired samples"
     if evidence:
         verdict = "different"
+        if len(with_logprobs) < n:
+            evidence.append(coverage)
     elif not diffs and not partings:
         verdict, evidence = "unknown", ["no generated tokens to compare"]
+    elif len(with_logprobs) < LOGPROB_COVERAGE * n:
+        verdict, evidence = "unknown", [f"{coverage}: at least {LOGPROB_COVERAGE:.0%} are needed to call them "
+                                        "equivalent (did one run lose logprobs on some samples?)"]
     else:
         verdict = "equivalent"
-        evidence = [f"p99 |delta logprob| {p99 if p99 is not None else 0:.3g} <= {tolerance:g} over {len(diffs)} "
-                    f"shared tokens; {len(partings) - len(unexplained)} of {len(partings)} partings are near-ties"]
-    return {**result, "verdict": verdict, "evidence": evidence, "shared_tokens": len(diffs),
+        evidence = [f"p99 |delta logprob| {p99 if p99 is not None else 0:.3g} <= {judged['tolerance']:.3g}{where} "
+                    f"over {len(diffs)} shared tokens; {sum(p['near_tie'] for p in partings)} of {len(partings)} "
+                    "partings are near-ties"
+                    + (f", {unknown_margin} of unknown margin (a longer --logprobs K shows it)" if unknown_margin
+                       else "")]
+        if judged["resolution"]:
+            evidence.append(resolution_note(judged["resolution"]))
+    if precision["a"]["label"] != precision["b"]["label"] and "unknown" not in (precision["a"]["label"],
+                                                                              precision["b"]["label"]):
+        evidence.append(f"the precisions differ: A {precision['a']['label']}, B {precision['b']['label']} "
+                        "(judged at the coarser)")
+    warnings = [f"{positive} generated tokens have a logprob above 0, which no probability has: the server's "
+                "logprobs are wrong"] if positive else []
+    return {**result, "tolerance": judged["tolerance"], "requested_tolerance": tolerance,
+            "confident_gap": judged["confident_gap"], "precision": precision, "resolution": judged["resolution"],
+            "floor": floor, "coverage": {"with_logprobs": len(with_logprobs), "paired": n},
+            "verdict": verdict, "evidence": evidence, "warnings": warnings, "shared_tokens": len(diffs),
             "mean_abs_logprob_diff": sum(diffs) / len(diffs) if diffs else None,
             "median_abs_logprob_diff": quantile(diffs, 0.5), "p99_abs_logprob_diff": p99,
             "max_abs_logprob_diff": diffs[-1] if diffs else None,
             "median_sample_max_abs_logprob_diff": quantile(per_sample_max, 0.5),
-            "divergences": len(partings), "unexplained": len(unexplained), "unexplained_allowed": allowed,
+            "divergences": len(partings), "unexplained": len(confident), "unexplained_allowed": allowed,
+            "unknown_margin": unknown_margin, "non_finite_logprobs": broken,
             "mean_parting_char": sum(p["char"] for p in partings) / len(partings) if partings else None,
             "partings": partings[:top]}
 
@@ -3911,7 +4319,7 @@ def answer_of(record: Logged) -> str:
 
 
 def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
-                  tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
+                  tolerance: float = DEFAULT_LOGPROB_TOLERANCE, floor: dict | None = None) -> dict:
     task = TASKS.get(task_name)
     metric = task.headline if task else next(iter(pairs[0][0].scores or {"score": 0}))
     for a, b in pairs:
@@ -3939,11 +4347,13 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     flips = [(a, b, x, y) for (a, b), (x, y) in zip(pairs, scores) if x != y][:top]
     with_logprobs = [(a, b) for a, b in pairs if a.logprobs and b.logprobs]
     lacking = [side for side, answered in (("A", side_a), ("B", side_b)) if not any(x.logprobs for x in answered)]
-    numerics = numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top)
+    numerics = numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top, floor)
     if numerics["verdict"] == "different":
         verdict += f"; but the implementations differ: {'; '.join(numerics['evidence'])}"
     elif numerics["verdict"] == "equivalent":
-        verdict += "; numerics equivalent (logprobs agree within float noise)"
+        verdict += "; numerics equivalent (logprobs agree within float noise" + (
+            f", at {precision_name(numerics['resolution']['precision'])} resolution: a smaller fault may hide)"
+            if numerics["resolution"] else ")")
     result = {
         "metric": metric, "n": n, "unmatched": unmatched,
         "accuracy_a": acc_a, "accuracy_b": acc_b, "difference": diff,
@@ -3970,8 +4380,9 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
 
 
 def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
-                 tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
-    """Per-task paired comparison of two runs joined on (task, doc hash)."""
+                 tolerance: float = DEFAULT_LOGPROB_TOLERANCE, floors: dict | None = None) -> dict:
+    """Per-task paired comparison of two runs joined on (task, doc hash); `floors`: each task's
+    noise floor (noise_floors), which widens its numerics verdict."""
     paired: dict = {}
     unmatched = collections.Counter(task for task, _ in run_b.keys() - run_a.keys())
     for key, a in run_a.items():
@@ -3987,15 +4398,41 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
             comparison[task_name] = {"n": 0, "unmatched": unmatched[task_name], "verdict": "no samples in common"}
             continue
         pairs.sort(key=lambda pair: pair[0].row_idx or 0)
-        comparison[task_name] = compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance)
+        comparison[task_name] = compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance,
+                                              (floors or {}).get(task_name))
     return comparison
 
 
-def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE) -> dict:
-    """compare_runs of two sample logs, with each side's self-agreement where it has repeats."""
+def noise_floors(reference: dict, again: dict, source: str) -> dict:
+    """{task: the p99 |delta logprob| of the reference against a second run of itself at another
+    batch composition}: the noise of the reference server as it runs, which a comparison with it
+    cannot tell from a fault."""
+    pairs: dict = {}
+    for key, a in reference.items():
+        b = again.get(key)
+        if b is not None and a.logprobs and b.logprobs:
+            pairs.setdefault(key[0], []).append((a, b))
+    floors = {}
+    for task_name, task_pairs in pairs.items():
+        diffs = logprob_distances(task_pairs)[0]
+        if diffs:
+            floors[task_name] = {"p99_abs_logprob_diff": quantile(diffs, 0.99), "shared_tokens": len(diffs),
+                                 "samples": len(task_pairs), "source": source}
+    if not floors:
+        raise UsageError(f"{source}: no sample with logprobs in common with A's, so no noise floor "
+                         "(run the reference again with the same --logprobs K and samples)")
+    return floors
+
+
+def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE,
+                  noise_floor: str | None = None) -> dict:
+    """compare_runs of two sample logs, with each side's self-agreement where it has repeats;
+    `noise_floor`: a second log of A's server, at another concurrency, to calibrate the numerics."""
     repeats_a, repeats_b = side_by_side(load_repeats, path_a, path_b)
-    comparison = compare_runs({k: v[min(v)] for k, v in repeats_a.items()},
-                              {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance)
+    run_a = {k: v[min(v)] for k, v in repeats_a.items()}
+    floors = noise_floors(run_a, load_run(noise_floor), noise_floor) if noise_floor else None
+    comparison = compare_runs(run_a, {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance,
+                              floors=floors)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):
         for task_name, c in comparison.items():
             documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
@@ -4047,29 +4484,49 @@ def format_counts(counted: dict) -> str:
 
 def format_parting(p: dict) -> str:
     """One parting: where, and each side's token with its rank and gap in the other's top K."""
-    def side(token: str | None, rank: int | None, gap: float | None, other: str) -> str:
+    def side(token: str | None, rank: int | None, gap: float | None, at_least: float | None, other: str) -> str:
         if token is None:
             return "(stopped)"
-        where = f"{other}'s rank {rank}, {gap:.3f} behind" if rank is not None and gap is not None \
-            else f"not in {other}'s top K"
+        where = (f"{other}'s rank {rank}, {gap:.3f} behind" if rank is not None and gap is not None
+                 else f"not in {other}'s top K, >= {at_least:.3f} behind" if at_least is not None
+                 else f"not in {other}'s top K")
         return f"{json.dumps(token, ensure_ascii=False)} ({where})"
 
+    margin = p.get("margin") or ("near-tie" if p.get("near_tie") else "confident")
     return (f"row {p['row_idx']} at token {p['token']} (char {p['char']}): "
-            f"A {side(p['a'], p.get('rank_of_a_in_b'), p.get('gap_b'), 'B')} | "
-            f"B {side(p['b'], p.get('rank_of_b_in_a'), p.get('gap_a'), 'A')}"
-            f" -> {'near-tie' if p['near_tie'] else 'confident'}")
+            f"A {side(p['a'], p.get('rank_of_a_in_b'), p.get('gap_b'), p.get('gap_b_at_least'), 'B')} | "
+            f"B {side(p['b'], p.get('rank_of_b_in_a'), p.get('gap_a'), p.get('gap_a_at_least'), 'A')}"
+            f" -> {'margin unknown (the top K is too short to show it)' if margin == 'unknown' else margin}")
+
+
+def format_precision(nm: dict) -> str:
+    """Each side's logit precision as read from its log, and the thresholds the verdict used."""
+    def side(s: dict) -> str:
+        return s["label"] + (f" (grid {s['step']:g} nats)" if s.get("step") else "")
+
+    floor = nm.get("floor")
+    return (f"A {side(nm['precision']['a'])}, B {side(nm['precision']['b'])}; tolerance "
+            f"{nm['tolerance']:.3g} nats (asked {nm['requested_tolerance']:g}), a confident parting leads by "
+            f">= {nm['confident_gap']:.3g}"
+            + (f"; noise floor p99 {floor['p99_abs_logprob_diff']:.3g} over {floor['shared_tokens']} tokens "
+               f"({floor['source']})" if floor else ""))
 
 
 def numerics_rows(nm: dict) -> list:
     """(label, text) of the numerics verdict, and of the logprob figures with each parting."""
     rows = [("numerics", f"{nm['verdict']}: {'; '.join(nm['evidence'])}")]
+    rows += [("warning", text) for text in nm.get("warnings") or ()]
+    if nm.get("precision"):
+        rows.append(("precision", format_precision(nm)))
     if nm.get("shared_tokens") is not None:
         g = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
         rows.append(("logprobs", "\n".join([
             f"{nm['samples']} samples, {nm['shared_tokens']} shared tokens, |delta| mean "
             f"{g(nm['mean_abs_logprob_diff'])} median {g(nm['median_abs_logprob_diff'])} p99 "
             f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; {nm['divergences']} "
-            f"partings, {nm['unexplained']} confident", *map(format_parting, nm["partings"])])))
+            f"partings, {nm['unexplained']} confident"
+            + (f", {nm['unknown_margin']} of unknown margin" if nm.get("unknown_margin") else ""),
+            *map(format_parting, nm["partings"])])))
     return rows
 
 
@@ -4084,7 +4541,8 @@ def comparison_rows(c: dict, b: str = "B") -> list:
                                 "over its repeats" for side in "ab" if f"self_agreement_{side}" in c)
     rows = [
         ("verdict", c["verdict"], c["mcnemar_p"] < 0.05),
-        *((label, text, numerics["verdict"] == "different") for label, text in numerics_rows(numerics)),
+        *((label, text, label == "warning" or numerics["verdict"] == "different")
+          for label, text in numerics_rows(numerics)),
         ("warning", f"the prompts differ on {mismatch} of {c['n']} samples (usage.prompt_tokens): the servers do "
                     "not see the same input", True) if mismatch else None,
         ("accuracy", f"A {f4(c['accuracy_a'])}   {b} {f4(c['accuracy_b'])}   {b}-A {c['difference']:+.4f} "
@@ -4125,7 +4583,7 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             lines.append("  flipped samples (row: target | A | B):")
             lines += [f"    {f['row_idx']}: {f['target']} | {f['a']}{' ok' if f['a_correct'] else ''} | "
                       f"{f['b']}{' ok' if f['b_correct'] else ''}" for f in c["flips"]]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def cmd_compare(argv: list) -> int:
@@ -4140,11 +4598,16 @@ def cmd_compare(argv: list) -> int:
     parser.add_argument("--logprob_tolerance", "--logprob-tolerance", dest="logprob_tolerance",
                         type=from_text(positive_float, float), default=DEFAULT_LOGPROB_TOLERANCE,
                         help="the p99 |delta logprob| over shared tokens above which the numerics differ "
-                             f"(default {DEFAULT_LOGPROB_TOLERANCE})")
+                             f"(default {DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)")
+    parser.add_argument("--noise_floor", "--noise-floor", dest="noise_floor", metavar="RUN_A2",
+                        help="a second sample log of A's server (the same samples and --logprobs K at another "
+                             "--num_concurrent): its distance from A is the noise floor the numerics verdict allows")
     args = parser.parse_args(argv)
-    comparison = compare_paths(args.run_a, args.run_b, top=args.top, tolerance=args.logprob_tolerance)
+    comparison = compare_paths(args.run_a, args.run_b, top=args.top, tolerance=args.logprob_tolerance,
+                               noise_floor=args.noise_floor)
     if args.json:
-        print(stdout_json({"a": args.run_a, "b": args.run_b, "comparison": comparison}))
+        floor = {"noise_floor": args.noise_floor} if args.noise_floor else {}
+        print(stdout_json({"a": args.run_a, "b": args.run_b, **floor, "comparison": comparison}))
     else:
         print(format_comparison(comparison, args.run_a, args.run_b))
     return gate_exit(comparison, args.fail_if)
@@ -4201,20 +4664,26 @@ def cmd_replay(argv: list) -> int:
         raise UsageError(f"{args.where} is not a sample record")
     body = restore_images(record["request"], record, args.data_dir)
     url = normalize_base_url(args.base_url)[1] if args.base_url else record.get("url")
-    if not url:
-        raise UsageError("the record has no URL; pass --base_url")
-    config = APIConfig(url=url, api_key=check_secret(args.api_key or os.environ.get("OPENAI_API_KEY"), "the API key"),
-                       timeout=args.timeout, headers=parse_headers(args.header or []),
-                       verify_certificate=not args.insecure, ca_cert=args.ca_cert)
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise UsageError("the record has no http(s) URL; pass --base_url")
+    # nano-eval sends the environment's key only to a host the user named, never to one a log names
+    # (--curl sends nothing: its command names $OPENAI_API_KEY, for the user to run or not)
+    key = args.api_key or (os.environ.get("OPENAI_API_KEY") if args.base_url or args.curl else None)
+    config = APIConfig(url=url, api_key=check_secret(key, "the API key"), timeout=args.timeout,
+                       headers=parse_headers(args.header or []), verify_certificate=not args.insecure,
+                       ca_cert=args.ca_cert)
     payload = json.dumps(body).encode()
-    if args.curl:
+    if args.curl:  # every argument quoted: a log's URL may hold "&" (Azure) or "$(...)"
         body_file = Path(tempfile.mkdtemp(prefix="nano-eval-replay-")) / "body.json"
         body_file.write_bytes(payload)
         options = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if config.api_key else ""
-        options += "".join(f" -H '{name}: <value of {name}>'" for name in config.headers)  # never the value
-        options += " -k" if args.insecure else f" --cacert {args.ca_cert}" if args.ca_cert else ""
-        print(f"curl -sS {url} -H 'Content-Type: application/json'{options} --data-binary @{body_file}")
+        options += "".join(f" -H {shlex.quote(f'{name}: <value of {name}>')}" for name in config.headers)
+        options += " -k" if args.insecure else f" --cacert {shlex.quote(args.ca_cert)}" if args.ca_cert else ""
+        print(printable(f"curl -sS {shlex.quote(url)} -H 'Content-Type: application/json'{options} "
+                        f"--data-binary {shlex.quote('@' + str(body_file))}"))
         return EXIT_OK
+    info(f"sending line {line_text} of {path} to {url}" + ("" if args.base_url else
+         " (the URL the log names; without --base_url no key from OPENAI_API_KEY is sent)"))
     headers = {"Content-Type": "application/json", **server_headers(config)}
     try:
         resp = server_client(config).request("POST", url, payload, headers)
@@ -4222,7 +4691,7 @@ def cmd_replay(argv: list) -> int:
         raise ServerError(f"cannot reach {url}: {describe_network_error(exc)[1]}") from None
     outcome = classify_response(resp)
     info(f"HTTP {resp.status}, status {outcome.status} (logged: {record.get('status')})")
-    sys.stdout.write(SECRETS.scrub(resp.body.decode("utf-8", "replace")) + "\n")
+    sys.stdout.write(printable(SECRETS.scrub(resp.body.decode("utf-8", "replace"))) + "\n")
     return EXIT_OK if resp.status == 200 else EXIT_SERVER
 
 
@@ -4412,8 +4881,9 @@ def numerics_html(a: Logged | None, b: Logged | None, label_b: str) -> str:
     where = ""
     if parting:
         at = parting["token"]
-        where = (f"<p>the texts part at token {at}: "
-                 f"{'a near-tie' if parting['near_tie'] else 'a confident token (not a near-tie)'}</p>"
+        margin = {"near-tie": "a near-tie", "confident": "a confident token (not a near-tie)",
+                  "unknown": "a token whose margin the top K is too short to show"}
+        where = (f"<p>the texts part at token {at}: {margin[parting_margin(parting, CONFIDENT_GAP)]}</p>"
                  f'<div class="cols">{parting_html(streams[0], streams[1], at, "A", label_b)}'
                  f"{parting_html(streams[1], streams[0], at, label_b, 'A')}</div>")
     return f"<div><h4>numerics, A vs {label_b}</h4>{dlp_svg(diffs, parting)}{where}</div>"
@@ -4481,7 +4951,7 @@ def metrics_table(task: str, runs: list) -> str:
 
     def value(m: dict, name: str) -> str:
         se = m.get(stderr_key(name))
-        return fmt_value(m[name]) + (f" ± {fmt_value(se)}" if isinstance(se, float) else "") if name in m else "-"
+        return esc(fmt_value(m[name]) + (f" ± {fmt_value(se)}" if isinstance(se, float) else "")) if name in m else "-"
 
     bold = {headline, *(r.get("headline") for r in results)}
     rows = [(f"<b>{esc(n)}</b> (headline)" if n in bold else esc(n), [value(m, n) for m in metrics]) for n in names]
@@ -4510,8 +4980,8 @@ def comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
                     for label, text, warn in rows if label not in ("verdict", "warning"))
     flips = ", ".join(f'<a href="#{esc(task)}-{esc(f["row_idx"])}">{esc(f["row_idx"])}</a>' for f in c["flips"])
     unmatched = f", {c['unmatched']} unmatched" if c["unmatched"] else ""
-    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A ({esc(c["metric"])}, n={c["n"]}'
-            f'{unmatched}): {esc(c["verdict"])}{heading}</p>',
+    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A ({esc(c["metric"])}, n={esc(c["n"])}'
+            f'{esc(unmatched)}): {esc(c["verdict"])}{heading}</p>',
             f"<table>{table}" + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
 
 
@@ -4541,6 +5011,11 @@ def runs_table(runs: list) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+# The page runs no script and loads nothing: should a value ever escape esc(), the browser still runs nothing
+REPORT_CSP = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+              "style-src 'unsafe-inline'; img-src data:\">")
+
+
 def render_report(runs: list, comparisons: list | None = None) -> str:
     """One self-contained HTML page. `runs`: report_side() dicts; `comparisons[i]`: compare_runs()
     of runs[0] and runs[i + 1], or None."""
@@ -4549,7 +5024,7 @@ def render_report(runs: list, comparisons: list | None = None) -> str:
                                                        if len(runs) > 1 else "")
     parts = [f"<h1>{esc(title)}</h1>", runs_table(runs)]
     parts += [task_section(i, task, runs, comparisons or []) for i, task in enumerate(tasks)]
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>' + esc(title) + "</title>"
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">' + REPORT_CSP + "<title>" + esc(title) + "</title>"
             '<meta name="viewport" content="width=device-width"><style>' + REPORT_CSS + "</style></head><body>\n"
             + "\n".join(parts) + f'\n<p class="muted">nano-eval {__version__}, '
             f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n').translate(BIDI_CONTROLS)
@@ -4558,7 +5033,7 @@ def render_report(runs: list, comparisons: list | None = None) -> str:
 def write_report(path: str | Path, page: str) -> None:
     target = Path(path).expanduser()
     try:
-        atomic_write(target, page.encode("utf-8", "replace"))  # "replace": a lone surrogate from a JSON log
+        atomic_write(target, SECRETS.scrub(page).encode("utf-8", "replace"))  # "replace": a lone surrogate from a log
     except OSError as exc:
         raise UsageError(f"cannot write the report {target}: {exc.strerror or exc}") from None
     info(f"report written to {target}")
@@ -4574,6 +5049,8 @@ def document_problem(document: dict) -> str | None:
     results, config = document.get("results"), document.get("config")
     if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
         return "'results' is not an object of task results"
+    if not all(isinstance(r.get("metrics", {}), dict) for r in results.values()):
+        return "a task's 'metrics' is not an object"
     if config is not None and not isinstance(config, dict):
         return "'config' is not an object"
     return None
@@ -4644,7 +5121,22 @@ def report_from_document(document: dict) -> str:
     for run, entry in zip(runs[1:], entries):
         if entry.get("error"):
             run["note"] = f"not compared with A: {entry['error']}"
+        elif entry.get("comparison") is not None and not renders(entry["comparison"]):
+            run["note"], entry["comparison"] = "its comparison with A in the results JSON is malformed: not shown", None
     return render_report(runs, [entry.get("comparison") for entry in entries])
+
+
+def renders(comparison: Any) -> bool:
+    """Whether a comparison read from a results JSON has the types compare_runs gives it."""
+    try:
+        for c in comparison.values():
+            if type(c.get("n", 0)) is not int or type(c.get("unmatched", 0)) is not int:
+                return False
+            if c.get("n"):
+                comparison_rows(c)
+        return True
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError):
+        return False
 
 
 def cmd_report(argv: list) -> int:

@@ -27,20 +27,21 @@ import dataclasses
 import hashlib
 import http.server
 import json
+import math
 import os
-import subprocess
-import sys
-import typing
 import random
 import re
 import signal
 import socket
 import socketserver
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 import traceback
+import typing
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -530,6 +531,57 @@ class LogprobModel:
             eos = {**openai_token(None, -0.001), **self.eos}
             logprobs = {"content": entries + [{**eos, "top_logprobs": [eos][:k]}]}
         return Reply(content="".join(t[0] for t in tokens), logprobs=logprobs)
+
+
+def float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+class GridModel:
+    """A gsm8k responder whose logprobs come from logits as a bf16 or fp16 server computes them:
+    on a grid of `step` nats (0: float32, no grid), five alternatives at each token, the
+    logprobs log-softmax of them in float32. Row r answers like LogprobModel (the same words).
+    Batch noise: on a `moved` share of the tokens the chosen logit moves by `steps` grid steps
+    (at least 0.01 nats when there is no grid), drawn afresh for every request (a server's batch
+    composition differs from run to run); `fault`: Gaussian nats added to every chosen logit
+    before it is put on the grid (a wrong implementation). `k` caps the top_logprobs sent."""
+
+    def __init__(self, step: float = 0.125, moved: float = 0.02, steps: int = 1, fault: float = 0.0, seed: int = 0,
+                 k: int | None = None):
+        self.step, self.moved, self.steps, self.fault, self.seed, self.k = step, moved, steps, fault, seed, k
+        self.asked: dict = {}
+        self.lock = threading.Lock()
+
+    def on_grid(self, logit: float) -> float:
+        return round(logit / self.step) * self.step if self.step else logit
+
+    def __call__(self, body, n):
+        row = gsm8k_row_of(body)
+        with self.lock:
+            asked = self.asked[row] = self.asked.get(row, -1) + 1
+        base = random.Random(f"grid-{row}")  # the same "true" model on every side
+        noise = random.Random(f"grid-{row}-{self.seed}-{asked}")
+        fault = random.Random(f"grid-fault-{row}-{self.seed}")
+        words = ["Let", " me", " think", ".", " The", " final", " answer", " is", f" {GSM8K_GOLD[row]}"]
+        entries = []
+        for word in words:
+            true = 16 + 15 * base.random()
+            gaps = [self.on_grid(0.3 + 4 * base.random()) for _ in range(4)]
+            alternatives = [self.on_grid(true - sum(gaps[:i + 1])) for i in range(4)]
+            tail = true - 3  # 200 other tokens there: the chosen one has ~9% of the probability, as in a long answer
+            logit = self.on_grid(true + fault.gauss(0, self.fault))
+            if noise.random() < self.moved:
+                logit += noise.choice((-1, 1)) * self.steps * (self.step or 0.01)
+            logits = [logit, *alternatives]
+            top_logit = max(logits)
+            total = top_logit + math.log(sum(math.exp(x - top_logit) for x in logits) + 200 * math.exp(tail - top_logit))
+            logprobs = [float32(x - total) for x in logits]
+            top = sorted(zip([word] + [word + c for c in "wxyz"], logprobs), key=lambda t: -t[1])
+            k = min(body.get("top_logprobs") or 0, self.k if self.k is not None else 5)
+            entries.append(openai_token(word, logprobs[0], top_logprobs=[openai_token(t, lp) for t, lp in top[:k]]))
+        eos = openai_token(None, -0.001, token="<|im_end|>")
+        return Reply(content="".join(words), logprobs={"content": entries + [{**eos, "top_logprobs": [eos][:1]}]}
+                     if body.get("logprobs") else None)
 
 
 def fault_plan(plan: dict[int, str | Reply], fallback: Responder | None = None) -> Responder:

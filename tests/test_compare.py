@@ -1145,3 +1145,206 @@ def test_a_logged_request_is_kept_as_a_digest_and_read_again_whole_for_the_repor
 def test_first_difference_is_the_common_prefix_length(a, b):
     expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     assert ne.first_difference(a, b) == expected
+
+
+# --------------------------------------------------------------------------------------------
+# Numerics at the precision users serve (issue 30): the logit grid, the near-tie, NaN and
+# coverage edge cases, and the noise floor of the user's own server
+# --------------------------------------------------------------------------------------------
+
+from fakes import GridModel  # noqa: E402
+
+BF16, FP16 = 0.125, 1 / 64  # the grid steps of logits in [16, 32)
+
+
+def grid_run(tmp_path, name, model, n=ROWS, k=5, *extra):
+    return logprob_run(tmp_path, name, model, k, n, *extra)
+
+
+@pytest.mark.parametrize("step, label", [(BF16, "bf16-like"), (FP16, "fp16-like"), (0.0, "float32-like")])
+def test_each_sides_precision_is_read_from_its_own_log(tmp_path, step, label):
+    """The gaps between a position's top-K logprobs are the gaps between logits: on bf16's
+    grid (0.125 for logits in [16, 32)), fp16's (1/64) or none."""
+    a = grid_run(tmp_path, "a", GridModel(step=step, seed=1))
+    b = grid_run(tmp_path, "b", GridModel(step=0.0, seed=2))
+    proc, c = numerics_of(a, b)
+    nm = c["numerics"]
+    assert nm["precision"]["a"]["label"] == label and nm["precision"]["b"]["label"] == "float32-like", nm["precision"]
+    assert nm["precision"]["a"]["step"] == (step or None) and nm["precision"]["a"]["positions"] == ROWS * 9
+    text = cli("compare", a, b).stdout
+    assert f"  precision       A {label}" in text and ", B float32-like;" in text
+
+
+def test_a_noise_pair_in_bf16_is_equivalent_and_names_the_resolution(tmp_path):
+    """The same bf16 server twice, a batch moving the chosen logit by one step on 5% of the
+    tokens: p99 |delta| is 0.9 of a step, as on every real vLLM bf16 noise pair (0.104-0.117 >
+    0.05: `different` before this issue); now `equivalent within bf16 resolution`, while the
+    same distance between float32 servers is still caught."""
+    a = grid_run(tmp_path, "a", GridModel(step=BF16, moved=0.05, seed=1))
+    b = grid_run(tmp_path, "b", GridModel(step=BF16, moved=0.05, seed=2))
+    proc, c = numerics_of(a, b)
+    nm = c["numerics"]
+    assert 0.1 < nm["p99_abs_logprob_diff"] < BF16
+    assert nm["verdict"] == "equivalent", nm
+    assert (nm["tolerance"], nm["requested_tolerance"], nm["confident_gap"]) == (1.5 * BF16, 0.05, 3 * BF16)
+    assert nm["resolution"] == {"precision": "bf16-like", "nats": 1.5 * BF16}
+    assert nm["evidence"][1] == ("equivalent within bf16 resolution (0.19 nats): faults smaller than this are "
+                                 "invisible at this precision; compare in float32 for a sharp check")
+    assert "at bf16 resolution: a smaller fault may hide" in c["verdict"]
+    assert cli("compare", a, b, "--fail_if", "different").returncode == 0
+    # a fault well above the grid stays `different`
+    fault = grid_run(tmp_path, "fault", GridModel(step=BF16, moved=0.05, seed=3, fault=0.3))
+    nm = numerics_of(a, fault)[1]["numerics"]
+    assert nm["verdict"] == "different" and nm["evidence"][0].startswith("logprob distance: p99 |delta| ")
+    assert "> 0.188 (bf16 resolution) over" in nm["evidence"][0]
+    assert cli("compare", a, fault, "--fail_if", "different").returncode == 6
+    # float32 logits moved by 0.125 nats on 5% of the tokens: that is no rounding, it is different
+    f32 = [grid_run(tmp_path, f"f32_{i}", GridModel(step=0.0, moved=0.05, steps=12, seed=i)) for i in (1, 2)]
+    nm = numerics_of(*f32)[1]["numerics"]
+    assert (nm["verdict"], nm["tolerance"], nm["resolution"]) == ("different", 0.05, None), nm
+    assert 0.1 < nm["p99_abs_logprob_diff"] < BF16
+
+
+def test_a_precision_difference_is_named_and_judged_at_the_coarser_side(tmp_path):
+    a = grid_run(tmp_path, "a", GridModel(step=BF16, moved=0.05, seed=1))
+    b = grid_run(tmp_path, "b", GridModel(step=0.0, seed=2))
+    nm = numerics_of(a, b)[1]["numerics"]
+    assert nm["verdict"] == "equivalent" and nm["tolerance"] == 1.5 * BF16
+    assert "the precisions differ: A bf16-like, B float32-like (judged at the coarser)" in nm["evidence"]
+
+
+@pytest.mark.parametrize("k_a, k_b", [(1, 1), (5, 1), (1, 5)])
+def test_a_parting_whose_margin_k_cannot_show_is_no_evidence(tmp_path, k_a, k_b):
+    """The hostile run's case: samples part at a 0.01-nat near-tie, with --logprobs 1 on one side
+    or both: the other's token is not in a top 1, so its lead is unknown, not large. Before:
+    `different: 3 of 20 samples part at a confident token`, and --fail_if exited 6."""
+    ties = {row: 4 for row in range(ROWS)}
+    a = logprob_run(tmp_path, "a", LogprobModel(noise=FLOAT_NOISE, seed=1, ties=ties), k_a)
+    b = logprob_run(tmp_path, "b", LogprobModel(noise=FLOAT_NOISE, seed=2, ties=ties, parts={3, 7, 11}), k_b)
+    nm = numerics_of(a, b)[1]["numerics"]
+    assert (nm["verdict"], nm["divergences"], nm["unexplained"], nm["unknown_margin"]) == \
+        ("equivalent", 3, 0, 3), nm
+    assert {p["margin"] for p in nm["partings"]} == {"unknown"}
+    assert "3 of unknown margin (a longer --logprobs K shows it)" in nm["evidence"][0]
+    assert cli("compare", a, b, "--fail_if", "different").returncode == 0
+    assert "-> margin unknown (the top K is too short to show it)" in cli("compare", a, b).stdout
+    # the same partings with the runner-up 1 nat behind and a top 1 that shows it is at least that far
+    # behind: a top K that ends far below the chosen token still proves a confident parting
+    ties_far = {row: 2 for row in range(ROWS)}
+    ref = logprob_run(tmp_path, "ref", LogprobModel(seed=1, ties=ties_far, gap=1.0), 2)
+    bold = logprob_run(tmp_path, "bold", LogprobModel(seed=1, ties=ties_far, gap=1.0, parts={5, 6, 9}), 1)
+    nm = numerics_of(ref, bold)[1]["numerics"]
+    assert (nm["verdict"], nm["unexplained"]) == ("different", 3), nm
+
+
+def rewrite_log(log_dir: Path, change) -> None:
+    """Rewrite each record of a sample log folder with change(record) (the records of another tool)."""
+    path = log_dir / f"samples_{GSM}.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(change(r)) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_non_finite_logprobs_are_never_equivalent(tmp_path, bad):
+    """NaN, an infinity or null in place of a logprob (another tool's log, or a server's NaN that
+    the sample log keeps as null): before, `equivalent: p99 nan` and the gate passed."""
+    a = logprob_run(tmp_path, "a", LogprobModel(seed=1))
+    b = logprob_run(tmp_path, "b", LogprobModel(seed=1))
+
+    def broken(record):
+        if record["row_idx"] == 3:
+            record["response"]["logprobs"][2][1] = bad
+        return record
+
+    rewrite_log(b, broken)
+    proc, c = numerics_of(a, b)
+    assert proc.returncode == 0, proc.stderr
+    nm = c["numerics"]
+    assert nm["verdict"] == "different" and nm["non_finite_logprobs"] == 1, nm
+    assert nm["evidence"] == ["1 generated tokens carry a logprob that is not a finite number (NaN, infinity or "
+                              "null): broken numerics, not float noise"]
+    assert all(math.isfinite(nm[k]) for k in ("p99_abs_logprob_diff", "max_abs_logprob_diff"))
+    assert cli("compare", a, b, "--fail_if", "different").returncode == 6
+
+
+def test_coverage_is_named_and_required(tmp_path):
+    """Logprobs on only some samples: the verdict says how many, and calls nothing equivalent
+    below 90% (before: computed from the subset, silently)."""
+    a = logprob_run(tmp_path, "a", LogprobModel(seed=1))
+    b = logprob_run(tmp_path, "b", LogprobModel(seed=1))
+    rewrite_log(b, lambda r: {**r, "response": {k: v for k, v in r["response"].items() if k != "logprobs"}}
+                if r["row_idx"] % 2 else r)
+    nm = numerics_of(a, b)[1]["numerics"]
+    assert (nm["verdict"], nm["coverage"]) == ("unknown", {"with_logprobs": 10, "paired": 20}), nm
+    assert nm["evidence"] == ["logprobs on 10 of 20 paired samples: at least 90% are needed to call them "
+                              "equivalent (did one run lose logprobs on some samples?)"]
+    # evidence of a fault on the covered ones is still a fault, with the coverage named
+    rope = logprob_run(tmp_path, "rope", LogprobModel(noise=ROPE_NOISE, seed=3))
+    rewrite_log(rope, lambda r: {**r, "response": {k: v for k, v in r["response"].items() if k != "logprobs"}}
+                if r["row_idx"] % 2 else r)
+    nm = numerics_of(a, rope)[1]["numerics"]
+    assert nm["verdict"] == "different" and nm["evidence"][-1] == "logprobs on 10 of 20 paired samples"
+    # 18 of 20 is enough
+    full = logprob_run(tmp_path, "full", LogprobModel(seed=1))
+    rewrite_log(full, lambda r: {**r, "response": {k: v for k, v in r["response"].items() if k != "logprobs"}}
+                if r["row_idx"] in (0, 1) else r)
+    assert numerics_of(a, full)[1]["numerics"]["verdict"] == "equivalent"
+
+
+def test_a_positive_logprob_is_warned_about(tmp_path):
+    a = logprob_run(tmp_path, "a", LogprobModel(seed=1))
+    b = logprob_run(tmp_path, "b", LogprobModel(seed=1))
+    rewrite_log(b, lambda r: (r["response"]["logprobs"][0].__setitem__(1, 0.5), r)[1] if r["row_idx"] == 0 else r)
+    nm = numerics_of(a, b)[1]["numerics"]
+    assert nm["warnings"] == ["1 generated tokens have a logprob above 0, which no probability has: the "
+                              "server's logprobs are wrong"]
+    assert "  warning         1 generated tokens have a logprob above 0" in cli("compare", a, b).stdout
+
+
+def test_compare_takes_a_second_reference_log_as_the_noise_floor(tmp_path):
+    """A GPU server whose batch noise is larger than the grid: two steps on 5% of the tokens
+    (p99 0.23 > 1.5 steps). Without a floor `different`; with the reference's second run as
+    the floor `equivalent`, the floor printed and in --json; a fault above it stays different."""
+    ref = GridModel(step=BF16, moved=0.05, steps=2, seed=1)
+    a, a2 = grid_run(tmp_path, "a", ref), grid_run(tmp_path, "a2", ref, ROWS, 5, "--num_concurrent", 1)
+    b = grid_run(tmp_path, "b", GridModel(step=BF16, moved=0.05, steps=2, seed=2))
+    assert numerics_of(a, b)[1]["numerics"]["verdict"] == "different"
+    proc, c = numerics_of(a, b, "--noise_floor", a2)
+    nm = c["numerics"]
+    assert nm["verdict"] == "equivalent", nm
+    assert json.loads(proc.stdout)["noise_floor"] == str(a2)
+    floor = nm["floor"]["p99_abs_logprob_diff"]
+    assert 0.2 < floor < 2 * BF16 and nm["floor"]["samples"] == ROWS
+    assert nm["floor"]["source"] == str(a2) and nm["tolerance"] == pytest.approx(1.5 * floor)
+    assert nm["resolution"] == {"precision": "noise floor", "nats": pytest.approx(1.5 * floor)}
+    assert f"equivalent within the reference's own noise floor ({1.5 * floor:.2g} nats" in nm["evidence"][1]
+    assert f"noise floor p99 {floor:.3g} over {nm['floor']['shared_tokens']} tokens ({a2})" in \
+        cli("compare", a, b, "--noise_floor", a2).stdout
+    fault = grid_run(tmp_path, "fault", GridModel(step=BF16, moved=0.05, steps=2, seed=3, fault=0.6))
+    assert numerics_of(a, fault, "--noise_floor", a2)[1]["numerics"]["verdict"] == "different"
+    # a floor log without logprobs is a one-line error
+    plain = logprob_run(tmp_path, "plain", LogprobModel(seed=1), 0)
+    proc = cli("compare", a, b, "--noise_floor", plain)
+    assert f"{plain}: no sample with logprobs in common" in one_error(proc.returncode, proc.stderr, 2)
+
+
+def test_several_servers_with_noise_floor_run_the_reference_twice(tmp_path):
+    """One command on two servers: the first runs again at another concurrency and its own
+    noise calibrates the verdict; the floor run is in the results document and logged."""
+    with FakeOpenAI(responder=GridModel(step=BF16, moved=0.05, steps=2, seed=1)) as a, \
+            FakeOpenAI(responder=GridModel(step=BF16, moved=0.05, steps=2, seed=2)) as b:
+        proc = cli("--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url, "--max_samples", ROWS,
+                   "--no_progress", "--logprobs", 5, "--noise_floor", "--fail_if", "different",
+                   "--log_samples", tmp_path / "runs")
+        assert len(a.chat_requests) == 2 * ROWS and len(b.chat_requests) == ROWS
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    floor = doc["noise_floor"]
+    assert floor["config"]["num_concurrent"] == 1 and floor["results"][GSM]["num_samples"] == ROWS
+    assert Path(floor["config"]["log_samples"]).name.endswith("_floor")
+    nm = doc["comparisons"][0]["comparison"][GSM]["numerics"]
+    assert nm["verdict"] == "equivalent" and nm["floor"]["source"] == floor["config"]["log_samples"], nm
+    assert "noise floor: " in proc.stderr and "again at --num_concurrent 1 (it ran at 8)" in proc.stderr
+    for flags in (["--logprobs", 5], ["--base_url", "http://127.0.0.1:9/v1"]):  # one server; no logprobs
+        bad = cli("--tasks", GSM, "--base_url", "http://127.0.0.1:9/v1", "--noise_floor", *flags)
+        assert "--noise_floor calibrates a comparison of logprobs" in one_error(bad.returncode, bad.stderr, 2)
