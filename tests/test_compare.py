@@ -1211,6 +1211,12 @@ def test_a_precision_difference_is_named_and_judged_at_the_coarser_side(tmp_path
     nm = numerics_of(a, b)[1]["numerics"]
     assert nm["verdict"] == "equivalent" and nm["tolerance"] == 1.5 * BF16
     assert "the precisions differ: A bf16-like, B float32-like (judged at the coarser)" in nm["evidence"]
+    # the report shows both sides' precision and the resolution, as the text does
+    page = tmp_path / "page.html"
+    assert cli("report", a, b, "-o", page).returncode == 0
+    html_text = page.read_text("utf-8")
+    assert "<th>precision</th><td>A bf16-like (grid 0.125 nats), B float32-like; tolerance 0.188 nats" in html_text
+    assert "equivalent within bf16 resolution (0.19 nats)" in html_text
 
 
 @pytest.mark.parametrize("k_a, k_b", [(1, 1), (5, 1), (1, 5)])
