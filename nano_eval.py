@@ -1479,7 +1479,9 @@ class DatasetCache:
         return entry
 
 def is_text(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
+    if isinstance(value, list):
+        return bool(value) and all(isinstance(v, str) for v in value)
+    return isinstance(value, str)
 
 
 def page_problem(body: Any, ref: DatasetRef) -> str | None:
@@ -2107,7 +2109,7 @@ def record_problem(record: Any) -> str | None:
         if record.get(name) is not None and not is_finite(record[name]):
             return f"{name!r} is not a number"
     messages = (record.get("request") or {}).get("messages", [])
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+    if type(messages) is not list or not set(map(type, messages)) <= {dict}:
         return "request 'messages' is not a list of messages"
     image = record.get("image")
     if image is not None and not (isinstance(image.get("sha256"), str) and type(image.get("bytes")) is int
@@ -2123,14 +2125,15 @@ RESPONSE_FIELDS = {"content": str, "reasoning_content": str, "finish_reason": st
 def response_problem(response: dict) -> str | None:
     for name, kind in RESPONSE_FIELDS.items():
         value = response.get(name)
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if value is not None and type(value) is not kind:  # what json.loads makes is of the exact type
             return f"response {name!r} is not of type {kind.__name__}"
-    usage = response.get("usage") or {}
-    if any(usage.get(name) is not None and not (type(usage[name]) is int and 0 <= usage[name] < 2 ** 53)
-           for name in ("prompt_tokens", "completion_tokens", "total_tokens")):
-        return "a usage count is not a count"
-    if not all(is_logged_token(entry) and all(map(is_logged_alternative, entry[2]))
-               for entry in response.get("logprobs") or ()):
+    usage = response.get("usage")
+    for name in ("prompt_tokens", "completion_tokens", "total_tokens") if usage else ():
+        count = usage.get(name)
+        if count is not None and (type(count) is not int or not 0 <= count < 2 ** 53):
+            return "a usage count is not a count"
+    logprobs = response.get("logprobs")
+    if logprobs and not all(is_logged_token(entry) and all(map(is_logged_alternative, entry[2])) for entry in logprobs):
         return "logprobs are not [token, logprob, [[token, logprob], ...]] per token"
     return None
 
@@ -3096,7 +3099,8 @@ def build_parser() -> ArgumentParser:
     add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
         "rerunning with the same DIR resumes")
     add("log_images", action="store_true", help="keep the base64 images in the sample log")
-    add("timeout", type=from_text(positive_float, float), help=f"seconds per request attempt, all of it: a server that trickles its answer is cut there (default {DEFAULT_TIMEOUT:.0f})")
+    add("timeout", type=from_text(positive_float, float), help="seconds per request attempt, all of it: a server "
+        f"that trickles its answer is cut there (default {DEFAULT_TIMEOUT:.0f})")
     add("max_retries", type=from_text(positive_int), help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
     add("max_fail_rate", type=from_text(fraction, float), default=DEFAULT_MAX_FAIL_RATE,
         help=f"exit 1 when more than this fraction of samples failed (default {DEFAULT_MAX_FAIL_RATE})")
@@ -5024,7 +5028,8 @@ def render_report(runs: list, comparisons: list | None = None) -> str:
                                                        if len(runs) > 1 else "")
     parts = [f"<h1>{esc(title)}</h1>", runs_table(runs)]
     parts += [task_section(i, task, runs, comparisons or []) for i, task in enumerate(tasks)]
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">' + REPORT_CSP + "<title>" + esc(title) + "</title>"
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">' + REPORT_CSP
+            + "<title>" + esc(title) + "</title>"
             '<meta name="viewport" content="width=device-width"><style>' + REPORT_CSS + "</style></head><body>\n"
             + "\n".join(parts) + f'\n<p class="muted">nano-eval {__version__}, '
             f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n').translate(BIDI_CONTROLS)
