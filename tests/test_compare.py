@@ -1354,3 +1354,39 @@ def test_several_servers_with_noise_floor_run_the_reference_twice(tmp_path):
     for flags in (["--logprobs", 5], ["--base_url", "http://127.0.0.1:9/v1"]):  # one server; no logprobs
         bad = cli("--tasks", GSM, "--base_url", "http://127.0.0.1:9/v1", "--noise_floor", *flags)
         assert "--noise_floor calibrates a comparison of logprobs" in one_error(bad.returncode, bad.stderr, 2)
+
+
+BF16_LOGS = ROOT / "tests" / "fixtures" / "numerics_bf16"  # rows 0-9 of real runs (tests/fixtures/README.md)
+
+
+def real_log(tmp_path, name):
+    import gzip
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / f"samples_{GSM}.jsonl").write_bytes(gzip.decompress((BF16_LOGS / f"{name}.jsonl.gz").read_bytes()))
+    return folder
+
+
+@pytest.mark.parametrize("b, verdict, label, p99_above", [
+    ("vllm_bf16_c8", "equivalent", "bf16-like", 0.05),  # the same server, a batch of 8: 0.086
+    ("vllm_f32_c1", "equivalent", "float32-like", 0.05),  # a precision difference: 0.094
+    ("vllm_fp16_c1", "equivalent", "fp16-like", 0.05),
+    ("llama_bf16_c1", "equivalent", "float32-like", 0.05),  # another correct backend (f32 activations)
+    ("llama_bf16_kv_q8_0", "equivalent", "float32-like", 0.1),  # a fault that hides in bf16 noise: named
+    ("llama_bf16_rope50000", "different", "float32-like", 0.4),
+    ("llama_bf16_kv_q4_0", "different", "float32-like", 1.0),
+    ("vllm_bf16_kv_fp8", "different", "bf16-like", 0.7),
+])
+def test_real_bf16_logs_against_vllm_bf16(tmp_path, b, verdict, label, p99_above):
+    """Logs of real servers on the same bf16 weights (vLLM 0.32.0 --dtype bfloat16 at c=1 the
+    reference; rows 0-9, --logprobs 5): every noise and precision pair was `different` under the
+    float32 rule (p99 > 0.05) and is `equivalent` now, within bf16 resolution; the faults above
+    the grid stay `different`; KV q8_0 is inside bf16 noise and said to be."""
+    nm = numerics_of(real_log(tmp_path, "vllm_bf16_c1"), real_log(tmp_path, b))[1]["numerics"]
+    assert nm["verdict"] == verdict, nm["evidence"]
+    assert nm["p99_abs_logprob_diff"] > p99_above and nm["samples"] == 10
+    assert nm["precision"]["a"] == {"label": "bf16-like", "step": 0.125, "positions": nm["precision"]["a"]["positions"]}
+    assert nm["precision"]["b"]["label"] == label
+    assert nm["resolution"] == {"precision": "bf16-like", "nats": 0.1875}
+    if verdict == "equivalent":
+        assert "equivalent within bf16 resolution (0.19 nats)" in nm["evidence"][1]
