@@ -2088,8 +2088,9 @@ TASKS: dict[str, Task] = {
 
 
 # The fields of a sample record that the tools read, and the types they must have
-RECORD_FIELDS = {"task": str, "doc_hash": str, "status": str, "row_idx": int, "repeat": int, "scores": dict,
-                 "response": dict, "extracted": dict, "request": dict, "image": dict, "target": str}
+RECORD_FIELDS = {"task": str, "doc_hash": str, "body_hash": str, "url": str, "status": str, "row_idx": int,
+                 "repeat": int, "scores": dict, "response": dict, "extracted": dict, "request": dict, "image": dict,
+                 "target": str, "group": str, "error": str, "reasoning_flags": list}
 
 
 def record_problem(record: Any) -> str | None:
@@ -2105,6 +2106,8 @@ def record_problem(record: Any) -> str | None:
             return f"{name!r} is not of type {kind.__name__}"
     if not all(is_finite(v) for v in (record.get("scores") or {}).values()):
         return "a score is not a number"
+    if not all(type(flag) is str for flag in record.get("reasoning_flags") or ()):
+        return "a reasoning flag is not text"
     for name in ("latency", "attempts"):
         if record.get(name) is not None and not is_finite(record[name]):
             return f"{name!r} is not a number"

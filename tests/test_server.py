@@ -414,9 +414,12 @@ def recorded(name: str) -> tuple[dict, str | None]:
                      "server_header": "uvicorn"}),
     ("llama.cpp-11434", {"name": "llama.cpp", "version": "b0-unknown", "evidence": "/props", "owned_by": "llamacpp",
                          "server_header": "llama.cpp"}),
-])
+    ("sglang-0.5.23", {"name": "SGLang", "version": "0.5.23", "evidence": "/get_server_info", "owned_by": "sglang",
+                       "server_header": "uvicorn"}),
+], ids=lambda v: v if isinstance(v, str) else None)
 def test_identify_the_real_servers_from_their_recorded_answers(name, expected):
-    """MAX is named MAX (not vLLM, whose /version looks the same), from what MAX really answers."""
+    """MAX is named MAX (not vLLM, whose /version looks the same), from what MAX really answers;
+    SGLang (no /version: 404) from its /get_server_info (`pytest -k sglang` selects it)."""
     routes, header = recorded(name)
     with FakeOpenAI(extra_routes=routes, server_header=header) as srv:
         identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))

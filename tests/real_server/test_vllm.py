@@ -1,10 +1,12 @@
-"""The use case for real: the same model on vLLM, llama.cpp and MAX, compared by nano-eval.
+"""The use case for real: the same model on vLLM, llama.cpp, MAX and SGLang, compared by nano-eval.
 
-Servers (conftest.py; built by setup_vllm.sh, setup_llama_server.sh and setup_max.sh, cached):
+Servers (conftest.py; built by setup_vllm.sh, setup_llama_server.sh, setup_max.sh and
+setup_sglang.sh, cached):
   vLLM 0.32.0 (CPU)  SmolLM2-135M-Instruct, the pinned Q4_1 GGUF dequantized to float32
   llama-server f32   the SAME float32 weights, converted back to a GGUF by llama.cpp's own
                      convert_hf_to_gguf.py --outtype f32, the GGUF's own chat template
   MAX 26.7.0 (CPU)   the SAME float32 HF folder as vLLM
+  SGLang 0.5.23 (CPU) the SAME float32 HF folder as vLLM (SGLang alone and in bf16: test_sglang.py)
 (A wrong chat template, and the other faults nano-eval must expose, are in test_numerics.py.)
 
 Every test runs the CLI as a user would (`python nano_eval.py ...`); nothing here asserts
@@ -21,6 +23,7 @@ import sys
 
 import pytest
 
+from conftest import sgl_kernel_calls
 from helpers import REPO_ROOT, describe, get, metrics_line, read_samples, results_of, run_cli
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -29,7 +32,7 @@ import nano_eval  # noqa: E402
 pytestmark = pytest.mark.real_server
 
 TASK = "gsm8k_cot_llama"
-N_PAIR = 20  # samples of the c=1 run of the three backends
+N_PAIR = 20  # samples of the c=1 run of the four backends
 N_C4 = 10  # samples of the c=4 pair
 K = 5  # --logprobs of the c=1 run: each pair also gets a numerics verdict
 
@@ -167,12 +170,12 @@ def test_max_alone(max_server, datasets_server, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def three_way_c1(vllm_server, llama_f32_server, max_server, datasets_server, tmp_path_factory):
-    """One run: --base_url vLLM --base_url llama.cpp-f32 --base_url MAX, at --num_concurrent 1
-    with --logprobs 5 (both comparisons have vLLM as A)."""
-    doc, proc = multi_run(datasets_server, tmp_path_factory.mktemp("three_way_c1"),
-                          [vllm_server, llama_f32_server, max_server], N_PAIR, 1, "--logprobs", K)
-    print(f"\n[real_server] three servers, n={N_PAIR}, --num_concurrent 1:\n{summary(doc)}")
+def four_way_c1(vllm_server, llama_f32_server, max_server, sglang_server, datasets_server, tmp_path_factory):
+    """One run: --base_url vLLM --base_url llama.cpp-f32 --base_url MAX --base_url SGLang, at
+    --num_concurrent 1 with --logprobs 5 (the three comparisons have vLLM as A)."""
+    doc, proc = multi_run(datasets_server, tmp_path_factory.mktemp("four_way_c1"),
+                          [vllm_server, llama_f32_server, max_server, sglang_server], N_PAIR, 1, "--logprobs", K)
+    print(f"\n[real_server] four servers, n={N_PAIR}, --num_concurrent 1:\n{summary(doc)}")
     return doc
 
 
@@ -196,7 +199,7 @@ def assert_same_weights_agree(doc, n) -> dict:
     return c
 
 
-def test_same_weights_agree_c1(three_way_c1):
+def test_same_weights_agree_c1(four_way_c1):
     """vLLM vs llama.cpp on the same float32 weights, --num_concurrent 1: prompt tokens equal on
     every sample, no significant difference (McNemar), identical text on most samples, and the
     numerics `equivalent`.
@@ -215,7 +218,7 @@ def test_same_weights_agree_c1(three_way_c1):
     the lowest measured run (0.75), room for llama.cpp's run-to-run batching noise at c=4, and far
     above what a real bug gives (a wrong template or RoPE base: 0-0.25, test_numerics.py).
     """
-    c = assert_same_weights_agree(three_way_c1, N_PAIR)
+    c = assert_same_weights_agree(four_way_c1, N_PAIR)
     print(f"\n[real_server] c=1 agreement {c['response_agreement']:.3f}, first difference {c['mean_first_difference']}")
 
 
@@ -237,7 +240,7 @@ def pair_figures(c: dict) -> str:
             + "".join(f"\n    {nano_eval.format_parting(p)}" for p in nm.get("partings") or []))
 
 
-def test_max_beside_vllm_and_llama_cpp(three_way_c1):
+def test_max_beside_vllm_and_llama_cpp(four_way_c1):
     """MAX on the same float32 weights, in the same c=1 run as vLLM and llama.cpp: its model is
     found from /v1/models, it is named MAX with its version, every sample is answered, prompt
     tokens are equal on every sample against both, and the numerics of each pair are
@@ -245,11 +248,11 @@ def test_max_beside_vllm_and_llama_cpp(three_way_c1):
     p99 |delta logprob| ~2e-4 (the two agree to 1e-4); llama.cpp vs MAX like llama.cpp vs vLLM
     (17-20/20 identical, p99 ~0.03, partings at near-ties only). The identical-text floor is the
     same as vLLM's against llama.cpp (AGREEMENT_FLOOR), the numerics verdict the real test."""
-    vllm_run, llama_run, max_run = three_way_c1["runs"][:3]
+    vllm_run, llama_run, max_run = four_way_c1["runs"][:3]
     assert max_run["config"]["model"] == "smollm2-135m-instruct", max_run["config"]
     assert (max_run["config"]["server"]["name"], max_run["config"]["server"]["version"]) == ("MAX", "26.7.0"), \
         max_run["config"]["server"]
-    c = three_way_c1["comparisons"][1]["comparison"][TASK]  # vLLM (A) vs MAX
+    c = four_way_c1["comparisons"][1]["comparison"][TASK]  # vLLM (A) vs MAX
     print(f"\n[real_server] vLLM vs MAX: {pair_figures(c)}")
     assert c["n"] == N_PAIR and c["prompt_tokens_equal"] == N_PAIR, c
     assert c["response_agreement"] >= AGREEMENT_FLOOR, c
@@ -259,6 +262,38 @@ def test_max_beside_vllm_and_llama_cpp(three_way_c1):
     assert pair["n"] == N_PAIR and pair["prompt_tokens_equal"] == N_PAIR, pair
     assert pair["response_agreement"] >= AGREEMENT_FLOOR, pair
     assert pair["numerics"]["verdict"] == "equivalent", pair["numerics"]
-    vl = three_way_c1["comparisons"][0]["comparison"][TASK]
+    vl = four_way_c1["comparisons"][0]["comparison"][TASK]
     print(f"[real_server] vLLM vs llama.cpp: {pair_figures(vl)}")
     assert vl["numerics"]["verdict"] == "equivalent", vl["numerics"]
+
+
+def test_sglang_beside_vllm_llama_cpp_and_max(four_way_c1, sglang_server):
+    """SGLang on the same float32 weights, in the same c=1 run as vLLM, llama.cpp and MAX: its
+    model is found from /v1/models, it is named SGLang with its version (/get_server_info), every
+    sample is answered, prompt tokens are equal on every sample against all three, the numerics
+    of each pair are `equivalent`, and its server's log holds no call into the sgl_kernel
+    stand-in (setup_sglang.sh). Measured here (n=20, 2026-12-07, Intel Xeon; README.md here has
+    the table; the probe of issue 31 on an AMD EPYC gave the same vLLM figures):
+      vLLM vs SGLang       20/20 identical text, prompt tokens 20/20, equivalent, p99 |delta
+                           logprob| 1.7e-5 (median per-sample max 1.8e-5), no parting
+      MAX vs SGLang        20/20, 20/20, equivalent, p99 1.7e-4 (as vLLM vs MAX), no parting
+      llama.cpp vs SGLang  17/20 (first difference at char 204), 20/20, equivalent, p99 0.033,
+                           3 partings, all near-ties (the rows where llama.cpp parts from vLLM)
+    SGLang took 262 s for the 20 samples (vLLM 224, llama.cpp 204, MAX 210). The identical-text
+    floor is AGREEMENT_FLOOR, as for the other pairs; the numerics verdict is the real test."""
+    vllm_run, llama_run, max_run, sglang_run = four_way_c1["runs"][:4]
+    assert sglang_run["config"]["model"] == "smollm2-135m-instruct", sglang_run["config"]
+    assert (sglang_run["config"]["server"]["name"], sglang_run["config"]["server"]["version"]) == \
+        ("SGLang", sglang_server.version), sglang_run["config"]["server"]
+    pairs = {"vLLM vs SGLang": four_way_c1["comparisons"][2]["comparison"][TASK]}
+    for name, run in (("llama.cpp", llama_run), ("MAX", max_run)):
+        pairs[f"{name} vs SGLang"] = nano_eval.compare_paths(run["config"]["log_samples"],
+                                                            sglang_run["config"]["log_samples"])[TASK]
+    for name, c in pairs.items():
+        print(f"\n[real_server] {name}: {pair_figures(c)}")
+    for name, c in pairs.items():
+        assert c["n"] == N_PAIR and c["prompt_tokens_equal"] == N_PAIR, (name, c)
+        assert c["response_agreement"] >= AGREEMENT_FLOOR, (name, c)
+        assert c["numerics"]["verdict"] == "equivalent", (name, c["numerics"])
+    calls = sgl_kernel_calls(sglang_server.log)
+    assert not calls, "SGLang called into the sgl_kernel stand-in:\n" + "\n".join(calls[:20])
