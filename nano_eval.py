@@ -1330,8 +1330,9 @@ class DatasetRef:
     dataset: str
     config: str
     split: str
-    text_columns: tuple = ()  # each row's text (a string, or a list of strings) that the task reads
+    text_columns: tuple = ()  # each row's text the task reads
     image_column: str | None = None
+    label_columns: tuple = ()  # text, or a list of texts (ChartQA's label)
 
     @property
     def folder(self) -> str:
@@ -1478,10 +1479,8 @@ class DatasetCache:
             self._changed = True
         return entry
 
-def is_text(value: Any) -> bool:
-    if isinstance(value, list):
-        return bool(value) and all(isinstance(v, str) for v in value)
-    return isinstance(value, str)
+def is_texts(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
 
 
 def page_problem(body: Any, ref: DatasetRef) -> str | None:
@@ -1495,7 +1494,8 @@ def page_problem(body: Any, ref: DatasetRef) -> str | None:
     for i, row in enumerate(body["rows"]):
         if not isinstance(row, dict) or type(row.get("row_idx")) is not int or not isinstance(row.get("row"), dict):
             return f"its row {i} is not {{\"row_idx\": number, \"row\": {{...}}}}"
-        missing = [name for name in ref.text_columns if not is_text(row["row"].get(name))]
+        missing = [name for name in ref.text_columns if not isinstance(row["row"].get(name), str)]
+        missing += [name for name in ref.label_columns if not is_texts(row["row"].get(name))]
         if missing:
             return f"row {row['row_idx']} has no text in {', '.join(map(repr, missing))}"
         image = row["row"].get(ref.image_column) if ref.image_column else None
@@ -2062,7 +2062,7 @@ TASKS: dict[str, Task] = {
     ),
     "chartqa": Task(
         name="chartqa",
-        data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query", "label"), "image"),
+        data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query",), "image", ("label",)),
         version="0.0",
         generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False, "max_gen_toks": 512},
         headline="relaxed_accuracy",
@@ -2098,7 +2098,7 @@ def record_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     for name in ("task", "doc_hash", "status"):
-        if name not in record:
+        if record.get(name) is None:
             return f"no {name!r}"
     for name, kind in RECORD_FIELDS.items():
         value = record.get(name)
