@@ -12,9 +12,10 @@ of the core, then read it from the top. Inside every section, and every class, h
 come before their callers; a section's entry point is last.
    1. Config          every constant, errors and exit codes, the value checks shared by
                       argparse and APIConfig, APIConfig
-   2. HTTP            HTTPClient (a keep-alive connection per worker thread, TLS, proxies),
-                      response classification (logprobs included), retries, an adaptive
-                      limiter, ChatClient
+   2. HTTP            read_json (every JSON document from outside, read once), HTTPClient
+                      (a keep-alive connection per worker thread, TLS, proxies, a deadline
+                      per attempt), response classification (logprobs included), retries,
+                      an adaptive limiter, ChatClient
    3. Finding the     the local port probe, the model /v1/models lists, which backend
       server          answers: find_server()
    4. Datasets        the datasets-server `/rows` client and a verified cache in data/
@@ -30,7 +31,8 @@ come before their callers; a section's entry point is last.
 The optional tools, each a section ending in its entry point:
    9. Preflight       conformance checks (--check): preflight_result()
   10. Compare         paired comparison of two runs, accuracy and numerics (logprob
-                      parity): `nano-eval compare`
+                      parity, judged at each side's precision read from its own log, and
+                      at a measured noise floor): `nano-eval compare`
   11. Replay          resend one logged request: `nano-eval replay`
   12. HTML report     one page of a run or a comparison: `nano-eval report`
 
