@@ -2473,13 +2473,12 @@ class TaskRun:
             "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat, "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
             "request": redact_images(sample.body, sample.image),
-            # a server may echo the key or a header back
-            "response": {"content": SECRETS.scrub(outcome.content),
-                         "reasoning_content": SECRETS.scrub(outcome.reasoning),
+            # a server may echo the key or a header back: SampleLog.line and every writer scrub it
+            "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status,
                          **({"logprobs": outcome.logprobs} if outcome.logprobs is not None else {})},
-            "status": outcome.status, "error": SECRETS.scrub(outcome.error) if outcome.error else None,
+            "status": outcome.status, "error": outcome.error,
             "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
             "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
