@@ -13,10 +13,11 @@ Optional environment:
     NANO_EVAL_LLAMA_MODEL       use this GGUF instead of the pinned SmolLM2-135M-Instruct
     NANO_EVAL_CI_CACHE          cache root for the builds (see lib.sh's cache_dir)
 
-test_vllm.py, test_numerics.py and test_vlm.py also start vLLM (setup_vllm.sh builds its venv,
-~4 min cold), test_vllm.py MAX too (setup_max.sh, ~5 min cold), and test_vllm.py and
-test_sglang.py SGLang (setup_sglang.sh, ~2-4 min cold); each server is module-scoped, so at
-most one vLLM, one MAX and one SGLang run at a time.
+test_vllm.py, test_numerics.py, test_bf16.py and test_vlm.py also start vLLM (setup_vllm.sh
+builds its venv, ~4 min cold), test_vllm.py MAX too (setup_max.sh, ~5 min cold), and
+test_sglang.py, test_vllm.py and test_bf16.py SGLang (setup_sglang.sh, ~2-4 min cold). Servers
+are module-scoped but for the float32 SGLang one (session: shared by test_sglang.py and
+test_vllm.py), so at most one vLLM, one MAX and two SGLang run at a time.
 """
 
 from __future__ import annotations
@@ -373,9 +374,10 @@ def sgl_kernel_calls(log: Path) -> list[str]:
             if SGL_KERNEL_CALLED.search(line) and SGL_MODEL_SKIPPED not in line]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sglang_server(sglang_paths, tmp_path_factory):
-    """SGLang (CPU) serving the SAME float32 SmolLM2 HF folder as vllm_server, on 127.0.0.1 only."""
+    """SGLang (CPU) serving the SAME float32 SmolLM2 HF folder as vllm_server, on 127.0.0.1 only.
+    Session-scoped: test_sglang.py and test_vllm.py (run one after the other) share one start."""
     logdir = tmp_path_factory.mktemp("sglang_server")
     cmd = sglang_cmd(sglang_paths["SGLANG_PYTHON"], sglang_paths["SGLANG_MODEL"], TEXT_ALIAS)
     with launch_server("sglang", cmd, logdir, SGLANG_HEALTH_TIMEOUT_S, sglang_env(logdir)) as server:
