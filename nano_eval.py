@@ -126,9 +126,29 @@ DATASETS_MAX_MB = 64  # a larger datasets-server answer (a page of rows, an imag
 # What a response is
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 THROTTLE_STATUS = {429, 503}  # these also halve the requests in flight
-VALID_STATUSES = ("ok", "truncated")  # sample statuses with a response that is scored
 INVALID = "[invalid]"  # lm-eval's regex filter when nothing matches
 NOT_SENT = "not sent: the server had stopped answering"
+
+
+class Status:
+    """Every sample ends in exactly one status, logged and counted in `failures` (the README's
+    table). Only OK and TRUNCATED carry a response that is scored; every other counts as wrong."""
+
+    OK = "ok"  # a response
+    TRUNCATED = "truncated"  # finish_reason "length": scored as it is, with a warning
+    EMPTY = "empty"  # content null or blank
+    BAD_RESPONSE = "bad_response"  # an answer nano-eval cannot read
+    TIMEOUT = "timeout"  # no whole answer within --timeout
+    CONNECTION = "connection"  # refused, reset, dropped, or cut short
+    TOO_LARGE = "too_large"  # a body over --max_response_mb (not retried)
+    MISSING_IMAGE = "missing_image"  # (chartqa) no whole image for the row: nothing is sent
+    SCORED = (OK, TRUNCATED)
+    NETWORK = (TIMEOUT, CONNECTION)  # no HTTP answer after every retry
+
+    @staticmethod
+    def http(code: int) -> str:
+        """Any other HTTP status, e.g. http_500."""
+        return f"http_{code}"
 
 # Where things are
 DATASETS_SERVER = "https://datasets-server.huggingface.co"
@@ -738,27 +758,27 @@ def server_client(config: APIConfig, timeout: float | None = None, connect_timeo
 def describe_network_error(exc: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by HTTPClient.request."""
     if isinstance(exc, ProxyFailed):
-        return "connection", str(exc)
+        return Status.CONNECTION, str(exc)
     if isinstance(exc, ResponseTooLarge):
-        return "too_large", f"response body too large ({exc}; --max_response_mb raises the cap)"
+        return Status.TOO_LARGE, f"response body too large ({exc}; --max_response_mb raises the cap)"
     if isinstance(exc, (socket.timeout, TimeoutError)):
-        return "timeout", "no answer within the timeout"
+        return Status.TIMEOUT, "no answer within the timeout"
     if isinstance(exc, ConnectionRefusedError):
-        return "connection", "connection refused"
+        return Status.CONNECTION, "connection refused"
     if isinstance(exc, socket.gaierror):
-        return "connection", f"cannot resolve host ({exc.strerror or exc})"
+        return Status.CONNECTION, f"cannot resolve host ({exc.strerror or exc})"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return "connection", f"the server's TLS certificate failed verification ({exc.verify_message}); {TLS_WAYS_OUT}"
+        return Status.CONNECTION, f"the server's TLS certificate failed verification ({exc.verify_message}); {TLS_WAYS_OUT}"
     if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
-        return "connection", "the server speaks plain http, not https: use an http:// URL"
+        return Status.CONNECTION, "the server speaks plain http, not https: use an http:// URL"
     if isinstance(exc, ssl.SSLError):
-        return "connection", f"TLS error: {exc.reason or exc}"
+        return Status.CONNECTION, f"TLS error: {exc.reason or exc}"
     if isinstance(exc, http.client.IncompleteRead):
         got = len(exc.partial)
-        return "connection", f"the connection closed mid-response ({got:,} of {got + (exc.expected or 0):,} bytes)"
+        return Status.CONNECTION, f"the connection closed mid-response ({got:,} of {got + (exc.expected or 0):,} bytes)"
     if isinstance(exc, (OSError, http.client.HTTPException)):
-        return "connection", f"{type(exc).__name__}: {exc}".rstrip(": ")
-    return "connection", type(exc).__name__  # not its message: it may quote a header, and so a key
+        return Status.CONNECTION, f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return Status.CONNECTION, type(exc).__name__  # not its message: it may quote a header, and so a key
 
 
 def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tuple[int, Any, dict]:
@@ -824,8 +844,7 @@ def announce_wait(what: str, why: str, delay: float, retry_after: float | None, 
 
 @dataclasses.dataclass
 class Outcome:
-    """What one chat request ended as. `status` is one of: ok, truncated, empty,
-    bad_response, timeout, connection, http_<code>."""
+    """What one chat request ended as; `status` is one of Status's."""
 
     status: str
     content: str | None = None
@@ -842,13 +861,13 @@ class Outcome:
 
     @property
     def retryable(self) -> bool:
-        return self.status in ("timeout", "connection") or (
+        return self.status in Status.NETWORK or (
             self.status.startswith("http_") and self.http_status in RETRYABLE_STATUS)
 
     @property
     def valid(self) -> bool:
         """A response we can score (a truncated one is scored too)."""
-        return self.status in VALID_STATUSES
+        return self.status in Status.SCORED
 
 
 def logged_token(entry: dict) -> str | dict:
@@ -903,43 +922,43 @@ def classify_response(resp: HTTPResponse) -> Outcome:
     try:
         return read_response(resp)
     except Exception as exc:  # noqa: BLE001 -- a shape read_response did not foresee
-        return Outcome("bad_response", http_status=resp.status, error=f"malformed response ({type(exc).__name__})")
+        return Outcome(Status.BAD_RESPONSE, http_status=resp.status, error=f"malformed response ({type(exc).__name__})")
 
 
 def read_response(resp: HTTPResponse) -> Outcome:
     if resp.status != 200:
-        return Outcome(f"http_{resp.status}", http_status=resp.status, error=error_message(resp.body),
+        return Outcome(Status.http(resp.status), http_status=resp.status, error=error_message(resp.body),
                        retry_after=retry_after_seconds(resp.headers))
     try:
         data = read_json(resp.body)
     except UnicodeDecodeError:
-        return Outcome("bad_response", http_status=200, error="response is not UTF-8")
+        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not UTF-8")
     except ValueError:
-        return Outcome("bad_response", http_status=200, error=f"response is not JSON: {error_message(resp.body, 80)}")
+        return Outcome(Status.BAD_RESPONSE, http_status=200, error=f"response is not JSON: {error_message(resp.body, 80)}")
     if not isinstance(data, dict):
-        return Outcome("bad_response", http_status=200, error="response is not a JSON object")
+        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not a JSON object")
     choices = data.get("choices")
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         if "error" in data:
-            return Outcome("bad_response", http_status=200, error=f"error in a 200 response: {error_message(resp.body)}")
-        return Outcome("bad_response", http_status=200, error="response has no choices")
+            return Outcome(Status.BAD_RESPONSE, http_status=200, error=f"error in a 200 response: {error_message(resp.body)}")
+        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no choices")
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, dict):
-        return Outcome("bad_response", http_status=200, error="response has no message")
+        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no message")
     content = message.get("content")
     if content is not None and not isinstance(content, str):
-        return Outcome("bad_response", http_status=200, error="message content is not a string")
+        return Outcome(Status.BAD_RESPONSE, http_status=200, error="message content is not a string")
     field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
     reasoning = message.get(field) if isinstance(message.get(field), str) else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
-    outcome = Outcome("ok", content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
+    outcome = Outcome(Status.OK, content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
                       finish_reason=finish, usage=usage, http_status=200, logprobs=logged_logprobs(choice))
     if not content or not content.strip():
-        outcome.status = "empty"
+        outcome.status = Status.EMPTY
     elif finish == "length":
-        outcome.status = "truncated"
+        outcome.status = Status.TRUNCATED
     return outcome
 
 
@@ -1741,14 +1760,14 @@ def data_url(data: bytes) -> str:
 def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
     """(sha256, size and format of the image, its data URL, error) for a row's image cell."""
     if not cell:
-        return None, None, ("missing_image", "the dataset row has no image (null cell)")
+        return None, None, (Status.MISSING_IMAGE, "the dataset row has no image (null cell)")
     found = cache.read_image(row_idx) if cache else None
     if found is None:
-        return None, None, ("missing_image", "the image is not in the cache or failed its sha256 check")
+        return None, None, (Status.MISSING_IMAGE, "the image is not in the cache or failed its sha256 check")
     data, entry = found
     meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (sniff_image(data) or (entry.get("format"),))[0]}
     if not image_is_whole(data, meta["format"]):
-        return None, None, ("missing_image", f"the cached image is truncated ({len(data):,} bytes)")
+        return None, None, (Status.MISSING_IMAGE, f"the cached image is truncated ({len(data):,} bytes)")
     return meta, data_url(data), None
 
 
@@ -2320,7 +2339,7 @@ class SampleLog:
             if record.get("url") != url:
                 raise UsageError(f"{self.path} holds samples from {record.get('url')}, not {url}: "
                                  "give this server its own --log_samples or --output")
-            if record.get("status") in VALID_STATUSES:
+            if record.get("status") in Status.SCORED:
                 done[(record.get("doc_hash"), record.get("body_hash"), record.get("repeat", 0))] = record
         return done
 
@@ -2423,11 +2442,11 @@ class TaskRun:
         if sample.error:
             return Outcome(sample.error[0], error=sample.error[1], attempts=0)
         if self.server_down:
-            return Outcome("connection", error=NOT_SENT, attempts=0)
+            return Outcome(Status.CONNECTION, error=NOT_SENT, attempts=0)
         outcome = self.client.send_blocking(sample.payload)
         down = False
         with self.lock:
-            if outcome.status in ("connection", "timeout"):  # after all retries
+            if outcome.status in Status.NETWORK:  # after all retries
                 self.failures_in_a_row += 1
                 if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
                     self.server_down = down = True
@@ -2698,7 +2717,7 @@ def self_agreement(documents: list) -> dict:
     """Of documents sent several times and answered every time (a failed request is a
     failure, not a different answer): the share whose responses are all identical, and
     whose scores are all identical."""
-    documents = [group for group in documents if all(r.status in VALID_STATUSES for r in group)]
+    documents = [group for group in documents if all(r.status in Status.SCORED for r in group)]
     n = len(documents)
     same_text = sum(1 for group in documents if len({r.content for r in group}) == 1)
     same_scores = sum(1 for group in documents if len({json.dumps(r.scores, sort_keys=True) for r in group}) == 1)
@@ -2766,7 +2785,7 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     counts per status, tokens, latency and throughput. With repeats, each document's
     scores are first averaged over its repeats (so stderr is over documents), and
     `repeats` holds each pass's metrics, their mean and SEM, and the self-agreement."""
-    valid = [r for r in records if r.status in VALID_STATUSES]
+    valid = [r for r in records if r.status in Status.SCORED]
     documents = list(by_document(records).values()) if repeats > 1 else []
     scored = [group[0]._replace(scores={name: sum(r.score(name) for r in group) / len(group)
                                         for name in group[0].scores}) for group in documents] or records
@@ -2791,11 +2810,11 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
 
     tally = Tally.of(records)
     statuses, finish = tally.statuses, tally.finish_reasons
-    failures = {s: c for s, c in sorted(statuses.items()) if s not in VALID_STATUSES}
+    failures = {s: c for s, c in sorted(statuses.items()) if s not in Status.SCORED}
     result = {
         "metrics": metrics,
         "num_samples": len(records),
-        "num_ok": statuses["ok"],
+        "num_ok": statuses[Status.OK],
         "num_truncated": finish["length"],  # what the server said, whatever the content
         "num_failed": sum(failures.values()),
         "failures": failures,
@@ -3593,7 +3612,7 @@ class Preflight:
     def chat(self, **body: Any) -> Outcome:
         """One request, classified as the runner classifies every response."""
         resp = self.post({"temperature": 0, **body})
-        return Outcome("connection", error=resp) if isinstance(resp, str) else classify_response(resp)
+        return Outcome(Status.CONNECTION, error=resp) if isinstance(resp, str) else classify_response(resp)
 
 
 def failure(outcome: Outcome) -> str:
@@ -3603,7 +3622,7 @@ def failure(outcome: Outcome) -> str:
 
 def answered(outcome: Outcome) -> bool:
     """HTTP 200 with a well-formed message (its content may be empty)."""
-    return outcome.http_status == 200 and outcome.status != "bad_response"
+    return outcome.http_status == 200 and outcome.status != Status.BAD_RESPONSE
 
 
 def models_listed(pf: Preflight) -> tuple[str, str]:
@@ -4317,7 +4336,7 @@ def labelled_answer(record: Logged) -> tuple[str, str | None]:
     for name in filters:
         if extracted.get(name) not in (None, "", INVALID):
             return extracted[name], name
-    if record.status not in VALID_STATUSES:
+    if record.status not in Status.SCORED:
         return f"<{record.status}>", None
     return (extracted.get(filters[0]) or "", filters[0]) if filters else ("", None)
 
@@ -4776,7 +4795,7 @@ def sample_flags(records: list, metric: str) -> list:
             continue
         score = record.score(metric)
         on["wrong"] = on["wrong"] or not score
-        on["failed"] = on["failed"] or record.status not in VALID_STATUSES
+        on["failed"] = on["failed"] or record.status not in Status.SCORED
         if i and first is not None:
             on["flipped"] = on["flipped"] or score != score_a
             on["differs"] = on["differs"] or record.content != first.content
