@@ -483,6 +483,28 @@ class APIConfig:
         SECRETS.add(self.api_key, *self.headers.values())
 
 
+@dataclasses.dataclass
+class RunOptions:
+    """How a run goes, apart from where its requests go (APIConfig): which samples, where
+    they are logged, what fails it. The CLI fills one from its flags; evaluate() takes one."""
+
+    tasks: list = dataclasses.field(default_factory=list)  # Task objects, run one after the other
+    check: bool = False  # the conformance preflight first
+    max_samples: int | None = None  # the first N rows of each task
+    data_dir: str | None = None  # the dataset cache (None: data/ beside this file, or env)
+    log_dir: Path | None = None  # the sample logs, resumed from; None: not kept
+    log_images: bool = False
+    progress: bool | None = None  # None: a progress line only on a terminal
+    resume: bool = True
+    repeats: int = 1
+    max_fail_rate: float = DEFAULT_MAX_FAIL_RATE
+    expected: dict = dataclasses.field(default_factory=dict)  # task -> (metric or None, value): --expect
+    expect_tolerance: float = DEFAULT_TOLERANCE
+    fail_if: str | None = None  # with several servers: "worse" or "different"
+    logprob_tolerance: float = DEFAULT_LOGPROB_TOLERANCE
+    noise_floor: bool = False  # with several servers: run the first one twice
+
+
 # ============================================================================
 # 2. HTTP
 # ============================================================================
@@ -2957,28 +2979,28 @@ def check_expectations(results: dict, model: str | None, expected: dict, toleran
             info(format_expectation(name, verdict))
 
 
-def config_record(config: APIConfig, tasks: list, max_samples: int | None, args: argparse.Namespace) -> dict:
+def config_record(config: APIConfig, options: RunOptions) -> dict:
     """What the results file records about the run (never the API key)."""
     return {
         "model": config.model,
         "server": config.server,
         "base_url": config.api_root,
         "chat_url": config.chat_url,
-        "max_samples": max_samples,
+        "max_samples": options.max_samples,
         "num_concurrent": config.num_concurrent,
         "seed": config.seed,
         "logprobs": config.logprobs,
         "gen_kwargs": config.gen_kwargs,
-        "request_params": {t.name: t.request_params(config) for t in tasks},
+        "request_params": {t.name: t.request_params(config) for t in options.tasks},
         "system_instruction": config.system_instruction,
         "fewshot_as_multiturn": config.fewshot_as_multiturn,
         "keep_think": config.keep_think,
         "think_end_token": config.think_end_token,
-        "data_dir": str(resolve_data_dir(args.data_dir)[0]),
+        "data_dir": str(resolve_data_dir(options.data_dir)[0]),
         "timeout": config.timeout,
         "max_retries": config.max_retries,
-        "max_fail_rate": args.max_fail_rate,
-        "repeats": args.repeats,
+        "max_fail_rate": options.max_fail_rate,
+        "repeats": options.repeats,
         "nano_eval_version": __version__,
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -2991,17 +3013,17 @@ def task_results(results: dict) -> dict:
     return {name: r for name, r in results.items() if name != CONFORMANCE and isinstance(r, dict)}
 
 
-def results_document(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None, results: dict,
-                     preflight: dict | None, finished: bool, start: float) -> dict:
+def results_document(config: APIConfig, options: RunOptions, results: dict, preflight: dict | None,
+                     finished: bool, start: float) -> dict:
     """The results JSON of one server's run."""
     document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
                             **results},
-                "config": config_record(config, tasks, args.max_samples, args),
+                "config": config_record(config, options),
                 "total_seconds": round(time.perf_counter() - start, 3),
                 "complete": finished and all(r["complete"] for r in results.values()),
                 "interrupted": not finished}
-    if log_dir:
-        document["config"]["log_samples"] = str(log_dir)
+    if options.log_dir:
+        document["config"]["log_samples"] = str(options.log_dir)
     return document
 
 
@@ -3064,9 +3086,10 @@ def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
     return EXIT_OK
 
 
-def exit_code_of(document: dict, args: argparse.Namespace, log_dir: Path | None) -> int:
+def exit_code_of(document: dict, options: RunOptions) -> int:
     if document["interrupted"]:
-        info("interrupted: partial results written" + ("; rerun the same command to resume" if log_dir else ""))
+        resume = "; rerun the same command to resume" if options.log_dir else ""
+        info("interrupted: partial results written" + resume)
         return EXIT_INTERRUPTED
     results = document["results"]
     codes = [r["exit_code"] for r in results.values() if "exit_code" in r]
@@ -3075,7 +3098,7 @@ def exit_code_of(document: dict, args: argparse.Namespace, log_dir: Path | None)
         info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
         codes.append(EXIT_FAILURES)
     codes.append(fail_rate_exit({n: r for n, r in task_results(results).items() if "error" not in r},
-                                args.max_fail_rate))
+                                options.max_fail_rate))
     below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
              and not r["expectation"].get("informational")]
     if below:
@@ -3309,8 +3332,7 @@ def failure_of(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
 
 
-async def evaluate_tasks(tasks: list, config: APIConfig, args: argparse.Namespace, log_dir: Path | None,
-                    results: dict) -> tuple[bool, str | None]:
+async def evaluate_tasks(config: APIConfig, options: RunOptions, results: dict) -> tuple[bool, str | None]:
     """Runs the tasks one after the other into `results`: (False when interrupted, the
     error that made the server unusable). A task that cannot run or finish gets an entry
     with its `error`; the next task still runs, unless the server itself is unusable."""
@@ -3323,12 +3345,14 @@ async def evaluate_tasks(tasks: list, config: APIConfig, args: argparse.Namespac
         except (NotImplementedError, RuntimeError, ValueError):
             pass
 
+    tasks = options.tasks
+
     async def all_tasks() -> str | None:
         for task in tasks:
             try:
-                await run_task(task, config, args.max_samples, data_dir=args.data_dir, log_dir=log_dir,
-                               log_images=args.log_images, progress=False if args.no_progress else None,
-                               sink=results, resume=not args.no_resume, repeats=args.repeats)
+                await run_task(task, config, options.max_samples, data_dir=options.data_dir,
+                               log_dir=options.log_dir, log_images=options.log_images, progress=options.progress,
+                               sink=results, resume=options.resume, repeats=options.repeats)
             except Exception as exc:  # noqa: BLE001 -- whatever ended this task, the finished ones are kept
                 if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
                     raise
@@ -3368,21 +3392,20 @@ async def evaluate_tasks(tasks: list, config: APIConfig, args: argparse.Namespac
     return False, None
 
 
-def evaluate_server(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path | None,
-               check: bool) -> dict:
+def evaluate_server(config: APIConfig, options: RunOptions) -> dict:
     """The preflight (if asked) and the tasks against one server: its results document."""
     start = time.perf_counter()
-    preflight = preflight_result(config) if check else None
+    preflight = preflight_result(config) if options.check else None
     results: dict = {}
     try:
-        finished, server_error = asyncio.run(evaluate_tasks(tasks, config, args, log_dir, results))
+        finished, server_error = asyncio.run(evaluate_tasks(config, options, results))
     finally:
         for name, result in results.items():
             report_warnings(name, result)
     if results:
         print(summary_table(results), file=sys.stderr)
-    check_expectations(results, config.model, args.expected, args.expect_tolerance)
-    document = results_document(config, tasks, args, log_dir, results, preflight, finished, start)
+    check_expectations(results, config.model, options.expected, options.expect_tolerance)
+    document = results_document(config, options, results, preflight, finished, start)
     if server_error:
         document["error"] = server_error
     return document
@@ -3393,13 +3416,13 @@ def floor_concurrency(num_concurrent: int) -> int:
     return 1 if num_concurrent > 1 else DEFAULT_CONCURRENCY
 
 
-def measure_noise_floor(config: APIConfig, tasks: list, args: argparse.Namespace, log_dir: Path) -> dict:
+def measure_noise_floor(config: APIConfig, options: RunOptions) -> dict:
     """The reference server again, on the same samples, at another concurrency (--noise_floor):
     its results document; its sample log is the floor of every numerics verdict against it."""
     again = dataclasses.replace(config, num_concurrent=floor_concurrency(config.num_concurrent))
     info(f"noise floor: {config.model} at {config.chat_url} again at --num_concurrent {again.num_concurrent} "
          f"(it ran at {config.num_concurrent})")
-    return evaluate_server(again, tasks, args, log_dir, False)
+    return evaluate_server(again, dataclasses.replace(options, check=False))
 
 
 def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, noise_floor: str | None = None) -> list:
@@ -3420,17 +3443,16 @@ def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, no
     return comparisons
 
 
-def evaluate_servers(configs: list, model: str | None, tasks: list, args: argparse.Namespace, output: Path | None,
-                log_dir: Path | None, check: bool, report: Path | None = None) -> int:
+def evaluate_servers(configs: list, model: str | None, options: RunOptions) -> tuple[dict, int]:
     """The same samples against each server, then the paired comparison of the first
-    usable server with each of the others. A server that cannot be used is reported in
-    its entry of `runs`; the others still run."""
-    root = log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
+    usable server with each of the others: the document and its exit code. A server that
+    cannot be used is reported in its entry of `runs`; the others still run."""
+    root = options.log_dir or Path(tempfile.mkdtemp(prefix="nano-eval-runs-"))
     start = time.perf_counter()
     unusable = {}
     for config in configs:
         try:
-            find_server(config, model)
+            find_server(config, model or config.model)
         except (AuthError, ServerError) as exc:
             unusable[id(config)] = exc
             info(f"error: {exc}")
@@ -3438,40 +3460,70 @@ def evaluate_servers(configs: list, model: str | None, tasks: list, args: argpar
     try:  # Ctrl-C or SIGTERM between or after the runs: what finished is still written
         for i, config in enumerate(configs):
             parts = urllib.parse.urlsplit(config.api_root)
-            run_dir = root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_")
+            run_options = dataclasses.replace(
+                options, log_dir=root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_"))
             error = unusable.get(id(config))
             if error is None:
                 info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-                runs.append(evaluate_server(config, tasks, args, run_dir, check))
-                codes.append(exit_code_of(runs[-1], args, run_dir))
-                if args.noise_floor and floor is None and tasks and not runs[-1]["interrupted"]:
-                    floor = measure_noise_floor(config, tasks, args, run_dir.with_name(run_dir.name + "_floor"))
-                    codes.append(exit_code_of(floor, args, Path(floor["config"]["log_samples"])))
+                runs.append(evaluate_server(config, run_options))
+                codes.append(exit_code_of(runs[-1], run_options))
+                if options.noise_floor and floor is None and options.tasks and not runs[-1]["interrupted"]:
+                    floor_dir = run_options.log_dir.with_name(run_options.log_dir.name + "_floor")
+                    floor_options = dataclasses.replace(run_options, log_dir=floor_dir)
+                    floor = measure_noise_floor(config, floor_options)
+                    codes.append(exit_code_of(floor, floor_options))
                     if floor["interrupted"]:
                         break
             else:  # this server is unusable; the others' results still count
-                runs.append({"results": {}, "config": config_record(config, tasks, args.max_samples, args),
+                runs.append({"results": {}, "config": config_record(config, options),
                              "error": SECRETS.scrub(str(error)), "complete": False, "interrupted": False})
                 codes.append(error.exit_code)
             if runs[-1]["interrupted"]:
                 break
-        comparisons = compare_servers([run for run in runs if "error" not in run] if tasks else [],
-                                      args.logprob_tolerance, floor and floor["config"]["log_samples"])
+        comparisons = compare_servers([run for run in runs if "error" not in run] if options.tasks else [],
+                                      options.logprob_tolerance, floor and floor["config"]["log_samples"])
     except KeyboardInterrupt:
         info("interrupted: the runs that finished are written, without their comparison")
         codes.append(EXIT_INTERRUPTED)
     document = {"runs": runs, **({"noise_floor": floor} if floor else {}), "comparisons": comparisons,
                 "total_seconds": round(time.perf_counter() - start, 3)}
-    write_results(document, output, report)
-    codes += [gate_exit(c["comparison"], args.fail_if) for c in comparisons if "comparison" in c]
-    return most_severe(codes)
+    codes += [gate_exit(c["comparison"], options.fail_if) for c in comparisons if "comparison" in c]
+    return document, most_severe(codes)
+
+
+def check_places(options: RunOptions) -> None:
+    """The sample log's folder and the dataset cache can be written: said now, not after connecting."""
+    if options.log_dir and not is_writable_dir(options.log_dir):
+        raise UsageError(f"cannot write the sample log in {options.log_dir}")
+    if options.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
+        resolve_data_dir(options.data_dir)
+
+
+def evaluate(configs: list, options: RunOptions, model: str | None = None) -> tuple[dict, int]:
+    """One server, or several compared with the first: the results document and the exit
+    code, as the command line writes and returns them. `model` is asked of every server;
+    None: each config's own, or the only one its /v1/models lists."""
+    check_places(options)
+    if not all(c.verify_certificate for c in configs) and any(c.chat_url.startswith("https:") for c in configs):
+        warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
+             "any server can pose as this one")
+    if len(configs) > 1:
+        return evaluate_servers(configs, model, options)
+    config = configs[0]
+    find_server(config, model or config.model)
+    server = config.server
+    info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
+         f"{' ' + str(server['version']) if server.get('version') else ''}): "
+         f"{', '.join([t.name for t in options.tasks] + ([CONFORMANCE] if options.check else []))}")
+    document = evaluate_server(config, options)
+    return document, exit_code_of(document, options)
 
 
 def cmd_eval(argv: list) -> int:
     args = build_parser().parse_args(argv)
     tasks, check = resolve_tasks(args.tasks, args.check)
     base_urls, model, fields = resolve_settings(args)
-    args.expected = parse_expectations(args.expect, tasks)
+    expected = parse_expectations(args.expect, tasks)
     if args.fail_if and len(base_urls) < 2:
         raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
     if args.noise_floor and (len(base_urls) < 2 or not fields["logprobs"] or not tasks):
@@ -3483,35 +3535,21 @@ def cmd_eval(argv: list) -> int:
     log_dir = sample_log_dir(args, output)
     check_distinct_outputs(output, report, log_dir)
     scratch = Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report and not log_dir else None
+    options = RunOptions(
+        tasks=tasks, check=check, max_samples=args.max_samples, data_dir=args.data_dir, log_dir=log_dir or scratch,
+        log_images=args.log_images, progress=False if args.no_progress else None, resume=not args.no_resume,
+        repeats=args.repeats, max_fail_rate=args.max_fail_rate, expected=expected,
+        expect_tolerance=args.expect_tolerance, fail_if=args.fail_if, logprob_tolerance=args.logprob_tolerance,
+        noise_floor=args.noise_floor)
     try:
-        return evaluate(args, tasks, check, base_urls, model, fields, output, report, log_dir or scratch)
+        check_places(options)
+        configs = [APIConfig(url=url, **fields) for url in base_urls or [probe_local_server()]]
+        document, code = evaluate(configs, options, model)
+        write_results(document, output, report)
+        return code
     finally:
         if scratch:  # the report needed the samples; nobody asked to keep them
             shutil.rmtree(scratch, ignore_errors=True)
-
-
-def evaluate(args: argparse.Namespace, tasks: list, check: bool, base_urls: list, model: str | None, fields: dict,
-             output: Path | None, report: Path | None, log_dir: Path | None) -> int:
-    """The run cmd_eval checked the settings of: one server, or several compared."""
-    if log_dir and not is_writable_dir(log_dir):
-        raise UsageError(f"cannot write the sample log in {log_dir}")
-    if args.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
-        resolve_data_dir(args.data_dir)  # fail now, not after connecting
-    configs = [APIConfig(url=url, **fields) for url in base_urls or [probe_local_server()]]
-    if not fields["verify_certificate"] and any(c.chat_url.startswith("https:") for c in configs):
-        warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
-             "any server can pose as this one")
-    if len(configs) > 1:
-        return evaluate_servers(configs, model, tasks, args, output, log_dir, check, report)
-    config = configs[0]
-    find_server(config, model)
-    server = config.server
-    info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
-         f"{' ' + str(server['version']) if server.get('version') else ''}): "
-         f"{', '.join([t.name for t in tasks] + ([CONFORMANCE] if check else []))}")
-    document = evaluate_server(config, tasks, args, log_dir, check)
-    write_results(document, output, report)
-    return exit_code_of(document, args, log_dir)
 
 
 def raise_interrupt(signum: int, frame: Any) -> None:

@@ -31,7 +31,7 @@ from fakes import (ByRow, ByRowWithWrongRows, CHARTQA, FakeDatasetsServer, FakeO
                    GSM8K_GOLD, GSM_ARGS, LOG_NAME, OTHER_RIGHT, Reply, WRONG, chart_row_of, cli, cli_env,
                    error_lines, gsm8k_args, gsm8k_first, gsm8k_row_of, image_of, image_url, interrupted_cli,
                    read_log, read_log_by_row, responder_for, right, run_chartqa, run_gsm8k_plain, run_inproc, sem,
-                   synthetic_chartqa_dataset, warning_lines)
+                   synthetic_chartqa_dataset, warning_lines, run_main)
 from nano_eval import APIConfig, TASKS, run_task  # noqa: E402
 
 
@@ -49,6 +49,46 @@ def test_python_api_run_task(isolated_env, fake_openai):
     assert result["metrics"]["exact_match,flexible-extract"] == 1.0
     assert len(fake_openai.chat_requests) == 10
     assert fake_openai.max_in_flight <= 8
+
+
+TIMINGS = ("elapsed", "total_seconds", "date", "latency_p50", "latency_p95", "output_tokens_per_second",
+           "requests_per_second")
+
+
+def timeless(document: dict) -> dict:
+    """A results document without what differs between two runs of it: times, the date."""
+    if isinstance(document, dict):
+        return {k: timeless(v) for k, v in document.items() if k not in TIMINGS}
+    if isinstance(document, list):
+        return [timeless(v) for v in document]
+    return document
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+def test_python_api_evaluate_gives_the_cli_document_and_exit_code(isolated_env, tmp_path, capsys, servers):
+    """evaluate(configs, RunOptions(...)): the same results document and exit code as the command
+    line, without a Namespace; here with a failed sample (exit 1: more than --max_fail_rate) and,
+    with two servers, their comparison."""
+    right_answers = ByRow()
+
+    def row_1_fails(body, n):
+        return Reply(status=500) if gsm8k_row_of(body) == 1 else right_answers(body, n)
+
+    with FakeOpenAI(responder=row_1_fails) as a, FakeOpenAI(responder=ByRow()) as b:
+        urls = [a.base_url, b.base_url][:servers]
+        argv = ["--tasks", GSM, "--max_samples", "4", "--no_progress", "--max_retries", "1", "--seed", "7"]
+        argv += [arg for url in urls for arg in ("--base_url", url)]
+        code, out, _ = run_main(argv + ["--log_samples", str(tmp_path / "cli")], capsys)
+        options = ne.RunOptions(tasks=[TASKS[GSM]], max_samples=4, progress=False,
+                                log_dir=tmp_path / "api")
+        configs = [APIConfig(url=url, max_retries=1, seed=7) for url in urls]
+        document, api_code = ne.evaluate(configs, options)
+    assert code == api_code == 1
+    cli_document = json.loads(out)
+    as_cli = json.loads(json.dumps(document).replace(str(tmp_path / "api"), str(tmp_path / "cli")))
+    import difflib
+    a_, b_ = (json.dumps(timeless(d), indent=1, sort_keys=True).splitlines() for d in (as_cli, cli_document))
+    assert a_ == b_, "\n".join(difflib.unified_diff(a_, b_, lineterm=""))
 
 
 
