@@ -608,18 +608,19 @@ class AttemptDeadlines:
     """What makes a client's timeout bound a whole attempt, not each read from the socket (a
     server sending one byte every half second would otherwise hold a request for ever): one
     thread, started on the first request, that shuts the socket of any request still running
-    past its deadline. A request registers on the way in and out (two dict operations)."""
+    past its deadline. A request registers on the way in and out (two dict operations). The
+    same registry lets a stopped run end the requests it no longer wants (cut)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._running: dict = {}  # id -> (deadline, connection)
+        self._running: dict = {}  # id -> (deadline, connection, owner)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def start(self, conn: http.client.HTTPConnection, seconds: float) -> int:
+    def start(self, conn: http.client.HTTPConnection, seconds: float, owner: Any = None) -> int:
         key = next(self._ids)
         with self._lock:
-            self._running[key] = (time.monotonic() + seconds, conn)
+            self._running[key] = (time.monotonic() + seconds, conn, owner)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="nano-eval-deadlines", daemon=True)
                 self._thread.start()
@@ -628,7 +629,7 @@ class AttemptDeadlines:
     def end(self, key: int) -> bool:
         """False when the attempt ran past its deadline (and its socket was shut)."""
         with self._lock:
-            deadline, _ = self._running.pop(key)
+            deadline, _, _ = self._running.pop(key)
         return time.monotonic() <= deadline
 
     def _watch(self) -> None:
@@ -636,10 +637,20 @@ class AttemptDeadlines:
             time.sleep(0.25)
             now = time.monotonic()
             with self._lock:
-                late = [conn for deadline, conn in self._running.values() if deadline < now]
-            for conn in late:
-                with contextlib.suppress(OSError, AttributeError):
-                    conn.sock.shutdown(socket.SHUT_RDWR)
+                late = [conn for deadline, conn, _ in self._running.values() if deadline < now]
+            self._shut(late)
+
+    def cut(self, owner: Any) -> None:
+        """Shuts the socket of every request of `owner` still running."""
+        with self._lock:
+            running = [conn for _, conn, who in self._running.values() if who is owner]
+        self._shut(running)
+
+    @staticmethod
+    def _shut(connections: list) -> None:
+        for conn in connections:
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 DEADLINES = AttemptDeadlines()
@@ -661,6 +672,7 @@ class HTTPClient:
         self.verify, self.ca_cert, self.max_body = verify, ca_cert, max_body
         self.proxies = urllib.request.getproxies_environment()
         self._local = threading.local()
+        self.aborted = False
 
     def proxy_for(self, scheme: str, host: str) -> urllib.parse.SplitResult | None:
         proxy = self.proxies.get(scheme)
@@ -732,7 +744,7 @@ class HTTPClient:
         all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json", **(headers or {})}
         for attempt in (0, 1):
             conn, reused = self._connection(parts, fresh=attempt == 1)
-            watch = DEADLINES.start(conn, self.timeout)
+            watch = DEADLINES.start(conn, self.timeout, self)
             try:
                 try:
                     if conn.proxy:
@@ -747,7 +759,7 @@ class HTTPClient:
                 self._drop(parts)
                 if not in_time:
                     raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
-                if reused and attempt == 0:
+                if reused and attempt == 0 and not self.aborted:
                     continue  # the server closed an idle keep-alive connection: resend once on a fresh one
                 raise
             except BaseException as exc:
@@ -759,6 +771,12 @@ class HTTPClient:
                 self._drop(parts)
             return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         raise AssertionError("unreachable")
+
+    def abort(self) -> None:
+        """Ends the requests of this client still waiting for an answer, and resends none."""
+        self.aborted = True
+        DEADLINES.cut(self)
+
 
 def auth_headers(token: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -1133,8 +1151,10 @@ class ChatClient:
         return outcome
 
     def close(self) -> None:
+        """Nothing more is sent; waits end at once, and so do requests still in flight."""
         self.stopped.set()
         self.limiter.close()
+        self.http.abort()
 
 
 # ============================================================================
@@ -2452,7 +2472,6 @@ class TaskRun:
         self.finished = 0  # records since the last flush
         self.closed = False  # after the final flush: nothing more is recorded
         self.building = threading.Lock() if task.image_column else None
-        self.errors: list = []  # what ended a worker thread
         self.logprobs_said = False  # the server's answer to --logprobs is reported once
         self.go = threading.Semaphore(0)  # released once all have started, then by each worker to the next
 
@@ -2584,57 +2603,39 @@ class TaskRun:
             return
 
     def worker(self) -> None:
-        try:
-            self.go.acquire()
-            self.go.release()  # the next one goes
-            self.work()
-        except BaseException as exc:  # noqa: B036 -- handed to the event loop, which raises it
-            with self.lock:
-                self.errors.append(exc)
-        finally:
-            with self.lock:
-                self.running -= 1
-            try:
-                self.loop.call_soon_threadsafe(self.changed.set)
-            except RuntimeError:  # the event loop has ended: nobody waits for this worker
-                pass
-
-    def start_worker(self, index: int) -> None:
-        """A worker thread. It waits until all have started, then lets the next one go as it
-        goes: started while others already work, each thread start waits for the GIL (1024
-        threads took 1.4 s to start on a busy machine, against 0.1 s while they wait), and
-        1024 threads that all want the GIL at once spend their time in the kernel. Daemon
-        threads: one still waiting for an answer the run no longer wants does not hold the exit."""
-        threading.Thread(target=self.worker, name=f"nano-eval-worker-{index}", daemon=True).start()
+        """One worker of the pool. The workers wait until all have started, then go one after
+        the other: started while others already work, each thread start waits for the GIL
+        (1024 threads took 1.4 s to start on a busy machine, against 0.1 s while they wait)."""
+        self.go.acquire()
+        self.go.release()  # the next one goes
+        self.work()
 
     async def drive(self) -> None:
-        """N worker threads (N = --num_concurrent) each take the next document and build,
-        send, score and record it themselves; the event loop only waits for them, and
-        every FLUSH_EVERY seconds appends the finished records to the log."""
+        """asyncio drives a pool of N blocking workers (N = --num_concurrent): each takes the
+        next document and builds, sends, scores and records it; every FLUSH_EVERY seconds the
+        event loop appends the finished records to the log and advances the progress line."""
         self.todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)  # whole passes, one by one
-        self.loop = asyncio.get_running_loop()
-        self.changed = asyncio.Event()  # a worker ended
         count = min(self.config.num_concurrent, len(self.rows)) or 1
-        self.running = count
+        loop = asyncio.get_running_loop()
+        pool = ThreadPoolExecutor(count, thread_name_prefix="nano-eval-worker")
+        workers: set = set()
         try:
-            for index in range(count):
-                self.start_worker(index)
+            workers = {loop.run_in_executor(pool, self.worker) for _ in range(count)}
             self.go.release()  # every worker is there: the first one goes
-            while True:
-                try:
-                    await asyncio.wait_for(self.changed.wait(), FLUSH_EVERY)
-                except asyncio.TimeoutError:
-                    pass
-                self.changed.clear()
+            while workers:
+                done, workers = await asyncio.wait(workers, timeout=FLUSH_EVERY,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
                 self.flush()
-                if self.errors:
-                    raise self.errors[0]  # a worker's error (e.g. AuthError before any success) ends the run
-                if not self.running:
-                    break
+                errors = [worker.exception() for worker in done if worker.exception()]
+                if errors:
+                    raise errors[0]  # a worker's error (e.g. AuthError before any success) ends the run
         finally:
-            self.client.close()  # workers stop: waits end, nothing more is sent
-            self.go.release()  # workers still waiting to go (some failed to start) go, and stop
-            self.flush(final=True)
+            self.flush(final=True)  # what finishes from now on is not recorded
+            self.client.close()  # requests still in flight end, nothing more is sent
+            self.go.release()  # workers still waiting to go go, and stop
+            for worker in workers:
+                worker.cancel()  # not waited for (so what they end with is not reported either)
+            pool.shutdown(wait=False)
 
 
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,

@@ -365,6 +365,31 @@ def test_a_hung_server_is_given_up_like_a_dead_one(isolated_env):
     assert len(srv.chat_requests) == 4 and "stopped answering" in err
 
 
+def test_a_cancelled_run_ends_its_requests_in_flight(isolated_env):
+    """The Python API: cancelling run_task while its requests wait on a server that never
+    answers (--timeout 600 s) ends them at once: no worker thread is left waiting, nothing more
+    is sent, and the requests are not resent on a fresh connection."""
+    def workers() -> list:
+        return [t for t in threading.enumerate() if t.name.startswith("nano-eval-worker") and t.is_alive()]
+
+    async def cancel_in_flight(srv) -> None:
+        run = asyncio.ensure_future(run_task(TASKS[GSM], APIConfig(url=srv.base_url, num_concurrent=3), 6,
+                                             progress=False))
+        while len(srv.chat_requests) < 3:
+            await asyncio.sleep(0.05)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    with FakeOpenAI(responder=lambda body, n: Reply(hang=True)) as srv:
+        asyncio.run(cancel_in_flight(srv))
+        deadline = time.monotonic() + 5
+        while workers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not workers(), workers()
+        assert len(srv.chat_requests) == 3
+
+
 def hung_server_run(log_dir: Path, samples: int) -> tuple:
     """`samples` rows, 4 in flight, against a server that never answers (2 s timeout, one
     attempt): (exit code, the task's results, stderr, the chat requests the server saw)."""
