@@ -2247,13 +2247,16 @@ class Logged(NamedTuple):
     @classmethod
     def of(cls, record: dict, at: tuple | None = None) -> Logged:
         response = record.get("response") or {}
-        return cls(record["task"], record["doc_hash"], record.get("row_idx"), record.get("repeat") or 0,
-                   record["status"], record.get("scores") or {}, record.get("extracted") or {}, record.get("target"),
-                   response.get("content") or "", response.get("reasoning_content"), response.get("finish_reason"),
-                   response.get("usage") or {}, response.get("http_status"), response.get("logprobs") or None,
-                   record.get("request") or {}, record.get("image"), record.get("group"), record.get("error"),
-                   record.get("latency") or 0.0, record.get("attempts") or 0, bool(record.get("reused")),
-                   record.get("reasoning_flags") or [], at)
+        return cls(
+            task=record["task"], doc_hash=record["doc_hash"], row_idx=record.get("row_idx"),
+            repeat=record.get("repeat") or 0, status=record["status"], scores=record.get("scores") or {},
+            extracted=record.get("extracted") or {}, target=record.get("target"),
+            content=response.get("content") or "", reasoning=response.get("reasoning_content"),
+            finish_reason=response.get("finish_reason"), usage=response.get("usage") or {},
+            http_status=response.get("http_status"), logprobs=response.get("logprobs") or None,
+            request=record.get("request") or {}, image=record.get("image"), group=record.get("group"),
+            error=record.get("error"), latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0,
+            reused=bool(record.get("reused")), reasoning_flags=record.get("reasoning_flags") or [], at=at)
 
     def score(self, metric: str) -> float:
         return float(self.scores.get(metric, 0.0))
@@ -3333,7 +3336,7 @@ def failure_of(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
 
 
-async def evaluate_tasks(config: APIConfig, options: RunOptions, results: dict) -> tuple[bool, str | None]:
+async def run_tasks(config: APIConfig, options: RunOptions, results: dict) -> tuple[bool, str | None]:
     """Runs the tasks one after the other into `results`: (False when interrupted, the
     error that made the server unusable). A task that cannot run or finish gets an entry
     with its `error`; the next task still runs, unless the server itself is unusable."""
@@ -3393,13 +3396,13 @@ async def evaluate_tasks(config: APIConfig, options: RunOptions, results: dict) 
     return False, None
 
 
-def evaluate_server(config: APIConfig, options: RunOptions) -> dict:
+def run_server(config: APIConfig, options: RunOptions) -> dict:
     """The preflight (if asked) and the tasks against one server: its results document."""
     start = time.perf_counter()
     preflight = preflight_result(config) if options.check else None
     results: dict = {}
     try:
-        finished, server_error = asyncio.run(evaluate_tasks(config, options, results))
+        finished, server_error = asyncio.run(run_tasks(config, options, results))
     finally:
         for name, result in results.items():
             report_warnings(name, result)
@@ -3423,7 +3426,7 @@ def measure_noise_floor(config: APIConfig, options: RunOptions) -> dict:
     again = dataclasses.replace(config, num_concurrent=floor_concurrency(config.num_concurrent))
     info(f"noise floor: {config.model} at {config.chat_url} again at --num_concurrent {again.num_concurrent} "
          f"(it ran at {config.num_concurrent})")
-    return evaluate_server(again, dataclasses.replace(options, check=False))
+    return run_server(again, dataclasses.replace(options, check=False))
 
 
 def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, noise_floor: str | None = None) -> list:
@@ -3444,7 +3447,7 @@ def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, no
     return comparisons
 
 
-def evaluate_servers(configs: list, model: str | None, options: RunOptions) -> tuple[dict, int]:
+def run_and_compare(configs: list, model: str | None, options: RunOptions) -> tuple[dict, int]:
     """The same samples against each server, then the paired comparison of the first
     usable server with each of the others: the document and its exit code. A server that
     cannot be used is reported in its entry of `runs`; the others still run."""
@@ -3466,7 +3469,7 @@ def evaluate_servers(configs: list, model: str | None, options: RunOptions) -> t
             error = unusable.get(id(config))
             if error is None:
                 info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-                runs.append(evaluate_server(config, run_options))
+                runs.append(run_server(config, run_options))
                 codes.append(exit_code_of(runs[-1], run_options))
                 if options.noise_floor and floor is None and options.tasks and not runs[-1]["interrupted"]:
                     floor_dir = run_options.log_dir.with_name(run_options.log_dir.name + "_floor")
@@ -3509,14 +3512,14 @@ def evaluate(configs: list, options: RunOptions, model: str | None = None) -> tu
         warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
              "any server can pose as this one")
     if len(configs) > 1:
-        return evaluate_servers(configs, model, options)
+        return run_and_compare(configs, model, options)
     config = configs[0]
     find_server(config, model or config.model)
     server = config.server
     info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
          f"{' ' + str(server['version']) if server.get('version') else ''}): "
          f"{', '.join([t.name for t in options.tasks] + ([CONFORMANCE] if options.check else []))}")
-    document = evaluate_server(config, options)
+    document = run_server(config, options)
     return document, exit_code_of(document, options)
 
 
