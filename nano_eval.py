@@ -5,13 +5,14 @@ Runs lm-evaluation-harness's `gsm8k_cot_llama` and `chartqa` exactly as lm-eval'
 `local-chat-completions` model does (same request bodies, same scoring, same metric
 names) against any `/v1/chat/completions` endpoint, with the standard library only.
 
-The map, in the order data flows. The core (sections 1-8) is one run from the command
+The map, in the order data flows. The core (sections 1-9) is one run from the command
 line to the printed JSON; it calls the optional tools only when asked to (--check,
 several --base_url, --report, --logprobs in a comparison). Start at main() at the end
 of the core, then read it from the top. Inside every section, and every class, helpers
 come before their callers; a section's entry point is last.
-   1. Config          every constant, errors and exit codes, the value checks shared by
-                      argparse and APIConfig, APIConfig
+   1. Config          every constant, errors and exit codes, Status (how a sample ends),
+                      the value checks shared by argparse and APIConfig, APIConfig (where
+                      and how requests go), RunOptions (how a run goes)
    2. HTTP            read_json (every JSON document from outside, read once), HTTPClient
                       (a keep-alive connection per worker thread, TLS, proxies, a deadline
                       per attempt), response classification (logprobs included), retries,
@@ -22,19 +23,21 @@ come before their callers; a section's entry point is last.
                       (rows, images, sha256 manifest): load_rows()
    5. Tasks           gsm8k_cot_llama and chartqa: prompts, request bodies, lm-eval's
                       filters and metrics, the TASKS table
-   6. Runner          run_task(): worker threads build, send, score and log each sample;
-                      the sample log, resume from it, and Logged, the one way a record
-                      is read (results, compare, report)
-   7. Results         aggregate(), warnings, the summary table, expectations, the results
+   6. The sample log  one JSON line per sample, written as it ends; every record checked
+                      once and read as Logged (results, resume, compare, report)
+   7. Runner          run_task(): asyncio drives a ThreadPoolExecutor of blocking workers
+                      that build, send, score and log each sample
+   8. Results         aggregate(), warnings, the summary table, expectations, the results
                       JSON and the exit code
-   8. CLI             arguments, one server or several, main()
+   9. CLI             arguments -> APIConfig + RunOptions; evaluate() (one server, or
+                      several compared: run_server, run_and_compare); main()
 The optional tools, each a section ending in its entry point:
-   9. Preflight       conformance checks (--check): preflight_result()
-  10. Compare         paired comparison of two runs, accuracy and numerics (logprob
+  10. Preflight       conformance checks (--check): preflight_result()
+  11. Compare         paired comparison of two runs, accuracy and numerics (logprob
                       parity, judged at each side's precision read from its own log, and
                       at a measured noise floor): `nano-eval compare`
-  11. Replay          resend one logged request: `nano-eval replay`
-  12. HTML report     one page of a run or a comparison: `nano-eval report`
+  12. Replay          resend one logged request: `nano-eval replay`
+  13. HTML report     one page of a run or a comparison: `nano-eval report`
 
 Python API:
     import asyncio
@@ -42,6 +45,9 @@ Python API:
     result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"],
                                   APIConfig(url="http://localhost:8000/v1", num_concurrent=8),
                                   max_samples=100))
+    # the whole run of the command line, its results document and exit code:
+    document, exit_code = evaluate([APIConfig(url=...), APIConfig(url=...)],
+                                   RunOptions(tasks=[TASKS["gsm8k_cot_llama"]], max_samples=100))
 """
 
 from __future__ import annotations
@@ -923,17 +929,6 @@ def logged_token(entry: dict) -> str | dict:
     if isinstance(text, str) and text:
         return text
     return {"id": entry["id"]} if type(entry.get("id")) is int else ""
-
-
-UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
-# A special token as vLLM spells it (llama.cpp: "" with its id; MAX: ""): the end of a turn or of the text
-SPECIAL_TOKEN = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<eos>|<end_of_turn>")
-
-
-def token_key(token: Any) -> str:
-    if not isinstance(token, str) or not token or SPECIAL_TOKEN.fullmatch(token):
-        return UNSPELLED
-    return token
 
 
 def logged_logprob(value: Any) -> float | None:
@@ -2146,7 +2141,7 @@ TASKS: dict[str, Task] = {
 
 
 # ============================================================================
-# 6. Runner
+# 6. The sample log
 # ============================================================================
 
 
@@ -2399,6 +2394,11 @@ class SampleLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+# ============================================================================
+# 7. Runner
+# ============================================================================
 
 
 class Progress:
@@ -2683,7 +2683,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
 
 
 # ============================================================================
-# 7. Results
+# 8. Results
 # ============================================================================
 
 # Published scores for these exact tasks, matched on the served model name (see
@@ -3031,49 +3031,6 @@ def results_document(config: APIConfig, options: RunOptions, results: dict, pref
     return document
 
 
-def stdout_json(document: dict) -> str:
-    """The document as JSON text that any stdout encoding can carry: non-ASCII characters
-    are escaped unless stdout takes UTF-8."""
-    try:
-        utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
-    except LookupError:
-        utf8 = False
-    return SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=not utf8))
-
-
-def print_to_stdout(text: str) -> bool:
-    """`text` on stdout; False when stdout is closed (`... | head`): it is then pointed at
-    os.devnull, so that Python's own flush at exit does not fail too."""
-    try:
-        print(text, flush=True)
-        return True
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return False
-
-
-def write_results(document: dict, output: Path | None, report: Path | None) -> None:
-    """The document in --output, as the --report page, and on stdout: each is written even
-    when another fails (the first failure is raised after)."""
-    failures: list = []
-    if output:
-        text = SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=False))
-        try:
-            atomic_write(output, (text + "\n").encode("utf-8", "replace"))
-        except OSError as exc:
-            failures.append(UsageError(f"cannot write --output {output}: {exc.strerror or exc}"))
-            output = None
-    if report:
-        try:
-            write_report(report, report_from_document(document))
-        except Exception as exc:  # noqa: BLE001 -- the results still reach stdout
-            failures.append(exc)
-    if not print_to_stdout(stdout_json(document)):
-        info("stdout is closed: the results JSON was not printed" + (f"; it is in {output}" if output else ""))
-    if failures:
-        raise failures[0]
-
-
 def most_severe(codes: list) -> int:
     """An interruption first, then the highest code; a failed quality gate only when
     nothing else went wrong."""
@@ -3112,7 +3069,7 @@ def exit_code_of(document: dict, options: RunOptions) -> int:
 
 
 # ============================================================================
-# 8. CLI
+# 9. CLI
 # ============================================================================
 
 
@@ -3523,6 +3480,49 @@ def evaluate(configs: list, options: RunOptions, model: str | None = None) -> tu
     return document, exit_code_of(document, options)
 
 
+def stdout_json(document: dict) -> str:
+    """The document as JSON text that any stdout encoding can carry: non-ASCII characters
+    are escaped unless stdout takes UTF-8."""
+    try:
+        utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
+    except LookupError:
+        utf8 = False
+    return SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=not utf8))
+
+
+def print_to_stdout(text: str) -> bool:
+    """`text` on stdout; False when stdout is closed (`... | head`): it is then pointed at
+    os.devnull, so that Python's own flush at exit does not fail too."""
+    try:
+        print(text, flush=True)
+        return True
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+
+
+def write_results(document: dict, output: Path | None, report: Path | None) -> None:
+    """The document in --output, as the --report page, and on stdout: each is written even
+    when another fails (the first failure is raised after)."""
+    failures: list = []
+    if output:
+        text = SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=False))
+        try:
+            atomic_write(output, (text + "\n").encode("utf-8", "replace"))
+        except OSError as exc:
+            failures.append(UsageError(f"cannot write --output {output}: {exc.strerror or exc}"))
+            output = None
+    if report:
+        try:
+            write_report(report, report_from_document(document))
+        except Exception as exc:  # noqa: BLE001 -- the results still reach stdout
+            failures.append(exc)
+    if not print_to_stdout(stdout_json(document)):
+        info("stdout is closed: the results JSON was not printed" + (f"; it is in {output}" if output else ""))
+    if failures:
+        raise failures[0]
+
+
 def cmd_eval(argv: list) -> int:
     args = build_parser().parse_args(argv)
     tasks, check = resolve_tasks(args.tasks, args.check)
@@ -3618,7 +3618,7 @@ def main(argv: list | None = None) -> int:
 
 
 # ============================================================================
-# 9. Preflight
+# 10. Preflight
 # ============================================================================
 
 IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
@@ -3875,8 +3875,19 @@ def preflight_result(config: APIConfig) -> dict:
 
 
 # ============================================================================
-# 10. Compare
+# 11. Compare
 # ============================================================================
+
+
+UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
+# A special token as vLLM spells it (llama.cpp: "" with its id; MAX: ""): the end of a turn or of the text
+SPECIAL_TOKEN = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<eos>|<end_of_turn>")
+
+
+def token_key(token: Any) -> str:
+    if not isinstance(token, str) or not token or SPECIAL_TOKEN.fullmatch(token):
+        return UNSPELLED
+    return token
 
 
 def logged_request(body: dict, image: dict | None) -> dict:
@@ -4683,7 +4694,7 @@ def cmd_compare(argv: list) -> int:
 
 
 # ============================================================================
-# 11. Replay
+# 12. Replay
 # ============================================================================
 
 
@@ -4765,7 +4776,7 @@ def cmd_replay(argv: list) -> int:
 
 
 # ============================================================================
-# 12. HTML report
+# 13. HTML report
 # ============================================================================
 
 REPORT_CSS = """
