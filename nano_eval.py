@@ -164,9 +164,7 @@ BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name
                      if d.is_dir()), Path(__file__).resolve().parent / "data")
 KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
 
-# The command line
-MODEL_ARGS = {"model", "base_url", "api_key", "num_concurrent", "seed", "max_retries", "timeout", "max_gen_toks",
-              "think_end_token", "header", "verify_certificate", "ca_cert_path", "logprobs"}
+# The command line (its options: OPTIONS, after the value checks)
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
 IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
                       "trust_remote_code"}
@@ -438,12 +436,104 @@ def normalize_base_url(url: str) -> tuple[str, str]:
     return root, root + "/chat/completions" + query
 
 
-# The checks of APIConfig's fields, which resolve_settings also applies to --model_args
-FIELD_CHECKS = {"num_concurrent": positive_int, "max_retries": positive_int, "max_gen_toks": positive_int,
-                "seed": integer, "timeout": positive_float, "max_response_mb": positive_float,
-                "verify_certificate": boolean, "logprobs": top_logprobs}
-# None: each task's own max_tokens; a null seed in the body; no logprobs asked for
-NULLABLE = ("max_gen_toks", "seed", "logprobs")
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting of a run: a flag, a key of lm-eval's --model_args, or both; its value check
+    (argparse, --model_args, APIConfig and RunOptions all apply the same one) and default."""
+
+    name: str
+    help: str = ""  # "" for a --model_args key without a flag
+    check: Callable[[Any], Any] | None = None  # None: any value (text from the command line)
+    parse: Callable[[str], Any] = parse_value  # how a flag's text is read before its check
+    default: Any = None
+    into: str | None = None  # the APIConfig ("api") or RunOptions ("run") field it sets as it is
+    model_arg: bool = False  # also set by --model_args, under the same name
+    nullable: bool = False  # None is a value of its own: the task's max_tokens, a null seed, no logprobs
+    argparse: tuple = ()  # more of add_argument's keywords: (("metavar", "K"),)
+
+
+SWITCH = (("action", "store_true"),)
+# In --help order; a flag's value wins over --model_args, which wins over the default
+OPTIONS = (
+    Option("tasks", "comma-separated tasks: {tasks} (the preflight of --check)"),
+    Option("base_url", "http://host:port/v1 or the full .../v1/chat/completions; repeat it to run the same "
+           "samples against several servers and compare them (default: probe 127.0.0.1)", model_arg=True,
+           argparse=(("action", "append"),)),
+    Option("model", "model name sent in each request (default: the only model /v1/models lists)", model_arg=True),
+    Option("model_args", "lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=.."),
+    Option("api_key", "bearer token (default: env OPENAI_API_KEY)", model_arg=True),
+    Option("num_concurrent", f"requests in flight (default {DEFAULT_CONCURRENCY})", positive_int,
+           default=DEFAULT_CONCURRENCY, into="api", model_arg=True),
+    Option("gen_kwargs", "k=v,... merged into each request body (max_gen_toks means max_tokens)"),
+    Option("max_samples", "first N rows of each task, like lm-eval's --limit", positive_int, into="run",
+           nullable=True),
+    Option("seed", f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)", integer, int, DEFAULT_SEED, "api",
+           model_arg=True, nullable=True),
+    Option("output", "write the results JSON here too (and the sample log beside it)"),
+    Option("log_samples", "append one JSON line per sample to DIR/samples_<task>.jsonl; rerunning with the "
+           "same DIR resumes", argparse=(("metavar", "DIR"),)),
+    Option("log_images", "keep the base64 images in the sample log", into="run", argparse=SWITCH),
+    Option("timeout", "seconds per request attempt, all of it: a server that trickles its answer is cut there "
+           f"(default {DEFAULT_TIMEOUT:.0f})", positive_float, float, DEFAULT_TIMEOUT, "api", model_arg=True),
+    Option("max_retries", f"attempts per request (default {DEFAULT_MAX_RETRIES})", positive_int,
+           default=DEFAULT_MAX_RETRIES, into="api", model_arg=True),
+    Option("max_fail_rate", f"exit 1 when more than this fraction of samples failed (default "
+           f"{DEFAULT_MAX_FAIL_RATE})", fraction, float, DEFAULT_MAX_FAIL_RATE, "run"),
+    Option("keep_think", "score the content as is, without dropping <think>...</think>", into="api",
+           argparse=SWITCH),
+    Option("no_resume", "send every sample again, even those the sample log already has", argparse=SWITCH),
+    Option("data_dir", "dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)",
+           into="run"),
+    Option("system_instruction", "a system message put first, like lm-eval's --system_instruction", into="api"),
+    Option("fewshot_as_multiturn", "few-shots as chat turns (default true, as lm-eval with "
+           "--apply_chat_template)", boolean, default=True, into="api"),
+    Option("header", "an extra request header for the inference server (repeatable); its value is a secret, "
+           "like the key", model_arg=True, argparse=(("action", "append"), ("metavar", "'NAME: VALUE'"))),
+    Option("insecure", "do not verify the server's TLS certificate", argparse=SWITCH),
+    Option("ca_cert", "verify the server's TLS certificate with this CA bundle (PEM)", argparse=(("metavar", "FILE"),)),
+    Option("max_response_mb", "a larger response is a failed sample, status too_large (default "
+           f"{DEFAULT_MAX_RESPONSE_MB})", positive_float, float, DEFAULT_MAX_RESPONSE_MB, "api"),
+    Option("logprobs", "also ask for the top K (1-20) logprobs of every generated token and log them: compare "
+           "then judges numerics (logprob parity) too", top_logprobs, into="api", model_arg=True, nullable=True,
+           argparse=(("metavar", "K"),)),
+    Option("repeats", "send every sample K times and report the mean, its SEM and the self-agreement (at "
+           "temperature > 0, repeat i uses seed + i)", positive_int, default=1, into="run"),
+    Option("expect", "the score you expect (repeatable); a score significantly below it exits "
+           f"{EXIT_GATE}", argparse=(("action", "append"), ("metavar", "TASK[:METRIC]=VALUE"))),
+    Option("expect_tolerance", "absolute slack added to 1.96 x stderr for --expect (default "
+           f"{DEFAULT_TOLERANCE})", fraction, float, DEFAULT_TOLERANCE, "run"),
+    Option("fail_if", f"with several --base_url: exit {EXIT_GATE} when a server is significantly worse than "
+           "the first (or different either way, in accuracy or, with --logprobs, in numerics)", into="run",
+           argparse=(("choices", FAIL_IF),)),
+    Option("logprob_tolerance", "the p99 |delta logprob| over shared tokens above which two servers' numerics "
+           f"differ (default {DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)",
+           positive_float, float, DEFAULT_LOGPROB_TOLERANCE, "run"),
+    Option("noise_floor", "with several --base_url and --logprobs: run the first server a second time at "
+           "another --num_concurrent (1, or 8 if it ran at 1) and allow its own logprob noise in every "
+           "numerics verdict (the calibration a GPU server needs)", into="run", argparse=SWITCH),
+    Option("report", "also write a self-contained HTML report of the run (and of the comparison, with "
+           "several --base_url)", argparse=(("metavar", "FILE"),)),
+    Option("check", "run the server conformance preflight first; without --tasks, only the preflight",
+           argparse=SWITCH),
+    Option("no_progress", "no progress line on stderr", argparse=SWITCH),
+    # lm-eval model_args without a flag of their own
+    Option("max_gen_toks", check=positive_int, into="api", model_arg=True, nullable=True),
+    Option("think_end_token", check=str, default=THINK_END, into="api", model_arg=True),
+    Option("verify_certificate", check=boolean, default=True, model_arg=True),
+    Option("ca_cert_path", model_arg=True),
+)
+OPTION = {option.name: option for option in OPTIONS}
+MODEL_ARGS = {option.name for option in OPTIONS if option.model_arg}
+
+
+def check_fields(settings: Any) -> None:
+    """Every field of an APIConfig or a RunOptions that an option checks, checked as the flag
+    and --model_args are (UsageError naming the field)."""
+    for field in dataclasses.fields(settings):
+        option = OPTION.get(field.name)
+        value = getattr(settings, field.name)
+        if option and option.check and (value is not None or not option.nullable):
+            setattr(settings, field.name, checked(field.name, option.check, value))
 
 
 @dataclasses.dataclass
@@ -474,10 +564,7 @@ class APIConfig:
 
     def __post_init__(self):
         self.api_root, self.chat_url = normalize_base_url(self.url)
-        for name, kind in FIELD_CHECKS.items():
-            value = getattr(self, name)
-            if value is not None or name not in NULLABLE:
-                setattr(self, name, checked(name, kind, value))
+        check_fields(self)
         self.headers = parse_headers(self.headers)
         if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
             raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
@@ -509,6 +596,11 @@ class RunOptions:
     fail_if: str | None = None  # with several servers: "worse" or "different"
     logprob_tolerance: float = DEFAULT_LOGPROB_TOLERANCE
     noise_floor: bool = False  # with several servers: run the first one twice
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.fail_if not in (None, *FAIL_IF):
+            raise UsageError(f"fail_if: expected one of {', '.join(FAIL_IF)}, got {self.fail_if!r}")
 
 
 # ============================================================================
@@ -3087,63 +3179,19 @@ def build_parser() -> ArgumentParser:
                "'nano-eval replay FILE:LINE' (resend one logged request), "
                "'nano-eval report RUN [RUN_B]' (an HTML report).")
 
-    def add(name: str, **kwargs):
-        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        parser.add_argument(*spellings, dest=name, **kwargs)
-
-    add("tasks", help=f"comma-separated tasks: {', '.join([*TASKS, CONFORMANCE])} (the preflight of --check)")
-    add("base_url", action="append", help="http://host:port/v1 or the full .../v1/chat/completions; repeat it "
-        "to run the same samples against several servers and compare them (default: probe 127.0.0.1)")
-    add("model", help="model name sent in each request (default: the only model /v1/models lists)")
-    add("model_args", help="lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=..")
-    add("api_key", help="bearer token (default: env OPENAI_API_KEY)")
-    add("num_concurrent", type=from_text(positive_int), help=f"requests in flight (default {DEFAULT_CONCURRENCY})")
-    add("gen_kwargs", help="k=v,... merged into each request body (max_gen_toks means max_tokens)")
-    add("max_samples", type=from_text(positive_int), help="first N rows of each task, like lm-eval's --limit")
-    parser.add_argument("--limit", dest="max_samples", type=from_text(positive_int), help=argparse.SUPPRESS)
-    add("seed", type=from_text(integer, int), help=f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)")
-    add("output", help="write the results JSON here too (and the sample log beside it)")
-    add("log_samples", metavar="DIR", help="append one JSON line per sample to DIR/samples_<task>.jsonl; "
-        "rerunning with the same DIR resumes")
-    add("log_images", action="store_true", help="keep the base64 images in the sample log")
-    add("timeout", type=from_text(positive_float, float), help="seconds per request attempt, all of it: a server "
-        f"that trickles its answer is cut there (default {DEFAULT_TIMEOUT:.0f})")
-    add("max_retries", type=from_text(positive_int), help=f"attempts per request (default {DEFAULT_MAX_RETRIES})")
-    add("max_fail_rate", type=from_text(fraction, float), default=DEFAULT_MAX_FAIL_RATE,
-        help=f"exit 1 when more than this fraction of samples failed (default {DEFAULT_MAX_FAIL_RATE})")
-    add("keep_think", action="store_true", help="score the content as is, without dropping <think>...</think>")
-    add("no_resume", action="store_true", help="send every sample again, even those the sample log already has")
-    add("data_dir", help="dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)")
-    add("system_instruction", help="a system message put first, like lm-eval's --system_instruction")
-    add("fewshot_as_multiturn", type=from_text(boolean), default=True,
-        help="few-shots as chat turns (default true, as lm-eval with --apply_chat_template)")
-    add("header", action="append", metavar="'NAME: VALUE'", help="an extra request header for the inference "
-        "server (repeatable); its value is a secret, like the key")
-    add("insecure", action="store_true", help="do not verify the server's TLS certificate")
-    add("ca_cert", metavar="FILE", help="verify the server's TLS certificate with this CA bundle (PEM)")
-    add("max_response_mb", type=from_text(positive_float, float), help=f"a larger response is a failed sample, status too_large "
-        f"(default {DEFAULT_MAX_RESPONSE_MB})")
-    add("logprobs", metavar="K", type=from_text(top_logprobs), help="also ask for the top K (1-20) logprobs of "
-        "every generated token and log them: compare then judges numerics (logprob parity) too")
-    add("repeats", type=from_text(positive_int), default=1, help="send every sample K times and report the mean, its SEM "
-        "and the self-agreement (at temperature > 0, repeat i uses seed + i)")
-    add("expect", action="append", metavar="TASK[:METRIC]=VALUE", help="the score you expect (repeatable); "
-        f"a score significantly below it exits {EXIT_GATE}")
-    add("expect_tolerance", type=from_text(fraction, float), default=DEFAULT_TOLERANCE,
-        help=f"absolute slack added to 1.96 x stderr for --expect (default {DEFAULT_TOLERANCE})")
-    add("fail_if", choices=FAIL_IF, help=f"with several --base_url: exit {EXIT_GATE} when a server is significantly "
-        "worse than the first (or different either way, in accuracy or, with --logprobs, in numerics)")
-    add("logprob_tolerance", type=from_text(positive_float, float), default=DEFAULT_LOGPROB_TOLERANCE,
-        help="the p99 |delta logprob| over shared tokens above which two servers' numerics differ "
-             f"(default {DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)")
-    add("noise_floor", action="store_true", help="with several --base_url and --logprobs: run the first server "
-        "a second time at another --num_concurrent (1, or 8 if it ran at 1) and allow its own logprob noise "
-        "in every numerics verdict (the calibration a GPU server needs)")
-    add("report", metavar="FILE", help="also write a self-contained HTML report of the run (and of the "
-        "comparison, with several --base_url)")
-    add("check", action="store_true", help="run the server conformance preflight first; without --tasks, "
-        "only the preflight")
-    add("no_progress", action="store_true", help="no progress line on stderr")
+    for option in OPTIONS:
+        if not option.help:
+            continue  # a --model_args key only
+        kwargs = dict(option.argparse)
+        if option.check:
+            kwargs["type"] = from_text(option.check, option.parse)
+        if option.into == "run" and not option.model_arg and option.default is not None:
+            kwargs["default"] = option.default  # nothing else can set it: argparse gives the default
+        spellings = [f"--{option.name}"] + ([f"--{option.name.replace('_', '-')}"] if "_" in option.name else [])
+        helptext = option.help.format(tasks=", ".join([*TASKS, CONFORMANCE]))
+        parser.add_argument(*spellings, dest=option.name, help=helptext, **kwargs)
+        if option.name == "max_samples":  # lm-eval's name for it
+            parser.add_argument("--limit", dest="max_samples", type=kwargs["type"], help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
     return parser
 
@@ -3183,8 +3231,8 @@ def header_items(value: Any) -> dict | list:
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
-    """(base URLs, model, the other APIConfig fields): flags win over --model_args, which
-    win over the environment and the defaults."""
+    """(base URLs, model, the APIConfig fields): flags win over --model_args, which win over
+    the environment and the defaults."""
     model_args = parse_model_args(args.model_args)
     unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
     if unknown:
@@ -3193,36 +3241,29 @@ def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
     for key in sorted(set(model_args) & IGNORED_MODEL_ARGS):
         info(f"--model_args {key} has no effect here and is ignored")
 
-    def pick(name: str, default: Any = None) -> Any:
-        value = getattr(args, name, None)
-        value = value if value is not None else model_args.get(name, default)
-        if name in FIELD_CHECKS and (value is not None or name not in NULLABLE):
-            value = checked(name, FIELD_CHECKS[name], value)
+    def pick(name: str) -> Any:
+        option, value = OPTION[name], getattr(args, name, None)
+        if value is not None:
+            return value  # a flag's, checked by argparse
+        if not (option.model_arg and name in model_args):
+            return option.default
+        value = model_args[name]  # null is a value of its own for a nullable option (a null seed)
+        if option.check and (value is not None or not option.nullable):
+            value = checked(name, option.check, value)
         return value
 
-    base_urls = args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else [])
-    model = pick("model")
-    fields = {
-        "api_key": check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
-        "num_concurrent": pick("num_concurrent", DEFAULT_CONCURRENCY),
-        "seed": pick("seed", DEFAULT_SEED),
-        "timeout": pick("timeout", DEFAULT_TIMEOUT),
-        "max_retries": pick("max_retries", DEFAULT_MAX_RETRIES),
-        "max_gen_toks": pick("max_gen_toks"),
-        "logprobs": pick("logprobs"),
-        "think_end_token": str(model_args.get("think_end_token", THINK_END)),
-        "gen_kwargs": parse_kv(args.gen_kwargs, "--gen_kwargs"),
-        "headers": {**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
-        "verify_certificate": pick("verify_certificate", True) and not args.insecure,
-        "ca_cert": args.ca_cert or model_args.get("ca_cert_path"),
-        "max_response_mb": args.max_response_mb or DEFAULT_MAX_RESPONSE_MB,
-        "system_instruction": args.system_instruction,
-        "fewshot_as_multiturn": args.fewshot_as_multiturn,
-        "keep_think": args.keep_think,
-    }
+    fields = {option.name: pick(option.name) for option in OPTIONS if option.into == "api"}
+    fields.update(
+        api_key=check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
+        gen_kwargs=parse_kv(args.gen_kwargs, "--gen_kwargs"),
+        headers={**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
+        verify_certificate=pick("verify_certificate") and not args.insecure,
+        ca_cert=args.ca_cert or model_args.get("ca_cert_path"))
     until = fields["gen_kwargs"].get("until")
     if until is not None and not isinstance(until, str):
         raise UsageError(f"--gen_kwargs: until must be text, got {until!r}")
+    base_urls = args.base_url or ([model_args["base_url"]] if model_args.get("base_url") else [])
+    model = pick("model")
     return base_urls, None if model is None else str(model), fields
 
 
@@ -3539,12 +3580,9 @@ def cmd_eval(argv: list) -> int:
     log_dir = sample_log_dir(args, output)
     check_distinct_outputs(output, report, log_dir)
     scratch = Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report and not log_dir else None
-    options = RunOptions(
-        tasks=tasks, check=check, max_samples=args.max_samples, data_dir=args.data_dir, log_dir=log_dir or scratch,
-        log_images=args.log_images, progress=False if args.no_progress else None, resume=not args.no_resume,
-        repeats=args.repeats, max_fail_rate=args.max_fail_rate, expected=expected,
-        expect_tolerance=args.expect_tolerance, fail_if=args.fail_if, logprob_tolerance=args.logprob_tolerance,
-        noise_floor=args.noise_floor)
+    options = RunOptions(tasks=tasks, check=check, log_dir=log_dir or scratch, expected=expected,
+                         progress=False if args.no_progress else None, resume=not args.no_resume,
+                         **{option.name: getattr(args, option.name) for option in OPTIONS if option.into == "run"})
     try:
         check_places(options)
         configs = [APIConfig(url=url, **fields) for url in base_urls or [probe_local_server()]]

@@ -183,6 +183,35 @@ def test_python_api_keeps_the_values_it_was_given():
     assert config.seed is None and config.max_gen_toks is None  # a null seed; each task's own max_tokens
 
 
+@pytest.mark.parametrize("field, value", [
+    ("max_samples", 0), ("max_samples", "3"), ("repeats", 0), ("max_fail_rate", 1.5), ("expect_tolerance", -0.1),
+    ("logprob_tolerance", 0), ("fail_if", "better"),
+])
+def test_run_options_check_each_field_like_the_command_line(field, value):
+    with pytest.raises(UsageError, match=field):
+        nano_eval.RunOptions(**{field: value})
+
+
+def test_every_option_is_a_flag_a_model_arg_or_both_and_its_check_is_the_fields():
+    """The one table of options: each has a --help text or is a --model_args key; what it fills
+    is a field of APIConfig or RunOptions of its name; argparse, --model_args and the Python API
+    use its check."""
+    fields = {"api": {f.name for f in nano_eval.dataclasses.fields(APIConfig)},
+              "run": {f.name for f in nano_eval.dataclasses.fields(nano_eval.RunOptions)}}
+    for option in nano_eval.OPTIONS:
+        assert option.help or option.model_arg, option.name
+        assert option.into is None or option.name in fields[option.into], option.name
+    parser = nano_eval.build_parser()
+    flags = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
+    assert flags - {"version"} == {o.name for o in nano_eval.OPTIONS if o.help}
+
+
+def test_a_null_seed_in_json_model_args_sends_a_null_seed(isolated_env, fake_openai):
+    code, out, err = cli(*TASK_ARGS, "--base_url", fake_openai.base_url, "--model_args", '{"seed": null}')
+    assert code == 0, err
+    assert [r["body"]["seed"] for r in fake_openai.chat_requests] == [None, None]
+
+
 @pytest.mark.parametrize("keyword", [{"repeats": "2"}, {"repeats": 0}, {"max_samples": "3"}, {"max_samples": True}])
 def test_run_task_checks_its_counts(keyword):
     with pytest.raises(UsageError, match=next(iter(keyword))):
