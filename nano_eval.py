@@ -10,36 +10,36 @@ line to the printed JSON; it calls the optional tools only when asked to (--chec
 several --base_url, --report, --logprobs in a comparison). Start at main() at the end
 of the core, then read it from the top. Inside every section, and every class, helpers
 come before their callers; a section's entry point is last.
-   1. Config          every constant, errors and exit codes, Status (how a sample ends),
-                      the value checks shared by argparse and APIConfig, APIConfig (where
-                      and how requests go), RunOptions (how a run goes)
-   2. HTTP            read_json (every JSON document from outside, read once), HTTPClient
-                      (a keep-alive connection per worker thread, TLS, proxies, a deadline
-                      per attempt), response classification (logprobs included), retries,
-                      an adaptive limiter, ChatClient
+   1. Config          constants, errors and exit codes, Status (how a sample ends), one
+                      table of options and their value checks, APIConfig (where and how
+                      requests go), RunOptions (how a run goes)
+   2. HTTP            every JSON document from outside read once; a keep-alive connection
+                      per worker thread (TLS, proxies, a deadline per attempt); responses
+                      classified (logprobs included); retries and an adaptive limiter
    3. Finding the     the local port probe, the model /v1/models lists, which backend
-      server          answers: find_server()
+      server          answers
    4. Datasets        the datasets-server `/rows` client and a verified cache in data/
-                      (rows, images, sha256 manifest): load_rows()
+                      (rows, images, sha256 manifest)
    5. Tasks           gsm8k_cot_llama and chartqa: prompts, request bodies, lm-eval's
-                      filters and metrics, the TASKS table
+                      filters and metrics (score_gsm8k, score_chartqa), the TASKS table
    6. The sample log  one JSON line per sample, written as it ends; every record checked
-                      once and read as Logged (results, resume, compare, report)
+                      once and read one way (results, resume, compare, report)
    7. Runner          run_task(): asyncio drives a ThreadPoolExecutor of blocking workers
                       that build, send, score and log each sample
-   8. Results         aggregate(), warnings, the summary table, expectations, the results
-                      JSON and the exit code
-   9. CLI             arguments -> APIConfig + RunOptions; evaluate() (one server, or
-                      several compared: run_server, run_and_compare); main()
+   8. Results         aggregation, warnings, the summary table, expectation() against
+                      reference_score(), the results JSON and the exit code
+   9. CLI             arguments -> APIConfig + RunOptions -> evaluate() (one server, or
+                      several compared with the first) -> the results written; main()
 The optional tools, each a section ending in its entry point:
-  10. Preflight       conformance checks (--check): preflight_result()
+  10. Preflight       conformance checks (--check)
   11. Compare         paired comparison of two runs, accuracy and numerics (logprob
                       parity, judged at each side's precision read from its own log, and
-                      at a measured noise floor): `nano-eval compare`
+                      at a measured noise floor): compare_paths(), gate_failures(),
+                      `nano-eval compare`
   12. Replay          resend one logged request: `nano-eval replay`
   13. HTML report     one page of a run or a comparison: `nano-eval report`
 
-Python API:
+The public API is __all__; every other name is private (a leading underscore).
     import asyncio
     from nano_eval import APIConfig, run_task, TASKS
     result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"],
@@ -90,6 +90,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 
 __version__ = "0.2.0"
+__all__ = [
+    "APIConfig", "RunOptions", "TASKS", "Task", "Status", "run_task", "evaluate", "main",
+    "score_gsm8k", "score_chartqa", "expectation", "reference_score", "compare_paths", "gate_failures",
+    "NanoEvalError", "UsageError", "ServerError", "AuthError", "DatasetError", "__version__",
+]
 
 
 # ============================================================================
@@ -97,43 +102,43 @@ __version__ = "0.2.0"
 # ============================================================================
 
 # Defaults: each is also a flag or one of lm-eval's model_args
-DEFAULT_SEED = 1234  # lm-eval's `seed` model_arg default, sent in every request body
-DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not time out
-DEFAULT_MAX_RETRIES = 5  # total attempts per request
-DEFAULT_CONCURRENCY = 8
-DEFAULT_MAX_RESPONSE_MB = 16  # a larger response body is a failed sample (`too_large`), read no further
-DEFAULT_MAX_FAIL_RATE = 0.05  # more failed samples than this exits 1
-DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
-THINK_END = "</think>"  # lm-eval's think_end_token: only the text after its last occurrence is scored
-MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
+_DEFAULT_SEED = 1234  # lm-eval's `seed` model_arg default, sent in every request body
+_DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not time out
+_DEFAULT_MAX_RETRIES = 5  # total attempts per request
+_DEFAULT_CONCURRENCY = 8
+_DEFAULT_MAX_RESPONSE_MB = 16  # a larger response body is a failed sample (`too_large`), read no further
+_DEFAULT_MAX_FAIL_RATE = 0.05  # more failed samples than this exits 1
+_DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
+_THINK_END = "</think>"  # lm-eval's think_end_token: only the text after its last occurrence is scored
+_MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
 # The numerics verdict of a comparison (--logprobs), from noise floors and planted bugs measured
 # on real servers (tests/real_server/README.md, "Issue 22: the planted-bug zoo"):
-DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
-CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
-CONFIDENT_PARTINGS = 0.1  # share of the samples (at least 1) that may part confidently before it is a bug
-POSITIVE_LOGPROB = 1e-4  # nats: a logprob above this is impossible, not a rounding of 0
-LOGPROB_COVERAGE = 0.9  # of the paired samples, the share that must carry logprobs on both sides for `equivalent`
+_DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
+_CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
+_CONFIDENT_PARTINGS = 0.1  # share of the samples (at least 1) that may part confidently before it is a bug
+_POSITIVE_LOGPROB = 1e-4  # nats: a logprob above this is impossible, not a rounding of 0
+_LOGPROB_COVERAGE = 0.9  # of the paired samples, the share that must carry logprobs on both sides for `equivalent`
 # In bf16 or fp16 the logits lie on a grid whose step doubles with each power of two of the logit
 # (bf16: 0.125 for logits in [16, 32)); a change of batch moves a logit by one step on >1% of the
 # tokens (reference/bf16-numerics.md: p99 0.104-0.117 on every vLLM bf16 noise pair). The verdict
 # widens with the coarser side's step and with a measured noise floor:
-GRID_TOLERANCE = 1.5  # x the step (or the floor's p99): the p99 |delta logprob| that is still noise
-GRID_GAP = 3.0  # x the step (or the floor's p99): the lead that makes a parting confident
-BF16_STEP = 2.0 ** -4  # a grid this coarse or coarser is bf16-like (fp16 reaches it only for logits >= 64)
+_GRID_TOLERANCE = 1.5  # x the step (or the floor's p99): the p99 |delta logprob| that is still noise
+_GRID_GAP = 3.0  # x the step (or the floor's p99): the lead that makes a parting confident
+_BF16_STEP = 2.0 ** -4  # a grid this coarse or coarser is bf16-like (fp16 reaches it only for logits >= 64)
 
 # Waits and limits
-MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
-LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on stderr
-LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
-FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
-DOWNLOADS = 8  # dataset pages fetched at once; images too, over all pages
-DATASETS_MAX_MB = 64  # a larger datasets-server answer (a page of rows, an image) is refused unread
+_MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
+_LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on stderr
+_LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
+_FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
+_DOWNLOADS = 8  # dataset pages fetched at once; images too, over all pages
+_DATASETS_MAX_MB = 64  # a larger datasets-server answer (a page of rows, an image) is refused unread
 
 # What a response is
-RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-THROTTLE_STATUS = {429, 503}  # these also halve the requests in flight
-INVALID = "[invalid]"  # lm-eval's regex filter when nothing matches
-NOT_SENT = "not sent: the server had stopped answering"
+_RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+_THROTTLE_STATUS = {429, 503}  # these also halve the requests in flight
+_INVALID = "[invalid]"  # lm-eval's regex filter when nothing matches
+_NOT_SENT = "not sent: the server had stopped answering"
 
 
 class Status:
@@ -157,35 +162,35 @@ class Status:
         return f"http_{code}"
 
 # Where things are
-DATASETS_SERVER = "https://datasets-server.huggingface.co"
-PAGE_SIZE = 100  # the datasets-server maximum for /rows
+_DATASETS_SERVER = "https://datasets-server.huggingface.co"
+_PAGE_SIZE = 100  # the datasets-server maximum for /rows
 # data/ beside this file in a checkout or a copy; nano_eval_data/ beside it when pip-installed
-BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name in ("nano_eval_data", "data"))
+_BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name in ("nano_eval_data", "data"))
                      if d.is_dir()), Path(__file__).resolve().parent / "data")
-KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
+_KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
 
 # The command line (its options: OPTIONS, after the value checks)
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
-IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
+_IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
                       "trust_remote_code"}
-CONFORMANCE = "api_conformance"  # the preflight, also runnable as a task
-FAIL_IF = ("worse", "different")
+_CONFORMANCE = "api_conformance"  # the preflight, also runnable as a task
+_FAIL_IF = ("worse", "different")
 
 # Messages given in more than one place
-TLS_WAYS_OUT = ("pass --ca_cert FILE (or set SSL_CERT_FILE) to trust the CA that signed it, "
+_TLS_WAYS_OUT = ("pass --ca_cert FILE (or set SSL_CERT_FILE) to trust the CA that signed it, "
                 "or --insecure to skip verification")
-PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): put them in the proxy "
+_PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): put them in the proxy "
               "URL (HTTP_PROXY=http://user:password@host:port), or list the server in NO_PROXY")
 
 # Exit codes
-EXIT_OK = 0
-EXIT_FAILURES = 1  # finished, but more than --max_fail_rate of the samples failed
-EXIT_USAGE = 2  # bad command line or input
-EXIT_SERVER = 3  # the inference server could not be reached or used
-EXIT_AUTH = 4  # the server refused the API key
-EXIT_DATASET = 5  # the dataset could not be fetched
-EXIT_GATE = 6  # everything ran, but a quality gate failed: a score below --expect, or compare's --fail_if
-EXIT_INTERRUPTED = 130
+_EXIT_OK = 0
+_EXIT_FAILURES = 1  # finished, but more than --max_fail_rate of the samples failed
+_EXIT_USAGE = 2  # bad command line or input
+_EXIT_SERVER = 3  # the inference server could not be reached or used
+_EXIT_AUTH = 4  # the server refused the API key
+_EXIT_DATASET = 5  # the dataset could not be fetched
+_EXIT_GATE = 6  # everything ran, but a quality gate failed: a score below --expect, or compare's --fail_if
+_EXIT_INTERRUPTED = 130
 
 
 class NanoEvalError(Exception):
@@ -195,25 +200,25 @@ class NanoEvalError(Exception):
 
 
 class UsageError(NanoEvalError):
-    exit_code = EXIT_USAGE
+    exit_code = _EXIT_USAGE
 
 
 class ServerError(NanoEvalError):
-    exit_code = EXIT_SERVER
+    exit_code = _EXIT_SERVER
 
 
 class AuthError(NanoEvalError):
-    exit_code = EXIT_AUTH
+    exit_code = _EXIT_AUTH
 
 
 class DatasetError(NanoEvalError):
-    exit_code = EXIT_DATASET
+    exit_code = _EXIT_DATASET
 
 
-SHORT_SECRET = 8  # characters: a shorter secret is replaced only where it stands as a credential
+_SHORT_SECRET = 8  # characters: a shorter secret is replaced only where it stands as a credential
 
 
-def redact(text: str, secrets: Iterable[str | None], json_text: bool = False) -> str:
+def _redact(text: str, secrets: Iterable[str | None], json_text: bool = False) -> str:
     """`text` with each secret replaced by ***: anywhere when it is SHORT_SECRET characters or
     longer; a shorter one only as a whole value after "Bearer ", ": " or "=" (replaced
     everywhere, a 1-character key would mangle every word and so reveal itself). In JSON text
@@ -221,7 +226,7 @@ def redact(text: str, secrets: Iterable[str | None], json_text: bool = False) ->
     be a number (a seed of 1234): it is left alone."""
     colon = r'(?<=[^"]: )' if json_text else r"(?<=: )"
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        if len(secret) >= SHORT_SECRET:
+        if len(secret) >= _SHORT_SECRET:
             text = text.replace(secret, "***")
         elif secret in text:
             text = re.sub(rf"(?<=Bearer ){re.escape(secret)}(?![\w-])|{colon}{re.escape(secret)}(?![\w-])"
@@ -229,7 +234,7 @@ def redact(text: str, secrets: Iterable[str | None], json_text: bool = False) ->
     return text
 
 
-class Secrets:
+class _Secrets:
     """The secrets of this process, scrubbed from every text nano-eval prints or writes: each
     message, and each sample log line, results JSON and report page whole, just before it is
     written, so that a secret a server echoes anywhere (a model id, a finish_reason, a token)
@@ -246,34 +251,34 @@ class Secrets:
                                 html.escape(value)})
 
     def scrub(self, text: str) -> str:
-        return redact(text, self.values) if text and self.values else text
+        return _redact(text, self.values) if text and self.values else text
 
     def scrub_json(self, text: str) -> str:
-        return redact(text, self.values, json_text=True) if text and self.values else text
+        return _redact(text, self.values, json_text=True) if text and self.values else text
 
 
-SECRETS = Secrets()
+_SECRETS = _Secrets()
 
 
 # What a terminal would obey rather than show: control characters (clear screen, colours, BEL)
 # and the bidirectional controls that reverse the rest of a line (U+202E, ...)
-TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
-def printable(text: str) -> str:
+def _printable(text: str) -> str:
     """Text from a server or a file, safe to print: each control shown as its escape (\\x1b)."""
-    return TERMINAL_CONTROLS.sub(lambda m: ascii(m.group())[1:-1], text)
+    return _TERMINAL_CONTROLS.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
-def info(message: str) -> None:
-    print(printable(SECRETS.scrub(f"nano-eval: {message}")), file=sys.stderr, flush=True)
+def _info(message: str) -> None:
+    print(_printable(_SECRETS.scrub(f"nano-eval: {message}")), file=sys.stderr, flush=True)
 
 
-def warn(message: str) -> None:
-    info(f"warning: {message}")
+def _warn(message: str) -> None:
+    _info(f"warning: {message}")
 
 
-def parse_value(text: str) -> Any:
+def _parse_value(text: str) -> Any:
     """lm-eval's `handle_arg_string`, so that the same --gen_kwargs give the same body:
     true/false, digits only -> int, else float if it parses ("-1" -> -1.0), else the text."""
     if text.lower() == "true":
@@ -286,7 +291,7 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_kv(text: str | None, flag: str) -> dict:
+def _parse_kv(text: str | None, flag: str) -> dict:
     """Parses lm-eval's `k=v,k=v` syntax (`--model_args`, `--gen_kwargs`). Unlike lm-eval,
     spaces around keys and values are dropped (`a=1, b=2` gives the key "b", not " b")."""
     result: dict = {}
@@ -299,20 +304,20 @@ def parse_kv(text: str | None, flag: str) -> dict:
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"{flag}: {item.strip()!r} is not key=value (expected k=v,k=v)")
-        result[key] = parse_value(value.strip())
+        result[key] = _parse_value(value.strip())
         if isinstance(result[key], float) and not math.isfinite(result[key]):
             raise UsageError(f"{flag}: {key}={value.strip()} is not a finite number (JSON has no NaN or infinity)")
     return result
 
 
-def is_number(value: Any) -> bool:
+def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def is_finite(value: Any) -> bool:
+def _is_finite(value: Any) -> bool:
     """A number that is neither NaN nor infinite, nor an integer too large for a float."""
     try:
-        return is_number(value) and math.isfinite(value)
+        return _is_number(value) and math.isfinite(value)
     except OverflowError:
         return False
 
@@ -320,43 +325,43 @@ def is_finite(value: Any) -> bool:
 # The value checks. Each takes a parsed value (a model_arg, an APIConfig field) and refuses
 # text; argparse reaches the same checks through from_text(), so every way in is checked alike.
 # Their messages say what is expected; the caller adds what it got, as the user wrote it.
-def positive_int(value: Any) -> int:
+def _positive_int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise argparse.ArgumentTypeError("expected a positive integer")
     return value
 
 
-def integer(value: Any) -> int:
+def _integer(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise argparse.ArgumentTypeError("expected an integer")
     return value
 
 
-def positive_float(value: Any) -> float:
-    if not is_number(value) or not 0 < value <= 1e9:
+def _positive_float(value: Any) -> float:
+    if not _is_number(value) or not 0 < value <= 1e9:
         raise argparse.ArgumentTypeError("expected a positive number up to 1e9")
     return value
 
 
-def fraction(value: Any) -> float:
-    if not is_number(value) or not 0.0 <= value <= 1.0:
+def _fraction(value: Any) -> float:
+    if not _is_number(value) or not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError("expected a number from 0 to 1")
     return value
 
 
-def top_logprobs(value: Any) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOP_LOGPROBS:
-        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {MAX_TOP_LOGPROBS}")
+def _top_logprobs(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_TOP_LOGPROBS:
+        raise argparse.ArgumentTypeError(f"expected an integer from 1 to {_MAX_TOP_LOGPROBS}")
     return value
 
 
-def boolean(value: Any) -> bool:
+def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise argparse.ArgumentTypeError("expected true or false")
     return value
 
 
-def from_text(kind: Callable[[Any], Any], parse: Callable[[str], Any] = parse_value) -> Callable[[str], Any]:
+def _from_text(kind: Callable[[Any], Any], parse: Callable[[str], Any] = _parse_value) -> Callable[[str], Any]:
     """An argparse type: the flag's text parsed (by default as lm-eval parses model_args), then
     checked by `kind`; text that does not parse is refused by `kind` with its own message."""
     def convert(text: str) -> Any:
@@ -370,7 +375,7 @@ def from_text(kind: Callable[[Any], Any], parse: Callable[[str], Any] = parse_va
     return convert
 
 
-def checked(name: str, kind: Callable[[Any], Any], value: Any) -> Any:
+def _checked(name: str, kind: Callable[[Any], Any], value: Any) -> Any:
     """`kind(value)`, or a UsageError naming `name`."""
     try:
         return kind(value)
@@ -378,7 +383,7 @@ def checked(name: str, kind: Callable[[Any], Any], value: Any) -> Any:
         raise UsageError(f"{name}: {exc}, got {value!r}") from None
 
 
-def check_secret(value: str | None, name: str) -> str | None:
+def _check_secret(value: str | None, name: str) -> str | None:
     """A token goes into an HTTP header: refuse what cannot (a stray newline from a key file)."""
     if value is None:
         return None
@@ -388,10 +393,10 @@ def check_secret(value: str | None, name: str) -> str | None:
     return value or None
 
 
-OWN_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "content-type"}  # framing: ours
+_OWN_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "content-type"}  # framing: ours
 
 
-def parse_headers(headers: dict | Iterable[str]) -> dict:
+def _parse_headers(headers: dict | Iterable[str]) -> dict:
     """Extra request headers, from a dict or from `Name: value` strings, checked like a key."""
     if not isinstance(headers, dict):
         malformed = [h for h in headers if ":" not in h]
@@ -403,13 +408,13 @@ def parse_headers(headers: dict | Iterable[str]) -> dict:
         name = str(name).strip()
         if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
             raise UsageError(f"header {name!r} is not a valid header name (expected 'Name: value')")
-        if name.lower() in OWN_HEADERS:
+        if name.lower() in _OWN_HEADERS:
             raise UsageError(f"header {name} is set by nano-eval for each request and cannot be given")
-        result[name] = check_secret(str(value), f"the value of header {name}") or ""
+        result[name] = _check_secret(str(value), f"the value of header {name}") or ""
     return result
 
 
-def normalize_base_url(url: str) -> tuple[str, str]:
+def _normalize_base_url(url: str) -> tuple[str, str]:
     """Returns (api_root, chat_url): `http://h:p/v1` and `http://h:p/v1/chat/completions`."""
     parsed = urllib.parse.urlsplit(url.strip()) if isinstance(url, str) else None
     if not parsed or parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -437,14 +442,14 @@ def normalize_base_url(url: str) -> tuple[str, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Option:
+class _Option:
     """One setting of a run: a flag, a key of lm-eval's --model_args, or both; its value check
     (argparse, --model_args, APIConfig and RunOptions all apply the same one) and default."""
 
     name: str
     help: str = ""  # "" for a --model_args key without a flag
     check: Callable[[Any], Any] | None = None  # None: any value (text from the command line)
-    parse: Callable[[str], Any] = parse_value  # how a flag's text is read before its check
+    parse: Callable[[str], Any] = _parse_value  # how a flag's text is read before its check
     default: Any = None
     into: str | None = None  # the APIConfig ("api") or RunOptions ("run") field it sets as it is
     model_arg: bool = False  # also set by --model_args, under the same name
@@ -452,88 +457,88 @@ class Option:
     argparse: tuple = ()  # more of add_argument's keywords: (("metavar", "K"),)
 
 
-SWITCH = (("action", "store_true"),)
+_SWITCH = (("action", "store_true"),)
 # In --help order; a flag's value wins over --model_args, which wins over the default
-OPTIONS = (
-    Option("tasks", "comma-separated tasks: {tasks} (the preflight of --check)"),
-    Option("base_url", "http://host:port/v1 or the full .../v1/chat/completions; repeat it to run the same "
+_OPTIONS = (
+    _Option("tasks", "comma-separated tasks: {tasks} (the preflight of --check)"),
+    _Option("base_url", "http://host:port/v1 or the full .../v1/chat/completions; repeat it to run the same "
            "samples against several servers and compare them (default: probe 127.0.0.1)", model_arg=True,
            argparse=(("action", "append"),)),
-    Option("model", "model name sent in each request (default: the only model /v1/models lists)", model_arg=True),
-    Option("model_args", "lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=.."),
-    Option("api_key", "bearer token (default: env OPENAI_API_KEY)", model_arg=True),
-    Option("num_concurrent", f"requests in flight (default {DEFAULT_CONCURRENCY})", positive_int,
-           default=DEFAULT_CONCURRENCY, into="api", model_arg=True),
-    Option("gen_kwargs", "k=v,... merged into each request body (max_gen_toks means max_tokens)"),
-    Option("max_samples", "first N rows of each task, like lm-eval's --limit", positive_int, into="run",
+    _Option("model", "model name sent in each request (default: the only model /v1/models lists)", model_arg=True),
+    _Option("model_args", "lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=.."),
+    _Option("api_key", "bearer token (default: env OPENAI_API_KEY)", model_arg=True),
+    _Option("num_concurrent", f"requests in flight (default {_DEFAULT_CONCURRENCY})", _positive_int,
+           default=_DEFAULT_CONCURRENCY, into="api", model_arg=True),
+    _Option("gen_kwargs", "k=v,... merged into each request body (max_gen_toks means max_tokens)"),
+    _Option("max_samples", "first N rows of each task, like lm-eval's --limit", _positive_int, into="run",
            nullable=True),
-    Option("seed", f"the request 'seed' (default {DEFAULT_SEED}, lm-eval's)", integer, int, DEFAULT_SEED, "api",
+    _Option("seed", f"the request 'seed' (default {_DEFAULT_SEED}, lm-eval's)", _integer, int, _DEFAULT_SEED, "api",
            model_arg=True, nullable=True),
-    Option("output", "write the results JSON here too (and the sample log beside it)"),
-    Option("log_samples", "append one JSON line per sample to DIR/samples_<task>.jsonl; rerunning with the "
+    _Option("output", "write the results JSON here too (and the sample log beside it)"),
+    _Option("log_samples", "append one JSON line per sample to DIR/samples_<task>.jsonl; rerunning with the "
            "same DIR resumes", argparse=(("metavar", "DIR"),)),
-    Option("log_images", "keep the base64 images in the sample log", into="run", argparse=SWITCH),
-    Option("timeout", "seconds per request attempt, all of it: a server that trickles its answer is cut there "
-           f"(default {DEFAULT_TIMEOUT:.0f})", positive_float, float, DEFAULT_TIMEOUT, "api", model_arg=True),
-    Option("max_retries", f"attempts per request (default {DEFAULT_MAX_RETRIES})", positive_int,
-           default=DEFAULT_MAX_RETRIES, into="api", model_arg=True),
-    Option("max_fail_rate", f"exit 1 when more than this fraction of samples failed (default "
-           f"{DEFAULT_MAX_FAIL_RATE})", fraction, float, DEFAULT_MAX_FAIL_RATE, "run"),
-    Option("keep_think", "score the content as is, without dropping <think>...</think>", into="api",
-           argparse=SWITCH),
-    Option("no_resume", "send every sample again, even those the sample log already has", argparse=SWITCH),
-    Option("data_dir", "dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)",
+    _Option("log_images", "keep the base64 images in the sample log", into="run", argparse=_SWITCH),
+    _Option("timeout", "seconds per request attempt, all of it: a server that trickles its answer is cut there "
+           f"(default {_DEFAULT_TIMEOUT:.0f})", _positive_float, float, _DEFAULT_TIMEOUT, "api", model_arg=True),
+    _Option("max_retries", f"attempts per request (default {_DEFAULT_MAX_RETRIES})", _positive_int,
+           default=_DEFAULT_MAX_RETRIES, into="api", model_arg=True),
+    _Option("max_fail_rate", f"exit 1 when more than this fraction of samples failed (default "
+           f"{_DEFAULT_MAX_FAIL_RATE})", _fraction, float, _DEFAULT_MAX_FAIL_RATE, "run"),
+    _Option("keep_think", "score the content as is, without dropping <think>...</think>", into="api",
+           argparse=_SWITCH),
+    _Option("no_resume", "send every sample again, even those the sample log already has", argparse=_SWITCH),
+    _Option("data_dir", "dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)",
            into="run"),
-    Option("system_instruction", "a system message put first, like lm-eval's --system_instruction", into="api"),
-    Option("fewshot_as_multiturn", "few-shots as chat turns (default true, as lm-eval with "
-           "--apply_chat_template)", boolean, default=True, into="api"),
-    Option("header", "an extra request header for the inference server (repeatable); its value is a secret, "
+    _Option("system_instruction", "a system message put first, like lm-eval's --system_instruction", into="api"),
+    _Option("fewshot_as_multiturn", "few-shots as chat turns (default true, as lm-eval with "
+           "--apply_chat_template)", _boolean, default=True, into="api"),
+    _Option("header", "an extra request header for the inference server (repeatable); its value is a secret, "
            "like the key", model_arg=True, argparse=(("action", "append"), ("metavar", "'NAME: VALUE'"))),
-    Option("insecure", "do not verify the server's TLS certificate", argparse=SWITCH),
-    Option("ca_cert", "verify the server's TLS certificate with this CA bundle (PEM)", argparse=(("metavar", "FILE"),)),
-    Option("max_response_mb", "a larger response is a failed sample, status too_large (default "
-           f"{DEFAULT_MAX_RESPONSE_MB})", positive_float, float, DEFAULT_MAX_RESPONSE_MB, "api"),
-    Option("logprobs", "also ask for the top K (1-20) logprobs of every generated token and log them: compare "
-           "then judges numerics (logprob parity) too", top_logprobs, into="api", model_arg=True, nullable=True,
+    _Option("insecure", "do not verify the server's TLS certificate", argparse=_SWITCH),
+    _Option("ca_cert", "verify the server's TLS certificate with this CA bundle (PEM)", argparse=(("metavar", "FILE"),)),
+    _Option("max_response_mb", "a larger response is a failed sample, status too_large (default "
+           f"{_DEFAULT_MAX_RESPONSE_MB})", _positive_float, float, _DEFAULT_MAX_RESPONSE_MB, "api"),
+    _Option("logprobs", "also ask for the top K (1-20) logprobs of every generated token and log them: compare "
+           "then judges numerics (logprob parity) too", _top_logprobs, into="api", model_arg=True, nullable=True,
            argparse=(("metavar", "K"),)),
-    Option("repeats", "send every sample K times and report the mean, its SEM and the self-agreement (at "
-           "temperature > 0, repeat i uses seed + i)", positive_int, default=1, into="run"),
-    Option("expect", "the score you expect (repeatable); a score significantly below it exits "
-           f"{EXIT_GATE}", argparse=(("action", "append"), ("metavar", "TASK[:METRIC]=VALUE"))),
-    Option("expect_tolerance", "absolute slack added to 1.96 x stderr for --expect (default "
-           f"{DEFAULT_TOLERANCE})", fraction, float, DEFAULT_TOLERANCE, "run"),
-    Option("fail_if", f"with several --base_url: exit {EXIT_GATE} when a server is significantly worse than "
+    _Option("repeats", "send every sample K times and report the mean, its SEM and the self-agreement (at "
+           "temperature > 0, repeat i uses seed + i)", _positive_int, default=1, into="run"),
+    _Option("expect", "the score you expect (repeatable); a score significantly below it exits "
+           f"{_EXIT_GATE}", argparse=(("action", "append"), ("metavar", "TASK[:METRIC]=VALUE"))),
+    _Option("expect_tolerance", "absolute slack added to 1.96 x stderr for --expect (default "
+           f"{_DEFAULT_TOLERANCE})", _fraction, float, _DEFAULT_TOLERANCE, "run"),
+    _Option("fail_if", f"with several --base_url: exit {_EXIT_GATE} when a server is significantly worse than "
            "the first (or different either way, in accuracy or, with --logprobs, in numerics)", into="run",
-           argparse=(("choices", FAIL_IF),)),
-    Option("logprob_tolerance", "the p99 |delta logprob| over shared tokens above which two servers' numerics "
-           f"differ (default {DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)",
-           positive_float, float, DEFAULT_LOGPROB_TOLERANCE, "run"),
-    Option("noise_floor", "with several --base_url and --logprobs: run the first server a second time at "
+           argparse=(("choices", _FAIL_IF),)),
+    _Option("logprob_tolerance", "the p99 |delta logprob| over shared tokens above which two servers' numerics "
+           f"differ (default {_DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)",
+           _positive_float, float, _DEFAULT_LOGPROB_TOLERANCE, "run"),
+    _Option("noise_floor", "with several --base_url and --logprobs: run the first server a second time at "
            "another --num_concurrent (1, or 8 if it ran at 1) and allow its own logprob noise in every "
-           "numerics verdict (the calibration a GPU server needs)", into="run", argparse=SWITCH),
-    Option("report", "also write a self-contained HTML report of the run (and of the comparison, with "
+           "numerics verdict (the calibration a GPU server needs)", into="run", argparse=_SWITCH),
+    _Option("report", "also write a self-contained HTML report of the run (and of the comparison, with "
            "several --base_url)", argparse=(("metavar", "FILE"),)),
-    Option("check", "run the server conformance preflight first; without --tasks, only the preflight",
-           argparse=SWITCH),
-    Option("no_progress", "no progress line on stderr", argparse=SWITCH),
+    _Option("check", "run the server conformance preflight first; without --tasks, only the preflight",
+           argparse=_SWITCH),
+    _Option("no_progress", "no progress line on stderr", argparse=_SWITCH),
     # lm-eval model_args without a flag of their own
-    Option("max_gen_toks", check=positive_int, into="api", model_arg=True, nullable=True),
-    Option("think_end_token", check=str, default=THINK_END, into="api", model_arg=True),
-    Option("verify_certificate", check=boolean, default=True, model_arg=True),
-    Option("ca_cert_path", model_arg=True),
+    _Option("max_gen_toks", check=_positive_int, into="api", model_arg=True, nullable=True),
+    _Option("think_end_token", check=str, default=_THINK_END, into="api", model_arg=True),
+    _Option("verify_certificate", check=_boolean, default=True, model_arg=True),
+    _Option("ca_cert_path", model_arg=True),
 )
-OPTION = {option.name: option for option in OPTIONS}
-MODEL_ARGS = {option.name for option in OPTIONS if option.model_arg}
+_OPTION = {option.name: option for option in _OPTIONS}
+_MODEL_ARGS = {option.name for option in _OPTIONS if option.model_arg}
 
 
-def check_fields(settings: Any) -> None:
+def _check_fields(settings: Any) -> None:
     """Every field of an APIConfig or a RunOptions that an option checks, checked as the flag
     and --model_args are (UsageError naming the field)."""
     for field in dataclasses.fields(settings):
-        option = OPTION.get(field.name)
+        option = _OPTION.get(field.name)
         value = getattr(settings, field.name)
         if option and option.check and (value is not None or not option.nullable):
-            setattr(settings, field.name, checked(field.name, option.check, value))
+            setattr(settings, field.name, _checked(field.name, option.check, value))
 
 
 @dataclasses.dataclass
@@ -544,36 +549,36 @@ class APIConfig:
     url: str
     model: str | None = None
     api_key: str | None = dataclasses.field(default=None, repr=False)
-    num_concurrent: int = DEFAULT_CONCURRENCY
-    timeout: float = DEFAULT_TIMEOUT
-    max_retries: int = DEFAULT_MAX_RETRIES
-    seed: int = DEFAULT_SEED
+    num_concurrent: int = _DEFAULT_CONCURRENCY
+    timeout: float = _DEFAULT_TIMEOUT
+    max_retries: int = _DEFAULT_MAX_RETRIES
+    seed: int = _DEFAULT_SEED
     gen_kwargs: dict = dataclasses.field(default_factory=dict)
     max_gen_toks: int | None = None  # lm-eval's model_arg: default max_tokens for tasks without one
     server: dict | None = None  # what answered (identify_server), recorded in the results
     system_instruction: str | None = None
     fewshot_as_multiturn: bool = True
     keep_think: bool = False
-    think_end_token: str = THINK_END
+    think_end_token: str = _THINK_END
     retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
     headers: dict = dataclasses.field(default_factory=dict, repr=False)  # sent on every request; secret
     verify_certificate: bool = True  # lm-eval's model_arg; False: any certificate is accepted
     ca_cert: str | None = None  # a CA bundle (PEM) to verify the server's certificate with
-    max_response_mb: float = DEFAULT_MAX_RESPONSE_MB
+    max_response_mb: float = _DEFAULT_MAX_RESPONSE_MB
     logprobs: int | None = None  # K: every request also asks for the top K logprobs of each token
 
     def __post_init__(self):
-        self.api_root, self.chat_url = normalize_base_url(self.url)
-        check_fields(self)
-        self.headers = parse_headers(self.headers)
+        self.api_root, self.chat_url = _normalize_base_url(self.url)
+        _check_fields(self)
+        self.headers = _parse_headers(self.headers)
         if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
             raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
         if self.ca_cert is not None:
             try:
-                tls_context(self.verify_certificate, self.ca_cert)
+                _tls_context(self.verify_certificate, self.ca_cert)
             except (ssl.SSLError, OSError) as exc:
                 raise UsageError(f"CA certificate file {self.ca_cert} holds no PEM certificate ({exc})") from None
-        SECRETS.add(self.api_key, *self.headers.values())
+        _SECRETS.add(self.api_key, *self.headers.values())
 
 
 @dataclasses.dataclass
@@ -590,17 +595,17 @@ class RunOptions:
     progress: bool | None = None  # None: a progress line only on a terminal
     resume: bool = True
     repeats: int = 1
-    max_fail_rate: float = DEFAULT_MAX_FAIL_RATE
+    max_fail_rate: float = _DEFAULT_MAX_FAIL_RATE
     expected: dict = dataclasses.field(default_factory=dict)  # task -> (metric or None, value): --expect
-    expect_tolerance: float = DEFAULT_TOLERANCE
+    expect_tolerance: float = _DEFAULT_TOLERANCE
     fail_if: str | None = None  # with several servers: "worse" or "different"
-    logprob_tolerance: float = DEFAULT_LOGPROB_TOLERANCE
+    logprob_tolerance: float = _DEFAULT_LOGPROB_TOLERANCE
     noise_floor: bool = False  # with several servers: run the first one twice
 
     def __post_init__(self):
-        check_fields(self)
-        if self.fail_if not in (None, *FAIL_IF):
-            raise UsageError(f"fail_if: expected one of {', '.join(FAIL_IF)}, got {self.fail_if!r}")
+        _check_fields(self)
+        if self.fail_if not in (None, *_FAIL_IF):
+            raise UsageError(f"fail_if: expected one of {', '.join(_FAIL_IF)}, got {self.fail_if!r}")
 
 
 # ============================================================================
@@ -612,51 +617,51 @@ class RunOptions:
 # once, where it enters: what comes out can be kept, counted and written. An integer too long for
 # a float (10**400) becomes None; a lone surrogate (the escape "\ud800", valid JSON that no UTF-8
 # file can hold) becomes U+FFFD; nesting deeper than the parser's recursion is a ValueError.
-LONGEST_INTEGER = 18  # characters, sign included: counts, ids and timestamps fit; 10**400 does not
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the escapes of a valid pair
+_LONGEST_INTEGER = 18  # characters, sign included: counts, ids and timestamps fit; 10**400 does not
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins the escapes of a valid pair
 
 
-def bounded_int(text: str) -> int | None:
-    return int(text) if len(text) <= LONGEST_INTEGER else None
+def _bounded_int(text: str) -> int | None:
+    return int(text) if len(text) <= _LONGEST_INTEGER else None
 
 
-def without_lone_surrogates(value: Any) -> Any:
+def _without_lone_surrogates(value: Any) -> Any:
     if isinstance(value, str):
-        return LONE_SURROGATE.sub("\ufffd", value)
+        return _LONE_SURROGATE.sub("\ufffd", value)
     if isinstance(value, list):
-        return [without_lone_surrogates(v) for v in value]
+        return [_without_lone_surrogates(v) for v in value]
     if isinstance(value, dict):
-        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in value.items()}
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
     return value
 
 
-def read_json(data: bytes | str) -> Any:
+def _read_json(data: bytes | str) -> Any:
     """A JSON document from outside, safe to keep (see above). ValueError if it is not JSON,
     UnicodeDecodeError if it is not UTF-8."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
     try:
-        value = json.loads(text, parse_int=bounded_int)
+        value = json.loads(text, parse_int=_bounded_int)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
-    return without_lone_surrogates(value) if "\\ud" in text.lower() else value
+    return _without_lone_surrogates(value) if "\\ud" in text.lower() else value
 
 
 @dataclasses.dataclass
-class HTTPResponse:
+class _HTTPResponse:
     status: int
     headers: dict  # lower-cased names
     body: bytes
 
 
-class ResponseTooLarge(Exception):
+class _ResponseTooLarge(Exception):
     """A response body over the client's cap: not read further."""
 
 
-class ProxyFailed(OSError):
+class _ProxyFailed(OSError):
     """The HTTP proxy, not the server, could not be reached or refused the tunnel."""
 
 
-class OneSend:
+class _OneSend:
     """An http.client connection that sends a request's head and a bytes body in one
     send(), as Python 2's http.client did: one system call and one TCP segment instead
     of two (the server then wakes once per request)."""
@@ -671,16 +676,16 @@ class OneSend:
         super()._send_output(message_body, encode_chunked)
 
 
-class Connection(OneSend, http.client.HTTPConnection):
+class _Connection(_OneSend, http.client.HTTPConnection):
     pass
 
 
-class TLSConnection(OneSend, http.client.HTTPSConnection):
+class _TLSConnection(_OneSend, http.client.HTTPSConnection):
     pass
 
 
 @functools.lru_cache(maxsize=None)
-def tls_context(verify: bool, ca_cert: str | None) -> ssl.SSLContext:
+def _tls_context(verify: bool, ca_cert: str | None) -> ssl.SSLContext:
     """One context per settings for the whole run, made on the first https connection
     (loading the CA store costs ~40 ms). It also reads SSL_CERT_FILE and SSL_CERT_DIR."""
     context = ssl.create_default_context(cafile=os.path.expanduser(ca_cert) if ca_cert else None)
@@ -690,7 +695,7 @@ def tls_context(verify: bool, ca_cert: str | None) -> ssl.SSLContext:
     return context
 
 
-def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
+def _proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
     """The Proxy-Authorization header for a proxy URL with user:password@ in it."""
     if proxy.username is None:
         return {}
@@ -698,11 +703,11 @@ def proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
     return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
-def describe_os_error(exc: OSError) -> str:
+def _describe_os_error(exc: OSError) -> str:
     return "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
 
 
-class AttemptDeadlines:
+class _AttemptDeadlines:
     """What makes a client's timeout bound a whole attempt, not each read from the socket (a
     server sending one byte every half second would otherwise hold a request for ever): one
     thread, started on the first request, that shuts the socket of any request still running
@@ -751,10 +756,10 @@ class AttemptDeadlines:
                 conn.sock.shutdown(socket.SHUT_RDWR)
 
 
-DEADLINES = AttemptDeadlines()
+_DEADLINES = _AttemptDeadlines()
 
 
-class HTTPClient:
+class _HTTPClient:
     """Blocking HTTP/1.1 with one persistent connection per (thread, host).
 
     Call it from a thread pool: each worker thread keeps its own keep-alive
@@ -789,11 +794,11 @@ class HTTPClient:
         proxy = self.proxy_for(parts.scheme, parts.netloc)  # host:port, as urllib matches NO_PROXY
         netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
         if parts.scheme == "https":
-            conn = TLSConnection(netloc, timeout=self.connect_timeout, context=tls_context(self.verify, self.ca_cert))
+            conn = _TLSConnection(netloc, timeout=self.connect_timeout, context=_tls_context(self.verify, self.ca_cert))
             if proxy:
-                conn.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_auth(proxy))
+                conn.set_tunnel(parts.hostname, parts.port or 443, headers=_proxy_auth(proxy))
         else:
-            conn = Connection(netloc, timeout=self.connect_timeout)
+            conn = _Connection(netloc, timeout=self.connect_timeout)
         conn.proxy = proxy if parts.scheme == "http" else None  # absolute-form request targets
         try:
             conn.connect()
@@ -802,10 +807,10 @@ class HTTPClient:
                 raise
             where = f"the HTTP proxy {proxy.hostname}:{proxy.port or 80} ({parts.scheme.upper()}_PROXY)"
             if "407" in str(exc):
-                raise ProxyFailed(PROXY_AUTH) from None
+                raise _ProxyFailed(_PROXY_AUTH) from None
             if str(exc).startswith("Tunnel connection failed"):
-                raise ProxyFailed(f"{where} refused the tunnel to {parts.netloc} ({exc})") from None
-            raise ProxyFailed(f"cannot reach {where}: {describe_os_error(exc)}; the server was not tried "
+                raise _ProxyFailed(f"{where} refused the tunnel to {parts.netloc} ({exc})") from None
+            raise _ProxyFailed(f"cannot reach {where}: {_describe_os_error(exc)}; the server was not tried "
                               "(list it in NO_PROXY to bypass the proxy)") from None
         conn.sock.settimeout(self.timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -821,10 +826,10 @@ class HTTPClient:
             data = resp.read()
         else:
             if declared is not None and declared > self.max_body:
-                raise ResponseTooLarge(f"Content-Length {declared:,}")
+                raise _ResponseTooLarge(f"Content-Length {declared:,}")
             data = resp.read(self.max_body + 1)
             if len(data) > self.max_body:
-                raise ResponseTooLarge(f"more than {self.max_body:,} bytes")
+                raise _ResponseTooLarge(f"more than {self.max_body:,} bytes")
         if declared is not None and len(data) < declared and resp.getheader("Transfer-Encoding") is None:
             raise http.client.IncompleteRead(data, declared - len(data))
         return data
@@ -834,7 +839,7 @@ class HTTPClient:
         if conn is not None:
             conn.close()
 
-    def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> HTTPResponse:
+    def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> _HTTPResponse:
         parts = urllib.parse.urlsplit(url)
         target = parts.path or "/"
         if parts.query:
@@ -842,17 +847,17 @@ class HTTPClient:
         all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json", **(headers or {})}
         for attempt in (0, 1):
             conn, reused = self._connection(parts, fresh=attempt == 1)
-            watch = DEADLINES.start(conn, self.timeout, self)
+            watch = _DEADLINES.start(conn, self.timeout, self)
             try:
                 try:
                     if conn.proxy:
-                        conn.request(method, url, body=body, headers={**all_headers, **proxy_auth(conn.proxy)})
+                        conn.request(method, url, body=body, headers={**all_headers, **_proxy_auth(conn.proxy)})
                     else:
                         conn.request(method, target, body=body, headers=all_headers)
                     resp = conn.getresponse()
                     data = self._read(resp)
                 finally:
-                    in_time = DEADLINES.end(watch)
+                    in_time = _DEADLINES.end(watch)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
                 self._drop(parts)
                 if not in_time:
@@ -867,37 +872,37 @@ class HTTPClient:
                 raise
             if resp.will_close or not in_time:  # not in time: the watchdog may have shut it after the last byte
                 self._drop(parts)
-            return HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+            return _HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         raise AssertionError("unreachable")
 
     def abort(self) -> None:
         """Ends the requests of this client still waiting for an answer, and resends none."""
         self.aborted = True
-        DEADLINES.cut(self)
+        _DEADLINES.cut(self)
 
 
-def auth_headers(token: str | None) -> dict:
+def _auth_headers(token: str | None) -> dict:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def server_headers(config: APIConfig) -> dict:
+def _server_headers(config: APIConfig) -> dict:
     """Authorization (with a key) and the user's extra headers, which win."""
-    return {**auth_headers(config.api_key), **config.headers}
+    return {**_auth_headers(config.api_key), **config.headers}
 
 
-def server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0) -> HTTPClient:
+def _server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0) -> _HTTPClient:
     """An HTTPClient for the inference server, with the config's TLS settings; every answer,
     the preflight's and the identification's too, is read up to --max_response_mb only."""
-    return HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
+    return _HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
                       verify=config.verify_certificate, ca_cert=config.ca_cert,
                       max_body=int(config.max_response_mb * 2 ** 20))
 
 
-def describe_network_error(exc: BaseException) -> tuple[str, str]:
+def _describe_network_error(exc: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by HTTPClient.request."""
-    if isinstance(exc, ProxyFailed):
+    if isinstance(exc, _ProxyFailed):
         return Status.CONNECTION, str(exc)
-    if isinstance(exc, ResponseTooLarge):
+    if isinstance(exc, _ResponseTooLarge):
         return Status.TOO_LARGE, f"response body too large ({exc}; --max_response_mb raises the cap)"
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return Status.TIMEOUT, "no answer within the timeout"
@@ -906,7 +911,7 @@ def describe_network_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, socket.gaierror):
         return Status.CONNECTION, f"cannot resolve host ({exc.strerror or exc})"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Status.CONNECTION, f"the server's TLS certificate failed verification ({exc.verify_message}); {TLS_WAYS_OUT}"
+        return Status.CONNECTION, f"the server's TLS certificate failed verification ({exc.verify_message}); {_TLS_WAYS_OUT}"
     if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
         return Status.CONNECTION, "the server speaks plain http, not https: use an http:// URL"
     if isinstance(exc, ssl.SSLError):
@@ -919,16 +924,16 @@ def describe_network_error(exc: BaseException) -> tuple[str, str]:
     return Status.CONNECTION, type(exc).__name__  # not its message: it may quote a header, and so a key
 
 
-def http_json(client: HTTPClient, url: str, headers: dict | None = None) -> tuple[int, Any, dict]:
+def _http_json(client: _HTTPClient, url: str, headers: dict | None = None) -> tuple[int, Any, dict]:
     """GET a JSON document: (status, parsed JSON or None, headers). Network errors propagate."""
     resp = client.request("GET", url, headers=headers)
     try:
-        return resp.status, read_json(resp.body), resp.headers
+        return resp.status, _read_json(resp.body), resp.headers
     except (ValueError, UnicodeDecodeError):
         return resp.status, None, resp.headers
 
 
-def error_message(body: bytes, limit: int = 200) -> str:
+def _error_message(body: bytes, limit: int = 200) -> str:
     """The one-line error a server put in its body (JSON `error.message`, else text)."""
     try:
         data = json.loads(body)
@@ -942,7 +947,7 @@ def error_message(body: bytes, limit: int = 200) -> str:
     return " ".join(text.split())[:limit]
 
 
-def retry_after_seconds(headers: dict) -> float | None:
+def _retry_after_seconds(headers: dict) -> float | None:
     value = headers.get("retry-after")
     if not value:
         return None
@@ -952,36 +957,36 @@ def retry_after_seconds(headers: dict) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-def backoff(attempt: int, base_delay: float, retry_after: float | None = None) -> float:
+def _backoff(attempt: int, base_delay: float, retry_after: float | None = None) -> float:
     """Seconds to wait before attempt `attempt + 1`: the server's Retry-After (at most
     MAX_RETRY_AFTER), else exponential from `base_delay`, capped at 60 s, with jitter."""
     if retry_after is not None:
-        return min(retry_after, MAX_RETRY_AFTER)
+        return min(retry_after, _MAX_RETRY_AFTER)
     return min(base_delay * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.0)
 
 
 _last_wait_notice = [0.0]  # when a long retry wait was last announced (one line per 30 s at most)
 
 
-def announce_wait(what: str, why: str, delay: float, retry_after: float | None, attempt: int, attempts: int) -> None:
+def _announce_wait(what: str, why: str, delay: float, retry_after: float | None, attempt: int, attempts: int) -> None:
     """Say on stderr why the run is about to sit still, so a long wait is never silent."""
     now = time.monotonic()
-    if delay < LONG_WAIT or now - _last_wait_notice[0] < 30:
+    if delay < _LONG_WAIT or now - _last_wait_notice[0] < 30:
         return
     _last_wait_notice[0] = now
     if retry_after is None:
         cause = "exponential backoff, capped at 60 s"
-    elif retry_after > MAX_RETRY_AFTER:
-        cause = f"Retry-After: {retry_after:.0f} s, capped at {MAX_RETRY_AFTER:.0f} s"
+    elif retry_after > _MAX_RETRY_AFTER:
+        cause = f"Retry-After: {retry_after:.0f} s, capped at {_MAX_RETRY_AFTER:.0f} s"
     else:
         cause = f"Retry-After: {retry_after:.0f} s"
     said = f"answered {why}" if why.startswith("HTTP ") else f"did not answer ({why})"
-    info(f"{what} {said}: waiting {delay:.0f} s ({cause}) before attempt {attempt + 1} of {attempts}; "
+    _info(f"{what} {said}: waiting {delay:.0f} s ({cause}) before attempt {attempt + 1} of {attempts}; "
          "Ctrl-C stops the run and keeps what finished")
 
 
 @dataclasses.dataclass
-class Outcome:
+class _Outcome:
     """What one chat request ended as; `status` is one of Status's."""
 
     status: str
@@ -1000,7 +1005,7 @@ class Outcome:
     @property
     def retryable(self) -> bool:
         return self.status in Status.NETWORK or (
-            self.status.startswith("http_") and self.http_status in RETRYABLE_STATUS)
+            self.status.startswith("http_") and self.http_status in _RETRYABLE_STATUS)
 
     @property
     def valid(self) -> bool:
@@ -1008,7 +1013,7 @@ class Outcome:
         return self.status in Status.SCORED
 
 
-def logged_token(entry: dict) -> str | dict:
+def _logged_token(entry: dict) -> str | dict:
     """A token as the sample log keeps it: its text where its bytes (if given) are whole UTF-8;
     else {"bytes": hex} (part of a character) or {"id": n} (a special token llama.cpp spells "")."""
     raw = entry.get("bytes")
@@ -1023,11 +1028,11 @@ def logged_token(entry: dict) -> str | dict:
     return {"id": entry["id"]} if type(entry.get("id")) is int else ""
 
 
-def logged_logprob(value: Any) -> float | None:
-    return round(float(value), 7) if is_finite(value) else None
+def _logged_logprob(value: Any) -> float | None:
+    return round(float(value), 7) if _is_finite(value) else None
 
 
-def logged_logprobs(choice: dict) -> list | None:
+def _logged_logprobs(choice: dict) -> list | None:
     """`choices[0].logprobs.content` in the sample log's compact form: per generated token
     [token, logprob, [[token, logprob], ...the top K]]; None when the server sent none, or
     sent them malformed (the run warns that they are missing). A logprob that is not a finite
@@ -1037,51 +1042,51 @@ def logged_logprobs(choice: dict) -> list | None:
         return None
     if not all(isinstance(e.get("top_logprobs") or [], list) for e in content):
         return None
-    return [[logged_token(e), logged_logprob(e.get("logprob")),
-             [[logged_token(t), logged_logprob(t.get("logprob"))] for t in e.get("top_logprobs") or []
+    return [[_logged_token(e), _logged_logprob(e.get("logprob")),
+             [[_logged_token(t), _logged_logprob(t.get("logprob"))] for t in e.get("top_logprobs") or []
               if isinstance(t, dict)]] for e in content]
 
 
-def classify_response(resp: HTTPResponse) -> Outcome:
+def _classify_response(resp: _HTTPResponse) -> _Outcome:
     """Turns an HTTP response into an Outcome, reading content, reasoning, usage and logprobs.
     Whatever a server sends, an answer it cannot read is `bad_response`, never an exception
     (which the runner would take for a network error)."""
     try:
-        return read_response(resp)
+        return _read_response(resp)
     except Exception as exc:  # noqa: BLE001 -- a shape read_response did not foresee
-        return Outcome(Status.BAD_RESPONSE, http_status=resp.status, error=f"malformed response ({type(exc).__name__})")
+        return _Outcome(Status.BAD_RESPONSE, http_status=resp.status, error=f"malformed response ({type(exc).__name__})")
 
 
-def read_response(resp: HTTPResponse) -> Outcome:
+def _read_response(resp: _HTTPResponse) -> _Outcome:
     if resp.status != 200:
-        return Outcome(Status.http(resp.status), http_status=resp.status, error=error_message(resp.body),
-                       retry_after=retry_after_seconds(resp.headers))
+        return _Outcome(Status.http(resp.status), http_status=resp.status, error=_error_message(resp.body),
+                       retry_after=_retry_after_seconds(resp.headers))
     try:
-        data = read_json(resp.body)
+        data = _read_json(resp.body)
     except UnicodeDecodeError:
-        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not UTF-8")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not UTF-8")
     except ValueError:
-        return Outcome(Status.BAD_RESPONSE, http_status=200, error=f"response is not JSON: {error_message(resp.body, 80)}")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200, error=f"response is not JSON: {_error_message(resp.body, 80)}")
     if not isinstance(data, dict):
-        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not a JSON object")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not a JSON object")
     choices = data.get("choices")
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         if "error" in data:
-            return Outcome(Status.BAD_RESPONSE, http_status=200, error=f"error in a 200 response: {error_message(resp.body)}")
-        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no choices")
+            return _Outcome(Status.BAD_RESPONSE, http_status=200, error=f"error in a 200 response: {_error_message(resp.body)}")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no choices")
     choice = choices[0]
     message = choice.get("message")
     if not isinstance(message, dict):
-        return Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no message")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no message")
     content = message.get("content")
     if content is not None and not isinstance(content, str):
-        return Outcome(Status.BAD_RESPONSE, http_status=200, error="message content is not a string")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200, error="message content is not a string")
     field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
     reasoning = message.get(field) if isinstance(message.get(field), str) else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
-    outcome = Outcome(Status.OK, content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
-                      finish_reason=finish, usage=usage, http_status=200, logprobs=logged_logprobs(choice))
+    outcome = _Outcome(Status.OK, content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
+                      finish_reason=finish, usage=usage, http_status=200, logprobs=_logged_logprobs(choice))
     if not content or not content.strip():
         outcome.status = Status.EMPTY
     elif finish == "length":
@@ -1089,7 +1094,7 @@ def read_response(resp: HTTPResponse) -> Outcome:
     return outcome
 
 
-class AdaptiveLimiter:
+class _AdaptiveLimiter:
     """Caps requests in flight; halves the cap on 429/503 and grows it back by one
     after every `cap` successes (additive increase, multiplicative decrease). Worker
     threads wait in acquire(); close() wakes them all and refuses further slots.
@@ -1151,7 +1156,7 @@ class AdaptiveLimiter:
             self._changed.notify_all()
 
 
-class Stopped(Exception):
+class _Stopped(Exception):
     """The run was stopped (Ctrl-C, SIGTERM, an error elsewhere) while a worker waited."""
 
 
@@ -1177,7 +1182,7 @@ class _Counter:
 _BLOCKED_CALLS = _Counter()
 
 
-def allow_open_files(count: int) -> None:
+def _allow_open_files(count: int) -> None:
     """Raises the soft limit on open files to `count` (within the hard limit) when it is
     lower: 1024 connections do not fit the common default of 1024 (256 on macOS)."""
     try:
@@ -1190,51 +1195,51 @@ def allow_open_files(count: int) -> None:
         pass
 
 
-class ChatClient:
+class _ChatClient:
     """Sends chat requests as blocking calls from the runner's worker threads: `send_blocking`,
     with retries, backoff and the adaptive limiter."""
 
     def __init__(self, config: APIConfig):
         self.config = config
-        self.http = server_client(config)
-        self.limiter = AdaptiveLimiter(config.num_concurrent)
-        self.headers = {"Content-Type": "application/json", **server_headers(config)}
+        self.http = _server_client(config)
+        self.limiter = _AdaptiveLimiter(config.num_concurrent)
+        self.headers = {"Content-Type": "application/json", **_server_headers(config)}
         self.stopped = threading.Event()  # set by close(): waits end at once, nothing more is sent
-        allow_open_files(config.num_concurrent + 64)  # a connection each, and some to spare
+        _allow_open_files(config.num_concurrent + 64)  # a connection each, and some to spare
 
-    def _post(self, payload: bytes) -> Outcome:
+    def _post(self, payload: bytes) -> _Outcome:
         start = time.perf_counter()
         with _BLOCKED_CALLS:
             try:
                 resp = self.http.request("POST", self.config.chat_url, payload, self.headers)
             except Exception as exc:  # network errors become an outcome; nothing escapes a worker
-                status, reason = describe_network_error(exc)
-                outcome = Outcome(status, error=reason)
+                status, reason = _describe_network_error(exc)
+                outcome = _Outcome(status, error=reason)
             else:
-                outcome = classify_response(resp)
+                outcome = _classify_response(resp)
         outcome.latency = time.perf_counter() - start
         return outcome
 
-    def send_blocking(self, payload: bytes) -> Outcome:
+    def send_blocking(self, payload: bytes) -> _Outcome:
         """One request with retries: backoff with jitter, honouring Retry-After. Call it in
         a worker thread; raises Stopped when the client is closed while it waits."""
         for attempt in range(1, self.config.max_retries + 1):
             if not self.limiter.acquire():
-                raise Stopped()
+                raise _Stopped()
             outcome = None
             try:
                 outcome = self._post(payload)
             finally:
                 status = outcome.http_status if outcome else None
-                self.limiter.release(throttled=status in THROTTLE_STATUS, success=status == 200)
+                self.limiter.release(throttled=status in _THROTTLE_STATUS, success=status == 200)
             outcome.attempts = attempt
             if not outcome.retryable or attempt == self.config.max_retries:
                 break
-            delay = backoff(attempt, self.config.retry_base_delay, outcome.retry_after)
-            announce_wait(self.config.chat_url, outcome.error if outcome.http_status is None else
+            delay = _backoff(attempt, self.config.retry_base_delay, outcome.retry_after)
+            _announce_wait(self.config.chat_url, outcome.error if outcome.http_status is None else
                           f"HTTP {outcome.http_status}", delay, outcome.retry_after, attempt, self.config.max_retries)
             if self.stopped.wait(delay):
-                raise Stopped()
+                raise _Stopped()
         return outcome
 
     def close(self) -> None:
@@ -1248,13 +1253,13 @@ class ChatClient:
 # 3. Finding the server
 # ============================================================================
 
-OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
+_OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
             "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio", "organization_owner": "LM Studio"}
 
 
-def probe_local_server() -> str:
+def _probe_local_server() -> str:
     """The first usual inference port on 127.0.0.1 whose /v1/models answers."""
-    client = HTTPClient(timeout=2.0, connect_timeout=1.0)
+    client = _HTTPClient(timeout=2.0, connect_timeout=1.0)
 
     def answers(port: int) -> bool:
         try:
@@ -1262,56 +1267,56 @@ def probe_local_server() -> str:
         except Exception:
             return False
 
-    with ThreadPoolExecutor(max_workers=len(KNOWN_PORTS)) as pool:
-        alive = list(pool.map(answers, [port for port, _ in KNOWN_PORTS]))
-    for (port, name), ok in zip(KNOWN_PORTS, alive):
+    with ThreadPoolExecutor(max_workers=len(_KNOWN_PORTS)) as pool:
+        alive = list(pool.map(answers, [port for port, _ in _KNOWN_PORTS]))
+    for (port, name), ok in zip(_KNOWN_PORTS, alive):
         if ok:
-            info(f"no --base_url given: using http://127.0.0.1:{port}/v1 (the {name} port answered /v1/models)")
+            _info(f"no --base_url given: using http://127.0.0.1:{port}/v1 (the {name} port answered /v1/models)")
             return f"http://127.0.0.1:{port}/v1"
-    ports = ", ".join(f"{port} ({name})" for port, name in KNOWN_PORTS)
+    ports = ", ".join(f"{port} ({name})" for port, name in _KNOWN_PORTS)
     raise ServerError(f"no --base_url given and no server answered on 127.0.0.1 ports {ports}")
 
 
-def refusal(status: int | None, url: str) -> NanoEvalError | None:
+def _refusal(status: int | None, url: str) -> NanoEvalError | None:
     """The error for an HTTP status after which no request to this server can succeed."""
     if status in (401, 403):
         return AuthError(f"authentication failed (HTTP {status} from {url}): check --api_key")
     if status == 407:
-        return ServerError(PROXY_AUTH)
+        return ServerError(_PROXY_AUTH)
     return None
 
 
-def listed_models(data: Any) -> list | None:
+def _listed_models(data: Any) -> list | None:
     """The `data` list of a /v1/models answer; None when it has none."""
     return data["data"] if isinstance(data, dict) and isinstance(data.get("data"), list) else None
 
 
-def resolve_model(config: APIConfig, model: str | None) -> str:
+def _resolve_model(config: APIConfig, model: str | None) -> str:
     """The model to ask for: `model` if given (after checking the server answers),
     else the only one `/v1/models` lists. A dead server is reported in seconds."""
-    client = server_client(config, timeout=30.0, connect_timeout=5.0)
+    client = _server_client(config, timeout=30.0, connect_timeout=5.0)
     url = config.api_root + "/models"
-    deadline = time.monotonic() + LOADING_WAIT
+    deadline = time.monotonic() + _LOADING_WAIT
     while True:
         try:
-            status, data, _ = http_json(client, url, server_headers(config))
+            status, data, _ = _http_json(client, url, _server_headers(config))
         except Exception as exc:
             hint = "; is the server running?" if isinstance(exc, (ConnectionRefusedError, socket.gaierror,
                                                                     socket.timeout, TimeoutError)) else ""
-            raise ServerError(f"cannot reach {config.api_root}: {describe_network_error(exc)[1]}{hint}") from None
+            raise ServerError(f"cannot reach {config.api_root}: {_describe_network_error(exc)[1]}{hint}") from None
         if status != 503:
             break
         if time.monotonic() > deadline:
-            raise ServerError(f"{url} still answers HTTP 503 after {LOADING_WAIT:.0f} s: the server has not finished "
+            raise ServerError(f"{url} still answers HTTP 503 after {_LOADING_WAIT:.0f} s: the server has not finished "
                               "loading its model")
-        if deadline - time.monotonic() > LOADING_WAIT - 1:
-            info(f"{url} answers 503: waiting up to {LOADING_WAIT:.0f} s for the server to finish loading")
+        if deadline - time.monotonic() > _LOADING_WAIT - 1:
+            _info(f"{url} answers 503: waiting up to {_LOADING_WAIT:.0f} s for the server to finish loading")
         time.sleep(1.0)
-    if (error := refusal(status, url)):
+    if (error := _refusal(status, url)):
         raise error
     if model:
         return model
-    models = listed_models(data)
+    models = _listed_models(data)
     if status != 200 or models is None:
         raise ServerError(f"{url} answered HTTP {status} without a model list; pass --model")
     ids = [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
@@ -1325,14 +1330,14 @@ def resolve_model(config: APIConfig, model: str | None) -> str:
     return ids[0]
 
 
-def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
+def _identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
     """Which backend answered, from the endpoints each one has: vLLM /version, MAX /version
     with the title "MAX Serve" in /openapi.json, SGLang /get_server_info, llama.cpp /props,
     Ollama /api/version, TGI /info; else the `owned_by` of /v1/models and the Server header."""
     api_root = config.api_root
     parts = urllib.parse.urlsplit(api_root)
     origin = f"{parts.scheme}://{parts.netloc}"
-    client = server_client(config, timeout=timeout, connect_timeout=timeout)
+    client = _server_client(config, timeout=timeout, connect_timeout=timeout)
     paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
              "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
              "models": f"{api_root}/models", "openapi": f"{origin}/openapi.json",
@@ -1340,7 +1345,7 @@ def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
 
     def fetch(url: str) -> tuple[int, Any, dict]:
         try:
-            return http_json(client, url, server_headers(config))
+            return _http_json(client, url, _server_headers(config))
         except Exception:
             return 0, None, {}
 
@@ -1351,9 +1356,9 @@ def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
     ok = {name: data for name, (status, data, _) in answers.items()
           if status == 200 and isinstance(data, dict) and (status, data) != control}
     ok.setdefault("sglang", ok.pop("sglang_new", {}))
-    models = listed_models(ok.get("models")) or [{}]
+    models = _listed_models(ok.get("models")) or [{}]
     owned_by = models[0].get("owned_by") if isinstance(models[0], dict) else None
-    owner = OWNED_BY.get(str(owned_by).lower())
+    owner = _OWNED_BY.get(str(owned_by).lower())
     identity: dict = {"server_header": answers["models"][2].get("server"), "owned_by": owned_by}
     props, sglang, tgi = ok.get("props", {}), ok.get("sglang", {}), ok.get("tgi", {})
     only_version = {name: data["version"] for name, data in ok.items() if set(data) == {"version"}}
@@ -1377,19 +1382,19 @@ def identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
     return identity
 
 
-def find_server(config: APIConfig, model: str | None) -> None:
+def _find_server(config: APIConfig, model: str | None) -> None:
     """The model to ask for and which backend answers (AuthError/ServerError if unusable);
     what the server said is recorded redacted (a /version may echo the request's headers)."""
-    config.model = resolve_model(config, model)
-    config.server = {key: SECRETS.scrub(value) if isinstance(value, str) else value
-                     for key, value in identify_server(config).items()}
+    config.model = _resolve_model(config, model)
+    config.server = {key: _SECRETS.scrub(value) if isinstance(value, str) else value
+                     for key, value in _identify_server(config).items()}
 
 
 # ============================================================================
 # 4. Datasets
 # ============================================================================
 
-IMAGE_MAGIC = (
+_IMAGE_MAGIC = (
     (b"\x89PNG\r\n\x1a\n", "png", "image/png"),
     (b"\xff\xd8\xff", "jpeg", "image/jpeg"),
     (b"GIF87a", "gif", "image/gif"),
@@ -1397,9 +1402,9 @@ IMAGE_MAGIC = (
 )
 
 
-def sniff_image(data: bytes) -> tuple[str, str] | None:
+def _sniff_image(data: bytes) -> tuple[str, str] | None:
     """(format, mime type) from the magic bytes, or None."""
-    for magic, fmt, mime in IMAGE_MAGIC:
+    for magic, fmt, mime in _IMAGE_MAGIC:
         if data.startswith(magic):
             return fmt, mime
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
@@ -1407,7 +1412,7 @@ def sniff_image(data: bytes) -> tuple[str, str] | None:
     return None
 
 
-def image_is_whole(data: bytes, fmt: str) -> bool:
+def _image_is_whole(data: bytes, fmt: str) -> bool:
     """Whether an image ends as its format ends (a download cut short does not): PNG's IEND
     chunk, JPEG's end-of-image marker, GIF's trailer, WebP's RIFF length."""
     if fmt == "png":
@@ -1419,11 +1424,11 @@ def image_is_whole(data: bytes, fmt: str) -> bool:
     return len(data) >= int.from_bytes(data[4:8], "little") + 8  # webp
 
 
-def sha256(data: bytes) -> str:
+def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -1440,12 +1445,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def user_cache_dir() -> Path:
+def _user_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "nano-eval"
 
 
-def is_writable_dir(path: Path) -> bool:
+def _is_writable_dir(path: Path) -> bool:
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -1454,7 +1459,7 @@ def is_writable_dir(path: Path) -> bool:
     return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
 
 
-def resolve_data_dir(explicit: str | None) -> list[Path]:
+def _resolve_data_dir(explicit: str | None) -> list[Path]:
     """Folders to read the cache from, the first one written to.
 
     An explicit `--data_dir`/NANO_EVAL_DATA_DIR must be writable. The default is the
@@ -1465,18 +1470,18 @@ def resolve_data_dir(explicit: str | None) -> list[Path]:
     chosen = explicit or os.environ.get("NANO_EVAL_DATA_DIR")
     if chosen:
         path = Path(chosen).expanduser()
-        if not is_writable_dir(path):
+        if not _is_writable_dir(path):
             raise UsageError(f"data dir {path} is not writable")
-        return [path] + ([BUNDLED_DATA] if path.resolve() != BUNDLED_DATA else [])
-    installed = BUNDLED_DATA.parent.name in ("site-packages", "dist-packages")  # pip install, not a copy
-    if not installed and is_writable_dir(BUNDLED_DATA):
-        return [BUNDLED_DATA]
-    fallback = user_cache_dir()
-    return [fallback, BUNDLED_DATA] if is_writable_dir(fallback) else [BUNDLED_DATA]
+        return [path] + ([_BUNDLED_DATA] if path.resolve() != _BUNDLED_DATA else [])
+    installed = _BUNDLED_DATA.parent.name in ("site-packages", "dist-packages")  # pip install, not a copy
+    if not installed and _is_writable_dir(_BUNDLED_DATA):
+        return [_BUNDLED_DATA]
+    fallback = _user_cache_dir()
+    return [fallback, _BUNDLED_DATA] if _is_writable_dir(fallback) else [_BUNDLED_DATA]
 
 
 @dataclasses.dataclass(frozen=True)
-class DatasetRef:
+class _DatasetRef:
     dataset: str
     config: str
     split: str
@@ -1489,17 +1494,17 @@ class DatasetRef:
         return "/".join((self.dataset.replace("/", "__"), self.config, self.split))
 
 
-SHIPPED_ROWS = {"openai__gsm8k/main/test": 1319}  # the splits in data/ beside nano_eval.py, and their size
+_SHIPPED_ROWS = {"openai__gsm8k/main/test": 1319}  # the splits in data/ beside nano_eval.py, and their size
 
 
-class DatasetCache:
+class _DatasetCache:
     """Pages of rows and images of one split, verified by a manifest of sha256 sums.
 
     Layout: <root>/<dataset>/<config>/<split>/{manifest.json, rows-00000.jsonl,
     images/<row_idx>.<ext>}. Every file is written atomically; a file whose size or
     sha256 does not match the manifest is ignored (and so fetched again)."""
 
-    def __init__(self, roots: list[Path], ref: DatasetRef):
+    def __init__(self, roots: list[Path], ref: _DatasetRef):
         self.ref = ref
         self.dirs = [root / ref.folder for root in roots]
         self.write_dir = self.dirs[0]
@@ -1539,13 +1544,13 @@ class DatasetCache:
             if total is None and not manifest["pages"]:
                 continue
             problem = None
-            known = SHIPPED_ROWS.get(self.ref.folder) if folder.resolve().is_relative_to(BUNDLED_DATA) else None
+            known = _SHIPPED_ROWS.get(self.ref.folder) if folder.resolve().is_relative_to(_BUNDLED_DATA) else None
             if not isinstance(total, int) or isinstance(total, bool) or total < 1:
                 problem = f"num_rows_total is {total!r}"
             else:
                 for offset, entry in manifest["pages"].items():
                     rows = entry.get("rows") if isinstance(entry, dict) else None
-                    if not offset.isdigit() or int(offset) % PAGE_SIZE or rows != min(PAGE_SIZE, total - int(offset)):
+                    if not offset.isdigit() or int(offset) % _PAGE_SIZE or rows != min(_PAGE_SIZE, total - int(offset)):
                         problem = f"page {offset} holds {rows!r} rows, which does not fit num_rows_total {total}"
                         break
             if not problem and known is not None and total != known:
@@ -1571,7 +1576,7 @@ class DatasetCache:
             data = (folder / entry["file"]).read_bytes()
         except (OSError, KeyError, TypeError):
             return None
-        if len(data) != entry.get("bytes") or sha256(data) != entry.get("sha256"):
+        if len(data) != entry.get("bytes") or _sha256(data) != entry.get("sha256"):
             return None
         return data
 
@@ -1595,7 +1600,7 @@ class DatasetCache:
 
     def write(self, name: str, data: bytes) -> None:
         try:
-            atomic_write(self.write_dir / name, data)
+            _atomic_write(self.write_dir / name, data)
         except OSError as exc:
             raise DatasetError(f"cannot write the dataset cache in {self.write_dir} ({exc.strerror or exc}): "
                                "pass a writable --data_dir (or set NANO_EVAL_DATA_DIR)") from None
@@ -1608,7 +1613,7 @@ class DatasetCache:
             self.manifest.update(dataset=self.ref.dataset, config=self.ref.config, split=self.ref.split,
                                  num_rows_total=num_rows_total)
             self.manifest["pages"][str(offset)] = {"file": name, "rows": len(rows), "bytes": len(data),
-                                                   "sha256": sha256(data), "revision": revision}
+                                                   "sha256": _sha256(data), "revision": revision}
             self._changed = True
         self.save()
 
@@ -1623,17 +1628,17 @@ class DatasetCache:
     def write_image(self, row_idx: int, data: bytes, fmt: str) -> dict:
         name = f"images/{row_idx}.{'jpg' if fmt == 'jpeg' else fmt}"
         self.write(name, data)
-        entry = {"file": name, "bytes": len(data), "sha256": sha256(data), "format": fmt}
+        entry = {"file": name, "bytes": len(data), "sha256": _sha256(data), "format": fmt}
         with self._lock:
             self.manifest["images"][str(row_idx)] = entry
             self._changed = True
         return entry
 
-def is_texts(value: Any) -> bool:
+def _is_texts(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
 
 
-def page_problem(body: Any, ref: DatasetRef) -> str | None:
+def _page_problem(body: Any, ref: _DatasetRef) -> str | None:
     """What makes a `/rows` answer unusable (checked before anything of it is used or cached):
     its shape, a positive num_rows_total, each row's index, its text columns and image cell."""
     if not isinstance(body, dict) or not isinstance(body.get("rows"), list):
@@ -1645,7 +1650,7 @@ def page_problem(body: Any, ref: DatasetRef) -> str | None:
         if not isinstance(row, dict) or type(row.get("row_idx")) is not int or not isinstance(row.get("row"), dict):
             return f"its row {i} is not {{\"row_idx\": number, \"row\": {{...}}}}"
         missing = [name for name in ref.text_columns if not isinstance(row["row"].get(name), str)]
-        missing += [name for name in ref.label_columns if not is_texts(row["row"].get(name))]
+        missing += [name for name in ref.label_columns if not _is_texts(row["row"].get(name))]
         if missing:
             return f"row {row['row_idx']} has no text in {', '.join(map(repr, missing))}"
         image = row["row"].get(ref.image_column) if ref.image_column else None
@@ -1654,23 +1659,23 @@ def page_problem(body: Any, ref: DatasetRef) -> str | None:
     return None
 
 
-class DatasetsClient:
+class _DatasetsClient:
     """A minimal client for the HuggingFace datasets-server `/rows` API."""
 
     def __init__(self, base_url: str | None = None, token: str | None = None, retries: int = 6,
                  retry_base_delay: float = 1.0):
-        self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER") or DATASETS_SERVER).rstrip("/")
+        self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER") or _DATASETS_SERVER).rstrip("/")
         self.token = token if token is not None else os.environ.get("HF_TOKEN")  # checked when sent
         self.retries = retries
         self.retry_base_delay = retry_base_delay
-        self.http = HTTPClient(timeout=120.0, connect_timeout=15.0, max_body=DATASETS_MAX_MB * 2 ** 20)
+        self.http = _HTTPClient(timeout=120.0, connect_timeout=15.0, max_body=_DATASETS_MAX_MB * 2 ** 20)
 
     def _wait(self, attempt: int, why: str, retry_after: float | None) -> None:
-        delay = backoff(attempt, self.retry_base_delay, retry_after)
-        announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt, self.retries)
+        delay = _backoff(attempt, self.retry_base_delay, retry_after)
+        _announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt, self.retries)
         time.sleep(delay)
 
-    def _get(self, url: str, headers: dict, what: str) -> HTTPResponse:
+    def _get(self, url: str, headers: dict, what: str) -> _HTTPResponse:
         """GET with retries on 429/5xx and network errors (the server is sometimes busy).
         Counted as a blocked call, retry waits included: an interrupted run does not wait."""
         with _BLOCKED_CALLS:
@@ -1678,45 +1683,45 @@ class DatasetsClient:
                 try:
                     resp = self.http.request("GET", url, headers=headers)
                 except Exception as exc:
-                    _, reason = describe_network_error(exc)
-                    if isinstance(exc, (socket.gaierror, ResponseTooLarge)) or attempt == self.retries:
+                    _, reason = _describe_network_error(exc)
+                    if isinstance(exc, (socket.gaierror, _ResponseTooLarge)) or attempt == self.retries:
                         raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}; set "
                                            "NANO_EVAL_DATASETS_SERVER to a mirror, or give --data_dir a copy of a "
                                            "data/ folder that holds the split") from None
                     self._wait(attempt, reason, None)
                     continue
-                if resp.status in RETRYABLE_STATUS and attempt < self.retries:
-                    self._wait(attempt, f"HTTP {resp.status}", retry_after_seconds(resp.headers))
+                if resp.status in _RETRYABLE_STATUS and attempt < self.retries:
+                    self._wait(attempt, f"HTTP {resp.status}", _retry_after_seconds(resp.headers))
                     continue
                 return resp
         raise AssertionError("unreachable")
 
-    def rows(self, ref: DatasetRef, offset: int, length: int = PAGE_SIZE) -> tuple[dict, str | None]:
+    def rows(self, ref: _DatasetRef, offset: int, length: int = _PAGE_SIZE) -> tuple[dict, str | None]:
         """One page of `/rows`: (the JSON body, X-Revision)."""
         query = urllib.parse.urlencode({"dataset": ref.dataset, "config": ref.config, "split": ref.split,
                                         "offset": offset, "length": length})
         what = f"{ref.dataset} rows {offset}-{offset + length - 1}"
-        resp = self._get(f"{self.base_url}/rows?{query}", auth_headers(check_secret(self.token, "HF_TOKEN")), what)
+        resp = self._get(f"{self.base_url}/rows?{query}", _auth_headers(_check_secret(self.token, "HF_TOKEN")), what)
         if resp.status != 200:
             hint = " (set HF_TOKEN for a gated or private dataset)" if resp.status == 401 else ""
-            raise DatasetError(f"datasets-server answered {resp.status} for {what}: {error_message(resp.body)}{hint}")
+            raise DatasetError(f"datasets-server answered {resp.status} for {what}: {_error_message(resp.body)}{hint}")
         try:
-            body = read_json(resp.body)
+            body = _read_json(resp.body)
         except (ValueError, UnicodeDecodeError):
             raise DatasetError(f"datasets-server sent a body that is not JSON for {what}") from None
-        problem = page_problem(body, ref)
+        problem = _page_problem(body, ref)
         if problem:
             raise DatasetError(f"datasets-server sent an unexpected page for {what}: {problem}; not caching it")
         return body, resp.headers.get("x-revision")
 
-    def download(self, url: str) -> HTTPResponse:
+    def download(self, url: str) -> _HTTPResponse:
         """An image asset. Signed URLs carry their own auth; Hub resolve URLs need the token."""
         on_hub = (urllib.parse.urlsplit(url).hostname or "") == "huggingface.co"
-        headers = auth_headers(check_secret(self.token, "HF_TOKEN")) if on_hub else {}
+        headers = _auth_headers(_check_secret(self.token, "HF_TOKEN")) if on_hub else {}
         return self._get(url, headers, "an image")
 
 
-def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, rows: list[dict],
+def _fetch_images(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, offset: int, rows: list[dict],
                  image_column: str, fresh: bool, pool: ThreadPoolExecutor) -> None:
     """Downloads the images of `rows` concurrently. Signed URLs expire: a page read
     from the cache is fetched again for fresh URLs first, and a 403/404 on download
@@ -1733,11 +1738,11 @@ def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, o
             return row_idx
         if resp.status != 200:
             raise DatasetError(f"image of row {row_idx} of {ref.dataset}: HTTP {resp.status}")
-        kind = sniff_image(resp.body)
+        kind = _sniff_image(resp.body)
         if kind is None:
             raise DatasetError(f"image of row {row_idx} of {ref.dataset} is not PNG, JPEG, WebP or GIF")
-        if not image_is_whole(resp.body, kind[0]):
-            warn(f"the image of row {row_idx} of {ref.dataset} is truncated ({len(resp.body):,} bytes of "
+        if not _image_is_whole(resp.body, kind[0]):
+            _warn(f"the image of row {row_idx} of {ref.dataset} is truncated ({len(resp.body):,} bytes of "
                  f"{kind[0].upper()}): not cached, and that sample fails as missing_image")
             return None
         cache.write_image(row_idx, resp.body, kind[0])
@@ -1755,7 +1760,7 @@ def fetch_images(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, o
     raise DatasetError(f"images of {ref.dataset} rows {sorted(urls)} stay unavailable (403/404) after refetching")
 
 
-def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offset: int, wanted: int,
+def _load_page(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, offset: int, wanted: int,
               image_column: str | None, prefetched: tuple[dict, str | None] | None,
               images: ThreadPoolExecutor | None) -> list[dict]:
     """One page of rows plus the images its needed rows lack (runs in a worker thread)."""
@@ -1769,7 +1774,7 @@ def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offs
                                f"datasets-server {body['num_rows_total']}: the cache is stale or was edited; "
                                f"delete {cache.write_dir} to fetch the split again")
         rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
-        expected = list(range(offset, min(offset + PAGE_SIZE, body["num_rows_total"])))
+        expected = list(range(offset, min(offset + _PAGE_SIZE, body["num_rows_total"])))
         got = [r["row_idx"] for r in rows]
         if got != expected:
             what = "a short page" if len(got) < len(expected) else "rows out of place"
@@ -1783,23 +1788,23 @@ def load_page(cache: DatasetCache, server: DatasetsClient, ref: DatasetRef, offs
         needed = [r for r in rows if r["row_idx"] < wanted]
         missing = [r for r in needed if r["row"].get(image_column) and cache.read_image(r["row_idx"]) is None]
         if missing:
-            fetch_images(cache, server, ref, offset, missing, image_column, fresh, images)
+            _fetch_images(cache, server, ref, offset, missing, image_column, fresh, images)
     return rows
 
 
-async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
-                    server: DatasetsClient | None = None) -> tuple[list[dict], DatasetCache]:
+async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
+                    server: _DatasetsClient | None = None) -> tuple[list[dict], _DatasetCache]:
     """The first `count` rows (all when None) of a split, from the cache or the server.
 
     Pages of 100 rows are fetched DOWNLOADS at a time. With an image column, each image
     the run needs is downloaded right after its page (signed URLs expire) and stored in
     the cache; a 403/404 on download fetches that page again for fresh URLs."""
-    cache = DatasetCache(roots, ref)
+    cache = _DatasetCache(roots, ref)
     cache.check()
-    server = server or DatasetsClient()
+    server = server or _DatasetsClient()
     loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="nano-eval-data")
-    images = ThreadPoolExecutor(max_workers=DOWNLOADS, thread_name_prefix="nano-eval-images") if image_column else None
+    pool = ThreadPoolExecutor(max_workers=_DOWNLOADS, thread_name_prefix="nano-eval-data")
+    images = ThreadPoolExecutor(max_workers=_DOWNLOADS, thread_name_prefix="nano-eval-images") if image_column else None
     try:
         total = cache.num_rows_total()
         first_page = None
@@ -1807,9 +1812,9 @@ async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image
             first_page = await loop.run_in_executor(pool, server.rows, ref, 0)
             total = first_page[0]["num_rows_total"]
         wanted = total if count is None else min(count, total)
-        pages = await asyncio.gather(*(loop.run_in_executor(pool, load_page, cache, server, ref, offset, wanted,
+        pages = await asyncio.gather(*(loop.run_in_executor(pool, _load_page, cache, server, ref, offset, wanted,
                                                             image_column, first_page if offset == 0 else None, images)
-                                       for offset in range(0, wanted, PAGE_SIZE)))
+                                       for offset in range(0, wanted, _PAGE_SIZE)))
         cache.save()
     finally:
         pool.shutdown(wait=False)
@@ -1823,12 +1828,12 @@ async def load_rows(ref: DatasetRef, count: int | None, roots: list[Path], image
 # 5. Tasks
 # ============================================================================
 
-GSM8K_TEMPLATE = (
+_GSM8K_TEMPLATE = (
     "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
     'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.\n'
 )
 # lm-eval's gsm8k-cot-llama.yaml fewshot_config.samples, in order: (question, target)
-GSM8K_FEWSHOT = (
+_GSM8K_FEWSHOT = (
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
      "there will be 21 trees. How many trees did the grove workers plant today?",
      "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
@@ -1857,8 +1862,8 @@ GSM8K_FEWSHOT = (
      "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
      "left. 23 - 15 is 8. The final answer is 8"),
 )
-GSM8K_UNTIL = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"]
-CHARTQA_TEMPLATE = (
+_GSM8K_UNTIL = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"]
+_CHARTQA_TEMPLATE = (
     "<image>{query}\n"
     "Analyze the image and question carefully, using step-by-step reasoning.\n"
     "First, describe any image provided in detail. Then, present your reasoning. And finally your final answer "
@@ -1874,19 +1879,19 @@ CHARTQA_TEMPLATE = (
     "- If <answer> is an entity, it should include the full label from the graph.\n"
     "IMPORTANT: Remember, to end your answer with Final Answer: <answer>.\n"
 )
-GSM8K_FILTERS = {
+_GSM8K_FILTERS = {
     "strict-match": re.compile(r"The final answer is ((-?[$0-9.,]{2,})|(-?[0-9]+))"),
     "flexible-extract": re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)"),
 }
-GSM8K_IGNORE = [re.compile(p) for p in (",", r"\$", "(?s).*#### ", r"\.$")]
+_GSM8K_IGNORE = [re.compile(p) for p in (",", r"\$", "(?s).*#### ", r"\.$")]
 
 
-def data_url(data: bytes) -> str:
-    mime = (sniff_image(data) or ("", "application/octet-stream"))[1]
+def _data_url(data: bytes) -> str:
+    mime = (_sniff_image(data) or ("", "application/octet-stream"))[1]
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
+def _load_image(cache: _DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
     """(sha256, size and format of the image, its data URL, error) for a row's image cell."""
     if not cell:
         return None, None, (Status.MISSING_IMAGE, "the dataset row has no image (null cell)")
@@ -1894,13 +1899,13 @@ def load_image(cache: DatasetCache | None, row_idx: int, cell: Any) -> tuple[dic
     if found is None:
         return None, None, (Status.MISSING_IMAGE, "the image is not in the cache or failed its sha256 check")
     data, entry = found
-    meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (sniff_image(data) or (entry.get("format"),))[0]}
-    if not image_is_whole(data, meta["format"]):
+    meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (_sniff_image(data) or (entry.get("format"),))[0]}
+    if not _image_is_whole(data, meta["format"]):
         return None, None, (Status.MISSING_IMAGE, f"the cached image is truncated ({len(data):,} bytes)")
-    return meta, data_url(data), None
+    return meta, _data_url(data), None
 
 
-def map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
+def _map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
     """A copy of the body with `change` applied to the URL of each image part."""
     def part(p: Any) -> Any:
         if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
@@ -1912,34 +1917,34 @@ def map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
     return {**body, "messages": messages}
 
 
-def redact_images(body: dict, image: dict | None) -> dict:
+def _redact_images(body: dict, image: dict | None) -> dict:
     """A copy of the body with each data URL replaced by the image's sha256 and size."""
     if not image:
         return body
     stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
-    return map_image_urls(body, lambda url: stub if url.startswith("data:") else url)
+    return _map_image_urls(body, lambda url: stub if url.startswith("data:") else url)
 
 
 _json_string = json.encoder.encode_basestring_ascii  # how json.dumps writes a str (ensure_ascii)
 
 
-def plain_message(m: Any) -> bool:
+def _plain_message(m: Any) -> bool:
     """{"role": str, "content": str}, in that order."""
     return type(m) is dict and len(m) == 2 and next(iter(m)) == "role" and type(m["role"]) is str \
         and type(m.get("content")) is str
 
 
 @functools.lru_cache(maxsize=256)
-def encode_message(role: str, content: str) -> str:
+def _encode_message(role: str, content: str) -> str:
     return json.dumps({"role": role, "content": content})
 
 
-def encode_body(body: dict, rest: str | None = None) -> bytes:
+def _encode_body(body: dict, rest: str | None = None) -> bytes:
     """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
     through a cache: the 16 few-shot turns are the same in every gsm8k request.
     `rest`: json.dumps of the body without "messages", when the caller has it."""
     last = len(body["messages"]) - 1
-    messages = ", ".join(json.dumps(m) if not plain_message(m) else encode_message(m["role"], m["content"]) if i < last
+    messages = ", ".join(json.dumps(m) if not _plain_message(m) else _encode_message(m["role"], m["content"]) if i < last
                          else '{"role": ' + _json_string(m["role"]) + ', "content": ' + _json_string(m["content"]) + "}"
                          for i, m in enumerate(body["messages"]))
     if rest is None:
@@ -1948,7 +1953,7 @@ def encode_body(body: dict, rest: str | None = None) -> bytes:
 
 
 @dataclasses.dataclass
-class Sample:
+class _Sample:
     """One document ready to send: its request body and what identifies it."""
 
     row_idx: int
@@ -1968,7 +1973,7 @@ class Task:
     """An lm-eval task as nano-eval runs it."""
 
     name: str
-    data: DatasetRef
+    data: _DatasetRef
     version: str
     generation_kwargs: dict  # the task yaml's, which --gen_kwargs update
     headline: str
@@ -1984,7 +1989,7 @@ class Task:
 
     def finds_answer(self, text: str | None) -> bool:
         """Whether the task's extractor finds an answer in `text`."""
-        return bool(text) and self.score(text, "")[0][self.answer_key] not in ("", INVALID)
+        return bool(text) and self.score(text, "")[0][self.answer_key] not in ("", _INVALID)
 
     def request_params(self, config: APIConfig) -> dict:
         """Every body key but messages and model, as local-chat-completions builds them:
@@ -2008,29 +2013,29 @@ class Task:
         params = self.request_params(config)
         return params, None if "messages" in params else json.dumps({"model": config.model} | params)
 
-    def build(self, row: dict, config: APIConfig, cache: DatasetCache | None = None, repeat: int = 0,
-              prepared: tuple[dict, str | None] | None = None) -> Sample:
+    def build(self, row: dict, config: APIConfig, cache: _DatasetCache | None = None, repeat: int = 0,
+              prepared: tuple[dict, str | None] | None = None) -> _Sample:
         """The request for one document. Repeat i of a sampled (temperature > 0) request
         is sent with seed + i; at temperature 0 every repeat sends the same body.
         `prepared`: prepare(config), when the caller made it once for the run."""
         doc = row["row"]
-        image, url, error = load_image(cache, row["row_idx"], doc.get(self.image_column)) \
+        image, url, error = _load_image(cache, row["row_idx"], doc.get(self.image_column)) \
             if self.image_column else (None, None, None)
         params, rest = prepared or (self.request_params(config), None)
         if repeat and params.get("temperature") and isinstance(params.get("seed"), int):
             params, rest = {**params, "seed": params["seed"] + repeat}, None
         body = {"messages": self.messages(doc, url, config), "model": config.model} | params
-        payload = encode_body(body, rest)
+        payload = _encode_body(body, rest)
         identity = self.doc_identity(doc, image or {})
-        return Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
-                      doc_hash=sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=sha256(payload),
+        return _Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
+                      doc_hash=_sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=_sha256(payload),
                       group=self.group(doc), image=image, error=error, repeat=repeat)
 
 
 @functools.lru_cache(maxsize=None)
-def gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
+def _gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
     """The messages before the question, built once: (messages, single-turn prefix)."""
-    turns = [(GSM8K_TEMPLATE.format(question=q), a) for q, a in GSM8K_FEWSHOT]
+    turns = [(_GSM8K_TEMPLATE.format(question=q), a) for q, a in _GSM8K_FEWSHOT]
     messages = [{"role": "system", "content": system_instruction}] if system_instruction else []
     if not multiturn:  # lm-eval's single-turn rendering: target_delimiter "" and fewshot_delimiter "\n\n"
         return messages, "".join(u + a + "\n\n" for u, a in turns)
@@ -2039,52 +2044,52 @@ def gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
     return messages, ""
 
 
-def gsm8k_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
-    fewshot, prefix = gsm8k_fewshot(config.system_instruction, config.fewshot_as_multiturn)
-    return fewshot + [{"role": "user", "content": prefix + GSM8K_TEMPLATE.format(question=doc["question"])}]
+def _gsm8k_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
+    fewshot, prefix = _gsm8k_fewshot(config.system_instruction, config.fewshot_as_multiturn)
+    return fewshot + [{"role": "user", "content": prefix + _GSM8K_TEMPLATE.format(question=doc["question"])}]
 
 
-def gsm8k_target(doc: dict) -> str:
+def _gsm8k_target(doc: dict) -> str:
     return doc["answer"].split("####")[-1].strip()
 
 
-def regex_filter(pattern: re.Pattern, response: str) -> str:
+def _regex_filter(pattern: re.Pattern, response: str) -> str:
     """lm-eval's RegexFilter with group_select -1: the last match's first non-empty
     group, stripped; "[invalid]" when nothing matches."""
     matches = pattern.findall(response if isinstance(response, str) else "")
     if not matches:
-        return INVALID
+        return _INVALID
     match = matches[-1]
     if isinstance(match, tuple):
         groups = [g for g in match if g]
         if not groups:
-            return INVALID
+            return _INVALID
         match = groups[0]
     return match.strip()
 
 
-def gsm8k_exact_match(prediction: str, reference: str) -> float:
+def _gsm8k_exact_match(prediction: str, reference: str) -> float:
     """lm-eval's exact_match with ignore_case and gsm8k_cot_llama's regexes_to_ignore."""
-    for pattern in GSM8K_IGNORE:
+    for pattern in _GSM8K_IGNORE:
         prediction = pattern.sub("", prediction)
         reference = pattern.sub("", reference)
     return float(prediction.lower() == reference.lower())
 
 
 def score_gsm8k(response: str, target: str) -> tuple[dict, dict]:
-    extracted = {name: regex_filter(pattern, response) for name, pattern in GSM8K_FILTERS.items()}
-    scores = {f"exact_match,{name}": gsm8k_exact_match(answer, target) for name, answer in extracted.items()}
+    extracted = {name: _regex_filter(pattern, response) for name, pattern in _GSM8K_FILTERS.items()}
+    scores = {f"exact_match,{name}": _gsm8k_exact_match(answer, target) for name, answer in extracted.items()}
     return extracted, scores
 
 
-def chartqa_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
-    text = {"type": "text", "text": CHARTQA_TEMPLATE.format(query=doc["query"])}
+def _chartqa_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
+    text = {"type": "text", "text": _CHARTQA_TEMPLATE.format(query=doc["query"])}
     content = [{"type": "image_url", "image_url": {"url": image_url, "detail": "auto"}}, text] if image_url else [text]
     messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
     return messages + [{"role": "user", "content": content}]
 
 
-def chartqa_target(doc: dict) -> str:
+def _chartqa_target(doc: dict) -> str:
     """`{{ label[0] }}`; a label that is a Python list literal is evaluated by lm-eval's
     doc_to_target and turned back into a string by str() in process_results."""
     label = str(doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else doc.get("label", ""))
@@ -2096,14 +2101,14 @@ def chartqa_target(doc: dict) -> str:
     return label
 
 
-def chartqa_exact_match(prediction: str, reference: str) -> float:
+def _chartqa_exact_match(prediction: str, reference: str) -> float:
     match = re.search(r"(?:Final Answer|FINAL ANSWER): (.+)$", prediction, re.IGNORECASE)
     if not match:
         return 0.0
     return float(match.group(1).strip().lower().removesuffix(".") == reference.strip().lower())
 
 
-def chartqa_final_answer(prediction: str) -> str:
+def _chartqa_final_answer(prediction: str) -> str:
     """ExplicitPromptRelaxedCorrectness's parse: the first non-empty line after the
     last "answer:" (any case), markdown characters removed."""
     text = re.sub(r"([aA]nswer)\**:\**", r"\1:", prediction)
@@ -2140,7 +2145,7 @@ def _within(prediction: float, target: float, tolerance: float = 0.05) -> float:
     return 1.0 if abs(prediction - target) / max(abs(target), 1e-10) <= tolerance else 0.0
 
 
-def relaxed_correctness(answer: str, reference: str) -> float:
+def _relaxed_correctness(answer: str, reference: str) -> float:
     """RelaxedCorrectness: numbers within 5% (with percent/decimal equivalence),
     single-letter options by first letter, else case-insensitive text equality."""
     prediction = _relaxed_preprocess(answer)
@@ -2157,16 +2162,16 @@ def relaxed_correctness(answer: str, reference: str) -> float:
     return float(prediction.rstrip(string.punctuation).lower() == target.lower())
 
 
-def chartqa_relaxed_accuracy(prediction: str, reference: str) -> float:
-    answer = chartqa_final_answer(prediction)
-    return relaxed_correctness(answer, reference) if answer else 0.0
+def _chartqa_relaxed_accuracy(prediction: str, reference: str) -> float:
+    answer = _chartqa_final_answer(prediction)
+    return _relaxed_correctness(answer, reference) if answer else 0.0
 
 
-def chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
+def _chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
     """Relaxed when an answer parses; else the reference found anywhere in the text."""
-    answer = chartqa_final_answer(prediction)
+    answer = _chartqa_final_answer(prediction)
     if answer:
-        return relaxed_correctness(answer, reference)
+        return _relaxed_correctness(answer, reference)
     try:
         number = float(reference)
         if int(number) == number:
@@ -2179,14 +2184,14 @@ def chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
 
 def score_chartqa(response: str, target: str) -> tuple[dict, dict]:
     scores = {
-        "exact_match": chartqa_exact_match(response, target),
-        "relaxed_accuracy": chartqa_relaxed_accuracy(response, target),
-        "anywhere_accuracy": chartqa_anywhere_accuracy(response, target),
+        "exact_match": _chartqa_exact_match(response, target),
+        "relaxed_accuracy": _chartqa_relaxed_accuracy(response, target),
+        "anywhere_accuracy": _chartqa_anywhere_accuracy(response, target),
     }
-    return {"none": response, "final_answer": chartqa_final_answer(response)}, scores
+    return {"none": response, "final_answer": _chartqa_final_answer(response)}, scores
 
 
-def answer_text(content: str | None, keep_think: bool, think_end: str = THINK_END) -> str:
+def _answer_text(content: str | None, keep_think: bool, think_end: str = _THINK_END) -> str:
     """What gets scored: the content after the last `think_end` token, lstripped
     (lm-eval's think_end_token behaviour), unless --keep_think."""
     text = content or ""
@@ -2198,30 +2203,30 @@ def answer_text(content: str | None, keep_think: bool, think_end: str = THINK_EN
 TASKS: dict[str, Task] = {
     "gsm8k_cot_llama": Task(
         name="gsm8k_cot_llama",
-        data=DatasetRef("openai/gsm8k", "main", "test", ("question", "answer")),
+        data=_DatasetRef("openai/gsm8k", "main", "test", ("question", "answer")),
         version="4.0",
-        generation_kwargs={"until": GSM8K_UNTIL, "do_sample": False},
+        generation_kwargs={"until": _GSM8K_UNTIL, "do_sample": False},
         headline="exact_match,strict-match",
         metric_names=["exact_match,strict-match", "exact_match,flexible-extract"],
-        messages=gsm8k_messages,
-        target=gsm8k_target,
+        messages=_gsm8k_messages,
+        target=_gsm8k_target,
         score=score_gsm8k,
         answer_key="strict-match",
-        template=GSM8K_TEMPLATE,
+        template=_GSM8K_TEMPLATE,
         doc_identity=lambda doc, image: {"question": doc["question"], "answer": doc["answer"]},
     ),
     "chartqa": Task(
         name="chartqa",
-        data=DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query",), "image", ("label",)),
+        data=_DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query",), "image", ("label",)),
         version="0.0",
         generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False, "max_gen_toks": 512},
         headline="relaxed_accuracy",
         metric_names=["exact_match", "relaxed_accuracy", "anywhere_accuracy"],
-        messages=chartqa_messages,
-        target=chartqa_target,
+        messages=_chartqa_messages,
+        target=_chartqa_target,
         score=score_chartqa,
         answer_key="final_answer",
-        template=CHARTQA_TEMPLATE,
+        template=_CHARTQA_TEMPLATE,
         doc_identity=lambda doc, image: {"query": doc["query"], "label": doc["label"],
                                          "human_or_machine": doc.get("human_or_machine"),
                                          "image_sha256": image.get("sha256")},
@@ -2238,28 +2243,28 @@ TASKS: dict[str, Task] = {
 
 
 # The fields of a sample record that the tools read, and the types they must have
-RECORD_FIELDS = {"task": str, "doc_hash": str, "body_hash": str, "url": str, "status": str, "row_idx": int,
+_RECORD_FIELDS = {"task": str, "doc_hash": str, "body_hash": str, "url": str, "status": str, "row_idx": int,
                  "repeat": int, "scores": dict, "response": dict, "extracted": dict, "request": dict, "image": dict,
                  "target": str, "group": str, "error": str, "reasoning_flags": list}
 
 
-def record_problem(record: Any) -> str | None:
+def _record_problem(record: Any) -> str | None:
     """Why a parsed log line is not a sample record nano-eval wrote, or None."""
     if not isinstance(record, dict):
         return "not a JSON object"
     for name in ("task", "doc_hash", "status"):
         if record.get(name) is None:
             return f"no {name!r}"
-    for name, kind in RECORD_FIELDS.items():
+    for name, kind in _RECORD_FIELDS.items():
         value = record.get(name)
         if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
             return f"{name!r} is not of type {kind.__name__}"
-    if not all(is_finite(v) for v in (record.get("scores") or {}).values()):
+    if not all(_is_finite(v) for v in (record.get("scores") or {}).values()):
         return "a score is not a number"
     if not all(type(flag) is str for flag in record.get("reasoning_flags") or ()):
         return "a reasoning flag is not text"
     for name in ("latency", "attempts"):
-        if record.get(name) is not None and not is_finite(record[name]):
+        if record.get(name) is not None and not _is_finite(record[name]):
             return f"{name!r} is not a number"
     messages = (record.get("request") or {}).get("messages", [])
     if type(messages) is not list or not set(map(type, messages)) <= {dict}:
@@ -2268,15 +2273,15 @@ def record_problem(record: Any) -> str | None:
     if image is not None and not (isinstance(image.get("sha256"), str) and type(image.get("bytes")) is int
                                   and isinstance(image.get("format"), str)):
         return "'image' is not {sha256, bytes, format}"
-    return response_problem(record.get("response") or {})
+    return _response_problem(record.get("response") or {})
 
 
-RESPONSE_FIELDS = {"content": str, "reasoning_content": str, "finish_reason": str, "http_status": int,
+_RESPONSE_FIELDS = {"content": str, "reasoning_content": str, "finish_reason": str, "http_status": int,
                    "usage": dict, "logprobs": list}
 
 
-def response_problem(response: dict) -> str | None:
-    for name, kind in RESPONSE_FIELDS.items():
+def _response_problem(response: dict) -> str | None:
+    for name, kind in _RESPONSE_FIELDS.items():
         value = response.get(name)
         if value is not None and type(value) is not kind:  # what json.loads makes is of the exact type
             return f"response {name!r} is not of type {kind.__name__}"
@@ -2286,23 +2291,23 @@ def response_problem(response: dict) -> str | None:
         if count is not None and (type(count) is not int or not 0 <= count < 2 ** 53):
             return "a usage count is not a count"
     logprobs = response.get("logprobs")
-    if logprobs and not all(is_logged_token(entry) and all(map(is_logged_alternative, entry[2])) for entry in logprobs):
+    if logprobs and not all(_is_logged_token(entry) and all(map(_is_logged_alternative, entry[2])) for entry in logprobs):
         return "logprobs are not [token, logprob, [[token, logprob], ...]] per token"
     return None
 
 
-def is_logged_alternative(entry: Any) -> bool:
+def _is_logged_alternative(entry: Any) -> bool:
     """[token, logprob]: as logged_logprobs writes it (a logprob may be null, or NaN in another tool's log)."""
     return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (str, dict))
-            and (entry[1] is None or is_number(entry[1])))
+            and (entry[1] is None or _is_number(entry[1])))
 
 
-def is_logged_token(entry: Any) -> bool:
-    return (isinstance(entry, list) and len(entry) == 3 and is_logged_alternative(entry[:2])
+def _is_logged_token(entry: Any) -> bool:
+    return (isinstance(entry, list) and len(entry) == 3 and _is_logged_alternative(entry[:2])
             and isinstance(entry[2], list))
 
 
-class Logged(NamedTuple):
+class _Logged(NamedTuple):
     """A sample record as everything that reads one takes it: the results (aggregate), resume,
     compare and the report. In a log every field but task, doc_hash and status is optional (an
     older nano-eval or a hand wrote it): each is read here once, with its empty value, and
@@ -2332,7 +2337,7 @@ class Logged(NamedTuple):
     at: tuple | None  # (log path, byte offset) where the tools read it (see full_record)
 
     @classmethod
-    def of(cls, record: dict, at: tuple | None = None) -> Logged:
+    def of(cls, record: dict, at: tuple | None = None) -> _Logged:
         response = record.get("response") or {}
         return cls(
             task=record["task"], doc_hash=record["doc_hash"], row_idx=record.get("row_idx"),
@@ -2359,16 +2364,16 @@ class Logged(NamedTuple):
         return count if isinstance(count, int) else None
 
 
-READ_BATCH = 1 << 18  # bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
+_READ_BATCH = 1 << 18  # bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
 
 
-def parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
+def _parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
     """(line number, byte offset, parsed value) of each line of the file that is JSON. Lines
     are parsed READ_BATCH bytes at a time; a batch that is not one JSON object per line is
     parsed line by line (bytes that are not UTF-8 read as U+FFFD)."""
     number, offset = 0, 0
     while True:
-        lines = file.readlines(READ_BATCH)
+        lines = file.readlines(_READ_BATCH)
         if not lines:
             return
         starts = list(itertools.accumulate(map(len, lines), initial=offset))
@@ -2390,14 +2395,14 @@ def parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
         number, offset = number + len(lines), starts[-1]
 
 
-def read_located(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]:
+def _read_located(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]:
     """(byte offset, record) of each record of a sample log. A line that is not JSON (cut
     short by a crash) is skipped; so is one that is JSON but not a sample record, or with
     `strict` it is a UsageError naming it."""
     try:
         with open(path, "rb") as f:
-            for number, offset, record in parsed_lines(f):
-                problem = record_problem(record)
+            for number, offset, record in _parsed_lines(f):
+                problem = _record_problem(record)
                 if problem and strict:
                     raise UsageError(f"{path}:{number}: not a nano-eval sample record ({problem})")
                 if not problem:
@@ -2406,11 +2411,11 @@ def read_located(path: Path, strict: bool = False) -> Iterator[tuple[int, dict]]
         return
 
 
-def read_records(path: Path, strict: bool = False) -> Iterator[dict]:
-    return (record for _, record in read_located(path, strict))
+def _read_records(path: Path, strict: bool = False) -> Iterator[dict]:
+    return (record for _, record in _read_located(path, strict))
 
 
-def lock_file(file: Any) -> bool:
+def _lock_file(file: Any) -> bool:
     """An exclusive lock on an open file, held until it is closed; False if another process
     holds it. Where the system has no flock (Windows), always True."""
     try:
@@ -2424,7 +2429,7 @@ def lock_file(file: Any) -> bool:
         return False
 
 
-class SampleLog:
+class _SampleLog:
     """The per-sample JSONL log: one line per sample, appended in batches (every
     FLUSH_EVERY seconds and at the end, also when the run is interrupted), so a crash
     loses at most the last batch and the requests in flight. It is also the resume state."""
@@ -2441,7 +2446,7 @@ class SampleLog:
         except OSError as exc:
             why = "it is a symbolic link" if path.is_symlink() else exc.strerror or exc
             raise UsageError(f"cannot write the sample log {path}: {why}") from None
-        if not lock_file(self._file):
+        if not _lock_file(self._file):
             self._file.close()
             raise UsageError(f"another nano-eval run is writing the sample log {path}: wait for it, or give this "
                              "run its own --log_samples")
@@ -2465,7 +2470,7 @@ class SampleLog:
         """(doc_hash, body_hash, repeat) -> the last valid record of `task` in the log. A log
         holds one server's samples: compare and replay read it as one run."""
         done: dict = {}
-        for record in read_records(self.path):
+        for record in _read_records(self.path):
             if record.get("task") != task:
                 continue
             if record.get("url") != url:
@@ -2477,7 +2482,7 @@ class SampleLog:
 
     @staticmethod
     def line(record: dict) -> str:
-        return SECRETS.scrub_json(json.dumps(record, ensure_ascii=False)) + "\n"
+        return _SECRETS.scrub_json(json.dumps(record, ensure_ascii=False)) + "\n"
 
     def write_lines(self, lines: list) -> None:
         """Whole lines, then flushed."""
@@ -2493,7 +2498,7 @@ class SampleLog:
 # ============================================================================
 
 
-class Progress:
+class _Progress:
     """One self-rewriting line on stderr (done/total, rate, ETA) when it is a terminal."""
 
     def __init__(self, label: str, total: int, enabled: bool | None = None):
@@ -2516,23 +2521,23 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def stop_on_first_failures(outcome: Outcome, config: APIConfig) -> None:
+def _stop_on_first_failures(outcome: _Outcome, config: APIConfig) -> None:
     """Statuses that, before any success, mean every request would fail the same way."""
-    if (error := refusal(outcome.http_status, config.chat_url)):
+    if (error := _refusal(outcome.http_status, config.chat_url)):
         raise error
     if outcome.status == "http_404":
         raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): check --base_url and --model")
 
 
-def outcome_from_record(record: dict) -> Outcome:
+def _outcome_from_record(record: dict) -> _Outcome:
     """A logged answer, taken again on resume (only ok and truncated ones are)."""
-    logged = Logged.of(record)
-    return Outcome(logged.status, content=logged.content, reasoning=logged.reasoning,
+    logged = _Logged.of(record)
+    return _Outcome(logged.status, content=logged.content, reasoning=logged.reasoning,
                    finish_reason=logged.finish_reason, usage=logged.usage or None, http_status=logged.http_status,
                    error=logged.error, latency=logged.latency, attempts=logged.attempts, logprobs=logged.logprobs)
 
 
-def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
+def _reasoning_flags(task: Task, outcome: _Outcome, answer: str) -> list:
     """Why a reasoning model may have scored badly: the task's extractor finds an answer
     in the reasoning channel but none in the content, or the token budget ran out while
     it was still thinking."""
@@ -2540,21 +2545,21 @@ def reasoning_flags(task: Task, outcome: Outcome, answer: str) -> list:
     content = outcome.content or ""
     if outcome.reasoning and not task.finds_answer(answer) and task.finds_answer(outcome.reasoning):
         flags.append("answer_only_in_reasoning")
-    if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and THINK_END not in content)
+    if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and _THINK_END not in content)
                                               or (outcome.reasoning and not answer.strip())):
         flags.append("budget_ran_out_in_reasoning")
     return flags
 
 
-class TaskRun:
+class _TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
-    def __init__(self, task: Task, config: APIConfig, rows: list, cache: DatasetCache, log: SampleLog | None,
-                 progress: Progress, resume: bool = True, repeats: int = 1):
+    def __init__(self, task: Task, config: APIConfig, rows: list, cache: _DatasetCache, log: _SampleLog | None,
+                 progress: _Progress, resume: bool = True, repeats: int = 1):
         self.task, self.config, self.rows, self.cache, self.log = task, config, rows, cache, log
         self.progress = progress
         self.repeats = repeats
-        self.client = ChatClient(config)
+        self.client = _ChatClient(config)
         self.prepared = task.prepare(config)  # the same for every request of the run
         previous = log.completed(task.name, config.chat_url) if log else {}
         self.logged = previous if resume else {}  # (doc_hash, body_hash, repeat) -> a record to reuse
@@ -2572,13 +2577,13 @@ class TaskRun:
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat, as Logged."""
-        return [Logged.of(self.results[key]) for key in sorted(self.results)]
+        return [_Logged.of(self.results[key]) for key in sorted(self.results)]
 
-    def send(self, sample: Sample) -> Outcome:
+    def send(self, sample: _Sample) -> _Outcome:
         if sample.error:
-            return Outcome(sample.error[0], error=sample.error[1], attempts=0)
+            return _Outcome(sample.error[0], error=sample.error[1], attempts=0)
         if self.server_down:
-            return Outcome(Status.CONNECTION, error=NOT_SENT, attempts=0)
+            return _Outcome(Status.CONNECTION, error=_NOT_SENT, attempts=0)
         outcome = self.client.send_blocking(sample.payload)
         down = False
         with self.lock:
@@ -2590,12 +2595,12 @@ class TaskRun:
                 self.failures_in_a_row = 0
                 self.successes += outcome.http_status is not None and outcome.http_status < 400
         if down:
-            warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
+            _warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
                  f"in {outcome.status} after every retry): no more requests are sent to it")
         if outcome.valid and outcome.logprobs is None and self.prepared[0].get("logprobs"):
             self.say_once_about_logprobs("answered without logprobs although asked for them: this run's "
                                          "numerics verdict will be 'unknown'")
-        elif outcome.logprobs and any(is_finite(e[1]) and e[1] > POSITIVE_LOGPROB for e in outcome.logprobs):
+        elif outcome.logprobs and any(_is_finite(e[1]) and e[1] > _POSITIVE_LOGPROB for e in outcome.logprobs):
             self.say_once_about_logprobs("sent a logprob above 0, which no probability has: its logprobs are "
                                          "wrong, and a comparison will say so")
         return outcome
@@ -2604,9 +2609,9 @@ class TaskRun:
         with self.lock:
             said, self.logprobs_said = self.logprobs_said, True
         if not said:
-            warn(f"{self.config.chat_url} {what}")
+            _warn(f"{self.config.chat_url} {what}")
 
-    def refused_logprobs(self, outcome: Outcome) -> bool:
+    def refused_logprobs(self, outcome: _Outcome) -> bool:
         """An HTTP 400 about logprobs: from now on they are not asked for (the run goes on)."""
         if outcome.http_status != 400 or "logprob" not in (outcome.error or "").lower():
             return False
@@ -2617,8 +2622,8 @@ class TaskRun:
                                      "this run's numerics verdict will be 'unknown'")
         return True
 
-    def record(self, sample: Sample, outcome: Outcome) -> dict:
-        response_text = answer_text(outcome.content, self.config.keep_think, self.config.think_end_token) \
+    def record(self, sample: _Sample, outcome: _Outcome) -> dict:
+        response_text = _answer_text(outcome.content, self.config.keep_think, self.config.think_end_token) \
             if outcome.valid else ""
         if outcome.valid:
             extracted, scores = self.task.score(response_text, sample.target)
@@ -2627,7 +2632,7 @@ class TaskRun:
         return {
             "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat, "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
-            "request": redact_images(sample.body, sample.image),
+            "request": _redact_images(sample.body, sample.image),
             # a server may echo the key or a header back: SampleLog.line and every writer scrub it
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
@@ -2637,7 +2642,7 @@ class TaskRun:
             "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
             "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
-            "reasoning_flags": reasoning_flags(self.task, outcome, response_text),
+            "reasoning_flags": _reasoning_flags(self.task, outcome, response_text),
         }
 
     def flush(self, final: bool = False) -> None:
@@ -2671,9 +2676,9 @@ class TaskRun:
                     with building:
                         sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
                 if sample.image and not (log and log.log_images):  # the image's data URL is in the payload:
-                    sample.body = redact_images(sample.body, sample.image)  # not kept twice while in flight
+                    sample.body = _redact_images(sample.body, sample.image)  # not kept twice while in flight
                 previous = self.logged.get((sample.doc_hash, sample.body_hash, repeat))
-                outcome = outcome_from_record(previous) if previous else self.send(sample)
+                outcome = _outcome_from_record(previous) if previous else self.send(sample)
                 if previous is None and self.refused_logprobs(outcome):
                     sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
                     outcome = self.send(sample)
@@ -2692,9 +2697,9 @@ class TaskRun:
                         self.lines.append(line)
                     first = self.successes == 0
                 if first:
-                    stop_on_first_failures(outcome, self.config)
+                    _stop_on_first_failures(outcome, self.config)
                 sample = record = line = None  # not held while the next one is built
-        except Stopped:
+        except _Stopped:
             return
 
     def worker(self) -> None:
@@ -2718,7 +2723,7 @@ class TaskRun:
             workers = {loop.run_in_executor(pool, self.worker) for _ in range(count)}
             self.go.release()  # every worker is there: the first one goes
             while workers:
-                done, workers = await asyncio.wait(workers, timeout=FLUSH_EVERY,
+                done, workers = await asyncio.wait(workers, timeout=_FLUSH_EVERY,
                                                    return_when=asyncio.FIRST_EXCEPTION)
                 self.flush()
                 errors = [worker.exception() for worker in done if worker.exception()]
@@ -2735,7 +2740,7 @@ class TaskRun:
 
 async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
                    log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
-                   datasets_server: DatasetsClient | None = None, sink: dict | None = None,
+                   datasets_server: _DatasetsClient | None = None, sink: dict | None = None,
                    resume: bool = True, repeats: int = 1) -> dict:
     """Runs one task against one server and returns its results (see aggregate()).
 
@@ -2746,17 +2751,17 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
     Cancelling the coroutine (Ctrl-C) leaves the log complete up to that point, and
     the partial results in `sink[task.name]`."""
     if max_samples is not None:
-        max_samples = checked("max_samples", positive_int, max_samples)
-    repeats = checked("repeats", positive_int, repeats)
+        max_samples = _checked("max_samples", _positive_int, max_samples)
+    repeats = _checked("repeats", _positive_int, repeats)
     start = time.perf_counter()
     if config.model is None:
-        config.model = await asyncio.get_running_loop().run_in_executor(None, resolve_model, config, None)
-    rows, cache = await load_rows(task.data, max_samples, resolve_data_dir(data_dir), task.image_column,
+        config.model = await asyncio.get_running_loop().run_in_executor(None, _resolve_model, config, None)
+    rows, cache = await _load_rows(task.data, max_samples, _resolve_data_dir(data_dir), task.image_column,
                                   datasets_server)
-    log = SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
-    run = TaskRun(task, config, rows, cache, log, Progress(task.name, len(rows) * repeats, progress), resume, repeats)
+    log = _SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
+    run = _TaskRun(task, config, rows, cache, log, _Progress(task.name, len(rows) * repeats, progress), resume, repeats)
     if run.logged:
-        info(f"{task.name}: resuming from {log.path}: samples this server already answered there are not sent "
+        _info(f"{task.name}: resuming from {log.path}: samples this server already answered there are not sent "
              "again (--no_resume to send them all)")
     complete = False
     try:
@@ -2766,8 +2771,8 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
         run.progress.close()
         if log:
             log.close()
-        result = aggregate(task, run.records(), planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
-                           revisions=cache.revisions(range(0, len(rows), PAGE_SIZE)), complete=complete,
+        result = _aggregate(task, run.records(), planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
+                           revisions=cache.revisions(range(0, len(rows), _PAGE_SIZE)), complete=complete,
                            repeats=repeats, temperature=task.request_params(config).get("temperature"))
         if sink is not None:
             sink[task.name] = result
@@ -2780,7 +2785,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
 
 # Published scores for these exact tasks, matched on the served model name (see
 # reference_key). They come from other harnesses, hence the tolerance in expectation().
-REFERENCE_SCORES = {
+_REFERENCE_SCORES = {
     # Meta's Llama 3.1 model card: GSM-8K (CoT), 8-shot, em_maj1@1 (instruction-tuned models)
     ("gsm8k_cot_llama", "llama-3.1-8b-instruct"): (0.845, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
     ("gsm8k_cot_llama", "llama-3.1-70b-instruct"): (0.951, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
@@ -2795,7 +2800,7 @@ REFERENCE_SCORES = {
 }
 
 
-def mean_stderr(values: list) -> tuple[float | None, float | str]:
+def _mean_stderr(values: list) -> tuple[float | None, float | str]:
     """lm-eval's mean and its stderr: sample stdev (n-1) / sqrt(n); "N/A" below 2 values."""
     n = len(values)
     if n == 0:
@@ -2807,23 +2812,23 @@ def mean_stderr(values: list) -> tuple[float | None, float | str]:
     return mean, math.sqrt(variance) / math.sqrt(n)
 
 
-def stderr_key(metric: str) -> str:
+def _stderr_key(metric: str) -> str:
     """lm-eval's spelling: exact_match,strict-match -> exact_match_stderr,strict-match."""
     name, sep, filt = metric.partition(",")
     return f"{name}_stderr{sep}{filt}"
 
 
-def quantile(values: list, q: float) -> float | None:
+def _quantile(values: list, q: float) -> float | None:
     """The q-quantile of sorted `values` (nearest rank); None when empty."""
     return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))] if values else None
 
 
-def counts(values: Iterable) -> dict:
+def _counts(values: Iterable) -> dict:
     """{value: how many}, sorted, with None (a failed request has no finish_reason) as "none"."""
     return dict(sorted(collections.Counter("none" if v is None else str(v) for v in values).items()))
 
 
-def by_document(records: list) -> dict:
+def _by_document(records: list) -> dict:
     """{row_idx: its records, repeat by repeat}, in dataset order."""
     groups: dict = {}
     for record in sorted(records, key=lambda r: (r.row_idx or 0, r.repeat)):
@@ -2831,7 +2836,7 @@ def by_document(records: list) -> dict:
     return groups
 
 
-def self_agreement(documents: list) -> dict:
+def _self_agreement(documents: list) -> dict:
     """Of documents sent several times and answered every time (a failed request is a
     failure, not a different answer): the share whose responses are all identical, and
     whose scores are all identical."""
@@ -2842,23 +2847,23 @@ def self_agreement(documents: list) -> dict:
     return {"documents": n, "responses": same_text / n if n else None, "scores": same_scores / n if n else None}
 
 
-def repeat_summary(task: Task, records: list, documents: list, repeats: int, temperature: Any) -> dict:
+def _repeat_summary(task: Task, records: list, documents: list, repeats: int, temperature: Any) -> dict:
     """Each pass's metrics, their mean and standard error over the passes, and the
     self-agreement: the share of documents whose repeats gave identical text, and
     identical scores (over documents that have all their repeats)."""
     passes = [[r for r in records if r.repeat == i] for i in range(repeats)]
     summary: dict = {"k": repeats, "temperature": temperature, "metrics": {}}
     for name in task.metric_names:
-        values = [mean_stderr([r.score(name) for r in p])[0] for p in passes if p]
-        mean, sem = mean_stderr(values)
+        values = [_mean_stderr([r.score(name) for r in p])[0] for p in passes if p]
+        mean, sem = _mean_stderr(values)
         summary["metrics"][name] = {"per_repeat": values, "mean": mean, "sem": sem}
     whole = [group for group in documents if len(group) == repeats]
-    summary["self_agreement"] = self_agreement(whole)
+    summary["self_agreement"] = _self_agreement(whole)
     return summary
 
 
 @dataclasses.dataclass
-class Tally:
+class _Tally:
     """What aggregate counts over a task's records, read in one pass (the report reads
     100,000-sample logs)."""
     statuses: collections.Counter
@@ -2873,7 +2878,7 @@ class Tally:
     reasoning_rows: dict = dataclasses.field(default_factory=dict)  # flag: the rows it was raised on
 
     @classmethod
-    def of(cls, records: list) -> Tally:
+    def of(cls, records: list) -> _Tally:
         tally = cls(collections.Counter(), collections.Counter())
         for r in records:
             completion = r.completion_tokens or 0
@@ -2889,14 +2894,14 @@ class Tally:
                 tally.sent_tokens += completion
                 if r.latency:
                     tally.latencies.append(r.latency)
-            if r.error == NOT_SENT:
+            if r.error == _NOT_SENT:
                 tally.not_sent += 1
             for flag in r.reasoning_flags:
                 tally.reasoning_rows.setdefault(flag, []).append(r.row_idx)
         return tally
 
 
-def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
+def _aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
               complete: bool = True, repeats: int = 1, temperature: Any = None) -> dict:
     """Per-task results: lm-eval's metric names (`,none` dropped), the headline metric
     also under its bare name, `<metric>,valid` over scorable responses only, failure
@@ -2904,17 +2909,17 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
     scores are first averaged over its repeats (so stderr is over documents), and
     `repeats` holds each pass's metrics, their mean and SEM, and the self-agreement."""
     valid = [r for r in records if r.status in Status.SCORED]
-    documents = list(by_document(records).values()) if repeats > 1 else []
+    documents = list(_by_document(records).values()) if repeats > 1 else []
     scored = [group[0]._replace(scores={name: sum(r.score(name) for r in group) / len(group)
                                         for name in group[0].scores}) for group in documents] or records
     base = task.headline.split(",")[0]
     metrics: dict = {}
 
     def add(label: str, name: str, subset: list, with_stderr: bool = True) -> None:
-        mean, se = mean_stderr([r.score(name) for r in subset])
+        mean, se = _mean_stderr([r.score(name) for r in subset])
         metrics[label] = mean
         if with_stderr:
-            metrics[stderr_key(label)] = se
+            metrics[_stderr_key(label)] = se
 
     reported = [(base, task.headline)] if base != task.headline else []  # the headline under its bare name
     reported += [(name, name) for name in task.metric_names]
@@ -2926,7 +2931,7 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         add(f"{task.headline},{group}", task.headline, [r for r in scored if r.group == group],
             with_stderr=False)
 
-    tally = Tally.of(records)
+    tally = _Tally.of(records)
     statuses, finish = tally.statuses, tally.finish_reasons
     failures = {s: c for s, c in sorted(statuses.items()) if s not in Status.SCORED}
     result = {
@@ -2942,8 +2947,8 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         "finish_reasons": dict(sorted(finish.items())),
         "num_reused": tally.reused,
         "usage": {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens},
-        "latency_p50": quantile(sorted(tally.latencies), 0.5),
-        "latency_p95": quantile(sorted(tally.latencies), 0.95),
+        "latency_p50": _quantile(sorted(tally.latencies), 0.5),
+        "latency_p95": _quantile(sorted(tally.latencies), 0.95),
         "requests_per_second": round(tally.sent / elapsed, 3) if elapsed > 0 else None,
         "output_tokens_per_second": round(tally.sent_tokens / elapsed, 2) if elapsed > 0 else None,
         "version": task.version,
@@ -2959,20 +2964,20 @@ def aggregate(task: Task, records: list, planned: int, elapsed: float, revisions
         result["reasoning_rows"] = {flag: rows[:50] for flag, rows in tally.reasoning_rows.items()}  # the first 50
     if repeats > 1:
         result["num_documents"] = len(documents)
-        result["repeats"] = repeat_summary(task, records, documents, repeats, temperature)
+        result["repeats"] = _repeat_summary(task, records, documents, repeats, temperature)
     if task.image_column:
         formats = dict(collections.Counter(r.image.get("format") for r in records if isinstance(r.image, dict)))
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
     return result
 
 
-def fmt_value(value: Any) -> str:
+def _fmt_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}"
     return "-" if value is None else str(value)
 
 
-def summary_table(results: dict) -> str:
+def _summary_table(results: dict) -> str:
     """The human summary written to stderr."""
     lines = [f"{'task':<18} {'metric':<36} {'value':>7} {'stderr':>7} {'n':>6} {'failed':>6} {'seconds':>8}"]
     for name, result in results.items():
@@ -2981,20 +2986,20 @@ def summary_table(results: dict) -> str:
             continue
         metrics = result["metrics"]
         for key in (k for k in metrics if "_stderr" not in k):
-            lines.append(f"{name:<18} {key:<36} {fmt_value(metrics[key]):>7} "
-                         f"{fmt_value(metrics.get(stderr_key(key), '')):>7} {result['num_samples']:>6} "
+            lines.append(f"{name:<18} {key:<36} {_fmt_value(metrics[key]):>7} "
+                         f"{_fmt_value(metrics.get(_stderr_key(key), '')):>7} {result['num_samples']:>6} "
                          f"{result['num_failed']:>6} {result['elapsed']:>8.1f}")
             name = ""
     return "\n".join(lines)
 
 
-def report_warnings(task_name: str, result: dict) -> None:
+def _report_warnings(task_name: str, result: dict) -> None:
     if result.get("failures"):
         detail = ", ".join(f"{status}: {count}" for status, count in result["failures"].items())
-        warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed ({detail}); "
+        _warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed ({detail}); "
              "they count as wrong in the headline metrics")
     if result.get("num_not_sent"):
-        warn(f"{task_name}: {result['num_not_sent']} samples were not sent because the server had stopped "
+        _warn(f"{task_name}: {result['num_not_sent']} samples were not sent because the server had stopped "
              "answering; they are counted as connection failures (rerun the same command to resume them)")
     advice = {"answer_only_in_reasoning": ("had an answer only in the reasoning channel, none in the content",
                                            "check the server's reasoning parser and the chat template"),
@@ -3003,20 +3008,20 @@ def report_warnings(task_name: str, result: dict) -> None:
     for flag, rows in (result.get("reasoning_rows") or {}).items():
         shown = ", ".join(map(str, rows[:10])) + (" ..." if result["reasoning"][flag] > 10 else "")
         what, fix = advice[flag]
-        warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); {fix}")
+        _warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); {fix}")
     if result.get("num_truncated"):
         cut = result["num_truncated"]
-        warn(f"{task_name}: {cut} {'response' if cut == 1 else 'responses'} hit max_tokens (finish_reason length); "
+        _warn(f"{task_name}: {cut} {'response' if cut == 1 else 'responses'} hit max_tokens (finish_reason length); "
              "scored as they are")
     repeats = result.get("repeats") or {}
     agreement = (repeats.get("self_agreement") or {}).get("responses")
     if repeats.get("temperature") == 0 and agreement is not None and agreement < 1:
-        warn(f"{task_name}: at temperature 0, only {agreement:.1%} of documents got the same response in all "
+        _warn(f"{task_name}: at temperature 0, only {agreement:.1%} of documents got the same response in all "
              f"{repeats['k']} repeats: this backend is not deterministic at this concurrency; read any comparison "
              "against this floor")
 
 
-def reference_key(model: str) -> str:
+def _reference_key(model: str) -> str:
     """The served model name as REFERENCE_SCORES spells it: lower case, no `org/` prefix,
     no `meta-` prefix, and no suffix naming a lossless dtype (bf16, fp16, fp32) — but a
     quantisation (q4, awq, gptq, int8, fp8, ...) is kept, so it matches nothing."""
@@ -3028,10 +3033,10 @@ def reference_key(model: str) -> str:
 
 def reference_score(task_name: str, model: str | None) -> tuple[float, str] | None:
     """(published score, its source) for this task and served model, if known."""
-    return REFERENCE_SCORES.get((task_name, reference_key(model or "")))
+    return _REFERENCE_SCORES.get((task_name, _reference_key(model or "")))
 
 
-def expectation(result: dict, reference: float, metric: str | None = None, tolerance: float = DEFAULT_TOLERANCE,
+def expectation(result: dict, reference: float, metric: str | None = None, tolerance: float = _DEFAULT_TOLERANCE,
                 source: str | None = None) -> dict | None:
     """Is the observed score consistent with `reference`? Below or above when the gap is
     larger than 1.96 x the run's own stderr plus `tolerance`. None without a score."""
@@ -3039,7 +3044,7 @@ def expectation(result: dict, reference: float, metric: str | None = None, toler
     observed = (result.get("metrics") or {}).get(metric)
     if not isinstance(observed, (int, float)):
         return None
-    stderr = result["metrics"].get(stderr_key(metric))
+    stderr = result["metrics"].get(_stderr_key(metric))
     stderr = stderr if isinstance(stderr, float) else 0.0
     margin = 1.96 * stderr + tolerance
     difference = observed - reference
@@ -3049,13 +3054,13 @@ def expectation(result: dict, reference: float, metric: str | None = None, toler
             "source": source}
 
 
-def format_expectation(task_name: str, e: dict) -> str:
+def _format_expectation(task_name: str, e: dict) -> str:
     where = f" ({e['source']})" if e.get("source") else ""
     return (f"{task_name}: {e['metric']} {e['observed']:.4f} vs expected {e['reference']:.4f}{where}, "
             f"difference {e['difference']:+.4f}, allowed +-{e['margin']:.4f}: {e['verdict']}")
 
 
-def check_expectations(results: dict, model: str | None, expected: dict, tolerance: float) -> None:
+def _check_expectations(results: dict, model: str | None, expected: dict, tolerance: float) -> None:
     """Each task's `expectation`: against --expect (a gate), else against a published
     reference for this model (information only)."""
     for name, result in results.items():
@@ -3072,10 +3077,10 @@ def check_expectations(results: dict, model: str | None, expected: dict, toleran
             continue
         if verdict:
             result["expectation"] = verdict
-            info(format_expectation(name, verdict))
+            _info(_format_expectation(name, verdict))
 
 
-def config_record(config: APIConfig, options: RunOptions) -> dict:
+def _config_record(config: APIConfig, options: RunOptions) -> dict:
     """What the results file records about the run (never the API key)."""
     return {
         "model": config.model,
@@ -3092,7 +3097,7 @@ def config_record(config: APIConfig, options: RunOptions) -> dict:
         "fewshot_as_multiturn": config.fewshot_as_multiturn,
         "keep_think": config.keep_think,
         "think_end_token": config.think_end_token,
-        "data_dir": str(resolve_data_dir(options.data_dir)[0]),
+        "data_dir": str(_resolve_data_dir(options.data_dir)[0]),
         "timeout": config.timeout,
         "max_retries": config.max_retries,
         "max_fail_rate": options.max_fail_rate,
@@ -3103,18 +3108,18 @@ def config_record(config: APIConfig, options: RunOptions) -> dict:
     }
 
 
-def task_results(results: dict) -> dict:
+def _task_results(results: dict) -> dict:
     """Each task's entry of a results document, without the preflight's (results_document puts
     it first, as lm-eval would a task)."""
-    return {name: r for name, r in results.items() if name != CONFORMANCE and isinstance(r, dict)}
+    return {name: r for name, r in results.items() if name != _CONFORMANCE and isinstance(r, dict)}
 
 
-def results_document(config: APIConfig, options: RunOptions, results: dict, preflight: dict | None,
+def _results_document(config: APIConfig, options: RunOptions, results: dict, preflight: dict | None,
                      finished: bool, start: float) -> dict:
     """The results JSON of one server's run."""
-    document = {"results": {**({CONFORMANCE: preflight} if preflight else {}),
+    document = {"results": {**({_CONFORMANCE: preflight} if preflight else {}),
                             **results},
-                "config": config_record(config, options),
+                "config": _config_record(config, options),
                 "total_seconds": round(time.perf_counter() - start, 3),
                 "complete": finished and all(r["complete"] for r in results.values()),
                 "interrupted": not finished}
@@ -3123,41 +3128,41 @@ def results_document(config: APIConfig, options: RunOptions, results: dict, pref
     return document
 
 
-def most_severe(codes: list) -> int:
+def _most_severe(codes: list) -> int:
     """An interruption first, then the highest code; a failed quality gate only when
     nothing else went wrong."""
-    return max(codes or [EXIT_OK], key=lambda c: (c == EXIT_INTERRUPTED, c not in (EXIT_OK, EXIT_GATE), c))
+    return max(codes or [_EXIT_OK], key=lambda c: (c == _EXIT_INTERRUPTED, c not in (_EXIT_OK, _EXIT_GATE), c))
 
 
-def fail_rate_exit(results: dict, max_fail_rate: float) -> int:
+def _fail_rate_exit(results: dict, max_fail_rate: float) -> int:
     for name, result in results.items():
         rate = result["num_failed"] / result["num_samples"] if result["num_samples"] else 0.0
         if rate > max_fail_rate:
-            info(f"error: {name}: {result['num_failed']} of {result['num_samples']} samples failed "
+            _info(f"error: {name}: {result['num_failed']} of {result['num_samples']} samples failed "
                  f"({rate:.1%} > --max_fail_rate {max_fail_rate:g})")
-            return EXIT_FAILURES
-    return EXIT_OK
+            return _EXIT_FAILURES
+    return _EXIT_OK
 
 
-def exit_code_of(document: dict, options: RunOptions) -> int:
+def _exit_code_of(document: dict, options: RunOptions) -> int:
     if document["interrupted"]:
         resume = "; rerun the same command to resume" if options.log_dir else ""
-        info("interrupted: partial results written" + resume)
-        return EXIT_INTERRUPTED
+        _info("interrupted: partial results written" + resume)
+        return _EXIT_INTERRUPTED
     results = document["results"]
     codes = [r["exit_code"] for r in results.values() if "exit_code" in r]
-    preflight = results.get(CONFORMANCE)
+    preflight = results.get(_CONFORMANCE)
     if preflight and preflight["metrics"]["fail"]:
-        info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
-        codes.append(EXIT_FAILURES)
-    codes.append(fail_rate_exit({n: r for n, r in task_results(results).items() if "error" not in r},
+        _info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
+        codes.append(_EXIT_FAILURES)
+    codes.append(_fail_rate_exit({n: r for n, r in _task_results(results).items() if "error" not in r},
                                 options.max_fail_rate))
     below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
              and not r["expectation"].get("informational")]
     if below:
-        info(f"error: {', '.join(below)} scored significantly below --expect")
-        codes.append(EXIT_GATE)
-    return most_severe(codes)
+        _info(f"error: {', '.join(below)} scored significantly below --expect")
+        codes.append(_EXIT_GATE)
+    return _most_severe(codes)
 
 
 # ============================================================================
@@ -3165,13 +3170,13 @@ def exit_code_of(document: dict, options: RunOptions) -> int:
 # ============================================================================
 
 
-class ArgumentParser(argparse.ArgumentParser):
+class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not the usage block
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+def _build_parser() -> _ArgumentParser:
+    parser = _ArgumentParser(
         prog="nano-eval",
         description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as lm-eval's "
                     "local-chat-completions does (gsm8k_cot_llama, chartqa).",
@@ -3179,16 +3184,16 @@ def build_parser() -> ArgumentParser:
                "'nano-eval replay FILE:LINE' (resend one logged request), "
                "'nano-eval report RUN [RUN_B]' (an HTML report).")
 
-    for option in OPTIONS:
+    for option in _OPTIONS:
         if not option.help:
             continue  # a --model_args key only
         kwargs = dict(option.argparse)
         if option.check:
-            kwargs["type"] = from_text(option.check, option.parse)
+            kwargs["type"] = _from_text(option.check, option.parse)
         if option.into == "run" and not option.model_arg and option.default is not None:
             kwargs["default"] = option.default  # nothing else can set it: argparse gives the default
         spellings = [f"--{option.name}"] + ([f"--{option.name.replace('_', '-')}"] if "_" in option.name else [])
-        helptext = option.help.format(tasks=", ".join([*TASKS, CONFORMANCE]))
+        helptext = option.help.format(tasks=", ".join([*TASKS, _CONFORMANCE]))
         parser.add_argument(*spellings, dest=option.name, help=helptext, **kwargs)
         if option.name == "max_samples":  # lm-eval's name for it
             parser.add_argument("--limit", dest="max_samples", type=kwargs["type"], help=argparse.SUPPRESS)
@@ -3196,19 +3201,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
+def _resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
     """(tasks to evaluate, whether to run the conformance preflight)."""
     names = [t.strip() for t in (text or "").split(",") if t.strip()]
-    valid = [*TASKS, CONFORMANCE]
+    valid = [*TASKS, _CONFORMANCE]
     if not names and not check:
         raise UsageError(f"--tasks is required: {', '.join(valid)}")
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise UsageError(f"unknown task {', '.join(unknown)}; valid tasks: {', '.join(valid)}")
-    return [TASKS[n] for n in dict.fromkeys(names) if n != CONFORMANCE], check or CONFORMANCE in names
+    return [TASKS[n] for n in dict.fromkeys(names) if n != _CONFORMANCE], check or _CONFORMANCE in names
 
 
-def parse_model_args(text: str | None) -> dict:
+def _parse_model_args(text: str | None) -> dict:
     """`k=v,k=v`, or a JSON object (as lm-eval also takes, for a `header` dict)."""
     if text and text.strip().startswith("{"):
         try:
@@ -3218,10 +3223,10 @@ def parse_model_args(text: str | None) -> dict:
         if not isinstance(parsed, dict):
             raise UsageError("--model_args: a JSON value must be an object")
         return parsed
-    return parse_kv(text, "--model_args")
+    return _parse_kv(text, "--model_args")
 
 
-def header_items(value: Any) -> dict | list:
+def _header_items(value: Any) -> dict | list:
     """lm-eval's `header` model_arg: a dict (JSON model_args), or one `Name: value` text."""
     if value is None:
         return []
@@ -3230,33 +3235,33 @@ def header_items(value: Any) -> dict | list:
     return [str(value)]
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
+def _resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
     """(base URLs, model, the APIConfig fields): flags win over --model_args, which win over
     the environment and the defaults."""
-    model_args = parse_model_args(args.model_args)
-    unknown = set(model_args) - MODEL_ARGS - IGNORED_MODEL_ARGS
+    model_args = _parse_model_args(args.model_args)
+    unknown = set(model_args) - _MODEL_ARGS - _IGNORED_MODEL_ARGS
     if unknown:
         raise UsageError(f"--model_args: unsupported key {', '.join(sorted(unknown))}; "
-                         f"supported: {', '.join(sorted(MODEL_ARGS))}")
-    for key in sorted(set(model_args) & IGNORED_MODEL_ARGS):
-        info(f"--model_args {key} has no effect here and is ignored")
+                         f"supported: {', '.join(sorted(_MODEL_ARGS))}")
+    for key in sorted(set(model_args) & _IGNORED_MODEL_ARGS):
+        _info(f"--model_args {key} has no effect here and is ignored")
 
     def pick(name: str) -> Any:
-        option, value = OPTION[name], getattr(args, name, None)
+        option, value = _OPTION[name], getattr(args, name, None)
         if value is not None:
             return value  # a flag's, checked by argparse
         if not (option.model_arg and name in model_args):
             return option.default
         value = model_args[name]  # null is a value of its own for a nullable option (a null seed)
         if option.check and (value is not None or not option.nullable):
-            value = checked(name, option.check, value)
+            value = _checked(name, option.check, value)
         return value
 
-    fields = {option.name: pick(option.name) for option in OPTIONS if option.into == "api"}
+    fields = {option.name: pick(option.name) for option in _OPTIONS if option.into == "api"}
     fields.update(
-        api_key=check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
-        gen_kwargs=parse_kv(args.gen_kwargs, "--gen_kwargs"),
-        headers={**parse_headers(header_items(model_args.get("header"))), **parse_headers(args.header or [])},
+        api_key=_check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
+        gen_kwargs=_parse_kv(args.gen_kwargs, "--gen_kwargs"),
+        headers={**_parse_headers(_header_items(model_args.get("header"))), **_parse_headers(args.header or [])},
         verify_certificate=pick("verify_certificate") and not args.insecure,
         ca_cert=args.ca_cert or model_args.get("ca_cert_path"))
     until = fields["gen_kwargs"].get("until")
@@ -3267,7 +3272,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]:
     return base_urls, None if model is None else str(model), fields
 
 
-def parse_expectations(items: list | None, tasks: list) -> dict:
+def _parse_expectations(items: list | None, tasks: list) -> dict:
     """--expect TASK=VALUE or TASK:METRIC=VALUE (VALUE a fraction, or a percentage with %)
     -> {task: (metric or None for the headline, value)}."""
     expected = {}
@@ -3285,14 +3290,14 @@ def parse_expectations(items: list | None, tasks: list) -> dict:
                              f"(one of {', '.join([task.headline.split(',')[0], *task.metric_names])})")
         text = value.strip()
         try:
-            number = fraction(float(text.rstrip("%")) / (100 if text.endswith("%") else 1))
+            number = _fraction(float(text.rstrip("%")) / (100 if text.endswith("%") else 1))
         except (ValueError, argparse.ArgumentTypeError):
             raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%") from None
         expected[task.name] = (metric, number)
     return expected
 
 
-def check_output_path(path: str | None, flag: str = "--output") -> Path | None:
+def _check_output_path(path: str | None, flag: str = "--output") -> Path | None:
     if not path:
         return None
     target = Path(path).expanduser()
@@ -3305,7 +3310,7 @@ def check_output_path(path: str | None, flag: str = "--output") -> Path | None:
     return target
 
 
-def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None:
+def _sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None:
     if args.log_samples:
         return Path(args.log_samples).expanduser()
     if output:
@@ -3313,7 +3318,7 @@ def sample_log_dir(args: argparse.Namespace, output: Path | None) -> Path | None
     return None
 
 
-def check_distinct_outputs(output: Path | None, report: Path | None, log_dir: Path | None) -> None:
+def _check_distinct_outputs(output: Path | None, report: Path | None, log_dir: Path | None) -> None:
     """--output, --report and the sample logs are different files: one written over another
     would lose it (the results replaced by HTML, the resume state by a page)."""
     def same(a: Path, b: Path) -> bool:
@@ -3327,14 +3332,14 @@ def check_distinct_outputs(output: Path | None, report: Path | None, log_dir: Pa
             raise UsageError(f"{flag} {path} is a sample log of this run: give it another name")
 
 
-def failure_of(exc: Exception) -> str:
+def _failure_of(exc: Exception) -> str:
     """One line for an error that is not nano-eval's own (a full disk, a bug)."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
     return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
 
 
-async def run_tasks(config: APIConfig, options: RunOptions, results: dict) -> tuple[bool, str | None]:
+async def _run_tasks(config: APIConfig, options: RunOptions, results: dict) -> tuple[bool, str | None]:
     """Runs the tasks one after the other into `results`: (False when interrupted, the
     error that made the server unusable). A task that cannot run or finish gets an entry
     with its `error`; the next task still runs, unless the server itself is unusable."""
@@ -3358,10 +3363,10 @@ async def run_tasks(config: APIConfig, options: RunOptions, results: dict) -> tu
             except Exception as exc:  # noqa: BLE001 -- whatever ended this task, the finished ones are kept
                 if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
                     raise
-                message = SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc))
-                info(f"error: {task.name}: {message}")
+                message = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else _failure_of(exc))
+                _info(f"error: {task.name}: {message}")
                 results[task.name] = {**results.get(task.name, {}), "error": message,
-                                      "exit_code": getattr(exc, "exit_code", EXIT_FAILURES), "complete": False}
+                                      "exit_code": getattr(exc, "exit_code", _EXIT_FAILURES), "complete": False}
                 if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
                     for skipped in tasks[tasks.index(task) + 1:]:
                         results[skipped.name] = {"error": f"not run: {message}", "exit_code": exc.exit_code,
@@ -3389,45 +3394,45 @@ async def run_tasks(config: APIConfig, options: RunOptions, results: dict) -> tu
     except asyncio.CancelledError:
         pass
     for task in tasks:  # a task interrupted before its first sample (its dataset loading) is still named
-        results.setdefault(task.name, {"error": "not run: interrupted", "exit_code": EXIT_INTERRUPTED,
+        results.setdefault(task.name, {"error": "not run: interrupted", "exit_code": _EXIT_INTERRUPTED,
                                        "complete": False})
     return False, None
 
 
-def run_server(config: APIConfig, options: RunOptions) -> dict:
+def _run_server(config: APIConfig, options: RunOptions) -> dict:
     """The preflight (if asked) and the tasks against one server: its results document."""
     start = time.perf_counter()
-    preflight = preflight_result(config) if options.check else None
+    preflight = _preflight_result(config) if options.check else None
     results: dict = {}
     try:
-        finished, server_error = asyncio.run(run_tasks(config, options, results))
+        finished, server_error = asyncio.run(_run_tasks(config, options, results))
     finally:
         for name, result in results.items():
-            report_warnings(name, result)
+            _report_warnings(name, result)
     if results:
-        print(summary_table(results), file=sys.stderr)
-    check_expectations(results, config.model, options.expected, options.expect_tolerance)
-    document = results_document(config, options, results, preflight, finished, start)
+        print(_summary_table(results), file=sys.stderr)
+    _check_expectations(results, config.model, options.expected, options.expect_tolerance)
+    document = _results_document(config, options, results, preflight, finished, start)
     if server_error:
         document["error"] = server_error
     return document
 
 
-def floor_concurrency(num_concurrent: int) -> int:
+def _floor_concurrency(num_concurrent: int) -> int:
     """The other batch composition the reference runs at for its noise floor."""
-    return 1 if num_concurrent > 1 else DEFAULT_CONCURRENCY
+    return 1 if num_concurrent > 1 else _DEFAULT_CONCURRENCY
 
 
-def measure_noise_floor(config: APIConfig, options: RunOptions) -> dict:
+def _measure_noise_floor(config: APIConfig, options: RunOptions) -> dict:
     """The reference server again, on the same samples, at another concurrency (--noise_floor):
     its results document; its sample log is the floor of every numerics verdict against it."""
-    again = dataclasses.replace(config, num_concurrent=floor_concurrency(config.num_concurrent))
-    info(f"noise floor: {config.model} at {config.chat_url} again at --num_concurrent {again.num_concurrent} "
+    again = dataclasses.replace(config, num_concurrent=_floor_concurrency(config.num_concurrent))
+    _info(f"noise floor: {config.model} at {config.chat_url} again at --num_concurrent {again.num_concurrent} "
          f"(it ran at {config.num_concurrent})")
-    return run_server(again, dataclasses.replace(options, check=False))
+    return _run_server(again, dataclasses.replace(options, check=False))
 
 
-def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, noise_floor: str | None = None) -> list:
+def _compare_servers(runs: list, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, noise_floor: str | None = None) -> list:
     """The first run compared with each of the others, printed and returned; `noise_floor`:
     the first server's second run, which calibrates the numerics verdicts."""
     comparisons = []
@@ -3437,15 +3442,15 @@ def compare_servers(runs: list, tolerance: float = DEFAULT_LOGPROB_TOLERANCE, no
         try:
             entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance,
                                                 noise_floor=noise_floor)
-            print(format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
+            print(_format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 -- e.g. a run with no sample at all; the runs are kept
-            entry["error"] = SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else failure_of(exc))
-            info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {entry['error']}")
+            entry["error"] = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else _failure_of(exc))
+            _info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {entry['error']}")
         comparisons.append(entry)
     return comparisons
 
 
-def run_and_compare(configs: list, model: str | None, options: RunOptions) -> tuple[dict, int]:
+def _run_and_compare(configs: list, model: str | None, options: RunOptions) -> tuple[dict, int]:
     """The same samples against each server, then the paired comparison of the first
     usable server with each of the others: the document and its exit code. A server that
     cannot be used is reported in its entry of `runs`; the others still run."""
@@ -3454,10 +3459,10 @@ def run_and_compare(configs: list, model: str | None, options: RunOptions) -> tu
     unusable = {}
     for config in configs:
         try:
-            find_server(config, model or config.model)
+            _find_server(config, model or config.model)
         except (AuthError, ServerError) as exc:
             unusable[id(config)] = exc
-            info(f"error: {exc}")
+            _info(f"error: {exc}")
     runs, codes, comparisons, floor = [], [], [], None
     try:  # Ctrl-C or SIGTERM between or after the runs: what finished is still written
         for i, config in enumerate(configs):
@@ -3466,72 +3471,72 @@ def run_and_compare(configs: list, model: str | None, options: RunOptions) -> tu
                 options, log_dir=root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_"))
             error = unusable.get(id(config))
             if error is None:
-                info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
-                runs.append(run_server(config, run_options))
-                codes.append(exit_code_of(runs[-1], run_options))
+                _info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
+                runs.append(_run_server(config, run_options))
+                codes.append(_exit_code_of(runs[-1], run_options))
                 if options.noise_floor and floor is None and options.tasks and not runs[-1]["interrupted"]:
                     floor_dir = run_options.log_dir.with_name(run_options.log_dir.name + "_floor")
                     floor_options = dataclasses.replace(run_options, log_dir=floor_dir)
-                    floor = measure_noise_floor(config, floor_options)
-                    codes.append(exit_code_of(floor, floor_options))
+                    floor = _measure_noise_floor(config, floor_options)
+                    codes.append(_exit_code_of(floor, floor_options))
                     if floor["interrupted"]:
                         break
             else:  # this server is unusable; the others' results still count
-                runs.append({"results": {}, "config": config_record(config, options),
-                             "error": SECRETS.scrub(str(error)), "complete": False, "interrupted": False})
+                runs.append({"results": {}, "config": _config_record(config, options),
+                             "error": _SECRETS.scrub(str(error)), "complete": False, "interrupted": False})
                 codes.append(error.exit_code)
             if runs[-1]["interrupted"]:
                 break
-        comparisons = compare_servers([run for run in runs if "error" not in run] if options.tasks else [],
+        comparisons = _compare_servers([run for run in runs if "error" not in run] if options.tasks else [],
                                       options.logprob_tolerance, floor and floor["config"]["log_samples"])
     except KeyboardInterrupt:
-        info("interrupted: the runs that finished are written, without their comparison")
-        codes.append(EXIT_INTERRUPTED)
+        _info("interrupted: the runs that finished are written, without their comparison")
+        codes.append(_EXIT_INTERRUPTED)
     document = {"runs": runs, **({"noise_floor": floor} if floor else {}), "comparisons": comparisons,
                 "total_seconds": round(time.perf_counter() - start, 3)}
-    codes += [gate_exit(c["comparison"], options.fail_if) for c in comparisons if "comparison" in c]
-    return document, most_severe(codes)
+    codes += [_gate_exit(c["comparison"], options.fail_if) for c in comparisons if "comparison" in c]
+    return document, _most_severe(codes)
 
 
-def check_places(options: RunOptions) -> None:
+def _check_places(options: RunOptions) -> None:
     """The sample log's folder and the dataset cache can be written: said now, not after connecting."""
-    if options.log_dir and not is_writable_dir(options.log_dir):
+    if options.log_dir and not _is_writable_dir(options.log_dir):
         raise UsageError(f"cannot write the sample log in {options.log_dir}")
     if options.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
-        resolve_data_dir(options.data_dir)
+        _resolve_data_dir(options.data_dir)
 
 
 def evaluate(configs: list, options: RunOptions, model: str | None = None) -> tuple[dict, int]:
     """One server, or several compared with the first: the results document and the exit
     code, as the command line writes and returns them. `model` is asked of every server;
     None: each config's own, or the only one its /v1/models lists."""
-    check_places(options)
+    _check_places(options)
     if not all(c.verify_certificate for c in configs) and any(c.chat_url.startswith("https:") for c in configs):
-        warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
+        _warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
              "any server can pose as this one")
     if len(configs) > 1:
-        return run_and_compare(configs, model, options)
+        return _run_and_compare(configs, model, options)
     config = configs[0]
-    find_server(config, model or config.model)
+    _find_server(config, model or config.model)
     server = config.server
-    info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
+    _info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
          f"{' ' + str(server['version']) if server.get('version') else ''}): "
-         f"{', '.join([t.name for t in options.tasks] + ([CONFORMANCE] if options.check else []))}")
-    document = run_server(config, options)
-    return document, exit_code_of(document, options)
+         f"{', '.join([t.name for t in options.tasks] + ([_CONFORMANCE] if options.check else []))}")
+    document = _run_server(config, options)
+    return document, _exit_code_of(document, options)
 
 
-def stdout_json(document: dict) -> str:
+def _stdout_json(document: dict) -> str:
     """The document as JSON text that any stdout encoding can carry: non-ASCII characters
     are escaped unless stdout takes UTF-8."""
     try:
         utf8 = codecs.lookup(sys.stdout.encoding or "ascii").name == "utf-8"
     except LookupError:
         utf8 = False
-    return SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=not utf8))
+    return _SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=not utf8))
 
 
-def print_to_stdout(text: str) -> bool:
+def _print_to_stdout(text: str) -> bool:
     """`text` on stdout; False when stdout is closed (`... | head`): it is then pointed at
     os.devnull, so that Python's own flush at exit does not fail too."""
     try:
@@ -3542,64 +3547,64 @@ def print_to_stdout(text: str) -> bool:
         return False
 
 
-def write_results(document: dict, output: Path | None, report: Path | None) -> None:
+def _write_results(document: dict, output: Path | None, report: Path | None) -> None:
     """The document in --output, as the --report page, and on stdout: each is written even
     when another fails (the first failure is raised after)."""
     failures: list = []
     if output:
-        text = SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=False))
+        text = _SECRETS.scrub_json(json.dumps(document, indent=2, ensure_ascii=False))
         try:
-            atomic_write(output, (text + "\n").encode("utf-8", "replace"))
+            _atomic_write(output, (text + "\n").encode("utf-8", "replace"))
         except OSError as exc:
             failures.append(UsageError(f"cannot write --output {output}: {exc.strerror or exc}"))
             output = None
     if report:
         try:
-            write_report(report, report_from_document(document))
+            _write_report(report, _report_from_document(document))
         except Exception as exc:  # noqa: BLE001 -- the results still reach stdout
             failures.append(exc)
-    if not print_to_stdout(stdout_json(document)):
-        info("stdout is closed: the results JSON was not printed" + (f"; it is in {output}" if output else ""))
+    if not _print_to_stdout(_stdout_json(document)):
+        _info("stdout is closed: the results JSON was not printed" + (f"; it is in {output}" if output else ""))
     if failures:
         raise failures[0]
 
 
-def cmd_eval(argv: list) -> int:
-    args = build_parser().parse_args(argv)
-    tasks, check = resolve_tasks(args.tasks, args.check)
-    base_urls, model, fields = resolve_settings(args)
-    expected = parse_expectations(args.expect, tasks)
+def _cmd_eval(argv: list) -> int:
+    args = _build_parser().parse_args(argv)
+    tasks, check = _resolve_tasks(args.tasks, args.check)
+    base_urls, model, fields = _resolve_settings(args)
+    expected = _parse_expectations(args.expect, tasks)
     if args.fail_if and len(base_urls) < 2:
         raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
     if args.noise_floor and (len(base_urls) < 2 or not fields["logprobs"] or not tasks):
         raise UsageError("--noise_floor calibrates a comparison of logprobs: give several --base_url, --logprobs K "
                          "and a task (or use 'nano-eval compare A B --noise_floor A2')")
-    SECRETS.add(fields["api_key"], os.environ.get("HF_TOKEN"))
-    output = check_output_path(args.output)
-    report = check_output_path(args.report, "--report")
-    log_dir = sample_log_dir(args, output)
-    check_distinct_outputs(output, report, log_dir)
+    _SECRETS.add(fields["api_key"], os.environ.get("HF_TOKEN"))
+    output = _check_output_path(args.output)
+    report = _check_output_path(args.report, "--report")
+    log_dir = _sample_log_dir(args, output)
+    _check_distinct_outputs(output, report, log_dir)
     scratch = Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report and not log_dir else None
     options = RunOptions(tasks=tasks, check=check, log_dir=log_dir or scratch, expected=expected,
                          progress=False if args.no_progress else None, resume=not args.no_resume,
-                         **{option.name: getattr(args, option.name) for option in OPTIONS if option.into == "run"})
+                         **{option.name: getattr(args, option.name) for option in _OPTIONS if option.into == "run"})
     try:
-        check_places(options)
-        configs = [APIConfig(url=url, **fields) for url in base_urls or [probe_local_server()]]
+        _check_places(options)
+        configs = [APIConfig(url=url, **fields) for url in base_urls or [_probe_local_server()]]
         document, code = evaluate(configs, options, model)
-        write_results(document, output, report)
+        _write_results(document, output, report)
         return code
     finally:
         if scratch:  # the report needed the samples; nobody asked to keep them
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def raise_interrupt(signum: int, frame: Any) -> None:
+def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
+def _collector_paused() -> Iterator[None]:
     """Python's cycle collector off while a tool works on whole sample logs: their records
     hold no cycles, and it would rescan the growing heap again and again (half the time of a
     comparison of two 100,000-sample logs)."""
@@ -3617,13 +3622,13 @@ def main(argv: list | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         # SIGTERM stops nano-eval as Ctrl-C does, everywhere; and Ctrl-C does so in every phase even when
         # nano-eval was started with SIGINT ignored (a script's background job), as it does during the tasks
-        signal.signal(signal.SIGTERM, raise_interrupt)
-        signal.signal(signal.SIGINT, raise_interrupt)
-    commands = {"compare": cmd_compare, "replay": cmd_replay, "report": cmd_report}
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, _raise_interrupt)
+    commands = {"compare": _cmd_compare, "replay": _cmd_replay, "report": _cmd_report}
     for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    code = EXIT_OK
+    code = _EXIT_OK
     try:
         for arg in argv:
             try:
@@ -3632,20 +3637,20 @@ def main(argv: list | None = None) -> int:
                 raise UsageError(f"argument {arg!r} is not valid UTF-8") from None
         command = commands.get(argv[0]) if argv else None
         if command:
-            with collector_paused():
+            with _collector_paused():
                 code = command(argv[1:])
         else:
-            code = cmd_eval(argv)
+            code = _cmd_eval(argv)
     except NanoEvalError as exc:
-        print(SECRETS.scrub(f"nano-eval: error: {exc}"), file=sys.stderr)
+        print(_SECRETS.scrub(f"nano-eval: error: {exc}"), file=sys.stderr)
         code = exc.exit_code
     except KeyboardInterrupt:
         print("nano-eval: interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+        code = _EXIT_INTERRUPTED
     except Exception as exc:  # a bug: one line, unless asked for the traceback
         if os.environ.get("NANO_EVAL_DEBUG"):
             raise
-        print(SECRETS.scrub(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
+        print(_SECRETS.scrub(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
                             "(set NANO_EVAL_DEBUG=1 for a traceback)"), file=sys.stderr)
         code = 1
     if _BLOCKED_CALLS.value:  # abandoned requests still wait on sockets: do not wait for them
@@ -3659,16 +3664,16 @@ def main(argv: list | None = None) -> int:
 # 10. Preflight
 # ============================================================================
 
-IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
-IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a second image token, "
+_IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
+_IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a second image token, "
                         "which the server may reject or leave unexpanded; scores can differ from a model that reads it "
                         "as text (the bodies stay lm-eval's)")
 # A 1x1 RGB PNG, for the image check.
-ONE_PIXEL_PNG = base64.b64decode(
+_ONE_PIXEL_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC")
 
 
-class Preflight:
+class _Preflight:
     """What the checks of PREFLIGHT_CHECKS share: short requests with the run's TLS
     settings and headers (no retries: each answer is evidence), classified as the runner
     classifies its responses, and the first plain answer."""
@@ -3677,40 +3682,40 @@ class Preflight:
 
     def __init__(self, config: APIConfig, timeout: float = 120.0):
         self.config = config
-        self.client = server_client(config, timeout=min(timeout, config.timeout), connect_timeout=5.0)
-        self.headers = {"Content-Type": "application/json", **server_headers(config)}
-        self.first: Outcome | None = None  # the plain greedy answer the other checks compare with
+        self.client = _server_client(config, timeout=min(timeout, config.timeout), connect_timeout=5.0)
+        self.headers = {"Content-Type": "application/json", **_server_headers(config)}
+        self.first: _Outcome | None = None  # the plain greedy answer the other checks compare with
 
-    def post(self, body: dict) -> HTTPResponse | str:
+    def post(self, body: dict) -> _HTTPResponse | str:
         """The raw response, or why there is none."""
         try:
             return self.client.request("POST", self.config.chat_url,
                                        json.dumps({"model": self.config.model, **body}).encode(), self.headers)
         except Exception as exc:
-            return describe_network_error(exc)[1]
+            return _describe_network_error(exc)[1]
 
-    def chat(self, **body: Any) -> Outcome:
+    def chat(self, **body: Any) -> _Outcome:
         """One request, classified as the runner classifies every response."""
         resp = self.post({"temperature": 0, **body})
-        return Outcome(Status.CONNECTION, error=resp) if isinstance(resp, str) else classify_response(resp)
+        return _Outcome(Status.CONNECTION, error=resp) if isinstance(resp, str) else _classify_response(resp)
 
 
-def failure(outcome: Outcome) -> str:
+def _failure(outcome: _Outcome) -> str:
     """Why a request did not give an answer, in one line."""
     return (f"HTTP {outcome.http_status}: " if outcome.http_status else "") + (outcome.error or outcome.status)
 
 
-def answered(outcome: Outcome) -> bool:
+def _answered(outcome: _Outcome) -> bool:
     """HTTP 200 with a well-formed message (its content may be empty)."""
     return outcome.http_status == 200 and outcome.status != Status.BAD_RESPONSE
 
 
-def models_listed(pf: Preflight) -> tuple[str, str]:
+def _models_listed(pf: _Preflight) -> tuple[str, str]:
     try:
-        status, data, _ = http_json(pf.client, pf.config.api_root + "/models", server_headers(pf.config))
+        status, data, _ = _http_json(pf.client, pf.config.api_root + "/models", _server_headers(pf.config))
     except Exception as exc:
-        return "FAIL", describe_network_error(exc)[1]
-    models = listed_models(data)
+        return "FAIL", _describe_network_error(exc)[1]
+    models = _listed_models(data)
     if status != 200 or models is None:
         return "FAIL", f"HTTP {status}, no data list"
     if data.get("object") != "list" or not all(isinstance(m, dict) and "id" in m for m in models):
@@ -3718,14 +3723,14 @@ def models_listed(pf: Preflight) -> tuple[str, str]:
     return "PASS", f"object list, {len(models)} model(s)"
 
 
-def chat_answers(pf: Preflight) -> tuple[str, str]:
+def _chat_answers(pf: _Preflight) -> tuple[str, str]:
     pf.first = first = pf.chat(messages=pf.PROMPT, max_tokens=96)
-    if not answered(first) or first.content is None:
-        return "FAIL", f"a plain request failed: {failure(first)}"
+    if not _answered(first) or first.content is None:
+        return "FAIL", f"a plain request failed: {_failure(first)}"
     return "PASS", f"HTTP 200, content {first.content[:60]!r}"
 
 
-def usage_reported(pf: Preflight) -> tuple[str, str]:
+def _usage_reported(pf: _Preflight) -> tuple[str, str]:
     usage = pf.first.usage
     if not isinstance(usage, dict) or not isinstance(usage.get("completion_tokens"), int) \
             or not isinstance(usage.get("prompt_tokens"), int):
@@ -3735,10 +3740,10 @@ def usage_reported(pf: Preflight) -> tuple[str, str]:
     return "PASS", json.dumps(usage)[:120]
 
 
-def max_tokens_honoured(pf: Preflight) -> tuple[str, str]:
+def _max_tokens_honoured(pf: _Preflight) -> tuple[str, str]:
     o = pf.chat(messages=pf.PROMPT, max_tokens=5)
     if o.http_status != 200:
-        return "FAIL", f"request failed: {failure(o)}"
+        return "FAIL", f"request failed: {_failure(o)}"
     used = (o.usage or {}).get("completion_tokens")
     if isinstance(used, int) and used > 5:
         return "FAIL", f"max_tokens 5 but completion_tokens {used}"
@@ -3747,7 +3752,7 @@ def max_tokens_honoured(pf: Preflight) -> tuple[str, str]:
     return "PASS", f"completion_tokens {used}, finish_reason 'length'"
 
 
-def stop_honoured(pf: Preflight) -> tuple[str, str]:
+def _stop_honoured(pf: _Preflight) -> tuple[str, str]:
     baseline = pf.first.content
     words = baseline.split()
     middle = baseline[len(baseline) // 2:len(baseline) // 2 + 2].strip()
@@ -3755,9 +3760,9 @@ def stop_honoured(pf: Preflight) -> tuple[str, str]:
     if not stop or baseline.index(stop) == 0:
         return "WARN", f"inconclusive: the greedy answer is too short: {baseline[:60]!r}"
     o = pf.chat(messages=pf.PROMPT, max_tokens=96, stop=[stop])
-    text = o.content if answered(o) else None
+    text = o.content if _answered(o) else None
     if text is None:
-        return "FAIL", f"a request with stop failed: {failure(o)}"
+        return "FAIL", f"a request with stop failed: {_failure(o)}"
     if stop in text:
         return "FAIL", f"stop {stop!r} is in the output: {text[:80]!r}"
     if not baseline.startswith(text.rstrip()):
@@ -3765,27 +3770,27 @@ def stop_honoured(pf: Preflight) -> tuple[str, str]:
     return "PASS", f"stopped before {stop!r}: {text[:60]!r}, finish_reason {o.finish_reason!r}"
 
 
-def greedy_repeatable(pf: Preflight) -> tuple[str, str]:
+def _greedy_repeatable(pf: _Preflight) -> tuple[str, str]:
     o = pf.chat(messages=pf.PROMPT, max_tokens=96)
-    again = o.content if answered(o) else None
+    again = o.content if _answered(o) else None
     if again == pf.first.content:
         return "PASS", "the same request at temperature 0 gave the same text twice"
     return "WARN", f"temperature 0 differs between two identical requests: {pf.first.content[:40]!r} vs {str(again)[:40]!r}"
 
 
-def seed_accepted(pf: Preflight) -> tuple[str, str]:
+def _seed_accepted(pf: _Preflight) -> tuple[str, str]:
     o = pf.chat(messages=pf.PROMPT, max_tokens=8, seed=pf.config.seed)
     if o.http_status == 200:
         return "PASS", f"seed {pf.config.seed} accepted"
     return "FAIL", f"seed rejected: {o.error or o.status}"
 
 
-def logprobs_consistent(pf: Preflight, k: int = 3) -> tuple[str, str]:
+def _logprobs_consistent(pf: _Preflight, k: int = 3) -> tuple[str, str]:
     """What the numerics verdict reads: per token a logprob <= 0 and the top K, sorted, with the
     chosen token first (temperature 0 is greedy)."""
     o = pf.chat(messages=pf.PROMPT, max_tokens=8, logprobs=True, top_logprobs=k)
     if o.http_status != 200:
-        return "WARN", f"logprobs refused (compare cannot judge numerics): {failure(o)}"
+        return "WARN", f"logprobs refused (compare cannot judge numerics): {_failure(o)}"
     if not o.logprobs:
         return "WARN", "no logprobs in the answer (compare cannot judge numerics)"
     for i, (token, logprob, top) in enumerate(o.logprobs):
@@ -3795,43 +3800,43 @@ def logprobs_consistent(pf: Preflight, k: int = 3) -> tuple[str, str]:
                    else f"{len(top)} top_logprobs, asked for {k}" if len(top) != k
                    else "top_logprobs not sorted" if values != sorted(values, reverse=True)
                    else f"chosen {token!r} ({logprob:.4f}) is not the top-1 {top[0][0]!r} ({values[0]:.4f})"
-                   if token_key(token) != token_key(top[0][0]) and values[0] - logprob > 1e-4 else None)
+                   if _token_key(token) != _token_key(top[0][0]) and values[0] - logprob > 1e-4 else None)
         if problem:
             return "FAIL", f"token {i}: {problem}"
     return "PASS", f"{len(o.logprobs)} tokens, each with top {k} sorted, the greedy choice first"
 
 
-def image_accepted(pf: Preflight) -> tuple[str, str]:
-    content = [{"type": "image_url", "image_url": {"url": data_url(ONE_PIXEL_PNG), "detail": "auto"}},
+def _image_accepted(pf: _Preflight) -> tuple[str, str]:
+    content = [{"type": "image_url", "image_url": {"url": _data_url(_ONE_PIXEL_PNG), "detail": "auto"}},
                {"type": "text", "text": "What color is this image? Answer in one word."}]
     o = pf.chat(messages=[{"role": "user", "content": content}], max_tokens=8)
-    if answered(o):
+    if _answered(o):
         return "PASS", "a 1-pixel PNG data URL was accepted"
-    return "WARN", f"images are not accepted (chartqa will fail): {failure(o)}"
+    return "WARN", f"images are not accepted (chartqa will fail): {_failure(o)}"
 
 
-def image_placeholder(pf: Preflight) -> tuple[str, str]:
+def _image_placeholder(pf: _Preflight) -> tuple[str, str]:
     """chartqa's text part starts with lm-eval's literal `<image>`. A model whose
     tokenizer has `<image>` as its image placeholder sees one image too many."""
     counts, refused = [], None
-    for text in ("Say hi.", IMAGE_LITERAL + "Say hi."):
+    for text in ("Say hi.", _IMAGE_LITERAL + "Say hi."):
         o = pf.chat(messages=[{"role": "user", "content": text}], max_tokens=1)
         if o.http_status != 200:
-            refused = failure(o)
+            refused = _failure(o)
             break
         counts.append((o.usage or {}).get("prompt_tokens"))
     if refused and len(counts) == 1:
-        return "WARN", (f"a text-only prompt with the literal {IMAGE_LITERAL} is refused ({refused}): the model "
-                        f"takes it for its image placeholder; {IMAGE_LITERAL_EFFECT}")
+        return "WARN", (f"a text-only prompt with the literal {_IMAGE_LITERAL} is refused ({refused}): the model "
+                        f"takes it for its image placeholder; {_IMAGE_LITERAL_EFFECT}")
     if refused or not all(isinstance(c, int) for c in counts):
         return "WARN", f"inconclusive: {refused or 'no usage.prompt_tokens'}"
     if counts[1] - counts[0] == 1:
-        return "WARN", (f"the literal {IMAGE_LITERAL} is one token here ({counts[0]} -> {counts[1]} prompt tokens): "
-                        f"the model's own image placeholder; {IMAGE_LITERAL_EFFECT}")
-    return "PASS", f"the literal {IMAGE_LITERAL} is plain text here ({counts[1] - counts[0]} prompt tokens)"
+        return "WARN", (f"the literal {_IMAGE_LITERAL} is one token here ({counts[0]} -> {counts[1]} prompt tokens): "
+                        f"the model's own image placeholder; {_IMAGE_LITERAL_EFFECT}")
+    return "PASS", f"the literal {_IMAGE_LITERAL} is plain text here ({counts[1] - counts[0]} prompt tokens)"
 
 
-def reasoning_channel(pf: Preflight) -> tuple[str, str]:
+def _reasoning_channel(pf: _Preflight) -> tuple[str, str]:
     if pf.first.reasoning_field:
         return "PASS", f"reasoning arrives in message.{pf.first.reasoning_field}"
     if "<think>" in (pf.first.content or ""):
@@ -3839,11 +3844,11 @@ def reasoning_channel(pf: Preflight) -> tuple[str, str]:
     return "PASS", "no reasoning seen (not a reasoning model, or reasoning off)"
 
 
-def max_completion_tokens_honoured(pf: Preflight) -> tuple[str, str]:
+def _max_completion_tokens_honoured(pf: _Preflight) -> tuple[str, str]:
     o = pf.chat(messages=pf.PROMPT, max_completion_tokens=5)
     used = (o.usage or {}).get("completion_tokens")
     if o.http_status != 200:
-        return "WARN", f"not accepted: {failure(o)}"
+        return "WARN", f"not accepted: {_failure(o)}"
     if isinstance(used, int) and used > 5:
         return "WARN", f"accepted but ignored: completion_tokens {used} > 5"
     if used is None and o.finish_reason != "length":
@@ -3852,12 +3857,12 @@ def max_completion_tokens_honoured(pf: Preflight) -> tuple[str, str]:
     return "PASS", f"honoured: completion_tokens {used}, finish_reason {o.finish_reason!r}"
 
 
-def malformed_refused(pf: Preflight) -> tuple[str, str]:
+def _malformed_refused(pf: _Preflight) -> tuple[str, str]:
     resp = pf.post({"messages": "this is not a list of messages"})
     if isinstance(resp, str):
         return "FAIL", f"no answer: {resp}"
     if not 400 <= resp.status < 500:
-        return "FAIL", f"HTTP {resp.status} instead of a 4xx: {error_message(resp.body)}"
+        return "FAIL", f"HTTP {resp.status} instead of a 4xx: {_error_message(resp.body)}"
     try:
         error = json.loads(resp.body)
     except (ValueError, UnicodeDecodeError):
@@ -3867,48 +3872,48 @@ def malformed_refused(pf: Preflight) -> tuple[str, str]:
     return "PASS", f"HTTP {resp.status} with a JSON error"
 
 
-PREFLIGHT_CHECKS = (
-    ("/v1/models", models_listed),
-    ("chat completion", chat_answers),
-    ("usage", usage_reported),
-    ("max_tokens", max_tokens_honoured),
-    ("stop", stop_honoured),
-    ("greedy repeatable", greedy_repeatable),
-    ("seed", seed_accepted),
-    ("logprobs", logprobs_consistent),
-    ("image input", image_accepted),
-    ("image placeholder", image_placeholder),
-    ("reasoning channel", reasoning_channel),
-    ("max_completion_tokens", max_completion_tokens_honoured),
-    ("malformed request", malformed_refused),
+_PREFLIGHT_CHECKS = (
+    ("/v1/models", _models_listed),
+    ("chat completion", _chat_answers),
+    ("usage", _usage_reported),
+    ("max_tokens", _max_tokens_honoured),
+    ("stop", _stop_honoured),
+    ("greedy repeatable", _greedy_repeatable),
+    ("seed", _seed_accepted),
+    ("logprobs", _logprobs_consistent),
+    ("image input", _image_accepted),
+    ("image placeholder", _image_placeholder),
+    ("reasoning channel", _reasoning_channel),
+    ("max_completion_tokens", _max_completion_tokens_honoured),
+    ("malformed request", _malformed_refused),
 )
 
 
-def preflight_checks(config: APIConfig) -> dict:
+def _preflight_checks(config: APIConfig) -> dict:
     """Every check of PREFLIGHT_CHECKS, in order: {"checks": [...], "metrics": pass/warn/fail counts}."""
-    context, checks = Preflight(config), []
-    for name, check in PREFLIGHT_CHECKS:
+    context, checks = _Preflight(config), []
+    for name, check in _PREFLIGHT_CHECKS:
         result, evidence = check(context)
-        evidence = SECRETS.scrub(" ".join(str(evidence).split()))  # a server may echo the key in an error
+        evidence = _SECRETS.scrub(" ".join(str(evidence).split()))  # a server may echo the key in an error
         checks.append({"check": name, "result": result, "evidence": evidence[:300]})
-        if check is chat_answers and result == "FAIL":
+        if check is _chat_answers and result == "FAIL":
             break  # every other check needs a plain answer
     tally = collections.Counter(c["result"] for c in checks)
     return {"checks": checks, "metrics": {result.lower(): tally[result] for result in ("PASS", "WARN", "FAIL")}}
 
 
-def format_preflight(report: dict) -> str:
+def _format_preflight(report: dict) -> str:
     width = max(len(c["check"]) for c in report["checks"])
     return "\n".join(f"{c['result']:<4}  {c['check']:<{width}}  {c['evidence']}" for c in report["checks"])
 
 
-def preflight_result(config: APIConfig) -> dict:
+def _preflight_result(config: APIConfig) -> dict:
     """The preflight's entry in the results (printed on stderr as it ends)."""
     start = time.perf_counter()
-    info(f"--check: {len(PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, one request at a time "
+    _info(f"--check: {len(_PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, one request at a time "
          f"(each waits up to {min(120.0, config.timeout):.0f} s)")
-    report = preflight_checks(config)
-    print(format_preflight(report), file=sys.stderr)
+    report = _preflight_checks(config)
+    print(_format_preflight(report), file=sys.stderr)
     return {**report, "elapsed": round(time.perf_counter() - start, 3)}
 
 
@@ -3917,23 +3922,23 @@ def preflight_result(config: APIConfig) -> dict:
 # ============================================================================
 
 
-UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
+_UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
 # A special token as vLLM spells it (llama.cpp: "" with its id; MAX: ""): the end of a turn or of the text
-SPECIAL_TOKEN = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<eos>|<end_of_turn>")
+_SPECIAL_TOKEN = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<eos>|<end_of_turn>")
 
 
-def token_key(token: Any) -> str:
-    if not isinstance(token, str) or not token or SPECIAL_TOKEN.fullmatch(token):
-        return UNSPELLED
+def _token_key(token: Any) -> str:
+    if not isinstance(token, str) or not token or _SPECIAL_TOKEN.fullmatch(token):
+        return _UNSPELLED
     return token
 
 
-def logged_request(body: dict, image: dict | None) -> dict:
+def _logged_request(body: dict, image: dict | None) -> dict:
     """A logged body with its image as its sha256 stub, whether or not --log_images was on."""
-    return redact_images(body, image) if isinstance(body.get("messages"), list) else body
+    return _redact_images(body, image) if isinstance(body.get("messages"), list) else body
 
 
-class MessagesDigest:
+class _MessagesDigest:
     """The sha256 of a request's messages: of their role NUL content, joined by \\2, when all
     are {"role": str, "content": str}; else of their sorted JSON. A few-shot task sends the
     same turns before the question in every sample (gsm8k: 5 of its 5.6 KB): the hash state
@@ -3958,60 +3963,60 @@ class MessagesDigest:
         return hashlib.sha256(("\1" + json.dumps(messages, sort_keys=True)).encode()).hexdigest()
 
 
-def messages_digest(messages: list) -> str:
-    return MessagesDigest()(messages)
+def _messages_digest(messages: list) -> str:
+    return _MessagesDigest()(messages)
 
 
-NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
+_NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
 
 
-def slim_request(body: dict, image: dict | None, digest: Callable = messages_digest) -> dict:
+def _slim_request(body: dict, image: dict | None, digest: Callable = _messages_digest) -> dict:
     """What the tools keep of a logged body (the 8-shot gsm8k messages are ~5 KB a sample):
     the fields a comparison compares, and the messages as [{"sha256": of them all, any image
     as its stub}]."""
-    body = {key: value for key, value in logged_request(body, image).items() if key not in NOT_COMPARED}
+    body = {key: value for key, value in _logged_request(body, image).items() if key not in _NOT_COMPARED}
     if isinstance(body.get("messages"), list):
         body["messages"] = [{"sha256": digest(body["messages"])}]
     return body
 
 
-def log_files(source: Path) -> list:
+def _log_files(source: Path) -> list:
     """The sample logs a path names: the file itself, or a folder's samples_<task>.jsonl."""
     if source.is_dir():
         return sorted(source.glob("samples_*.jsonl"))
     return [source] if source.is_file() else []
 
 
-def load_repeats(path: str) -> dict:
+def _load_repeats(path: str) -> dict:
     """{(task, doc_hash): {repeat: the last record, Logged}} from a sample log file or a folder
     of them, each request reduced to slim_request() as it is read (a comparison of two
     100,000-sample logs then fits in 800 MB), and where it was read kept (see full_record)."""
     source = Path(path).expanduser()
-    files = log_files(source)
+    files = _log_files(source)
     if not files:
         raise UsageError(f"{source}: no samples_<task>.jsonl in this folder" if source.is_dir()
                          else f"{source}: no such sample log or folder")
     records: dict = {}
-    digest = MessagesDigest()
+    digest = _MessagesDigest()
     for file in files:
         name = str(file)
-        for offset, record in read_located(file, strict=True):
+        for offset, record in _read_located(file, strict=True):
             if isinstance(record.get("request"), dict):
-                record["request"] = slim_request(record["request"], record.get("image"), digest)
-            logged = Logged.of(record, (name, offset))
+                record["request"] = _slim_request(record["request"], record.get("image"), digest)
+            logged = _Logged.of(record, (name, offset))
             records.setdefault((logged.task, logged.doc_hash), {})[logged.repeat] = logged
     if not records:
         raise UsageError(f"{source}: no sample records")
     return records
 
 
-def load_run(path: str) -> dict:
+def _load_run(path: str) -> dict:
     """{(task, doc_hash): the last record of its first repeat} from a sample log file or a
     folder of them."""
-    return {key: repeats[min(repeats)] for key, repeats in load_repeats(path).items()}
+    return {key: repeats[min(repeats)] for key, repeats in _load_repeats(path).items()}
 
 
-def full_record(record: Logged) -> Logged:
+def _full_record(record: _Logged) -> _Logged:
     """The record as its log holds it, whole request and all (load_repeats keeps a slim
     one): its line read again. The slim one if the line is gone or no longer this sample."""
     if not record.at:
@@ -4023,76 +4028,76 @@ def full_record(record: Logged) -> Logged:
             full = json.loads(f.readline().decode("utf-8", "replace"))
     except (OSError, ValueError):
         return record
-    if not isinstance(full, dict) or record_problem(full):
+    if not isinstance(full, dict) or _record_problem(full):
         return record
-    full = Logged.of(full, record.at)
+    full = _Logged.of(full, record.at)
     return full if (full.task, full.doc_hash, full.repeat) == (record.task, record.doc_hash, record.repeat) else record
 
 
-SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is read in a child process
+_SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is read in a child process
 
 
-def log_bytes(path: str) -> int:
-    return sum(f.stat().st_size for f in log_files(Path(path).expanduser()))
+def _log_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in _log_files(Path(path).expanduser()))
 
 
-def read_marshalled(read: Callable, path: str) -> bytes:
+def _read_marshalled(read: Callable, path: str) -> bytes:
     """read(path) in the child process, sent back marshalled: marshal moves the records ~3
     times faster than pickle, but takes only built-in types (see marshallable)."""
-    with collector_paused():
-        return marshal.dumps(marshallable(read(path)))
+    with _collector_paused():
+        return marshal.dumps(_marshallable(read(path)))
 
 
-def marshallable(value: Any) -> Any:
+def _marshallable(value: Any) -> Any:
     """`value` (read from logs: JSON values and Logged records in dicts) with each Logged as a
     plain tuple: the only tuples held as dict values, so from_marshallable knows them."""
-    if isinstance(value, Logged):
+    if isinstance(value, _Logged):
         return tuple(value)
     if isinstance(value, dict):
-        return {key: marshallable(item) for key, item in value.items()}
+        return {key: _marshallable(item) for key, item in value.items()}
     return value
 
 
-def from_marshallable(value: Any) -> Any:
+def _from_marshallable(value: Any) -> Any:
     if type(value) is tuple:
-        return Logged._make(value)
+        return _Logged._make(value)
     if isinstance(value, dict):
-        return {key: from_marshallable(item) for key, item in value.items()}
+        return {key: _from_marshallable(item) for key, item in value.items()}
     return value
 
 
-def side_by_side(read: Callable, first: str, second: str) -> tuple:
+def _side_by_side(read: Callable, first: str, second: str) -> tuple:
     """read(first) here while read(second) runs in a child process: the tools on two big
     logs use both cores (reading 100,000 samples is ~4 s). One after the other for small logs,
     on one core, or where no child process can start."""
-    if log_bytes(first) + log_bytes(second) < SIDE_BY_SIDE_BYTES or (os.cpu_count() or 1) < 2:
+    if _log_bytes(first) + _log_bytes(second) < _SIDE_BY_SIDE_BYTES or (os.cpu_count() or 1) < 2:
         return read(first), read(second)
     try:
         pool = ProcessPoolExecutor(max_workers=1)
-        pending = pool.submit(read_marshalled, read, second)
+        pending = pool.submit(_read_marshalled, read, second)
     except (OSError, RuntimeError, ImportError):
         return read(first), read(second)
     try:
         result = read(first)
         try:
-            return result, from_marshallable(marshal.loads(pending.result()))
+            return result, _from_marshallable(marshal.loads(pending.result()))
         except BrokenProcessPool:
             return result, read(second)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def request_difference(a: dict, b: dict) -> str | None:
+def _request_difference(a: dict, b: dict) -> str | None:
     """The first request field (other than the model name and the logprobs asked for) that differs, or None."""
     if a == b:
         return None
     for key in list(dict.fromkeys(list(a) + list(b))):
-        if key not in NOT_COMPARED and a.get(key) != b.get(key):
+        if key not in _NOT_COMPARED and a.get(key) != b.get(key):
             return key
     return None
 
 
-def mcnemar_exact(a_only: int, b_only: int) -> float:
+def _mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value: a binomial test of the discordant pairs at 1/2. The tail
     P(X <= min) is summed in integers from its largest term down, each term from the one before
     (C(n, k-1) = C(n, k)·k/(n-k+1)), and stops once what is left cannot move the float result:
@@ -4110,7 +4115,7 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * total / 2 ** n)
 
 
-def binomial(n: int, p: float, rng: random.Random) -> int:
+def _binomial(n: int, p: float, rng: random.Random) -> int:
     """One exact Binomial(n, p) draw in O(1) expected time: inversion when n·p < 10, else
     Hörmann's BTRS (transformed rejection with squeeze, 1993)."""
     if n == 0 or p <= 0.0:
@@ -4118,7 +4123,7 @@ def binomial(n: int, p: float, rng: random.Random) -> int:
     if p >= 1.0:
         return n
     if p > 0.5:
-        return n - binomial(n, 1.0 - p, rng)
+        return n - _binomial(n, 1.0 - p, rng)
     if n * p < 10:
         pmf, u, k = (1.0 - p) ** n, rng.random(), 0
         while u > pmf and k < n:
@@ -4144,7 +4149,7 @@ def binomial(n: int, p: float, rng: random.Random) -> int:
             return k
 
 
-def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+def _paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of the mean paired difference (seeded, deterministic). A resample
     of n pairs is drawn as how many times each distinct difference comes up (a multinomial, by
     sequential binomials): the same bootstrap distribution as n draws with replacement, in time
@@ -4158,7 +4163,7 @@ def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) 
     for _ in range(resamples):
         left, rest, total = n, n, 0.0
         for value, count in counted[:-1]:
-            k = binomial(left, count / rest, rng)
+            k = _binomial(left, count / rest, rng)
             total += value * k
             left, rest = left - k, rest - count
         means.append((total + counted[-1][0] * left) / n)
@@ -4166,30 +4171,30 @@ def paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) 
     return means[int(0.025 * resamples)], means[min(resamples - 1, int(0.975 * resamples))]
 
 
-def rank_and_gap(entry: list, other: str) -> tuple[int | None, float | None, float | None]:
+def _rank_and_gap(entry: list, other: str) -> tuple[int | None, float | None, float | None]:
     """Where `other` stands in this side's top K at a parting: (rank from 1, how far the
     chosen token's logprob leads it, None); when it is not in the top K, (None, None, the
     least it can lead it by: the chosen logprob minus the last of the top K, as `other` is
     below them all)."""
-    top = sorted((t for t in entry[2] if is_finite(t[1])), key=lambda t: -t[1])
-    chosen = entry[1] if is_finite(entry[1]) else None
+    top = sorted((t for t in entry[2] if _is_finite(t[1])), key=lambda t: -t[1])
+    chosen = entry[1] if _is_finite(entry[1]) else None
     for rank, (token, logprob) in enumerate(top, 1):
-        if token_key(token) == other:
+        if _token_key(token) == other:
             return rank, (chosen - logprob) if chosen is not None else None, None
     at_least = chosen - top[-1][1] if top and chosen is not None else None
     return None, None, at_least
 
 
-def token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
+def _token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
     """|delta logprob| of the chosen tokens both sides generated (all of them when the texts are
     the same; else up to where they part), and the parting: where, each side's token, the
     other's rank and gap there (or the least gap the top K shows, when the other's token is not
     in it). Whether a parting is a near-tie is judged by parting_margin."""
     diffs: list = []
     for i, (x, y) in enumerate(zip(a, b)):
-        if not same_text and token_key(x[0]) != token_key(y[0]):
+        if not same_text and _token_key(x[0]) != _token_key(y[0]):
             break
-        if is_finite(x[1]) and is_finite(y[1]):
+        if _is_finite(x[1]) and _is_finite(y[1]):
             diffs.append(abs(x[1] - y[1]))
     else:
         if same_text or len(a) == len(b):
@@ -4197,15 +4202,15 @@ def token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
         i = min(len(a), len(b))  # one side stopped where the other went on
     if i >= len(a) or i >= len(b):
         return diffs, {"token": i, "a": None, "b": None}
-    key_a, key_b = token_key(a[i][0]), token_key(b[i][0])
-    rank_b_in_a, gap_a, gap_a_at_least = rank_and_gap(a[i], key_b)
-    rank_a_in_b, gap_b, gap_b_at_least = rank_and_gap(b[i], key_a)
+    key_a, key_b = _token_key(a[i][0]), _token_key(b[i][0])
+    rank_b_in_a, gap_a, gap_a_at_least = _rank_and_gap(a[i], key_b)
+    rank_a_in_b, gap_b, gap_b_at_least = _rank_and_gap(b[i], key_a)
     return diffs, {"token": i, "a": key_a, "b": key_b, "a_logprob": a[i][1], "b_logprob": b[i][1],
                    "rank_of_b_in_a": rank_b_in_a, "gap_a": gap_a, "gap_a_at_least": gap_a_at_least,
                    "rank_of_a_in_b": rank_a_in_b, "gap_b": gap_b, "gap_b_at_least": gap_b_at_least}
 
 
-def parting_margin(p: dict, confident_gap: float) -> str:
+def _parting_margin(p: dict, confident_gap: float) -> str:
     """`near-tie` (each side's choice within the other's top K and within confident_gap of its
     top-1: a coin flip that float noise can tip), `confident` (one side leads the other's choice
     by confident_gap or more, or stopped where the other went on), or `unknown` (the top K is
@@ -4222,12 +4227,12 @@ def parting_margin(p: dict, confident_gap: float) -> str:
 
 # Precision, read from a log: the gaps between the top-K logprobs at a position are the gaps
 # between their logits (log-softmax subtracts one number from all of them)
-GRID_STEPS = [2.0 ** -k for k in range(13)]  # 1 nat down to 1/4096: coarser grids are no precision
-GRID_POSITIONS = 5000  # positions read per side: enough for a steady median, fast on any log
-GRID_SHARE = 0.5  # of the positions read, the share on a grid for a side to be on one
+_GRID_STEPS = [2.0 ** -k for k in range(13)]  # 1 nat down to 1/4096: coarser grids are no precision
+_GRID_POSITIONS = 5000  # positions read per side: enough for a steady median, fast on any log
+_GRID_SHARE = 0.5  # of the positions read, the share on a grid for a side to be on one
 
 
-def position_step(values: list) -> float | None:
+def _position_step(values: list) -> float | None:
     """The largest step of GRID_STEPS that every gap between one position's top-K logprobs is a
     multiple of (0.0: none is, a float32 position); None with fewer than two distinct gaps (a
     single gap fits a coarse grid by chance too often). The slack covers float32 rounding of
@@ -4238,63 +4243,63 @@ def position_step(values: list) -> float | None:
         return None
     slack = 1e-5 + 2.5e-7 * max(abs(v) for v in values)
     exact = [top - v for v in values if top - v > slack]
-    for step in GRID_STEPS:
+    for step in _GRID_STEPS:
         if all(abs(gap - step * round(gap / step)) <= slack for gap in exact):
             return step
     return 0.0
 
 
-def logit_precision(records: Iterable) -> dict:
+def _logit_precision(records: Iterable) -> dict:
     """What a side's logged top-K say of its logits: `bf16-like` or `fp16-like` (on a grid, its
     median step in nats), `float32-like` (no grid) or `unknown` (no top K of three or more)."""
     steps: list = []
     for record in records:
         for entry in record.logprobs or ():
-            values = [t[1] for t in entry[2] if is_finite(t[1])]
-            step = position_step(values) if len(values) >= 3 else None
+            values = [t[1] for t in entry[2] if _is_finite(t[1])]
+            step = _position_step(values) if len(values) >= 3 else None
             if step is not None:
                 steps.append(step)
-        if len(steps) >= GRID_POSITIONS:
+        if len(steps) >= _GRID_POSITIONS:
             break
     if not steps:
         return {"label": "unknown", "step": None, "positions": 0}
     on_grid = sorted(step for step in steps if step > 0)
-    if len(on_grid) < GRID_SHARE * len(steps):
+    if len(on_grid) < _GRID_SHARE * len(steps):
         return {"label": "float32-like", "step": None, "positions": len(steps)}
-    step = quantile(on_grid, 0.5)
-    return {"label": "bf16-like" if step >= BF16_STEP else "fp16-like", "step": step, "positions": len(steps)}
+    step = _quantile(on_grid, 0.5)
+    return {"label": "bf16-like" if step >= _BF16_STEP else "fp16-like", "step": step, "positions": len(steps)}
 
 
-def precision_name(label: str) -> str:
+def _precision_name(label: str) -> str:
     return label.replace("-like", "")
 
 
-def judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> dict:
+def _judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> dict:
     """The p99 |delta logprob| and the parting lead the verdict allows: the user's tolerance and
     CONFIDENT_GAP, widened to the coarser side's logit grid and to the reference's own noise
     floor, and what widened them (None: nothing did)."""
     steps = [(side["step"], side["label"]) for side in precision.values() if side["step"]]
     step, coarse = max(steps) if steps else (0.0, None)
     floor_p99 = (floor or {}).get("p99_abs_logprob_diff") or 0.0
-    allowed = max(tolerance, GRID_TOLERANCE * step, GRID_TOLERANCE * floor_p99)
-    gap = max(CONFIDENT_GAP, GRID_GAP * step, GRID_GAP * floor_p99)
+    allowed = max(tolerance, _GRID_TOLERANCE * step, _GRID_TOLERANCE * floor_p99)
+    gap = max(_CONFIDENT_GAP, _GRID_GAP * step, _GRID_GAP * floor_p99)
     limit = None
     if allowed > tolerance:
-        limit = ({"precision": coarse, "nats": allowed} if GRID_TOLERANCE * step >= GRID_TOLERANCE * floor_p99
+        limit = ({"precision": coarse, "nats": allowed} if _GRID_TOLERANCE * step >= _GRID_TOLERANCE * floor_p99
                  else {"precision": "noise floor", "nats": allowed})
     return {"tolerance": allowed, "confident_gap": gap, "resolution": limit}
 
 
-def resolution_note(resolution: dict) -> str:
+def _resolution_note(resolution: dict) -> str:
     """What an `equivalent` at a coarse resolution cannot see, in one line."""
     if resolution["precision"] == "noise floor":
         return (f"equivalent within the reference's own noise floor ({resolution['nats']:.2g} nats, measured at "
                 "two batch compositions): faults smaller than this are invisible on this server")
-    return (f"equivalent within {precision_name(resolution['precision'])} resolution ({resolution['nats']:.2g} "
+    return (f"equivalent within {_precision_name(resolution['precision'])} resolution ({resolution['nats']:.2g} "
             "nats): faults smaller than this are invisible at this precision; compare in float32 for a sharp check")
 
 
-def logprob_health(with_logprobs: list) -> tuple[int, int]:
+def _logprob_health(with_logprobs: list) -> tuple[int, int]:
     """(chosen tokens whose logprob is not a finite number, chosen tokens with a logprob above 0)
     on either side: a NaN, an infinity or a null is broken numerics, never float noise; a
     positive logprob is impossible."""
@@ -4302,31 +4307,31 @@ def logprob_health(with_logprobs: list) -> tuple[int, int]:
     for pair in with_logprobs:
         for record in pair:
             for entry in record.logprobs:
-                if not is_finite(entry[1]):
+                if not _is_finite(entry[1]):
                     broken += 1
-                elif entry[1] > POSITIVE_LOGPROB:
+                elif entry[1] > _POSITIVE_LOGPROB:
                     positive += 1
     return broken, positive
 
 
-def logprob_distances(with_logprobs: list) -> tuple[list, list, list]:
+def _logprob_distances(with_logprobs: list) -> tuple[list, list, list]:
     """Over pairs of records that both carry logprobs: every |delta logprob| of a shared token
     (sorted), each sample's largest, and the partings."""
     diffs, per_sample_max, partings = [], [], []
     for a, b in with_logprobs:
-        sample_diffs, parting = token_pair(a.logprobs, b.logprobs, a.content == b.content)
+        sample_diffs, parting = _token_pair(a.logprobs, b.logprobs, a.content == b.content)
         diffs += sample_diffs
         if sample_diffs:
             per_sample_max.append(max(sample_diffs))
         if parting:
-            partings.append({"row_idx": a.row_idx, "char": first_difference(a.content, b.content), **parting})
+            partings.append({"row_idx": a.row_idx, "char": _first_difference(a.content, b.content), **parting})
     diffs.sort()
     per_sample_max.sort()
     return diffs, per_sample_max, partings
 
 
-def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
-                     tolerance: float = DEFAULT_LOGPROB_TOLERANCE, top: int = 10, floor: dict | None = None) -> dict:
+def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
+                     tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, top: int = 10, floor: dict | None = None) -> dict:
     """Whether two servers compute the same thing, from the logprobs of the samples both
     answered with them (`with_logprobs`, of `n` paired; `lacking`: the sides that logged none):
     `equivalent` (what differs is float noise at the coarser side's precision, or within the
@@ -4338,18 +4343,18 @@ def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch
         return {**result, "verdict": "unknown",
                 "evidence": [f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
                              "(run both with --logprobs K)"]}
-    precision = {side: logit_precision(pair[i] for pair in with_logprobs) for i, side in enumerate("ab")}
-    judged = judged_tolerance(tolerance, precision, floor)
-    diffs, per_sample_max, partings = logprob_distances(with_logprobs)
+    precision = {side: _logit_precision(pair[i] for pair in with_logprobs) for i, side in enumerate("ab")}
+    judged = _judged_tolerance(tolerance, precision, floor)
+    diffs, per_sample_max, partings = _logprob_distances(with_logprobs)
     for p in partings:
-        p["margin"] = parting_margin(p, judged["confident_gap"])
+        p["margin"] = _parting_margin(p, judged["confident_gap"])
         p["near_tie"] = p["margin"] == "near-tie"
     confident = [p for p in partings if p["margin"] == "confident"]
     unknown_margin = sum(1 for p in partings if p["margin"] == "unknown")
-    allowed = max(1, math.floor(CONFIDENT_PARTINGS * len(with_logprobs)))
-    broken, positive = logprob_health(with_logprobs)
-    p99 = quantile(diffs, 0.99)
-    where = ("" if judged["resolution"] is None else f" ({precision_name(judged['resolution']['precision'])} "
+    allowed = max(1, math.floor(_CONFIDENT_PARTINGS * len(with_logprobs)))
+    broken, positive = _logprob_health(with_logprobs)
+    p99 = _quantile(diffs, 0.99)
+    where = ("" if judged["resolution"] is None else f" ({_precision_name(judged['resolution']['precision'])} "
              "resolution)" if judged["resolution"]["precision"] != "noise floor" else " (the noise floor)")
     evidence = []
     if prompt_mismatch:
@@ -4371,8 +4376,8 @@ def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch
             evidence.append(coverage)
     elif not diffs and not partings:
         verdict, evidence = "unknown", ["no generated tokens to compare"]
-    elif len(with_logprobs) < LOGPROB_COVERAGE * n:
-        verdict, evidence = "unknown", [f"{coverage}: at least {LOGPROB_COVERAGE:.0%} are needed to call them "
+    elif len(with_logprobs) < _LOGPROB_COVERAGE * n:
+        verdict, evidence = "unknown", [f"{coverage}: at least {_LOGPROB_COVERAGE:.0%} are needed to call them "
                                         "equivalent (did one run lose logprobs on some samples?)"]
     else:
         verdict = "equivalent"
@@ -4382,7 +4387,7 @@ def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch
                     + (f", {unknown_margin} of unknown margin (a longer --logprobs K shows it)" if unknown_margin
                        else "")]
         if judged["resolution"]:
-            evidence.append(resolution_note(judged["resolution"]))
+            evidence.append(_resolution_note(judged["resolution"]))
     if precision["a"]["label"] != precision["b"]["label"] and "unknown" not in (precision["a"]["label"],
                                                                               precision["b"]["label"]):
         evidence.append(f"the precisions differ: A {precision['a']['label']}, B {precision['b']['label']} "
@@ -4394,16 +4399,16 @@ def numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch
             "floor": floor, "coverage": {"with_logprobs": len(with_logprobs), "paired": n},
             "verdict": verdict, "evidence": evidence, "warnings": warnings, "shared_tokens": len(diffs),
             "mean_abs_logprob_diff": sum(diffs) / len(diffs) if diffs else None,
-            "median_abs_logprob_diff": quantile(diffs, 0.5), "p99_abs_logprob_diff": p99,
+            "median_abs_logprob_diff": _quantile(diffs, 0.5), "p99_abs_logprob_diff": p99,
             "max_abs_logprob_diff": diffs[-1] if diffs else None,
-            "median_sample_max_abs_logprob_diff": quantile(per_sample_max, 0.5),
+            "median_sample_max_abs_logprob_diff": _quantile(per_sample_max, 0.5),
             "divergences": len(partings), "unexplained": len(confident), "unexplained_allowed": allowed,
             "unknown_margin": unknown_margin, "non_finite_logprobs": broken,
             "mean_parting_char": sum(p["char"] for p in partings) / len(partings) if partings else None,
             "partings": partings[:top]}
 
 
-def first_difference(a: str, b: str) -> int:
+def _first_difference(a: str, b: str) -> int:
     """The length of the common prefix: a binary search on slices, which compare in C."""
     same, differ = 0, min(len(a), len(b)) + 1  # a[:same] == b[:same]; a[:differ] != b[:differ] (or too long)
     while differ - same > 1:
@@ -4412,12 +4417,12 @@ def first_difference(a: str, b: str) -> int:
     return same
 
 
-def mean_of(values: Iterable) -> float | None:
+def _mean_of(values: Iterable) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
 
 
-def labelled_answer(record: Logged) -> tuple[str, str | None]:
+def _labelled_answer(record: _Logged) -> tuple[str, str | None]:
     """(the answer a sample gave, the filter that found it): the one its task scores
     (gsm8k: strict-match), else another that found one (flexible-extract), else what failed."""
     extracted = record.extracted
@@ -4425,23 +4430,23 @@ def labelled_answer(record: Logged) -> tuple[str, str | None]:
     filters = list(dict.fromkeys([*([task.answer_key] if task else []), *extracted]))
     filters = [name for name in filters if name != "none"]  # chartqa's "none": the whole response
     for name in filters:
-        if extracted.get(name) not in (None, "", INVALID):
+        if extracted.get(name) not in (None, "", _INVALID):
             return extracted[name], name
     if record.status not in Status.SCORED:
         return f"<{record.status}>", None
     return (extracted.get(filters[0]) or "", filters[0]) if filters else ("", None)
 
 
-def answer_of(record: Logged) -> str:
-    return labelled_answer(record)[0]
+def _answer_of(record: _Logged) -> str:
+    return _labelled_answer(record)[0]
 
 
-def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
-                  tolerance: float = DEFAULT_LOGPROB_TOLERANCE, floor: dict | None = None) -> dict:
+def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
+                  tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, floor: dict | None = None) -> dict:
     task = TASKS.get(task_name)
     metric = task.headline if task else next(iter(pairs[0][0].scores or {"score": 0}))
     for a, b in pairs:
-        field = a.request != b.request and request_difference(logged_request(a.request, a.image), logged_request(b.request, b.image))
+        field = a.request != b.request and _request_difference(_logged_request(a.request, a.image), _logged_request(b.request, b.image))
         if field:
             raise UsageError(f"{task_name} row {a.row_idx}: the runs sent different '{field}' "
                              "(only the model name may differ); compare runs made with the same settings")
@@ -4451,26 +4456,26 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     acc_a, acc_b = sum(x for x, _ in scores) / n, sum(y for _, y in scores) / n
     a_only = sum(1 for x, y in scores if x > y)
     b_only = sum(1 for x, y in scores if y > x)
-    low, high = paired_bootstrap([y - x for x, y in scores], resamples)
-    p_value = mcnemar_exact(a_only, b_only)
+    low, high = _paired_bootstrap([y - x for x, y in scores], resamples)
+    p_value = _mcnemar_exact(a_only, b_only)
     diff = acc_b - acc_a
     if p_value < 0.05:
         verdict = f"B is {'lower' if diff < 0 else 'higher'} by {abs(diff):.4f}, p={p_value:.3g}"
     else:
         verdict = f"no significant difference at n={n} (p={p_value:.3g})"
     same_text = sum(1 for a, b in pairs if a.content == b.content)
-    differing = [first_difference(a.content, b.content) for a, b in pairs if a.content != b.content]
+    differing = [_first_difference(a.content, b.content) for a, b in pairs if a.content != b.content]
     counted = [(a, b) for a, b in pairs if a.prompt_tokens is not None and b.prompt_tokens is not None]
     prompt_mismatch = [(a, b) for a, b in counted if a.prompt_tokens != b.prompt_tokens]
     flips = [(a, b, x, y) for (a, b), (x, y) in zip(pairs, scores) if x != y][:top]
     with_logprobs = [(a, b) for a, b in pairs if a.logprobs and b.logprobs]
     lacking = [side for side, answered in (("A", side_a), ("B", side_b)) if not any(x.logprobs for x in answered)]
-    numerics = numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top, floor)
+    numerics = _numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top, floor)
     if numerics["verdict"] == "different":
         verdict += f"; but the implementations differ: {'; '.join(numerics['evidence'])}"
     elif numerics["verdict"] == "equivalent":
         verdict += "; numerics equivalent (logprobs agree within float noise" + (
-            f", at {precision_name(numerics['resolution']['precision'])} resolution: a smaller fault may hide)"
+            f", at {_precision_name(numerics['resolution']['precision'])} resolution: a smaller fault may hide)"
             if numerics["resolution"] else ")")
     result = {
         "metric": metric, "n": n, "unmatched": unmatched,
@@ -4482,13 +4487,13 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
         "prompt_tokens_equal": len(counted) - len(prompt_mismatch),
         "prompt_tokens_mismatch": len(prompt_mismatch),
         "prompt_tokens_unknown": n - len(counted),
-        "finish_reasons_a": counts(x.finish_reason for x in side_a),
-        "finish_reasons_b": counts(y.finish_reason for y in side_b),
-        "status_a": counts(x.status for x in side_a),
-        "status_b": counts(y.status for y in side_b),
-        "mean_output_tokens_a": mean_of(x.completion_tokens for x in side_a),
-        "mean_output_tokens_b": mean_of(y.completion_tokens for y in side_b),
-        "flips": [{"row_idx": a.row_idx, "target": a.target, "a": answer_of(a), "b": answer_of(b),
+        "finish_reasons_a": _counts(x.finish_reason for x in side_a),
+        "finish_reasons_b": _counts(y.finish_reason for y in side_b),
+        "status_a": _counts(x.status for x in side_a),
+        "status_b": _counts(y.status for y in side_b),
+        "mean_output_tokens_a": _mean_of(x.completion_tokens for x in side_a),
+        "mean_output_tokens_b": _mean_of(y.completion_tokens for y in side_b),
+        "flips": [{"row_idx": a.row_idx, "target": a.target, "a": _answer_of(a), "b": _answer_of(b),
                    "a_correct": bool(x), "b_correct": bool(y)} for a, b, x, y in flips],
     }
     if prompt_mismatch:
@@ -4497,8 +4502,8 @@ def compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resampl
     return result
 
 
-def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
-                 tolerance: float = DEFAULT_LOGPROB_TOLERANCE, floors: dict | None = None) -> dict:
+def _compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
+                 tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, floors: dict | None = None) -> dict:
     """Per-task paired comparison of two runs joined on (task, doc hash); `floors`: each task's
     noise floor (noise_floors), which widens its numerics verdict."""
     paired: dict = {}
@@ -4516,12 +4521,12 @@ def compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_00
             comparison[task_name] = {"n": 0, "unmatched": unmatched[task_name], "verdict": "no samples in common"}
             continue
         pairs.sort(key=lambda pair: pair[0].row_idx or 0)
-        comparison[task_name] = compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance,
+        comparison[task_name] = _compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance,
                                               (floors or {}).get(task_name))
     return comparison
 
 
-def noise_floors(reference: dict, again: dict, source: str) -> dict:
+def _noise_floors(reference: dict, again: dict, source: str) -> dict:
     """{task: the p99 |delta logprob| of the reference against a second run of itself at another
     batch composition}: the noise of the reference server as it runs, which a comparison with it
     cannot tell from a fault."""
@@ -4532,9 +4537,9 @@ def noise_floors(reference: dict, again: dict, source: str) -> dict:
             pairs.setdefault(key[0], []).append((a, b))
     floors = {}
     for task_name, task_pairs in pairs.items():
-        diffs = logprob_distances(task_pairs)[0]
+        diffs = _logprob_distances(task_pairs)[0]
         if diffs:
-            floors[task_name] = {"p99_abs_logprob_diff": quantile(diffs, 0.99), "shared_tokens": len(diffs),
+            floors[task_name] = {"p99_abs_logprob_diff": _quantile(diffs, 0.99), "shared_tokens": len(diffs),
                                  "samples": len(task_pairs), "source": source}
     if not floors:
         raise UsageError(f"{source}: no sample with logprobs in common with A's, so no noise floor "
@@ -4542,29 +4547,29 @@ def noise_floors(reference: dict, again: dict, source: str) -> dict:
     return floors
 
 
-def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = DEFAULT_LOGPROB_TOLERANCE,
+def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
                   noise_floor: str | None = None) -> dict:
     """compare_runs of two sample logs, with each side's self-agreement where it has repeats;
     `noise_floor`: a second log of A's server, at another concurrency, to calibrate the numerics."""
-    repeats_a, repeats_b = side_by_side(load_repeats, path_a, path_b)
+    repeats_a, repeats_b = _side_by_side(_load_repeats, path_a, path_b)
     run_a = {k: v[min(v)] for k, v in repeats_a.items()}
-    floors = noise_floors(run_a, load_run(noise_floor), noise_floor) if noise_floor else None
-    comparison = compare_runs(run_a, {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance,
+    floors = _noise_floors(run_a, _load_run(noise_floor), noise_floor) if noise_floor else None
+    comparison = _compare_runs(run_a, {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance,
                               floors=floors)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):
         for task_name, c in comparison.items():
             documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
             if documents and c.get("n"):
-                c[f"self_agreement_{side}"] = self_agreement(documents)
+                c[f"self_agreement_{side}"] = _self_agreement(documents)
     return comparison
 
 
-GATE_MATCHED = 0.9  # of a task's samples, the share both runs must have for --fail_if to judge it
+_GATE_MATCHED = 0.9  # of a task's samples, the share both runs must have for --fail_if to judge it
 
 
-def too_few_matched(c: dict) -> bool:
+def _too_few_matched(c: dict) -> bool:
     """A gate judges two runs over the same samples: a candidate that crashed early has few."""
-    return c.get("n", 0) < GATE_MATCHED * (c.get("n", 0) + c.get("unmatched", 0)) or not c.get("n")
+    return c.get("n", 0) < _GATE_MATCHED * (c.get("n", 0) + c.get("unmatched", 0)) or not c.get("n")
 
 
 def gate_failures(comparison: dict, fail_if: str | None) -> list:
@@ -4572,35 +4577,35 @@ def gate_failures(comparison: dict, fail_if: str | None) -> list:
     accuracy, or in numerics), or that too few samples of both runs cover to judge."""
     if not fail_if:
         return []
-    return [name for name, c in comparison.items() if too_few_matched(c) or (
+    return [name for name, c in comparison.items() if _too_few_matched(c) or (
         (c["mcnemar_p"] < 0.05 and (fail_if == "different" or c["difference"] < 0))
         or (fail_if == "different" and (c.get("numerics") or {}).get("verdict") == "different"))]
 
 
-def gate_exit(comparison: dict, fail_if: str | None) -> int:
+def _gate_exit(comparison: dict, fail_if: str | None) -> int:
     failed = gate_failures(comparison, fail_if)
     for name in failed:
         c = comparison[name]
-        if too_few_matched(c):
-            info(f"error: --fail_if {fail_if}: {name}: only {c.get('n', 0)} of {c.get('n', 0) + c.get('unmatched', 0)} "
-                 f"samples are in both runs (at least {GATE_MATCHED:.0%} needed): rerun the one that stopped early")
-    failed_by_score = [name for name in failed if not too_few_matched(comparison[name])]
+        if _too_few_matched(c):
+            _info(f"error: --fail_if {fail_if}: {name}: only {c.get('n', 0)} of {c.get('n', 0) + c.get('unmatched', 0)} "
+                 f"samples are in both runs (at least {_GATE_MATCHED:.0%} needed): rerun the one that stopped early")
+    failed_by_score = [name for name in failed if not _too_few_matched(comparison[name])]
     in_accuracy = [name for name in failed_by_score if comparison[name]["mcnemar_p"] < 0.05]
     if in_accuracy:
-        info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
+        _info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
              f"on {', '.join(in_accuracy)}")
     for name in failed_by_score:
         if name not in in_accuracy:
-            info(f"error: --fail_if {fail_if}: B's numerics differ from A's on {name}: "
+            _info(f"error: --fail_if {fail_if}: B's numerics differ from A's on {name}: "
                  f"{'; '.join(comparison[name]['numerics']['evidence'])}")
-    return EXIT_GATE if failed else EXIT_OK
+    return _EXIT_GATE if failed else _EXIT_OK
 
 
-def format_counts(counted: dict) -> str:
+def _format_counts(counted: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in counted.items()) or "-"
 
 
-def format_parting(p: dict) -> str:
+def _format_parting(p: dict) -> str:
     """One parting: where, and each side's token with its rank and gap in the other's top K."""
     def side(token: str | None, rank: int | None, gap: float | None, at_least: float | None, other: str) -> str:
         if token is None:
@@ -4617,7 +4622,7 @@ def format_parting(p: dict) -> str:
             f" -> {'margin unknown (the top K is too short to show it)' if margin == 'unknown' else margin}")
 
 
-def format_precision(nm: dict) -> str:
+def _format_precision(nm: dict) -> str:
     """Each side's logit precision as read from its log, and the thresholds the verdict used."""
     def side(s: dict) -> str:
         return s["label"] + (f" (grid {s['step']:g} nats)" if s.get("step") else "")
@@ -4630,12 +4635,12 @@ def format_precision(nm: dict) -> str:
                f"({floor['source']})" if floor else ""))
 
 
-def numerics_rows(nm: dict) -> list:
+def _numerics_rows(nm: dict) -> list:
     """(label, text) of the numerics verdict, and of the logprob figures with each parting."""
     rows = [("numerics", f"{nm['verdict']}: {'; '.join(nm['evidence'])}")]
     rows += [("warning", text) for text in nm.get("warnings") or ()]
     if nm.get("precision"):
-        rows.append(("precision", format_precision(nm)))
+        rows.append(("precision", _format_precision(nm)))
     if nm.get("shared_tokens") is not None:
         g = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
         rows.append(("logprobs", "\n".join([
@@ -4644,11 +4649,11 @@ def numerics_rows(nm: dict) -> list:
             f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; {nm['divergences']} "
             f"partings, {nm['unexplained']} confident"
             + (f", {nm['unknown_margin']} of unknown margin" if nm.get("unknown_margin") else ""),
-            *map(format_parting, nm["partings"])])))
+            *map(_format_parting, nm["partings"])])))
     return rows
 
 
-def comparison_rows(c: dict, b: str = "B") -> list:
+def _comparison_rows(c: dict, b: str = "B") -> list:
     """(label, text, is a warning) of one task's comparison, in the order both the text and
     the HTML views show them; accuracy in fractions, as every metric."""
     f4 = lambda x: f"{x:.4f}"  # noqa: E731
@@ -4660,7 +4665,7 @@ def comparison_rows(c: dict, b: str = "B") -> list:
     rows = [
         ("verdict", c["verdict"], c["mcnemar_p"] < 0.05),
         *((label, text, label == "warning" or numerics["verdict"] == "different")
-          for label, text in numerics_rows(numerics)),
+          for label, text in _numerics_rows(numerics)),
         ("warning", f"the prompts differ on {mismatch} of {c['n']} samples (usage.prompt_tokens): the servers do "
                     "not see the same input", True) if mismatch else None,
         ("accuracy", f"A {f4(c['accuracy_a'])}   {b} {f4(c['accuracy_b'])}   {b}-A {c['difference']:+.4f} "
@@ -4676,16 +4681,16 @@ def comparison_rows(c: dict, b: str = "B") -> list:
                           + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "")
                           + (f"   (row {first['row_idx']}: A {first['a']} vs {b} {first['b']}: the chat templates "
                              "differ)" if first else ""), bool(mismatch)),
-        ("finish_reason", f"A {format_counts(c['finish_reasons_a'])}   {b} {format_counts(c['finish_reasons_b'])}",
+        ("finish_reason", f"A {_format_counts(c['finish_reasons_a'])}   {b} {_format_counts(c['finish_reasons_b'])}",
          False),
-        ("status", f"A {format_counts(c['status_a'])}   {b} {format_counts(c['status_b'])}", False),
+        ("status", f"A {_format_counts(c['status_a'])}   {b} {_format_counts(c['status_b'])}", False),
         ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])}   {b} {one_decimal(c['mean_output_tokens_b'])}",
          False),
     ]
     return [row for row in rows if row]
 
 
-def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") -> str:
+def _format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") -> str:
     lines = [f"A = {label_a}", f"B = {label_b}"]
     for task_name, c in comparison.items():
         lines.append("")
@@ -4694,29 +4699,29 @@ def format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B") 
             continue
         lines.append(f"{task_name} ({c['metric']}, n={c['n']}"
                      + (f", {c['unmatched']} unmatched" if c["unmatched"] else "") + ")")
-        for label, text, _ in comparison_rows(c):
+        for label, text, _ in _comparison_rows(c):
             first, *more = text.split("\n")
             lines += [f"  {label:<15} {first}", *(f"    {line}" for line in more)]
         if c["flips"]:
             lines.append("  flipped samples (row: target | A | B):")
             lines += [f"    {f['row_idx']}: {f['target']} | {f['a']}{' ok' if f['a_correct'] else ''} | "
                       f"{f['b']}{' ok' if f['b_correct'] else ''}" for f in c["flips"]]
-    return "\n".join(map(printable, lines))
+    return "\n".join(map(_printable, lines))
 
 
-def cmd_compare(argv: list) -> int:
-    parser = ArgumentParser(prog="nano-eval compare", description="Paired comparison of two runs' sample logs.")
+def _cmd_compare(argv: list) -> int:
+    parser = _ArgumentParser(prog="nano-eval compare", description="Paired comparison of two runs' sample logs.")
     parser.add_argument("run_a", help="sample log (samples_<task>.jsonl) or the --log_samples folder of run A")
     parser.add_argument("run_b", help="the same for run B")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    parser.add_argument("--top", type=from_text(positive_int), default=10, help="flipped samples to list (default 10)")
-    parser.add_argument("--fail_if", "--fail-if", dest="fail_if", choices=FAIL_IF,
-                        help=f"exit {EXIT_GATE} when B is significantly worse than A, or different either way "
+    parser.add_argument("--top", type=_from_text(_positive_int), default=10, help="flipped samples to list (default 10)")
+    parser.add_argument("--fail_if", "--fail-if", dest="fail_if", choices=_FAIL_IF,
+                        help=f"exit {_EXIT_GATE} when B is significantly worse than A, or different either way "
                              "(in accuracy, or in numerics when both logged logprobs)")
     parser.add_argument("--logprob_tolerance", "--logprob-tolerance", dest="logprob_tolerance",
-                        type=from_text(positive_float, float), default=DEFAULT_LOGPROB_TOLERANCE,
+                        type=_from_text(_positive_float, float), default=_DEFAULT_LOGPROB_TOLERANCE,
                         help="the p99 |delta logprob| over shared tokens above which the numerics differ "
-                             f"(default {DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)")
+                             f"(default {_DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)")
     parser.add_argument("--noise_floor", "--noise-floor", dest="noise_floor", metavar="RUN_A2",
                         help="a second sample log of A's server (the same samples and --logprobs K at another "
                              "--num_concurrent): its distance from A is the noise floor the numerics verdict allows")
@@ -4725,10 +4730,10 @@ def cmd_compare(argv: list) -> int:
                                noise_floor=args.noise_floor)
     if args.json:
         floor = {"noise_floor": args.noise_floor} if args.noise_floor else {}
-        print(stdout_json({"a": args.run_a, "b": args.run_b, **floor, "comparison": comparison}))
+        print(_stdout_json({"a": args.run_a, "b": args.run_b, **floor, "comparison": comparison}))
     else:
-        print(format_comparison(comparison, args.run_a, args.run_b))
-    return gate_exit(comparison, args.fail_if)
+        print(_format_comparison(comparison, args.run_a, args.run_b))
+    return _gate_exit(comparison, args.fail_if)
 
 
 # ============================================================================
@@ -4736,7 +4741,7 @@ def cmd_compare(argv: list) -> int:
 # ============================================================================
 
 
-def restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
+def _restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
     """Puts the image bytes back into a body logged without them (from the cache)."""
     stub = re.compile(r"<image sha256=([0-9a-f]{64}) bytes=(\d+) format=(\w+)>")
 
@@ -4745,17 +4750,17 @@ def restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
         if not found:
             return url
         task = TASKS.get(record.get("task"))
-        cached = DatasetCache(resolve_data_dir(data_dir), task.data).read_image(record["row_idx"]) if task else None
+        cached = _DatasetCache(_resolve_data_dir(data_dir), task.data).read_image(record["row_idx"]) if task else None
         if not cached or cached[1]["sha256"] != found.group(1):
             raise UsageError(f"the image of row {record.get('row_idx')} is not in the cache any more; "
                              "log with --log_images to replay without it")
-        return data_url(cached[0])
+        return _data_url(cached[0])
 
-    return map_image_urls(body, restore)
+    return _map_image_urls(body, restore)
 
 
-def cmd_replay(argv: list) -> int:
-    parser = ArgumentParser(prog="nano-eval replay", description="Resend one logged request exactly.")
+def _cmd_replay(argv: list) -> int:
+    parser = _ArgumentParser(prog="nano-eval replay", description="Resend one logged request exactly.")
     parser.add_argument("where", metavar="FILE:LINE", help="a sample log and a 1-based line number")
     parser.add_argument("--base_url", "--base-url", dest="base_url", help="send it here instead of the logged URL")
     parser.add_argument("--api_key", "--api-key", dest="api_key", help="default: env OPENAI_API_KEY")
@@ -4764,7 +4769,7 @@ def cmd_replay(argv: list) -> int:
     parser.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--ca_cert", "--ca-cert", dest="ca_cert", metavar="FILE", help="CA bundle (PEM)")
     parser.add_argument("--curl", action="store_true", help="print a curl command instead of sending")
-    parser.add_argument("--timeout", type=from_text(positive_float, float), default=DEFAULT_TIMEOUT)
+    parser.add_argument("--timeout", type=_from_text(_positive_float, float), default=_DEFAULT_TIMEOUT)
     args = parser.parse_args(argv)
     path, _, line_text = args.where.rpartition(":")
     if not path or not line_text.isdigit() or int(line_text) < 1:
@@ -4780,15 +4785,15 @@ def cmd_replay(argv: list) -> int:
         record = None
     if not isinstance(record, dict) or not isinstance(record.get("request"), dict):
         raise UsageError(f"{args.where} is not a sample record")
-    body = restore_images(record["request"], record, args.data_dir)
-    url = normalize_base_url(args.base_url)[1] if args.base_url else record.get("url")
+    body = _restore_images(record["request"], record, args.data_dir)
+    url = _normalize_base_url(args.base_url)[1] if args.base_url else record.get("url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise UsageError("the record has no http(s) URL; pass --base_url")
     # nano-eval sends the environment's key only to a host the user named, never to one a log names
     # (--curl sends nothing: its command names $OPENAI_API_KEY, for the user to run or not)
     key = args.api_key or (os.environ.get("OPENAI_API_KEY") if args.base_url or args.curl else None)
-    config = APIConfig(url=url, api_key=check_secret(key, "the API key"), timeout=args.timeout,
-                       headers=parse_headers(args.header or []), verify_certificate=not args.insecure,
+    config = APIConfig(url=url, api_key=_check_secret(key, "the API key"), timeout=args.timeout,
+                       headers=_parse_headers(args.header or []), verify_certificate=not args.insecure,
                        ca_cert=args.ca_cert)
     payload = json.dumps(body).encode()
     if args.curl:  # every argument quoted: a log's URL may hold "&" (Azure) or "$(...)"
@@ -4797,27 +4802,27 @@ def cmd_replay(argv: list) -> int:
         options = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if config.api_key else ""
         options += "".join(f" -H {shlex.quote(f'{name}: <value of {name}>')}" for name in config.headers)
         options += " -k" if args.insecure else f" --cacert {shlex.quote(args.ca_cert)}" if args.ca_cert else ""
-        print(printable(f"curl -sS {shlex.quote(url)} -H 'Content-Type: application/json'{options} "
+        print(_printable(f"curl -sS {shlex.quote(url)} -H 'Content-Type: application/json'{options} "
                         f"--data-binary {shlex.quote('@' + str(body_file))}"))
-        return EXIT_OK
-    info(f"sending line {line_text} of {path} to {url}" + ("" if args.base_url else
+        return _EXIT_OK
+    _info(f"sending line {line_text} of {path} to {url}" + ("" if args.base_url else
          " (the URL the log names; without --base_url no key from OPENAI_API_KEY is sent)"))
-    headers = {"Content-Type": "application/json", **server_headers(config)}
+    headers = {"Content-Type": "application/json", **_server_headers(config)}
     try:
-        resp = server_client(config).request("POST", url, payload, headers)
+        resp = _server_client(config).request("POST", url, payload, headers)
     except Exception as exc:
-        raise ServerError(f"cannot reach {url}: {describe_network_error(exc)[1]}") from None
-    outcome = classify_response(resp)
-    info(f"HTTP {resp.status}, status {outcome.status} (logged: {record.get('status')})")
-    sys.stdout.write(printable(SECRETS.scrub(resp.body.decode("utf-8", "replace"))) + "\n")
-    return EXIT_OK if resp.status == 200 else EXIT_SERVER
+        raise ServerError(f"cannot reach {url}: {_describe_network_error(exc)[1]}") from None
+    outcome = _classify_response(resp)
+    _info(f"HTTP {resp.status}, status {outcome.status} (logged: {record.get('status')})")
+    sys.stdout.write(_printable(_SECRETS.scrub(resp.body.decode("utf-8", "replace"))) + "\n")
+    return _EXIT_OK if resp.status == 200 else _EXIT_SERVER
 
 
 # ============================================================================
 # 13. HTML report
 # ============================================================================
 
-REPORT_CSS = """
+_REPORT_CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1400px;margin:0 auto;padding:1em 2em}
 h2{border-bottom:2px solid #ddd;margin-top:2em}table{border-collapse:collapse;margin:.5em 0}
 th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top;white-space:pre-line}
@@ -4846,36 +4851,36 @@ svg.dlp{background:#fafafa;border:1px solid #eee}svg.dlp rect{fill:#5c6bc0}svg.d
 img{max-width:100%;max-height:480px;border:1px solid #ddd}
 """
 # The bidirectional controls that would reverse the rest of a line (U+202E, ...): shown as \u202e, not obeyed
-BIDI_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
-DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
-FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped", "differs": "text differs"}
-REPORT_SAMPLES = 2000  # per task on the page (a browser slows past a few thousand); the most telling first
-SAMPLE_PRIORITY = ("flipped", "failed", "differs", "wrong")
+_BIDI_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+_DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
+_FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped", "differs": "text differs"}
+_REPORT_SAMPLES = 2000  # per task on the page (a browser slows past a few thousand); the most telling first
+_SAMPLE_PRIORITY = ("flipped", "failed", "differs", "wrong")
 
 
-def clean(value: Any) -> str:
+def _clean(value: Any) -> str:
     """Free text as the report shows it: any secret replaced by ***."""
-    return SECRETS.scrub(str(value))
+    return _SECRETS.scrub(str(value))
 
 
-def esc(value: Any) -> str:
-    return html.escape(clean(value))
+def _esc(value: Any) -> str:
+    return html.escape(_clean(value))
 
 
-def run_letter(i: int) -> str:
+def _run_letter(i: int) -> str:
     return chr(ord("A") + i) if i < 26 else f"R{i}"
 
 
-def marked(text: str, other: str | None) -> str:
+def _marked(text: str, other: str | None) -> str:
     """`text` escaped, with its first character that differs from `other` in a <mark>
     (empty when `text` stops where `other` goes on). Both are already redacted."""
     if other is None or text == other:
         return html.escape(text)
-    i = first_difference(text, other)
+    i = _first_difference(text, other)
     return f"{html.escape(text[:i])}<mark>{html.escape(text[i:i + 1])}</mark>{html.escape(text[i + 1:])}"
 
 
-def sample_flags(records: list, metric: str) -> list:
+def _sample_flags(records: list, metric: str) -> list:
     """The filters a sample belongs to: wrong or failed in any run; flipped (score) or text
     differs from run A's in any other run."""
     on = dict.fromkeys(("wrong", "failed", "flipped", "differs"), False)
@@ -4893,7 +4898,7 @@ def sample_flags(records: list, metric: str) -> list:
     return [name for name, flagged in on.items() if flagged]
 
 
-def logged_question(record: Logged) -> str:
+def _logged_question(record: _Logged) -> str:
     """The question of a logged request: the text of its last user message without its
     task's template around it (gsm8k: the problem; chartqa: the query)."""
     messages = record.request.get("messages") or []
@@ -4910,22 +4915,22 @@ def logged_question(record: Logged) -> str:
     return content
 
 
-def image_html(records: list) -> str:
+def _image_html(records: list) -> str:
     """The chart that was sent, from the first log that kept it (--log_images), else its sha256."""
     for record in filter(None, records):
         for message in record.request.get("messages") or []:
             for part in message.get("content") if isinstance(message.get("content"), list) else []:
                 url = (part.get("image_url") or {}).get("url") if isinstance(part, dict) else None
-                if isinstance(url, str) and DATA_IMAGE_URL.fullmatch(url):  # base64 only: nothing to escape
+                if isinstance(url, str) and _DATA_IMAGE_URL.fullmatch(url):  # base64 only: nothing to escape
                     return f'<div><img loading="lazy" decoding="async" alt="the chart sent" src="{url}"></div>'
     image = next((r.image for r in records if r and isinstance(r.image, dict)), None)
     if not image:
         return ""
-    return (f'<p class="muted">image sha256 {esc(image.get("sha256"))}, {esc(image.get("bytes"))} bytes, '
-            f'{esc(image.get("format"))} (not in the log: run with --log_images to see it here)</p>')
+    return (f'<p class="muted">image sha256 {_esc(image.get("sha256"))}, {_esc(image.get("bytes"))} bytes, '
+            f'{_esc(image.get("format"))} (not in the log: run with --log_images to see it here)</p>')
 
 
-def response_html(label: str, record: Logged | None, text: str, other: str | None) -> str:
+def _response_html(label: str, record: _Logged | None, text: str, other: str | None) -> str:
     """One run's answer: status line, extracted answer and scores, reasoning collapsed, and the
     response with its first difference from `other` marked."""
     if record is None:
@@ -4934,150 +4939,150 @@ def response_html(label: str, record: Logged | None, text: str, other: str | Non
              record.prompt_tokens and f"{record.prompt_tokens} prompt tokens",
              record.completion_tokens and f"{record.completion_tokens} tokens",
              record.latency and f"{record.latency:.2f} s"]
-    status = " · ".join(esc(fact) for fact in facts if fact)
-    scores = " · ".join(f"{esc(k)} {esc(v)}" for k, v in record.scores.items())
-    thinking, sep, visible = text.rpartition(THINK_END)
-    thinking = "\n\n".join(filter(None, (clean(record.reasoning or ""), thinking + sep)))
-    other_visible = other.rpartition(THINK_END)[2] if other is not None else None
-    answer, found_by = labelled_answer(record)
-    return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>{esc(found_by or "")} answer '
-            f'<b>{esc(answer)}</b>'
+    status = " · ".join(_esc(fact) for fact in facts if fact)
+    scores = " · ".join(f"{_esc(k)} {_esc(v)}" for k, v in record.scores.items())
+    thinking, sep, visible = text.rpartition(_THINK_END)
+    thinking = "\n\n".join(filter(None, (_clean(record.reasoning or ""), thinking + sep)))
+    other_visible = other.rpartition(_THINK_END)[2] if other is not None else None
+    answer, found_by = _labelled_answer(record)
+    return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>{_esc(found_by or "")} answer '
+            f'<b>{_esc(answer)}</b>'
             f" · {scores}</p>"
-            + (f'<p class="warn">{esc(record.error)}</p>' if record.error else "")
+            + (f'<p class="warn">{_esc(record.error)}</p>' if record.error else "")
             + (f"<details><summary>reasoning ({len(thinking)} characters)</summary><pre>{html.escape(thinking)}</pre>"
                "</details>" if thinking else "")
-            + f"<pre>{marked(visible, other_visible)}</pre></div>")
+            + f"<pre>{_marked(visible, other_visible)}</pre></div>")
 
 
-DLP_CAP = 0.5  # nats: the top of the |delta logprob| chart (a wrong RoPE reaches it; float noise stays near 0)
+_DLP_CAP = 0.5  # nats: the top of the |delta logprob| chart (a wrong RoPE reaches it; float noise stays near 0)
 
 
-def dlp_svg(diffs: list, parting: dict | None) -> str:
+def _dlp_svg(diffs: list, parting: dict | None) -> str:
     """|delta logprob| of each shared token as bars, the tolerance as a dashed line, and a red
     line where the texts part: a coin flip parts after low bars, a bug after high ones."""
     width, height = 600, 48
     n = max(len(diffs) + (parting is not None), 1)
     step = width / n
     bars = "".join(f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
-                   f'height="{h:.1f}"/>' for i, d in enumerate(diffs) if (h := min(d, DLP_CAP) / DLP_CAP * height) > 0)
-    level = height - DEFAULT_LOGPROB_TOLERANCE / DLP_CAP * height
+                   f'height="{h:.1f}"/>' for i, d in enumerate(diffs) if (h := min(d, _DLP_CAP) / _DLP_CAP * height) > 0)
+    level = height - _DEFAULT_LOGPROB_TOLERANCE / _DLP_CAP * height
     parted = (f'<line x1="{len(diffs) * step:.1f}" x2="{len(diffs) * step:.1f}" y1="0" y2="{height}" '
               'stroke-width="2"/>' if parting else "")
     label = f"|delta logprob| over {len(diffs)} shared tokens, max {max(diffs, default=0):.3g}"
     return (f'<svg class="dlp" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
-            f"<title>{esc(label)}</title>{bars}"
+            f"<title>{_esc(label)}</title>{bars}"
             f'<line x1="0" x2="{width}" y1="{level:.1f}" y2="{level:.1f}" stroke-dasharray="4 3" stroke-width="1"/>'
-            f'{parted}</svg><div class="muted">{esc(label)} (bars up to {DLP_CAP} nats; dashed: '
-            f"{DEFAULT_LOGPROB_TOLERANCE}; red: where the texts part)</div>")
+            f'{parted}</svg><div class="muted">{_esc(label)} (bars up to {_DLP_CAP} nats; dashed: '
+            f"{_DEFAULT_LOGPROB_TOLERANCE}; red: where the texts part)</div>")
 
 
-def token_html(token: Any, parting: bool = False) -> str:
-    return f'<span class="tok{" part" if parting else ""}">{esc(token_key(token))}</span>'
+def _token_html(token: Any, parting: bool = False) -> str:
+    return f'<span class="tok{" part" if parting else ""}">{_esc(_token_key(token))}</span>'
 
 
-def parting_html(logprobs: list, other: list, at: int, label: str, other_label: str) -> str:
+def _parting_html(logprobs: list, other: list, at: int, label: str, other_label: str) -> str:
     """One side's tokens around the parting, and its top K there with the other side's choice marked."""
     if at >= len(logprobs):
         return f"<div><h4>{label}</h4><p class=muted>stopped here</p></div>"
-    context = "".join(token_html(t[0], i == at) for i, t in enumerate(logprobs[max(0, at - 8):at + 4], max(0, at - 8)))
-    theirs = token_key(other[at][0]) if at < len(other) else None
+    context = "".join(_token_html(t[0], i == at) for i, t in enumerate(logprobs[max(0, at - 8):at + 4], max(0, at - 8)))
+    theirs = _token_key(other[at][0]) if at < len(other) else None
     top = sorted((t for t in logprobs[at][2] if t[1] is not None), key=lambda t: -t[1])
-    rows = "".join(f"<tr><td>{token_html(token)}</td><td class=n>{logprob:.4f}</td><td>"
-                   f"{'chosen' if token_key(token) == token_key(logprobs[at][0]) else ''}"
-                   f"{f' ({other_label} chose it)' if token_key(token) == theirs else ''}</td></tr>"
+    rows = "".join(f"<tr><td>{_token_html(token)}</td><td class=n>{logprob:.4f}</td><td>"
+                   f"{'chosen' if _token_key(token) == _token_key(logprobs[at][0]) else ''}"
+                   f"{f' ({other_label} chose it)' if _token_key(token) == theirs else ''}</td></tr>"
                    for token, logprob in top)
     return f"<div><h4>{label}</h4><p>{context}</p><table><tr><th>top K</th><th>logprob</th><th></th></tr>{rows}</table></div>"
 
 
-def numerics_html(a: Logged | None, b: Logged | None, label_b: str) -> str:
+def _numerics_html(a: _Logged | None, b: _Logged | None, label_b: str) -> str:
     """Run A against `label_b` on one sample, from their logprobs: the |delta| chart, and where
     the texts part, both token streams there with each side's top K."""
     if not (a and b and a.logprobs and b.logprobs):
         return ""
     streams = [a.logprobs, b.logprobs]
-    diffs, parting = token_pair(streams[0], streams[1], a.content == b.content)
+    diffs, parting = _token_pair(streams[0], streams[1], a.content == b.content)
     where = ""
     if parting:
         at = parting["token"]
         margin = {"near-tie": "a near-tie", "confident": "a confident token (not a near-tie)",
                   "unknown": "a token whose margin the top K is too short to show"}
-        where = (f"<p>the texts part at token {at}: {margin[parting_margin(parting, CONFIDENT_GAP)]}</p>"
-                 f'<div class="cols">{parting_html(streams[0], streams[1], at, "A", label_b)}'
-                 f"{parting_html(streams[1], streams[0], at, label_b, 'A')}</div>")
-    return f"<div><h4>numerics, A vs {label_b}</h4>{dlp_svg(diffs, parting)}{where}</div>"
+        where = (f"<p>the texts part at token {at}: {margin[_parting_margin(parting, _CONFIDENT_GAP)]}</p>"
+                 f'<div class="cols">{_parting_html(streams[0], streams[1], at, "A", label_b)}'
+                 f"{_parting_html(streams[1], streams[0], at, label_b, 'A')}</div>")
+    return f"<div><h4>numerics, A vs {label_b}</h4>{_dlp_svg(diffs, parting)}{where}</div>"
 
 
-def answer_html(record: Logged, metric: str) -> str:
+def _answer_html(record: _Logged, metric: str) -> str:
     """The answer with the mark of the headline metric, and the filter that found it when
     that is not the one the headline scores (strict-match found none: flexible-extract's)."""
-    answer, found_by = labelled_answer(record)
+    answer, found_by = _labelled_answer(record)
     task = TASKS.get(record.task)
-    by = f' <span class="muted">({esc(found_by)})</span>' if found_by and task and found_by != task.answer_key else ""
+    by = f' <span class="muted">({_esc(found_by)})</span>' if found_by and task and found_by != task.answer_key else ""
     right = record.score(metric)
-    return f'<span class="{"ok" if right else "bad"}">{esc(answer)}{by} {"✓" if right else "✗"}</span>'
+    return f'<span class="{"ok" if right else "bad"}">{_esc(answer)}{by} {"✓" if right else "✗"}</span>'
 
 
-def sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
+def _sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
     first = next(r for r in records if r)
     row = first.doc_hash[:12] if first.row_idx is None else first.row_idx
-    question = logged_question(first)
-    answers = " · ".join(f"{run_letter(i)} " + ("-" if r is None else answer_html(r, metric))
+    question = _logged_question(first)
+    answers = " · ".join(f"{_run_letter(i)} " + ("-" if r is None else _answer_html(r, metric))
                          for i, r in enumerate(records))
-    summary = (f"<b>#{esc(row)}</b> target <b>{esc(first.target)}</b> · {answers} · "
-               f'<span class="muted">{esc(" ".join(question.split())[:160])}</span>')
-    texts = [clean(r.content) if r else None for r in records]
+    summary = (f"<b>#{_esc(row)}</b> target <b>{_esc(first.target)}</b> · {answers} · "
+               f'<span class="muted">{_esc(" ".join(question.split())[:160])}</span>')
+    texts = [_clean(r.content) if r else None for r in records]
     against = [texts[1 if i == 0 else 0] if len(texts) > 1 else None for i in range(len(texts))]  # A vs B, others vs A
-    columns = "".join(response_html(run_letter(i), r, texts[i], against[i]) for i, r in enumerate(records))
-    return (f'<details class="s {" ".join(flags)}" id="{esc(task)}-{esc(row)}"{" open" if opened else ""}>'
-            f'<summary>{summary}</summary><div class="body"><pre>{esc(question)}</pre>'
-            f'<div class="cols">{image_html(records)}{columns}</div>'
-            + "".join(numerics_html(records[0], r, run_letter(i)) for i, r in enumerate(records) if i)
+    columns = "".join(_response_html(_run_letter(i), r, texts[i], against[i]) for i, r in enumerate(records))
+    return (f'<details class="s {" ".join(flags)}" id="{_esc(task)}-{_esc(row)}"{" open" if opened else ""}>'
+            f'<summary>{summary}</summary><div class="body"><pre>{_esc(question)}</pre>'
+            f'<div class="cols">{_image_html(records)}{columns}</div>'
+            + "".join(_numerics_html(records[0], r, _run_letter(i)) for i, r in enumerate(records) if i)
             + "</div></details>")
 
 
-def samples_html(index: int, task: str, runs: list) -> str:
+def _samples_html(index: int, task: str, runs: list) -> str:
     keys = list(dict.fromkeys(k for run in runs for k in run["records"] if k[0] == task))
     if not keys:
         return ""
     rows = [[run["records"].get(k) for run in runs] for k in keys]
     rows.sort(key=lambda records: next((r.row_idx or 0 for r in records if r), 0))
     metric = TASKS[task].headline if task in TASKS else ""
-    flags = [sample_flags(records, metric) for records in rows]
+    flags = [_sample_flags(records, metric) for records in rows]
     total, note = len(rows), ""
-    if total > REPORT_SAMPLES:
+    if total > _REPORT_SAMPLES:
         kept = sorted(sorted(range(total), key=lambda i: min(
-            [SAMPLE_PRIORITY.index(f) for f in flags[i]] or [len(SAMPLE_PRIORITY)]))[:REPORT_SAMPLES])
+            [_SAMPLE_PRIORITY.index(f) for f in flags[i]] or [len(_SAMPLE_PRIORITY)]))[:_REPORT_SAMPLES])
         rows, flags = [rows[i] for i in kept], [flags[i] for i in kept]
-        note = (f'<p class="muted">{REPORT_SAMPLES:,} of {total:,} samples shown: flipped, failed, differing and '
+        note = (f'<p class="muted">{_REPORT_SAMPLES:,} of {total:,} samples shown: flipped, failed, differing and '
                 "wrong ones first; the sample logs hold every one</p>")
-    rows = [[full_record(r) if r else None for r in records] for records in rows]
-    shown = [n for n in FILTERS if len(runs) > 1 or n not in ("flipped", "differs")]
+    rows = [[_full_record(r) if r else None for r in records] for records in rows]
+    shown = [n for n in _FILTERS if len(runs) > 1 or n not in ("flipped", "differs")]
     opened = next((i for i, f in enumerate(flags) if (len(runs) > 1 and "flipped" in f) or "wrong" in f), None)
     controls = "".join(f'<input type="radio" name="f{index}" id="f{index}-{n}" class="f-{n}"'
-                       f'{" checked" if n == "all" else ""}><label for="f{index}-{n}">{FILTERS[n]} '
+                       f'{" checked" if n == "all" else ""}><label for="f{index}-{n}">{_FILTERS[n]} '
                        f"({len(rows) if n == 'all' else sum(n in f for f in flags)})</label>" for n in shown)
-    samples = "\n".join(sample_html(task, records, f, metric, i == opened)
+    samples = "\n".join(_sample_html(task, records, f, metric, i == opened)
                         for i, (records, f) in enumerate(zip(rows, flags)))
     return f'{note}<div class="browse">{controls}<div class="samples">\n{samples}\n</div></div>'
 
 
-def metrics_table(task: str, runs: list) -> str:
+def _metrics_table(task: str, runs: list) -> str:
     results = [run["results"].get(task) or {} for run in runs]
     headline = TASKS[task].headline if task in TASKS else None
     metrics = [r.get("metrics") or {} for r in results]
     names = list(dict.fromkeys(k for m in metrics for k in m if "_stderr" not in k))
 
     def value(m: dict, name: str) -> str:
-        se = m.get(stderr_key(name))
-        return esc(fmt_value(m[name]) + (f" ± {fmt_value(se)}" if isinstance(se, float) else "")) if name in m else "-"
+        se = m.get(_stderr_key(name))
+        return _esc(_fmt_value(m[name]) + (f" ± {_fmt_value(se)}" if isinstance(se, float) else "")) if name in m else "-"
 
     bold = {headline, *(r.get("headline") for r in results)}
-    rows = [(f"<b>{esc(n)}</b> (headline)" if n in bold else esc(n), [value(m, n) for m in metrics]) for n in names]
-    rows += [(label, [esc(fn(r)) if r.get("metrics") else "-" for r in results]) for label, fn in (
+    rows = [(f"<b>{_esc(n)}</b> (headline)" if n in bold else _esc(n), [value(m, n) for m in metrics]) for n in names]
+    rows += [(label, [_esc(fn(r)) if r.get("metrics") else "-" for r in results]) for label, fn in (
         ("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
-        ("failures by status", lambda r: format_counts(r.get("failures") or {})),
-        ("finish_reason", lambda r: format_counts(r.get("finish_reasons") or {})))]
-    head = "".join(f'<th class="n">{run_letter(i)}</th>' for i in range(len(runs)))
+        ("failures by status", lambda r: _format_counts(r.get("failures") or {})),
+        ("finish_reason", lambda r: _format_counts(r.get("finish_reasons") or {})))]
+    head = "".join(f'<th class="n">{_run_letter(i)}</th>' for i in range(len(runs)))
     body = "".join(f"<tr><th>{name}</th>" + "".join(f'<td class="n">{v}</td>' for v in values) + "</tr>"
                    for name, values in rows)
     note = ('<p class="muted">± is the standard error (lm-eval\'s stderr: sample standard deviation over √n); '
@@ -5086,85 +5091,85 @@ def metrics_table(task: str, runs: list) -> str:
     return f"<table><tr><th>metric</th>{head}</tr>{body}</table>{note}" if names else ""
 
 
-def comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
+def _comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
     """(the verdict, a table of the rest) of one task's compare_runs() result: comparison_rows(),
     the verdict and the prompt warning above the table, flipped samples linked."""
     if not c.get("n"):
-        return f'<p class="verdict">{label_b} vs A: {esc(c.get("verdict"))}</p>', ""
-    rows = comparison_rows(c, label_b)
+        return f'<p class="verdict">{label_b} vs A: {_esc(c.get("verdict"))}</p>', ""
+    rows = _comparison_rows(c, label_b)
     alarm = any(warn for label, _, warn in rows if label in ("verdict", "warning", "numerics"))
-    heading = "".join(f'<br><span class="warn">{esc(text)}</span>' for label, text, _ in rows if label == "warning")
-    table = "".join(f'<tr><th>{label}</th><td{" class=warn" if warn else ""}>{esc(text)}</td></tr>'
+    heading = "".join(f'<br><span class="warn">{_esc(text)}</span>' for label, text, _ in rows if label == "warning")
+    table = "".join(f'<tr><th>{label}</th><td{" class=warn" if warn else ""}>{_esc(text)}</td></tr>'
                     for label, text, warn in rows if label not in ("verdict", "warning"))
-    flips = ", ".join(f'<a href="#{esc(task)}-{esc(f["row_idx"])}">{esc(f["row_idx"])}</a>' for f in c["flips"])
+    flips = ", ".join(f'<a href="#{_esc(task)}-{_esc(f["row_idx"])}">{_esc(f["row_idx"])}</a>' for f in c["flips"])
     unmatched = f", {c['unmatched']} unmatched" if c["unmatched"] else ""
-    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A ({esc(c["metric"])}, n={esc(c["n"])}'
-            f'{esc(unmatched)}): {esc(c["verdict"])}{heading}</p>',
+    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A ({_esc(c["metric"])}, n={_esc(c["n"])}'
+            f'{_esc(unmatched)}): {_esc(c["verdict"])}{heading}</p>',
             f"<table>{table}" + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
 
 
-def task_section(index: int, task: str, runs: list, comparisons: list) -> str:
-    compared = [comparison_html(task, c[task], run_letter(i + 1)) for i, c in enumerate(comparisons) if c and task in c]
-    errors = "".join(f'<p class="warn">{run_letter(i)}: {esc(run["results"][task]["error"])}</p>'
+def _task_section(index: int, task: str, runs: list, comparisons: list) -> str:
+    compared = [_comparison_html(task, c[task], _run_letter(i + 1)) for i, c in enumerate(comparisons) if c and task in c]
+    errors = "".join(f'<p class="warn">{_run_letter(i)}: {_esc(run["results"][task]["error"])}</p>'
                      for i, run in enumerate(runs) if (run["results"].get(task) or {}).get("error"))
-    return (f'<section id="{esc(task)}"><h2>{esc(task)}</h2>' + "".join(verdict for verdict, _ in compared) + errors
-            + '<div class="top">' + "".join(table for _, table in compared) + metrics_table(task, runs) + "</div>"
-            + samples_html(index, task, runs) + "</section>")
+    return (f'<section id="{_esc(task)}"><h2>{_esc(task)}</h2>' + "".join(verdict for verdict, _ in compared) + errors
+            + '<div class="top">' + "".join(table for _, table in compared) + _metrics_table(task, runs) + "</div>"
+            + _samples_html(index, task, runs) + "</section>")
 
 
-def runs_table(runs: list) -> str:
+def _runs_table(runs: list) -> str:
     rows = []
     for i, run in enumerate(runs):
         config = run["config"]
         server = (config or {}).get("server") or {}
         what = (f"{config.get('model')} on {server.get('name', '?')} {server.get('version') or ''} "
                 f"(recognised by {server.get('evidence', '?')}), {config.get('date', '')}" if config else "")
-        settings = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
+        settings = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
                            for k, v in (config or {}).items())
-        notes = "".join(f'<div class="{cls}">{esc(run[key])}</div>'
+        notes = "".join(f'<div class="{cls}">{_esc(run[key])}</div>'
                         for key, cls in (("error", "warn"), ("note", "muted")) if run.get(key))
-        rows.append(f"<tr><th>{run_letter(i)}</th><td>{esc(run['label'])}<br>{esc(what)}{notes}"
+        rows.append(f"<tr><th>{_run_letter(i)}</th><td>{_esc(run['label'])}<br>{_esc(what)}{notes}"
                     + (f"<details><summary>settings</summary><table>{settings}</table></details>" if settings else "")
                     + "</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
 # The page runs no script and loads nothing: should a value ever escape esc(), the browser still runs nothing
-REPORT_CSP = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
+_REPORT_CSP = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
               "style-src 'unsafe-inline'; img-src data:\">")
 
 
-def render_report(runs: list, comparisons: list | None = None) -> str:
+def _render_report(runs: list, comparisons: list | None = None) -> str:
     """One self-contained HTML page. `runs`: report_side() dicts; `comparisons[i]`: compare_runs()
     of runs[0] and runs[i + 1], or None."""
     tasks = list(dict.fromkeys(name for run in runs for name in [*run["results"], *(t for t, _ in run["records"])]))
-    title = "nano-eval report: " + ", ".join(tasks) + (f" ({' vs '.join(map(run_letter, range(len(runs))))})"
+    title = "nano-eval report: " + ", ".join(tasks) + (f" ({' vs '.join(map(_run_letter, range(len(runs))))})"
                                                        if len(runs) > 1 else "")
-    parts = [f"<h1>{esc(title)}</h1>", runs_table(runs)]
-    parts += [task_section(i, task, runs, comparisons or []) for i, task in enumerate(tasks)]
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">' + REPORT_CSP
-            + "<title>" + esc(title) + "</title>"
-            '<meta name="viewport" content="width=device-width"><style>' + REPORT_CSS + "</style></head><body>\n"
+    parts = [f"<h1>{_esc(title)}</h1>", _runs_table(runs)]
+    parts += [_task_section(i, task, runs, comparisons or []) for i, task in enumerate(tasks)]
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">' + _REPORT_CSP
+            + "<title>" + _esc(title) + "</title>"
+            '<meta name="viewport" content="width=device-width"><style>' + _REPORT_CSS + "</style></head><body>\n"
             + "\n".join(parts) + f'\n<p class="muted">nano-eval {__version__}, '
-            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n').translate(BIDI_CONTROLS)
+            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n').translate(_BIDI_CONTROLS)
 
 
-def write_report(path: str | Path, page: str) -> None:
+def _write_report(path: str | Path, page: str) -> None:
     target = Path(path).expanduser()
     try:
-        atomic_write(target, SECRETS.scrub(page).encode("utf-8", "replace"))  # "replace": a lone surrogate from a log
+        _atomic_write(target, _SECRETS.scrub(page).encode("utf-8", "replace"))  # "replace": a lone surrogate from a log
     except OSError as exc:
         raise UsageError(f"cannot write the report {target}: {exc.strerror or exc}") from None
-    info(f"report written to {target}")
+    _info(f"report written to {target}")
 
 
-def document_problem(document: dict) -> str | None:
+def _document_problem(document: dict) -> str | None:
     """Why a parsed results JSON is not one nano-eval wrote, or None."""
     if "runs" in document:
         if not isinstance(document["runs"], list) or not isinstance(document.get("comparisons", []), list):
             return "'runs' and 'comparisons' are not lists"
         return next((f"run {i}: {p}" for i, run in enumerate(document["runs"])
-                     if (p := "not an object" if not isinstance(run, dict) else document_problem(run))), None)
+                     if (p := "not an object" if not isinstance(run, dict) else _document_problem(run))), None)
     results, config = document.get("results"), document.get("config")
     if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
         return "'results' is not an object of task results"
@@ -5175,7 +5180,7 @@ def document_problem(document: dict) -> str | None:
     return None
 
 
-def read_results_file(path: str) -> dict | None:
+def _read_results_file(path: str) -> dict | None:
     """The results JSON at `path` (--output), or None when `path` is a sample log or folder."""
     source = Path(path).expanduser()
     if not source.is_file() or source.suffix != ".json":
@@ -5186,13 +5191,13 @@ def read_results_file(path: str) -> dict | None:
         raise UsageError(f"{source} is not a results JSON: {exc}") from None
     if not isinstance(document, dict) or not ("results" in document or "runs" in document):
         raise UsageError(f"{source} is not a results JSON (no 'results')")
-    problem = document_problem(document)
+    problem = _document_problem(document)
     if problem:
         raise UsageError(f"{source} is not a results JSON nano-eval wrote ({problem})")
     return document
 
 
-def report_side_from_document(document: dict, label: str | None = None, base: Path = Path(".")) -> dict:
+def _report_side_from_document(document: dict, label: str | None = None, base: Path = Path(".")) -> dict:
     """A run for the report from one server's results document: its config and metrics, and
     the records of the sample log it names (config.log_samples, also tried relative to `base`)."""
     config = document.get("config") or {}
@@ -5202,79 +5207,79 @@ def report_side_from_document(document: dict, label: str | None = None, base: Pa
     else:
         folder = next((p for p in (Path(log).expanduser(), base / log) if p.exists()), None)
         try:
-            records = load_run(str(folder or log))
+            records = _load_run(str(folder or log))
         except UsageError as exc:
             note = str(exc)
-    results = task_results(document.get("results") or {})
+    results = _task_results(document.get("results") or {})
     return {"label": label or config.get("chat_url") or "run", "config": config, "results": results,
             "records": records, "note": note, "error": document.get("error")}
 
 
-def report_side(path: str) -> dict:
+def _report_side(path: str) -> dict:
     """A run for the report from a results JSON, or a sample log (file or folder) alone: then the
     metrics are recomputed from its records and the config is unknown."""
-    document = read_results_file(path)
+    document = _read_results_file(path)
     if document is not None:
         if "runs" in document:
             raise UsageError(f"{path} holds several servers' runs: give it alone to report them all")
         label = f"{(document.get('config') or {}).get('chat_url', '')} ({path})".strip()
-        return report_side_from_document(document, label, Path(path).expanduser().parent)
-    records = load_run(path)
+        return _report_side_from_document(document, label, Path(path).expanduser().parent)
+    records = _load_run(path)
     by_task: dict = {}
     for (task, _), record in records.items():
         by_task.setdefault(task, []).append(record)
-    results = {name: aggregate(TASKS[name], sorted(rs, key=lambda r: r.row_idx or 0), planned=len(rs),
+    results = {name: _aggregate(TASKS[name], sorted(rs, key=lambda r: r.row_idx or 0), planned=len(rs),
                                elapsed=0) for name, rs in by_task.items() if name in TASKS}
     return {"label": path, "config": None, "results": results, "records": records,
             "note": "config unknown: only the sample log was given (give the results JSON to see it)"}
 
 
-def report_from_document(document: dict) -> str:
+def _report_from_document(document: dict) -> str:
     """The report of what an eval run just wrote: one server's document, or the several
     --base_url document {"runs": [...], "comparisons": [...]} (run A against each other run)."""
     if "runs" not in document:
-        return render_report([report_side_from_document(document)])
-    runs = sorted((report_side_from_document(run) for run in document["runs"]), key=lambda run: bool(run["error"]))
+        return _render_report([_report_side_from_document(document)])
+    runs = sorted((_report_side_from_document(run) for run in document["runs"]), key=lambda run: bool(run["error"]))
     by_b = {c.get("b"): c for c in document.get("comparisons") or []}  # A is the first usable server
     entries = [by_b.get(run["config"].get("chat_url"), {}) for run in runs[1:]]
     for run, entry in zip(runs[1:], entries):
         if entry.get("error"):
             run["note"] = f"not compared with A: {entry['error']}"
-        elif entry.get("comparison") is not None and not renders(entry["comparison"]):
+        elif entry.get("comparison") is not None and not _renders(entry["comparison"]):
             run["note"], entry["comparison"] = "its comparison with A in the results JSON is malformed: not shown", None
-    return render_report(runs, [entry.get("comparison") for entry in entries])
+    return _render_report(runs, [entry.get("comparison") for entry in entries])
 
 
-def renders(comparison: Any) -> bool:
+def _renders(comparison: Any) -> bool:
     """Whether a comparison read from a results JSON has the types compare_runs gives it."""
     try:
         for c in comparison.values():
             if type(c.get("n", 0)) is not int or type(c.get("unmatched", 0)) is not int:
                 return False
             if c.get("n"):
-                comparison_rows(c)
+                _comparison_rows(c)
         return True
     except (AttributeError, TypeError, ValueError, KeyError, IndexError):
         return False
 
 
-def cmd_report(argv: list) -> int:
-    parser = ArgumentParser(prog="nano-eval report",
+def _cmd_report(argv: list) -> int:
+    parser = _ArgumentParser(prog="nano-eval report",
                             description="One self-contained HTML file of a run, or of two runs compared.")
     parser.add_argument("run_a", metavar="RUN", help="a results JSON (--output), a --log_samples folder or a "
                         "samples_<task>.jsonl; a several --base_url results JSON reports all its runs")
     parser.add_argument("run_b", metavar="RUN_B", nargs="?", help="a second run, compared with the first")
     parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default report.html)")
     args = parser.parse_args(argv)
-    SECRETS.add(os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN"))
-    document = read_results_file(args.run_a)
+    _SECRETS.add(os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN"))
+    document = _read_results_file(args.run_a)
     if document is not None and "runs" in document and not args.run_b:
-        page = report_from_document(document)
+        page = _report_from_document(document)
     else:
-        runs = list(side_by_side(report_side, args.run_a, args.run_b)) if args.run_b else [report_side(args.run_a)]
-        page = render_report(runs, [compare_runs(runs[0]["records"], runs[1]["records"])] if args.run_b else None)
-    write_report(args.output, page)
-    return EXIT_OK
+        runs = list(_side_by_side(_report_side, args.run_a, args.run_b)) if args.run_b else [_report_side(args.run_a)]
+        page = _render_report(runs, [_compare_runs(runs[0]["records"], runs[1]["records"])] if args.run_b else None)
+    _write_report(args.output, page)
+    return _EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1492,7 +1492,7 @@ import base64  # noqa: E402
 import math  # noqa: E402
 
 import nano_eval as ne  # noqa: E402
-from nano_eval import TASKS, APIConfig, DatasetCache, DatasetsClient, run_task  # noqa: E402
+from nano_eval import TASKS, APIConfig, _DatasetCache, _DatasetsClient, run_task  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -1541,8 +1541,8 @@ def right(row: int) -> str:
     return f"Let me think. The final answer is {GSM8K_GOLD[row]}"
 
 
-def client(server, token=None) -> DatasetsClient:
-    return DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
+def client(server, token=None) -> _DatasetsClient:
+    return _DatasetsClient(base_url=server.url, token=token, retry_base_delay=0.01)
 
 
 def image_of(row_idx: int) -> bytes:
@@ -1577,8 +1577,8 @@ CAPTURES = FIXTURES / "lm_eval_requests"
 URL = "http://127.0.0.1:9/v1"  # never contacted: build() does not talk to the server
 
 
-def chartqa_cache(tmp_path: Path) -> DatasetCache:
-    return DatasetCache([tmp_path], TASKS["chartqa"].data)
+def chartqa_cache(tmp_path: Path) -> _DatasetCache:
+    return _DatasetCache([tmp_path], TASKS["chartqa"].data)
 
 
 def image_bytes_of(body: dict) -> bytes:

@@ -533,7 +533,7 @@ def test_7_the_datasets_client_is_capped(tmp_path, chartqa_spec_module):
     rows = list(chartqa_spec_module.rows)
     rows[0] = {**rows[0], "query": "What is it? " + "x" * (3 * MB)}
     spec = type(chartqa_spec_module)(chartqa_spec_module.features, rows)
-    capped = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import nano_eval; nano_eval.DATASETS_MAX_MB = 1; "
+    capped = ["-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import nano_eval; nano_eval._DATASETS_MAX_MB = 1; "
                     "sys.exit(nano_eval.main())"]
     with chart_server() as srv, FakeDatasetsServer({CHARTQA: spec}) as hf:
         start = time.monotonic()
@@ -1065,7 +1065,7 @@ def chat_with(path, value):
 def test_property_classify_response_never_raises(shape, status):
     body = json.dumps(shape).encode()
     try:
-        outcome = ne.classify_response(ne.HTTPResponse(status, {"content-type": "application/json"}, body))
+        outcome = ne._classify_response(ne._HTTPResponse(status, {"content-type": "application/json"}, body))
     except ne.NanoEvalError:
         return
     assert outcome.status in STATUSES | {f"http_{status}"}, outcome.status
@@ -1100,8 +1100,8 @@ class StubHTTP:
 
     def request(self, method, url, body=None, headers=None):
         if "/rows?" in url:
-            return ne.HTTPResponse(200, {"content-type": "application/json", "x-revision": "a" * 40}, self.page_bytes)
-        return ne.HTTPResponse(200, {"content-type": "image/png"}, ne.ONE_PIXEL_PNG)
+            return ne._HTTPResponse(200, {"content-type": "application/json", "x-revision": "a" * 40}, self.page_bytes)
+        return ne._HTTPResponse(200, {"content-type": "image/png"}, ne._ONE_PIXEL_PNG)
 
 
 def valid_page(task: str, n: int = 3) -> dict:
@@ -1154,11 +1154,11 @@ def any_chat_server():
 
 @pytest.mark.parametrize("task", [GSM, "chartqa"])
 def test_property_the_row_reader_never_raises(any_chat_server, task, monkeypatch, tmp_path):
-    monkeypatch.setattr(ne, "BUNDLED_DATA", tmp_path / "no-shipped-data")  # gsm8k too comes from the stub
+    monkeypatch.setattr(ne, "_BUNDLED_DATA", tmp_path / "no-shipped-data")  # gsm8k too comes from the stub
 
     def run(page):
         data = json.dumps(page).encode()
-        client = ne.DatasetsClient(base_url="http://127.0.0.1:9", token=None, retries=1, retry_base_delay=0.01)
+        client = ne._DatasetsClient(base_url="http://127.0.0.1:9", token=None, retries=1, retry_base_delay=0.01)
         client.http = StubHTTP(data)
         config = ne.APIConfig(url=any_chat_server.base_url, model="fake-model", max_retries=1, retry_base_delay=0.01,
                               num_concurrent=2)
@@ -1205,9 +1205,9 @@ def test_property_the_log_reader_never_raises(tmp_path, good_log):
     base = json.loads(good_lines[1])
 
     def check(record):
-        problem = ne.record_problem(record)
+        problem = ne._record_problem(record)
         if problem is None:
-            logged = ne.Logged.of(record)
+            logged = ne._Logged.of(record)
             logged.score("exact_match")
             logged.completion_tokens, logged.prompt_tokens  # noqa: B018
         with tempfile.TemporaryDirectory(dir=tmp_path) as folder:
@@ -1219,17 +1219,17 @@ def test_property_the_log_reader_never_raises(tmp_path, good_log):
             for argv in (["compare", str(a), str(b)], ["compare", str(b), str(b), "--json"],
                          ["report", str(b), "-o", str(Path(folder) / "r.html")],
                          ["report", str(a), str(b), "-o", str(Path(folder) / "r2.html")]):
-                command = ne.cmd_compare if argv[0] == "compare" else ne.cmd_report
+                command = ne._cmd_compare if argv[0] == "compare" else ne._cmd_report
                 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     try:
                         command(argv[1:])
                     except ne.NanoEvalError:
                         pass
             try:  # resume reads the log too
-                log = ne.SampleLog(b)
+                log = ne._SampleLog(b)
                 try:
                     for r in log.completed(GSM, base["url"]).values():
-                        ne.outcome_from_record(r)
+                        ne._outcome_from_record(r)
                 finally:
                     log.close()
             except ne.NanoEvalError:

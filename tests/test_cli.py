@@ -166,7 +166,7 @@ def test_flag_spelling(name, spelling, isolated_env, fake_openai, fake_hf, tmp_p
         timeouts.append((method, url, conn.sock.gettimeout()))
         return http.client.HTTPConnection.request(conn, method, url, *args, **kwargs)
 
-    monkeypatch.setattr(nano_eval.Connection, "request", request)
+    monkeypatch.setattr(nano_eval._Connection, "request", request)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a progress line unless --no_progress
     code, doc, err = main_json(argv, capsys)
     assert code == 0, err
@@ -606,8 +606,8 @@ def test_an_unreachable_datasets_server_in_a_later_task_keeps_the_finished_one(i
     """The datasets-server is not listening at all (connection refused after every retry). In
     process, with the datasets-server client's retries made short."""
     monkeypatch.setenv("NANO_EVAL_DATASETS_SERVER", f"http://127.0.0.1:{free_port()}")
-    init = nano_eval.DatasetsClient.__init__
-    monkeypatch.setattr(nano_eval.DatasetsClient, "__init__",
+    init = nano_eval._DatasetsClient.__init__
+    monkeypatch.setattr(nano_eval._DatasetsClient, "__init__",
                         lambda self, *a, **k: init(self, *a, **{**k, "retries": 2, "retry_base_delay": 0.01}))
     output = tmp_path / "o.json"
     with FakeOpenAI(responder=ByRow()) as srv:
@@ -824,7 +824,7 @@ def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / "cache"),
                NANO_EVAL_DATASETS_SERVER=f"http://127.0.0.1:{free_port()}", NO_PROXY="127.0.0.1,localhost")
     where = subprocess.run([str(python), "-c", "import nano_eval; print(nano_eval.__file__); "
-                            "print(nano_eval.BUNDLED_DATA)"], capture_output=True, text=True, cwd=home, env=env,
+                            "print(nano_eval._BUNDLED_DATA)"], capture_output=True, text=True, cwd=home, env=env,
                            timeout=60)
     module_file, bundled = where.stdout.split()
     assert Path(module_file).is_relative_to(venv) and Path(bundled).is_relative_to(venv), where.stdout
@@ -848,6 +848,23 @@ def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):
 # ============================================================================
 # The module itself
 # ============================================================================
+
+
+def test_the_public_api_is_all_and_the_readme_names_only_it():
+    """__all__ names what the README documents, each exists, and every other name the module
+    defines is private; the README and the module docstring name no private function or class."""
+    assert all(hasattr(nano_eval, name) for name in nano_eval.__all__)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in nano_eval.__all__:
+        assert name.startswith("__") or f"`{name}" in readme or f"import {name}" in readme or \
+            f", {name}" in readme, name
+    own = {name for name, value in vars(nano_eval).items() if getattr(value, "__module__", None) == "nano_eval"}
+    assert own - set(nano_eval.__all__) == {name for name in own if name.startswith("_")}
+    private = {name[1:] for name in vars(nano_eval) if name.startswith("_") and not name.startswith("__")}
+    for text in (readme, nano_eval.__doc__):
+        named = set(re.findall(r"`(\w+)\(|\b(\w+)\(\)", text))
+        named = {a or b for a, b in named}
+        assert not named & private, named & private
 
 
 def test_the_module_docstring_names_every_section_in_order():

@@ -52,7 +52,7 @@ from fakes import (ByRow, FakeOpenAI, GSM8K_GOLD, OTHER_RIGHT, TASK, WRONG, cli,
     (30, 5, 2 * 384168 / 2 ** 35),
 ])
 def test_mcnemar_exact_known_values(a_only, b_only, expected):
-    assert ne.mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-12, abs=0)
+    assert ne._mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-12, abs=0)
 
 
 def binomial_two_sided(a: int, b: int) -> Fraction:
@@ -72,25 +72,25 @@ def test_mcnemar_exact_large_case_against_direct_sum():
     # n = 250: p = 2 * sum_{k<=100} C(250, k) / 2^250, summed exactly then converted once
     a, b = 150, 100
     direct = Fraction(2 * sum(math.comb(250, k) for k in range(101)), 2 ** 250)
-    assert ne.mcnemar_exact(a, b) == pytest.approx(float(direct), rel=1e-12)
-    assert ne.mcnemar_exact(a, b) == pytest.approx(float(binomial_two_sided(a, b)), rel=1e-12)
-    assert 0.0 < ne.mcnemar_exact(a, b) < 0.01  # 150 vs 100 is clearly significant (about 0.0019)
+    assert ne._mcnemar_exact(a, b) == pytest.approx(float(direct), rel=1e-12)
+    assert ne._mcnemar_exact(a, b) == pytest.approx(float(binomial_two_sided(a, b)), rel=1e-12)
+    assert 0.0 < ne._mcnemar_exact(a, b) < 0.01  # 150 vs 100 is clearly significant (about 0.0019)
     # a very large n must not overflow (2 ** 6000 does not fit a float)
-    assert ne.mcnemar_exact(3000, 3000) == 1.0
-    assert ne.mcnemar_exact(1100, 900) == pytest.approx(float(binomial_two_sided(1100, 900)), rel=1e-9)
+    assert ne._mcnemar_exact(3000, 3000) == 1.0
+    assert ne._mcnemar_exact(1100, 900) == pytest.approx(float(binomial_two_sided(1100, 900)), rel=1e-9)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 120), st.integers(0, 120))
 def test_mcnemar_exact_property(a, b):
-    p = ne.mcnemar_exact(a, b)
-    assert p == ne.mcnemar_exact(b, a)  # symmetric
+    p = ne._mcnemar_exact(a, b)
+    assert p == ne._mcnemar_exact(b, a)  # symmetric
     assert 0.0 < p <= 1.0
     assert p == pytest.approx(float(binomial_two_sided(a, b)), rel=1e-9)
     if a != b:  # moving one discordant pair to the larger side (same n) never raises p
         hi, lo = max(a, b), min(a, b)
         if lo > 0:
-            assert ne.mcnemar_exact(hi + 1, lo - 1) <= p
+            assert ne._mcnemar_exact(hi + 1, lo - 1) <= p
 
 
 def planted_differences(n: int, seed: int = 7) -> list:
@@ -104,18 +104,18 @@ def planted_differences(n: int, seed: int = 7) -> list:
 
 def test_paired_bootstrap_is_deterministic_for_a_seed():
     diffs = planted_differences(500)
-    first = ne.paired_bootstrap(diffs, 2000, seed=3)
-    assert ne.paired_bootstrap(diffs, 2000, seed=3) == first
-    assert ne.paired_bootstrap(list(diffs), 2000, seed=3) == first
-    assert ne.paired_bootstrap(diffs, 2000, seed=4) != first  # the seed is actually used
+    first = ne._paired_bootstrap(diffs, 2000, seed=3)
+    assert ne._paired_bootstrap(diffs, 2000, seed=3) == first
+    assert ne._paired_bootstrap(list(diffs), 2000, seed=3) == first
+    assert ne._paired_bootstrap(diffs, 2000, seed=4) != first  # the seed is actually used
     # the default seed is fixed too (compare's CI must be the same every time it is run)
-    assert ne.paired_bootstrap(diffs, 2000) == ne.paired_bootstrap(diffs, 2000)
+    assert ne._paired_bootstrap(diffs, 2000) == ne._paired_bootstrap(diffs, 2000)
 
 
 def test_paired_bootstrap_covers_planted_difference():
     diffs = planted_differences(1000)
     assert sum(diffs) / len(diffs) == pytest.approx(0.10)
-    low, high = ne.paired_bootstrap(diffs, 10_000, seed=0)
+    low, high = ne._paired_bootstrap(diffs, 10_000, seed=0)
     assert low < 0.10 < high
     assert low > 0.0  # a 10-point difference on 1000 pairs is clearly non-zero
     # sd of the differences: E[d^2] - mean^2 = 0.20 - 0.01 = 0.19 -> sd 0.436; se = 0.436/sqrt(1000)
@@ -128,7 +128,7 @@ def test_paired_bootstrap_covers_planted_difference():
 def test_paired_bootstrap_width_shrinks_with_n():
     widths = []
     for n in (100, 400, 1600):
-        low, high = ne.paired_bootstrap(planted_differences(n), 2000, seed=1)
+        low, high = ne._paired_bootstrap(planted_differences(n), 2000, seed=1)
         assert low <= 0.10 <= high
         widths.append(high - low)
     # the width goes as 1/sqrt(n): quadrupling n about halves it
@@ -138,9 +138,9 @@ def test_paired_bootstrap_width_shrinks_with_n():
 
 
 def test_paired_bootstrap_all_equal_and_empty():
-    assert ne.paired_bootstrap([0.0] * 300, 1000) == (0.0, 0.0)  # every pair agrees
-    assert ne.paired_bootstrap([], 1000) == (0.0, 0.0)
-    assert ne.paired_bootstrap([1.0] * 50, 1000) == (1.0, 1.0)  # B right everywhere A is wrong
+    assert ne._paired_bootstrap([0.0] * 300, 1000) == (0.0, 0.0)  # every pair agrees
+    assert ne._paired_bootstrap([], 1000) == (0.0, 0.0)
+    assert ne._paired_bootstrap([1.0] * 50, 1000) == (1.0, 1.0)  # B right everywhere A is wrong
 
 
 
@@ -161,7 +161,7 @@ WRONG_NUMBER = "-1"  # no GSM8K test target starts with "-", so "-1" always diff
 PREFIX = "Let me think. The final answer is "  # 34 characters: "Let me think." (13) + " The final answer is " (21)
 
 
-def gsm8k_record(sample: ne.Sample, content: str | None, *, status: str = "ok", finish: str | None = "stop",
+def gsm8k_record(sample: ne._Sample, content: str | None, *, status: str = "ok", finish: str | None = "stop",
                  prompt_tokens: int | None = 900, completion_tokens: int | None = 10,
                  url: str = "http://127.0.0.1:9/v1/chat/completions") -> dict:
     """One sample-log line, as the contract describes it."""
@@ -184,7 +184,7 @@ def gsm8k_record(sample: ne.Sample, content: str | None, *, status: str = "ok", 
     }
 
 
-def gsm8k_sample(row_idx: int, model: str, **config_kwargs) -> ne.Sample:
+def gsm8k_sample(row_idx: int, model: str, **config_kwargs) -> ne._Sample:
     config = ne.APIConfig("http://127.0.0.1:9/v1", model=model, **config_kwargs)
     return TASK.build({"row_idx": row_idx, "row": GSM8K_ROWS[row_idx]}, config)
 
@@ -252,7 +252,7 @@ def planted(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def test_compare_runs_planted_numbers(planted):
-    comparison = ne.compare_runs(ne.load_run(str(planted[0])), ne.load_run(str(planted[1])))
+    comparison = ne._compare_runs(ne._load_run(str(planted[0])), ne._load_run(str(planted[1])))
     assert list(comparison) == ["gsm8k_cot_llama"]
     c = comparison["gsm8k_cot_llama"]
     assert c["metric"] == HEADLINE
@@ -281,13 +281,13 @@ def test_compare_runs_planted_numbers(planted):
     # the top 10 flipped samples, in row order: rows 100-109, A right, B answered -1
     assert len(c["flips"]) == 10
     for flip, i in zip(c["flips"], range(100, 110)):
-        target = ne.gsm8k_target(GSM8K_ROWS[i])
+        target = ne._gsm8k_target(GSM8K_ROWS[i])
         assert flip == {"row_idx": i, "target": target, "a": target, "b": WRONG_NUMBER, "a_correct": True,
                         "b_correct": False}
 
 
 def test_compare_runs_all_flips_listed_with_both_answers(planted):
-    c = ne.compare_runs(ne.load_run(str(planted[0])), ne.load_run(str(planted[1])), top=100)["gsm8k_cot_llama"]
+    c = ne._compare_runs(ne._load_run(str(planted[0])), ne._load_run(str(planted[1])), top=100)["gsm8k_cot_llama"]
     assert [f["row_idx"] for f in c["flips"]] == list(range(100, 135))
     timed_out = c["flips"][29]
     assert timed_out["row_idx"] == 129 and timed_out["b"] == "<timeout>" and timed_out["a_correct"]
@@ -311,13 +311,13 @@ def test_compare_text_output(planted, capsys):
     assert "7 differ" in text
     assert "  output tokens   A 10.0   B 24.3" in lines
     assert "  flipped samples (row: target | A | B):" in lines
-    t100 = ne.gsm8k_target(GSM8K_ROWS[100])
+    t100 = ne._gsm8k_target(GSM8K_ROWS[100])
     assert f"    100: {t100} | {t100} ok | {WRONG_NUMBER}" in lines
     assert sum(1 for line in lines if line.startswith("    1")) == 10  # --top defaults to 10
     # --top N lists N
     code, out, _ = run_main(["compare", a, b, "--top", "35"], capsys)
-    t130 = ne.gsm8k_target(GSM8K_ROWS[130])
-    assert f"    129: {ne.gsm8k_target(GSM8K_ROWS[129])} | {ne.gsm8k_target(GSM8K_ROWS[129])} ok | <timeout>" in out
+    t130 = ne._gsm8k_target(GSM8K_ROWS[130])
+    assert f"    129: {ne._gsm8k_target(GSM8K_ROWS[129])} | {ne._gsm8k_target(GSM8K_ROWS[129])} ok | <timeout>" in out
     assert f"    130: {t130} | {WRONG_NUMBER} | {t130} ok" in out.splitlines()
 
 
@@ -328,7 +328,7 @@ def test_compare_json_matches_text_numbers(planted):
     document = json.loads(proc.stdout)
     assert document["a"] == a and document["b"] == b
     c = document["comparison"]["gsm8k_cot_llama"]
-    expected = ne.compare_runs(ne.load_run(a), ne.load_run(b))["gsm8k_cot_llama"]
+    expected = ne._compare_runs(ne._load_run(a), ne._load_run(b))["gsm8k_cot_llama"]
     assert c == json.loads(json.dumps(expected))  # the same numbers, CI included (seeded)
     assert (c["n"], c["a_only_correct"], c["b_only_correct"]) == (200, 30, 5)
     assert c["mcnemar_p"] == pytest.approx(P_PLANTED, rel=1e-12)
@@ -347,8 +347,8 @@ def test_compare_folders_and_python_m(planted, tmp_path):
     c = json.loads(proc.stdout)["comparison"]["gsm8k_cot_llama"]
     assert (c["n"], c["unmatched"], c["a_only_correct"], c["b_only_correct"]) == (200, 1, 30, 5)
     # a folder mixed with a file works too
-    c2 = ne.compare_runs(ne.load_run(str(a_dir)), ne.load_run(str(planted[1])))["gsm8k_cot_llama"]
-    assert c2 == ne.compare_runs(ne.load_run(str(planted[0])), ne.load_run(str(planted[1])))["gsm8k_cot_llama"]
+    c2 = ne._compare_runs(ne._load_run(str(a_dir)), ne._load_run(str(planted[1])))["gsm8k_cot_llama"]
+    assert c2 == ne._compare_runs(ne._load_run(str(planted[0])), ne._load_run(str(planted[1])))["gsm8k_cot_llama"]
 
 
 def chartqa_record(row_idx: int, answer: str, label: str) -> dict:
@@ -373,7 +373,7 @@ def chartqa_record(row_idx: int, answer: str, label: str) -> dict:
 def test_compare_run_logged_with_images_against_one_without(tmp_path):
     import base64
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 2  # 10 bytes; only its hash and size matter here
-    image = {"sha256": ne.sha256(png), "bytes": len(png), "format": "png"}
+    image = {"sha256": ne._sha256(png), "bytes": len(png), "format": "png"}
     data_url = "data:image/png;base64," + base64.b64encode(png).decode()
     stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format=png>"
     run_a, run_b = [], []
@@ -384,8 +384,8 @@ def test_compare_run_logged_with_images_against_one_without(tmp_path):
             record["request"]["messages"][0]["content"][0]["image_url"]["url"] = url
         run_a.append(a)
         run_b.append(b)
-    c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
-                        ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["chartqa"]
+    c = ne._compare_runs(ne._load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
+                        ne._load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["chartqa"]
     assert (c["n"], c["a_only_correct"]) == (4, 4)
 
 
@@ -401,7 +401,7 @@ def test_compare_folder_with_two_tasks(tmp_path, capsys):
                   [chartqa_record(i, answers[i], labels[i]) for i in range(10)])
         sample = gsm8k_sample(0, f"model-{name}")
         write_log(tmp_path / name / "samples_gsm8k_cot_llama.jsonl", [gsm8k_record(sample, PREFIX + sample.target)])
-    comparison = ne.compare_runs(ne.load_run(str(tmp_path / "a")), ne.load_run(str(tmp_path / "b")))
+    comparison = ne._compare_runs(ne._load_run(str(tmp_path / "a")), ne._load_run(str(tmp_path / "b")))
     assert list(comparison) == ["chartqa", "gsm8k_cot_llama"]
     c = comparison["chartqa"]
     assert c["metric"] == "relaxed_accuracy"
@@ -428,8 +428,8 @@ def test_compare_b_higher_verdict(tmp_path):
         a_right, b_right = i < 2 or i == 11, i < 11
         run_a.append(gsm8k_record(sa, PREFIX + (sa.target if a_right else WRONG_NUMBER)))
         run_b.append(gsm8k_record(sb, PREFIX + (sb.target if b_right else WRONG_NUMBER)))
-    c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
-                        ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
+    c = ne._compare_runs(ne._load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
+                        ne._load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
     assert (c["a_only_correct"], c["b_only_correct"]) == (1, 9)
     assert c["mcnemar_p"] == pytest.approx(22 / 1024)
     assert c["verdict"] == "B is higher by 0.6667, p=0.0215"
@@ -449,7 +449,7 @@ def test_template_mismatch_counted(tmp_path, capsys):
         run_a.append(gsm8k_record(sa, PREFIX + sa.target, prompt_tokens=1000 + i))
         run_b.append(gsm8k_record(sb, PREFIX + sb.target, prompt_tokens=1000 + i + (12 if i in (3, 7, 8) else 0)))
     a, b = write_log(tmp_path / "a.jsonl", run_a), write_log(tmp_path / "b.jsonl", run_b)
-    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    c = ne._compare_runs(ne._load_run(str(a)), ne._load_run(str(b)))["gsm8k_cot_llama"]
     assert (c["prompt_tokens_equal"], c["prompt_tokens_mismatch"]) == (17, 3)
     assert c["first_prompt_mismatch"] == {"row_idx": 3, "a": 1003, "b": 1015}
     assert c["response_agreement"] == 1.0 and c["mean_first_difference"] is None
@@ -487,8 +487,8 @@ def test_compare_ignores_only_the_model_name(tmp_path):
     run_a = [gsm8k_record(gsm8k_sample(i, "model-a"), PREFIX + "1") for i in range(3)]
     run_b = [gsm8k_record(gsm8k_sample(i, "totally-different-model"), PREFIX + "1") for i in range(3)]
     assert run_a[0]["request"]["model"] != run_b[0]["request"]["model"]
-    c = ne.compare_runs(ne.load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
-                        ne.load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
+    c = ne._compare_runs(ne._load_run(str(write_log(tmp_path / "a.jsonl", run_a))),
+                        ne._load_run(str(write_log(tmp_path / "b.jsonl", run_b))))["gsm8k_cot_llama"]
     assert c["n"] == 3
 
 
@@ -501,14 +501,14 @@ def test_compare_uses_the_last_record_of_a_resumed_log(tmp_path):
         f.write('{"task": "gsm8k_cot_llama", "row_id\n')
         f.write(json.dumps(gsm8k_record(sa, PREFIX + sa.target)) + "\n")
     b = write_log(tmp_path / "b.jsonl", [gsm8k_record(sb, PREFIX + WRONG_NUMBER)])
-    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    c = ne._compare_runs(ne._load_run(str(a)), ne._load_run(str(b)))["gsm8k_cot_llama"]
     assert (c["n"], c["accuracy_a"], c["a_only_correct"], c["status_a"]) == (1, 1.0, 1, {"ok": 1})
 
 
 def test_compare_no_samples_in_common(tmp_path, capsys):
     a = write_log(tmp_path / "a.jsonl", [gsm8k_record(gsm8k_sample(i, "a"), PREFIX + "1") for i in range(3)])
     b = write_log(tmp_path / "b.jsonl", [gsm8k_record(gsm8k_sample(i, "b"), PREFIX + "1") for i in range(3, 5)])
-    c = ne.compare_runs(ne.load_run(str(a)), ne.load_run(str(b)))["gsm8k_cot_llama"]
+    c = ne._compare_runs(ne._load_run(str(a)), ne._load_run(str(b)))["gsm8k_cot_llama"]
     assert c == {"n": 0, "unmatched": 5, "verdict": "no samples in common"}
     code, out, _ = run_main(["compare", str(a), str(b)], capsys)
     assert code == 0 and "gsm8k_cot_llama: no samples in common" in out
@@ -647,7 +647,7 @@ def test_fail_if_from_python(gate_logs):
     assert ne.gate_failures(worse, "different") == ["gsm8k_cot_llama"]
     better = ne.compare_paths(str(gate_logs["wrong"]), str(gate_logs["right"]))
     assert ne.gate_failures(better, "worse") == [] and ne.gate_failures(better, "different") == ["gsm8k_cot_llama"]
-    assert ne.gate_exit(better, "worse") == 0 and ne.gate_exit(better, "different") == 6
+    assert ne._gate_exit(better, "worse") == 0 and ne._gate_exit(better, "different") == 6
 
 
 def test_compare_fail_if_text_output_still_printed(gate_logs):
@@ -677,7 +677,7 @@ def test_compare_fail_if_bad_choice(gate_logs):
 ])
 def test_gate_failures(c, fail_if, failed):
     assert ne.gate_failures({"t": c}, fail_if) == failed
-    assert ne.gate_exit({"t": c}, fail_if) == (6 if failed else 0)
+    assert ne._gate_exit({"t": c}, fail_if) == (6 if failed else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -735,8 +735,8 @@ def test_several_servers_run_and_compare(tmp_path, isolated_env, gsm8k_answers):
     assert "  verdict         no significant difference at n=20 (p=0.289)" in proc.stderr
     assert "verdict" not in proc.stdout.replace('"verdict"', "")
     # and it equals what `compare` says about the two logged runs
-    again = ne.compare_runs(ne.load_run(str(log_dir / f"0_127.0.0.1_{srv_a.port}")),
-                            ne.load_run(str(log_dir / f"1_127.0.0.1_{srv_b.port}")))
+    again = ne._compare_runs(ne._load_run(str(log_dir / f"0_127.0.0.1_{srv_a.port}")),
+                            ne._load_run(str(log_dir / f"1_127.0.0.1_{srv_b.port}")))
     assert json.loads(json.dumps(again)) == comparison["comparison"]
 
     # the same command again resumes each server's run from its own folder: nothing is resent
@@ -906,7 +906,7 @@ def test_numerics_names_prompt_tokens_when_the_servers_see_different_prompts(tmp
 def logged_pair(row, text_a, tokens_a, text_b, tokens_b):
     """Two records of one row with their logged logprobs: tokens [token, logprob, [[token, logprob], ...]]."""
     def rec(text, tokens):
-        return ne.Logged.of({"task": GSM, "doc_hash": str(row), "row_idx": row, "status": "ok",
+        return ne._Logged.of({"task": GSM, "doc_hash": str(row), "row_idx": row, "status": "ok",
                              "response": {"content": text, "logprobs": tokens}})
     return rec(text_a, tokens_a), rec(text_b, tokens_b)
 
@@ -929,7 +929,7 @@ def test_numerics_verdict_arithmetic():
         logged_pair(4, "E", [["E", -0.5, []]], "E", [["E", -0.25, []]]),
     ]
     # distances: 0.25 three times, 0 six times; each sample's largest: 0.25, 0.25, 0, 0.25
-    nm = ne.numerics_verdict(pairs, [], 5, 0, tolerance=0.25)
+    nm = ne._numerics_verdict(pairs, [], 5, 0, tolerance=0.25)
     assert (nm["shared_tokens"], nm["max_abs_logprob_diff"], nm["p99_abs_logprob_diff"]) == (9, 0.25, 0.25)
     assert nm["median_abs_logprob_diff"] == 0.0 and nm["median_sample_max_abs_logprob_diff"] == 0.25
     assert nm["mean_abs_logprob_diff"] == pytest.approx(0.75 / 9)
@@ -939,11 +939,11 @@ def test_numerics_verdict_arithmetic():
     # p99 equal to the tolerance is within it; one confident parting in 5 is allowed (at least one is)
     assert (nm["divergences"], nm["unexplained"], nm["unexplained_allowed"]) == (2, 1, 1)
     assert nm["verdict"] == "equivalent", nm
-    assert ne.numerics_verdict(pairs, [], 5, 0, tolerance=0.2499)["verdict"] == "different"
+    assert ne._numerics_verdict(pairs, [], 5, 0, tolerance=0.2499)["verdict"] == "different"
     # texts that part at their first token share no token, but a near-tie parting is still evidence
     (only,) = [logged_pair(0, "Yes", [["Yes", -0.1, [["Yes", -0.1], ["No", -0.15]]]],
                            "No", [["No", -0.1, [["No", -0.1], ["Yes", -0.12]]]])]
-    nm = ne.numerics_verdict([only], [], 1, 0)
+    nm = ne._numerics_verdict([only], [], 1, 0)
     assert (nm["verdict"], nm["shared_tokens"], nm["divergences"]) == ("equivalent", 0, 1), nm
     assert nm["max_abs_logprob_diff"] is None and nm["p99_abs_logprob_diff"] is None
 
@@ -986,20 +986,20 @@ def test_token_keys_match_across_spellings():
     MAX ""): they share one key, so a final EOS or a split character is no parting, and where one
     side stops and the other goes on (measured: llama.cpp's EOS {"id": 2} against vLLM's
     "<|im_end|>", its rank 2) the parting is a near-tie, not "not in the other's top K"."""
-    keys = [ne.token_key(ne.logged_token(e)) for e in (
+    keys = [ne._token_key(ne._logged_token(e)) for e in (
         {"token": "", "id": 2, "bytes": []}, {"token": "<|im_end|>", "bytes": list(b"<|im_end|>")},
         {"token": " ", "bytes": [32, 195]}, {"token": "", "bytes": []}, {"token": " caf", "bytes": list(b" caf")})]
-    assert keys == [ne.UNSPELLED, ne.UNSPELLED, ne.UNSPELLED, ne.UNSPELLED, " caf"]
+    assert keys == [ne._UNSPELLED, ne._UNSPELLED, ne._UNSPELLED, ne._UNSPELLED, " caf"]
     # MAX spells a part of a character as the replacement character itself, with its bytes
-    assert ne.token_key(ne.logged_token({"token": "\ufffd", "bytes": [239, 191, 189]})) == ne.UNSPELLED
-    assert [ne.token_key(t) for t in ("<|eot_id|>", "</s>", "<end_of_turn>", "<|", "a<|im_end|>")] == \
-        [ne.UNSPELLED] * 3 + ["<|", "a<|im_end|>"]
-    assert ne.logged_token({"token": "", "id": 2}) == {"id": 2}
-    assert ne.logged_token({"token": " ", "bytes": [32, 195]}) == {"bytes": "20c3"}
+    assert ne._token_key(ne._logged_token({"token": "\ufffd", "bytes": [239, 191, 189]})) == ne._UNSPELLED
+    assert [ne._token_key(t) for t in ("<|eot_id|>", "</s>", "<end_of_turn>", "<|", "a<|im_end|>")] == \
+        [ne._UNSPELLED] * 3 + ["<|", "a<|im_end|>"]
+    assert ne._logged_token({"token": "", "id": 2}) == {"id": 2}
+    assert ne._logged_token({"token": " ", "bytes": [32, 195]}) == {"bytes": "20c3"}
     # the same text, the EOS spelled two ways: every token pair compared, no parting
     a = [["Hi", -0.5, []], [" there", -0.25, []], [{"id": 2}, -0.001, []]]
     b = [["Hi", -0.5, []], [" there", -0.26, []], ["<|im_end|>", -0.003, []]]
-    diffs, parting = ne.token_pair(a, b, same_text=True)
+    diffs, parting = ne._token_pair(a, b, same_text=True)
     assert parting is None and diffs == pytest.approx([0.0, 0.01, 0.002])
 
 
@@ -1008,11 +1008,11 @@ def test_classify_response_keeps_logprobs_compactly():
         openai_token("Hi", -0.1234567891, top_logprobs=[openai_token("Hi", -0.1234567891),
                                                          openai_token("Hello", -2.5)]),
         {"token": "", "id": 2, "bytes": [], "logprob": float("-inf"), "top_logprobs": []}]}}]}
-    outcome = ne.classify_response(ne.HTTPResponse(200, {}, json.dumps(body).encode()))
+    outcome = ne._classify_response(ne._HTTPResponse(200, {}, json.dumps(body).encode()))
     assert outcome.logprobs == [["Hi", -0.1234568, [["Hi", -0.1234568], ["Hello", -2.5]]], [{"id": 2}, None, []]]
     for broken in ({"content": None}, None, {"content": "x"}, {"content": [1]}):
         body["choices"][0]["logprobs"] = broken
-        assert ne.classify_response(ne.HTTPResponse(200, {}, json.dumps(body).encode())).logprobs is None
+        assert ne._classify_response(ne._HTTPResponse(200, {}, json.dumps(body).encode())).logprobs is None
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -1067,20 +1067,20 @@ def test_binomial_draws_follow_the_binomial_distribution():
         draws = 100_000
         counts = [0] * (n + 1)
         for _ in range(draws):
-            counts[ne.binomial(n, p, rng)] += 1
+            counts[ne._binomial(n, p, rng)] += 1
         expected = [draws * math.comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(n + 1)]
         cells = [(c, e) for c, e in zip(counts, expected) if e >= 5]
         chi2, df = sum((c - e) ** 2 / e for c, e in cells), len(cells) - 1
         assert chi2 < df + 5 * math.sqrt(2 * df), (n, p, chi2, df)
-    assert ne.binomial(0, 0.3, rng) == 0 and ne.binomial(7, 1.0, rng) == 7 and ne.binomial(7, 0.0, rng) == 0
+    assert ne._binomial(0, 0.3, rng) == 0 and ne._binomial(7, 1.0, rng) == 7 and ne._binomial(7, 0.0, rng) == 0
 
 
 def test_the_statistics_of_a_100000_pair_comparison():
     """McNemar on 50,000 discordant pairs and the bootstrap of 100,000 differences: both were
     minutes (n-digit binomials; 10,000 x n draws) and are now well under a second (timed in
     bench/README.md, not here): the figures are still the exact p and the bootstrap interval."""
-    p = ne.mcnemar_exact(25_000, 25_500)
-    low, high = ne.paired_bootstrap([1.0] * 15_000 + [-1.0] * 5_000 + [0.0] * 80_000, 10_000)
+    p = ne._mcnemar_exact(25_000, 25_500)
+    low, high = ne._paired_bootstrap([1.0] * 15_000 + [-1.0] * 5_000 + [0.0] * 80_000, 10_000)
     assert p == pytest.approx(0.02638245, rel=1e-6)  # 2 P(X <= 25000), X ~ Bin(50500, 1/2)
     se = math.sqrt((0.2 - 0.1 ** 2) / 100_000)
     assert low == pytest.approx(0.1 - 1.96 * se, abs=3e-4) and high == pytest.approx(0.1 + 1.96 * se, abs=3e-4)
@@ -1100,31 +1100,31 @@ def test_a_log_read_in_batches_keeps_every_record_and_its_line_number(planted, t
     torn, listed, two = lines[60][:700], "[1, 2]", lines[80] + ", " + lines[81]
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(lines[:60] + [torn] + lines[61:70] + [listed] + lines[71:80] + [two] + lines[82:]) + "\n")
-    rows = [r["row_idx"] for r in ne.read_records(log)]
+    rows = [r["row_idx"] for r in ne._read_records(log)]
     assert rows == [i for i in range(201) if i not in (60, 70, 80, 81)]
     with pytest.raises(ne.UsageError, match=r"log.jsonl:71: not a nano-eval sample record \(not a JSON object\)"):
-        ne.load_repeats(str(log))
-    first, second = list(ne.read_records(planted[0]))[:2]
+        ne._load_repeats(str(log))
+    first, second = list(ne._read_records(planted[0]))[:2]
     assert all(x is y for x, y in zip(first, second))  # one key object for every record of a batch
-    assert ne.READ_BATCH > 5 * len(lines[0])
+    assert ne._READ_BATCH > 5 * len(lines[0])
 
 
 def test_a_logged_request_is_kept_as_a_digest_and_read_again_whole_for_the_report(planted, tmp_path):
-    record = next(ne.read_records(planted[0]))
+    record = next(ne._read_records(planted[0]))
     messages = record["request"]["messages"]
-    slim = ne.slim_request(record["request"], record.get("image"))
-    assert slim["messages"] == [{"sha256": ne.messages_digest(messages)}]
-    kept = ne.load_run(str(planted[0]))[("gsm8k_cot_llama", record["doc_hash"])]
+    slim = ne._slim_request(record["request"], record.get("image"))
+    assert slim["messages"] == [{"sha256": ne._messages_digest(messages)}]
+    kept = ne._load_run(str(planted[0]))[("gsm8k_cot_llama", record["doc_hash"])]
     assert kept.request == slim and kept.at == (str(planted[0]), 0)
-    assert ne.full_record(kept) == ne.Logged.of(record, kept.at)  # the report shows what the log holds
-    assert ne.full_record(kept).request == record["request"]
+    assert ne._full_record(kept) == ne._Logged.of(record, kept.at)  # the report shows what the log holds
+    assert ne._full_record(kept).request == record["request"]
     log = tmp_path / "log.jsonl"
     shutil.copy(planted[0], log)
-    kept = next(iter(ne.load_run(str(log)).values()))
+    kept = next(iter(ne._load_run(str(log)).values()))
     log.write_text("\n".join(planted[0].read_text().splitlines()[1:]) + "\n")  # another sample now on that line
-    assert ne.full_record(kept) is kept
+    assert ne._full_record(kept) is kept
     log.unlink()
-    assert ne.full_record(kept) is kept
+    assert ne._full_record(kept) is kept
     assert "model" not in slim and slim["max_tokens"] == record["request"]["max_tokens"]
     changed = [
         [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + " "}],  # one character
@@ -1133,18 +1133,18 @@ def test_a_logged_request_is_kept_as_a_digest_and_read_again_whole_for_the_repor
         messages[:-1], [*messages, messages[-1]],
         [*messages[:-1], {"role": "user", "content": [{"type": "text", "text": messages[-1]["content"]}]}],
     ]
-    digests = {ne.messages_digest(m) for m in [messages, *changed]}
+    digests = {ne._messages_digest(m) for m in [messages, *changed]}
     assert len(digests) == 1 + len(changed)
-    assert ne.messages_digest(json.loads(json.dumps(messages))) == ne.messages_digest(messages)
-    digest = ne.MessagesDigest()  # as a log is read: the turns before the question hashed once while they repeat
+    assert ne._messages_digest(json.loads(json.dumps(messages))) == ne._messages_digest(messages)
+    digest = ne._MessagesDigest()  # as a log is read: the turns before the question hashed once while they repeat
     for m in [messages, *changed, messages, changed[0], [], [{"role": "user"}], messages[:1], messages]:
-        assert digest(m) == ne.messages_digest(m)
+        assert digest(m) == ne._messages_digest(m)
 
 
 @given(st.text(alphabet="ab", max_size=12), st.text(alphabet="ab", max_size=12))
 def test_first_difference_is_the_common_prefix_length(a, b):
     expected = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    assert ne.first_difference(a, b) == expected
+    assert ne._first_difference(a, b) == expected
 
 
 # --------------------------------------------------------------------------------------------

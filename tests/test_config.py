@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 import nano_eval  # noqa: E402
 from fakes import (ByRow, FakeOpenAI, GSM, GSM_ARGS, Reply, SECRET, TASK_ARGS, cli, cli_env, error_lines,  # noqa: E402
                    free_port, main_json, one_error)
-from nano_eval import APIConfig, TASKS, UsageError, normalize_base_url, parse_kv, parse_value, run_task  # noqa: E402
+from nano_eval import APIConfig, TASKS, UsageError, _normalize_base_url, _parse_kv, _parse_value, run_task  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -29,12 +29,12 @@ from nano_eval import APIConfig, TASKS, UsageError, normalize_base_url, parse_kv
 
 
 def test_normalize_base_url():
-    assert normalize_base_url("http://h:1/v1/chat/completions") == ("http://h:1/v1", "http://h:1/v1/chat/completions")
-    assert normalize_base_url(" https://h/api/v1/ ") == ("https://h/api/v1", "https://h/api/v1/chat/completions")
-    assert normalize_base_url("http://h:8000") == ("http://h:8000/v1", "http://h:8000/v1/chat/completions")
+    assert _normalize_base_url("http://h:1/v1/chat/completions") == ("http://h:1/v1", "http://h:1/v1/chat/completions")
+    assert _normalize_base_url(" https://h/api/v1/ ") == ("https://h/api/v1", "https://h/api/v1/chat/completions")
+    assert _normalize_base_url("http://h:8000") == ("http://h:8000/v1", "http://h:8000/v1/chat/completions")
     for bad in ("localhost:8000", "ftp://h/v1", "http:///v1", "http://h:99999999/v1", "", None):
         with pytest.raises(UsageError):
-            normalize_base_url(bad)
+            _normalize_base_url(bad)
 
 
 @pytest.mark.parametrize("suffix", ["/v1/chat/completions", "/v1/chat/completions/", "/v1/", "/v1", ""])
@@ -59,14 +59,14 @@ def test_non_ascii_or_credentials_in_the_url_are_usage_errors(isolated_env, url)
 
 
 def test_parse_kv_examples():
-    assert parse_kv(None, "--x") == {} and parse_kv("", "--x") == {} and parse_kv("  ", "--x") == {}
-    assert parse_kv("a=1,b=2.5,c=true,d=None,e=hello, f = x y ", "--x") == {
+    assert _parse_kv(None, "--x") == {} and _parse_kv("", "--x") == {} and _parse_kv("  ", "--x") == {}
+    assert _parse_kv("a=1,b=2.5,c=true,d=None,e=hello, f = x y ", "--x") == {
         "a": 1, "b": 2.5, "c": True, "d": "None", "e": "hello", "f": "x y"}
-    assert parse_kv("a=,b=2", "--x") == {"a": "", "b": 2}
-    assert parse_kv(" a = 1 , b=x,,c=b=c ", "--gen_kwargs") == {"a": 1, "b": "x", "c": "b=c"}  # empty items skipped
+    assert _parse_kv("a=,b=2", "--x") == {"a": "", "b": 2}
+    assert _parse_kv(" a = 1 , b=x,,c=b=c ", "--gen_kwargs") == {"a": 1, "b": "x", "c": "b=c"}  # empty items skipped
     for bad in ("a", "a,b", "=x", "=1", "a=1,b", " =1"):
         with pytest.raises(UsageError):
-            parse_kv(bad, "--x")
+            _parse_kv(bad, "--x")
 
 
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -81,7 +81,7 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 @example(" = ")
 def test_parse_kv_only_raises_usage_error(text):
     try:
-        result = parse_kv(text, "--gen_kwargs")
+        result = _parse_kv(text, "--gen_kwargs")
     except UsageError as exc:
         assert "--gen_kwargs" in str(exc)
     else:
@@ -93,7 +93,7 @@ safe_key = st.text(alphabet=st.characters(exclude_characters=",=", exclude_categ
                    min_size=1, max_size=12).map(str.strip).filter(bool)
 
 plain_string = st.text(alphabet=st.characters(exclude_characters=",=", exclude_categories=("Cs",)),
-                       min_size=1, max_size=12).map(str.strip).filter(lambda s: s and parse_value(s) == s)
+                       min_size=1, max_size=12).map(str.strip).filter(lambda s: s and _parse_value(s) == s)
 
 simple_value = st.one_of(st.integers(min_value=0), st.booleans(),
                          st.floats(allow_nan=False, allow_infinity=False), plain_string)
@@ -103,7 +103,7 @@ simple_value = st.one_of(st.integers(min_value=0), st.booleans(),
 @given(st.dictionaries(safe_key, simple_value, max_size=6))
 def test_parse_kv_round_trips_simple_dicts(mapping):
     text = ",".join(f"{k}={v}" for k, v in mapping.items())
-    parsed = parse_kv(text, "--model_args")
+    parsed = _parse_kv(text, "--model_args")
     assert parsed == mapping
     for key, value in mapping.items():
         assert type(parsed[key]) is type(value)
@@ -116,32 +116,32 @@ def test_parse_kv_round_trips_simple_dicts(mapping):
     ("True", True), ("TRUE", True), ("false", False), ("none", "none"), ("None", "None"),
 ])
 def test_parse_value(text, value):
-    parsed = parse_value(text)
+    parsed = _parse_value(text)
     assert parsed == value and type(parsed) is type(value)
 
 
 @FAST
 @given(st.integers())
 def test_parse_value_int(i):
-    value = parse_value(str(i))  # lm-eval: digits only -> int; "-5" -> -5.0
+    value = _parse_value(str(i))  # lm-eval: digits only -> int; "-5" -> -5.0
     assert (value, type(value)) == ((i, int) if i >= 0 else (float(i), float))
 
 
 @FAST
 @given(st.floats(allow_nan=False))
 def test_parse_value_float(f):
-    value = parse_value(repr(f))
+    value = _parse_value(repr(f))
     assert type(value) is float and value == f
 
 
 def test_parse_value_nan():
-    assert math.isnan(parse_value("nan"))
+    assert math.isnan(_parse_value("nan"))
 
 
 @FAST
 @given(st.text(max_size=40))
 def test_parse_value_types(text):
-    value = parse_value(text)
+    value = _parse_value(text)
     assert value is None or type(value) in (bool, int, float, str)
     if type(value) is str:
         assert value == text  # a string comes back unchanged
@@ -198,12 +198,12 @@ def test_every_option_is_a_flag_a_model_arg_or_both_and_its_check_is_the_fields(
     use its check."""
     fields = {"api": {f.name for f in nano_eval.dataclasses.fields(APIConfig)},
               "run": {f.name for f in nano_eval.dataclasses.fields(nano_eval.RunOptions)}}
-    for option in nano_eval.OPTIONS:
+    for option in nano_eval._OPTIONS:
         assert option.help or option.model_arg, option.name
         assert option.into is None or option.name in fields[option.into], option.name
-    parser = nano_eval.build_parser()
+    parser = nano_eval._build_parser()
     flags = {a.dest for a in parser._actions if a.option_strings and a.dest != "help"}
-    assert flags - {"version"} == {o.name for o in nano_eval.OPTIONS if o.help}
+    assert flags - {"version"} == {o.name for o in nano_eval._OPTIONS if o.help}
 
 
 def test_a_null_seed_in_json_model_args_sends_a_null_seed(isolated_env, fake_openai):
@@ -522,16 +522,16 @@ def test_a_one_character_secret_does_not_mangle_messages(tmp_path, env, flags):
     assert error_lines(proc.stderr)[0].startswith("nano-eval: error: cannot reach http://127.0.0.1:"), proc.stderr
     assert "***" not in proc.stderr
     # where it stands as a credential it is still replaced
-    assert nano_eval.redact("Authorization: Bearer a; X-Debug: 1; key=a", ["a", "1"]) == \
+    assert nano_eval._redact("Authorization: Bearer a; X-Debug: 1; key=a", ["a", "1"]) == \
         "Authorization: Bearer ***; X-Debug: ***; key=***"
 
 
 def test_redact_long_secrets_anywhere_longest_first():
     # SHORT_SECRET (8) characters or more: replaced wherever it stands
-    assert nano_eval.redact("token:abcdefgh;", ["abcdefgh"]) == "token:***;"
-    assert nano_eval.redact("token:abcdefg;", ["abcdefg"]) == "token:abcdefg;"  # 7: only as a credential
+    assert nano_eval._redact("token:abcdefgh;", ["abcdefgh"]) == "token:***;"
+    assert nano_eval._redact("token:abcdefg;", ["abcdefg"]) == "token:abcdefg;"  # 7: only as a credential
     # a secret that begins another is replaced after it: no tail of the longer one is left
-    assert nano_eval.redact("key abcdefgh12345678 end", ["abcdefgh", "abcdefgh12345678"]) == "key *** end"
+    assert nano_eval._redact("key abcdefgh12345678 end", ["abcdefgh", "abcdefgh12345678"]) == "key *** end"
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,8 +27,8 @@ from fakes import (CAPTURES, CHARTQA, Dataset, FakeDatasetsServer, FakeOpenAI, G
                    TINY_JPEG, URL, answers_responder, chart_row_of, chartqa_cache, cli, cli_env, client, error_line,
                    image_bytes_of, image_of, image_url, interrupt_while_waiting, make_png, read_log_by_row,
                    run_chartqa, ByRow, GSM, one_error)
-from nano_eval import (APIConfig, DatasetCache, DatasetError, TASKS, load_rows, resolve_data_dir, run_task,  # noqa: E402
-                       sniff_image)
+from nano_eval import (APIConfig, _DatasetCache, DatasetError, TASKS, _load_rows, _resolve_data_dir, run_task,  # noqa: E402
+                       _sniff_image)
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,13 +65,13 @@ def assert_gsm8k_rows(rows, n):
 
 
 def load(ref, count, roots, server, image_column=None, token=None):
-    return asyncio.run(load_rows(ref, count, [Path(r) for r in roots], image_column, client(server, token)))
+    return asyncio.run(_load_rows(ref, count, [Path(r) for r in roots], image_column, client(server, token)))
 
 
 @pytest.fixture
 def no_bundled(monkeypatch, tmp_path):
     """Hide the data/ shipped beside nano_eval.py, so gsm8k has to come from the datasets-server."""
-    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", tmp_path / "no-bundled-data")
+    monkeypatch.setattr(nano_eval, "_BUNDLED_DATA", tmp_path / "no-bundled-data")
     for name in ("HF_TOKEN", "NANO_EVAL_DATA_DIR", "NANO_EVAL_DATASETS_SERVER"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "cache"
@@ -237,7 +237,7 @@ def test_list_feature_styles_accepted(style, no_bundled, chartqa_spec):
 
 def test_a_short_page_is_an_error_not_a_smaller_denominator(tmp_path, monkeypatch, gsm8k_spec, fake_openai):
     rows = [row for i, row in enumerate(gsm8k_spec.rows[:150]) if i != 5]
-    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", tmp_path / "none")
+    monkeypatch.setattr(nano_eval, "_BUNDLED_DATA", tmp_path / "none")
     with FakeDatasetsServer({GSM8K: Dataset(gsm8k_spec.features, rows)}) as hf:
         # the fake renumbers rows densely, so tamper with what it sends: drop row 5 from page 0
         original = hf._route
@@ -337,14 +337,14 @@ def test_manifest_lies_about_a_page(no_bundled, gsm8k_spec):
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     target = tmp_path / "d" / "file.json"
-    nano_eval.atomic_write(target, b"old")
+    nano_eval._atomic_write(target, b"old")
 
     def boom(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(nano_eval.os, "replace", boom)
     with pytest.raises(OSError):
-        nano_eval.atomic_write(target, b"new contents")
+        nano_eval._atomic_write(target, b"new contents")
     monkeypatch.undo()
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]  # no temp file left
@@ -360,7 +360,7 @@ def test_cache_writes_leave_no_temp_files(no_bundled, chartqa_spec, gsm8k_spec):
 
 
 def test_shipped_gsm8k_cache_is_complete_and_verifies():
-    cache = DatasetCache([ROOT / "data"], GSM_REF)
+    cache = _DatasetCache([ROOT / "data"], GSM_REF)
     assert cache.num_rows_total() == 1319
     assert len(cache.manifest["pages"]) == 14
     rows = []
@@ -369,13 +369,13 @@ def test_shipped_gsm8k_cache_is_complete_and_verifies():
         assert page is not None, offset
         rows += page
     assert_gsm8k_rows(rows, 1319)
-    assert nano_eval.BUNDLED_DATA == ROOT / "data"
+    assert nano_eval._BUNDLED_DATA == ROOT / "data"
 
 
 def test_complete_bundled_cache_needs_no_datasets_server(tmp_path, monkeypatch, fake_openai):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with FakeDatasetsServer({}) as hf:  # would answer 401 to anything
-        rows, _ = load(GSM_REF, None, [tmp_path / "cache", nano_eval.BUNDLED_DATA], hf)
+        rows, _ = load(GSM_REF, None, [tmp_path / "cache", nano_eval._BUNDLED_DATA], hf)
         result = asyncio.run(run_task(TASKS["gsm8k_cot_llama"], APIConfig(url=fake_openai.base_url, model="m"),
                                       max_samples=250, data_dir=str(tmp_path / "cache"),
                                       datasets_server=client(hf)))
@@ -397,12 +397,12 @@ def test_a_pip_installed_module_caches_in_the_user_cache_dir(tmp_path, monkeypat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     installed = tmp_path / "lib" / "site-packages" / "data"
     installed.parent.mkdir(parents=True)
-    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", installed)
-    assert resolve_data_dir(None) == [tmp_path / "cache" / "nano-eval", installed]
+    monkeypatch.setattr(nano_eval, "_BUNDLED_DATA", installed)
+    assert _resolve_data_dir(None) == [tmp_path / "cache" / "nano-eval", installed]
     copied = tmp_path / "box" / "data"
     copied.parent.mkdir()
-    monkeypatch.setattr(nano_eval, "BUNDLED_DATA", copied)  # nano_eval.py copied alone: data/ beside it
-    assert resolve_data_dir(None) == [copied]
+    monkeypatch.setattr(nano_eval, "_BUNDLED_DATA", copied)  # nano_eval.py copied alone: data/ beside it
+    assert _resolve_data_dir(None) == [copied]
 
 
 def solo_copy(tmp_path: Path) -> Path:
@@ -622,15 +622,15 @@ def test_null_image_rows_are_missing_image(no_env, fake_hf, chart_server, tmp_pa
 
 
 def test_sniff_image():
-    assert sniff_image(make_png(4, 3)) == ("png", "image/png")
-    assert sniff_image(TINY_JPEG) == ("jpeg", "image/jpeg")
-    assert sniff_image(b"GIF87a" + b"\x00" * 10) == ("gif", "image/gif")
-    assert sniff_image(b"GIF89a" + b"\x00" * 10) == ("gif", "image/gif")
-    assert sniff_image(b"RIFF\x10\x00\x00\x00WEBPVP8 ") == ("webp", "image/webp")
-    assert sniff_image(b"RIFF\x10\x00\x00\x00WAVEfmt ") is None
-    assert sniff_image(b"<html>nope</html>") is None
-    assert sniff_image(b"") is None
-    assert sniff_image(b"\x89PNG") is None  # a truncated magic
+    assert _sniff_image(make_png(4, 3)) == ("png", "image/png")
+    assert _sniff_image(TINY_JPEG) == ("jpeg", "image/jpeg")
+    assert _sniff_image(b"GIF87a" + b"\x00" * 10) == ("gif", "image/gif")
+    assert _sniff_image(b"GIF89a" + b"\x00" * 10) == ("gif", "image/gif")
+    assert _sniff_image(b"RIFF\x10\x00\x00\x00WEBPVP8 ") == ("webp", "image/webp")
+    assert _sniff_image(b"RIFF\x10\x00\x00\x00WAVEfmt ") is None
+    assert _sniff_image(b"<html>nope</html>") is None
+    assert _sniff_image(b"") is None
+    assert _sniff_image(b"\x89PNG") is None  # a truncated magic
 
 
 class TruncatesRowOne(FakeDatasetsServer):
@@ -653,7 +653,7 @@ def test_a_truncated_image_is_not_cached_nor_sent(no_env, chartqa_spec, chart_se
     assert result["failures"] == {"missing_image": 1} and result["num_samples"] == 3
     assert not (tmp_path / "data" / "HuggingFaceM4__ChartQA" / "default" / "test" / "images" / "1.png").exists()
     for fmt, whole in (("png", make_png(4, 3)), ("jpeg", TINY_JPEG)):
-        assert nano_eval.image_is_whole(whole, fmt) and not nano_eval.image_is_whole(whole[:-10], fmt)
+        assert nano_eval._image_is_whole(whole, fmt) and not nano_eval._image_is_whole(whole[:-10], fmt)
 
 
 @pytest.mark.parametrize("edit, problem", [

@@ -30,7 +30,7 @@ import nano_eval  # noqa: E402
 from fakes import (ByRow, FakeOpenAI, ForwardProxy, GSM_ARGS, METRICS, NANO_EVAL, PROXY_VARS,  # noqa: E402
                    Reply, TLS_CERT, assert_auth_failure, cli, error_lines, fault_plan, gsm8k_row_of,
                    interrupt_while_waiting, read_log, run_inproc, send_chunked, serve_https)
-from nano_eval import (AdaptiveLimiter, APIConfig, AuthError, ChatClient, Connection, HTTPClient, TASKS,  # noqa: E402
+from nano_eval import (_AdaptiveLimiter, APIConfig, AuthError, _ChatClient, _Connection, _HTTPClient, TASKS,  # noqa: E402
                        UsageError, run_task)
 
 
@@ -57,7 +57,7 @@ class Recorder:
 
 @pytest.mark.parametrize("body", [b'{"messages": []}', b""])
 def test_one_send_sends_what_http_client_sends(body):
-    ours, theirs = Recorder(Connection), Recorder(http.client.HTTPConnection)
+    ours, theirs = Recorder(_Connection), Recorder(http.client.HTTPConnection)
     assert ours.request(body) == theirs.request(body)
     assert len(ours.sent) == 1
 
@@ -65,7 +65,7 @@ def test_one_send_sends_what_http_client_sends(body):
 @pytest.mark.usefixtures("no_datasets_server")
 def test_http_client_reuses_one_connection(tmp_path):
     with FakeOpenAI() as server:
-        client = HTTPClient(timeout=5)
+        client = _HTTPClient(timeout=5)
         for _ in range(10):
             resp = client.request("GET", server.base_url + "/models")
             assert resp.status == 200 and json.loads(resp.body)["data"][0]["id"] == "fake-model"
@@ -440,10 +440,10 @@ PAYLOAD = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi
 
 
 @contextlib.contextmanager
-def client_of_throttling_server(replies: dict) -> Iterator[ChatClient]:
+def client_of_throttling_server(replies: dict) -> Iterator[_ChatClient]:
     """A ChatClient (8 in flight, one attempt) of a server that answers with replies["status"]."""
     with FakeOpenAI(responder=lambda body, n: Reply(status=replies["status"], content="hi")) as srv:
-        client = ChatClient(APIConfig(url=srv.base_url, model="m", num_concurrent=8, max_retries=1,
+        client = _ChatClient(APIConfig(url=srv.base_url, model="m", num_concurrent=8, max_retries=1,
                                       retry_base_delay=0.01))
         try:
             yield client
@@ -471,7 +471,7 @@ def test_limiter_halves_on_throttling_and_grows_back():
         assert client.limiter.limit == 4
 
 
-def send_at_once(client: ChatClient, payload: bytes, n: int) -> list:
+def send_at_once(client: _ChatClient, payload: bytes, n: int) -> list:
     """n requests in n threads at once, as the runner's workers send them."""
     with ThreadPoolExecutor(n) as pool:
         return list(pool.map(lambda _: client.send_blocking(payload), range(n)))
@@ -489,7 +489,7 @@ def test_limiter_does_not_grow_on_errors():
 
 
 def test_limiter_never_exceeds_its_cap_under_threads():
-    limiter = AdaptiveLimiter(8)
+    limiter = _AdaptiveLimiter(8)
     peak, lock, stop = [0], threading.Lock(), time.monotonic() + 1.0
     rnd = random.Random(1)
 
@@ -511,7 +511,7 @@ def test_limiter_never_exceeds_its_cap_under_threads():
 
 
 def test_limiter_admits_no_more_than_a_lowered_cap():
-    limiter = AdaptiveLimiter(4)
+    limiter = _AdaptiveLimiter(4)
     for _ in range(4):
         assert limiter.acquire()
     limiter.release(throttled=True)  # cap 2, 3 in flight
@@ -927,12 +927,12 @@ def test_a_body_cut_short_is_a_dropped_connection_and_retried(cap):
                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(whole) + whole]
     url, seen = short_body_server(answers)
     config = nano_eval.APIConfig(url, model="m", retry_base_delay=0.01, max_response_mb=cap or 16)
-    client = nano_eval.ChatClient(config)
+    client = nano_eval._ChatClient(config)
     if cap is None:
         client.http.max_body = None  # the uncapped read path too
     outcome = client.send_blocking(b'{"messages": []}')
     client.close()
     assert (outcome.status, outcome.content, outcome.attempts) == ("ok", "The final answer is 18", 3)
     assert len(seen) == 3
-    status, reason = nano_eval.describe_network_error(http.client.IncompleteRead(short, 981))
+    status, reason = nano_eval._describe_network_error(http.client.IncompleteRead(short, 981))
     assert (status, reason) == ("connection", "the connection closed mid-response (19 of 1,000 bytes)")

@@ -27,7 +27,7 @@ def grid(report: dict) -> dict:
 
 def preflight(srv: ConformanceFake, **config) -> dict:
     config.setdefault("timeout", 10)
-    return ne.preflight_checks(ne.APIConfig(srv.base_url, model=MODEL, **config))
+    return ne._preflight_checks(ne.APIConfig(srv.base_url, model=MODEL, **config))
 
 
 def test_well_behaved_server_passes_every_check():
@@ -170,7 +170,7 @@ def test_chat_that_fails_stops_the_preflight():
 
 def test_unreachable_server_fails_without_raising():
     from fakes import free_port
-    report = ne.preflight_checks(ne.APIConfig(f"http://127.0.0.1:{free_port()}/v1", model=MODEL, timeout=2))
+    report = ne._preflight_checks(ne.APIConfig(f"http://127.0.0.1:{free_port()}/v1", model=MODEL, timeout=2))
     assert [(c["check"], c["result"]) for c in report["checks"]] == [("/v1/models", "FAIL"),
                                                                        ("chat completion", "FAIL")]
     assert "connection refused" in report["checks"][0]["evidence"]

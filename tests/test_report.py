@@ -89,7 +89,7 @@ def compared(isolated_env, tmp_path, capsys) -> dict:
                                    "--no_progress"], capsys)
     assert code == 0
     runs = [run["config"]["log_samples"] for run in document["runs"]]
-    return {"document": document, "html": report.report_from_document(document), "logs": runs,
+    return {"document": document, "html": report._report_from_document(document), "logs": runs,
             "json": tmp_path / "both.json", "tmp": tmp_path}
 
 
@@ -144,18 +144,18 @@ def test_hostile_response_is_text_and_no_secret(compared):
 def test_cmd_report_of_two_folders_and_of_the_results_json(compared, monkeypatch):
     tmp = compared["tmp"]
     a, b = compared["logs"]
-    assert report.cmd_report([a, b, "-o", str(tmp / "ab.html")]) == 0
+    assert report._cmd_report([a, b, "-o", str(tmp / "ab.html")]) == 0
     page = Page((tmp / "ab.html").read_text("utf-8"))
     assert page.filter_counts() == {"all": 10, "wrong": 5, "failed": 1, "flipped": 4, "text differs": 5}
     assert "no significant difference at n=10 (p=0.625)" in page.find("p", "verdict")[0]["text"]
     assert "config unknown" in (tmp / "ab.html").read_text("utf-8")  # sample logs alone
     # the several --base_url results JSON given alone reports its runs and their comparison
-    assert report.cmd_report([str(compared["json"]), "-o", str(tmp / "doc.html")]) == 0
+    assert report._cmd_report([str(compared["json"]), "-o", str(tmp / "doc.html")]) == 0
     text = (tmp / "doc.html").read_text("utf-8")
     assert "model-b" in text and "config unknown" not in text
     assert Page(text).filter_counts() == page.filter_counts()
     with pytest.raises(nano_eval.UsageError, match="several servers"):
-        report.cmd_report([a, str(compared["json"])])
+        report._cmd_report([a, str(compared["json"])])
 
 
 def test_cmd_report_redacts_the_key_from_the_environment(compared):
@@ -178,7 +178,7 @@ def test_several_servers_one_unusable_and_a_prompt_mismatch(isolated_env, tmp_pa
                                    b.base_url, "--max_samples", 5, "--log_samples", tmp_path / "logs", "--no_progress"],
                                   capsys)
     assert code != 0 and "error" in document["runs"][0]
-    page = Page(report.report_from_document(document))
+    page = Page(report._report_from_document(document))
     runs = [e["text"] for e in page.find("table")[0:1]][0]
     assert runs.index(a.base_url) < runs.index(b.base_url) < runs.index(dead)  # A: the first usable server
     assert "cannot reach" in "".join(e["text"] for e in page.find("div", "warn"))
@@ -195,9 +195,9 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
         code, document, _ = main_json(["--tasks", GSM, "--base_url", srv.base_url, "--max_samples", 6,
                                    "--max_fail_rate", 0.5, "--output", tmp_path / "out.json", "--no_progress"], capsys)
     assert code == 0 and document["results"][GSM]["failures"] == {"empty": 1, "http_400": 1}
-    from_json = report.report_side(str(tmp_path / "out.json"))
+    from_json = report._report_side(str(tmp_path / "out.json"))
     assert from_json["config"]["model"] == "solo" and from_json["results"] == document["results"]
-    page = Page(report.render_report([from_json]))
+    page = Page(report._render_report([from_json]))
     assert page.filter_counts() == {"all": 6, "wrong": 3, "failed": 2}  # no flipped / differs for one run
     assert not page.find("p", "verdict")
     assert "empty 1, http_400 1" in "".join(e["text"] for e in page.find("td"))
@@ -207,10 +207,10 @@ def test_single_run_from_results_json_and_from_its_log(isolated_env, tmp_path, c
     assert answer == f"The final answer is {GSM8K_GOLD[4]}"
     assert texts_in(page, f"{GSM}-4", "summary")[1].startswith("reasoning (")
     # the sample log alone: the same metrics, recomputed, and the config unknown
-    from_log = report.report_side(document["config"]["log_samples"])
+    from_log = report._report_side(document["config"]["log_samples"])
     assert from_log["config"] is None and "config unknown" in from_log["note"]
     assert from_log["results"][GSM]["metrics"] == document["results"][GSM]["metrics"]
-    assert report.report_from_document(document).count('<details class="s') == 6
+    assert report._report_from_document(document).count('<details class="s') == 6
 
 
 CHART_FIXTURES = FIXTURES / "chartqa"
@@ -227,10 +227,10 @@ def test_chartqa_report_shows_the_image_sent(isolated_env, tmp_path, capsys):
             code, document, _ = main_json(["--tasks", "chartqa", "--base_url", srv.base_url, "--max_samples", 3,
                                        "--log_samples", log, "--no_progress"] + ["--log_images"] * images, capsys)
             assert code == 0
-            pages[images] = report.report_from_document(document)
+            pages[images] = report._report_from_document(document)
     chart = (CHART_FIXTURES / CHART_ROWS[0]["image"]).read_bytes()
     sources = [e["attrs"]["src"] for e in Page(pages[True]).find("img")]
-    assert len(sources) == 3 and sources[0] == nano_eval.data_url(chart)
+    assert len(sources) == 3 and sources[0] == nano_eval._data_url(chart)
     assert all(e["attrs"].get("loading") == "lazy" for e in Page(pages[True]).find("img"))
     assert all(src.startswith("data:image/png;base64,") for src in sources)  # nothing fetched
     assert not Page(pages[False]).find("img") and hashlib.sha256(chart).hexdigest() in pages[False]
@@ -246,7 +246,7 @@ def test_unknown_keys_repeats_and_odd_text_do_not_break_it(compared):
     records += [{**records[1], "repeat": 1, "new_field": {"x": [1]}}]
     log.write_text("".join(json.dumps(r) + "\n" for r in records), "utf-8")
     out = compared["tmp"] / "odd.html"
-    assert report.cmd_report([str(folder), "-o", str(out)]) == 0
+    assert report._cmd_report([str(folder), "-o", str(out)]) == 0
     page = Page(out.read_text("utf-8"))
     assert page.filter_counts()["all"] == 10
     assert "&lt;/details&gt;" in out.read_text("utf-8")
@@ -259,20 +259,20 @@ def test_a_record_with_only_its_required_fields_is_read_with_empty_values(tmp_pa
     log.write_text(json.dumps({"task": GSM, "doc_hash": "ab" * 32, "status": "ok"}) + "\n"
                    + json.dumps({"task": GSM, "doc_hash": "cd" * 32, "status": "timeout", "row_idx": 3}) + "\n")
     out = tmp_path / "min.html"
-    assert report.cmd_report([str(log), "-o", str(out)]) == 0
+    assert report._cmd_report([str(log), "-o", str(out)]) == 0
     page = Page(out.read_text("utf-8"))
     assert page.filter_counts()["all"] == 2 and page.filter_counts()["failed"] == 1
     assert "#abababababab" in out.read_text("utf-8")  # no row: the doc hash names it
-    side = nano_eval.report_side(str(log))
+    side = nano_eval._report_side(str(log))
     assert side["results"][GSM]["metrics"]["exact_match"] == 0.0
     assert side["results"][GSM]["failures"] == {"timeout": 1}
-    c = nano_eval.compare_runs(nano_eval.load_run(str(log)), nano_eval.load_run(str(log)))[GSM]
+    c = nano_eval._compare_runs(nano_eval._load_run(str(log)), nano_eval._load_run(str(log)))[GSM]
     assert (c["n"], c["accuracy_a"], c["prompt_tokens_unknown"], c["status_b"]) == (2, 0.0, 2, {"ok": 1, "timeout": 1})
 
 
 def test_unwritable_output_is_a_usage_error(compared):
     with pytest.raises(nano_eval.UsageError, match="cannot write the report"):
-        report.cmd_report([compared["logs"][0], "-o", str(compared["json"] / "r.html")])  # under a file
+        report._cmd_report([compared["logs"][0], "-o", str(compared["json"] / "r.html")])  # under a file
 
 
 def chromium(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -310,8 +310,8 @@ def test_report_in_a_real_browser(compared):
     # the page's Content-Security-Policy runs no script, not even this one: the counting needs it removed
     path.write_text(counting, "utf-8")
     assert "data-shown" not in chromium("--dump-dom", path.as_uri()).stdout
-    assert nano_eval.REPORT_CSP in counting
-    path.write_text(counting.replace(nano_eval.REPORT_CSP, ""), "utf-8")
+    assert nano_eval._REPORT_CSP in counting
+    path.write_text(counting.replace(nano_eval._REPORT_CSP, ""), "utf-8")
     shown = re.search(r'data-shown="([^"]*)"', chromium("--dump-dom", path.as_uri()).stdout).group(1)
     assert shown.split() == [f"{GSM}-{row}" for row in (1, 2, 4, 6)]
 
@@ -329,7 +329,7 @@ def test_large_chartqa_comparison_opens_fast(tmp_path, monkeypatch, capsys):
                                    "--log_samples", tmp_path / "logs", "--log_images", "--max_fail_rate", 1,
                                    "--num_concurrent", 16, "--no_progress"], capsys)
     path = tmp_path / "report.html"
-    report.write_report(path, report.report_from_document(document).replace("</body>", (
+    report._write_report(path, report._report_from_document(document).replace("</body>", (
         "<script>const paint = performance.getEntriesByName('first-contentful-paint')[0];"
         "document.documentElement.innerHTML = `<body data-parsed=${performance.now() | 0} "
         "data-painted=${paint ? paint.startTime | 0 : -1}></body>`</script></body>")))
@@ -381,7 +381,7 @@ def test_report_shows_numerics_verdict_chart_and_parting(isolated_env, tmp_path,
                                        "--max_samples", 6, "--logprobs", 3, "--log_samples", tmp_path / "logs",
                                        "--no_progress"], capsys)
     assert code == 0
-    page = Page(report.report_from_document(document))
+    page = Page(report._report_from_document(document))
     verdict = page.find("p", "verdict")[0]["text"]
     assert "numerics equivalent" in verdict and "differ" not in page.find("p", "verdict")[0]["attrs"]["class"]
     rows = [e["text"] for e in page.find("tr") if e["text"].startswith(("numerics", "accuracy"))]
@@ -396,7 +396,7 @@ def test_report_shows_numerics_verdict_chart_and_parting(isolated_env, tmp_path,
     assert "(B chose it)" in parted["text"] and "(A chose it)" in parted["text"]
     # a chart's bars: one rect per shared token with a nonzero |delta|, none higher than the chart
     rects = re.findall(r'<rect x="[\d.]+" y="([\d.]+)" width="[\d.]+" height="([\d.]+)"/>',
-                       report.report_from_document(document))
+                       report._report_from_document(document))
     assert rects and all(0 <= float(y) and float(y) + float(h) == pytest.approx(48, abs=0.11) for y, h in rects)
 
 
@@ -405,7 +405,7 @@ def test_report_marks_a_numerics_difference(isolated_env, tmp_path, capsys):
         code, document, _ = main_json(["--tasks", GSM, "--base_url", a.base_url, "--base_url", b.base_url,
                                        "--max_samples", 6, "--logprobs", 3, "--log_samples", tmp_path / "logs",
                                        "--no_progress"], capsys)
-    page = Page(report.report_from_document(document))
+    page = Page(report._report_from_document(document))
     verdict = page.find("p", "verdict")[0]
     assert "differ" in verdict["attrs"]["class"].split()
     assert "but the implementations differ: logprob distance" in verdict["text"]
@@ -414,8 +414,8 @@ def test_report_marks_a_numerics_difference(isolated_env, tmp_path, capsys):
 def test_a_big_run_lists_the_most_telling_samples_first(compared, monkeypatch):
     """Past REPORT_SAMPLES a task's page lists that many samples, flipped, failed, differing and
     wrong ones first (issue 23, item 15: a page of 100,000 samples would not open)."""
-    monkeypatch.setattr(nano_eval, "REPORT_SAMPLES", 5)
-    page = Page(report.report_from_document(compared["document"]))
+    monkeypatch.setattr(nano_eval, "_REPORT_SAMPLES", 5)
+    page = Page(report._report_from_document(compared["document"]))
     samples = page.find("details", "s")
     # flipped 1, 2, 4, 6 first; then row 5 (text differs); row 3 (wrong in both) and the rest left out
     assert [s["attrs"]["id"] for s in samples] == [f"{GSM}-{row}" for row in (1, 2, 4, 5, 6)]
@@ -433,17 +433,17 @@ def test_the_report_of_two_big_logs_reads_them_side_by_side(compared, monkeypatc
     out = compared["tmp"]
     assert nano_eval.main(["report", a, b, "-o", str(out / "one.html")]) == 0
     one_after_the_other = nano_eval.compare_paths(a, b)
-    monkeypatch.setattr(nano_eval, "SIDE_BY_SIDE_BYTES", 0)
+    monkeypatch.setattr(nano_eval, "_SIDE_BY_SIDE_BYTES", 0)
     assert nano_eval.main(["report", a, b, "-o", str(out / "two.html")]) == 0
     assert (out / "one.html").read_text() == (out / "two.html").read_text()
     assert nano_eval.compare_paths(a, b) == one_after_the_other
-    assert nano_eval.side_by_side(os.path.basename, a, b) == (os.path.basename(a), os.path.basename(b))
-    pids = nano_eval.side_by_side(process_id, a, b)
+    assert nano_eval._side_by_side(os.path.basename, a, b) == (os.path.basename(a), os.path.basename(b))
+    pids = nano_eval._side_by_side(process_id, a, b)
     assert pids[0] == os.getpid() and pids[1] != os.getpid()
     broken = out / "broken.jsonl"
     broken.write_text('{"task": "x"}\n')
     with pytest.raises(nano_eval.UsageError, match="broken.jsonl:1: not a nano-eval sample record"):
-        nano_eval.side_by_side(nano_eval.report_side, a, str(broken))
+        nano_eval._side_by_side(nano_eval._report_side, a, str(broken))
 
 
 def process_id(path: str) -> int:

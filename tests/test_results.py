@@ -22,7 +22,7 @@ import nano_eval as ne  # noqa: E402
 from fakes import (ByRow, FakeOpenAI, GSM, GSM8K_GOLD, GSM_ARGS, NANO_EVAL, Reply, TASK, WRONG, cli,  # noqa: E402
                    error_lines, gsm8k_args, gsm8k_first, main_json, read_log, responder_for, right, run_gsm8k_plain,
                    run_inproc, sem, warning_lines)
-from nano_eval import APIConfig, mean_stderr  # noqa: E402
+from nano_eval import APIConfig, _mean_stderr  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,8 +56,8 @@ def test_stderr_is_na_for_one_sample(isolated_env, tmp_path):
     assert result["metrics"]["exact_match"] == 1.0
     assert result["metrics"]["exact_match_stderr"] == "N/A"
     assert result["metrics"]["exact_match_stderr,flexible-extract"] == "N/A"
-    assert mean_stderr([1.0]) == (1.0, "N/A")
-    assert mean_stderr([0.0, 1.0])[1] == pytest.approx(0.5)
+    assert _mean_stderr([1.0]) == (1.0, "N/A")
+    assert _mean_stderr([0.0, 1.0])[1] == pytest.approx(0.5)
 
 
 STRICT, FLEX = "exact_match,strict-match", "exact_match,flexible-extract"
@@ -67,20 +67,20 @@ def test_latency_percentiles_are_nearest_rank_over_the_requests_sent():
     """One quantile for latency and logprob distances alike: the nearest rank (p50 of four is
     the second). Reused answers were not sent by this run and do not count."""
     def rec(row, latency, reused=False):
-        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "status": "ok",
+        return ne._Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "status": "ok",
                              "scores": {STRICT: 1.0, FLEX: 1.0}, "latency": latency, "attempts": 1, "reused": reused})
     records = [rec(0, 4.0), rec(1, 1.0), rec(2, 3.0), rec(3, 2.0), rec(4, 99.0, reused=True)]
-    result = ne.aggregate(TASK, records, planned=5, elapsed=2.0)
+    result = ne._aggregate(TASK, records, planned=5, elapsed=2.0)
     assert (result["latency_p50"], result["latency_p95"]) == (2.0, 4.0)
     assert (result["num_reused"], result["requests_per_second"]) == (1, 2.0)
-    assert ne.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0 and ne.quantile([], 0.5) is None
+    assert ne._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0 and ne._quantile([], 0.5) is None
 
 
 def test_aggregate_counts_each_record_where_it_belongs():
     """Hand-made records, one of each kind: what each count, rate and mean is taken over."""
     def rec(row, status, strict, **fields):
         response = {"finish_reason": fields.pop("finish", None), "usage": fields.pop("usage", {})}
-        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "status": status,
+        return ne._Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "status": status,
                              "scores": {STRICT: strict, FLEX: strict}, "response": response, **fields})
     records = [
         rec(0, "ok", 1.0, finish="stop", latency=1.0, attempts=1,
@@ -88,10 +88,10 @@ def test_aggregate_counts_each_record_where_it_belongs():
         rec(1, "truncated", 1.0, finish="length", latency=3.0, attempts=1, usage={"completion_tokens": 20}),
         rec(2, "ok", 0.0, finish="stop", attempts=2, usage={"completion_tokens": 5}),  # no latency (an older log)
         rec(3, "http_500", 0.0, latency=4.0, attempts=5, error="fake error 500"),
-        rec(4, "connection", 0.0, attempts=0, error=ne.NOT_SENT),
+        rec(4, "connection", 0.0, attempts=0, error=ne._NOT_SENT),
         rec(5, "ok", 1.0, finish="stop", latency=50.0, attempts=1, reused=True, usage={"completion_tokens": 1000}),
     ]
-    result = ne.aggregate(TASK, records, planned=8, elapsed=2.0, revisions=["abc"])
+    result = ne._aggregate(TASK, records, planned=8, elapsed=2.0, revisions=["abc"])
     assert (result["num_samples"], result["num_ok"], result["num_truncated"]) == (6, 3, 1)
     assert result["failures"] == {"connection": 1, "http_500": 1} and result["num_failed"] == 2
     assert result["num_not_sent"] == 1 and result["num_reused"] == 1
@@ -104,43 +104,43 @@ def test_aggregate_counts_each_record_where_it_belongs():
     assert (result["latency_p50"], result["latency_p95"]) == (3.0, 4.0)  # of 1, 3, 4: row 2 has none
     assert result["usage"] == {"prompt_tokens": 100, "completion_tokens": 1035}
     assert result["dataset"]["revision"] == "abc"
-    two = ne.aggregate(TASK, records, planned=6, elapsed=2.0, revisions=["a", "b"])
+    two = ne._aggregate(TASK, records, planned=6, elapsed=2.0, revisions=["a", "b"])
     assert two["dataset"]["revision"] == ["a", "b"]
-    assert ne.aggregate(TASK, records, planned=6, elapsed=2.0)["complete"] is True
-    assert mean_stderr([]) == (None, "N/A")
+    assert ne._aggregate(TASK, records, planned=6, elapsed=2.0)["complete"] is True
+    assert _mean_stderr([]) == (None, "N/A")
 
     flagged = [rec(i, "ok", 1.0, latency=i + 1.0, attempts=1, reasoning_flags=["answer_only_in_reasoning"])
                for i in range(51)]
-    result = ne.aggregate(TASK, flagged, planned=51, elapsed=1.0)
+    result = ne._aggregate(TASK, flagged, planned=51, elapsed=1.0)
     assert result["reasoning"] == {"answer_only_in_reasoning": 51}
     assert result["reasoning_rows"] == {"answer_only_in_reasoning": list(range(50))}  # the first 50
     assert (result["latency_p50"], result["latency_p95"]) == (26.0, 49.0)  # nearest rank: the 26th and 49th of 51
     assert "num_planned" not in result and "num_not_sent" not in result
 
-    chart = [ne.Logged.of({"task": "chartqa", "doc_hash": "0", "row_idx": 0, "status": "ok",
+    chart = [ne._Logged.of({"task": "chartqa", "doc_hash": "0", "row_idx": 0, "status": "ok",
                            "image": {"format": "png"}}),
-             ne.Logged.of({"task": "chartqa", "doc_hash": "1", "row_idx": 1, "status": "http_500",
+             ne._Logged.of({"task": "chartqa", "doc_hash": "1", "row_idx": 1, "status": "http_500",
                            "image": {"format": "jpeg"}})]
-    assert ne.aggregate(ne.TASKS["chartqa"], chart, planned=2, elapsed=1.0)["images"] == {
+    assert ne._aggregate(ne.TASKS["chartqa"], chart, planned=2, elapsed=1.0)["images"] == {
         "formats": {"png": 1, "jpeg": 1}, "jpeg_reencoded": 1}  # what was sent, answered or not
 
 
 def test_aggregate_over_repeats_of_an_interrupted_run():
     # doc 0: right then wrong; doc 1: right then failed; doc 2: its first repeat only; doc 3: right twice
     def rec(row, repeat, status, strict, content=None):
-        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "repeat": repeat,
+        return ne._Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "repeat": repeat,
                              "status": status, "response": {"content": content},
                              "scores": {STRICT: strict, FLEX: strict}})
     records = [rec(0, 0, "ok", 1.0, "a"), rec(1, 0, "ok", 1.0, "c"), rec(2, 0, "ok", 0.0, "d"),
                rec(3, 0, "ok", 1.0, "e"),
                rec(0, 1, "ok", 0.0, "b"), rec(1, 1, "http_500", 0.0), rec(3, 1, "ok", 1.0, "e")]
-    result = ne.aggregate(TASK, records, planned=8, elapsed=1.0, repeats=2)
+    result = ne._aggregate(TASK, records, planned=8, elapsed=1.0, repeats=2)
     assert result["num_documents"] == 4
     assert result["metrics"][STRICT] == 0.5  # each document's mean over its own repeats: 1/2, 1/2, 0, 1
     # a document with a failed repeat is left out of the agreement: docs 0 and 3, of which 3 agrees
     assert result["repeats"]["self_agreement"] == {"documents": 2, "responses": 0.5, "scores": 0.5}
     # a third pass never started: two passes are summarised
-    result = ne.aggregate(TASK, records, planned=12, elapsed=1.0, repeats=3)
+    result = ne._aggregate(TASK, records, planned=12, elapsed=1.0, repeats=3)
     assert result["metrics"][STRICT] == 0.5
     assert result["repeats"]["metrics"][STRICT]["per_repeat"] == pytest.approx([0.75, 1 / 3])
     assert result["repeats"]["self_agreement"] == {"documents": 0, "responses": None, "scores": None}
@@ -149,14 +149,14 @@ def test_aggregate_over_repeats_of_an_interrupted_run():
 def test_repeat_summary_counts_self_agreement_over_documents_with_all_repeats():
     # doc 0: same text twice; doc 1: two texts, same scores; doc 2: only its first repeat (interrupted)
     def rec(row, repeat, content, strict):
-        return ne.Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "repeat": repeat,
+        return ne._Logged.of({"task": TASK.name, "doc_hash": str(row), "row_idx": row, "repeat": repeat,
                              "status": "ok", "response": {"content": content}, "scores": {STRICT: strict, FLEX: strict}})
     records = [rec(0, 0, "a", 1.0), rec(1, 0, "b", 1.0), rec(2, 0, "c", 0.0),
                rec(1, 1, "b'", 1.0), rec(0, 1, "a", 1.0)]
-    documents = list(ne.by_document(records).values())
+    documents = list(ne._by_document(records).values())
     assert [[(r.row_idx, r.repeat) for r in d] for d in documents] == [[(0, 0), (0, 1)], [(1, 0), (1, 1)],
                                                                              [(2, 0)]]
-    summary = ne.repeat_summary(TASK, records, documents, 2, 0)
+    summary = ne._repeat_summary(TASK, records, documents, 2, 0)
     # pass 0: 1, 1, 0 -> 2/3; pass 1: 1, 1 -> 1; mean 5/6, SEM |1 - 2/3| / 2 = 1/6
     assert summary["metrics"][STRICT]["per_repeat"] == pytest.approx([2 / 3, 1.0])
     assert summary["metrics"][STRICT]["mean"] == pytest.approx(5 / 6)
@@ -276,7 +276,7 @@ def test_expect_below_writes_everything_before_exiting_6(isolated_env, tmp_path)
     with FakeOpenAI(responder=ByRow(wrong=range(5))) as srv:
         rc, out, err = cli(*gsm8k_args(srv, 10, "--expect", "gsm8k_cot_llama=0.9", "--output", output, "--log_samples", log_dir))
         assert len(srv.chat_requests) == 10
-    assert rc == ne.EXIT_GATE == 6
+    assert rc == ne._EXIT_GATE == 6
     document = json.loads(out)  # stdout is the whole results JSON, nothing else
     assert json.loads(output.read_text("utf-8")) == document
     assert document["complete"] is True
@@ -326,7 +326,7 @@ def test_expect_bad_forms_exit_2_before_any_request(isolated_env, fake_hf, expec
     with FakeOpenAI(responder=ByRow()) as srv:
         rc, out, err = cli(*gsm8k_args(srv, 3, "--expect", expect))
         assert srv.requests == []
-    assert rc == ne.EXIT_USAGE == 2
+    assert rc == ne._EXIT_USAGE == 2
     assert out == ""
     assert len(error_lines(err)) == 1 and len(err.strip().splitlines()) == 1, err
     assert repr(expect) in error_lines(err)[0]
@@ -467,11 +467,11 @@ def test_unknown_model_gets_no_expectation(isolated_env, model):
     ("llama3.1:8b-instruct-fp16", "llama3.1:8b-instruct"),  # an Ollama tag: not the table's spelling
 ])
 def test_reference_key(model, key):
-    assert ne.reference_key(model) == key
+    assert ne._reference_key(model) == key
 
 
 def test_reference_key_of_a_served_path_with_a_trailing_slash():
-    assert ne.reference_key("/models/Llama-3.1-8B-Instruct/") == "llama-3.1-8b-instruct"
+    assert ne._reference_key("/models/Llama-3.1-8B-Instruct/") == "llama-3.1-8b-instruct"
 
 
 @pytest.mark.parametrize("task, model, score", [
@@ -591,9 +591,9 @@ def test_fail_rate_above_the_limit_exits_1_after_writing_results(isolated_env, t
 
 
 def test_no_samples_is_no_failure_rate():
-    assert ne.fail_rate_exit({GSM: {"num_failed": 0, "num_samples": 0}}, 0.05) == ne.EXIT_OK
-    assert ne.fail_rate_exit({GSM: {"num_failed": 1, "num_samples": 20}}, 0.05) == ne.EXIT_OK  # 5% is not more
-    assert ne.fail_rate_exit({GSM: {"num_failed": 2, "num_samples": 20}}, 0.05) == ne.EXIT_FAILURES
+    assert ne._fail_rate_exit({GSM: {"num_failed": 0, "num_samples": 0}}, 0.05) == ne._EXIT_OK
+    assert ne._fail_rate_exit({GSM: {"num_failed": 1, "num_samples": 20}}, 0.05) == ne._EXIT_OK  # 5% is not more
+    assert ne._fail_rate_exit({GSM: {"num_failed": 2, "num_samples": 20}}, 0.05) == ne._EXIT_FAILURES
 
 
 @pytest.mark.parametrize("codes, expected", [
@@ -607,4 +607,4 @@ def test_no_samples_is_no_failure_rate():
     ([6, 130, 3], 130),  # an interruption first
 ])
 def test_most_severe_ranks_the_gate_below_real_errors(codes, expected):
-    assert ne.most_severe(codes) == expected
+    assert ne._most_severe(codes) == expected

@@ -672,12 +672,12 @@ def test_a_sample_log_ends_a_torn_line_only(tmp_path):
             path.unlink(missing_ok=True)
         else:
             path.write_bytes(before)
-        log = ne.SampleLog(path)
+        log = ne._SampleLog(path)
         log.write_lines(['{"c": 3}\n'])
         log.close()
         assert path.read_bytes() == (before or b"") + b'{"c": 3}\n'
     path.write_bytes(b'{"a": 1}\n{"b"')
-    log = ne.SampleLog(path)
+    log = ne._SampleLog(path)
     log.write_lines(['{"c": 3}\n'])
     log.close()
     assert path.read_bytes() == b'{"a": 1}\n{"b"\n{"c": 3}\n'

@@ -187,7 +187,7 @@ def test_a_server_still_loading_its_model_is_waited_for(isolated_env, gsm8k_answ
 @pytest.mark.parametrize("model", [[], ["--model", "fake-model"]], ids=["model-from-the-list", "model-given"])
 def test_a_server_that_stays_loading_is_given_up(isolated_env, monkeypatch, capsys, model):
     """Given --model or not: nothing is sent to a server that never finishes loading."""
-    monkeypatch.setattr(ne, "LOADING_WAIT", 1.5)
+    monkeypatch.setattr(ne, "_LOADING_WAIT", 1.5)
     with LoadingModels(10 ** 6) as srv:
         code, doc, err = main_json([*TASK_ARGS, "--base_url", srv.base_url, *model], capsys)
         assert srv.chat_requests == []
@@ -279,7 +279,7 @@ def models_route(owned_by: str, model: str = "m") -> dict:
         "owned_by-sglang", "owned_by-llamacpp", "owned_by-lmstudio", "server-header"])
 def test_identify_server(routes, header, expected):
     with FakeOpenAI(extra_routes=routes, server_header=header) as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert {k: identity.get(k) for k in expected} == expected
     assert set(identity) >= {"name", "version", "evidence", "server_header", "owned_by"}
 
@@ -287,15 +287,15 @@ def test_identify_server(routes, header, expected):
 def test_identify_server_with_api_key_and_full_chat_url():
     # /v1/models needs the bearer: identify_server must send it to read owned_by
     with FakeOpenAI(api_key="sk-secret", extra_routes={"/version": (200, {"version": "0.8.0"})}) as srv:
-        root, _ = ne.normalize_base_url(srv.base_url + "/chat/completions")
-        identity = ne.identify_server(ne.APIConfig(url=root, api_key="sk-secret"))
+        root, _ = ne._normalize_base_url(srv.base_url + "/chat/completions")
+        identity = ne._identify_server(ne.APIConfig(url=root, api_key="sk-secret"))
         models_calls = [r for r in srv.requests if r["path"] == "/v1/models"]
     assert (identity["name"], identity["version"], identity["owned_by"]) == ("vLLM", "0.8.0", "fake")
     assert models_calls and all(r["headers"].get("Authorization") == "Bearer sk-secret" for r in models_calls)
 
 
 def test_identify_server_dead_server_is_unknown():
-    identity = ne.identify_server(ne.APIConfig(url=f"http://127.0.0.1:{free_port()}/v1", api_key=None), timeout=1.0)
+    identity = ne._identify_server(ne.APIConfig(url=f"http://127.0.0.1:{free_port()}/v1", api_key=None), timeout=1.0)
     assert identity["name"] == "unknown"
     assert identity["version"] is None and identity["owned_by"] is None and identity["server_header"] is None
 
@@ -305,7 +305,7 @@ def test_identify_server_ignores_non_json_and_error_answers():
     routes = {"/version": (200, "<html><body>hello</body></html>"), "/props": (500, {"version": "1"}),
               "/api/version": (404, {"version": "0.6.5"})}
     with FakeOpenAI(extra_routes=routes, server_header="nginx") as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert (identity["name"], identity["version"], identity["evidence"]) == ("nginx", None, "Server header")
 
 
@@ -332,7 +332,7 @@ class CatchAll(FakeOpenAI):
 ], ids=["html", "status-ok", "models-doc", "health-doc"])
 def test_catch_all_get_is_not_misidentified(body):
     with CatchAll(body, server_header="catchall/1.0") as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert identity["name"] == "catchall/1.0"
     assert identity["evidence"] == "Server header"
     assert identity["version"] is None
@@ -342,13 +342,13 @@ def test_lm_studio_style_catch_all_uses_owned_by():
     # LM Studio answers unknown endpoints with 200 {"error": "Unexpected endpoint or method. (GET /x)"}
     body = lambda path: {"error": f"Unexpected endpoint or method. (GET {path})"}  # noqa: E731
     with CatchAll(body, extra_routes=models_route("organization_owner")) as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert (identity["name"], identity["version"], identity["evidence"]) == ("LM Studio", None, "owned_by")
 
 
 def test_catch_all_version_body_is_not_ollama():
     with CatchAll({"version": "1.2.3"}, server_header="catchall/1.0") as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert identity["name"] not in ("Ollama", "llama.cpp", "SGLang", "TGI")
     assert identity["evidence"] != "/api/version"
 
@@ -363,7 +363,7 @@ def test_identify_server_does_not_wait_for_a_hanging_endpoint():
             return super()._route(request)
 
     with Hangs(extra_routes={"/version": (200, {"version": "0.9.1"})}) as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None), timeout=1.0)
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None), timeout=1.0)
     assert (identity["name"], identity["version"]) == ("vLLM", "0.9.1")
 
 
@@ -422,5 +422,5 @@ def test_identify_the_real_servers_from_their_recorded_answers(name, expected):
     SGLang (no /version: 404) from its /get_server_info (`pytest -k sglang` selects it)."""
     routes, header = recorded(name)
     with FakeOpenAI(extra_routes=routes, server_header=header) as srv:
-        identity = ne.identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
+        identity = ne._identify_server(ne.APIConfig(url=srv.base_url, api_key=None))
     assert {k: identity.get(k) for k in expected} == expected

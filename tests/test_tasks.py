@@ -26,7 +26,7 @@ from fakes import (CAPTURES, CHARTQA, FakeDatasetsServer, FakeOpenAI, GSM, GSM_A
                    cli_env, gsm8k_first, image_bytes_of, image_of, image_url, main_json, one_error, question_of,
                    read_log, read_log_by_row, responder_for, run_chartqa, run_gsm8k_plain, run_inproc,
                    synthetic_chartqa_dataset)
-from nano_eval import (APIConfig, TASKS, _relaxed_preprocess, answer_text, chartqa_target, gsm8k_target,  # noqa: E402
+from nano_eval import (APIConfig, TASKS, _relaxed_preprocess, _answer_text, _chartqa_target, _gsm8k_target,  # noqa: E402
                        score_chartqa, score_gsm8k)
 
 
@@ -336,7 +336,7 @@ def test_golden_files_are_complete():
 
 @pytest.mark.parametrize("case", GSM8K_CASES, ids=[f"{i}:{c['note']}" for i, c in enumerate(GSM8K_CASES)])
 def test_gsm8k_golden_case(case):
-    target = gsm8k_target({"question": "q", "answer": case["target"]})
+    target = _gsm8k_target({"question": "q", "answer": case["target"]})
     assert target == case["doc_to_target"]
     extracted, scores = score_gsm8k(case["response"], target)
     assert extracted == case["filtered"]
@@ -356,16 +356,16 @@ def test_gsm8k_headline_rules():
             strict, flexible), response
     extracted, _ = score_gsm8k("no digits here", "18")
     assert extracted == {"strict-match": "[invalid]", "flexible-extract": "[invalid]"}
-    assert nano_eval.regex_filter(nano_eval.GSM8K_FILTERS["strict-match"], None) == "[invalid]"
+    assert nano_eval._regex_filter(nano_eval._GSM8K_FILTERS["strict-match"], None) == "[invalid]"
 
 
 def test_unicode_digits_parse_as_lm_eval_does():
-    assert nano_eval.parse_value("١٢") == 12 and nano_eval.parse_value("½") == "½"
+    assert nano_eval._parse_value("١٢") == 12 and nano_eval._parse_value("½") == "½"
 
 
 @pytest.mark.parametrize("case", CHARTQA_CASES, ids=[f"{i}:{c['note']}" for i, c in enumerate(CHARTQA_CASES)])
 def test_chartqa_golden_case(case):
-    target = chartqa_target({"label": case["target"]})
+    target = _chartqa_target({"label": case["target"]})
     assert target == case["doc_to_target"]
     extracted, scores = score_chartqa(case["response"], target)
     assert extracted["none"] == case["filtered"]["none"]
@@ -385,13 +385,13 @@ def test_chartqa_golden_case(case):
     ("Yes", "Yes"),
 ])
 def test_chartqa_list_literal_label(label, target):
-    assert chartqa_target({"label": [label]}) == target
+    assert _chartqa_target({"label": [label]}) == target
     assert TASKS["chartqa"].target({"label": [label], "query": "q"}) == target
 
 
 def test_chartqa_only_first_label_is_used():
-    assert chartqa_target({"label": ["7", "8"]}) == "7"
-    _, scores = score_chartqa("Final Answer: 8", chartqa_target({"label": ["7", "8"]}))
+    assert _chartqa_target({"label": ["7", "8"]}) == "7"
+    _, scores = score_chartqa("Final Answer: 8", _chartqa_target({"label": ["7", "8"]}))
     assert scores["exact_match"] == 0.0
 
 
@@ -405,8 +405,8 @@ def test_a_lone_quote_label_is_emptied_as_lm_eval_does():
 
 def test_final_answer_drops_markdown_characters():
     """lm-eval's parse removes * _ [ ] ( ) from the answer line."""
-    assert nano_eval.chartqa_final_answer("The chart has two bars.\n**Answer:** (B)") == "B"
-    assert nano_eval.chartqa_final_answer("Final Answer: _[42]_") == "42"
+    assert nano_eval._chartqa_final_answer("The chart has two bars.\n**Answer:** (B)") == "B"
+    assert nano_eval._chartqa_final_answer("Final Answer: _[42]_") == "42"
     _, scores = score_chartqa("Final Answer: (B)", "B")
     assert scores["relaxed_accuracy"] == 1.0 and scores["exact_match"] == 0.0
 
@@ -446,11 +446,11 @@ def test_human_and_augmented_split(no_env, tmp_path):
     ("", True, ""),
 ])
 def test_answer_text(content, keep, expected):
-    assert answer_text(content, keep) == expected
+    assert _answer_text(content, keep) == expected
 
 
 def test_an_empty_think_end_token_strips_nothing():
-    assert answer_text("<think>x</think>The final answer is 18", False, "") == "<think>x</think>The final answer is 18"
+    assert _answer_text("<think>x</think>The final answer is 18", False, "") == "<think>x</think>The final answer is 18"
 
 
 
@@ -637,17 +637,17 @@ def test_score_chartqa_exact_number(number):
                  st.integers(0, 400).map(lambda n: "[" * n + "]" * n)))
 def test_chartqa_target_never_raises(label):
     for doc in ({"label": [label]}, {"label": label}, {"label": [label, "other"]}):
-        assert isinstance(chartqa_target(doc), str)
+        assert isinstance(_chartqa_target(doc), str)
 
 
 def test_chartqa_target_examples():
-    assert chartqa_target({"label": ["Yes"]}) == "Yes"
-    assert chartqa_target({"label": ["[1, 2]"]}) == "[1, 2]"
-    assert chartqa_target({"label": ["['a', 'b']"]}) == "['a', 'b']"
-    assert chartqa_target({"label": ["[not python]"]}) == "[not python]"
-    assert chartqa_target({"label": []}) == "[]"
+    assert _chartqa_target({"label": ["Yes"]}) == "Yes"
+    assert _chartqa_target({"label": ["[1, 2]"]}) == "[1, 2]"
+    assert _chartqa_target({"label": ["['a', 'b']"]}) == "['a', 'b']"
+    assert _chartqa_target({"label": ["[not python]"]}) == "[not python]"
+    assert _chartqa_target({"label": []}) == "[]"
 
 
 @pytest.mark.parametrize("element", [None, 5, 2.5, True], ids=["null", "int", "float", "bool"])
 def test_chartqa_target_non_string_label_element(element):
-    assert chartqa_target({"label": [element]}) == str(element)
+    assert _chartqa_target({"label": [element]}) == str(element)

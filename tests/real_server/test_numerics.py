@@ -77,10 +77,10 @@ def logprob_run(datasets_server, server, log_dir: Path, n: int, concurrency: int
 def compared(log_a: Path, log_b: Path, n: int) -> dict:
     """nano-eval compare --json of the first n samples of two logs, and the smallest n at which
     the numerics verdict is already, and stays, what it is at n (from the same logs)."""
-    run_a, run_b = nano_eval.load_run(str(log_a)), nano_eval.load_run(str(log_b))
+    run_a, run_b = nano_eval._load_run(str(log_a)), nano_eval._load_run(str(log_b))
     rows = sorted((r.row_idx, key) for key, r in run_b.items())[:n]
     keys = [key for _, key in rows]
-    verdicts = [nano_eval.compare_runs({k: run_a[k] for k in keys[:m]}, {k: run_b[k] for k in keys[:m]})[TASK]
+    verdicts = [nano_eval._compare_runs({k: run_a[k] for k in keys[:m]}, {k: run_b[k] for k in keys[:m]})[TASK]
                 for m in range(1, n + 1)]
     final = verdicts[-1]["numerics"]["verdict"]
     settled = n
@@ -119,7 +119,7 @@ def report(entry: dict, c: dict) -> None:
     FIGURES.append(entry)
     print("ZOO " + json.dumps(entry))
     for parting in c["numerics"].get("partings") or []:
-        print(f"    {nano_eval.format_parting(parting)}")
+        print(f"    {nano_eval._format_parting(parting)}")
 
 
 def test_noise_pairs_are_equivalent(reference, llama_f32_server, datasets_server, tmp_path):

@@ -237,7 +237,7 @@ def pair_figures(c: dict) -> str:
             f"tokens equal {c['prompt_tokens_equal']}/{c['n']}, numerics {nm['verdict']} (p99 |dlp| "
             f"{nm.get('p99_abs_logprob_diff')}, median max {nm.get('median_sample_max_abs_logprob_diff')}, "
             f"partings {nm.get('divergences')}, confident {nm.get('unexplained')})"
-            + "".join(f"\n    {nano_eval.format_parting(p)}" for p in nm.get("partings") or []))
+            + "".join(f"\n    {nano_eval._format_parting(p)}" for p in nm.get("partings") or []))
 
 
 def test_max_beside_vllm_and_llama_cpp(four_way_c1):
