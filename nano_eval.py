@@ -92,8 +92,9 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator, NamedTuple
 __version__ = "0.2.0"
 __all__ = [
     "APIConfig", "RunOptions", "TASKS", "Task", "Status", "run_task", "evaluate", "main",
-    "score_gsm8k", "score_chartqa", "expectation", "reference_score", "compare_paths", "gate_failures",
-    "NanoEvalError", "UsageError", "ServerError", "AuthError", "DatasetError", "__version__",
+    "score_gsm8k", "score_chartqa", "expectation", "reference_score", "compare_paths",
+    "gate_failures", "NanoEvalError", "UsageError", "ServerError", "AuthError", "DatasetError",
+    "__version__",
 ]
 
 
@@ -106,25 +107,34 @@ _DEFAULT_SEED = 1234  # lm-eval's `seed` model_arg default, sent in every reques
 _DEFAULT_TIMEOUT = 600.0  # seconds per attempt; long chain-of-thought must not time out
 _DEFAULT_MAX_RETRIES = 5  # total attempts per request
 _DEFAULT_CONCURRENCY = 8
-_DEFAULT_MAX_RESPONSE_MB = 16  # a larger response body is a failed sample (`too_large`), read no further
+# a larger response body is a failed sample (`too_large`), read no further
+_DEFAULT_MAX_RESPONSE_MB = 16
 _DEFAULT_MAX_FAIL_RATE = 0.05  # more failed samples than this exits 1
-_DEFAULT_TOLERANCE = 0.02  # absolute: what prompt, extraction and image-encoding differences between harnesses move
-_THINK_END = "</think>"  # lm-eval's think_end_token: only the text after its last occurrence is scored
+# absolute: what prompt, extraction and image-encoding differences between harnesses move
+_DEFAULT_TOLERANCE = 0.02
+# lm-eval's think_end_token: only the text after its last occurrence is scored
+_THINK_END = "</think>"
 _MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit for top_logprobs (--logprobs K)
 # The numerics verdict of a comparison (--logprobs), from noise floors and planted bugs measured
 # on real servers (tests/real_server/README.md, "Issue 22: the planted-bug zoo"):
-_DEFAULT_LOGPROB_TOLERANCE = 0.05  # nats: p99 |delta logprob| over shared tokens that correct backends stay under
-_CONFIDENT_GAP = 0.3  # nats: a parting token that leads the other side's choice by this much is no near-tie
-_CONFIDENT_PARTINGS = 0.1  # share of the samples (at least 1) that may part confidently before it is a bug
+# nats: p99 |delta logprob| over shared tokens that correct backends stay under
+_DEFAULT_LOGPROB_TOLERANCE = 0.05
+# nats: a parting token that leads the other side's choice by this much is no near-tie
+_CONFIDENT_GAP = 0.3
+# share of the samples (at least 1) that may part confidently before it is a bug
+_CONFIDENT_PARTINGS = 0.1
 _POSITIVE_LOGPROB = 1e-4  # nats: a logprob above this is impossible, not a rounding of 0
-_LOGPROB_COVERAGE = 0.9  # of the paired samples, the share that must carry logprobs on both sides for `equivalent`
+# of the paired samples, the share that must carry logprobs on both sides for `equivalent`
+_LOGPROB_COVERAGE = 0.9
 # In bf16 or fp16 the logits lie on a grid whose step doubles with each power of two of the logit
 # (bf16: 0.125 for logits in [16, 32)); a change of batch moves a logit by one step on >1% of the
 # tokens (reference/bf16-numerics.md: p99 0.104-0.117 on every vLLM bf16 noise pair). The verdict
 # widens with the coarser side's step and with a measured noise floor:
-_GRID_TOLERANCE = 1.5  # x the step (or the floor's p99): the p99 |delta logprob| that is still noise
+# x the step (or the floor's p99): the p99 |delta logprob| that is still noise
+_GRID_TOLERANCE = 1.5
 _GRID_GAP = 3.0  # x the step (or the floor's p99): the lead that makes a parting confident
-_BF16_STEP = 2.0 ** -4  # a grid this coarse or coarser is bf16-like (fp16 reaches it only for logits >= 64)
+# a grid this coarse or coarser is bf16-like (fp16 reaches it only for logits >= 64)
+_BF16_STEP = 2.0 ** -4
 
 # Waits and limits
 _MAX_RETRY_AFTER = 300.0  # seconds: a longer Retry-After is waited for this long only
@@ -132,7 +142,8 @@ _LONG_WAIT = 5.0  # seconds: a retry wait at least this long is announced on std
 _LOADING_WAIT = 120.0  # seconds to wait for a server that answers 503 while it loads its model
 _FLUSH_EVERY = 0.2  # seconds: how often finished records are appended to the sample log
 _DOWNLOADS = 8  # dataset pages fetched at once; images too, over all pages
-_DATASETS_MAX_MB = 64  # a larger datasets-server answer (a page of rows, an image) is refused unread
+# a larger datasets-server answer (a page of rows, an image) is refused unread
+_DATASETS_MAX_MB = 64
 
 # What a response is
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
@@ -165,22 +176,25 @@ class Status:
 _DATASETS_SERVER = "https://datasets-server.huggingface.co"
 _PAGE_SIZE = 100  # the datasets-server maximum for /rows
 # data/ beside this file in a checkout or a copy; nano_eval_data/ beside it when pip-installed
-_BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name for name in ("nano_eval_data", "data"))
-                     if d.is_dir()), Path(__file__).resolve().parent / "data")
-_KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"), (1234, "LM Studio"))
+_BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name
+                                  for name in ("nano_eval_data", "data"))
+                      if d.is_dir()), Path(__file__).resolve().parent / "data")
+_KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"),
+                (1234, "LM Studio"))
 
 # The command line (its options: OPTIONS, after the value checks)
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
-_IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size", "max_length",
-                      "trust_remote_code"}
+_IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size",
+                       "max_length", "trust_remote_code"}
 _CONFORMANCE = "api_conformance"  # the preflight, also runnable as a task
 _FAIL_IF = ("worse", "different")
 
 # Messages given in more than one place
 _TLS_WAYS_OUT = ("pass --ca_cert FILE (or set SSL_CERT_FILE) to trust the CA that signed it, "
-                "or --insecure to skip verification")
-_PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): put them in the proxy "
-              "URL (HTTP_PROXY=http://user:password@host:port), or list the server in NO_PROXY")
+                 "or --insecure to skip verification")
+_PROXY_AUTH = ("the HTTP proxy wants credentials (HTTP 407 Proxy Authentication Required): "
+               "put them in the proxy URL (HTTP_PROXY=http://user:password@host:port), "
+               "or list the server in NO_PROXY")
 
 # Exit codes
 _EXIT_OK = 0
@@ -189,7 +203,8 @@ _EXIT_USAGE = 2  # bad command line or input
 _EXIT_SERVER = 3  # the inference server could not be reached or used
 _EXIT_AUTH = 4  # the server refused the API key
 _EXIT_DATASET = 5  # the dataset could not be fetched
-_EXIT_GATE = 6  # everything ran, but a quality gate failed: a score below --expect, or compare's --fail_if
+# everything ran, but a quality gate failed: a score below --expect, or compare's --fail_if
+_EXIT_GATE = 6
 _EXIT_INTERRUPTED = 130
 
 
@@ -229,7 +244,8 @@ def _redact(text: str, secrets: Iterable[str | None], json_text: bool = False) -
         if len(secret) >= _SHORT_SECRET:
             text = text.replace(secret, "***")
         elif secret in text:
-            text = re.sub(rf"(?<=Bearer ){re.escape(secret)}(?![\w-])|{colon}{re.escape(secret)}(?![\w-])"
+            text = re.sub(rf"(?<=Bearer ){re.escape(secret)}(?![\w-])"
+                          rf"|{colon}{re.escape(secret)}(?![\w-])"
                           rf"|(?<==){re.escape(secret)}(?![\w-])", "***", text)
     return text
 
@@ -247,8 +263,8 @@ class _Secrets:
 
     def add(self, *values: str | None) -> None:
         for value in filter(None, values):
-            self.values.update({value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1],
-                                html.escape(value)})
+            self.values.update({value, json.dumps(value)[1:-1],
+                                json.dumps(value, ensure_ascii=False)[1:-1], html.escape(value)})
 
     def scrub(self, text: str) -> str:
         return _redact(text, self.values) if text and self.values else text
@@ -306,7 +322,8 @@ def _parse_kv(text: str | None, flag: str) -> dict:
             raise UsageError(f"{flag}: {item.strip()!r} is not key=value (expected k=v,k=v)")
         result[key] = _parse_value(value.strip())
         if isinstance(result[key], float) and not math.isfinite(result[key]):
-            raise UsageError(f"{flag}: {key}={value.strip()} is not a finite number (JSON has no NaN or infinity)")
+            raise UsageError(f"{flag}: {key}={value.strip()} is not a finite number "
+                             "(JSON has no NaN or infinity)")
     return result
 
 
@@ -361,7 +378,8 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _from_text(kind: Callable[[Any], Any], parse: Callable[[str], Any] = _parse_value) -> Callable[[str], Any]:
+def _from_text(kind: Callable[[Any], Any],
+               parse: Callable[[str], Any] = _parse_value) -> Callable[[str], Any]:
     """An argparse type: the flag's text parsed (by default as lm-eval parses model_args), then
     checked by `kind`; text that does not parse is refused by `kind` with its own message."""
     def convert(text: str) -> Any:
@@ -393,7 +411,8 @@ def _check_secret(value: str | None, name: str) -> str | None:
     return value or None
 
 
-_OWN_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "content-type"}  # framing: ours
+# framing: ours
+_OWN_HEADERS = {"content-length", "transfer-encoding", "host", "connection", "content-type"}
 
 
 def _parse_headers(headers: dict | Iterable[str]) -> dict:
@@ -402,14 +421,16 @@ def _parse_headers(headers: dict | Iterable[str]) -> dict:
         malformed = [h for h in headers if ":" not in h]
         if malformed:
             raise UsageError(f"header {malformed[0]!r} is not 'Name: value'")
-    items = headers.items() if isinstance(headers, dict) else (h.partition(":")[::2] for h in headers)
+    items = (headers.items() if isinstance(headers, dict)
+             else (h.partition(":")[::2] for h in headers))
     result = {}
     for name, value in items:
         name = str(name).strip()
         if not name or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
             raise UsageError(f"header {name!r} is not a valid header name (expected 'Name: value')")
         if name.lower() in _OWN_HEADERS:
-            raise UsageError(f"header {name} is set by nano-eval for each request and cannot be given")
+            raise UsageError(f"header {name} is set by nano-eval for each request "
+                             "and cannot be given")
         result[name] = _check_secret(str(value), f"the value of header {name}") or ""
     return result
 
@@ -428,7 +449,8 @@ def _normalize_base_url(url: str) -> tuple[str, str]:
     if not url.isascii():
         raise UsageError(f"invalid base URL {url!r}: ASCII only")
     if re.search(r"[\s\x00-\x1f\x7f]", url.strip()):
-        raise UsageError(f"invalid base URL {url!r}: no spaces or control characters (write a space as %20)")
+        raise UsageError(f"invalid base URL {url!r}: no spaces or control characters "
+                         "(write a space as %20)")
     if parsed.fragment:
         raise UsageError(f"invalid base URL {url!r}: no #fragment")
     path = parsed.path.rstrip("/")
@@ -437,7 +459,8 @@ def _normalize_base_url(url: str) -> tuple[str, str]:
     if not path:
         path = "/v1"
     root = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
-    query = f"?{parsed.query}" if parsed.query else ""  # e.g. Azure's ?api-version=: sent on every request
+    # e.g. Azure's ?api-version=: sent on every request
+    query = f"?{parsed.query}" if parsed.query else ""
     return root, root + "/chat/completions" + query
 
 
@@ -453,7 +476,8 @@ class _Option:
     default: Any = None
     into: str | None = None  # the APIConfig ("api") or RunOptions ("run") field it sets as it is
     model_arg: bool = False  # also set by --model_args, under the same name
-    nullable: bool = False  # None is a value of its own: the task's max_tokens, a null seed, no logprobs
+    # None is a value of its own: the task's max_tokens, a null seed, no logprobs
+    nullable: bool = False
     argparse: tuple = ()  # more of add_argument's keywords: (("metavar", "K"),)
 
 
@@ -461,65 +485,76 @@ _SWITCH = (("action", "store_true"),)
 # In --help order; a flag's value wins over --model_args, which wins over the default
 _OPTIONS = (
     _Option("tasks", "comma-separated tasks: {tasks} (the preflight of --check)"),
-    _Option("base_url", "http://host:port/v1 or the full .../v1/chat/completions; repeat it to run the same "
-           "samples against several servers and compare them (default: probe 127.0.0.1)", model_arg=True,
-           argparse=(("action", "append"),)),
-    _Option("model", "model name sent in each request (default: the only model /v1/models lists)", model_arg=True),
-    _Option("model_args", "lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=.."),
+    _Option("base_url", "http://host:port/v1 or the full .../v1/chat/completions; repeat it "
+            "to run the same samples against several servers and compare them "
+            "(default: probe 127.0.0.1)", model_arg=True, argparse=(("action", "append"),)),
+    _Option("model", "model name sent in each request (default: the only model /v1/models lists)",
+            model_arg=True),
+    _Option("model_args",
+            "lm-eval style model=..,base_url=..,api_key=..,num_concurrent=..,seed=.."),
     _Option("api_key", "bearer token (default: env OPENAI_API_KEY)", model_arg=True),
     _Option("num_concurrent", f"requests in flight (default {_DEFAULT_CONCURRENCY})", _positive_int,
-           default=_DEFAULT_CONCURRENCY, into="api", model_arg=True),
+            default=_DEFAULT_CONCURRENCY, into="api", model_arg=True),
     _Option("gen_kwargs", "k=v,... merged into each request body (max_gen_toks means max_tokens)"),
-    _Option("max_samples", "first N rows of each task, like lm-eval's --limit", _positive_int, into="run",
-           nullable=True),
-    _Option("seed", f"the request 'seed' (default {_DEFAULT_SEED}, lm-eval's)", _integer, int, _DEFAULT_SEED, "api",
-           model_arg=True, nullable=True),
+    _Option("max_samples", "first N rows of each task, like lm-eval's --limit", _positive_int,
+            into="run", nullable=True),
+    _Option("seed", f"the request 'seed' (default {_DEFAULT_SEED}, lm-eval's)", _integer, int,
+            _DEFAULT_SEED, "api", model_arg=True, nullable=True),
     _Option("output", "write the results JSON here too (and the sample log beside it)"),
-    _Option("log_samples", "append one JSON line per sample to DIR/samples_<task>.jsonl; rerunning with the "
-           "same DIR resumes", argparse=(("metavar", "DIR"),)),
+    _Option("log_samples", "append one JSON line per sample to DIR/samples_<task>.jsonl; "
+            "rerunning with the same DIR resumes", argparse=(("metavar", "DIR"),)),
     _Option("log_images", "keep the base64 images in the sample log", into="run", argparse=_SWITCH),
-    _Option("timeout", "seconds per request attempt, all of it: a server that trickles its answer is cut there "
-           f"(default {_DEFAULT_TIMEOUT:.0f})", _positive_float, float, _DEFAULT_TIMEOUT, "api", model_arg=True),
+    _Option("timeout", "seconds per request attempt, all of it: a server that trickles its answer "
+            f"is cut there (default {_DEFAULT_TIMEOUT:.0f})", _positive_float, float,
+            _DEFAULT_TIMEOUT, "api", model_arg=True),
     _Option("max_retries", f"attempts per request (default {_DEFAULT_MAX_RETRIES})", _positive_int,
-           default=_DEFAULT_MAX_RETRIES, into="api", model_arg=True),
+            default=_DEFAULT_MAX_RETRIES, into="api", model_arg=True),
     _Option("max_fail_rate", f"exit 1 when more than this fraction of samples failed (default "
-           f"{_DEFAULT_MAX_FAIL_RATE})", _fraction, float, _DEFAULT_MAX_FAIL_RATE, "run"),
-    _Option("keep_think", "score the content as is, without dropping <think>...</think>", into="api",
-           argparse=_SWITCH),
-    _Option("no_resume", "send every sample again, even those the sample log already has", argparse=_SWITCH),
-    _Option("data_dir", "dataset cache folder (default: data/ beside nano_eval.py; env NANO_EVAL_DATA_DIR)",
-           into="run"),
-    _Option("system_instruction", "a system message put first, like lm-eval's --system_instruction", into="api"),
+            f"{_DEFAULT_MAX_FAIL_RATE})", _fraction, float, _DEFAULT_MAX_FAIL_RATE, "run"),
+    _Option("keep_think", "score the content as is, without dropping <think>...</think>",
+            into="api", argparse=_SWITCH),
+    _Option("no_resume", "send every sample again, even those the sample log already has",
+            argparse=_SWITCH),
+    _Option("data_dir", "dataset cache folder (default: data/ beside nano_eval.py; "
+            "env NANO_EVAL_DATA_DIR)", into="run"),
+    _Option("system_instruction", "a system message put first, like lm-eval's --system_instruction",
+            into="api"),
     _Option("fewshot_as_multiturn", "few-shots as chat turns (default true, as lm-eval with "
-           "--apply_chat_template)", _boolean, default=True, into="api"),
-    _Option("header", "an extra request header for the inference server (repeatable); its value is a secret, "
-           "like the key", model_arg=True, argparse=(("action", "append"), ("metavar", "'NAME: VALUE'"))),
+            "--apply_chat_template)", _boolean, default=True, into="api"),
+    _Option("header", "an extra request header for the inference server (repeatable); "
+            "its value is a secret, like the key", model_arg=True,
+            argparse=(("action", "append"), ("metavar", "'NAME: VALUE'"))),
     _Option("insecure", "do not verify the server's TLS certificate", argparse=_SWITCH),
-    _Option("ca_cert", "verify the server's TLS certificate with this CA bundle (PEM)", argparse=(("metavar", "FILE"),)),
-    _Option("max_response_mb", "a larger response is a failed sample, status too_large (default "
-           f"{_DEFAULT_MAX_RESPONSE_MB})", _positive_float, float, _DEFAULT_MAX_RESPONSE_MB, "api"),
-    _Option("logprobs", "also ask for the top K (1-20) logprobs of every generated token and log them: compare "
-           "then judges numerics (logprob parity) too", _top_logprobs, into="api", model_arg=True, nullable=True,
-           argparse=(("metavar", "K"),)),
-    _Option("repeats", "send every sample K times and report the mean, its SEM and the self-agreement (at "
-           "temperature > 0, repeat i uses seed + i)", _positive_int, default=1, into="run"),
+    _Option("ca_cert", "verify the server's TLS certificate with this CA bundle (PEM)",
+            argparse=(("metavar", "FILE"),)),
+    _Option("max_response_mb", "a larger response is a failed sample, status too_large "
+            f"(default {_DEFAULT_MAX_RESPONSE_MB})", _positive_float, float,
+            _DEFAULT_MAX_RESPONSE_MB, "api"),
+    _Option("logprobs", "also ask for the top K (1-20) logprobs of every generated token and log "
+            "them: compare then judges numerics (logprob parity) too", _top_logprobs, into="api",
+            model_arg=True, nullable=True, argparse=(("metavar", "K"),)),
+    _Option("repeats", "send every sample K times and report the mean, its SEM and the "
+            "self-agreement (at temperature > 0, repeat i uses seed + i)", _positive_int,
+            default=1, into="run"),
     _Option("expect", "the score you expect (repeatable); a score significantly below it exits "
-           f"{_EXIT_GATE}", argparse=(("action", "append"), ("metavar", "TASK[:METRIC]=VALUE"))),
+            f"{_EXIT_GATE}", argparse=(("action", "append"), ("metavar", "TASK[:METRIC]=VALUE"))),
     _Option("expect_tolerance", "absolute slack added to 1.96 x stderr for --expect (default "
-           f"{_DEFAULT_TOLERANCE})", _fraction, float, _DEFAULT_TOLERANCE, "run"),
-    _Option("fail_if", f"with several --base_url: exit {_EXIT_GATE} when a server is significantly worse than "
-           "the first (or different either way, in accuracy or, with --logprobs, in numerics)", into="run",
-           argparse=(("choices", _FAIL_IF),)),
-    _Option("logprob_tolerance", "the p99 |delta logprob| over shared tokens above which two servers' numerics "
-           f"differ (default {_DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)",
-           _positive_float, float, _DEFAULT_LOGPROB_TOLERANCE, "run"),
-    _Option("noise_floor", "with several --base_url and --logprobs: run the first server a second time at "
-           "another --num_concurrent (1, or 8 if it ran at 1) and allow its own logprob noise in every "
-           "numerics verdict (the calibration a GPU server needs)", into="run", argparse=_SWITCH),
-    _Option("report", "also write a self-contained HTML report of the run (and of the comparison, with "
-           "several --base_url)", argparse=(("metavar", "FILE"),)),
-    _Option("check", "run the server conformance preflight first; without --tasks, only the preflight",
-           argparse=_SWITCH),
+            f"{_DEFAULT_TOLERANCE})", _fraction, float, _DEFAULT_TOLERANCE, "run"),
+    _Option("fail_if", f"with several --base_url: exit {_EXIT_GATE} when a server is "
+            "significantly worse than the first (or different either way, in accuracy or, "
+            "with --logprobs, in numerics)", into="run", argparse=(("choices", _FAIL_IF),)),
+    _Option("logprob_tolerance", "the p99 |delta logprob| over shared tokens above which two "
+            f"servers' numerics differ (default {_DEFAULT_LOGPROB_TOLERANCE}; "
+            "widened at bf16 or fp16, see the README)",
+            _positive_float, float, _DEFAULT_LOGPROB_TOLERANCE, "run"),
+    _Option("noise_floor", "with several --base_url and --logprobs: run the first server a "
+            "second time at another --num_concurrent (1, or 8 if it ran at 1) and allow its own "
+            "logprob noise in every numerics verdict (the calibration a GPU server needs)",
+            into="run", argparse=_SWITCH),
+    _Option("report", "also write a self-contained HTML report of the run (and of the comparison, "
+            "with several --base_url)", argparse=(("metavar", "FILE"),)),
+    _Option("check", "run the server conformance preflight first; "
+            "without --tasks, only the preflight", argparse=_SWITCH),
     _Option("no_progress", "no progress line on stderr", argparse=_SWITCH),
     # lm-eval model_args without a flag of their own
     _Option("max_gen_toks", check=_positive_int, into="api", model_arg=True, nullable=True),
@@ -561,7 +596,8 @@ class APIConfig:
     keep_think: bool = False
     think_end_token: str = _THINK_END
     retry_base_delay: float = 1.0  # first backoff step in seconds (tests make it small)
-    headers: dict = dataclasses.field(default_factory=dict, repr=False)  # sent on every request; secret
+    # sent on every request; secret
+    headers: dict = dataclasses.field(default_factory=dict, repr=False)
     verify_certificate: bool = True  # lm-eval's model_arg; False: any certificate is accepted
     ca_cert: str | None = None  # a CA bundle (PEM) to verify the server's certificate with
     max_response_mb: float = _DEFAULT_MAX_RESPONSE_MB
@@ -577,7 +613,8 @@ class APIConfig:
             try:
                 _tls_context(self.verify_certificate, self.ca_cert)
             except (ssl.SSLError, OSError) as exc:
-                raise UsageError(f"CA certificate file {self.ca_cert} holds no PEM certificate ({exc})") from None
+                raise UsageError(f"CA certificate file {self.ca_cert} holds no PEM certificate "
+                                 f"({exc})") from None
         _SECRETS.add(self.api_key, *self.headers.values())
 
 
@@ -596,7 +633,8 @@ class RunOptions:
     resume: bool = True
     repeats: int = 1
     max_fail_rate: float = _DEFAULT_MAX_FAIL_RATE
-    expected: dict = dataclasses.field(default_factory=dict)  # task -> (metric or None, value): --expect
+    # task -> (metric or None, value): --expect
+    expected: dict = dataclasses.field(default_factory=dict)
     expect_tolerance: float = _DEFAULT_TOLERANCE
     fail_if: str | None = None  # with several servers: "worse" or "different"
     logprob_tolerance: float = _DEFAULT_LOGPROB_TOLERANCE
@@ -605,7 +643,8 @@ class RunOptions:
     def __post_init__(self):
         _check_fields(self)
         if self.fail_if not in (None, *_FAIL_IF):
-            raise UsageError(f"fail_if: expected one of {', '.join(_FAIL_IF)}, got {self.fail_if!r}")
+            raise UsageError(f"fail_if: expected one of {', '.join(_FAIL_IF)}, "
+                             f"got {self.fail_if!r}")
 
 
 # ============================================================================
@@ -699,12 +738,14 @@ def _proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
     """The Proxy-Authorization header for a proxy URL with user:password@ in it."""
     if proxy.username is None:
         return {}
-    credentials = f"{urllib.parse.unquote(proxy.username)}:{urllib.parse.unquote(proxy.password or '')}"
+    credentials = (f"{urllib.parse.unquote(proxy.username)}:"
+                   f"{urllib.parse.unquote(proxy.password or '')}")
     return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
 def _describe_os_error(exc: OSError) -> str:
-    return "connection refused" if isinstance(exc, ConnectionRefusedError) else (exc.strerror or str(exc))
+    return ("connection refused" if isinstance(exc, ConnectionRefusedError)
+            else (exc.strerror or str(exc)))
 
 
 class _AttemptDeadlines:
@@ -725,7 +766,8 @@ class _AttemptDeadlines:
         with self._lock:
             self._running[key] = (time.monotonic() + seconds, conn, owner)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, name="nano-eval-deadlines", daemon=True)
+                self._thread = threading.Thread(target=self._watch, name="nano-eval-deadlines",
+                                                daemon=True)
                 self._thread.start()
         return key
 
@@ -783,7 +825,8 @@ class _HTTPClient:
             return None
         return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
 
-    def _connection(self, parts: urllib.parse.SplitResult, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self, parts: urllib.parse.SplitResult,
+                    fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
         pool = self._local.__dict__.setdefault("connections", {})
         key = (parts.scheme, parts.netloc)
         conn = pool.get(key)
@@ -794,7 +837,8 @@ class _HTTPClient:
         proxy = self.proxy_for(parts.scheme, parts.netloc)  # host:port, as urllib matches NO_PROXY
         netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
         if parts.scheme == "https":
-            conn = _TLSConnection(netloc, timeout=self.connect_timeout, context=_tls_context(self.verify, self.ca_cert))
+            conn = _TLSConnection(netloc, timeout=self.connect_timeout,
+                                  context=_tls_context(self.verify, self.ca_cert))
             if proxy:
                 conn.set_tunnel(parts.hostname, parts.port or 443, headers=_proxy_auth(proxy))
         else:
@@ -805,13 +849,15 @@ class _HTTPClient:
         except OSError as exc:
             if proxy is None or isinstance(exc, ssl.SSLError):
                 raise
-            where = f"the HTTP proxy {proxy.hostname}:{proxy.port or 80} ({parts.scheme.upper()}_PROXY)"
+            where = (f"the HTTP proxy {proxy.hostname}:{proxy.port or 80} "
+                     f"({parts.scheme.upper()}_PROXY)")
             if "407" in str(exc):
                 raise _ProxyFailed(_PROXY_AUTH) from None
             if str(exc).startswith("Tunnel connection failed"):
-                raise _ProxyFailed(f"{where} refused the tunnel to {parts.netloc} ({exc})") from None
-            raise _ProxyFailed(f"cannot reach {where}: {_describe_os_error(exc)}; the server was not tried "
-                              "(list it in NO_PROXY to bypass the proxy)") from None
+                raise _ProxyFailed(f"{where} refused the tunnel to {parts.netloc} "
+                                   f"({exc})") from None
+            raise _ProxyFailed(f"cannot reach {where}: {_describe_os_error(exc)}; the server was "
+                               "not tried (list it in NO_PROXY to bypass the proxy)") from None
         conn.sock.settimeout(self.timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pool[key] = conn
@@ -830,7 +876,8 @@ class _HTTPClient:
             data = resp.read(self.max_body + 1)
             if len(data) > self.max_body:
                 raise _ResponseTooLarge(f"more than {self.max_body:,} bytes")
-        if declared is not None and len(data) < declared and resp.getheader("Transfer-Encoding") is None:
+        if (declared is not None and len(data) < declared
+                and resp.getheader("Transfer-Encoding") is None):
             raise http.client.IncompleteRead(data, declared - len(data))
         return data
 
@@ -839,38 +886,44 @@ class _HTTPClient:
         if conn is not None:
             conn.close()
 
-    def request(self, method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> _HTTPResponse:
+    def request(self, method: str, url: str, body: bytes | None = None,
+                headers: dict | None = None) -> _HTTPResponse:
         parts = urllib.parse.urlsplit(url)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json", **(headers or {})}
+        all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json",
+                       **(headers or {})}
         for attempt in (0, 1):
             conn, reused = self._connection(parts, fresh=attempt == 1)
             watch = _DEADLINES.start(conn, self.timeout, self)
             try:
                 try:
                     if conn.proxy:
-                        conn.request(method, url, body=body, headers={**all_headers, **_proxy_auth(conn.proxy)})
+                        conn.request(method, url, body=body,
+                                     headers={**all_headers, **_proxy_auth(conn.proxy)})
                     else:
                         conn.request(method, target, body=body, headers=all_headers)
                     resp = conn.getresponse()
                     data = self._read(resp)
                 finally:
                     in_time = _DEADLINES.end(watch)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, http.client.BadStatusLine):
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                    http.client.BadStatusLine):
                 self._drop(parts)
                 if not in_time:
                     raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
                 if reused and attempt == 0 and not self.aborted:
-                    continue  # the server closed an idle keep-alive connection: resend once on a fresh one
+                    # the server closed an idle keep-alive connection: resend once on a fresh one
+                    continue
                 raise
             except BaseException as exc:
                 self._drop(parts)
                 if not in_time and isinstance(exc, Exception):
                     raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
                 raise
-            if resp.will_close or not in_time:  # not in time: the watchdog may have shut it after the last byte
+            # not in time: the watchdog may have shut it after the last byte
+            if resp.will_close or not in_time:
                 self._drop(parts)
             return _HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
         raise AssertionError("unreachable")
@@ -890,12 +943,13 @@ def _server_headers(config: APIConfig) -> dict:
     return {**_auth_headers(config.api_key), **config.headers}
 
 
-def _server_client(config: APIConfig, timeout: float | None = None, connect_timeout: float = 10.0) -> _HTTPClient:
+def _server_client(config: APIConfig, timeout: float | None = None,
+                   connect_timeout: float = 10.0) -> _HTTPClient:
     """An HTTPClient for the inference server, with the config's TLS settings; every answer,
     the preflight's and the identification's too, is read up to --max_response_mb only."""
     return _HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
-                      verify=config.verify_certificate, ca_cert=config.ca_cert,
-                      max_body=int(config.max_response_mb * 2 ** 20))
+                       verify=config.verify_certificate, ca_cert=config.ca_cert,
+                       max_body=int(config.max_response_mb * 2 ** 20))
 
 
 def _describe_network_error(exc: BaseException) -> tuple[str, str]:
@@ -903,7 +957,8 @@ def _describe_network_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, _ProxyFailed):
         return Status.CONNECTION, str(exc)
     if isinstance(exc, _ResponseTooLarge):
-        return Status.TOO_LARGE, f"response body too large ({exc}; --max_response_mb raises the cap)"
+        return (Status.TOO_LARGE,
+                f"response body too large ({exc}; --max_response_mb raises the cap)")
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return Status.TIMEOUT, "no answer within the timeout"
     if isinstance(exc, ConnectionRefusedError):
@@ -911,17 +966,21 @@ def _describe_network_error(exc: BaseException) -> tuple[str, str]:
     if isinstance(exc, socket.gaierror):
         return Status.CONNECTION, f"cannot resolve host ({exc.strerror or exc})"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return Status.CONNECTION, f"the server's TLS certificate failed verification ({exc.verify_message}); {_TLS_WAYS_OUT}"
+        return (Status.CONNECTION,
+                f"the server's TLS certificate failed verification ({exc.verify_message}); "
+                f"{_TLS_WAYS_OUT}")
     if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
         return Status.CONNECTION, "the server speaks plain http, not https: use an http:// URL"
     if isinstance(exc, ssl.SSLError):
         return Status.CONNECTION, f"TLS error: {exc.reason or exc}"
     if isinstance(exc, http.client.IncompleteRead):
         got = len(exc.partial)
-        return Status.CONNECTION, f"the connection closed mid-response ({got:,} of {got + (exc.expected or 0):,} bytes)"
+        return Status.CONNECTION, ("the connection closed mid-response "
+                                   f"({got:,} of {got + (exc.expected or 0):,} bytes)")
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return Status.CONNECTION, f"{type(exc).__name__}: {exc}".rstrip(": ")
-    return Status.CONNECTION, type(exc).__name__  # not its message: it may quote a header, and so a key
+    # not its message: it may quote a header, and so a key
+    return Status.CONNECTION, type(exc).__name__
 
 
 def _http_json(client: _HTTPClient, url: str, headers: dict | None = None) -> tuple[int, Any, dict]:
@@ -968,7 +1027,8 @@ def _backoff(attempt: int, base_delay: float, retry_after: float | None = None) 
 _last_wait_notice = [0.0]  # when a long retry wait was last announced (one line per 30 s at most)
 
 
-def _announce_wait(what: str, why: str, delay: float, retry_after: float | None, attempt: int, attempts: int) -> None:
+def _announce_wait(what: str, why: str, delay: float, retry_after: float | None, attempt: int,
+                   attempts: int) -> None:
     """Say on stderr why the run is about to sit still, so a long wait is never silent."""
     now = time.monotonic()
     if delay < _LONG_WAIT or now - _last_wait_notice[0] < 30:
@@ -981,8 +1041,9 @@ def _announce_wait(what: str, why: str, delay: float, retry_after: float | None,
     else:
         cause = f"Retry-After: {retry_after:.0f} s"
     said = f"answered {why}" if why.startswith("HTTP ") else f"did not answer ({why})"
-    _info(f"{what} {said}: waiting {delay:.0f} s ({cause}) before attempt {attempt + 1} of {attempts}; "
-         "Ctrl-C stops the run and keeps what finished")
+    _info(f"{what} {said}: waiting {delay:.0f} s ({cause}) "
+          f"before attempt {attempt + 1} of {attempts}; "
+          "Ctrl-C stops the run and keeps what finished")
 
 
 @dataclasses.dataclass
@@ -992,7 +1053,8 @@ class _Outcome:
     status: str
     content: str | None = None
     reasoning: str | None = None
-    reasoning_field: str | None = None  # reasoning_content or reasoning: the message field it came in
+    # reasoning_content or reasoning: the message field it came in
+    reasoning_field: str | None = None
     finish_reason: str | None = None
     usage: dict | None = None
     http_status: int | None = None
@@ -1000,7 +1062,8 @@ class _Outcome:
     retry_after: float | None = None
     latency: float = 0.0
     attempts: int = 1
-    logprobs: list | None = None  # per generated token [token, logprob, [[token, logprob], ...]] (logged_logprobs)
+    # per generated token [token, logprob, [[token, logprob], ...]] (logged_logprobs)
+    logprobs: list | None = None
 
     @property
     def retryable(self) -> bool:
@@ -1037,14 +1100,16 @@ def _logged_logprobs(choice: dict) -> list | None:
     [token, logprob, [[token, logprob], ...the top K]]; None when the server sent none, or
     sent them malformed (the run warns that they are missing). A logprob that is not a finite
     number is logged as null, which the numerics verdict counts as broken."""
-    content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+    content = ((choice.get("logprobs") or {}).get("content")
+               if isinstance(choice.get("logprobs"), dict) else None)
     if not isinstance(content, list) or not all(isinstance(e, dict) for e in content):
         return None
     if not all(isinstance(e.get("top_logprobs") or [], list) for e in content):
         return None
     return [[_logged_token(e), _logged_logprob(e.get("logprob")),
-             [[_logged_token(t), _logged_logprob(t.get("logprob"))] for t in e.get("top_logprobs") or []
-              if isinstance(t, dict)]] for e in content]
+             [[_logged_token(t), _logged_logprob(t.get("logprob"))]
+              for t in e.get("top_logprobs") or [] if isinstance(t, dict)]]
+            for e in content]
 
 
 def _classify_response(resp: _HTTPResponse) -> _Outcome:
@@ -1054,25 +1119,29 @@ def _classify_response(resp: _HTTPResponse) -> _Outcome:
     try:
         return _read_response(resp)
     except Exception as exc:  # noqa: BLE001 -- a shape read_response did not foresee
-        return _Outcome(Status.BAD_RESPONSE, http_status=resp.status, error=f"malformed response ({type(exc).__name__})")
+        return _Outcome(Status.BAD_RESPONSE, http_status=resp.status,
+                        error=f"malformed response ({type(exc).__name__})")
 
 
 def _read_response(resp: _HTTPResponse) -> _Outcome:
     if resp.status != 200:
-        return _Outcome(Status.http(resp.status), http_status=resp.status, error=_error_message(resp.body),
-                       retry_after=_retry_after_seconds(resp.headers))
+        return _Outcome(Status.http(resp.status), http_status=resp.status,
+                        error=_error_message(resp.body),
+                        retry_after=_retry_after_seconds(resp.headers))
     try:
         data = _read_json(resp.body)
     except UnicodeDecodeError:
         return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not UTF-8")
     except ValueError:
-        return _Outcome(Status.BAD_RESPONSE, http_status=200, error=f"response is not JSON: {_error_message(resp.body, 80)}")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200,
+                        error=f"response is not JSON: {_error_message(resp.body, 80)}")
     if not isinstance(data, dict):
         return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response is not a JSON object")
     choices = data.get("choices")
     if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
         if "error" in data:
-            return _Outcome(Status.BAD_RESPONSE, http_status=200, error=f"error in a 200 response: {_error_message(resp.body)}")
+            return _Outcome(Status.BAD_RESPONSE, http_status=200,
+                            error=f"error in a 200 response: {_error_message(resp.body)}")
         return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no choices")
     choice = choices[0]
     message = choice.get("message")
@@ -1080,13 +1149,15 @@ def _read_response(resp: _HTTPResponse) -> _Outcome:
         return _Outcome(Status.BAD_RESPONSE, http_status=200, error="response has no message")
     content = message.get("content")
     if content is not None and not isinstance(content, str):
-        return _Outcome(Status.BAD_RESPONSE, http_status=200, error="message content is not a string")
+        return _Outcome(Status.BAD_RESPONSE, http_status=200,
+                        error="message content is not a string")
     field = "reasoning_content" if message.get("reasoning_content") else "reasoning"
     reasoning = message.get(field) if isinstance(message.get(field), str) else None
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
     finish = choice.get("finish_reason") if isinstance(choice.get("finish_reason"), str) else None
-    outcome = _Outcome(Status.OK, content=content, reasoning=reasoning, reasoning_field=field if reasoning else None,
-                      finish_reason=finish, usage=usage, http_status=200, logprobs=_logged_logprobs(choice))
+    outcome = _Outcome(Status.OK, content=content, reasoning=reasoning,
+                       reasoning_field=field if reasoning else None, finish_reason=finish,
+                       usage=usage, http_status=200, logprobs=_logged_logprobs(choice))
     if not content or not content.strip():
         outcome.status = Status.EMPTY
     elif finish == "length":
@@ -1132,9 +1203,11 @@ class _AdaptiveLimiter:
             self._changed.notify(free)  # as many waiters as there are free slots
 
     def release(self, throttled: bool = False, success: bool = False) -> None:
-        if not throttled and self.limit >= self.maximum:  # at full width nothing but the count changes
+        # at full width nothing but the count changes
+        if not throttled and self.limit >= self.maximum:
             self._slots.pop()
-            if self.limit < self.maximum:  # the cap was lowered meanwhile: wake a waiter for this slot
+            # the cap was lowered meanwhile: wake a waiter for this slot
+            if self.limit < self.maximum:
                 with self._changed:
                     self._wake()
             return
@@ -1189,8 +1262,9 @@ def _allow_open_files(count: int) -> None:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < count:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (count if hard == resource.RLIM_INFINITY else min(count, hard),
-                                                        hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE,
+                               (count if hard == resource.RLIM_INFINITY else min(count, hard),
+                                hard))
     except (ImportError, ValueError, OSError):
         pass
 
@@ -1237,7 +1311,8 @@ class _ChatClient:
                 break
             delay = _backoff(attempt, self.config.retry_base_delay, outcome.retry_after)
             _announce_wait(self.config.chat_url, outcome.error if outcome.http_status is None else
-                          f"HTTP {outcome.http_status}", delay, outcome.retry_after, attempt, self.config.max_retries)
+                           f"HTTP {outcome.http_status}", delay, outcome.retry_after, attempt,
+                           self.config.max_retries)
             if self.stopped.wait(delay):
                 raise _Stopped()
         return outcome
@@ -1253,8 +1328,9 @@ class _ChatClient:
 # 3. Finding the server
 # ============================================================================
 
-_OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX", "ollama": "Ollama",
-            "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio", "organization_owner": "LM Studio"}
+_OWNED_BY = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "modular": "MAX",
+             "ollama": "Ollama", "library": "Ollama", "tgi": "TGI", "lmstudio": "LM Studio",
+             "organization_owner": "LM Studio"}
 
 
 def _probe_local_server() -> str:
@@ -1263,7 +1339,8 @@ def _probe_local_server() -> str:
 
     def answers(port: int) -> bool:
         try:
-            return client.request("GET", f"http://127.0.0.1:{port}/v1/models").status in (200, 401, 403)
+            return (client.request("GET", f"http://127.0.0.1:{port}/v1/models").status
+                    in (200, 401, 403))
         except Exception:
             return False
 
@@ -1271,7 +1348,8 @@ def _probe_local_server() -> str:
         alive = list(pool.map(answers, [port for port, _ in _KNOWN_PORTS]))
     for (port, name), ok in zip(_KNOWN_PORTS, alive):
         if ok:
-            _info(f"no --base_url given: using http://127.0.0.1:{port}/v1 (the {name} port answered /v1/models)")
+            _info(f"no --base_url given: using http://127.0.0.1:{port}/v1 "
+                  f"(the {name} port answered /v1/models)")
             return f"http://127.0.0.1:{port}/v1"
     ports = ", ".join(f"{port} ({name})" for port, name in _KNOWN_PORTS)
     raise ServerError(f"no --base_url given and no server answered on 127.0.0.1 ports {ports}")
@@ -1301,16 +1379,19 @@ def _resolve_model(config: APIConfig, model: str | None) -> str:
         try:
             status, data, _ = _http_json(client, url, _server_headers(config))
         except Exception as exc:
-            hint = "; is the server running?" if isinstance(exc, (ConnectionRefusedError, socket.gaierror,
-                                                                    socket.timeout, TimeoutError)) else ""
-            raise ServerError(f"cannot reach {config.api_root}: {_describe_network_error(exc)[1]}{hint}") from None
+            hint = ("; is the server running?"
+                    if isinstance(exc, (ConnectionRefusedError, socket.gaierror, socket.timeout,
+                                        TimeoutError)) else "")
+            raise ServerError(f"cannot reach {config.api_root}: "
+                              f"{_describe_network_error(exc)[1]}{hint}") from None
         if status != 503:
             break
         if time.monotonic() > deadline:
-            raise ServerError(f"{url} still answers HTTP 503 after {_LOADING_WAIT:.0f} s: the server has not finished "
-                              "loading its model")
+            raise ServerError(f"{url} still answers HTTP 503 after {_LOADING_WAIT:.0f} s: "
+                              "the server has not finished loading its model")
         if deadline - time.monotonic() > _LOADING_WAIT - 1:
-            _info(f"{url} answers 503: waiting up to {_LOADING_WAIT:.0f} s for the server to finish loading")
+            _info(f"{url} answers 503: waiting up to {_LOADING_WAIT:.0f} s "
+                  "for the server to finish loading")
         time.sleep(1.0)
     if (error := _refusal(status, url)):
         raise error
@@ -1322,7 +1403,8 @@ def _resolve_model(config: APIConfig, model: str | None) -> str:
     ids = [m.get("id") for m in models if isinstance(m, dict) and m.get("id")]
     odd = next((i for i in ids if not isinstance(i, str)), None)
     if odd is not None:
-        raise ServerError(f"{url} lists a model id that is not text ({json.dumps(odd)[:60]}); pass --model")
+        raise ServerError(f"{url} lists a model id that is not text "
+                          f"({json.dumps(odd)[:60]}); pass --model")
     if not ids:
         raise ServerError(f"{url} lists no models; pass --model")
     if len(ids) > 1:
@@ -1338,8 +1420,9 @@ def _identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
     parts = urllib.parse.urlsplit(api_root)
     origin = f"{parts.scheme}://{parts.netloc}"
     client = _server_client(config, timeout=timeout, connect_timeout=timeout)
-    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info", "sglang_new": f"{origin}/server_info",
-             "ollama": f"{origin}/api/version", "tgi": f"{origin}/info", "version": f"{origin}/version",
+    paths = {"props": f"{origin}/props", "sglang": f"{origin}/get_server_info",
+             "sglang_new": f"{origin}/server_info", "ollama": f"{origin}/api/version",
+             "tgi": f"{origin}/info", "version": f"{origin}/version",
              "models": f"{api_root}/models", "openapi": f"{origin}/openapi.json",
              "control": f"{origin}/nano-eval-no-such-path"}
 
@@ -1371,14 +1454,17 @@ def _identify_server(config: APIConfig, timeout: float = 3.0) -> dict:
         identity.update(name="Ollama", version=only_version["ollama"], evidence="/api/version")
     elif "model_id" in tgi and "version" in tgi:
         identity.update(name="TGI", version=tgi["version"], evidence="/info")
-    elif "version" in only_version and (ok.get("openapi", {}).get("info") or {}).get("title") == "MAX Serve":
-        identity.update(name="MAX", version=only_version["version"], evidence="/version, /openapi.json")
+    elif ("version" in only_version
+          and (ok.get("openapi", {}).get("info") or {}).get("title") == "MAX Serve"):
+        identity.update(name="MAX", version=only_version["version"],
+                        evidence="/version, /openapi.json")
     elif "version" in only_version:
         identity.update(name=owner or "vLLM", version=only_version["version"], evidence="/version")
     elif owner:
         identity.update(name=owner, version=None, evidence="owned_by")
     else:
-        identity.update(name=identity["server_header"] or "unknown", version=None, evidence="Server header")
+        identity.update(name=identity["server_header"] or "unknown", version=None,
+                        evidence="Server header")
     return identity
 
 
@@ -1433,7 +1519,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask applies, as for open()
+        # the umask applies, as for open()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -1473,7 +1560,8 @@ def _resolve_data_dir(explicit: str | None) -> list[Path]:
         if not _is_writable_dir(path):
             raise UsageError(f"data dir {path} is not writable")
         return [path] + ([_BUNDLED_DATA] if path.resolve() != _BUNDLED_DATA else [])
-    installed = _BUNDLED_DATA.parent.name in ("site-packages", "dist-packages")  # pip install, not a copy
+    # pip install, not a copy
+    installed = _BUNDLED_DATA.parent.name in ("site-packages", "dist-packages")
     if not installed and _is_writable_dir(_BUNDLED_DATA):
         return [_BUNDLED_DATA]
     fallback = _user_cache_dir()
@@ -1494,7 +1582,8 @@ class _DatasetRef:
         return "/".join((self.dataset.replace("/", "__"), self.config, self.split))
 
 
-_SHIPPED_ROWS = {"openai__gsm8k/main/test": 1319}  # the splits in data/ beside nano_eval.py, and their size
+# the splits in data/ beside nano_eval.py, and their size
+_SHIPPED_ROWS = {"openai__gsm8k/main/test": 1319}
 
 
 class _DatasetCache:
@@ -1544,20 +1633,24 @@ class _DatasetCache:
             if total is None and not manifest["pages"]:
                 continue
             problem = None
-            known = _SHIPPED_ROWS.get(self.ref.folder) if folder.resolve().is_relative_to(_BUNDLED_DATA) else None
+            known = (_SHIPPED_ROWS.get(self.ref.folder)
+                     if folder.resolve().is_relative_to(_BUNDLED_DATA) else None)
             if not isinstance(total, int) or isinstance(total, bool) or total < 1:
                 problem = f"num_rows_total is {total!r}"
             else:
                 for offset, entry in manifest["pages"].items():
                     rows = entry.get("rows") if isinstance(entry, dict) else None
-                    if not offset.isdigit() or int(offset) % _PAGE_SIZE or rows != min(_PAGE_SIZE, total - int(offset)):
-                        problem = f"page {offset} holds {rows!r} rows, which does not fit num_rows_total {total}"
+                    if (not offset.isdigit() or int(offset) % _PAGE_SIZE
+                            or rows != min(_PAGE_SIZE, total - int(offset))):
+                        problem = (f"page {offset} holds {rows!r} rows, "
+                                   f"which does not fit num_rows_total {total}")
                         break
             if not problem and known is not None and total != known:
                 problem = f"num_rows_total is {total}, but the shipped split has {known} rows"
             if problem:
-                raise DatasetError(f"the dataset cache {folder / 'manifest.json'} does not agree with itself "
-                                   f"({problem}): it was edited or damaged; delete that folder to fetch the split again")
+                raise DatasetError(f"the dataset cache {folder / 'manifest.json'} does not agree "
+                                   f"with itself ({problem}): it was edited or damaged; "
+                                   "delete that folder to fetch the split again")
 
     def revisions(self, offsets: Iterable[int]) -> list[str]:
         found = set()
@@ -1595,25 +1688,29 @@ class _DatasetCache:
         """Writes the manifest if a page or an image was added since the last save."""
         with self._lock:
             if self._changed:
-                self.write("manifest.json", json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+                self.write("manifest.json",
+                           json.dumps(self.manifest, indent=1, sort_keys=True).encode())
                 self._changed = False
 
     def write(self, name: str, data: bytes) -> None:
         try:
             _atomic_write(self.write_dir / name, data)
         except OSError as exc:
-            raise DatasetError(f"cannot write the dataset cache in {self.write_dir} ({exc.strerror or exc}): "
+            raise DatasetError(f"cannot write the dataset cache in {self.write_dir} "
+                               f"({exc.strerror or exc}): "
                                "pass a writable --data_dir (or set NANO_EVAL_DATA_DIR)") from None
 
-    def write_page(self, offset: int, rows: list[dict], num_rows_total: int, revision: str | None) -> None:
+    def write_page(self, offset: int, rows: list[dict], num_rows_total: int,
+                   revision: str | None) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         name = f"rows-{offset:05d}.jsonl"
         self.write(name, data)
         with self._lock:
-            self.manifest.update(dataset=self.ref.dataset, config=self.ref.config, split=self.ref.split,
-                                 num_rows_total=num_rows_total)
-            self.manifest["pages"][str(offset)] = {"file": name, "rows": len(rows), "bytes": len(data),
-                                                   "sha256": _sha256(data), "revision": revision}
+            self.manifest.update(dataset=self.ref.dataset, config=self.ref.config,
+                                 split=self.ref.split, num_rows_total=num_rows_total)
+            self.manifest["pages"][str(offset)] = {"file": name, "rows": len(rows),
+                                                   "bytes": len(data), "sha256": _sha256(data),
+                                                   "revision": revision}
             self._changed = True
         self.save()
 
@@ -1635,7 +1732,8 @@ class _DatasetCache:
         return entry
 
 def _is_texts(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(isinstance(v, str) for v in value))
+    return isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
 
 
 def _page_problem(body: Any, ref: _DatasetRef) -> str | None:
@@ -1647,14 +1745,16 @@ def _page_problem(body: Any, ref: _DatasetRef) -> str | None:
     if type(total) is not int or total <= 0:
         return f"num_rows_total is {json.dumps(total)}, not a positive number of rows"
     for i, row in enumerate(body["rows"]):
-        if not isinstance(row, dict) or type(row.get("row_idx")) is not int or not isinstance(row.get("row"), dict):
+        if (not isinstance(row, dict) or type(row.get("row_idx")) is not int
+                or not isinstance(row.get("row"), dict)):
             return f"its row {i} is not {{\"row_idx\": number, \"row\": {{...}}}}"
         missing = [name for name in ref.text_columns if not isinstance(row["row"].get(name), str)]
         missing += [name for name in ref.label_columns if not _is_texts(row["row"].get(name))]
         if missing:
             return f"row {row['row_idx']} has no text in {', '.join(map(repr, missing))}"
         image = row["row"].get(ref.image_column) if ref.image_column else None
-        if image is not None and not (isinstance(image, dict) and isinstance(image.get("src", ""), str)):
+        if image is not None and not (isinstance(image, dict)
+                                      and isinstance(image.get("src", ""), str)):
             return f"row {row['row_idx']}'s {ref.image_column!r} is not an image cell"
     return None
 
@@ -1664,15 +1764,18 @@ class _DatasetsClient:
 
     def __init__(self, base_url: str | None = None, token: str | None = None, retries: int = 6,
                  retry_base_delay: float = 1.0):
-        self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER") or _DATASETS_SERVER).rstrip("/")
+        self.base_url = (base_url or os.environ.get("NANO_EVAL_DATASETS_SERVER")
+                         or _DATASETS_SERVER).rstrip("/")
         self.token = token if token is not None else os.environ.get("HF_TOKEN")  # checked when sent
         self.retries = retries
         self.retry_base_delay = retry_base_delay
-        self.http = _HTTPClient(timeout=120.0, connect_timeout=15.0, max_body=_DATASETS_MAX_MB * 2 ** 20)
+        self.http = _HTTPClient(timeout=120.0, connect_timeout=15.0,
+                                max_body=_DATASETS_MAX_MB * 2 ** 20)
 
     def _wait(self, attempt: int, why: str, retry_after: float | None) -> None:
         delay = _backoff(attempt, self.retry_base_delay, retry_after)
-        _announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt, self.retries)
+        _announce_wait(f"the datasets-server {self.base_url}", why, delay, retry_after, attempt,
+                       self.retries)
         time.sleep(delay)
 
     def _get(self, url: str, headers: dict, what: str) -> _HTTPResponse:
@@ -1684,10 +1787,12 @@ class _DatasetsClient:
                     resp = self.http.request("GET", url, headers=headers)
                 except Exception as exc:
                     _, reason = _describe_network_error(exc)
-                    if isinstance(exc, (socket.gaierror, _ResponseTooLarge)) or attempt == self.retries:
-                        raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}; set "
-                                           "NANO_EVAL_DATASETS_SERVER to a mirror, or give --data_dir a copy of a "
-                                           "data/ folder that holds the split") from None
+                    if (isinstance(exc, (socket.gaierror, _ResponseTooLarge))
+                            or attempt == self.retries):
+                        raise DatasetError(f"cannot fetch {what} from {self.base_url}: {reason}; "
+                                           "set NANO_EVAL_DATASETS_SERVER to a mirror, or give "
+                                           "--data_dir a copy of a data/ folder that holds the "
+                                           "split") from None
                     self._wait(attempt, reason, None)
                     continue
                 if resp.status in _RETRYABLE_STATUS and attempt < self.retries:
@@ -1696,22 +1801,26 @@ class _DatasetsClient:
                 return resp
         raise AssertionError("unreachable")
 
-    def rows(self, ref: _DatasetRef, offset: int, length: int = _PAGE_SIZE) -> tuple[dict, str | None]:
+    def rows(self, ref: _DatasetRef, offset: int,
+             length: int = _PAGE_SIZE) -> tuple[dict, str | None]:
         """One page of `/rows`: (the JSON body, X-Revision)."""
-        query = urllib.parse.urlencode({"dataset": ref.dataset, "config": ref.config, "split": ref.split,
-                                        "offset": offset, "length": length})
+        query = urllib.parse.urlencode({"dataset": ref.dataset, "config": ref.config,
+                                        "split": ref.split, "offset": offset, "length": length})
         what = f"{ref.dataset} rows {offset}-{offset + length - 1}"
-        resp = self._get(f"{self.base_url}/rows?{query}", _auth_headers(_check_secret(self.token, "HF_TOKEN")), what)
+        resp = self._get(f"{self.base_url}/rows?{query}",
+                         _auth_headers(_check_secret(self.token, "HF_TOKEN")), what)
         if resp.status != 200:
             hint = " (set HF_TOKEN for a gated or private dataset)" if resp.status == 401 else ""
-            raise DatasetError(f"datasets-server answered {resp.status} for {what}: {_error_message(resp.body)}{hint}")
+            raise DatasetError(f"datasets-server answered {resp.status} for {what}: "
+                               f"{_error_message(resp.body)}{hint}")
         try:
             body = _read_json(resp.body)
         except (ValueError, UnicodeDecodeError):
             raise DatasetError(f"datasets-server sent a body that is not JSON for {what}") from None
         problem = _page_problem(body, ref)
         if problem:
-            raise DatasetError(f"datasets-server sent an unexpected page for {what}: {problem}; not caching it")
+            raise DatasetError(f"datasets-server sent an unexpected page for {what}: {problem}; "
+                               "not caching it")
         return body, resp.headers.get("x-revision")
 
     def download(self, url: str) -> _HTTPResponse:
@@ -1721,8 +1830,9 @@ class _DatasetsClient:
         return self._get(url, headers, "an image")
 
 
-def _fetch_images(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, offset: int, rows: list[dict],
-                 image_column: str, fresh: bool, pool: ThreadPoolExecutor) -> None:
+def _fetch_images(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, offset: int,
+                  rows: list[dict], image_column: str, fresh: bool,
+                  pool: ThreadPoolExecutor) -> None:
     """Downloads the images of `rows` concurrently. Signed URLs expire: a page read
     from the cache is fetched again for fresh URLs first, and a 403/404 on download
     fetches the page again (twice at most)."""
@@ -1740,10 +1850,12 @@ def _fetch_images(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRe
             raise DatasetError(f"image of row {row_idx} of {ref.dataset}: HTTP {resp.status}")
         kind = _sniff_image(resp.body)
         if kind is None:
-            raise DatasetError(f"image of row {row_idx} of {ref.dataset} is not PNG, JPEG, WebP or GIF")
+            raise DatasetError(f"image of row {row_idx} of {ref.dataset} is not PNG, JPEG, WebP "
+                               "or GIF")
         if not _image_is_whole(resp.body, kind[0]):
-            _warn(f"the image of row {row_idx} of {ref.dataset} is truncated ({len(resp.body):,} bytes of "
-                 f"{kind[0].upper()}): not cached, and that sample fails as missing_image")
+            _warn(f"the image of row {row_idx} of {ref.dataset} is truncated "
+                  f"({len(resp.body):,} bytes of {kind[0].upper()}): not cached, "
+                  "and that sample fails as missing_image")
             return None
         cache.write_image(row_idx, resp.body, kind[0])
         return None
@@ -1751,49 +1863,57 @@ def _fetch_images(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRe
     for attempt in range(3):
         if not fresh or attempt > 0:
             body, _ = server.rows(ref, offset)
-            urls = {r["row_idx"]: (r["row"].get(image_column) or {}).get("src") for r in body["rows"]
-                    if r["row_idx"] in urls}
+            urls = {r["row_idx"]: (r["row"].get(image_column) or {}).get("src")
+                    for r in body["rows"] if r["row_idx"] in urls}
         expired = [i for i in pool.map(download, urls.items()) if i is not None]
         if not expired:
             return
         urls = {i: None for i in expired}
-    raise DatasetError(f"images of {ref.dataset} rows {sorted(urls)} stay unavailable (403/404) after refetching")
+    raise DatasetError(f"images of {ref.dataset} rows {sorted(urls)} stay unavailable (403/404) "
+                       "after refetching")
 
 
-def _load_page(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, offset: int, wanted: int,
-              image_column: str | None, prefetched: tuple[dict, str | None] | None,
-              images: ThreadPoolExecutor | None) -> list[dict]:
+def _load_page(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, offset: int,
+               wanted: int, image_column: str | None, prefetched: tuple[dict, str | None] | None,
+               images: ThreadPoolExecutor | None) -> list[dict]:
     """One page of rows plus the images its needed rows lack (runs in a worker thread)."""
     rows = cache.read_page(offset)
     fresh = rows is None
     if fresh:
         body, revision = prefetched or server.rows(ref, offset)
         cached_total = cache.num_rows_total()
-        if cached_total is not None and body["num_rows_total"] != cached_total:  # the run counts on cached_total
-            raise DatasetError(f"the dataset cache says {ref.dataset} {ref.split} has {cached_total} rows, the "
-                               f"datasets-server {body['num_rows_total']}: the cache is stale or was edited; "
+        # the run counts on cached_total
+        if cached_total is not None and body["num_rows_total"] != cached_total:
+            raise DatasetError(f"the dataset cache says {ref.dataset} {ref.split} has "
+                               f"{cached_total} rows, the datasets-server "
+                               f"{body['num_rows_total']}: the cache is stale or was edited; "
                                f"delete {cache.write_dir} to fetch the split again")
         rows = [{"row_idx": r["row_idx"], "row": r["row"]} for r in body["rows"]]
         expected = list(range(offset, min(offset + _PAGE_SIZE, body["num_rows_total"])))
         got = [r["row_idx"] for r in rows]
         if got != expected:
             what = "a short page" if len(got) < len(expected) else "rows out of place"
-            wrong = next((f"row_idx {g} where {e} belongs" for g, e in zip(got, expected) if g != e), "")
+            wrong = next((f"row_idx {g} where {e} belongs"
+                          for g, e in zip(got, expected) if g != e), "")
             raise DatasetError(f"datasets-server sent {len(got)} rows ({got[0] if got else '-'}-"
-                               f"{got[-1] if got else '-'}) for rows {offset}-{expected[-1] if expected else '-'} of "
-                               f"{ref.dataset}: {what}{f', {wrong}' if wrong and len(got) >= len(expected) else ''}; "
+                               f"{got[-1] if got else '-'}) for rows "
+                               f"{offset}-{expected[-1] if expected else '-'} of {ref.dataset}: "
+                               f"{what}"
+                               f"{f', {wrong}' if wrong and len(got) >= len(expected) else ''}; "
                                "not caching it")
         cache.write_page(offset, rows, body["num_rows_total"], revision)
     if image_column:
         needed = [r for r in rows if r["row_idx"] < wanted]
-        missing = [r for r in needed if r["row"].get(image_column) and cache.read_image(r["row_idx"]) is None]
+        missing = [r for r in needed
+                   if r["row"].get(image_column) and cache.read_image(r["row_idx"]) is None]
         if missing:
             _fetch_images(cache, server, ref, offset, missing, image_column, fresh, images)
     return rows
 
 
-async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path], image_column: str | None = None,
-                    server: _DatasetsClient | None = None) -> tuple[list[dict], _DatasetCache]:
+async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path],
+                     image_column: str | None = None,
+                     server: _DatasetsClient | None = None) -> tuple[list[dict], _DatasetCache]:
     """The first `count` rows (all when None) of a split, from the cache or the server.
 
     Pages of 100 rows are fetched DOWNLOADS at a time. With an image column, each image
@@ -1804,7 +1924,8 @@ async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path], ima
     server = server or _DatasetsClient()
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=_DOWNLOADS, thread_name_prefix="nano-eval-data")
-    images = ThreadPoolExecutor(max_workers=_DOWNLOADS, thread_name_prefix="nano-eval-images") if image_column else None
+    images = (ThreadPoolExecutor(max_workers=_DOWNLOADS, thread_name_prefix="nano-eval-images")
+              if image_column else None)
     try:
         total = cache.num_rows_total()
         first_page = None
@@ -1812,9 +1933,10 @@ async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path], ima
             first_page = await loop.run_in_executor(pool, server.rows, ref, 0)
             total = first_page[0]["num_rows_total"]
         wanted = total if count is None else min(count, total)
-        pages = await asyncio.gather(*(loop.run_in_executor(pool, _load_page, cache, server, ref, offset, wanted,
-                                                            image_column, first_page if offset == 0 else None, images)
-                                       for offset in range(0, wanted, _PAGE_SIZE)))
+        pages = await asyncio.gather(*(
+            loop.run_in_executor(pool, _load_page, cache, server, ref, offset, wanted, image_column,
+                                 first_page if offset == 0 else None, images)
+            for offset in range(0, wanted, _PAGE_SIZE)))
         cache.save()
     finally:
         pool.shutdown(wait=False)
@@ -1829,45 +1951,52 @@ async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path], ima
 # ============================================================================
 
 _GSM8K_TEMPLATE = (
-    "Given the following problem, reason and give a final answer to the problem.\nProblem: {question}\n"
-    'Your response should end with "The final answer is [answer]" where [answer] is the response to the problem.\n'
+    "Given the following problem, reason and give a final answer to the problem.\n"
+    "Problem: {question}\n"
+    'Your response should end with "The final answer is [answer]" where [answer] is the response '
+    "to the problem.\n"
 )
 # lm-eval's gsm8k-cot-llama.yaml fewshot_config.samples, in order: (question, target)
 _GSM8K_FEWSHOT = (
-    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
-     "there will be 21 trees. How many trees did the grove workers plant today?",
-     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
-     "been 21 - 15 = 6. The final answer is 6"),
-    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. "
+     "After they are done, there will be 21 trees. How many trees did the grove workers "
+     "plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. "
+     "So there must have been 21 - 15 = 6. The final answer is 6"),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, "
+     "how many cars are in the parking lot?",
      "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The final answer is 5"),
-    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
-     "they had 74 - 35 = 39. The final answer is 39"),
-    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
-     "Jason give to Denny?",
-     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
-     "The final answer is 8"),
-    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
-     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
-     "The final answer is 9"),
-    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
-     "thursday. How many computers are now in the server room?",
-     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 "
-     "computers were added. 9 + 20 is 29. The final answer is 29"),
-    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
-     "balls did he have at the end of wednesday?",
-     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, "
-     "he had 35 - 2 = 33 golf balls. The final answer is 33"),
+    ("Leah had 32 chocolates and her sister had 42. "
+     "If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. "
+     "After eating 35, they had 74 - 35 = 39. The final answer is 39"),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. "
+     "How many lollipops did Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. "
+     "So he gave Denny 20 - 12 = 8. The final answer is 8"),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. "
+     "How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is "
+     "4 more toys. 5 + 4 = 9. The final answer is 9"),
+    ("There were nine computers in the server room. Five more computers were installed each day, "
+     "from monday to thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. "
+     "So 5 * 4 = 20 computers were added. 9 + 20 is 29. The final answer is 29"),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. "
+     "How many golf balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. "
+     "After losing 2 more, he had 35 - 2 = 33 golf balls. The final answer is 33"),
     ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
-     "left. 23 - 15 is 8. The final answer is 8"),
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. "
+     "So she has 23 - 15 dollars left. 23 - 15 is 8. The final answer is 8"),
 )
-_GSM8K_UNTIL = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>", "<|im_end|>"]
+_GSM8K_UNTIL = ["<|eot_id|>", "<|start_header_id|>user<|end_header_id|>", "Q:", "</s>",
+                "<|im_end|>"]
 _CHARTQA_TEMPLATE = (
     "<image>{query}\n"
     "Analyze the image and question carefully, using step-by-step reasoning.\n"
-    "First, describe any image provided in detail. Then, present your reasoning. And finally your final answer "
-    "in this format:\n"
+    "First, describe any image provided in detail. Then, present your reasoning. "
+    "And finally your final answer in this format:\n"
     "Final Answer: <answer>\n"
     "where <answer> follows the following instructions:\n"
     "- <answer> should should be a single phrase or number.\n"
@@ -1891,28 +2020,35 @@ def _data_url(data: bytes) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def _load_image(cache: _DatasetCache | None, row_idx: int, cell: Any) -> tuple[dict | None, str | None, tuple | None]:
+def _load_image(cache: _DatasetCache | None, row_idx: int,
+                cell: Any) -> tuple[dict | None, str | None, tuple | None]:
     """(sha256, size and format of the image, its data URL, error) for a row's image cell."""
     if not cell:
         return None, None, (Status.MISSING_IMAGE, "the dataset row has no image (null cell)")
     found = cache.read_image(row_idx) if cache else None
     if found is None:
-        return None, None, (Status.MISSING_IMAGE, "the image is not in the cache or failed its sha256 check")
+        return None, None, (Status.MISSING_IMAGE,
+                            "the image is not in the cache or failed its sha256 check")
     data, entry = found
-    meta = {"sha256": entry["sha256"], "bytes": len(data), "format": (_sniff_image(data) or (entry.get("format"),))[0]}
+    meta = {"sha256": entry["sha256"], "bytes": len(data),
+            "format": (_sniff_image(data) or (entry.get("format"),))[0]}
     if not _image_is_whole(data, meta["format"]):
-        return None, None, (Status.MISSING_IMAGE, f"the cached image is truncated ({len(data):,} bytes)")
+        return None, None, (Status.MISSING_IMAGE,
+                            f"the cached image is truncated ({len(data):,} bytes)")
     return meta, _data_url(data), None
 
 
 def _map_image_urls(body: dict, change: Callable[[str], str]) -> dict:
     """A copy of the body with `change` applied to the URL of each image part."""
     def part(p: Any) -> Any:
-        if isinstance(p, dict) and p.get("type") == "image_url" and isinstance(p.get("image_url"), dict):
-            return {**p, "image_url": {**p["image_url"], "url": change(p["image_url"].get("url", ""))}}
+        if (isinstance(p, dict) and p.get("type") == "image_url"
+                and isinstance(p.get("image_url"), dict)):
+            return {**p, "image_url": {**p["image_url"],
+                                       "url": change(p["image_url"].get("url", ""))}}
         return p
 
-    messages = [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m.get("content"), list) else m
+    messages = [{**m, "content": [part(p) for p in m["content"]]}
+                if isinstance(m.get("content"), list) else m
                 for m in body["messages"]]
     return {**body, "messages": messages}
 
@@ -1944,8 +2080,10 @@ def _encode_body(body: dict, rest: str | None = None) -> bytes:
     through a cache: the 16 few-shot turns are the same in every gsm8k request.
     `rest`: json.dumps of the body without "messages", when the caller has it."""
     last = len(body["messages"]) - 1
-    messages = ", ".join(json.dumps(m) if not _plain_message(m) else _encode_message(m["role"], m["content"]) if i < last
-                         else '{"role": ' + _json_string(m["role"]) + ', "content": ' + _json_string(m["content"]) + "}"
+    messages = ", ".join(json.dumps(m) if not _plain_message(m)
+                         else _encode_message(m["role"], m["content"]) if i < last
+                         else ('{"role": ' + _json_string(m["role"]) + ', "content": '
+                               + _json_string(m["content"]) + "}")
                          for i, m in enumerate(body["messages"]))
     if rest is None:
         rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
@@ -1983,7 +2121,8 @@ class Task:
     score: Callable[[str, str], tuple[dict, dict]]  # (response, target) -> (extracted, scores)
     doc_identity: Callable[[dict, dict], dict]  # the fields that identify a doc (for its hash)
     answer_key: str  # the extracted answer the headline metric scores
-    template: str  # the question's user turn, {field} where the doc's text goes (the report shows the text)
+    # the question's user turn, {field} where the doc's text goes (the report shows the text)
+    template: str
     image_column: str | None = None
     group: Callable[[dict], str | None] = lambda row: None
 
@@ -1998,11 +2137,13 @@ class Task:
         --logprobs, then "logprobs": true and "top_logprobs": K."""
         gen = {**self.generation_kwargs, **config.gen_kwargs}
         gen.pop("do_sample", None)
-        max_tokens = gen.pop("max_tokens") if "max_tokens" in gen else gen.pop("max_gen_toks", config.max_gen_toks or 256)
+        max_tokens = (gen.pop("max_tokens") if "max_tokens" in gen
+                      else gen.pop("max_gen_toks", config.max_gen_toks or 256))
         temperature = gen.pop("temperature", 0)
         until = gen.pop("until", None)
         stop = [] if until is None else [until] if isinstance(until, str) else list(until)
-        params = {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4], "seed": config.seed} | gen
+        params = {"max_tokens": max_tokens, "temperature": temperature, "stop": stop[:4],
+                  "seed": config.seed} | gen
         if config.logprobs:
             params |= {"logprobs": True, "top_logprobs": config.logprobs}
         return params
@@ -2011,10 +2152,11 @@ class Task:
         """What build() needs that is the same for every request of a run: request_params
         and the JSON text of the body without its messages."""
         params = self.request_params(config)
-        return params, None if "messages" in params else json.dumps({"model": config.model} | params)
+        return params, (None if "messages" in params
+                        else json.dumps({"model": config.model} | params))
 
-    def build(self, row: dict, config: APIConfig, cache: _DatasetCache | None = None, repeat: int = 0,
-              prepared: tuple[dict, str | None] | None = None) -> _Sample:
+    def build(self, row: dict, config: APIConfig, cache: _DatasetCache | None = None,
+              repeat: int = 0, prepared: tuple[dict, str | None] | None = None) -> _Sample:
         """The request for one document. Repeat i of a sampled (temperature > 0) request
         is sent with seed + i; at temperature 0 every repeat sends the same body.
         `prepared`: prepare(config), when the caller made it once for the run."""
@@ -2028,8 +2170,9 @@ class Task:
         payload = _encode_body(body, rest)
         identity = self.doc_identity(doc, image or {})
         return _Sample(row_idx=row["row_idx"], target=self.target(doc), body=body, payload=payload,
-                      doc_hash=_sha256(json.dumps(identity, sort_keys=True).encode()), body_hash=_sha256(payload),
-                      group=self.group(doc), image=image, error=error, repeat=repeat)
+                       doc_hash=_sha256(json.dumps(identity, sort_keys=True).encode()),
+                       body_hash=_sha256(payload), group=self.group(doc), image=image, error=error,
+                       repeat=repeat)
 
 
 @functools.lru_cache(maxsize=None)
@@ -2037,7 +2180,8 @@ def _gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
     """The messages before the question, built once: (messages, single-turn prefix)."""
     turns = [(_GSM8K_TEMPLATE.format(question=q), a) for q, a in _GSM8K_FEWSHOT]
     messages = [{"role": "system", "content": system_instruction}] if system_instruction else []
-    if not multiturn:  # lm-eval's single-turn rendering: target_delimiter "" and fewshot_delimiter "\n\n"
+    # lm-eval's single-turn rendering: target_delimiter "" and fewshot_delimiter "\n\n"
+    if not multiturn:
         return messages, "".join(u + a + "\n\n" for u, a in turns)
     for user, assistant in turns:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -2046,7 +2190,8 @@ def _gsm8k_fewshot(system_instruction: str | None, multiturn: bool) -> tuple:
 
 def _gsm8k_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
     fewshot, prefix = _gsm8k_fewshot(config.system_instruction, config.fewshot_as_multiturn)
-    return fewshot + [{"role": "user", "content": prefix + _GSM8K_TEMPLATE.format(question=doc["question"])}]
+    return fewshot + [{"role": "user",
+                       "content": prefix + _GSM8K_TEMPLATE.format(question=doc["question"])}]
 
 
 def _gsm8k_target(doc: dict) -> str:
@@ -2078,21 +2223,25 @@ def _gsm8k_exact_match(prediction: str, reference: str) -> float:
 
 def score_gsm8k(response: str, target: str) -> tuple[dict, dict]:
     extracted = {name: _regex_filter(pattern, response) for name, pattern in _GSM8K_FILTERS.items()}
-    scores = {f"exact_match,{name}": _gsm8k_exact_match(answer, target) for name, answer in extracted.items()}
+    scores = {f"exact_match,{name}": _gsm8k_exact_match(answer, target)
+              for name, answer in extracted.items()}
     return extracted, scores
 
 
 def _chartqa_messages(doc: dict, image_url: str | None, config: APIConfig) -> list:
     text = {"type": "text", "text": _CHARTQA_TEMPLATE.format(query=doc["query"])}
-    content = [{"type": "image_url", "image_url": {"url": image_url, "detail": "auto"}}, text] if image_url else [text]
-    messages = [{"role": "system", "content": config.system_instruction}] if config.system_instruction else []
+    content = ([{"type": "image_url", "image_url": {"url": image_url, "detail": "auto"}}, text]
+               if image_url else [text])
+    messages = ([{"role": "system", "content": config.system_instruction}]
+                if config.system_instruction else [])
     return messages + [{"role": "user", "content": content}]
 
 
 def _chartqa_target(doc: dict) -> str:
     """`{{ label[0] }}`; a label that is a Python list literal is evaluated by lm-eval's
     doc_to_target and turned back into a string by str() in process_results."""
-    label = str(doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"] else doc.get("label", ""))
+    label = str(doc["label"][0] if isinstance(doc.get("label"), list) and doc["label"]
+                else doc.get("label", ""))
     if len(label) >= 2 and label[0] == "[" and label[-1] == "]":
         try:
             return str(ast.literal_eval(label))
@@ -2127,7 +2276,8 @@ def _strip_end_punctuation(text: str) -> str:
 
 def _relaxed_preprocess(text: str) -> str:
     if not any(ch.isdigit() for ch in text):
-        if text[:1] in ("'", '"') and text.endswith(text[0]):  # a lone quote becomes "", as in lm-eval
+        # a lone quote becomes "", as in lm-eval
+        if text[:1] in ("'", '"') and text.endswith(text[0]):
             return text[1:-1]
         return text
     return _strip_end_punctuation(text).replace(",", "").replace("$", "")
@@ -2155,7 +2305,8 @@ def _relaxed_correctness(answer: str, reference: str) -> float:
     if p is not None and t is not None:
         value = _within(p, t)
         if value != 1.0 and (p_pct or t_pct):
-            value = max(value, _within(p / 100 if p_pct else p, t), _within(p, t / 100 if t_pct else t))
+            value = max(value, _within(p / 100 if p_pct else p, t),
+                        _within(p, t / 100 if t_pct else t))
         return value
     if target.isalpha() and len(target) == 1 and prediction:
         return float(prediction[0].lower() == target.lower())
@@ -2177,9 +2328,11 @@ def _chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
         if int(number) == number:
             number = int(number)
     except (ValueError, OverflowError):
-        candidates = [f"is {reference}", f"was {reference}", f" {reference}.", f"are {reference}", f"\n\n{reference}"]
+        candidates = [f"is {reference}", f"was {reference}", f" {reference}.", f"are {reference}",
+                      f"\n\n{reference}"]
         return float(any(c.lower() in prediction for c in candidates))
-    return float(format(number, ",") in prediction or str(number) in prediction or f"{number}%" in prediction)
+    return float(format(number, ",") in prediction or str(number) in prediction
+                 or f"{number}%" in prediction)
 
 
 def score_chartqa(response: str, target: str) -> tuple[dict, dict]:
@@ -2217,9 +2370,11 @@ TASKS: dict[str, Task] = {
     ),
     "chartqa": Task(
         name="chartqa",
-        data=_DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query",), "image", ("label",)),
+        data=_DatasetRef("HuggingFaceM4/ChartQA", "default", "test", ("query",), "image",
+                         ("label",)),
         version="0.0",
-        generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False, "max_gen_toks": 512},
+        generation_kwargs={"until": [], "temperature": 0.0, "do_sample": False,
+                           "max_gen_toks": 512},
         headline="relaxed_accuracy",
         metric_names=["exact_match", "relaxed_accuracy", "anywhere_accuracy"],
         messages=_chartqa_messages,
@@ -2243,9 +2398,10 @@ TASKS: dict[str, Task] = {
 
 
 # The fields of a sample record that the tools read, and the types they must have
-_RECORD_FIELDS = {"task": str, "doc_hash": str, "body_hash": str, "url": str, "status": str, "row_idx": int,
-                 "repeat": int, "scores": dict, "response": dict, "extracted": dict, "request": dict, "image": dict,
-                 "target": str, "group": str, "error": str, "reasoning_flags": list}
+_RECORD_FIELDS = {"task": str, "doc_hash": str, "body_hash": str, "url": str, "status": str,
+                  "row_idx": int, "repeat": int, "scores": dict, "response": dict,
+                  "extracted": dict, "request": dict, "image": dict, "target": str, "group": str,
+                  "error": str, "reasoning_flags": list}
 
 
 def _record_problem(record: Any) -> str | None:
@@ -2270,20 +2426,22 @@ def _record_problem(record: Any) -> str | None:
     if type(messages) is not list or not set(map(type, messages)) <= {dict}:
         return "request 'messages' is not a list of messages"
     image = record.get("image")
-    if image is not None and not (isinstance(image.get("sha256"), str) and type(image.get("bytes")) is int
+    if image is not None and not (isinstance(image.get("sha256"), str)
+                                  and type(image.get("bytes")) is int
                                   and isinstance(image.get("format"), str)):
         return "'image' is not {sha256, bytes, format}"
     return _response_problem(record.get("response") or {})
 
 
-_RESPONSE_FIELDS = {"content": str, "reasoning_content": str, "finish_reason": str, "http_status": int,
-                   "usage": dict, "logprobs": list}
+_RESPONSE_FIELDS = {"content": str, "reasoning_content": str, "finish_reason": str,
+                    "http_status": int, "usage": dict, "logprobs": list}
 
 
 def _response_problem(response: dict) -> str | None:
     for name, kind in _RESPONSE_FIELDS.items():
         value = response.get(name)
-        if value is not None and type(value) is not kind:  # what json.loads makes is of the exact type
+        # what json.loads makes is of the exact type
+        if value is not None and type(value) is not kind:
             return f"response {name!r} is not of type {kind.__name__}"
     usage = response.get("usage")
     for name in ("prompt_tokens", "completion_tokens", "total_tokens") if usage else ():
@@ -2291,13 +2449,15 @@ def _response_problem(response: dict) -> str | None:
         if count is not None and (type(count) is not int or not 0 <= count < 2 ** 53):
             return "a usage count is not a count"
     logprobs = response.get("logprobs")
-    if logprobs and not all(_is_logged_token(entry) and all(map(_is_logged_alternative, entry[2])) for entry in logprobs):
+    if logprobs and not all(_is_logged_token(entry) and all(map(_is_logged_alternative, entry[2]))
+                            for entry in logprobs):
         return "logprobs are not [token, logprob, [[token, logprob], ...]] per token"
     return None
 
 
 def _is_logged_alternative(entry: Any) -> bool:
-    """[token, logprob]: as logged_logprobs writes it (a logprob may be null, or NaN in another tool's log)."""
+    """[token, logprob]: as logged_logprobs writes it (a logprob may be null, or NaN in another
+    tool's log)."""
     return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (str, dict))
             and (entry[1] is None or _is_number(entry[1])))
 
@@ -2341,14 +2501,17 @@ class _Logged(NamedTuple):
         response = record.get("response") or {}
         return cls(
             task=record["task"], doc_hash=record["doc_hash"], row_idx=record.get("row_idx"),
-            repeat=record.get("repeat") or 0, status=record["status"], scores=record.get("scores") or {},
-            extracted=record.get("extracted") or {}, target=record.get("target"),
+            repeat=record.get("repeat") or 0, status=record["status"],
+            scores=record.get("scores") or {}, extracted=record.get("extracted") or {},
+            target=record.get("target"),
             content=response.get("content") or "", reasoning=response.get("reasoning_content"),
             finish_reason=response.get("finish_reason"), usage=response.get("usage") or {},
             http_status=response.get("http_status"), logprobs=response.get("logprobs") or None,
-            request=record.get("request") or {}, image=record.get("image"), group=record.get("group"),
-            error=record.get("error"), latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0,
-            reused=bool(record.get("reused")), reasoning_flags=record.get("reasoning_flags") or [], at=at)
+            request=record.get("request") or {}, image=record.get("image"),
+            group=record.get("group"), error=record.get("error"),
+            latency=record.get("latency") or 0.0, attempts=record.get("attempts") or 0,
+            reused=bool(record.get("reused")), reasoning_flags=record.get("reasoning_flags") or [],
+            at=at)
 
     def score(self, metric: str) -> float:
         return float(self.scores.get(metric, 0.0))
@@ -2364,7 +2527,8 @@ class _Logged(NamedTuple):
         return count if isinstance(count, int) else None
 
 
-_READ_BATCH = 1 << 18  # bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
+# bytes of log lines parsed as one JSON array: their records share key strings (40% less memory)
+_READ_BATCH = 1 << 18
 
 
 def _parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
@@ -2381,7 +2545,8 @@ def _parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
             values = json.loads(b"[" + b",".join(lines) + b"]")
         except (ValueError, RecursionError):
             values = None
-        if values is not None and len(values) == len(lines) and all(type(v) is dict for v in values):
+        if (values is not None and len(values) == len(lines)
+                and all(type(v) is dict for v in values)):
             yield from zip(range(number + 1, number + len(lines) + 1), starts, values)
         else:
             for line_number, start, line in zip(itertools.count(number + 1), starts, lines):
@@ -2441,16 +2606,19 @@ class _SampleLog:
             path.parent.mkdir(parents=True, exist_ok=True)
             torn = self.ends_torn(path)
             # never through a symbolic link planted at the log's path; one run at a time per log
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            fd = os.open(path,
+                         os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0),
+                         0o644)
             self._file = os.fdopen(fd, "a", encoding="utf-8", errors="replace")
         except OSError as exc:
             why = "it is a symbolic link" if path.is_symlink() else exc.strerror or exc
             raise UsageError(f"cannot write the sample log {path}: {why}") from None
         if not _lock_file(self._file):
             self._file.close()
-            raise UsageError(f"another nano-eval run is writing the sample log {path}: wait for it, or give this "
-                             "run its own --log_samples")
-        if torn:  # a line cut short by a crash or a full disk: end it, so the next record starts a line
+            raise UsageError(f"another nano-eval run is writing the sample log {path}: "
+                             "wait for it, or give this run its own --log_samples")
+        # a line cut short by a crash or a full disk: end it, so the next record starts a line
+        if torn:
             self._file.write("\n")
 
     @staticmethod
@@ -2477,7 +2645,8 @@ class _SampleLog:
                 raise UsageError(f"{self.path} holds samples from {record.get('url')}, not {url}: "
                                  "give this server its own --log_samples or --output")
             if record.get("status") in Status.SCORED:
-                done[(record.get("doc_hash"), record.get("body_hash"), record.get("repeat", 0))] = record
+                done[(record.get("doc_hash"), record.get("body_hash"),
+                      record.get("repeat", 0))] = record
         return done
 
     @staticmethod
@@ -2513,7 +2682,8 @@ class _Progress:
             self._last = now
             rate = self.done / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate else 0
-            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total}  {rate:.1f}/s  ETA {eta:.0f}s ")
+            sys.stderr.write(f"\r{self.label}: {self.done}/{self.total}  {rate:.1f}/s  "
+                             f"ETA {eta:.0f}s ")
             sys.stderr.flush()
 
     def close(self) -> None:
@@ -2526,15 +2696,17 @@ def _stop_on_first_failures(outcome: _Outcome, config: APIConfig) -> None:
     if (error := _refusal(outcome.http_status, config.chat_url)):
         raise error
     if outcome.status == "http_404":
-        raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): check --base_url and --model")
+        raise ServerError(f"{config.chat_url} answered 404 ({outcome.error}): "
+                          "check --base_url and --model")
 
 
 def _outcome_from_record(record: dict) -> _Outcome:
     """A logged answer, taken again on resume (only ok and truncated ones are)."""
     logged = _Logged.of(record)
     return _Outcome(logged.status, content=logged.content, reasoning=logged.reasoning,
-                   finish_reason=logged.finish_reason, usage=logged.usage or None, http_status=logged.http_status,
-                   error=logged.error, latency=logged.latency, attempts=logged.attempts, logprobs=logged.logprobs)
+                    finish_reason=logged.finish_reason, usage=logged.usage or None,
+                    http_status=logged.http_status, error=logged.error, latency=logged.latency,
+                    attempts=logged.attempts, logprobs=logged.logprobs)
 
 
 def _reasoning_flags(task: Task, outcome: _Outcome, answer: str) -> list:
@@ -2545,8 +2717,9 @@ def _reasoning_flags(task: Task, outcome: _Outcome, answer: str) -> list:
     content = outcome.content or ""
     if outcome.reasoning and not task.finds_answer(answer) and task.finds_answer(outcome.reasoning):
         flags.append("answer_only_in_reasoning")
-    if outcome.finish_reason == "length" and (not content.strip() or ("<think>" in content and _THINK_END not in content)
-                                              or (outcome.reasoning and not answer.strip())):
+    if (outcome.finish_reason == "length"
+            and (not content.strip() or ("<think>" in content and _THINK_END not in content)
+                 or (outcome.reasoning and not answer.strip()))):
         flags.append("budget_ran_out_in_reasoning")
     return flags
 
@@ -2554,26 +2727,30 @@ def _reasoning_flags(task: Task, outcome: _Outcome, answer: str) -> list:
 class _TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
-    def __init__(self, task: Task, config: APIConfig, rows: list, cache: _DatasetCache, log: _SampleLog | None,
-                 progress: _Progress, resume: bool = True, repeats: int = 1):
+    def __init__(self, task: Task, config: APIConfig, rows: list, cache: _DatasetCache,
+                 log: _SampleLog | None, progress: _Progress, resume: bool = True,
+                 repeats: int = 1):
         self.task, self.config, self.rows, self.cache, self.log = task, config, rows, cache, log
         self.progress = progress
         self.repeats = repeats
         self.client = _ChatClient(config)
         self.prepared = task.prepare(config)  # the same for every request of the run
         previous = log.completed(task.name, config.chat_url) if log else {}
-        self.logged = previous if resume else {}  # (doc_hash, body_hash, repeat) -> a record to reuse
+        # (doc_hash, body_hash, repeat) -> a record to reuse
+        self.logged = previous if resume else {}
         self.results: dict[tuple, dict] = {}  # (repeat, row_idx) -> record
         self.successes = 0
         self.failures_in_a_row = 0
         self.server_down = False
-        self.lock = threading.Lock()  # the workers' shared state: the documents, counters, finished records
+        # the workers' shared state: the documents, counters, finished records
+        self.lock = threading.Lock()
         self.lines: list = []  # log lines not yet written
         self.finished = 0  # records since the last flush
         self.closed = False  # after the final flush: nothing more is recorded
         self.building = threading.Lock() if task.image_column else None
         self.logprobs_said = False  # the server's answer to --logprobs is reported once
-        self.go = threading.Semaphore(0)  # released once all have started, then by each worker to the next
+        # released once all have started, then by each worker to the next
+        self.go = threading.Semaphore(0)
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat, as Logged."""
@@ -2589,20 +2766,23 @@ class _TaskRun:
         with self.lock:
             if outcome.status in Status.NETWORK:  # after all retries
                 self.failures_in_a_row += 1
-                if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.server_down:
+                if (self.failures_in_a_row >= max(4, self.config.num_concurrent)
+                        and not self.server_down):
                     self.server_down = down = True
             else:
                 self.failures_in_a_row = 0
                 self.successes += outcome.http_status is not None and outcome.http_status < 400
         if down:
-            _warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests in a row ended "
-                 f"in {outcome.status} after every retry): no more requests are sent to it")
+            _warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests "
+                  f"in a row ended in {outcome.status} after every retry): "
+                  "no more requests are sent to it")
         if outcome.valid and outcome.logprobs is None and self.prepared[0].get("logprobs"):
-            self.say_once_about_logprobs("answered without logprobs although asked for them: this run's "
-                                         "numerics verdict will be 'unknown'")
-        elif outcome.logprobs and any(_is_finite(e[1]) and e[1] > _POSITIVE_LOGPROB for e in outcome.logprobs):
-            self.say_once_about_logprobs("sent a logprob above 0, which no probability has: its logprobs are "
-                                         "wrong, and a comparison will say so")
+            self.say_once_about_logprobs("answered without logprobs although asked for them: "
+                                         "this run's numerics verdict will be 'unknown'")
+        elif outcome.logprobs and any(_is_finite(e[1]) and e[1] > _POSITIVE_LOGPROB
+                                      for e in outcome.logprobs):
+            self.say_once_about_logprobs("sent a logprob above 0, which no probability has: "
+                                         "its logprobs are wrong, and a comparison will say so")
         return outcome
 
     def say_once_about_logprobs(self, what: str) -> None:
@@ -2618,26 +2798,29 @@ class _TaskRun:
         with self.lock:
             if self.prepared[0].get("logprobs"):
                 self.prepared = self.task.prepare(dataclasses.replace(self.config, logprobs=None))
-        self.say_once_about_logprobs(f"refused logprobs ({outcome.error}): they are no longer asked for, and "
-                                     "this run's numerics verdict will be 'unknown'")
+        self.say_once_about_logprobs(f"refused logprobs ({outcome.error}): they are no longer "
+                                     "asked for, and this run's numerics verdict will be 'unknown'")
         return True
 
     def record(self, sample: _Sample, outcome: _Outcome) -> dict:
-        response_text = _answer_text(outcome.content, self.config.keep_think, self.config.think_end_token) \
-            if outcome.valid else ""
+        response_text = (_answer_text(outcome.content, self.config.keep_think,
+                                      self.config.think_end_token)
+                         if outcome.valid else "")
         if outcome.valid:
             extracted, scores = self.task.score(response_text, sample.target)
         else:
             extracted, scores = None, {name: 0.0 for name in self.task.metric_names}
         return {
-            "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat, "doc_hash": sample.doc_hash,
+            "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat,
+            "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
             "request": _redact_images(sample.body, sample.image),
             # a server may echo the key or a header back: SampleLog.line and every writer scrub it
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status,
-                         **({"logprobs": outcome.logprobs} if outcome.logprobs is not None else {})},
+                         **({"logprobs": outcome.logprobs}
+                            if outcome.logprobs is not None else {})},
             "status": outcome.status, "error": outcome.error,
             "target": sample.target,
             "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
@@ -2674,9 +2857,11 @@ class _TaskRun:
                     sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
                 else:
                     with building:
-                        sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
-                if sample.image and not (log and log.log_images):  # the image's data URL is in the payload:
-                    sample.body = _redact_images(sample.body, sample.image)  # not kept twice while in flight
+                        sample = self.task.build(row, self.config, self.cache, repeat,
+                                                 self.prepared)
+                # the image's data URL is in the payload: not kept twice while in flight
+                if sample.image and not (log and log.log_images):
+                    sample.body = _redact_images(sample.body, sample.image)
                 previous = self.logged.get((sample.doc_hash, sample.body_hash, repeat))
                 outcome = _outcome_from_record(previous) if previous else self.send(sample)
                 if previous is None and self.refused_logprobs(outcome):
@@ -2685,8 +2870,10 @@ class _TaskRun:
                 record = self.record(sample, outcome)
                 line = None
                 if previous is None and log:
-                    line = log.line({**record, "request": sample.body} if log.log_images else record)
-                del record["request"]  # not needed for the results; keeps memory flat in the number of samples
+                    line = log.line({**record, "request": sample.body} if log.log_images
+                                    else record)
+                # not needed for the results; keeps memory flat in the number of samples
+                del record["request"]
                 record["reused"] = previous is not None
                 with lock:
                     if self.closed:
@@ -2714,7 +2901,8 @@ class _TaskRun:
         """asyncio drives a pool of N blocking workers (N = --num_concurrent): each takes the
         next document and builds, sends, scores and records it; every FLUSH_EVERY seconds the
         event loop appends the finished records to the log and advances the progress line."""
-        self.todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)  # whole passes, one by one
+        # whole passes, one by one
+        self.todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)
         count = min(self.config.num_concurrent, len(self.rows)) or 1
         loop = asyncio.get_running_loop()
         pool = ThreadPoolExecutor(count, thread_name_prefix="nano-eval-worker")
@@ -2728,7 +2916,8 @@ class _TaskRun:
                 self.flush()
                 errors = [worker.exception() for worker in done if worker.exception()]
                 if errors:
-                    raise errors[0]  # a worker's error (e.g. AuthError before any success) ends the run
+                    # a worker's error (e.g. AuthError before any success) ends the run
+                    raise errors[0]
         finally:
             self.flush(final=True)  # what finishes from now on is not recorded
             self.client.close()  # requests still in flight end, nothing more is sent
@@ -2738,8 +2927,9 @@ class _TaskRun:
             pool.shutdown(wait=False)
 
 
-async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *, data_dir: str | None = None,
-                   log_dir: str | Path | None = None, log_images: bool = False, progress: bool | None = None,
+async def run_task(task: Task, config: APIConfig, max_samples: int | None = None, *,
+                   data_dir: str | None = None, log_dir: str | Path | None = None,
+                   log_images: bool = False, progress: bool | None = None,
                    datasets_server: _DatasetsClient | None = None, sink: dict | None = None,
                    resume: bool = True, repeats: int = 1) -> dict:
     """Runs one task against one server and returns its results (see aggregate()).
@@ -2755,14 +2945,16 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
     repeats = _checked("repeats", _positive_int, repeats)
     start = time.perf_counter()
     if config.model is None:
-        config.model = await asyncio.get_running_loop().run_in_executor(None, _resolve_model, config, None)
-    rows, cache = await _load_rows(task.data, max_samples, _resolve_data_dir(data_dir), task.image_column,
-                                  datasets_server)
+        config.model = await asyncio.get_running_loop().run_in_executor(
+            None, _resolve_model, config, None)
+    rows, cache = await _load_rows(task.data, max_samples, _resolve_data_dir(data_dir),
+                                   task.image_column, datasets_server)
     log = _SampleLog(Path(log_dir) / f"samples_{task.name}.jsonl", log_images) if log_dir else None
-    run = _TaskRun(task, config, rows, cache, log, _Progress(task.name, len(rows) * repeats, progress), resume, repeats)
+    run = _TaskRun(task, config, rows, cache, log,
+                   _Progress(task.name, len(rows) * repeats, progress), resume, repeats)
     if run.logged:
-        _info(f"{task.name}: resuming from {log.path}: samples this server already answered there are not sent "
-             "again (--no_resume to send them all)")
+        _info(f"{task.name}: resuming from {log.path}: samples this server already answered "
+              "there are not sent again (--no_resume to send them all)")
     complete = False
     try:
         await run.drive()  # asyncio drives the worker threads that send the samples
@@ -2771,9 +2963,11 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
         run.progress.close()
         if log:
             log.close()
-        result = _aggregate(task, run.records(), planned=len(rows) * repeats, elapsed=time.perf_counter() - start,
-                           revisions=cache.revisions(range(0, len(rows), _PAGE_SIZE)), complete=complete,
-                           repeats=repeats, temperature=task.request_params(config).get("temperature"))
+        result = _aggregate(task, run.records(), planned=len(rows) * repeats,
+                            elapsed=time.perf_counter() - start,
+                            revisions=cache.revisions(range(0, len(rows), _PAGE_SIZE)),
+                            complete=complete, repeats=repeats,
+                            temperature=task.request_params(config).get("temperature"))
         if sink is not None:
             sink[task.name] = result
     return result
@@ -2787,16 +2981,23 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
 # reference_key). They come from other harnesses, hence the tolerance in expectation().
 _REFERENCE_SCORES = {
     # Meta's Llama 3.1 model card: GSM-8K (CoT), 8-shot, em_maj1@1 (instruction-tuned models)
-    ("gsm8k_cot_llama", "llama-3.1-8b-instruct"): (0.845, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
-    ("gsm8k_cot_llama", "llama-3.1-70b-instruct"): (0.951, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.1-8b-instruct"):
+        (0.845, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.1-70b-instruct"):
+        (0.951, "Meta Llama 3.1 model card, GSM-8K 8-shot CoT"),
     # Meta's Llama 3.2 model card: GSM8K (CoT), 8-shot, em_maj1@1
-    ("gsm8k_cot_llama", "llama-3.2-1b-instruct"): (0.444, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
-    ("gsm8k_cot_llama", "llama-3.2-3b-instruct"): (0.777, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.2-1b-instruct"):
+        (0.444, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
+    ("gsm8k_cot_llama", "llama-3.2-3b-instruct"):
+        (0.777, "Meta Llama 3.2 model card, GSM8K 8-shot CoT"),
     # vLLM's CI baseline for lm-eval's chartqa prompt, full test split, relaxed accuracy
-    ("chartqa", "qwen2.5-vl-7b-instruct"): (0.855, "vLLM CI baseline, lm-eval chartqa"),
+    ("chartqa", "qwen2.5-vl-7b-instruct"):
+        (0.855, "vLLM CI baseline, lm-eval chartqa"),
     # Meta's Llama 3.2 Vision model card: ChartQA (test), CoT, relaxed accuracy
-    ("chartqa", "llama-3.2-11b-vision-instruct"): (0.834, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
-    ("chartqa", "llama-3.2-90b-vision-instruct"): (0.855, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
+    ("chartqa", "llama-3.2-11b-vision-instruct"):
+        (0.834, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
+    ("chartqa", "llama-3.2-90b-vision-instruct"):
+        (0.855, "Meta Llama 3.2 Vision model card, ChartQA CoT"),
 }
 
 
@@ -2825,7 +3026,8 @@ def _quantile(values: list, q: float) -> float | None:
 
 def _counts(values: Iterable) -> dict:
     """{value: how many}, sorted, with None (a failed request has no finish_reason) as "none"."""
-    return dict(sorted(collections.Counter("none" if v is None else str(v) for v in values).items()))
+    return dict(sorted(collections.Counter("none" if v is None else str(v)
+                                           for v in values).items()))
 
 
 def _by_document(records: list) -> dict:
@@ -2843,11 +3045,14 @@ def _self_agreement(documents: list) -> dict:
     documents = [group for group in documents if all(r.status in Status.SCORED for r in group)]
     n = len(documents)
     same_text = sum(1 for group in documents if len({r.content for r in group}) == 1)
-    same_scores = sum(1 for group in documents if len({json.dumps(r.scores, sort_keys=True) for r in group}) == 1)
-    return {"documents": n, "responses": same_text / n if n else None, "scores": same_scores / n if n else None}
+    same_scores = sum(1 for group in documents
+                      if len({json.dumps(r.scores, sort_keys=True) for r in group}) == 1)
+    return {"documents": n, "responses": same_text / n if n else None,
+            "scores": same_scores / n if n else None}
 
 
-def _repeat_summary(task: Task, records: list, documents: list, repeats: int, temperature: Any) -> dict:
+def _repeat_summary(task: Task, records: list, documents: list, repeats: int,
+                    temperature: Any) -> dict:
     """Each pass's metrics, their mean and standard error over the passes, and the
     self-agreement: the share of documents whose repeats gave identical text, and
     identical scores (over documents that have all their repeats)."""
@@ -2875,7 +3080,7 @@ class _Tally:
     latencies: list = dataclasses.field(default_factory=list)
     reused: int = 0
     not_sent: int = 0
-    reasoning_rows: dict = dataclasses.field(default_factory=dict)  # flag: the rows it was raised on
+    reasoning_rows: dict = dataclasses.field(default_factory=dict)  # flag: rows it was raised on
 
     @classmethod
     def of(cls, records: list) -> _Tally:
@@ -2901,8 +3106,9 @@ class _Tally:
         return tally
 
 
-def _aggregate(task: Task, records: list, planned: int, elapsed: float, revisions: list | None = None,
-              complete: bool = True, repeats: int = 1, temperature: Any = None) -> dict:
+def _aggregate(task: Task, records: list, planned: int, elapsed: float,
+               revisions: list | None = None, complete: bool = True, repeats: int = 1,
+               temperature: Any = None) -> dict:
     """Per-task results: lm-eval's metric names (`,none` dropped), the headline metric
     also under its bare name, `<metric>,valid` over scorable responses only, failure
     counts per status, tokens, latency and throughput. With repeats, each document's
@@ -2911,7 +3117,8 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float, revision
     valid = [r for r in records if r.status in Status.SCORED]
     documents = list(_by_document(records).values()) if repeats > 1 else []
     scored = [group[0]._replace(scores={name: sum(r.score(name) for r in group) / len(group)
-                                        for name in group[0].scores}) for group in documents] or records
+                                        for name in group[0].scores})
+              for group in documents] or records
     base = task.headline.split(",")[0]
     metrics: dict = {}
 
@@ -2921,7 +3128,8 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float, revision
         if with_stderr:
             metrics[_stderr_key(label)] = se
 
-    reported = [(base, task.headline)] if base != task.headline else []  # the headline under its bare name
+    # the headline under its bare name
+    reported = [(base, task.headline)] if base != task.headline else []
     reported += [(name, name) for name in task.metric_names]
     for label, name in reported:
         add(label, name, scored)
@@ -2946,7 +3154,9 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float, revision
         "headline": base,
         "finish_reasons": dict(sorted(finish.items())),
         "num_reused": tally.reused,
-        "usage": {"prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens},
+        "usage": {"prompt_tokens": tally.prompt_tokens,
+                  "completion_tokens": tally.completion_tokens},
+
         "latency_p50": _quantile(sorted(tally.latencies), 0.5),
         "latency_p95": _quantile(sorted(tally.latencies), 0.95),
         "requests_per_second": round(tally.sent / elapsed, 3) if elapsed > 0 else None,
@@ -2961,12 +3171,14 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float, revision
         result["num_not_sent"] = tally.not_sent
     if tally.reasoning_rows:
         result["reasoning"] = {flag: len(rows) for flag, rows in tally.reasoning_rows.items()}
-        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in tally.reasoning_rows.items()}  # the first 50
+        # the first 50
+        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in tally.reasoning_rows.items()}
     if repeats > 1:
         result["num_documents"] = len(documents)
         result["repeats"] = _repeat_summary(task, records, documents, repeats, temperature)
     if task.image_column:
-        formats = dict(collections.Counter(r.image.get("format") for r in records if isinstance(r.image, dict)))
+        formats = dict(collections.Counter(r.image.get("format") for r in records
+                                           if isinstance(r.image, dict)))
         result["images"] = {"formats": formats, "jpeg_reencoded": formats.get("jpeg", 0)}
     return result
 
@@ -2979,7 +3191,8 @@ def _fmt_value(value: Any) -> str:
 
 def _summary_table(results: dict) -> str:
     """The human summary written to stderr."""
-    lines = [f"{'task':<18} {'metric':<36} {'value':>7} {'stderr':>7} {'n':>6} {'failed':>6} {'seconds':>8}"]
+    lines = [f"{'task':<18} {'metric':<36} {'value':>7} {'stderr':>7} {'n':>6} "
+             f"{'failed':>6} {'seconds':>8}"]
     for name, result in results.items():
         if "error" in result and not result.get("metrics"):
             lines.append(f"{name:<18} error: {result['error']}")
@@ -2987,8 +3200,9 @@ def _summary_table(results: dict) -> str:
         metrics = result["metrics"]
         for key in (k for k in metrics if "_stderr" not in k):
             lines.append(f"{name:<18} {key:<36} {_fmt_value(metrics[key]):>7} "
-                         f"{_fmt_value(metrics.get(_stderr_key(key), '')):>7} {result['num_samples']:>6} "
-                         f"{result['num_failed']:>6} {result['elapsed']:>8.1f}")
+                         f"{_fmt_value(metrics.get(_stderr_key(key), '')):>7} "
+                         f"{result['num_samples']:>6} {result['num_failed']:>6} "
+                         f"{result['elapsed']:>8.1f}")
             name = ""
     return "\n".join(lines)
 
@@ -2996,29 +3210,34 @@ def _summary_table(results: dict) -> str:
 def _report_warnings(task_name: str, result: dict) -> None:
     if result.get("failures"):
         detail = ", ".join(f"{status}: {count}" for status, count in result["failures"].items())
-        _warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed ({detail}); "
-             "they count as wrong in the headline metrics")
+        _warn(f"{task_name}: {result['num_failed']} of {result['num_samples']} samples failed "
+              f"({detail}); they count as wrong in the headline metrics")
     if result.get("num_not_sent"):
-        _warn(f"{task_name}: {result['num_not_sent']} samples were not sent because the server had stopped "
-             "answering; they are counted as connection failures (rerun the same command to resume them)")
-    advice = {"answer_only_in_reasoning": ("had an answer only in the reasoning channel, none in the content",
-                                           "check the server's reasoning parser and the chat template"),
-              "budget_ran_out_in_reasoning": ("ran out of tokens while still reasoning",
-                                              "raise max_tokens, e.g. --gen_kwargs max_gen_toks=4096")}
+        _warn(f"{task_name}: {result['num_not_sent']} samples were not sent because the server "
+              "had stopped answering; they are counted as connection failures "
+              "(rerun the same command to resume them)")
+    advice = {
+        "answer_only_in_reasoning": (
+            "had an answer only in the reasoning channel, none in the content",
+            "check the server's reasoning parser and the chat template"),
+        "budget_ran_out_in_reasoning": (
+            "ran out of tokens while still reasoning",
+            "raise max_tokens, e.g. --gen_kwargs max_gen_toks=4096"),
+    }
     for flag, rows in (result.get("reasoning_rows") or {}).items():
         shown = ", ".join(map(str, rows[:10])) + (" ..." if result["reasoning"][flag] > 10 else "")
         what, fix = advice[flag]
         _warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); {fix}")
     if result.get("num_truncated"):
         cut = result["num_truncated"]
-        _warn(f"{task_name}: {cut} {'response' if cut == 1 else 'responses'} hit max_tokens (finish_reason length); "
-             "scored as they are")
+        _warn(f"{task_name}: {cut} {'response' if cut == 1 else 'responses'} hit max_tokens "
+              "(finish_reason length); scored as they are")
     repeats = result.get("repeats") or {}
     agreement = (repeats.get("self_agreement") or {}).get("responses")
     if repeats.get("temperature") == 0 and agreement is not None and agreement < 1:
-        _warn(f"{task_name}: at temperature 0, only {agreement:.1%} of documents got the same response in all "
-             f"{repeats['k']} repeats: this backend is not deterministic at this concurrency; read any comparison "
-             "against this floor")
+        _warn(f"{task_name}: at temperature 0, only {agreement:.1%} of documents got the same "
+              f"response in all {repeats['k']} repeats: this backend is not deterministic at "
+              "this concurrency; read any comparison against this floor")
 
 
 def _reference_key(model: str) -> str:
@@ -3036,8 +3255,8 @@ def reference_score(task_name: str, model: str | None) -> tuple[float, str] | No
     return _REFERENCE_SCORES.get((task_name, _reference_key(model or "")))
 
 
-def expectation(result: dict, reference: float, metric: str | None = None, tolerance: float = _DEFAULT_TOLERANCE,
-                source: str | None = None) -> dict | None:
+def expectation(result: dict, reference: float, metric: str | None = None,
+                tolerance: float = _DEFAULT_TOLERANCE, source: str | None = None) -> dict | None:
     """Is the observed score consistent with `reference`? Below or above when the gap is
     larger than 1.96 x the run's own stderr plus `tolerance`. None without a score."""
     metric = metric or result.get("headline")
@@ -3049,14 +3268,15 @@ def expectation(result: dict, reference: float, metric: str | None = None, toler
     margin = 1.96 * stderr + tolerance
     difference = observed - reference
     verdict = "below" if difference < -margin else "above" if difference > margin else "consistent"
-    return {"metric": metric, "reference": reference, "observed": observed, "difference": round(difference, 6),
-            "stderr": stderr, "tolerance": tolerance, "margin": round(margin, 6), "verdict": verdict,
-            "source": source}
+    return {"metric": metric, "reference": reference, "observed": observed,
+            "difference": round(difference, 6), "stderr": stderr, "tolerance": tolerance,
+            "margin": round(margin, 6), "verdict": verdict, "source": source}
 
 
 def _format_expectation(task_name: str, e: dict) -> str:
     where = f" ({e['source']})" if e.get("source") else ""
-    return (f"{task_name}: {e['metric']} {e['observed']:.4f} vs expected {e['reference']:.4f}{where}, "
+    return (f"{task_name}: {e['metric']} {e['observed']:.4f} "
+            f"vs expected {e['reference']:.4f}{where}, "
             f"difference {e['difference']:+.4f}, allowed +-{e['margin']:.4f}: {e['verdict']}")
 
 
@@ -3115,7 +3335,7 @@ def _task_results(results: dict) -> dict:
 
 
 def _results_document(config: APIConfig, options: RunOptions, results: dict, preflight: dict | None,
-                     finished: bool, start: float) -> dict:
+                      finished: bool, start: float) -> dict:
     """The results JSON of one server's run."""
     document = {"results": {**({_CONFORMANCE: preflight} if preflight else {}),
                             **results},
@@ -3131,15 +3351,16 @@ def _results_document(config: APIConfig, options: RunOptions, results: dict, pre
 def _most_severe(codes: list) -> int:
     """An interruption first, then the highest code; a failed quality gate only when
     nothing else went wrong."""
-    return max(codes or [_EXIT_OK], key=lambda c: (c == _EXIT_INTERRUPTED, c not in (_EXIT_OK, _EXIT_GATE), c))
+    return max(codes or [_EXIT_OK],
+               key=lambda c: (c == _EXIT_INTERRUPTED, c not in (_EXIT_OK, _EXIT_GATE), c))
 
 
 def _fail_rate_exit(results: dict, max_fail_rate: float) -> int:
     for name, result in results.items():
         rate = result["num_failed"] / result["num_samples"] if result["num_samples"] else 0.0
         if rate > max_fail_rate:
-            _info(f"error: {name}: {result['num_failed']} of {result['num_samples']} samples failed "
-                 f"({rate:.1%} > --max_fail_rate {max_fail_rate:g})")
+            _info(f"error: {name}: {result['num_failed']} of {result['num_samples']} "
+                  f"samples failed ({rate:.1%} > --max_fail_rate {max_fail_rate:g})")
             return _EXIT_FAILURES
     return _EXIT_OK
 
@@ -3155,8 +3376,9 @@ def _exit_code_of(document: dict, options: RunOptions) -> int:
     if preflight and preflight["metrics"]["fail"]:
         _info(f"error: the conformance preflight failed {preflight['metrics']['fail']} check(s)")
         codes.append(_EXIT_FAILURES)
-    codes.append(_fail_rate_exit({n: r for n, r in _task_results(results).items() if "error" not in r},
-                                options.max_fail_rate))
+    codes.append(_fail_rate_exit({n: r for n, r in _task_results(results).items()
+                                  if "error" not in r}, options.max_fail_rate))
+
     below = [n for n, r in results.items() if (r.get("expectation") or {}).get("verdict") == "below"
              and not r["expectation"].get("informational")]
     if below:
@@ -3178,9 +3400,10 @@ class _ArgumentParser(argparse.ArgumentParser):
 def _build_parser() -> _ArgumentParser:
     parser = _ArgumentParser(
         prog="nano-eval",
-        description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as lm-eval's "
-                    "local-chat-completions does (gsm8k_cot_llama, chartqa).",
-        epilog="Other commands: 'nano-eval compare RUN_A RUN_B' (paired comparison of two sample logs), "
+        description="Evaluate an OpenAI-compatible /v1/chat/completions server exactly as "
+                    "lm-eval's local-chat-completions does (gsm8k_cot_llama, chartqa).",
+        epilog="Other commands: "
+               "'nano-eval compare RUN_A RUN_B' (paired comparison of two sample logs), "
                "'nano-eval replay FILE:LINE' (resend one logged request), "
                "'nano-eval report RUN [RUN_B]' (an HTML report).")
 
@@ -3191,12 +3414,15 @@ def _build_parser() -> _ArgumentParser:
         if option.check:
             kwargs["type"] = _from_text(option.check, option.parse)
         if option.into == "run" and not option.model_arg and option.default is not None:
-            kwargs["default"] = option.default  # nothing else can set it: argparse gives the default
-        spellings = [f"--{option.name}"] + ([f"--{option.name.replace('_', '-')}"] if "_" in option.name else [])
+            # nothing else can set it: argparse gives the default
+            kwargs["default"] = option.default
+        spellings = [f"--{option.name}"] + ([f"--{option.name.replace('_', '-')}"]
+                                            if "_" in option.name else [])
         helptext = option.help.format(tasks=", ".join([*TASKS, _CONFORMANCE]))
         parser.add_argument(*spellings, dest=option.name, help=helptext, **kwargs)
         if option.name == "max_samples":  # lm-eval's name for it
-            parser.add_argument("--limit", dest="max_samples", type=kwargs["type"], help=argparse.SUPPRESS)
+            parser.add_argument("--limit", dest="max_samples", type=kwargs["type"],
+                                help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"nano-eval {__version__}")
     return parser
 
@@ -3210,7 +3436,8 @@ def _resolve_tasks(text: str | None, check: bool) -> tuple[list, bool]:
     unknown = [n for n in names if n not in valid]
     if unknown:
         raise UsageError(f"unknown task {', '.join(unknown)}; valid tasks: {', '.join(valid)}")
-    return [TASKS[n] for n in dict.fromkeys(names) if n != _CONFORMANCE], check or _CONFORMANCE in names
+    return ([TASKS[n] for n in dict.fromkeys(names) if n != _CONFORMANCE],
+            check or _CONFORMANCE in names)
 
 
 def _parse_model_args(text: str | None) -> dict:
@@ -3261,7 +3488,8 @@ def _resolve_settings(args: argparse.Namespace) -> tuple[list, str | None, dict]
     fields.update(
         api_key=_check_secret(pick("api_key") or os.environ.get("OPENAI_API_KEY"), "the API key"),
         gen_kwargs=_parse_kv(args.gen_kwargs, "--gen_kwargs"),
-        headers={**_parse_headers(_header_items(model_args.get("header"))), **_parse_headers(args.header or [])},
+        headers={**_parse_headers(_header_items(model_args.get("header"))),
+                 **_parse_headers(args.header or [])},
         verify_certificate=pick("verify_certificate") and not args.insecure,
         ca_cert=args.ca_cert or model_args.get("ca_cert_path"))
     until = fields["gen_kwargs"].get("until")
@@ -3282,17 +3510,18 @@ def _parse_expectations(items: list | None, tasks: list) -> dict:
         task_name, _, metric = target.partition(":")
         task = names.get(task_name.strip())
         if task is None:
-            raise UsageError(f"--expect {item!r}: expected TASK[:METRIC]=VALUE with a task of --tasks "
-                             f"({', '.join(names) or 'none'})")
+            raise UsageError(f"--expect {item!r}: expected TASK[:METRIC]=VALUE with a task of "
+                             f"--tasks ({', '.join(names) or 'none'})")
         metric = metric.strip() or None
         if metric and metric not in [task.headline.split(",")[0], *task.metric_names]:
-            raise UsageError(f"--expect {item!r}: {task.name} has no metric {metric!r} "
-                             f"(one of {', '.join([task.headline.split(',')[0], *task.metric_names])})")
+            raise UsageError(f"--expect {item!r}: {task.name} has no metric {metric!r} (one of "
+                             f"{', '.join([task.headline.split(',')[0], *task.metric_names])})")
         text = value.strip()
         try:
             number = _fraction(float(text.rstrip("%")) / (100 if text.endswith("%") else 1))
         except (ValueError, argparse.ArgumentTypeError):
-            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, or a percentage like 84.5%") from None
+            raise UsageError(f"--expect {item!r}: the value must be from 0 to 1, "
+                             "or a percentage like 84.5%") from None
         expected[task.name] = (metric, number)
     return expected
 
@@ -3305,7 +3534,8 @@ def _check_output_path(path: str | None, flag: str = "--output") -> Path | None:
         raise UsageError(f"{flag} {target} is a directory; give a file name")
     if not target.parent.is_dir():
         raise UsageError(f"{flag}: folder {target.parent} does not exist")
-    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+    if (not os.access(target.parent, os.W_OK)
+            or (target.exists() and not os.access(target, os.W_OK))):
         raise UsageError(f"{flag} {target} is not writable")
     return target
 
@@ -3339,7 +3569,8 @@ def _failure_of(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
 
 
-async def _run_tasks(config: APIConfig, options: RunOptions, results: dict) -> tuple[bool, str | None]:
+async def _run_tasks(config: APIConfig, options: RunOptions,
+                     results: dict) -> tuple[bool, str | None]:
     """Runs the tasks one after the other into `results`: (False when interrupted, the
     error that made the server unusable). A task that cannot run or finish gets an entry
     with its `error`; the next task still runs, unless the server itself is unusable."""
@@ -3358,19 +3589,23 @@ async def _run_tasks(config: APIConfig, options: RunOptions, results: dict) -> t
         for task in tasks:
             try:
                 await run_task(task, config, options.max_samples, data_dir=options.data_dir,
-                               log_dir=options.log_dir, log_images=options.log_images, progress=options.progress,
-                               sink=results, resume=options.resume, repeats=options.repeats)
-            except Exception as exc:  # noqa: BLE001 -- whatever ended this task, the finished ones are kept
+                               log_dir=options.log_dir, log_images=options.log_images,
+                               progress=options.progress, sink=results, resume=options.resume,
+                               repeats=options.repeats)
+            except Exception as exc:  # noqa: BLE001 -- whatever ended it, finished tasks are kept
                 if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
                     raise
-                message = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else _failure_of(exc))
+                message = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError)
+                                         else _failure_of(exc))
                 _info(f"error: {task.name}: {message}")
                 results[task.name] = {**results.get(task.name, {}), "error": message,
-                                      "exit_code": getattr(exc, "exit_code", _EXIT_FAILURES), "complete": False}
-                if isinstance(exc, (AuthError, ServerError)):  # every other task would fail the same way
+                                      "exit_code": getattr(exc, "exit_code", _EXIT_FAILURES),
+                                      "complete": False}
+                # every other task would fail the same way
+                if isinstance(exc, (AuthError, ServerError)):
                     for skipped in tasks[tasks.index(task) + 1:]:
-                        results[skipped.name] = {"error": f"not run: {message}", "exit_code": exc.exit_code,
-                                                 "complete": False}
+                        results[skipped.name] = {"error": f"not run: {message}",
+                                                 "exit_code": exc.exit_code, "complete": False}
                     return message
         return None
 
@@ -3393,9 +3628,10 @@ async def _run_tasks(config: APIConfig, options: RunOptions, results: dict) -> t
         await work
     except asyncio.CancelledError:
         pass
-    for task in tasks:  # a task interrupted before its first sample (its dataset loading) is still named
-        results.setdefault(task.name, {"error": "not run: interrupted", "exit_code": _EXIT_INTERRUPTED,
-                                       "complete": False})
+    # a task interrupted before its first sample (its dataset loading) is still named
+    for task in tasks:
+        results.setdefault(task.name, {"error": "not run: interrupted",
+                                       "exit_code": _EXIT_INTERRUPTED, "complete": False})
     return False, None
 
 
@@ -3427,12 +3663,13 @@ def _measure_noise_floor(config: APIConfig, options: RunOptions) -> dict:
     """The reference server again, on the same samples, at another concurrency (--noise_floor):
     its results document; its sample log is the floor of every numerics verdict against it."""
     again = dataclasses.replace(config, num_concurrent=_floor_concurrency(config.num_concurrent))
-    _info(f"noise floor: {config.model} at {config.chat_url} again at --num_concurrent {again.num_concurrent} "
-         f"(it ran at {config.num_concurrent})")
+    _info(f"noise floor: {config.model} at {config.chat_url} again at "
+          f"--num_concurrent {again.num_concurrent} (it ran at {config.num_concurrent})")
     return _run_server(again, dataclasses.replace(options, check=False))
 
 
-def _compare_servers(runs: list, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, noise_floor: str | None = None) -> list:
+def _compare_servers(runs: list, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
+                     noise_floor: str | None = None) -> list:
     """The first run compared with each of the others, printed and returned; `noise_floor`:
     the first server's second run, which calibrates the numerics verdicts."""
     comparisons = []
@@ -3440,11 +3677,13 @@ def _compare_servers(runs: list, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, 
         a, b = runs[0]["config"], run["config"]
         entry = {"a": a["chat_url"], "b": b["chat_url"]}
         try:
-            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"], tolerance=tolerance,
-                                                noise_floor=noise_floor)
-            print(_format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]), file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001 -- e.g. a run with no sample at all; the runs are kept
-            entry["error"] = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError) else _failure_of(exc))
+            entry["comparison"] = compare_paths(a["log_samples"], b["log_samples"],
+                                                tolerance=tolerance, noise_floor=noise_floor)
+            print(_format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]),
+                  file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 -- e.g. a run with no samples; the runs are kept
+            entry["error"] = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError)
+                                            else _failure_of(exc))
             _info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {entry['error']}")
         comparisons.append(entry)
     return comparisons
@@ -3471,10 +3710,12 @@ def _run_and_compare(configs: list, model: str | None, options: RunOptions) -> t
                 options, log_dir=root / f"{i}_{parts.hostname}_{parts.port or ''}".rstrip("_"))
             error = unusable.get(id(config))
             if error is None:
-                _info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} ({config.server['name']})")
+                _info(f"server {i + 1}/{len(configs)}: {config.model} at {config.chat_url} "
+                      f"({config.server['name']})")
                 runs.append(_run_server(config, run_options))
                 codes.append(_exit_code_of(runs[-1], run_options))
-                if options.noise_floor and floor is None and options.tasks and not runs[-1]["interrupted"]:
+                if (options.noise_floor and floor is None and options.tasks
+                        and not runs[-1]["interrupted"]):
                     floor_dir = run_options.log_dir.with_name(run_options.log_dir.name + "_floor")
                     floor_options = dataclasses.replace(run_options, log_dir=floor_dir)
                     floor = _measure_noise_floor(config, floor_options)
@@ -3483,23 +3724,27 @@ def _run_and_compare(configs: list, model: str | None, options: RunOptions) -> t
                         break
             else:  # this server is unusable; the others' results still count
                 runs.append({"results": {}, "config": _config_record(config, options),
-                             "error": _SECRETS.scrub(str(error)), "complete": False, "interrupted": False})
+                             "error": _SECRETS.scrub(str(error)), "complete": False,
+                             "interrupted": False})
                 codes.append(error.exit_code)
             if runs[-1]["interrupted"]:
                 break
-        comparisons = _compare_servers([run for run in runs if "error" not in run] if options.tasks else [],
-                                      options.logprob_tolerance, floor and floor["config"]["log_samples"])
+        comparisons = _compare_servers(
+            [run for run in runs if "error" not in run] if options.tasks else [],
+            options.logprob_tolerance, floor and floor["config"]["log_samples"])
     except KeyboardInterrupt:
         _info("interrupted: the runs that finished are written, without their comparison")
         codes.append(_EXIT_INTERRUPTED)
-    document = {"runs": runs, **({"noise_floor": floor} if floor else {}), "comparisons": comparisons,
-                "total_seconds": round(time.perf_counter() - start, 3)}
-    codes += [_gate_exit(c["comparison"], options.fail_if) for c in comparisons if "comparison" in c]
+    document = {"runs": runs, **({"noise_floor": floor} if floor else {}),
+                "comparisons": comparisons, "total_seconds": round(time.perf_counter() - start, 3)}
+    codes += [_gate_exit(c["comparison"], options.fail_if) for c in comparisons
+              if "comparison" in c]
     return document, _most_severe(codes)
 
 
 def _check_places(options: RunOptions) -> None:
-    """The sample log's folder and the dataset cache can be written: said now, not after connecting."""
+    """The sample log's folder and the dataset cache can be written: said now, not after
+    connecting."""
     if options.log_dir and not _is_writable_dir(options.log_dir):
         raise UsageError(f"cannot write the sample log in {options.log_dir}")
     if options.data_dir or os.environ.get("NANO_EVAL_DATA_DIR"):
@@ -3511,17 +3756,20 @@ def evaluate(configs: list, options: RunOptions, model: str | None = None) -> tu
     code, as the command line writes and returns them. `model` is asked of every server;
     None: each config's own, or the only one its /v1/models lists."""
     _check_places(options)
-    if not all(c.verify_certificate for c in configs) and any(c.chat_url.startswith("https:") for c in configs):
+    if (not all(c.verify_certificate for c in configs)
+            and any(c.chat_url.startswith("https:") for c in configs)):
         _warn("TLS certificate verification is off (--insecure / verify_certificate=false): "
-             "any server can pose as this one")
+              "any server can pose as this one")
     if len(configs) > 1:
         return _run_and_compare(configs, model, options)
     config = configs[0]
     _find_server(config, model or config.model)
     server = config.server
-    _info(f"evaluating {config.model} at {config.chat_url} ({server['name']}"
-         f"{' ' + str(server['version']) if server.get('version') else ''}): "
-         f"{', '.join([t.name for t in options.tasks] + ([_CONFORMANCE] if options.check else []))}")
+    _info(
+        f"evaluating {config.model} at {config.chat_url} ({server['name']}"
+        f"{' ' + str(server['version']) if server.get('version') else ''}): "
+        f"{', '.join([t.name for t in options.tasks] + ([_CONFORMANCE] if options.check else []))}")
+
     document = _run_server(config, options)
     return document, _exit_code_of(document, options)
 
@@ -3564,7 +3812,8 @@ def _write_results(document: dict, output: Path | None, report: Path | None) -> 
         except Exception as exc:  # noqa: BLE001 -- the results still reach stdout
             failures.append(exc)
     if not _print_to_stdout(_stdout_json(document)):
-        _info("stdout is closed: the results JSON was not printed" + (f"; it is in {output}" if output else ""))
+        _info("stdout is closed: the results JSON was not printed"
+              + (f"; it is in {output}" if output else ""))
     if failures:
         raise failures[0]
 
@@ -3575,19 +3824,23 @@ def _cmd_eval(argv: list) -> int:
     base_urls, model, fields = _resolve_settings(args)
     expected = _parse_expectations(args.expect, tasks)
     if args.fail_if and len(base_urls) < 2:
-        raise UsageError("--fail_if compares servers: give several --base_url (or use 'nano-eval compare A B --fail_if')")
+        raise UsageError("--fail_if compares servers: give several --base_url "
+                         "(or use 'nano-eval compare A B --fail_if')")
     if args.noise_floor and (len(base_urls) < 2 or not fields["logprobs"] or not tasks):
-        raise UsageError("--noise_floor calibrates a comparison of logprobs: give several --base_url, --logprobs K "
-                         "and a task (or use 'nano-eval compare A B --noise_floor A2')")
+        raise UsageError("--noise_floor calibrates a comparison of logprobs: give several "
+                         "--base_url, --logprobs K and a task "
+                         "(or use 'nano-eval compare A B --noise_floor A2')")
     _SECRETS.add(fields["api_key"], os.environ.get("HF_TOKEN"))
     output = _check_output_path(args.output)
     report = _check_output_path(args.report, "--report")
     log_dir = _sample_log_dir(args, output)
     _check_distinct_outputs(output, report, log_dir)
-    scratch = Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report and not log_dir else None
+    scratch = (Path(tempfile.mkdtemp(prefix="nano-eval-samples-")) if report and not log_dir
+               else None)
     options = RunOptions(tasks=tasks, check=check, log_dir=log_dir or scratch, expected=expected,
                          progress=False if args.no_progress else None, resume=not args.no_resume,
-                         **{option.name: getattr(args, option.name) for option in _OPTIONS if option.into == "run"})
+                         **{option.name: getattr(args, option.name) for option in _OPTIONS
+                            if option.into == "run"})
     try:
         _check_places(options)
         configs = [APIConfig(url=url, **fields) for url in base_urls or [_probe_local_server()]]
@@ -3620,12 +3873,14 @@ def _collector_paused() -> Iterator[None]:
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
-        # SIGTERM stops nano-eval as Ctrl-C does, everywhere; and Ctrl-C does so in every phase even when
-        # nano-eval was started with SIGINT ignored (a script's background job), as it does during the tasks
+        # SIGTERM stops nano-eval as Ctrl-C does, everywhere; and Ctrl-C does so in every phase
+        # even when nano-eval was started with SIGINT ignored (a script's background job), as it
+        # does during the tasks
         signal.signal(signal.SIGTERM, _raise_interrupt)
         signal.signal(signal.SIGINT, _raise_interrupt)
     commands = {"compare": _cmd_compare, "replay": _cmd_replay, "report": _cmd_report}
-    for stream in (sys.stdout, sys.stderr):  # text we print must never fail on the terminal's encoding
+    # text we print must never fail on the terminal's encoding
+    for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     code = _EXIT_OK
@@ -3651,7 +3906,7 @@ def main(argv: list | None = None) -> int:
         if os.environ.get("NANO_EVAL_DEBUG"):
             raise
         print(_SECRETS.scrub(f"nano-eval: internal error: {type(exc).__name__}: {exc} "
-                            "(set NANO_EVAL_DEBUG=1 for a traceback)"), file=sys.stderr)
+                             "(set NANO_EVAL_DEBUG=1 for a traceback)"), file=sys.stderr)
         code = 1
     if _BLOCKED_CALLS.value:  # abandoned requests still wait on sockets: do not wait for them
         sys.stdout.flush()
@@ -3665,9 +3920,10 @@ def main(argv: list | None = None) -> int:
 # ============================================================================
 
 _IMAGE_LITERAL = "<image>"  # lm-eval's chartqa text starts with it
-_IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a second image token, "
-                        "which the server may reject or leave unexpanded; scores can differ from a model that reads it "
-                        "as text (the bodies stay lm-eval's)")
+_IMAGE_LITERAL_EFFECT = ("each chartqa request (lm-eval's text starts with it) then carries a "
+                         "second image token, which the server may reject or leave unexpanded; "
+                         "scores can differ from a model that reads it as text "
+                         "(the bodies stay lm-eval's)")
 # A 1x1 RGB PNG, for the image check.
 _ONE_PIXEL_PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC")
@@ -3682,7 +3938,8 @@ class _Preflight:
 
     def __init__(self, config: APIConfig, timeout: float = 120.0):
         self.config = config
-        self.client = _server_client(config, timeout=min(timeout, config.timeout), connect_timeout=5.0)
+        self.client = _server_client(config, timeout=min(timeout, config.timeout),
+                                     connect_timeout=5.0)
         self.headers = {"Content-Type": "application/json", **_server_headers(config)}
         self.first: _Outcome | None = None  # the plain greedy answer the other checks compare with
 
@@ -3690,19 +3947,22 @@ class _Preflight:
         """The raw response, or why there is none."""
         try:
             return self.client.request("POST", self.config.chat_url,
-                                       json.dumps({"model": self.config.model, **body}).encode(), self.headers)
+                                       json.dumps({"model": self.config.model, **body}).encode(),
+                                       self.headers)
         except Exception as exc:
             return _describe_network_error(exc)[1]
 
     def chat(self, **body: Any) -> _Outcome:
         """One request, classified as the runner classifies every response."""
         resp = self.post({"temperature": 0, **body})
-        return _Outcome(Status.CONNECTION, error=resp) if isinstance(resp, str) else _classify_response(resp)
+        return (_Outcome(Status.CONNECTION, error=resp) if isinstance(resp, str)
+                else _classify_response(resp))
 
 
 def _failure(outcome: _Outcome) -> str:
     """Why a request did not give an answer, in one line."""
-    return (f"HTTP {outcome.http_status}: " if outcome.http_status else "") + (outcome.error or outcome.status)
+    return ((f"HTTP {outcome.http_status}: " if outcome.http_status else "")
+            + (outcome.error or outcome.status))
 
 
 def _answered(outcome: _Outcome) -> bool:
@@ -3712,7 +3972,8 @@ def _answered(outcome: _Outcome) -> bool:
 
 def _models_listed(pf: _Preflight) -> tuple[str, str]:
     try:
-        status, data, _ = _http_json(pf.client, pf.config.api_root + "/models", _server_headers(pf.config))
+        status, data, _ = _http_json(pf.client, pf.config.api_root + "/models",
+                                     _server_headers(pf.config))
     except Exception as exc:
         return "FAIL", _describe_network_error(exc)[1]
     models = _listed_models(data)
@@ -3766,7 +4027,8 @@ def _stop_honoured(pf: _Preflight) -> tuple[str, str]:
     if stop in text:
         return "FAIL", f"stop {stop!r} is in the output: {text[:80]!r}"
     if not baseline.startswith(text.rstrip()):
-        return "WARN", f"output with stop {stop!r} is not a prefix of the greedy output: {text[:80]!r}"
+        return "WARN", (f"output with stop {stop!r} is not a prefix of the greedy output: "
+                        f"{text[:80]!r}")
     return "PASS", f"stopped before {stop!r}: {text[:60]!r}, finish_reason {o.finish_reason!r}"
 
 
@@ -3775,7 +4037,8 @@ def _greedy_repeatable(pf: _Preflight) -> tuple[str, str]:
     again = o.content if _answered(o) else None
     if again == pf.first.content:
         return "PASS", "the same request at temperature 0 gave the same text twice"
-    return "WARN", f"temperature 0 differs between two identical requests: {pf.first.content[:40]!r} vs {str(again)[:40]!r}"
+    return "WARN", ("temperature 0 differs between two identical requests: "
+                    f"{pf.first.content[:40]!r} vs {str(again)[:40]!r}")
 
 
 def _seed_accepted(pf: _Preflight) -> tuple[str, str]:
@@ -3799,15 +4062,18 @@ def _logprobs_consistent(pf: _Preflight, k: int = 3) -> tuple[str, str]:
                    else f"logprob {logprob} > 0" if logprob > 1e-6
                    else f"{len(top)} top_logprobs, asked for {k}" if len(top) != k
                    else "top_logprobs not sorted" if values != sorted(values, reverse=True)
-                   else f"chosen {token!r} ({logprob:.4f}) is not the top-1 {top[0][0]!r} ({values[0]:.4f})"
-                   if _token_key(token) != _token_key(top[0][0]) and values[0] - logprob > 1e-4 else None)
+                   else f"chosen {token!r} ({logprob:.4f}) is not the top-1 {top[0][0]!r} "
+                        f"({values[0]:.4f})"
+                   if _token_key(token) != _token_key(top[0][0]) and values[0] - logprob > 1e-4
+                   else None)
         if problem:
             return "FAIL", f"token {i}: {problem}"
     return "PASS", f"{len(o.logprobs)} tokens, each with top {k} sorted, the greedy choice first"
 
 
 def _image_accepted(pf: _Preflight) -> tuple[str, str]:
-    content = [{"type": "image_url", "image_url": {"url": _data_url(_ONE_PIXEL_PNG), "detail": "auto"}},
+    content = [{"type": "image_url",
+                "image_url": {"url": _data_url(_ONE_PIXEL_PNG), "detail": "auto"}},
                {"type": "text", "text": "What color is this image? Answer in one word."}]
     o = pf.chat(messages=[{"role": "user", "content": content}], max_tokens=8)
     if _answered(o):
@@ -3826,21 +4092,25 @@ def _image_placeholder(pf: _Preflight) -> tuple[str, str]:
             break
         counts.append((o.usage or {}).get("prompt_tokens"))
     if refused and len(counts) == 1:
-        return "WARN", (f"a text-only prompt with the literal {_IMAGE_LITERAL} is refused ({refused}): the model "
-                        f"takes it for its image placeholder; {_IMAGE_LITERAL_EFFECT}")
+        return "WARN", (f"a text-only prompt with the literal {_IMAGE_LITERAL} is refused "
+                        f"({refused}): the model takes it for its image placeholder; "
+                        f"{_IMAGE_LITERAL_EFFECT}")
     if refused or not all(isinstance(c, int) for c in counts):
         return "WARN", f"inconclusive: {refused or 'no usage.prompt_tokens'}"
     if counts[1] - counts[0] == 1:
-        return "WARN", (f"the literal {_IMAGE_LITERAL} is one token here ({counts[0]} -> {counts[1]} prompt tokens): "
+        return "WARN", (f"the literal {_IMAGE_LITERAL} is one token here "
+                        f"({counts[0]} -> {counts[1]} prompt tokens): "
                         f"the model's own image placeholder; {_IMAGE_LITERAL_EFFECT}")
-    return "PASS", f"the literal {_IMAGE_LITERAL} is plain text here ({counts[1] - counts[0]} prompt tokens)"
+    return "PASS", (f"the literal {_IMAGE_LITERAL} is plain text here "
+                    f"({counts[1] - counts[0]} prompt tokens)")
 
 
 def _reasoning_channel(pf: _Preflight) -> tuple[str, str]:
     if pf.first.reasoning_field:
         return "PASS", f"reasoning arrives in message.{pf.first.reasoning_field}"
     if "<think>" in (pf.first.content or ""):
-        return "WARN", "reasoning arrives inside content as <think>...</think> (nano-eval drops it before scoring)"
+        return "WARN", ("reasoning arrives inside content as <think>...</think> "
+                        "(nano-eval drops it before scoring)")
     return "PASS", "no reasoning seen (not a reasoning model, or reasoning off)"
 
 
@@ -3852,8 +4122,8 @@ def _max_completion_tokens_honoured(pf: _Preflight) -> tuple[str, str]:
     if isinstance(used, int) and used > 5:
         return "WARN", f"accepted but ignored: completion_tokens {used} > 5"
     if used is None and o.finish_reason != "length":
-        return "WARN", (f"accepted, but cannot tell whether it is honoured: no usage and finish_reason "
-                        f"{o.finish_reason!r}")
+        return "WARN", ("accepted, but cannot tell whether it is honoured: no usage and "
+                        f"finish_reason {o.finish_reason!r}")
     return "PASS", f"honoured: completion_tokens {used}, finish_reason {o.finish_reason!r}"
 
 
@@ -3890,28 +4160,33 @@ _PREFLIGHT_CHECKS = (
 
 
 def _preflight_checks(config: APIConfig) -> dict:
-    """Every check of PREFLIGHT_CHECKS, in order: {"checks": [...], "metrics": pass/warn/fail counts}."""
+    """Every check of PREFLIGHT_CHECKS, in order:
+    {"checks": [...], "metrics": pass/warn/fail counts}."""
     context, checks = _Preflight(config), []
     for name, check in _PREFLIGHT_CHECKS:
         result, evidence = check(context)
-        evidence = _SECRETS.scrub(" ".join(str(evidence).split()))  # a server may echo the key in an error
+        # a server may echo the key in an error
+        evidence = _SECRETS.scrub(" ".join(str(evidence).split()))
         checks.append({"check": name, "result": result, "evidence": evidence[:300]})
         if check is _chat_answers and result == "FAIL":
             break  # every other check needs a plain answer
     tally = collections.Counter(c["result"] for c in checks)
-    return {"checks": checks, "metrics": {result.lower(): tally[result] for result in ("PASS", "WARN", "FAIL")}}
+    return {"checks": checks,
+            "metrics": {result.lower(): tally[result] for result in ("PASS", "WARN", "FAIL")}}
 
 
 def _format_preflight(report: dict) -> str:
     width = max(len(c["check"]) for c in report["checks"])
-    return "\n".join(f"{c['result']:<4}  {c['check']:<{width}}  {c['evidence']}" for c in report["checks"])
+    return "\n".join(f"{c['result']:<4}  {c['check']:<{width}}  {c['evidence']}"
+                     for c in report["checks"])
 
 
 def _preflight_result(config: APIConfig) -> dict:
     """The preflight's entry in the results (printed on stderr as it ends)."""
     start = time.perf_counter()
-    _info(f"--check: {len(_PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, one request at a time "
-         f"(each waits up to {min(120.0, config.timeout):.0f} s)")
+    _info(f"--check: {len(_PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, "
+          f"one request at a time (each waits up to {min(120.0, config.timeout):.0f} s)")
+
     report = _preflight_checks(config)
     print(_format_preflight(report), file=sys.stderr)
     return {**report, "elapsed": round(time.perf_counter() - start, 3)}
@@ -3922,8 +4197,10 @@ def _preflight_result(config: APIConfig) -> dict:
 # ============================================================================
 
 
-_UNSPELLED = "\ufffd"  # the compare key of a token servers spell differently: special tokens, parts of a character
-# A special token as vLLM spells it (llama.cpp: "" with its id; MAX: ""): the end of a turn or of the text
+# The compare key of a token servers spell differently: special tokens, parts of a character
+_UNSPELLED = "\ufffd"
+# A special token as vLLM spells it (llama.cpp: "" with its id; MAX: ""):
+# the end of a turn or of the text
 _SPECIAL_TOKEN = re.compile(r"<\|[^|\s]{1,40}\|>|</?s>|<eos>|<end_of_turn>")
 
 
@@ -3950,13 +4227,16 @@ class _MessagesDigest:
 
     def __call__(self, messages: list) -> str:
         try:
-            if messages and sum(map(len, messages)) == 2 * len(messages):  # each has only "role" and "content", or KeyError
+            # each has only "role" and "content", or KeyError
+            if messages and sum(map(len, messages)) == 2 * len(messages):
                 head, last = messages[:-1], messages[-1]
                 if head != self.head:
                     text = "".join([m["role"] + "\0" + m["content"] + "\2" for m in head])
-                    self.head, self.after_head = head, hashlib.sha256(text.encode("utf-8", "surrogatepass"))
+                    self.head, self.after_head = head, hashlib.sha256(
+                        text.encode("utf-8", "surrogatepass"))
                 digest = self.after_head.copy()
-                digest.update((last["role"] + "\0" + last["content"]).encode("utf-8", "surrogatepass"))
+                digest.update(
+                    (last["role"] + "\0" + last["content"]).encode("utf-8", "surrogatepass"))
                 return digest.hexdigest()
         except (TypeError, KeyError):
             pass
@@ -3967,14 +4247,16 @@ def _messages_digest(messages: list) -> str:
     return _MessagesDigest()(messages)
 
 
-_NOT_COMPARED = ("model", "logprobs", "top_logprobs")  # asking for logprobs changes no generated text (measured)
+# asking for logprobs changes no generated text (measured)
+_NOT_COMPARED = ("model", "logprobs", "top_logprobs")
 
 
 def _slim_request(body: dict, image: dict | None, digest: Callable = _messages_digest) -> dict:
     """What the tools keep of a logged body (the 8-shot gsm8k messages are ~5 KB a sample):
     the fields a comparison compares, and the messages as [{"sha256": of them all, any image
     as its stub}]."""
-    body = {key: value for key, value in _logged_request(body, image).items() if key not in _NOT_COMPARED}
+    body = {key: value for key, value in _logged_request(body, image).items()
+            if key not in _NOT_COMPARED}
     if isinstance(body.get("messages"), list):
         body["messages"] = [{"sha256": digest(body["messages"])}]
     return body
@@ -4031,10 +4313,12 @@ def _full_record(record: _Logged) -> _Logged:
     if not isinstance(full, dict) or _record_problem(full):
         return record
     full = _Logged.of(full, record.at)
-    return full if (full.task, full.doc_hash, full.repeat) == (record.task, record.doc_hash, record.repeat) else record
+    return full if ((full.task, full.doc_hash, full.repeat)
+                    == (record.task, record.doc_hash, record.repeat)) else record
 
 
-_SIDE_BY_SIDE_BYTES = 50_000_000  # of sample logs, above which the second is read in a child process
+# Bytes of sample logs above which the second is read in a child process
+_SIDE_BY_SIDE_BYTES = 50_000_000
 
 
 def _log_bytes(path: str) -> int:
@@ -4088,7 +4372,8 @@ def _side_by_side(read: Callable, first: str, second: str) -> tuple:
 
 
 def _request_difference(a: dict, b: dict) -> str | None:
-    """The first request field (other than the model name and the logprobs asked for) that differs, or None."""
+    """The first request field (other than the model name and the logprobs asked for) that
+    differs, or None."""
     if a == b:
         return None
     for key in list(dict.fromkeys(list(a) + list(b))):
@@ -4145,11 +4430,13 @@ def _binomial(n: int, p: float, rng: random.Random) -> int:
             continue
         if us >= 0.07 and v <= v_r:
             return k
-        if math.log(v * alpha / (a / (us * us) + b)) <= h - math.lgamma(k + 1) - math.lgamma(n - k + 1) + (k - m) * log_odds:
+        if (math.log(v * alpha / (a / (us * us) + b))
+                <= h - math.lgamma(k + 1) - math.lgamma(n - k + 1) + (k - m) * log_odds):
             return k
 
 
-def _paired_bootstrap(differences: list, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+def _paired_bootstrap(differences: list, resamples: int = 10_000,
+                      seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of the mean paired difference (seeded, deterministic). A resample
     of n pairs is drawn as how many times each distinct difference comes up (a multinomial, by
     sequential binomials): the same bootstrap distribution as n draws with replacement, in time
@@ -4217,7 +4504,8 @@ def _parting_margin(p: dict, confident_gap: float) -> str:
     too short to show the lead: not evidence either way)."""
     if p["a"] is None:
         return "confident"
-    leads = [lead for lead in (p["gap_a"], p["gap_b"], p["gap_a_at_least"], p["gap_b_at_least"]) if lead is not None]
+    leads = [lead for lead in (p["gap_a"], p["gap_b"], p["gap_a_at_least"], p["gap_b_at_least"])
+             if lead is not None]
     if any(lead >= confident_gap for lead in leads):
         return "confident"
     if p["gap_a"] is not None and p["gap_b"] is not None:
@@ -4267,7 +4555,8 @@ def _logit_precision(records: Iterable) -> dict:
     if len(on_grid) < _GRID_SHARE * len(steps):
         return {"label": "float32-like", "step": None, "positions": len(steps)}
     step = _quantile(on_grid, 0.5)
-    return {"label": "bf16-like" if step >= _BF16_STEP else "fp16-like", "step": step, "positions": len(steps)}
+    return {"label": "bf16-like" if step >= _BF16_STEP else "fp16-like", "step": step,
+            "positions": len(steps)}
 
 
 def _precision_name(label: str) -> str:
@@ -4285,7 +4574,8 @@ def _judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> 
     gap = max(_CONFIDENT_GAP, _GRID_GAP * step, _GRID_GAP * floor_p99)
     limit = None
     if allowed > tolerance:
-        limit = ({"precision": coarse, "nats": allowed} if _GRID_TOLERANCE * step >= _GRID_TOLERANCE * floor_p99
+        limit = ({"precision": coarse, "nats": allowed}
+                 if _GRID_TOLERANCE * step >= _GRID_TOLERANCE * floor_p99
                  else {"precision": "noise floor", "nats": allowed})
     return {"tolerance": allowed, "confident_gap": gap, "resolution": limit}
 
@@ -4293,10 +4583,12 @@ def _judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> 
 def _resolution_note(resolution: dict) -> str:
     """What an `equivalent` at a coarse resolution cannot see, in one line."""
     if resolution["precision"] == "noise floor":
-        return (f"equivalent within the reference's own noise floor ({resolution['nats']:.2g} nats, measured at "
-                "two batch compositions): faults smaller than this are invisible on this server")
-    return (f"equivalent within {_precision_name(resolution['precision'])} resolution ({resolution['nats']:.2g} "
-            "nats): faults smaller than this are invisible at this precision; compare in float32 for a sharp check")
+        return (f"equivalent within the reference's own noise floor ({resolution['nats']:.2g} "
+                "nats, measured at two batch compositions): faults smaller than this are "
+                "invisible on this server")
+    return (f"equivalent within {_precision_name(resolution['precision'])} resolution "
+            f"({resolution['nats']:.2g} nats): faults smaller than this are invisible at this "
+            "precision; compare in float32 for a sharp check")
 
 
 def _logprob_health(with_logprobs: list) -> tuple[int, int]:
@@ -4324,14 +4616,16 @@ def _logprob_distances(with_logprobs: list) -> tuple[list, list, list]:
         if sample_diffs:
             per_sample_max.append(max(sample_diffs))
         if parting:
-            partings.append({"row_idx": a.row_idx, "char": _first_difference(a.content, b.content), **parting})
+            partings.append({"row_idx": a.row_idx, "char": _first_difference(a.content, b.content),
+                             **parting})
     diffs.sort()
     per_sample_max.sort()
     return diffs, per_sample_max, partings
 
 
 def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
-                     tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, top: int = 10, floor: dict | None = None) -> dict:
+                      tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, top: int = 10,
+                      floor: dict | None = None) -> dict:
     """Whether two servers compute the same thing, from the logprobs of the samples both
     answered with them (`with_logprobs`, of `n` paired; `lacking`: the sides that logged none):
     `equivalent` (what differs is float noise at the coarser side's precision, or within the
@@ -4341,9 +4635,11 @@ def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatc
     result: dict = {"samples": len(with_logprobs), "tolerance": tolerance}
     if not with_logprobs:
         return {**result, "verdict": "unknown",
-                "evidence": [f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
-                             "(run both with --logprobs K)"]}
-    precision = {side: _logit_precision(pair[i] for pair in with_logprobs) for i, side in enumerate("ab")}
+                "evidence": [
+                    f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
+                    "(run both with --logprobs K)"]}
+    precision = {side: _logit_precision(pair[i] for pair in with_logprobs)
+                 for i, side in enumerate("ab")}
     judged = _judged_tolerance(tolerance, precision, floor)
     diffs, per_sample_max, partings = _logprob_distances(with_logprobs)
     for p in partings:
@@ -4354,21 +4650,22 @@ def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatc
     allowed = max(1, math.floor(_CONFIDENT_PARTINGS * len(with_logprobs)))
     broken, positive = _logprob_health(with_logprobs)
     p99 = _quantile(diffs, 0.99)
-    where = ("" if judged["resolution"] is None else f" ({_precision_name(judged['resolution']['precision'])} "
-             "resolution)" if judged["resolution"]["precision"] != "noise floor" else " (the noise floor)")
+    where = ("" if judged["resolution"] is None
+             else f" ({_precision_name(judged['resolution']['precision'])} resolution)"
+             if judged["resolution"]["precision"] != "noise floor" else " (the noise floor)")
     evidence = []
     if prompt_mismatch:
-        evidence.append(f"prompt tokens differ on {prompt_mismatch} of {n} samples: the servers do not "
-                        "see the same input (chat template, BOS)")
+        evidence.append(f"prompt tokens differ on {prompt_mismatch} of {n} samples: the servers "
+                        "do not see the same input (chat template, BOS)")
     if broken:
-        evidence.append(f"{broken} generated tokens carry a logprob that is not a finite number (NaN, infinity "
-                        "or null): broken numerics, not float noise")
+        evidence.append(f"{broken} generated tokens carry a logprob that is not a finite number "
+                        "(NaN, infinity or null): broken numerics, not float noise")
     if p99 is not None and p99 > judged["tolerance"]:
-        evidence.append(f"logprob distance: p99 |delta| {p99:.3g} > {judged['tolerance']:.3g}{where} "
-                        f"over {len(diffs)} shared tokens")
+        evidence.append(f"logprob distance: p99 |delta| {p99:.3g} > "
+                        f"{judged['tolerance']:.3g}{where} over {len(diffs)} shared tokens")
     if len(confident) > allowed:
-        evidence.append(f"{len(confident)} of {len(with_logprobs)} samples part at a confident token "
-                        f"(not a near-tie; at most {allowed} allowed)")
+        evidence.append(f"{len(confident)} of {len(with_logprobs)} samples part at a confident "
+                        f"token (not a near-tie; at most {allowed} allowed)")
     coverage = f"logprobs on {len(with_logprobs)} of {n} paired samples"
     if evidence:
         verdict = "different"
@@ -4377,40 +4674,47 @@ def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatc
     elif not diffs and not partings:
         verdict, evidence = "unknown", ["no generated tokens to compare"]
     elif len(with_logprobs) < _LOGPROB_COVERAGE * n:
-        verdict, evidence = "unknown", [f"{coverage}: at least {_LOGPROB_COVERAGE:.0%} are needed to call them "
-                                        "equivalent (did one run lose logprobs on some samples?)"]
+        verdict, evidence = "unknown", [f"{coverage}: at least {_LOGPROB_COVERAGE:.0%} are needed "
+                                        "to call them equivalent (did one run lose logprobs on "
+                                        "some samples?)"]
     else:
         verdict = "equivalent"
-        evidence = [f"p99 |delta logprob| {p99 if p99 is not None else 0:.3g} <= {judged['tolerance']:.3g}{where} "
-                    f"over {len(diffs)} shared tokens; {sum(p['near_tie'] for p in partings)} of {len(partings)} "
+        evidence = [f"p99 |delta logprob| {p99 if p99 is not None else 0:.3g} <= "
+                    f"{judged['tolerance']:.3g}{where} over {len(diffs)} shared tokens; "
+                    f"{sum(p['near_tie'] for p in partings)} of {len(partings)} "
                     "partings are near-ties"
-                    + (f", {unknown_margin} of unknown margin (a longer --logprobs K shows it)" if unknown_margin
-                       else "")]
+                    + (f", {unknown_margin} of unknown margin (a longer --logprobs K shows it)"
+                       if unknown_margin else "")]
         if judged["resolution"]:
             evidence.append(_resolution_note(judged["resolution"]))
-    if precision["a"]["label"] != precision["b"]["label"] and "unknown" not in (precision["a"]["label"],
-                                                                              precision["b"]["label"]):
-        evidence.append(f"the precisions differ: A {precision['a']['label']}, B {precision['b']['label']} "
-                        "(judged at the coarser)")
-    warnings = [f"{positive} generated tokens have a logprob above 0, which no probability has: the server's "
-                "logprobs are wrong"] if positive else []
+    if (precision["a"]["label"] != precision["b"]["label"]
+            and "unknown" not in (precision["a"]["label"], precision["b"]["label"])):
+        evidence.append(f"the precisions differ: A {precision['a']['label']}, "
+                        f"B {precision['b']['label']} (judged at the coarser)")
+    warnings = [f"{positive} generated tokens have a logprob above 0, which no probability has: "
+                "the server's logprobs are wrong"] if positive else []
     return {**result, "tolerance": judged["tolerance"], "requested_tolerance": tolerance,
-            "confident_gap": judged["confident_gap"], "precision": precision, "resolution": judged["resolution"],
+            "confident_gap": judged["confident_gap"], "precision": precision,
+            "resolution": judged["resolution"],
             "floor": floor, "coverage": {"with_logprobs": len(with_logprobs), "paired": n},
-            "verdict": verdict, "evidence": evidence, "warnings": warnings, "shared_tokens": len(diffs),
+            "verdict": verdict, "evidence": evidence, "warnings": warnings,
+            "shared_tokens": len(diffs),
             "mean_abs_logprob_diff": sum(diffs) / len(diffs) if diffs else None,
             "median_abs_logprob_diff": _quantile(diffs, 0.5), "p99_abs_logprob_diff": p99,
             "max_abs_logprob_diff": diffs[-1] if diffs else None,
             "median_sample_max_abs_logprob_diff": _quantile(per_sample_max, 0.5),
-            "divergences": len(partings), "unexplained": len(confident), "unexplained_allowed": allowed,
+            "divergences": len(partings), "unexplained": len(confident),
+            "unexplained_allowed": allowed,
             "unknown_margin": unknown_margin, "non_finite_logprobs": broken,
-            "mean_parting_char": sum(p["char"] for p in partings) / len(partings) if partings else None,
+            "mean_parting_char": (sum(p["char"] for p in partings) / len(partings)
+                                  if partings else None),
             "partings": partings[:top]}
 
 
 def _first_difference(a: str, b: str) -> int:
     """The length of the common prefix: a binary search on slices, which compare in C."""
-    same, differ = 0, min(len(a), len(b)) + 1  # a[:same] == b[:same]; a[:differ] != b[:differ] (or too long)
+    # a[:same] == b[:same]; a[:differ] != b[:differ] (or too long)
+    same, differ = 0, min(len(a), len(b)) + 1
     while differ - same > 1:
         middle = (same + differ) // 2
         same, differ = (middle, differ) if a[:middle] == b[:middle] else (same, middle)
@@ -4442,14 +4746,17 @@ def _answer_of(record: _Logged) -> str:
 
 
 def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
-                  tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, floor: dict | None = None) -> dict:
+                   tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
+                   floor: dict | None = None) -> dict:
     task = TASKS.get(task_name)
     metric = task.headline if task else next(iter(pairs[0][0].scores or {"score": 0}))
     for a, b in pairs:
-        field = a.request != b.request and _request_difference(_logged_request(a.request, a.image), _logged_request(b.request, b.image))
+        field = a.request != b.request and _request_difference(
+            _logged_request(a.request, a.image), _logged_request(b.request, b.image))
         if field:
             raise UsageError(f"{task_name} row {a.row_idx}: the runs sent different '{field}' "
-                             "(only the model name may differ); compare runs made with the same settings")
+                             "(only the model name may differ); "
+                             "compare runs made with the same settings")
     side_a, side_b = [a for a, _ in pairs], [b for _, b in pairs]
     scores = [(a.score(metric), b.score(metric)) for a, b in pairs]
     n = len(pairs)
@@ -4464,23 +4771,29 @@ def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamp
     else:
         verdict = f"no significant difference at n={n} (p={p_value:.3g})"
     same_text = sum(1 for a, b in pairs if a.content == b.content)
-    differing = [_first_difference(a.content, b.content) for a, b in pairs if a.content != b.content]
-    counted = [(a, b) for a, b in pairs if a.prompt_tokens is not None and b.prompt_tokens is not None]
+    differing = [_first_difference(a.content, b.content) for a, b in pairs
+                 if a.content != b.content]
+    counted = [(a, b) for a, b in pairs
+               if a.prompt_tokens is not None and b.prompt_tokens is not None]
     prompt_mismatch = [(a, b) for a, b in counted if a.prompt_tokens != b.prompt_tokens]
     flips = [(a, b, x, y) for (a, b), (x, y) in zip(pairs, scores) if x != y][:top]
     with_logprobs = [(a, b) for a, b in pairs if a.logprobs and b.logprobs]
-    lacking = [side for side, answered in (("A", side_a), ("B", side_b)) if not any(x.logprobs for x in answered)]
-    numerics = _numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance, top, floor)
+    lacking = [side for side, answered in (("A", side_a), ("B", side_b))
+               if not any(x.logprobs for x in answered)]
+    numerics = _numerics_verdict(with_logprobs, lacking, n, len(prompt_mismatch), tolerance,
+                                 top, floor)
     if numerics["verdict"] == "different":
         verdict += f"; but the implementations differ: {'; '.join(numerics['evidence'])}"
     elif numerics["verdict"] == "equivalent":
         verdict += "; numerics equivalent (logprobs agree within float noise" + (
-            f", at {_precision_name(numerics['resolution']['precision'])} resolution: a smaller fault may hide)"
+            f", at {_precision_name(numerics['resolution']['precision'])} resolution: "
+            "a smaller fault may hide)"
             if numerics["resolution"] else ")")
     result = {
         "metric": metric, "n": n, "unmatched": unmatched,
         "accuracy_a": acc_a, "accuracy_b": acc_b, "difference": diff,
-        "ci95": [low, high], "mcnemar_p": p_value, "a_only_correct": a_only, "b_only_correct": b_only,
+        "ci95": [low, high], "mcnemar_p": p_value, "a_only_correct": a_only,
+        "b_only_correct": b_only,
         "verdict": verdict, "numerics": numerics,
         "response_agreement": same_text / n,
         "mean_first_difference": sum(differing) / len(differing) if differing else None,
@@ -4498,12 +4811,14 @@ def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamp
     }
     if prompt_mismatch:
         a, b = prompt_mismatch[0]
-        result["first_prompt_mismatch"] = {"row_idx": a.row_idx, "a": a.prompt_tokens, "b": b.prompt_tokens}
+        result["first_prompt_mismatch"] = {"row_idx": a.row_idx, "a": a.prompt_tokens,
+                                           "b": b.prompt_tokens}
     return result
 
 
 def _compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
-                 tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, floors: dict | None = None) -> dict:
+                  tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
+                  floors: dict | None = None) -> dict:
     """Per-task paired comparison of two runs joined on (task, doc hash); `floors`: each task's
     noise floor (noise_floors), which widens its numerics verdict."""
     paired: dict = {}
@@ -4518,11 +4833,12 @@ def _compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_0
     for task_name in sorted(paired.keys() | unmatched.keys()):
         pairs = paired.get(task_name)
         if not pairs:
-            comparison[task_name] = {"n": 0, "unmatched": unmatched[task_name], "verdict": "no samples in common"}
+            comparison[task_name] = {"n": 0, "unmatched": unmatched[task_name],
+                                     "verdict": "no samples in common"}
             continue
         pairs.sort(key=lambda pair: pair[0].row_idx or 0)
-        comparison[task_name] = _compare_pairs(task_name, pairs, unmatched[task_name], top, resamples, tolerance,
-                                              (floors or {}).get(task_name))
+        comparison[task_name] = _compare_pairs(task_name, pairs, unmatched[task_name], top,
+                                               resamples, tolerance, (floors or {}).get(task_name))
     return comparison
 
 
@@ -4539,7 +4855,8 @@ def _noise_floors(reference: dict, again: dict, source: str) -> dict:
     for task_name, task_pairs in pairs.items():
         diffs = _logprob_distances(task_pairs)[0]
         if diffs:
-            floors[task_name] = {"p99_abs_logprob_diff": _quantile(diffs, 0.99), "shared_tokens": len(diffs),
+            floors[task_name] = {"p99_abs_logprob_diff": _quantile(diffs, 0.99),
+                                 "shared_tokens": len(diffs),
                                  "samples": len(task_pairs), "source": source}
     if not floors:
         raise UsageError(f"{source}: no sample with logprobs in common with A's, so no noise floor "
@@ -4547,18 +4864,20 @@ def _noise_floors(reference: dict, again: dict, source: str) -> dict:
     return floors
 
 
-def compare_paths(path_a: str, path_b: str, top: int = 10, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
+def compare_paths(path_a: str, path_b: str, top: int = 10,
+                  tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
                   noise_floor: str | None = None) -> dict:
     """compare_runs of two sample logs, with each side's self-agreement where it has repeats;
     `noise_floor`: a second log of A's server, at another concurrency, to calibrate the numerics."""
     repeats_a, repeats_b = _side_by_side(_load_repeats, path_a, path_b)
     run_a = {k: v[min(v)] for k, v in repeats_a.items()}
     floors = _noise_floors(run_a, _load_run(noise_floor), noise_floor) if noise_floor else None
-    comparison = _compare_runs(run_a, {k: v[min(v)] for k, v in repeats_b.items()}, top=top, tolerance=tolerance,
-                              floors=floors)
+    comparison = _compare_runs(run_a, {k: v[min(v)] for k, v in repeats_b.items()}, top=top,
+                               tolerance=tolerance, floors=floors)
     for side, repeats in (("a", repeats_a), ("b", repeats_b)):
         for task_name, c in comparison.items():
-            documents = [list(v.values()) for (task, _), v in repeats.items() if task == task_name and len(v) > 1]
+            documents = [list(v.values()) for (task, _), v in repeats.items()
+                         if task == task_name and len(v) > 1]
             if documents and c.get("n"):
                 c[f"self_agreement_{side}"] = _self_agreement(documents)
     return comparison
@@ -4587,17 +4906,18 @@ def _gate_exit(comparison: dict, fail_if: str | None) -> int:
     for name in failed:
         c = comparison[name]
         if _too_few_matched(c):
-            _info(f"error: --fail_if {fail_if}: {name}: only {c.get('n', 0)} of {c.get('n', 0) + c.get('unmatched', 0)} "
-                 f"samples are in both runs (at least {_GATE_MATCHED:.0%} needed): rerun the one that stopped early")
+            _info(f"error: --fail_if {fail_if}: {name}: only {c.get('n', 0)} of "
+                  f"{c.get('n', 0) + c.get('unmatched', 0)} samples are in both runs (at least "
+                  f"{_GATE_MATCHED:.0%} needed): rerun the one that stopped early")
     failed_by_score = [name for name in failed if not _too_few_matched(comparison[name])]
     in_accuracy = [name for name in failed_by_score if comparison[name]["mcnemar_p"] < 0.05]
     if in_accuracy:
-        _info(f"error: --fail_if {fail_if}: B is significantly {'worse' if fail_if == 'worse' else 'different'} "
-             f"on {', '.join(in_accuracy)}")
+        _info(f"error: --fail_if {fail_if}: B is significantly "
+              f"{'worse' if fail_if == 'worse' else 'different'} on {', '.join(in_accuracy)}")
     for name in failed_by_score:
         if name not in in_accuracy:
             _info(f"error: --fail_if {fail_if}: B's numerics differ from A's on {name}: "
-                 f"{'; '.join(comparison[name]['numerics']['evidence'])}")
+                  f"{'; '.join(comparison[name]['numerics']['evidence'])}")
     return _EXIT_GATE if failed else _EXIT_OK
 
 
@@ -4607,7 +4927,8 @@ def _format_counts(counted: dict) -> str:
 
 def _format_parting(p: dict) -> str:
     """One parting: where, and each side's token with its rank and gap in the other's top K."""
-    def side(token: str | None, rank: int | None, gap: float | None, at_least: float | None, other: str) -> str:
+    def side(token: str | None, rank: int | None, gap: float | None, at_least: float | None,
+             other: str) -> str:
         if token is None:
             return "(stopped)"
         where = (f"{other}'s rank {rank}, {gap:.3f} behind" if rank is not None and gap is not None
@@ -4616,9 +4937,10 @@ def _format_parting(p: dict) -> str:
         return f"{json.dumps(token, ensure_ascii=False)} ({where})"
 
     margin = p.get("margin") or ("near-tie" if p.get("near_tie") else "confident")
-    return (f"row {p['row_idx']} at token {p['token']} (char {p['char']}): "
-            f"A {side(p['a'], p.get('rank_of_a_in_b'), p.get('gap_b'), p.get('gap_b_at_least'), 'B')} | "
-            f"B {side(p['b'], p.get('rank_of_b_in_a'), p.get('gap_a'), p.get('gap_a_at_least'), 'A')}"
+    return (f"row {p['row_idx']} at token {p['token']} (char {p['char']}): A "
+            f"{side(p['a'], p.get('rank_of_a_in_b'), p.get('gap_b'), p.get('gap_b_at_least'), 'B')}"
+            " | B "
+            f"{side(p['b'], p.get('rank_of_b_in_a'), p.get('gap_a'), p.get('gap_a_at_least'), 'A')}"
             f" -> {'margin unknown (the top K is too short to show it)' if margin == 'unknown' else margin}")
 
 
@@ -4629,10 +4951,10 @@ def _format_precision(nm: dict) -> str:
 
     floor = nm.get("floor")
     return (f"A {side(nm['precision']['a'])}, B {side(nm['precision']['b'])}; tolerance "
-            f"{nm['tolerance']:.3g} nats (asked {nm['requested_tolerance']:g}), a confident parting leads by "
-            f">= {nm['confident_gap']:.3g}"
-            + (f"; noise floor p99 {floor['p99_abs_logprob_diff']:.3g} over {floor['shared_tokens']} tokens "
-               f"({floor['source']})" if floor else ""))
+            f"{nm['tolerance']:.3g} nats (asked {nm['requested_tolerance']:g}), a confident "
+            f"parting leads by >= {nm['confident_gap']:.3g}"
+            + (f"; noise floor p99 {floor['p99_abs_logprob_diff']:.3g} over "
+               f"{floor['shared_tokens']} tokens ({floor['source']})" if floor else ""))
 
 
 def _numerics_rows(nm: dict) -> list:
@@ -4646,8 +4968,8 @@ def _numerics_rows(nm: dict) -> list:
         rows.append(("logprobs", "\n".join([
             f"{nm['samples']} samples, {nm['shared_tokens']} shared tokens, |delta| mean "
             f"{g(nm['mean_abs_logprob_diff'])} median {g(nm['median_abs_logprob_diff'])} p99 "
-            f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; {nm['divergences']} "
-            f"partings, {nm['unexplained']} confident"
+            f"{g(nm['p99_abs_logprob_diff'])} max {g(nm['max_abs_logprob_diff'])}; "
+            f"{nm['divergences']} partings, {nm['unexplained']} confident"
             + (f", {nm['unknown_margin']} of unknown margin" if nm.get("unknown_margin") else ""),
             *map(_format_parting, nm["partings"])])))
     return rows
@@ -4660,15 +4982,18 @@ def _comparison_rows(c: dict, b: str = "B") -> list:
     one_decimal = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     mismatch, first = c["prompt_tokens_mismatch"], c.get("first_prompt_mismatch")
     numerics = c.get("numerics") or {"verdict": "unknown", "evidence": []}
-    self_agreement = "   ".join(f"{side.upper()} {c[f'self_agreement_{side}']['responses'] * 100:.1f}% identical "
-                                "over its repeats" for side in "ab" if f"self_agreement_{side}" in c)
+    self_agreement = "   ".join(
+        f"{side.upper()} {c[f'self_agreement_{side}']['responses'] * 100:.1f}% identical "
+        "over its repeats"
+        for side in "ab" if f"self_agreement_{side}" in c)
     rows = [
         ("verdict", c["verdict"], c["mcnemar_p"] < 0.05),
         *((label, text, label == "warning" or numerics["verdict"] == "different")
           for label, text in _numerics_rows(numerics)),
-        ("warning", f"the prompts differ on {mismatch} of {c['n']} samples (usage.prompt_tokens): the servers do "
-                    "not see the same input", True) if mismatch else None,
-        ("accuracy", f"A {f4(c['accuracy_a'])}   {b} {f4(c['accuracy_b'])}   {b}-A {c['difference']:+.4f} "
+        ("warning", f"the prompts differ on {mismatch} of {c['n']} samples (usage.prompt_tokens): "
+                    "the servers do not see the same input", True) if mismatch else None,
+        ("accuracy", f"A {f4(c['accuracy_a'])}   {b} {f4(c['accuracy_b'])}   "
+                     f"{b}-A {c['difference']:+.4f} "
                      f"[95% CI {c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]", False),
         ("McNemar", f"p={c['mcnemar_p']:.3g}   A-only correct {c['a_only_correct']}   "
                     f"{b}-only correct {c['b_only_correct']}", False),
@@ -4678,14 +5003,16 @@ def _comparison_rows(c: dict, b: str = "B") -> list:
         ("self-agreement", f"{self_agreement}   (the noise floor for identical text)", False)
         if self_agreement else None,
         ("prompt tokens", f"{c['prompt_tokens_equal']} equal, {mismatch} differ"
-                          + (f", {c['prompt_tokens_unknown']} without usage" if c["prompt_tokens_unknown"] else "")
-                          + (f"   (row {first['row_idx']}: A {first['a']} vs {b} {first['b']}: the chat templates "
-                             "differ)" if first else ""), bool(mismatch)),
-        ("finish_reason", f"A {_format_counts(c['finish_reasons_a'])}   {b} {_format_counts(c['finish_reasons_b'])}",
-         False),
-        ("status", f"A {_format_counts(c['status_a'])}   {b} {_format_counts(c['status_b'])}", False),
-        ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])}   {b} {one_decimal(c['mean_output_tokens_b'])}",
-         False),
+                          + (f", {c['prompt_tokens_unknown']} without usage"
+                             if c["prompt_tokens_unknown"] else "")
+                          + (f"   (row {first['row_idx']}: A {first['a']} vs {b} {first['b']}: "
+                             "the chat templates differ)" if first else ""), bool(mismatch)),
+        ("finish_reason", f"A {_format_counts(c['finish_reasons_a'])}   "
+                          f"{b} {_format_counts(c['finish_reasons_b'])}", False),
+        ("status", f"A {_format_counts(c['status_a'])}   "
+                   f"{b} {_format_counts(c['status_b'])}", False),
+        ("output tokens", f"A {one_decimal(c['mean_output_tokens_a'])}   "
+                          f"{b} {one_decimal(c['mean_output_tokens_b'])}", False),
     ]
     return [row for row in rows if row]
 
@@ -4704,30 +5031,37 @@ def _format_comparison(comparison: dict, label_a: str = "A", label_b: str = "B")
             lines += [f"  {label:<15} {first}", *(f"    {line}" for line in more)]
         if c["flips"]:
             lines.append("  flipped samples (row: target | A | B):")
-            lines += [f"    {f['row_idx']}: {f['target']} | {f['a']}{' ok' if f['a_correct'] else ''} | "
+            lines += [f"    {f['row_idx']}: {f['target']} | "
+                      f"{f['a']}{' ok' if f['a_correct'] else ''} | "
                       f"{f['b']}{' ok' if f['b_correct'] else ''}" for f in c["flips"]]
     return "\n".join(map(_printable, lines))
 
 
 def _cmd_compare(argv: list) -> int:
-    parser = _ArgumentParser(prog="nano-eval compare", description="Paired comparison of two runs' sample logs.")
-    parser.add_argument("run_a", help="sample log (samples_<task>.jsonl) or the --log_samples folder of run A")
+    parser = _ArgumentParser(prog="nano-eval compare",
+                             description="Paired comparison of two runs' sample logs.")
+    parser.add_argument("run_a", help="sample log (samples_<task>.jsonl) or the --log_samples "
+                                      "folder of run A")
     parser.add_argument("run_b", help="the same for run B")
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
-    parser.add_argument("--top", type=_from_text(_positive_int), default=10, help="flipped samples to list (default 10)")
+    parser.add_argument("--top", type=_from_text(_positive_int), default=10,
+                        help="flipped samples to list (default 10)")
     parser.add_argument("--fail_if", "--fail-if", dest="fail_if", choices=_FAIL_IF,
-                        help=f"exit {_EXIT_GATE} when B is significantly worse than A, or different either way "
+                        help=f"exit {_EXIT_GATE} when B is significantly worse than A, "
+                             "or different either way "
                              "(in accuracy, or in numerics when both logged logprobs)")
     parser.add_argument("--logprob_tolerance", "--logprob-tolerance", dest="logprob_tolerance",
                         type=_from_text(_positive_float, float), default=_DEFAULT_LOGPROB_TOLERANCE,
-                        help="the p99 |delta logprob| over shared tokens above which the numerics differ "
-                             f"(default {_DEFAULT_LOGPROB_TOLERANCE}; widened at bf16 or fp16, see the README)")
+                        help="the p99 |delta logprob| over shared tokens above which the numerics "
+                             f"differ (default {_DEFAULT_LOGPROB_TOLERANCE}; "
+                             "widened at bf16 or fp16, see the README)")
     parser.add_argument("--noise_floor", "--noise-floor", dest="noise_floor", metavar="RUN_A2",
-                        help="a second sample log of A's server (the same samples and --logprobs K at another "
-                             "--num_concurrent): its distance from A is the noise floor the numerics verdict allows")
+                        help="a second sample log of A's server "
+                             "(the same samples and --logprobs K at another --num_concurrent): "
+                             "its distance from A is the noise floor the numerics verdict allows")
     args = parser.parse_args(argv)
-    comparison = compare_paths(args.run_a, args.run_b, top=args.top, tolerance=args.logprob_tolerance,
-                               noise_floor=args.noise_floor)
+    comparison = compare_paths(args.run_a, args.run_b, top=args.top,
+                               tolerance=args.logprob_tolerance, noise_floor=args.noise_floor)
     if args.json:
         floor = {"noise_floor": args.noise_floor} if args.noise_floor else {}
         print(_stdout_json({"a": args.run_a, "b": args.run_b, **floor, "comparison": comparison}))
@@ -4750,33 +5084,44 @@ def _restore_images(body: dict, record: dict, data_dir: str | None) -> dict:
         if not found:
             return url
         task = TASKS.get(record.get("task"))
-        cached = _DatasetCache(_resolve_data_dir(data_dir), task.data).read_image(record["row_idx"]) if task else None
+        cached = (_DatasetCache(_resolve_data_dir(data_dir), task.data)
+                  .read_image(record["row_idx"]) if task else None)
         if not cached or cached[1]["sha256"] != found.group(1):
-            raise UsageError(f"the image of row {record.get('row_idx')} is not in the cache any more; "
-                             "log with --log_images to replay without it")
+            raise UsageError(f"the image of row {record.get('row_idx')} is not in the cache "
+                             "any more; log with --log_images to replay without it")
         return _data_url(cached[0])
 
     return _map_image_urls(body, restore)
 
 
 def _cmd_replay(argv: list) -> int:
-    parser = _ArgumentParser(prog="nano-eval replay", description="Resend one logged request exactly.")
+    parser = _ArgumentParser(prog="nano-eval replay",
+                             description="Resend one logged request exactly.")
     parser.add_argument("where", metavar="FILE:LINE", help="a sample log and a 1-based line number")
-    parser.add_argument("--base_url", "--base-url", dest="base_url", help="send it here instead of the logged URL")
-    parser.add_argument("--api_key", "--api-key", dest="api_key", help="default: env OPENAI_API_KEY")
-    parser.add_argument("--data_dir", "--data-dir", dest="data_dir", help="dataset cache, for logged images")
-    parser.add_argument("--header", action="append", metavar="'NAME: VALUE'", help="an extra header (repeatable)")
-    parser.add_argument("--insecure", action="store_true", help="do not verify the server's TLS certificate")
-    parser.add_argument("--ca_cert", "--ca-cert", dest="ca_cert", metavar="FILE", help="CA bundle (PEM)")
-    parser.add_argument("--curl", action="store_true", help="print a curl command instead of sending")
-    parser.add_argument("--timeout", type=_from_text(_positive_float, float), default=_DEFAULT_TIMEOUT)
+    parser.add_argument("--base_url", "--base-url", dest="base_url",
+                        help="send it here instead of the logged URL")
+    parser.add_argument("--api_key", "--api-key", dest="api_key",
+                        help="default: env OPENAI_API_KEY")
+    parser.add_argument("--data_dir", "--data-dir", dest="data_dir",
+                        help="dataset cache, for logged images")
+    parser.add_argument("--header", action="append", metavar="'NAME: VALUE'",
+                        help="an extra header (repeatable)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="do not verify the server's TLS certificate")
+    parser.add_argument("--ca_cert", "--ca-cert", dest="ca_cert", metavar="FILE",
+                        help="CA bundle (PEM)")
+    parser.add_argument("--curl", action="store_true",
+                        help="print a curl command instead of sending")
+    parser.add_argument("--timeout", type=_from_text(_positive_float, float),
+                        default=_DEFAULT_TIMEOUT)
     args = parser.parse_args(argv)
     path, _, line_text = args.where.rpartition(":")
     if not path or not line_text.isdigit() or int(line_text) < 1:
         raise UsageError(f"expected FILE:LINE (a 1-based line number), got {args.where!r}")
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            line = next((text for number, text in enumerate(f, 1) if number == int(line_text)), None)
+            line = next((text for number, text in enumerate(f, 1)
+                         if number == int(line_text)), None)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
@@ -4793,17 +5138,19 @@ def _cmd_replay(argv: list) -> int:
     # (--curl sends nothing: its command names $OPENAI_API_KEY, for the user to run or not)
     key = args.api_key or (os.environ.get("OPENAI_API_KEY") if args.base_url or args.curl else None)
     config = APIConfig(url=url, api_key=_check_secret(key, "the API key"), timeout=args.timeout,
-                       headers=_parse_headers(args.header or []), verify_certificate=not args.insecure,
-                       ca_cert=args.ca_cert)
+                       headers=_parse_headers(args.header or []),
+                       verify_certificate=not args.insecure, ca_cert=args.ca_cert)
     payload = json.dumps(body).encode()
     if args.curl:  # every argument quoted: a log's URL may hold "&" (Azure) or "$(...)"
         body_file = Path(tempfile.mkdtemp(prefix="nano-eval-replay-")) / "body.json"
         body_file.write_bytes(payload)
         options = ' -H "Authorization: Bearer $OPENAI_API_KEY"' if config.api_key else ""
-        options += "".join(f" -H {shlex.quote(f'{name}: <value of {name}>')}" for name in config.headers)
-        options += " -k" if args.insecure else f" --cacert {shlex.quote(args.ca_cert)}" if args.ca_cert else ""
-        print(_printable(f"curl -sS {shlex.quote(url)} -H 'Content-Type: application/json'{options} "
-                        f"--data-binary {shlex.quote('@' + str(body_file))}"))
+        options += "".join(f" -H {shlex.quote(f'{name}: <value of {name}>')}"
+                           for name in config.headers)
+        options += (" -k" if args.insecure
+                    else f" --cacert {shlex.quote(args.ca_cert)}" if args.ca_cert else "")
+        print(_printable(f"curl -sS {shlex.quote(url)} -H 'Content-Type: application/json'"
+                         f"{options} --data-binary {shlex.quote('@' + str(body_file))}"))
         return _EXIT_OK
     _info(f"sending line {line_text} of {path} to {url}" + ("" if args.base_url else
          " (the URL the log names; without --base_url no key from OPENAI_API_KEY is sent)"))
@@ -4825,36 +5172,46 @@ def _cmd_replay(argv: list) -> int:
 _REPORT_CSS = """
 body{font:14px/1.45 system-ui,sans-serif;color:#222;max-width:1400px;margin:0 auto;padding:1em 2em}
 h2{border-bottom:2px solid #ddd;margin-top:2em}table{border-collapse:collapse;margin:.5em 0}
-th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top;white-space:pre-line}
+th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top;\
+white-space:pre-line}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .verdict{font-size:1.3em;font-weight:600;padding:.4em .8em;border-radius:4px;background:#e8f5e9}
 .verdict.differ{background:#ffebee}.warn{color:#b71c1c;font-weight:600}.muted{color:#777}
 .ok{color:#1b5e20}.bad{color:#b71c1c}
 .browse>input{position:absolute;opacity:0}.browse>input:focus-visible+label{outline:2px solid #06c}
-.browse>label{display:inline-block;padding:2px 12px;margin:0 4px 8px 0;border:1px solid #999;border-radius:14px;
+.browse>label{display:inline-block;padding:2px 12px;margin:0 4px 8px 0;\
+border:1px solid #999;border-radius:14px;
 cursor:pointer}
 .browse>input:checked+label{background:#333;color:#fff}
 .f-wrong:checked~.samples>:not(.wrong),.f-failed:checked~.samples>:not(.failed),
 .f-flipped:checked~.samples>:not(.flipped),.f-differs:checked~.samples>:not(.differs){display:none}
-details.s{border:1px solid #ddd;border-radius:4px;margin:3px 0;content-visibility:auto;contain-intrinsic-size:auto 30px}
-details.s>summary{padding:3px 8px;cursor:pointer;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+details.s{border:1px solid #ddd;border-radius:4px;margin:3px 0;content-visibility:auto;\
+contain-intrinsic-size:auto 30px}
+details.s>summary{padding:3px 8px;cursor:pointer;white-space:nowrap;overflow:hidden;\
+text-overflow:ellipsis}
 details.s[open]>summary{background:#f3f3f3}.s.flipped>summary{border-left:4px solid #e65100}
 .body{padding:4px 10px}.body p,h4{margin:.3em 0}
 .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:12px}
-pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#fafafa;border:1px solid #eee;padding:6px;margin:4px 0;
+pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#fafafa;border:1px solid #eee;\
+padding:6px;margin:4px 0;
 font:12.5px/1.4 ui-monospace,monospace}
 mark{background:#ffd54f;outline:1px solid #e65100}mark:empty::after{content:"\\2205"}
 .top{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}
-svg.dlp{background:#fafafa;border:1px solid #eee}svg.dlp rect{fill:#5c6bc0}svg.dlp line{stroke:#b71c1c}
-.tok{font:12.5px ui-monospace,monospace;white-space:pre;background:#f1f1f1;margin:0 1px;padding:0 2px}
+svg.dlp{background:#fafafa;border:1px solid #eee}svg.dlp rect{fill:#5c6bc0}\
+svg.dlp line{stroke:#b71c1c}
+.tok{font:12.5px ui-monospace,monospace;white-space:pre;background:#f1f1f1;margin:0 1px;\
+padding:0 2px}
 .tok.part{background:#ffd54f;outline:1px solid #e65100}
 img{max-width:100%;max-height:480px;border:1px solid #ddd}
 """
-# The bidirectional controls that would reverse the rest of a line (U+202E, ...): shown as \u202e, not obeyed
+# The bidirectional controls that would reverse the rest of a line (U+202E, ...):
+# shown as \u202e, not obeyed
 _BIDI_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 _DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
-_FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped", "differs": "text differs"}
-_REPORT_SAMPLES = 2000  # per task on the page (a browser slows past a few thousand); the most telling first
+_FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped",
+            "differs": "text differs"}
+# Samples per task on the page (a browser slows past a few thousand); the most telling first
+_REPORT_SAMPLES = 2000
 _SAMPLE_PRIORITY = ("flipped", "failed", "differs", "wrong")
 
 
@@ -4877,7 +5234,8 @@ def _marked(text: str, other: str | None) -> str:
     if other is None or text == other:
         return html.escape(text)
     i = _first_difference(text, other)
-    return f"{html.escape(text[:i])}<mark>{html.escape(text[i:i + 1])}</mark>{html.escape(text[i + 1:])}"
+    return (f"{html.escape(text[:i])}<mark>{html.escape(text[i:i + 1])}</mark>"
+            f"{html.escape(text[i + 1:])}")
 
 
 def _sample_flags(records: list, metric: str) -> list:
@@ -4905,7 +5263,8 @@ def _logged_question(record: _Logged) -> str:
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     content = users[-1].get("content") if users else ""
     if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+        content = "".join(p.get("text") or "" for p in content
+                          if isinstance(p, dict) and p.get("type") == "text")
     content = content if isinstance(content, str) else ""
     task = TASKS.get(record.task)
     if task:
@@ -4921,13 +5280,16 @@ def _image_html(records: list) -> str:
         for message in record.request.get("messages") or []:
             for part in message.get("content") if isinstance(message.get("content"), list) else []:
                 url = (part.get("image_url") or {}).get("url") if isinstance(part, dict) else None
-                if isinstance(url, str) and _DATA_IMAGE_URL.fullmatch(url):  # base64 only: nothing to escape
-                    return f'<div><img loading="lazy" decoding="async" alt="the chart sent" src="{url}"></div>'
+                # base64 only: nothing to escape
+                if isinstance(url, str) and _DATA_IMAGE_URL.fullmatch(url):
+                    return (f'<div><img loading="lazy" decoding="async" alt="the chart sent" '
+                            f'src="{url}"></div>')
     image = next((r.image for r in records if r and isinstance(r.image, dict)), None)
     if not image:
         return ""
-    return (f'<p class="muted">image sha256 {_esc(image.get("sha256"))}, {_esc(image.get("bytes"))} bytes, '
-            f'{_esc(image.get("format"))} (not in the log: run with --log_images to see it here)</p>')
+    return (f'<p class="muted">image sha256 {_esc(image.get("sha256"))}, '
+            f'{_esc(image.get("bytes"))} bytes, {_esc(image.get("format"))} '
+            "(not in the log: run with --log_images to see it here)</p>")
 
 
 def _response_html(label: str, record: _Logged | None, text: str, other: str | None) -> str:
@@ -4945,16 +5307,17 @@ def _response_html(label: str, record: _Logged | None, text: str, other: str | N
     thinking = "\n\n".join(filter(None, (_clean(record.reasoning or ""), thinking + sep)))
     other_visible = other.rpartition(_THINK_END)[2] if other is not None else None
     answer, found_by = _labelled_answer(record)
-    return (f'<div><h4>{label} <span class="muted">{status}</span></h4><p>{_esc(found_by or "")} answer '
-            f'<b>{_esc(answer)}</b>'
+    return (f'<div><h4>{label} <span class="muted">{status}</span></h4>'
+            f'<p>{_esc(found_by or "")} answer <b>{_esc(answer)}</b>'
             f" · {scores}</p>"
             + (f'<p class="warn">{_esc(record.error)}</p>' if record.error else "")
-            + (f"<details><summary>reasoning ({len(thinking)} characters)</summary><pre>{html.escape(thinking)}</pre>"
-               "</details>" if thinking else "")
+            + (f"<details><summary>reasoning ({len(thinking)} characters)</summary>"
+               f"<pre>{html.escape(thinking)}</pre></details>" if thinking else "")
             + f"<pre>{_marked(visible, other_visible)}</pre></div>")
 
 
-_DLP_CAP = 0.5  # nats: the top of the |delta logprob| chart (a wrong RoPE reaches it; float noise stays near 0)
+# nats: the top of the |delta logprob| chart (a wrong RoPE reaches it; float noise stays near 0)
+_DLP_CAP = 0.5
 
 
 def _dlp_svg(diffs: list, parting: dict | None) -> str:
@@ -4963,15 +5326,19 @@ def _dlp_svg(diffs: list, parting: dict | None) -> str:
     width, height = 600, 48
     n = max(len(diffs) + (parting is not None), 1)
     step = width / n
-    bars = "".join(f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{max(step - 0.5, 0.5):.1f}" '
-                   f'height="{h:.1f}"/>' for i, d in enumerate(diffs) if (h := min(d, _DLP_CAP) / _DLP_CAP * height) > 0)
+    bars = "".join(f'<rect x="{i * step:.1f}" y="{height - h:.1f}" '
+                   f'width="{max(step - 0.5, 0.5):.1f}" height="{h:.1f}"/>'
+                   for i, d in enumerate(diffs)
+                   if (h := min(d, _DLP_CAP) / _DLP_CAP * height) > 0)
     level = height - _DEFAULT_LOGPROB_TOLERANCE / _DLP_CAP * height
-    parted = (f'<line x1="{len(diffs) * step:.1f}" x2="{len(diffs) * step:.1f}" y1="0" y2="{height}" '
-              'stroke-width="2"/>' if parting else "")
+    parted = (f'<line x1="{len(diffs) * step:.1f}" x2="{len(diffs) * step:.1f}" y1="0" '
+              f'y2="{height}" stroke-width="2"/>' if parting else "")
     label = f"|delta logprob| over {len(diffs)} shared tokens, max {max(diffs, default=0):.3g}"
-    return (f'<svg class="dlp" role="img" width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+    return (f'<svg class="dlp" role="img" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">'
             f"<title>{_esc(label)}</title>{bars}"
-            f'<line x1="0" x2="{width}" y1="{level:.1f}" y2="{level:.1f}" stroke-dasharray="4 3" stroke-width="1"/>'
+            f'<line x1="0" x2="{width}" y1="{level:.1f}" y2="{level:.1f}" '
+            'stroke-dasharray="4 3" stroke-width="1"/>'
             f'{parted}</svg><div class="muted">{_esc(label)} (bars up to {_DLP_CAP} nats; dashed: '
             f"{_DEFAULT_LOGPROB_TOLERANCE}; red: where the texts part)</div>")
 
@@ -4981,17 +5348,21 @@ def _token_html(token: Any, parting: bool = False) -> str:
 
 
 def _parting_html(logprobs: list, other: list, at: int, label: str, other_label: str) -> str:
-    """One side's tokens around the parting, and its top K there with the other side's choice marked."""
+    """One side's tokens around the parting, and its top K there with the other side's
+    choice marked."""
     if at >= len(logprobs):
         return f"<div><h4>{label}</h4><p class=muted>stopped here</p></div>"
-    context = "".join(_token_html(t[0], i == at) for i, t in enumerate(logprobs[max(0, at - 8):at + 4], max(0, at - 8)))
+    context = "".join(_token_html(t[0], i == at)
+                      for i, t in enumerate(logprobs[max(0, at - 8):at + 4], max(0, at - 8)))
     theirs = _token_key(other[at][0]) if at < len(other) else None
     top = sorted((t for t in logprobs[at][2] if t[1] is not None), key=lambda t: -t[1])
     rows = "".join(f"<tr><td>{_token_html(token)}</td><td class=n>{logprob:.4f}</td><td>"
                    f"{'chosen' if _token_key(token) == _token_key(logprobs[at][0]) else ''}"
-                   f"{f' ({other_label} chose it)' if _token_key(token) == theirs else ''}</td></tr>"
+                   f"{f' ({other_label} chose it)' if _token_key(token) == theirs else ''}"
+                   "</td></tr>"
                    for token, logprob in top)
-    return f"<div><h4>{label}</h4><p>{context}</p><table><tr><th>top K</th><th>logprob</th><th></th></tr>{rows}</table></div>"
+    return (f"<div><h4>{label}</h4><p>{context}</p>"
+            f"<table><tr><th>top K</th><th>logprob</th><th></th></tr>{rows}</table></div>")
 
 
 def _numerics_html(a: _Logged | None, b: _Logged | None, label_b: str) -> str:
@@ -5006,7 +5377,8 @@ def _numerics_html(a: _Logged | None, b: _Logged | None, label_b: str) -> str:
         at = parting["token"]
         margin = {"near-tie": "a near-tie", "confident": "a confident token (not a near-tie)",
                   "unknown": "a token whose margin the top K is too short to show"}
-        where = (f"<p>the texts part at token {at}: {margin[_parting_margin(parting, _CONFIDENT_GAP)]}</p>"
+        where = (f"<p>the texts part at token {at}: "
+                 f"{margin[_parting_margin(parting, _CONFIDENT_GAP)]}</p>"
                  f'<div class="cols">{_parting_html(streams[0], streams[1], at, "A", label_b)}'
                  f"{_parting_html(streams[1], streams[0], at, label_b, 'A')}</div>")
     return f"<div><h4>numerics, A vs {label_b}</h4>{_dlp_svg(diffs, parting)}{where}</div>"
@@ -5017,9 +5389,11 @@ def _answer_html(record: _Logged, metric: str) -> str:
     that is not the one the headline scores (strict-match found none: flexible-extract's)."""
     answer, found_by = _labelled_answer(record)
     task = TASKS.get(record.task)
-    by = f' <span class="muted">({_esc(found_by)})</span>' if found_by and task and found_by != task.answer_key else ""
+    by = (f' <span class="muted">({_esc(found_by)})</span>'
+          if found_by and task and found_by != task.answer_key else "")
     right = record.score(metric)
-    return f'<span class="{"ok" if right else "bad"}">{_esc(answer)}{by} {"✓" if right else "✗"}</span>'
+    return (f'<span class="{"ok" if right else "bad"}">{_esc(answer)}{by} '
+            f'{"✓" if right else "✗"}</span>')
 
 
 def _sample_html(task: str, records: list, flags: list, metric: str, opened: bool) -> str:
@@ -5031,12 +5405,16 @@ def _sample_html(task: str, records: list, flags: list, metric: str, opened: boo
     summary = (f"<b>#{_esc(row)}</b> target <b>{_esc(first.target)}</b> · {answers} · "
                f'<span class="muted">{_esc(" ".join(question.split())[:160])}</span>')
     texts = [_clean(r.content) if r else None for r in records]
-    against = [texts[1 if i == 0 else 0] if len(texts) > 1 else None for i in range(len(texts))]  # A vs B, others vs A
-    columns = "".join(_response_html(_run_letter(i), r, texts[i], against[i]) for i, r in enumerate(records))
-    return (f'<details class="s {" ".join(flags)}" id="{_esc(task)}-{_esc(row)}"{" open" if opened else ""}>'
-            f'<summary>{summary}</summary><div class="body"><pre>{_esc(question)}</pre>'
+    # A vs B, others vs A
+    against = [texts[1 if i == 0 else 0] if len(texts) > 1 else None for i in range(len(texts))]
+    columns = "".join(_response_html(_run_letter(i), r, texts[i], against[i])
+                      for i, r in enumerate(records))
+    return (f'<details class="s {" ".join(flags)}" id="{_esc(task)}-{_esc(row)}"'
+            f'{" open" if opened else ""}><summary>{summary}</summary>'
+            f'<div class="body"><pre>{_esc(question)}</pre>'
             f'<div class="cols">{_image_html(records)}{columns}</div>'
-            + "".join(_numerics_html(records[0], r, _run_letter(i)) for i, r in enumerate(records) if i)
+            + "".join(_numerics_html(records[0], r, _run_letter(i))
+                      for i, r in enumerate(records) if i)
             + "</div></details>")
 
 
@@ -5051,16 +5429,21 @@ def _samples_html(index: int, task: str, runs: list) -> str:
     total, note = len(rows), ""
     if total > _REPORT_SAMPLES:
         kept = sorted(sorted(range(total), key=lambda i: min(
-            [_SAMPLE_PRIORITY.index(f) for f in flags[i]] or [len(_SAMPLE_PRIORITY)]))[:_REPORT_SAMPLES])
+            [_SAMPLE_PRIORITY.index(f) for f in flags[i]]
+            or [len(_SAMPLE_PRIORITY)]))[:_REPORT_SAMPLES])
         rows, flags = [rows[i] for i in kept], [flags[i] for i in kept]
-        note = (f'<p class="muted">{_REPORT_SAMPLES:,} of {total:,} samples shown: flipped, failed, differing and '
-                "wrong ones first; the sample logs hold every one</p>")
+        note = (f'<p class="muted">{_REPORT_SAMPLES:,} of {total:,} samples shown: '
+                "flipped, failed, differing and wrong ones first; "
+                "the sample logs hold every one</p>")
     rows = [[_full_record(r) if r else None for r in records] for records in rows]
     shown = [n for n in _FILTERS if len(runs) > 1 or n not in ("flipped", "differs")]
-    opened = next((i for i, f in enumerate(flags) if (len(runs) > 1 and "flipped" in f) or "wrong" in f), None)
+    opened = next((i for i, f in enumerate(flags)
+                   if (len(runs) > 1 and "flipped" in f) or "wrong" in f), None)
     controls = "".join(f'<input type="radio" name="f{index}" id="f{index}-{n}" class="f-{n}"'
-                       f'{" checked" if n == "all" else ""}><label for="f{index}-{n}">{_FILTERS[n]} '
-                       f"({len(rows) if n == 'all' else sum(n in f for f in flags)})</label>" for n in shown)
+                       f'{" checked" if n == "all" else ""}>'
+                       f'<label for="f{index}-{n}">{_FILTERS[n]} '
+                       f"({len(rows) if n == 'all' else sum(n in f for f in flags)})</label>"
+                       for n in shown)
     samples = "\n".join(_sample_html(task, records, f, metric, i == opened)
                         for i, (records, f) in enumerate(zip(rows, flags)))
     return f'{note}<div class="browse">{controls}<div class="samples">\n{samples}\n</div></div>'
@@ -5074,20 +5457,25 @@ def _metrics_table(task: str, runs: list) -> str:
 
     def value(m: dict, name: str) -> str:
         se = m.get(_stderr_key(name))
-        return _esc(_fmt_value(m[name]) + (f" ± {_fmt_value(se)}" if isinstance(se, float) else "")) if name in m else "-"
+        return (_esc(_fmt_value(m[name])
+                     + (f" ± {_fmt_value(se)}" if isinstance(se, float) else ""))
+                if name in m else "-")
 
     bold = {headline, *(r.get("headline") for r in results)}
-    rows = [(f"<b>{_esc(n)}</b> (headline)" if n in bold else _esc(n), [value(m, n) for m in metrics]) for n in names]
+    rows = [(f"<b>{_esc(n)}</b> (headline)" if n in bold else _esc(n),
+             [value(m, n) for m in metrics]) for n in names]
     rows += [(label, [_esc(fn(r)) if r.get("metrics") else "-" for r in results]) for label, fn in (
         ("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
         ("failures by status", lambda r: _format_counts(r.get("failures") or {})),
         ("finish_reason", lambda r: _format_counts(r.get("finish_reasons") or {})))]
     head = "".join(f'<th class="n">{_run_letter(i)}</th>' for i in range(len(runs)))
-    body = "".join(f"<tr><th>{name}</th>" + "".join(f'<td class="n">{v}</td>' for v in values) + "</tr>"
+    body = "".join(f"<tr><th>{name}</th>"
+                   + "".join(f'<td class="n">{v}</td>' for v in values) + "</tr>"
                    for name, values in rows)
-    note = ('<p class="muted">± is the standard error (lm-eval\'s stderr: sample standard deviation over √n); '
-            "<i>,valid</i> is the score over the valid responses only (ok and truncated), failed samples left out; "
-            "every other score counts a failed sample as wrong.</p>")
+    note = ('<p class="muted">± is the standard error '
+            '(lm-eval\'s stderr: sample standard deviation over √n); '
+            "<i>,valid</i> is the score over the valid responses only (ok and truncated), "
+            "failed samples left out; every other score counts a failed sample as wrong.</p>")
     return f"<table><tr><th>metric</th>{head}</tr>{body}</table>{note}" if names else ""
 
 
@@ -5098,22 +5486,29 @@ def _comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
         return f'<p class="verdict">{label_b} vs A: {_esc(c.get("verdict"))}</p>', ""
     rows = _comparison_rows(c, label_b)
     alarm = any(warn for label, _, warn in rows if label in ("verdict", "warning", "numerics"))
-    heading = "".join(f'<br><span class="warn">{_esc(text)}</span>' for label, text, _ in rows if label == "warning")
+    heading = "".join(f'<br><span class="warn">{_esc(text)}</span>'
+                      for label, text, _ in rows if label == "warning")
     table = "".join(f'<tr><th>{label}</th><td{" class=warn" if warn else ""}>{_esc(text)}</td></tr>'
                     for label, text, warn in rows if label not in ("verdict", "warning"))
-    flips = ", ".join(f'<a href="#{_esc(task)}-{_esc(f["row_idx"])}">{_esc(f["row_idx"])}</a>' for f in c["flips"])
+    flips = ", ".join(f'<a href="#{_esc(task)}-{_esc(f["row_idx"])}">{_esc(f["row_idx"])}</a>'
+                      for f in c["flips"])
     unmatched = f", {c['unmatched']} unmatched" if c["unmatched"] else ""
-    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A ({_esc(c["metric"])}, n={_esc(c["n"])}'
-            f'{_esc(unmatched)}): {_esc(c["verdict"])}{heading}</p>',
-            f"<table>{table}" + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "") + "</table>")
+    return (f'<p class="verdict{" differ" if alarm else ""}">{label_b} vs A '
+            f'({_esc(c["metric"])}, n={_esc(c["n"])}{_esc(unmatched)}): '
+            f'{_esc(c["verdict"])}{heading}</p>',
+            f"<table>{table}" + (f"<tr><th>flipped</th><td>{flips}</td></tr>" if flips else "")
+            + "</table>")
 
 
 def _task_section(index: int, task: str, runs: list, comparisons: list) -> str:
-    compared = [_comparison_html(task, c[task], _run_letter(i + 1)) for i, c in enumerate(comparisons) if c and task in c]
+    compared = [_comparison_html(task, c[task], _run_letter(i + 1))
+                for i, c in enumerate(comparisons) if c and task in c]
     errors = "".join(f'<p class="warn">{_run_letter(i)}: {_esc(run["results"][task]["error"])}</p>'
                      for i, run in enumerate(runs) if (run["results"].get(task) or {}).get("error"))
-    return (f'<section id="{_esc(task)}"><h2>{_esc(task)}</h2>' + "".join(verdict for verdict, _ in compared) + errors
-            + '<div class="top">' + "".join(table for _, table in compared) + _metrics_table(task, runs) + "</div>"
+    return (f'<section id="{_esc(task)}"><h2>{_esc(task)}</h2>'
+            + "".join(verdict for verdict, _ in compared) + errors
+            + '<div class="top">' + "".join(table for _, table in compared)
+            + _metrics_table(task, runs) + "</div>"
             + _samples_html(index, task, runs) + "</section>")
 
 
@@ -5123,41 +5518,49 @@ def _runs_table(runs: list) -> str:
         config = run["config"]
         server = (config or {}).get("server") or {}
         what = (f"{config.get('model')} on {server.get('name', '?')} {server.get('version') or ''} "
-                f"(recognised by {server.get('evidence', '?')}), {config.get('date', '')}" if config else "")
-        settings = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
+                f"(recognised by {server.get('evidence', '?')}), {config.get('date', '')}"
+                if config else "")
+        settings = "".join(f"<tr><th>{_esc(k)}</th>"
+                           f"<td>{_esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
                            for k, v in (config or {}).items())
         notes = "".join(f'<div class="{cls}">{_esc(run[key])}</div>'
                         for key, cls in (("error", "warn"), ("note", "muted")) if run.get(key))
         rows.append(f"<tr><th>{_run_letter(i)}</th><td>{_esc(run['label'])}<br>{_esc(what)}{notes}"
-                    + (f"<details><summary>settings</summary><table>{settings}</table></details>" if settings else "")
+                    + (f"<details><summary>settings</summary><table>{settings}</table></details>"
+                       if settings else "")
                     + "</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
-# The page runs no script and loads nothing: should a value ever escape esc(), the browser still runs nothing
+# The page runs no script and loads nothing: should a value ever escape esc(), the browser
+# still runs nothing
 _REPORT_CSP = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-              "style-src 'unsafe-inline'; img-src data:\">")
+               "style-src 'unsafe-inline'; img-src data:\">")
 
 
 def _render_report(runs: list, comparisons: list | None = None) -> str:
     """One self-contained HTML page. `runs`: report_side() dicts; `comparisons[i]`: compare_runs()
     of runs[0] and runs[i + 1], or None."""
-    tasks = list(dict.fromkeys(name for run in runs for name in [*run["results"], *(t for t, _ in run["records"])]))
-    title = "nano-eval report: " + ", ".join(tasks) + (f" ({' vs '.join(map(_run_letter, range(len(runs))))})"
-                                                       if len(runs) > 1 else "")
+    tasks = list(dict.fromkeys(name for run in runs
+                               for name in [*run["results"], *(t for t, _ in run["records"])]))
+    title = "nano-eval report: " + ", ".join(tasks) + (
+        f" ({' vs '.join(map(_run_letter, range(len(runs))))})" if len(runs) > 1 else "")
     parts = [f"<h1>{_esc(title)}</h1>", _runs_table(runs)]
     parts += [_task_section(i, task, runs, comparisons or []) for i, task in enumerate(tasks)]
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">' + _REPORT_CSP
             + "<title>" + _esc(title) + "</title>"
-            '<meta name="viewport" content="width=device-width"><style>' + _REPORT_CSS + "</style></head><body>\n"
+            '<meta name="viewport" content="width=device-width"><style>' + _REPORT_CSS
+            + "</style></head><body>\n"
             + "\n".join(parts) + f'\n<p class="muted">nano-eval {__version__}, '
-            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n</body></html>\n').translate(_BIDI_CONTROLS)
+            f'{time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}</p>\n'
+            "</body></html>\n").translate(_BIDI_CONTROLS)
 
 
 def _write_report(path: str | Path, page: str) -> None:
     target = Path(path).expanduser()
     try:
-        _atomic_write(target, _SECRETS.scrub(page).encode("utf-8", "replace"))  # "replace": a lone surrogate from a log
+        # "replace": a lone surrogate from a log
+        _atomic_write(target, _SECRETS.scrub(page).encode("utf-8", "replace"))
     except OSError as exc:
         raise UsageError(f"cannot write the report {target}: {exc.strerror or exc}") from None
     _info(f"report written to {target}")
@@ -5166,10 +5569,12 @@ def _write_report(path: str | Path, page: str) -> None:
 def _document_problem(document: dict) -> str | None:
     """Why a parsed results JSON is not one nano-eval wrote, or None."""
     if "runs" in document:
-        if not isinstance(document["runs"], list) or not isinstance(document.get("comparisons", []), list):
+        if (not isinstance(document["runs"], list)
+                or not isinstance(document.get("comparisons", []), list)):
             return "'runs' and 'comparisons' are not lists"
         return next((f"run {i}: {p}" for i, run in enumerate(document["runs"])
-                     if (p := "not an object" if not isinstance(run, dict) else _document_problem(run))), None)
+                     if (p := "not an object" if not isinstance(run, dict)
+                             else _document_problem(run))), None)
     results, config = document.get("results"), document.get("config")
     if not isinstance(results, dict) or not all(isinstance(r, dict) for r in results.values()):
         return "'results' is not an object of task results"
@@ -5197,13 +5602,15 @@ def _read_results_file(path: str) -> dict | None:
     return document
 
 
-def _report_side_from_document(document: dict, label: str | None = None, base: Path = Path(".")) -> dict:
+def _report_side_from_document(document: dict, label: str | None = None,
+                               base: Path = Path(".")) -> dict:
     """A run for the report from one server's results document: its config and metrics, and
     the records of the sample log it names (config.log_samples, also tried relative to `base`)."""
     config = document.get("config") or {}
     log, records, note = config.get("log_samples"), {}, None
     if not log:
-        note = None if document.get("error") else "no sample log: run with --log_samples or --output to see the samples"
+        note = (None if document.get("error")
+                else "no sample log: run with --log_samples or --output to see the samples")
     else:
         folder = next((p for p in (Path(log).expanduser(), base / log) if p.exists()), None)
         try:
@@ -5221,17 +5628,20 @@ def _report_side(path: str) -> dict:
     document = _read_results_file(path)
     if document is not None:
         if "runs" in document:
-            raise UsageError(f"{path} holds several servers' runs: give it alone to report them all")
+            raise UsageError(f"{path} holds several servers' runs: "
+                             "give it alone to report them all")
         label = f"{(document.get('config') or {}).get('chat_url', '')} ({path})".strip()
         return _report_side_from_document(document, label, Path(path).expanduser().parent)
     records = _load_run(path)
     by_task: dict = {}
     for (task, _), record in records.items():
         by_task.setdefault(task, []).append(record)
-    results = {name: _aggregate(TASKS[name], sorted(rs, key=lambda r: r.row_idx or 0), planned=len(rs),
-                               elapsed=0) for name, rs in by_task.items() if name in TASKS}
+    results = {name: _aggregate(TASKS[name], sorted(rs, key=lambda r: r.row_idx or 0),
+                                planned=len(rs), elapsed=0)
+               for name, rs in by_task.items() if name in TASKS}
     return {"label": path, "config": None, "results": results, "records": records,
-            "note": "config unknown: only the sample log was given (give the results JSON to see it)"}
+            "note": "config unknown: only the sample log was given "
+                    "(give the results JSON to see it)"}
 
 
 def _report_from_document(document: dict) -> str:
@@ -5239,14 +5649,17 @@ def _report_from_document(document: dict) -> str:
     --base_url document {"runs": [...], "comparisons": [...]} (run A against each other run)."""
     if "runs" not in document:
         return _render_report([_report_side_from_document(document)])
-    runs = sorted((_report_side_from_document(run) for run in document["runs"]), key=lambda run: bool(run["error"]))
-    by_b = {c.get("b"): c for c in document.get("comparisons") or []}  # A is the first usable server
+    runs = sorted((_report_side_from_document(run) for run in document["runs"]),
+                  key=lambda run: bool(run["error"]))
+    # A is the first usable server
+    by_b = {c.get("b"): c for c in document.get("comparisons") or []}
     entries = [by_b.get(run["config"].get("chat_url"), {}) for run in runs[1:]]
     for run, entry in zip(runs[1:], entries):
         if entry.get("error"):
             run["note"] = f"not compared with A: {entry['error']}"
         elif entry.get("comparison") is not None and not _renders(entry["comparison"]):
-            run["note"], entry["comparison"] = "its comparison with A in the results JSON is malformed: not shown", None
+            run["note"], entry["comparison"] = (
+                "its comparison with A in the results JSON is malformed: not shown", None)
     return _render_report(runs, [entry.get("comparison") for entry in entries])
 
 
@@ -5265,19 +5678,26 @@ def _renders(comparison: Any) -> bool:
 
 def _cmd_report(argv: list) -> int:
     parser = _ArgumentParser(prog="nano-eval report",
-                            description="One self-contained HTML file of a run, or of two runs compared.")
-    parser.add_argument("run_a", metavar="RUN", help="a results JSON (--output), a --log_samples folder or a "
-                        "samples_<task>.jsonl; a several --base_url results JSON reports all its runs")
-    parser.add_argument("run_b", metavar="RUN_B", nargs="?", help="a second run, compared with the first")
-    parser.add_argument("-o", "--output", default="report.html", help="the HTML file (default report.html)")
+                             description="One self-contained HTML file of a run, "
+                                         "or of two runs compared.")
+    parser.add_argument("run_a", metavar="RUN",
+                        help="a results JSON (--output), a --log_samples folder or a "
+                             "samples_<task>.jsonl; a several --base_url results JSON "
+                             "reports all its runs")
+    parser.add_argument("run_b", metavar="RUN_B", nargs="?",
+                        help="a second run, compared with the first")
+    parser.add_argument("-o", "--output", default="report.html",
+                        help="the HTML file (default report.html)")
     args = parser.parse_args(argv)
     _SECRETS.add(os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN"))
     document = _read_results_file(args.run_a)
     if document is not None and "runs" in document and not args.run_b:
         page = _report_from_document(document)
     else:
-        runs = list(_side_by_side(_report_side, args.run_a, args.run_b)) if args.run_b else [_report_side(args.run_a)]
-        page = _render_report(runs, [_compare_runs(runs[0]["records"], runs[1]["records"])] if args.run_b else None)
+        runs = (list(_side_by_side(_report_side, args.run_a, args.run_b)) if args.run_b
+                else [_report_side(args.run_a)])
+        page = _render_report(runs, [_compare_runs(runs[0]["records"], runs[1]["records"])]
+                              if args.run_b else None)
     _write_report(args.output, page)
     return _EXIT_OK
 
