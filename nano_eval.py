@@ -2840,62 +2840,61 @@ class _TaskRun:
         if finished:
             self.progress.advance(finished)
 
-    def work(self) -> None:
-        """One worker thread's loop, until the documents run out or the run stops."""
-        lock, log, todo = self.lock, self.log, self.todo
-        # Images: one build at a time (it is CPU work under the GIL either way), so that the
-        # workers do not all hold an image in its three encodings at once
-        building = self.building
-        try:
-            while not self.client.stopped.is_set():
-                with lock:  # a generator is not thread-safe
-                    item = next(todo, None)
-                if item is None:
-                    return
-                repeat, row = item
-                if building is None:
-                    sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
-                else:
-                    with building:
-                        sample = self.task.build(row, self.config, self.cache, repeat,
-                                                 self.prepared)
-                # the image's data URL is in the payload: not kept twice while in flight
-                if sample.image and not (log and log.log_images):
-                    sample.body = _redact_images(sample.body, sample.image)
-                previous = self.logged.get((sample.doc_hash, sample.body_hash, repeat))
-                outcome = _outcome_from_record(previous) if previous else self.send(sample)
-                if previous is None and self.refused_logprobs(outcome):
-                    sample = self.task.build(row, self.config, self.cache, repeat, self.prepared)
-                    outcome = self.send(sample)
-                record = self.record(sample, outcome)
-                line = None
-                if previous is None and log:
-                    line = log.line({**record, "request": sample.body} if log.log_images
-                                    else record)
-                # not needed for the results; keeps memory flat in the number of samples
-                del record["request"]
-                record["reused"] = previous is not None
-                with lock:
-                    if self.closed:
-                        return  # the run ended while this sample was in flight: not recorded
-                    self.results[(repeat, sample.row_idx)] = record
-                    self.finished += 1
-                    if line is not None:
-                        self.lines.append(line)
-                    first = self.successes == 0
-                if first:
-                    _stop_on_first_failures(outcome, self.config)
-                sample = record = line = None  # not held while the next one is built
-        except _Stopped:
-            return
+    def build(self, repeat: int, row: dict) -> _Sample:
+        """One document's request. Images are built one at a time (CPU work under the GIL either
+        way), so that the workers do not all hold an image in its three encodings at once."""
+        if self.building is None:
+            return self.task.build(row, self.config, self.cache, repeat, self.prepared)
+        with self.building:
+            return self.task.build(row, self.config, self.cache, repeat, self.prepared)
 
-    def worker(self) -> None:
-        """One worker of the pool. The workers wait until all have started, then go one after
-        the other: started while others already work, each thread start waits for the GIL
-        (1024 threads took 1.4 s to start on a busy machine, against 0.1 s while they wait)."""
+    def run_one(self, repeat: int, row: dict) -> bool:
+        """Builds, sends (or reuses from the log), scores and records one document; False when
+        the run ended while it was in flight (it is then not recorded)."""
+        log = self.log
+        sample = self.build(repeat, row)
+        # the image's data URL is in the payload: not kept twice while in flight
+        if sample.image and not (log and log.log_images):
+            sample.body = _redact_images(sample.body, sample.image)
+        previous = self.logged.get((sample.doc_hash, sample.body_hash, repeat))
+        outcome = _outcome_from_record(previous) if previous else self.send(sample)
+        if previous is None and self.refused_logprobs(outcome):
+            sample = self.build(repeat, row)
+            outcome = self.send(sample)
+        record = self.record(sample, outcome)
+        line = None
+        if previous is None and log:
+            line = log.line({**record, "request": sample.body} if log.log_images else record)
+        # not needed for the results; keeps memory flat in the number of samples
+        del record["request"]
+        record["reused"] = previous is not None
+        with self.lock:
+            if self.closed:
+                return False
+            self.results[(repeat, sample.row_idx)] = record
+            self.finished += 1
+            if line is not None:
+                self.lines.append(line)
+            first = self.successes == 0
+        if first:
+            _stop_on_first_failures(outcome, self.config)
+        return True
+
+    def work(self) -> None:
+        """One worker of the pool, until the documents run out or the run stops. The workers
+        wait until all have started, then go one after the other: started while others already
+        work, each thread start waits for the GIL (1024 threads took 1.4 s to start on a busy
+        machine, against 0.1 s while they wait)."""
         self.go.acquire()
         self.go.release()  # the next one goes
-        self.work()
+        try:
+            while not self.client.stopped.is_set():
+                with self.lock:  # a generator is not thread-safe
+                    item = next(self.todo, None)
+                if item is None or not self.run_one(*item):
+                    return
+        except _Stopped:
+            return
 
     async def drive(self) -> None:
         """asyncio drives a pool of N blocking workers (N = --num_concurrent): each takes the
@@ -2908,7 +2907,7 @@ class _TaskRun:
         pool = ThreadPoolExecutor(count, thread_name_prefix="nano-eval-worker")
         workers: set = set()
         try:
-            workers = {loop.run_in_executor(pool, self.worker) for _ in range(count)}
+            workers = {loop.run_in_executor(pool, self.work) for _ in range(count)}
             self.go.release()  # every worker is there: the first one goes
             while workers:
                 done, workers = await asyncio.wait(workers, timeout=_FLUSH_EVERY,
