@@ -3568,57 +3568,63 @@ def _failure_of(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
 
 
-async def _run_tasks(config: APIConfig, options: RunOptions,
-                     results: dict) -> tuple[bool, str | None]:
-    """Runs the tasks one after the other into `results`: (False when interrupted, the
-    error that made the server unusable). A task that cannot run or finish gets an entry
-    with its `error`; the next task still runs, unless the server itself is unusable."""
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """SIGINT and SIGTERM set `stop` while the tasks run (a KeyboardInterrupt raised inside the
+    event loop could leave it anywhere); the previous handlers are put back after."""
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass
-
-    tasks = options.tasks
-
-    async def all_tasks() -> str | None:
-        for task in tasks:
-            try:
-                await run_task(task, config, options.max_samples, data_dir=options.data_dir,
-                               log_dir=options.log_dir, log_images=options.log_images,
-                               progress=options.progress, sink=results, resume=options.resume,
-                               repeats=options.repeats)
-            except Exception as exc:  # noqa: BLE001 -- whatever ended it, finished tasks are kept
-                if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
-                    raise
-                message = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError)
-                                         else _failure_of(exc))
-                _info(f"error: {task.name}: {message}")
-                results[task.name] = {**results.get(task.name, {}), "error": message,
-                                      "exit_code": getattr(exc, "exit_code", _EXIT_FAILURES),
-                                      "complete": False}
-                # every other task would fail the same way
-                if isinstance(exc, (AuthError, ServerError)):
-                    for skipped in tasks[tasks.index(task) + 1:]:
-                        results[skipped.name] = {"error": f"not run: {message}",
-                                                 "exit_code": exc.exit_code, "complete": False}
-                    return message
-        return None
-
-    work = asyncio.ensure_future(all_tasks())
-    stopper = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        yield
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
+        for sig in signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, TypeError):
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, previous[sig])  # asyncio leaves SIG_DFL behind
-            except (NotImplementedError, RuntimeError, ValueError, TypeError):
-                pass
+
+
+async def _run_each_task(config: APIConfig, options: RunOptions, results: dict) -> str | None:
+    """The tasks one after the other into `results`: the error that made the server unusable,
+    if one did. A task that cannot run or finish gets an entry with its `error`; the next task
+    still runs, unless the server itself is unusable."""
+    tasks = options.tasks
+    for task in tasks:
+        try:
+            await run_task(task, config, options.max_samples, data_dir=options.data_dir,
+                           log_dir=options.log_dir, log_images=options.log_images,
+                           progress=options.progress, sink=results, resume=options.resume,
+                           repeats=options.repeats)
+        except Exception as exc:  # noqa: BLE001 -- whatever ended it, finished tasks are kept
+            if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
+                raise
+            message = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError)
+                                     else _failure_of(exc))
+            _info(f"error: {task.name}: {message}")
+            results[task.name] = {**results.get(task.name, {}), "error": message,
+                                  "exit_code": getattr(exc, "exit_code", _EXIT_FAILURES),
+                                  "complete": False}
+            # every other task would fail the same way
+            if isinstance(exc, (AuthError, ServerError)):
+                for skipped in tasks[tasks.index(task) + 1:]:
+                    results[skipped.name] = {"error": f"not run: {message}",
+                                             "exit_code": exc.exit_code, "complete": False}
+                return message
+    return None
+
+
+async def _run_tasks(config: APIConfig, options: RunOptions,
+                     results: dict) -> tuple[bool, str | None]:
+    """The tasks into `results` until they end or a signal stops them: (False when
+    interrupted, the error that made the server unusable)."""
+    stop = asyncio.Event()
+    with _stop_on_signals(stop):
+        work = asyncio.ensure_future(_run_each_task(config, options, results))
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if work.done():
         stopper.cancel()
         return True, work.result()  # raises what the run raised
@@ -3628,7 +3634,7 @@ async def _run_tasks(config: APIConfig, options: RunOptions,
     except asyncio.CancelledError:
         pass
     # a task interrupted before its first sample (its dataset loading) is still named
-    for task in tasks:
+    for task in options.tasks:
         results.setdefault(task.name, {"error": "not run: interrupted",
                                        "exit_code": _EXIT_INTERRUPTED, "complete": False})
     return False, None
