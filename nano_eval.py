@@ -4896,14 +4896,22 @@ def _too_few_matched(c: dict) -> bool:
     return c.get("n", 0) < _GATE_MATCHED * (c.get("n", 0) + c.get("unmatched", 0)) or not c.get("n")
 
 
+def _fails_gate(c: dict, fail_if: str) -> bool:
+    """One task's comparison against --fail_if (worse or different)."""
+    if _too_few_matched(c):
+        return True
+    significant = c["mcnemar_p"] < 0.05
+    if fail_if == "worse":
+        return significant and c["difference"] < 0
+    return significant or (c.get("numerics") or {}).get("verdict") == "different"
+
+
 def gate_failures(comparison: dict, fail_if: str | None) -> list:
     """The tasks where B is significantly worse than A (`worse`) or differs (`different`: in
     accuracy, or in numerics), or that too few samples of both runs cover to judge."""
     if not fail_if:
         return []
-    return [name for name, c in comparison.items() if _too_few_matched(c) or (
-        (c["mcnemar_p"] < 0.05 and (fail_if == "different" or c["difference"] < 0))
-        or (fail_if == "different" and (c.get("numerics") or {}).get("verdict") == "different"))]
+    return [name for name, c in comparison.items() if _fails_gate(c, fail_if)]
 
 
 def _gate_exit(comparison: dict, fail_if: str | None) -> int:
@@ -5469,10 +5477,11 @@ def _metrics_table(task: str, runs: list) -> str:
     bold = {headline, *(r.get("headline") for r in results)}
     rows = [(f"<b>{_esc(n)}</b> (headline)" if n in bold else _esc(n),
              [value(m, n) for m in metrics]) for n in names]
-    rows += [(label, [_esc(fn(r)) if r.get("metrics") else "-" for r in results]) for label, fn in (
-        ("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
-        ("failures by status", lambda r: _format_counts(r.get("failures") or {})),
-        ("finish_reason", lambda r: _format_counts(r.get("finish_reasons") or {})))]
+    counts = (("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
+              ("failures by status", lambda r: _format_counts(r.get("failures") or {})),
+              ("finish_reason", lambda r: _format_counts(r.get("finish_reasons") or {})))
+    rows += [(label, [_esc(count(r)) if r.get("metrics") else "-" for r in results])
+             for label, count in counts]
     head = "".join(f'<th class="n">{_run_letter(i)}</th>' for i in range(len(runs)))
     body = "".join(f"<tr><th>{name}</th>"
                    + "".join(f'<td class="n">{v}</td>' for v in values) + "</tr>"
