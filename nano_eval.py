@@ -4950,11 +4950,11 @@ def _format_parting(p: dict) -> str:
         return f"{json.dumps(token, ensure_ascii=False)} ({where})"
 
     margin = p.get("margin") or ("near-tie" if p.get("near_tie") else "confident")
-    return (f"row {p['row_idx']} at token {p['token']} (char {p['char']}): A "
-            f"{side(p['a'], p.get('rank_of_a_in_b'), p.get('gap_b'), p.get('gap_b_at_least'), 'B')}"
-            " | B "
-            f"{side(p['b'], p.get('rank_of_b_in_a'), p.get('gap_a'), p.get('gap_a_at_least'), 'A')}"
-            f" -> {'margin unknown (the top K is too short to show it)' if margin == 'unknown' else margin}")
+    if margin == "unknown":
+        margin = "margin unknown (the top K is too short to show it)"
+    a = side(p["a"], p.get("rank_of_a_in_b"), p.get("gap_b"), p.get("gap_b_at_least"), "B")
+    b = side(p["b"], p.get("rank_of_b_in_a"), p.get("gap_a"), p.get("gap_a_at_least"), "A")
+    return f"row {p['row_idx']} at token {p['token']} (char {p['char']}): A {a} | B {b} -> {margin}"
 
 
 def _format_precision(nm: dict) -> str:
@@ -5477,7 +5477,8 @@ def _metrics_table(task: str, runs: list) -> str:
     bold = {headline, *(r.get("headline") for r in results)}
     rows = [(f"<b>{_esc(n)}</b> (headline)" if n in bold else _esc(n),
              [value(m, n) for m in metrics]) for n in names]
-    counts = (("samples", lambda r: r.get("num_samples")), ("failed", lambda r: r.get("num_failed")),
+    counts = (("samples", lambda r: r.get("num_samples")),
+              ("failed", lambda r: r.get("num_failed")),
               ("failures by status", lambda r: _format_counts(r.get("failures") or {})),
               ("finish_reason", lambda r: _format_counts(r.get("finish_reasons") or {})))
     rows += [(label, [_esc(count(r)) if r.get("metrics") else "-" for r in results])
