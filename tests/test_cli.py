@@ -850,6 +850,11 @@ def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):
 # ============================================================================
 
 
+def test_no_line_of_the_module_is_over_100_columns():
+    lines = Path(nano_eval.__file__).read_text(encoding="utf-8").splitlines()
+    assert [i + 1 for i, line in enumerate(lines) if len(line) > 100] == []
+
+
 def test_the_public_api_is_all_and_the_readme_names_only_it():
     """__all__ names what the README documents, each exists, and every other name the module
     defines is private; the README and the module docstring name no private function or class."""
