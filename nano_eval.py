@@ -1168,51 +1168,29 @@ def _read_response(resp: _HTTPResponse) -> _Outcome:
 class _AdaptiveLimiter:
     """Caps requests in flight; halves the cap on 429/503 and grows it back by one
     after every `cap` successes (additive increase, multiplicative decrease). Worker
-    threads wait in acquire(); close() wakes them all and refuses further slots.
-
-    While the cap is at its maximum (a server that never throttled), acquire and
-    release take no lock: the slots are items of a list, whose append and pop are
-    atomic, so the worker threads do not queue on a lock twice per request. That holds
-    because there are never more worker threads than `maximum`: at full width none waits,
-    and a release wakes no one."""
+    threads wait in acquire(); close() wakes them all and refuses further slots."""
 
     def __init__(self, maximum: int):
         self.maximum = maximum
         self.limit = maximum
-        self._slots: list = []  # one item per request in flight
+        self._in_flight = 0
         self._successes = 0
         self._closed = False
         self._changed = threading.Condition(threading.Lock())
 
     def acquire(self) -> bool:
         """Blocks until a request may be sent; False if the limiter was closed instead."""
-        if self.limit >= self.maximum and len(self._slots) < self.limit and not self._closed:
-            self._slots.append(None)
-            return True
         with self._changed:
-            while len(self._slots) >= self.limit and not self._closed:
+            while self._in_flight >= self.limit and not self._closed:
                 self._changed.wait()
             if self._closed:
                 return False
-            self._slots.append(None)
+            self._in_flight += 1
             return True
 
-    def _wake(self) -> None:
-        free = self.limit - len(self._slots)
-        if free > 0:
-            self._changed.notify(free)  # as many waiters as there are free slots
-
     def release(self, throttled: bool = False, success: bool = False) -> None:
-        # at full width nothing but the count changes
-        if not throttled and self.limit >= self.maximum:
-            self._slots.pop()
-            # the cap was lowered meanwhile: wake a waiter for this slot
-            if self.limit < self.maximum:
-                with self._changed:
-                    self._wake()
-            return
         with self._changed:
-            self._slots.pop()
+            self._in_flight -= 1
             if throttled:
                 self.limit = max(1, self.limit // 2)
                 self._successes = 0
@@ -1221,7 +1199,9 @@ class _AdaptiveLimiter:
                 if self._successes >= self.limit:
                     self.limit += 1
                     self._successes = 0
-            self._wake()
+            free = self.limit - self._in_flight
+            if free > 0:
+                self._changed.notify(free)  # as many waiters as there are free slots
 
     def close(self) -> None:
         with self._changed:
@@ -2749,8 +2729,6 @@ class _TaskRun:
         self.closed = False  # after the final flush: nothing more is recorded
         self.building = threading.Lock() if task.image_column else None
         self.logprobs_said = False  # the server's answer to --logprobs is reported once
-        # released once all have started, then by each worker to the next
-        self.go = threading.Semaphore(0)
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat, as Logged."""
@@ -2881,12 +2859,7 @@ class _TaskRun:
         return True
 
     def work(self) -> None:
-        """One worker of the pool, until the documents run out or the run stops. The workers
-        wait until all have started, then go one after the other: started while others already
-        work, each thread start waits for the GIL (1024 threads took 1.4 s to start on a busy
-        machine, against 0.1 s while they wait)."""
-        self.go.acquire()
-        self.go.release()  # the next one goes
+        """One worker of the pool, until the documents run out or the run stops."""
         try:
             while not self.client.stopped.is_set():
                 with self.lock:  # a generator is not thread-safe
@@ -2908,7 +2881,6 @@ class _TaskRun:
         workers: set = set()
         try:
             workers = {loop.run_in_executor(pool, self.work) for _ in range(count)}
-            self.go.release()  # every worker is there: the first one goes
             while workers:
                 done, workers = await asyncio.wait(workers, timeout=_FLUSH_EVERY,
                                                    return_when=asyncio.FIRST_EXCEPTION)
@@ -2920,7 +2892,6 @@ class _TaskRun:
         finally:
             self.flush(final=True)  # what finishes from now on is not recorded
             self.client.close()  # requests still in flight end, nothing more is sent
-            self.go.release()  # workers still waiting to go go, and stop
             for worker in workers:
                 worker.cancel()  # not waited for (so what they end with is not reported either)
             pool.shutdown(wait=False)

@@ -497,7 +497,7 @@ def test_limiter_never_exceeds_its_cap_under_threads():
         while time.monotonic() < stop:
             assert limiter.acquire()
             with lock:
-                peak[0] = max(peak[0], len(limiter._slots))
+                peak[0] = max(peak[0], limiter._in_flight)
             time.sleep(0.0005)
             limiter.release(throttled=rnd.random() < 0.05, success=True)
 
@@ -507,7 +507,7 @@ def test_limiter_never_exceeds_its_cap_under_threads():
     for t in threads:
         t.join(10)
     assert not any(t.is_alive() for t in threads)  # no lost wake-up while the cap moved
-    assert len(limiter._slots) == 0 and peak[0] <= 8 and 1 <= limiter.limit <= 8
+    assert limiter._in_flight == 0 and peak[0] <= 8 and 1 <= limiter.limit <= 8
 
 
 def test_limiter_admits_no_more_than_a_lowered_cap():
@@ -525,7 +525,7 @@ def test_limiter_admits_no_more_than_a_lowered_cap():
     assert admitted == []
     limiter.release(success=True)  # 1 in flight, and 2 successes at cap 2 grew it to 3: it goes
     waiter.join(5)
-    assert admitted == [True] and len(limiter._slots) == 2 and limiter.limit == 3
+    assert admitted == [True] and limiter._in_flight == 2 and limiter.limit == 3
     limiter.close()
     assert limiter.acquire() is False
 
