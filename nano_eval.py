@@ -38,6 +38,9 @@ The optional tools, each a section ending in its entry point:
                       `nano-eval compare`
   12. Replay          resend one logged request: `nano-eval replay`
   13. HTML report     one page of a run or a comparison: `nano-eval report`
+And last:
+  14. Speed           the tricks that keep nano-eval from limiting a run, each with the test
+                      of its invariant and its gain measured in bench/
 
 The public API is __all__; every other name is private (a leading underscore).
     import asyncio
@@ -698,29 +701,6 @@ class _ResponseTooLarge(Exception):
 
 class _ProxyFailed(OSError):
     """The HTTP proxy, not the server, could not be reached or refused the tunnel."""
-
-
-class _OneSend:
-    """An http.client connection that sends a request's head and a bytes body in one
-    send(), as Python 2's http.client did: one system call and one TCP segment instead
-    of two (the server then wakes once per request)."""
-
-    def _send_output(self, message_body=None, encode_chunked=False):
-        if isinstance(message_body, bytes) and not encode_chunked:
-            self._buffer.extend((b"", message_body))
-            data = b"\r\n".join(self._buffer)
-            del self._buffer[:]
-            self.send(data)
-            return
-        super()._send_output(message_body, encode_chunked)
-
-
-class _Connection(_OneSend, http.client.HTTPConnection):
-    pass
-
-
-class _TLSConnection(_OneSend, http.client.HTTPSConnection):
-    pass
 
 
 @functools.lru_cache(maxsize=None)
@@ -2039,35 +2019,6 @@ def _redact_images(body: dict, image: dict | None) -> dict:
         return body
     stub = f"<image sha256={image['sha256']} bytes={image['bytes']} format={image['format']}>"
     return _map_image_urls(body, lambda url: stub if url.startswith("data:") else url)
-
-
-_json_string = json.encoder.encode_basestring_ascii  # how json.dumps writes a str (ensure_ascii)
-
-
-def _plain_message(m: Any) -> bool:
-    """{"role": str, "content": str}, in that order."""
-    return type(m) is dict and len(m) == 2 and next(iter(m)) == "role" and type(m["role"]) is str \
-        and type(m.get("content")) is str
-
-
-@functools.lru_cache(maxsize=256)
-def _encode_message(role: str, content: str) -> str:
-    return json.dumps({"role": role, "content": content})
-
-
-def _encode_body(body: dict, rest: str | None = None) -> bytes:
-    """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
-    through a cache: the 16 few-shot turns are the same in every gsm8k request.
-    `rest`: json.dumps of the body without "messages", when the caller has it."""
-    last = len(body["messages"]) - 1
-    messages = ", ".join(json.dumps(m) if not _plain_message(m)
-                         else _encode_message(m["role"], m["content"]) if i < last
-                         else ('{"role": ' + _json_string(m["role"]) + ', "content": '
-                               + _json_string(m["content"]) + "}")
-                         for i, m in enumerate(body["messages"]))
-    if rest is None:
-        rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
-    return ('{"messages": [' + messages + "], " + rest[1:]).encode()
 
 
 @dataclasses.dataclass
@@ -3832,20 +3783,6 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cycle collector off while a tool works on whole sample logs: their records
-    hold no cycles, and it would rescan the growing heap again and again (half the time of a
-    comparison of two 100,000-sample logs)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
@@ -4293,60 +4230,6 @@ def _full_record(record: _Logged) -> _Logged:
                     == (record.task, record.doc_hash, record.repeat)) else record
 
 
-# Bytes of sample logs above which the second is read in a child process
-_SIDE_BY_SIDE_BYTES = 50_000_000
-
-
-def _log_bytes(path: str) -> int:
-    return sum(f.stat().st_size for f in _log_files(Path(path).expanduser()))
-
-
-def _read_marshalled(read: Callable, path: str) -> bytes:
-    """read(path) in the child process, sent back marshalled: marshal moves the records ~3
-    times faster than pickle, but takes only built-in types (see marshallable)."""
-    with _collector_paused():
-        return marshal.dumps(_marshallable(read(path)))
-
-
-def _marshallable(value: Any) -> Any:
-    """`value` (read from logs: JSON values and Logged records in dicts) with each Logged as a
-    plain tuple: the only tuples held as dict values, so from_marshallable knows them."""
-    if isinstance(value, _Logged):
-        return tuple(value)
-    if isinstance(value, dict):
-        return {key: _marshallable(item) for key, item in value.items()}
-    return value
-
-
-def _from_marshallable(value: Any) -> Any:
-    if type(value) is tuple:
-        return _Logged._make(value)
-    if isinstance(value, dict):
-        return {key: _from_marshallable(item) for key, item in value.items()}
-    return value
-
-
-def _side_by_side(read: Callable, first: str, second: str) -> tuple:
-    """read(first) here while read(second) runs in a child process: the tools on two big
-    logs use both cores (reading 100,000 samples is ~4 s). One after the other for small logs,
-    on one core, or where no child process can start."""
-    if _log_bytes(first) + _log_bytes(second) < _SIDE_BY_SIDE_BYTES or (os.cpu_count() or 1) < 2:
-        return read(first), read(second)
-    try:
-        pool = ProcessPoolExecutor(max_workers=1)
-        pending = pool.submit(_read_marshalled, read, second)
-    except (OSError, RuntimeError, ImportError):
-        return read(first), read(second)
-    try:
-        result = read(first)
-        try:
-            return result, _from_marshallable(marshal.loads(pending.result()))
-        except BrokenProcessPool:
-            return result, read(second)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
 def _request_difference(a: dict, b: dict) -> str | None:
     """The first request field (other than the model name and the logprobs asked for) that
     differs, or None."""
@@ -4374,41 +4257,6 @@ def _mcnemar_exact(a_only: int, b_only: int) -> float:
             break
         term = term * k // (n - k + 1)
     return min(1.0, 2 * total / 2 ** n)
-
-
-def _binomial(n: int, p: float, rng: random.Random) -> int:
-    """One exact Binomial(n, p) draw in O(1) expected time: inversion when n·p < 10, else
-    Hörmann's BTRS (transformed rejection with squeeze, 1993)."""
-    if n == 0 or p <= 0.0:
-        return 0
-    if p >= 1.0:
-        return n
-    if p > 0.5:
-        return n - _binomial(n, 1.0 - p, rng)
-    if n * p < 10:
-        pmf, u, k = (1.0 - p) ** n, rng.random(), 0
-        while u > pmf and k < n:
-            u -= pmf
-            k += 1
-            pmf *= p / (1.0 - p) * (n - k + 1) / k
-        return k
-    spq = math.sqrt(n * p * (1.0 - p))
-    b = 1.15 + 2.53 * spq
-    a = -0.0873 + 0.0248 * b + 0.01 * p
-    c, alpha, v_r = n * p + 0.5, (2.83 + 5.1 / b) * spq, 0.92 - 4.2 / b
-    m, log_odds = math.floor((n + 1) * p), math.log(p / (1.0 - p))
-    h = math.lgamma(m + 1) + math.lgamma(n - m + 1)
-    while True:
-        u, v = rng.random() - 0.5, rng.random()
-        us = 0.5 - abs(u)
-        k = math.floor((2 * a / us + b) * u + c) if us > 0 else -1
-        if not 0 <= k <= n:
-            continue
-        if us >= 0.07 and v <= v_r:
-            return k
-        if (math.log(v * alpha / (a / (us * us) + b))
-                <= h - math.lgamma(k + 1) - math.lgamma(n - k + 1) + (k - m) * log_odds):
-            return k
 
 
 def _paired_bootstrap(differences: list, resamples: int = 10_000,
@@ -5686,6 +5534,193 @@ def _cmd_report(argv: list) -> int:
                               if args.run_b else None)
     _write_report(args.output, page)
     return _EXIT_OK
+
+
+# ============================================================================
+# 14. Speed
+# ============================================================================
+
+# What keeps nano-eval from being what limits a run, gathered here: each trick with the test of
+# its invariant and its gain, measured in bench/ against the plain way in the same run (2 cores,
+# 2026-12-07). Two more live where they work: READ_BATCH (a log parsed in batches: -18% peak
+# memory for ~3-5% more CPU) and _MessagesDigest (the few-shot hash state reused: ~9% less CPU
+# reading big logs). Tricks whose gain was no longer measurable were dropped (bench/README.md).
+
+
+# One send() a request: +10-15% requests a second, -9% CPU a request against plain http.client
+# (nginx bench, c=8-256). Invariant: the bytes sent are http.client's
+# (test_one_send_sends_what_http_client_sends).
+class _OneSend:
+    """An http.client connection that sends a request's head and a bytes body in one
+    send(), as Python 2's http.client did: one system call and one TCP segment instead
+    of two (the server then wakes once per request)."""
+
+    def _send_output(self, message_body=None, encode_chunked=False):
+        if isinstance(message_body, bytes) and not encode_chunked:
+            self._buffer.extend((b"", message_body))
+            data = b"\r\n".join(self._buffer)
+            del self._buffer[:]
+            self.send(data)
+            return
+        super()._send_output(message_body, encode_chunked)
+
+
+class _Connection(_OneSend, http.client.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_OneSend, http.client.HTTPSConnection):
+    pass
+
+
+# Request bodies from cached parts: ~10 us less a body (16 vs 26 us), +4% requests a second, -3%
+# CPU a request against json.dumps(body). Invariant: the payload is json.dumps(body), byte for
+# byte (the lm-eval parity tests of tests/test_tasks.py).
+_json_string = json.encoder.encode_basestring_ascii  # how json.dumps writes a str (ensure_ascii)
+
+
+def _plain_message(m: Any) -> bool:
+    """{"role": str, "content": str}, in that order."""
+    return type(m) is dict and len(m) == 2 and next(iter(m)) == "role" and type(m["role"]) is str \
+        and type(m.get("content")) is str
+
+
+@functools.lru_cache(maxsize=256)
+def _encode_message(role: str, content: str) -> str:
+    return json.dumps({"role": role, "content": content})
+
+
+def _encode_body(body: dict, rest: str | None = None) -> bytes:
+    """Exactly json.dumps(body) (lm-eval's wire format), with text messages encoded
+    through a cache: the 16 few-shot turns are the same in every gsm8k request.
+    `rest`: json.dumps of the body without "messages", when the caller has it."""
+    messages = body["messages"]
+    encoded = []
+    for i, m in enumerate(messages):
+        if not _plain_message(m):
+            encoded.append(json.dumps(m))
+        elif i < len(messages) - 1:  # a few-shot turn: the same in every request
+            encoded.append(_encode_message(m["role"], m["content"]))
+        else:  # the question
+            encoded.append('{"role": ' + _json_string(m["role"]) + ', "content": '
+                           + _json_string(m["content"]) + "}")
+    if rest is None:
+        rest = json.dumps({k: v for k, v in body.items() if k != "messages"})
+    return ('{"messages": [' + ", ".join(encoded) + "], " + rest[1:]).encode()
+
+
+# The cycle collector off while a tool reads whole logs: ~1.6x less CPU for compare and report
+# of two 50,000-sample logs. Invariant: it is on again after
+# (test_the_collector_is_paused_only_inside).
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cycle collector off while a tool works on whole sample logs: their records
+    hold no cycles, and it would rescan the growing heap again and again (half the time of a
+    comparison of two 100,000-sample logs)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# The second of two big logs read in a child process: ~20-25% less wall time for compare and report
+# of two 50,000-sample logs on an idle 2-core machine, for 5-10% more CPU (none when the other
+# core is busy). Invariant: the child's result is the parent's own reading
+# (test_the_report_of_two_big_logs_reads_them_side_by_side).
+# Bytes of sample logs above which the second is read in a child process
+_SIDE_BY_SIDE_BYTES = 50_000_000
+
+
+def _log_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in _log_files(Path(path).expanduser()))
+
+
+def _read_marshalled(read: Callable, path: str) -> bytes:
+    """read(path) in the child process, sent back marshalled: marshal moves the records ~3
+    times faster than pickle, but takes only built-in types (see marshallable)."""
+    with _collector_paused():
+        return marshal.dumps(_marshallable(read(path)))
+
+
+def _marshallable(value: Any) -> Any:
+    """`value` (read from logs: JSON values and Logged records in dicts) with each Logged as a
+    plain tuple: the only tuples held as dict values, so from_marshallable knows them."""
+    if isinstance(value, _Logged):
+        return tuple(value)
+    if isinstance(value, dict):
+        return {key: _marshallable(item) for key, item in value.items()}
+    return value
+
+
+def _from_marshallable(value: Any) -> Any:
+    if type(value) is tuple:
+        return _Logged._make(value)
+    if isinstance(value, dict):
+        return {key: _from_marshallable(item) for key, item in value.items()}
+    return value
+
+
+def _side_by_side(read: Callable, first: str, second: str) -> tuple:
+    """read(first) here while read(second) runs in a child process: the tools on two big
+    logs use both cores (reading 100,000 samples is ~4 s). One after the other for small logs,
+    on one core, or where no child process can start."""
+    if _log_bytes(first) + _log_bytes(second) < _SIDE_BY_SIDE_BYTES or (os.cpu_count() or 1) < 2:
+        return read(first), read(second)
+    try:
+        pool = ProcessPoolExecutor(max_workers=1)
+        pending = pool.submit(_read_marshalled, read, second)
+    except (OSError, RuntimeError, ImportError):
+        return read(first), read(second)
+    try:
+        result = read(first)
+        try:
+            return result, _from_marshallable(marshal.loads(pending.result()))
+        except BrokenProcessPool:
+            return result, read(second)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# An exact binomial sampler for the paired bootstrap: on Python 3.9-3.11 (no
+# random.binomialvariate) the obvious loop makes compare of two 50,000-sample logs 11x slower
+# (49 s vs 4.4 s); on 3.12 binomialvariate is as fast, but would change the interval's last
+# digit between versions. Invariant: test_binomial_draws_follow_the_binomial_distribution.
+def _binomial(n: int, p: float, rng: random.Random) -> int:
+    """One exact Binomial(n, p) draw in O(1) expected time: inversion when n·p < 10, else
+    Hörmann's BTRS (transformed rejection with squeeze, 1993)."""
+    if n == 0 or p <= 0.0:
+        return 0
+    if p >= 1.0:
+        return n
+    if p > 0.5:
+        return n - _binomial(n, 1.0 - p, rng)
+    if n * p < 10:
+        pmf, u, k = (1.0 - p) ** n, rng.random(), 0
+        while u > pmf and k < n:
+            u -= pmf
+            k += 1
+            pmf *= p / (1.0 - p) * (n - k + 1) / k
+        return k
+    spq = math.sqrt(n * p * (1.0 - p))
+    b = 1.15 + 2.53 * spq
+    a = -0.0873 + 0.0248 * b + 0.01 * p
+    c, alpha, v_r = n * p + 0.5, (2.83 + 5.1 / b) * spq, 0.92 - 4.2 / b
+    m, log_odds = math.floor((n + 1) * p), math.log(p / (1.0 - p))
+    h = math.lgamma(m + 1) + math.lgamma(n - m + 1)
+    while True:
+        u, v = rng.random() - 0.5, rng.random()
+        us = 0.5 - abs(u)
+        k = math.floor((2 * a / us + b) * u + c) if us > 0 else -1
+        if not 0 <= k <= n:
+            continue
+        if us >= 0.07 and v <= v_r:
+            return k
+        if (math.log(v * alpha / (a / (us * us) + b))
+                <= h - math.lgamma(k + 1) - math.lgamma(n - k + 1) + (k - m) * log_odds):
+            return k
 
 
 if __name__ == "__main__":

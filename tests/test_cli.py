@@ -850,6 +850,25 @@ def test_the_wheel_runs_gsm8k_offline_from_the_shipped_split(tmp_path):
 # ============================================================================
 
 
+def test_the_collector_is_paused_only_inside():
+    """The speed trick of the tools (section 14): no cycle collection while they read whole logs,
+    and the collector as it was after, an error or not."""
+    import gc
+    assert gc.isenabled()
+    with nano_eval._collector_paused():
+        assert not gc.isenabled()
+    with pytest.raises(KeyError), nano_eval._collector_paused():
+        raise KeyError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with nano_eval._collector_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
+
+
 def test_no_line_of_the_module_is_over_100_columns():
     lines = Path(nano_eval.__file__).read_text(encoding="utf-8").splitlines()
     assert [i + 1 for i, line in enumerate(lines) if len(line) > 100] == []
@@ -877,7 +896,7 @@ def test_the_module_docstring_names_every_section_in_order():
     main() is in section 9, the end of the core."""
     lines = Path(nano_eval.__file__).read_text(encoding="utf-8").splitlines()
     banners = [(i, line[2:].split(". ", 1)) for i, line in enumerate(lines) if re.match(r"# \d+\. ", line)]
-    assert len(banners) == 13
+    assert len(banners) == 14
     mapped = re.findall(r"^ +(\d+)\. +(\S+(?: \S+)?)", nano_eval.__doc__, re.M)
     assert [(n, title.split()[0]) for n, title in mapped] == [(n, t.split()[0]) for _, (n, t) in banners]
     main_at = next(i for i, line in enumerate(lines) if line.startswith("def main("))
