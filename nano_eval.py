@@ -2686,11 +2686,20 @@ class _TaskRun:
         return [_Logged.of(self.results[key]) for key in sorted(self.results)]
 
     def send(self, sample: _Sample) -> _Outcome:
+        """The sample's request, with retries; not sent without its image, nor to a server that
+        stopped answering."""
         if sample.error:
             return _Outcome(sample.error[0], error=sample.error[1], attempts=0)
         if self.server_down:
             return _Outcome(Status.CONNECTION, error=_NOT_SENT, attempts=0)
         outcome = self.client.send_blocking(sample.payload)
+        self.count_answer(outcome)
+        self.check_logprobs(outcome)
+        return outcome
+
+    def count_answer(self, outcome: _Outcome) -> None:
+        """Successes, and network failures in a row: after max(4, --num_concurrent) of them the
+        server is taken for down, and nothing more is sent to it."""
         down = False
         with self.lock:
             if outcome.status in Status.NETWORK:  # after all retries
@@ -2705,6 +2714,9 @@ class _TaskRun:
             _warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests "
                   f"in a row ended in {outcome.status} after every retry): "
                   "no more requests are sent to it")
+
+    def check_logprobs(self, outcome: _Outcome) -> None:
+        """Said once: logprobs asked for and not sent, or a logprob no probability has."""
         if outcome.valid and outcome.logprobs is None and self.prepared[0].get("logprobs"):
             self.say_once_about_logprobs("answered without logprobs although asked for them: "
                                          "this run's numerics verdict will be 'unknown'")
@@ -2712,7 +2724,6 @@ class _TaskRun:
                                       for e in outcome.logprobs):
             self.say_once_about_logprobs("sent a logprob above 0, which no probability has: "
                                          "its logprobs are wrong, and a comparison will say so")
-        return outcome
 
     def say_once_about_logprobs(self, what: str) -> None:
         with self.lock:
