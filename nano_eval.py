@@ -185,7 +185,7 @@ _BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name
 _KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"),
                 (1234, "LM Studio"))
 
-# The command line (its options: OPTIONS, after the value checks)
+# The command line (its options: _OPTIONS, after the value checks)
 # lm-eval model_args that have no meaning here (no tokenizer, no batching); accepted and ignored
 _IGNORED_MODEL_ARGS = {"tokenizer_backend", "tokenized_requests", "tokenizer", "batch_size",
                        "max_length", "trust_remote_code"}
@@ -237,7 +237,7 @@ _SHORT_SECRET = 8  # characters: a shorter secret is replaced only where it stan
 
 
 def _redact(text: str, secrets: Iterable[str | None], json_text: bool = False) -> str:
-    """`text` with each secret replaced by ***: anywhere when it is SHORT_SECRET characters or
+    """`text` with each secret replaced by ***: anywhere when it is _SHORT_SECRET characters or
     longer; a shorter one only as a whole value after "Bearer ", ": " or "=" (replaced
     everywhere, a 1-character key would mangle every word and so reveal itself). In JSON text
     (`json_text`), a ": " right after a quote is the document's own and a short key there could
@@ -343,7 +343,7 @@ def _is_finite(value: Any) -> bool:
 
 
 # The value checks. Each takes a parsed value (a model_arg, an APIConfig field) and refuses
-# text; argparse reaches the same checks through from_text(), so every way in is checked alike.
+# text; argparse reaches the same checks through _from_text(), so every way in is checked alike.
 # Their messages say what is expected; the caller adds what it got, as the user wrote it.
 def _positive_int(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -593,7 +593,7 @@ class APIConfig:
     seed: int = _DEFAULT_SEED
     gen_kwargs: dict = dataclasses.field(default_factory=dict)
     max_gen_toks: int | None = None  # lm-eval's model_arg: default max_tokens for tasks without one
-    server: dict | None = None  # what answered (identify_server), recorded in the results
+    server: dict | None = None  # what answered (_identify_server), recorded in the results
     system_instruction: str | None = None
     fewshot_as_multiturn: bool = True
     keep_think: bool = False
@@ -655,7 +655,7 @@ class RunOptions:
 # ============================================================================
 
 
-# Every JSON document from outside (an inference server, a datasets-server) is read by read_json,
+# Every JSON document from outside (an inference server, a datasets-server) is read by _read_json,
 # once, where it enters: what comes out can be kept, counted and written. An integer too long for
 # a float (10**400) becomes None; a lone surrogate (the escape "\ud800", valid JSON that no UTF-8
 # file can hold) becomes U+FFFD; nesting deeper than the parser's recursion is a ValueError.
@@ -925,7 +925,7 @@ def _server_headers(config: APIConfig) -> dict:
 
 def _server_client(config: APIConfig, timeout: float | None = None,
                    connect_timeout: float = 10.0) -> _HTTPClient:
-    """An HTTPClient for the inference server, with the config's TLS settings; every answer,
+    """An _HTTPClient for the inference server, with the config's TLS settings; every answer,
     the preflight's and the identification's too, is read up to --max_response_mb only."""
     return _HTTPClient(timeout=timeout or config.timeout, connect_timeout=connect_timeout,
                        verify=config.verify_certificate, ca_cert=config.ca_cert,
@@ -933,7 +933,7 @@ def _server_client(config: APIConfig, timeout: float | None = None,
 
 
 def _describe_network_error(exc: BaseException) -> tuple[str, str]:
-    """(status, one-line reason) for an exception raised by HTTPClient.request."""
+    """(status, one-line reason) for an exception raised by _HTTPClient.request."""
     if isinstance(exc, _ProxyFailed):
         return Status.CONNECTION, str(exc)
     if isinstance(exc, _ResponseTooLarge):
@@ -998,7 +998,7 @@ def _retry_after_seconds(headers: dict) -> float | None:
 
 def _backoff(attempt: int, base_delay: float, retry_after: float | None = None) -> float:
     """Seconds to wait before attempt `attempt + 1`: the server's Retry-After (at most
-    MAX_RETRY_AFTER), else exponential from `base_delay`, capped at 60 s, with jitter."""
+    _MAX_RETRY_AFTER), else exponential from `base_delay`, capped at 60 s, with jitter."""
     if retry_after is not None:
         return min(retry_after, _MAX_RETRY_AFTER)
     return min(base_delay * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.0)
@@ -1042,7 +1042,7 @@ class _Outcome:
     retry_after: float | None = None
     latency: float = 0.0
     attempts: int = 1
-    # per generated token [token, logprob, [[token, logprob], ...]] (logged_logprobs)
+    # per generated token [token, logprob, [[token, logprob], ...]] (_logged_logprobs)
     logprobs: list | None = None
 
     @property
@@ -1093,12 +1093,12 @@ def _logged_logprobs(choice: dict) -> list | None:
 
 
 def _classify_response(resp: _HTTPResponse) -> _Outcome:
-    """Turns an HTTP response into an Outcome, reading content, reasoning, usage and logprobs.
+    """Turns an HTTP response into an _Outcome, reading content, reasoning, usage and logprobs.
     Whatever a server sends, an answer it cannot read is `bad_response`, never an exception
     (which the runner would take for a network error)."""
     try:
         return _read_response(resp)
-    except Exception as exc:  # noqa: BLE001 -- a shape read_response did not foresee
+    except Exception as exc:  # noqa: BLE001 -- a shape _read_response did not foresee
         return _Outcome(Status.BAD_RESPONSE, http_status=resp.status,
                         error=f"malformed response ({type(exc).__name__})")
 
@@ -1256,7 +1256,7 @@ class _ChatClient:
 
     def send_blocking(self, payload: bytes) -> _Outcome:
         """One request with retries: backoff with jitter, honouring Retry-After. Call it in
-        a worker thread; raises Stopped when the client is closed while it waits."""
+        a worker thread; raises _Stopped when the client is closed while it waits."""
         for attempt in range(1, self.config.max_retries + 1):
             if not self.limiter.acquire():
                 raise _Stopped()
@@ -1585,7 +1585,7 @@ class _DatasetCache:
 
     def check(self) -> None:
         """A manifest must agree with itself and with what is known of the split: its pages tile
-        the first rows of num_rows_total (full pages of PAGE_SIZE, the last one shorter), and the
+        the first rows of num_rows_total (full pages of _PAGE_SIZE, the last one shorter), and the
         shipped split has its known size. Else it was edited or damaged: never a smaller
         denominator from it (DatasetError)."""
         for folder, manifest in zip(self.dirs, self.manifests):
@@ -1876,7 +1876,7 @@ async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path],
                      server: _DatasetsClient | None = None) -> tuple[list[dict], _DatasetCache]:
     """The first `count` rows (all when None) of a split, from the cache or the server.
 
-    Pages of 100 rows are fetched DOWNLOADS at a time. With an image column, each image
+    Pages of 100 rows are fetched _DOWNLOADS at a time. With an image column, each image
     the run needs is downloaded right after its page (signed URLs expire) and stored in
     the cache; a 403/404 on download fetches that page again for fresh URLs."""
     cache = _DatasetCache(roots, ref)
@@ -2387,7 +2387,7 @@ def _response_problem(response: dict) -> str | None:
 
 
 def _is_logged_alternative(entry: Any) -> bool:
-    """[token, logprob]: as logged_logprobs writes it (a logprob may be null, or NaN in another
+    """[token, logprob]: as _logged_logprobs writes it (a logprob may be null, or NaN in another
     tool's log)."""
     return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (str, dict))
             and (entry[1] is None or _is_number(entry[1])))
@@ -2402,7 +2402,7 @@ class _Logged(NamedTuple):
     """A sample record as everything that reads one takes it: the results (aggregate), resume,
     compare and the report. In a log every field but task, doc_hash and status is optional (an
     older nano-eval or a hand wrote it): each is read here once, with its empty value, and
-    record_problem has checked its type."""
+    _record_problem has checked its type."""
     task: str
     doc_hash: str
     row_idx: int | None
@@ -2425,7 +2425,7 @@ class _Logged(NamedTuple):
     attempts: int
     reused: bool
     reasoning_flags: list
-    at: tuple | None  # (log path, byte offset) where the tools read it (see full_record)
+    at: tuple | None  # (log path, byte offset) where the tools read it (see _full_record)
 
     @classmethod
     def of(cls, record: dict, at: tuple | None = None) -> _Logged:
@@ -2464,7 +2464,7 @@ _READ_BATCH = 1 << 18
 
 def _parsed_lines(file: BinaryIO) -> Iterator[tuple[int, int, Any]]:
     """(line number, byte offset, parsed value) of each line of the file that is JSON. Lines
-    are parsed READ_BATCH bytes at a time; a batch that is not one JSON object per line is
+    are parsed _READ_BATCH bytes at a time; a batch that is not one JSON object per line is
     parsed line by line (bytes that are not UTF-8 read as U+FFFD)."""
     number, offset = 0, 0
     while True:
@@ -2527,7 +2527,7 @@ def _lock_file(file: Any) -> bool:
 
 class _SampleLog:
     """The per-sample JSONL log: one line per sample, appended in batches (every
-    FLUSH_EVERY seconds and at the end, also when the run is interrupted), so a crash
+    _FLUSH_EVERY seconds and at the end, also when the run is interrupted), so a crash
     loses at most the last batch and the requests in flight. It is also the resume state."""
 
     def __init__(self, path: Path, log_images: bool = False):
@@ -2554,7 +2554,7 @@ class _SampleLog:
 
     @staticmethod
     def ends_torn(path: Path) -> bool:
-        """Whether the file's last line has no newline (read_records skips that line)."""
+        """Whether the file's last line has no newline (_read_records skips that line)."""
         try:
             with open(path, "rb") as f:
                 f.seek(0, os.SEEK_END)
@@ -2682,7 +2682,7 @@ class _TaskRun:
         self.logprobs_said = False  # the server's answer to --logprobs is reported once
 
     def records(self) -> list:
-        """The finished records in dataset order, repeat by repeat, as Logged."""
+        """The finished records in dataset order, repeat by repeat, as _Logged."""
         return [_Logged.of(self.results[key]) for key in sorted(self.results)]
 
     def send(self, sample: _Sample) -> _Outcome:
@@ -2755,7 +2755,7 @@ class _TaskRun:
             "doc_hash": sample.doc_hash,
             "body_hash": sample.body_hash, "url": self.config.chat_url,
             "request": _redact_images(sample.body, sample.image),
-            # a server may echo the key or a header back: SampleLog.line and every writer scrub it
+            # a server may echo the key or a header back: _SampleLog.line and every writer scrub it
             "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
                          "finish_reason": outcome.finish_reason, "usage": outcome.usage,
                          "http_status": outcome.http_status,
@@ -2833,7 +2833,7 @@ class _TaskRun:
 
     async def drive(self) -> None:
         """asyncio drives a pool of N blocking workers (N = --num_concurrent): each takes the
-        next document and builds, sends, scores and records it; every FLUSH_EVERY seconds the
+        next document and builds, sends, scores and records it; every _FLUSH_EVERY seconds the
         event loop appends the finished records to the log and advances the progress line."""
         # whole passes, one by one
         self.todo = ((repeat, row) for repeat in range(self.repeats) for row in self.rows)
@@ -2864,7 +2864,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
                    log_images: bool = False, progress: bool | None = None,
                    datasets_server: _DatasetsClient | None = None, sink: dict | None = None,
                    resume: bool = True, repeats: int = 1) -> dict:
-    """Runs one task against one server and returns its results (see aggregate()).
+    """Runs one task against one server and returns its results (the per-task dict of the README).
 
     With `log_dir`, every sample is appended to `<log_dir>/samples_<task>.jsonl` as it
     ends, and samples that server already answered in that log are not sent again
@@ -2910,7 +2910,7 @@ async def run_task(task: Task, config: APIConfig, max_samples: int | None = None
 # ============================================================================
 
 # Published scores for these exact tasks, matched on the served model name (see
-# reference_key). They come from other harnesses, hence the tolerance in expectation().
+# _reference_key). They come from other harnesses, hence the tolerance in expectation().
 _REFERENCE_SCORES = {
     # Meta's Llama 3.1 model card: GSM-8K (CoT), 8-shot, em_maj1@1 (instruction-tuned models)
     ("gsm8k_cot_llama", "llama-3.1-8b-instruct"):
@@ -3173,7 +3173,7 @@ def _report_warnings(task_name: str, result: dict) -> None:
 
 
 def _reference_key(model: str) -> str:
-    """The served model name as REFERENCE_SCORES spells it: lower case, no `org/` prefix,
+    """The served model name as _REFERENCE_SCORES spells it: lower case, no `org/` prefix,
     no `meta-` prefix, and no suffix naming a lossless dtype (bf16, fp16, fp32) — but a
     quantisation (q4, awq, gptq, int8, fp8, ...) is kept, so it matches nothing."""
     name = model.lower().rstrip("/").rsplit("/", 1)[-1].removeprefix("meta-")
@@ -3261,7 +3261,7 @@ def _config_record(config: APIConfig, options: RunOptions) -> dict:
 
 
 def _task_results(results: dict) -> dict:
-    """Each task's entry of a results document, without the preflight's (results_document puts
+    """Each task's entry of a results document, without the preflight's (_results_document puts
     it first, as lm-eval would a task)."""
     return {name: r for name, r in results.items() if name != _CONFORMANCE and isinstance(r, dict)}
 
@@ -3854,7 +3854,7 @@ _ONE_PIXEL_PNG = base64.b64decode(
 
 
 class _Preflight:
-    """What the checks of PREFLIGHT_CHECKS share: short requests with the run's TLS
+    """What the checks of _PREFLIGHT_CHECKS share: short requests with the run's TLS
     settings and headers (no retries: each answer is evidence), classified as the runner
     classifies its responses, and the first plain answer."""
 
@@ -4084,7 +4084,7 @@ _PREFLIGHT_CHECKS = (
 
 
 def _preflight_checks(config: APIConfig) -> dict:
-    """Every check of PREFLIGHT_CHECKS, in order:
+    """Every check of _PREFLIGHT_CHECKS, in order:
     {"checks": [...], "metrics": pass/warn/fail counts}."""
     context, checks = _Preflight(config), []
     for name, check in _PREFLIGHT_CHECKS:
@@ -4194,9 +4194,9 @@ def _log_files(source: Path) -> list:
 
 
 def _load_repeats(path: str) -> dict:
-    """{(task, doc_hash): {repeat: the last record, Logged}} from a sample log file or a folder
-    of them, each request reduced to slim_request() as it is read (a comparison of two
-    100,000-sample logs then fits in 800 MB), and where it was read kept (see full_record)."""
+    """{(task, doc_hash): {repeat: the last record, _Logged}} from a sample log file or a folder
+    of them, each request reduced to _slim_request() as it is read (a comparison of two
+    100,000-sample logs then fits in 800 MB), and where it was read kept (see _full_record)."""
     source = Path(path).expanduser()
     files = _log_files(source)
     if not files:
@@ -4223,7 +4223,7 @@ def _load_run(path: str) -> dict:
 
 
 def _full_record(record: _Logged) -> _Logged:
-    """The record as its log holds it, whole request and all (load_repeats keeps a slim
+    """The record as its log holds it, whole request and all (_load_repeats keeps a slim
     one): its line read again. The slim one if the line is gone or no longer this sample."""
     if not record.at:
         return record
@@ -4311,7 +4311,7 @@ def _token_pair(a: list, b: list, same_text: bool) -> tuple[list, dict | None]:
     """|delta logprob| of the chosen tokens both sides generated (all of them when the texts are
     the same; else up to where they part), and the parting: where, each side's token, the
     other's rank and gap there (or the least gap the top K shows, when the other's token is not
-    in it). Whether a parting is a near-tie is judged by parting_margin."""
+    in it). Whether a parting is a near-tie is judged by _parting_margin."""
     diffs: list = []
     for i, (x, y) in enumerate(zip(a, b)):
         if not same_text and _token_key(x[0]) != _token_key(y[0]):
@@ -4356,7 +4356,7 @@ _GRID_SHARE = 0.5  # of the positions read, the share on a grid for a side to be
 
 
 def _position_step(values: list) -> float | None:
-    """The largest step of GRID_STEPS that every gap between one position's top-K logprobs is a
+    """The largest step of _GRID_STEPS that every gap between one position's top-K logprobs is a
     multiple of (0.0: none is, a float32 position); None with fewer than two distinct gaps (a
     single gap fits a coarse grid by chance too often). The slack covers float32 rounding of
     each logprob and the sample log's 7 decimals."""
@@ -4400,7 +4400,7 @@ def _precision_name(label: str) -> str:
 
 def _judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> dict:
     """The p99 |delta logprob| and the parting lead the verdict allows: the user's tolerance and
-    CONFIDENT_GAP, widened to the coarser side's logit grid and to the reference's own noise
+    _CONFIDENT_GAP, widened to the coarser side's logit grid and to the reference's own noise
     floor, and what widened them (None: nothing did)."""
     steps = [(side["step"], side["label"]) for side in precision.values() if side["step"]]
     step, coarse = max(steps) if steps else (0.0, None)
@@ -4655,7 +4655,7 @@ def _compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_0
                   tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
                   floors: dict | None = None) -> dict:
     """Per-task paired comparison of two runs joined on (task, doc hash); `floors`: each task's
-    noise floor (noise_floors), which widens its numerics verdict."""
+    noise floor (_noise_floors), which widens its numerics verdict."""
     paired: dict = {}
     unmatched = collections.Counter(task for task, _ in run_b.keys() - run_a.keys())
     for key, a in run_a.items():
@@ -5325,7 +5325,7 @@ def _metrics_table(task: str, runs: list) -> str:
 
 
 def _comparison_html(task: str, c: dict, label_b: str) -> tuple[str, str]:
-    """(the verdict, a table of the rest) of one task's compare_runs() result: comparison_rows(),
+    """(the verdict, a table of the rest) of one task's _compare_runs() result: _comparison_rows(),
     the verdict and the prompt warning above the table, flipped samples linked."""
     if not c.get("n"):
         return f'<p class="verdict">{label_b} vs A: {_esc(c.get("verdict"))}</p>', ""
@@ -5384,7 +5384,7 @@ _REPORT_CSP = ('<meta http-equiv="Content-Security-Policy" content="default-src 
 
 
 def _render_report(runs: list, comparisons: list | None = None) -> str:
-    """One self-contained HTML page. `runs`: report_side() dicts; `comparisons[i]`: compare_runs()
+    """One self-contained HTML page. `runs`: _report_side() dicts; `comparisons[i]`: _compare_runs()
     of runs[0] and runs[i + 1], or None."""
     tasks = list(dict.fromkeys(name for run in runs
                                for name in [*run["results"], *(t for t, _ in run["records"])]))
@@ -5509,7 +5509,7 @@ def _report_from_document(document: dict) -> str:
 
 
 def _renders(comparison: Any) -> bool:
-    """Whether a comparison read from a results JSON has the types compare_runs gives it."""
+    """Whether a comparison read from a results JSON has the types _compare_runs gives it."""
     try:
         for c in comparison.values():
             if type(c.get("n", 0)) is not int or type(c.get("unmatched", 0)) is not int:
@@ -5553,7 +5553,7 @@ def _cmd_report(argv: list) -> int:
 
 # What keeps nano-eval from being what limits a run, gathered here: each trick with the test of
 # its invariant and its gain, measured in bench/ against the plain way in the same run (2 cores,
-# 2026-12-07). Two more live where they work: READ_BATCH (a log parsed in batches: -18% peak
+# 2026-12-07). Two more live where they work: _READ_BATCH (a log parsed in batches: -18% peak
 # memory for ~3-5% more CPU) and _MessagesDigest (the few-shot hash state reused: ~9% less CPU
 # reading big logs). Tricks whose gain was no longer measurable were dropped (bench/README.md).
 
@@ -5657,8 +5657,8 @@ def _read_marshalled(read: Callable, path: str) -> bytes:
 
 
 def _marshallable(value: Any) -> Any:
-    """`value` (read from logs: JSON values and Logged records in dicts) with each Logged as a
-    plain tuple: the only tuples held as dict values, so from_marshallable knows them."""
+    """`value` (read from logs: JSON values and _Logged records in dicts) with each _Logged as a
+    plain tuple: the only tuples held as dict values, so _from_marshallable knows them."""
     if isinstance(value, _Logged):
         return tuple(value)
     if isinstance(value, dict):
