@@ -561,7 +561,8 @@ _OPTIONS = (
     _Option("no_progress", "no progress line on stderr", argparse=_SWITCH),
     # lm-eval model_args without a flag of their own
     _Option("max_gen_toks", check=_positive_int, into="api", model_arg=True, nullable=True),
-    _Option("think_end_token", check=str, default=_THINK_END, into="api", model_arg=True),
+    _Option("think_end_token", check=str, default=_THINK_END, into="api", model_arg=True,
+            nullable=True),
     _Option("verify_certificate", check=_boolean, default=True, model_arg=True),
     _Option("ca_cert_path", model_arg=True),
 )
@@ -2693,6 +2694,8 @@ class _TaskRun:
         if self.server_down:
             return _Outcome(Status.CONNECTION, error=_NOT_SENT, attempts=0)
         outcome = self.client.send_blocking(sample.payload)
+        if self.client.stopped.is_set():
+            raise _Stopped()  # the run ended while it was in flight (close() cut it)
         self.count_answer(outcome)
         self.check_logprobs(outcome)
         return outcome

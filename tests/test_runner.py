@@ -365,17 +365,19 @@ def test_a_hung_server_is_given_up_like_a_dead_one(isolated_env):
     assert len(srv.chat_requests) == 4 and "stopped answering" in err
 
 
-def test_a_cancelled_run_ends_its_requests_in_flight(isolated_env):
+@pytest.mark.parametrize("retries", [5, 1])
+def test_a_cancelled_run_ends_its_requests_in_flight(isolated_env, capsys, retries):
     """The Python API: cancelling run_task while its requests wait on a server that never
     answers (--timeout 600 s) ends them at once: no worker thread is left waiting, nothing more
-    is sent, and the requests are not resent on a fresh connection."""
+    is sent, the requests are not resent on a fresh connection, and the cut requests are not
+    taken for a server that stopped answering (even on their last attempt)."""
     def workers() -> list:
         return [t for t in threading.enumerate() if t.name.startswith("nano-eval-worker") and t.is_alive()]
 
     async def cancel_in_flight(srv) -> None:
-        run = asyncio.ensure_future(run_task(TASKS[GSM], APIConfig(url=srv.base_url, num_concurrent=3), 6,
-                                             progress=False))
-        while len(srv.chat_requests) < 3:
+        config = APIConfig(url=srv.base_url, num_concurrent=4, max_retries=retries)
+        run = asyncio.ensure_future(run_task(TASKS[GSM], config, 8, progress=False))
+        while len(srv.chat_requests) < 4:
             await asyncio.sleep(0.05)
         run.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -387,7 +389,8 @@ def test_a_cancelled_run_ends_its_requests_in_flight(isolated_env):
         while workers() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not workers(), workers()
-        assert len(srv.chat_requests) == 3
+        assert len(srv.chat_requests) == 4
+    assert "stopped answering" not in capsys.readouterr().err
 
 
 def hung_server_run(log_dir: Path, samples: int) -> tuple:
