@@ -18,13 +18,11 @@ Skipped unless run with `-m real_server` or NANO_EVAL_REAL_SERVER=1 (see conftes
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from conftest import sgl_kernel_calls
-from helpers import describe, get, read_samples, results_of, run_cli
-from test_vllm import TASK, check_run_samples
+from helpers import describe, get
+from test_vllm import run_alone
 
 pytestmark = pytest.mark.real_server
 
@@ -47,38 +45,11 @@ def test_sglang_alone(sglang_server, datasets_server, tmp_path, capsys):
 
     Measured here (2026-12-07, 2 cores shared with other test runs): 12 PASS, 1 WARN (HTTP 400:
     "Model only supports text input"); the 10 samples at --num_concurrent 4 in 99 s."""
-    n = 10
-    log_dir = tmp_path / "samples"
-    proc = run_cli(["--check", "--tasks", TASK, "--max_samples", n, "--num_concurrent", 4,
-                    "--base_url", sglang_server.base_url, "--log_samples", log_dir], datasets_server)
-    doc = results_of(proc)
-    grid = [line for line in proc.stderr.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))]
-    with capsys.disabled():
-        print(f"\n[real_server] --check against SGLang {sglang_server.version} (exit {proc.returncode}):")
-        print("\n".join(grid))
-        print(f"[real_server] SGLang alone: {doc['results'][TASK].get('metrics')}, "
-              f"elapsed {doc['results'][TASK].get('elapsed')} s")
-    assert proc.returncode == 0, describe(proc)
-
-    config = doc["config"]
-    assert config["model"] == sglang_server.alias, config
-    assert (config["server"]["name"], config["server"]["version"]) == ("SGLang", sglang_server.version), \
-        config["server"]
-    assert config["server"]["evidence"] == "/get_server_info", config["server"]
+    doc, proc, checks = run_alone(sglang_server, "SGLang", datasets_server, tmp_path, capsys, 4)
+    assert doc["config"]["server"]["evidence"] == "/get_server_info", doc["config"]["server"]
     assert f"(SGLang {sglang_server.version})" in proc.stderr, describe(proc)
-
-    checks = {c["check"]: c["result"] for c in doc["results"]["api_conformance"]["checks"]}
     assert {c for c, r in checks.items() if r != "PASS"} == EXPECTED_WARN, checks
     assert {c for c, r in checks.items() if r == "WARN"} == EXPECTED_WARN, checks
-
-    res = doc["results"][TASK]
-    assert res["num_samples"] == n and res["num_ok"] + res.get("num_truncated", 0) == n, res
-    assert not res["failures"], res
-    samples = read_samples(log_dir, TASK)
-    check_run_samples(samples, n)
-    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
-        mean = sum(s["scores"][key] for s in samples) / n
-        assert math.isclose(res["metrics"][key], mean, abs_tol=1e-9), (key, res["metrics"], mean)
     status, info = get(sglang_server.root_url + "/get_server_info")
     assert status == 200 and info["version"] == sglang_server.version, info.get("version")
     assert_no_sgl_kernel_call(sglang_server)

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.real_server
 TASK = "gsm8k_cot_llama"
 N_PAIR = 10  # samples of the c=1 run of the four backends (~110 s each; the figures below are from n=20)
 N_C4 = 10  # samples of the c=4 pair
+N_ALONE = 10  # samples of each server alone (with --check)
 K = 5  # --logprobs of the c=1 run: each pair also gets a numerics verdict
 
 # Response agreement (identical text) between vLLM and llama.cpp on the same float32 weights.
@@ -60,6 +61,36 @@ def check_run_samples(samples: list[dict], n: int) -> None:
         assert len(s["request"]["messages"]) == 17, where
         for f in ("strict-match", "flexible-extract"):
             assert s["scores"][f"exact_match,{f}"] in (0.0, 1.0), (where, s["scores"])
+
+
+def run_alone(server, name: str, datasets_server, tmp_path, capsys, concurrency: int, *extra) -> tuple:
+    """nano-eval --check and N_ALONE gsm8k samples against one real server, no --model: exit 0,
+    the model found from /v1/models, the server named `name` with its version, every sample
+    answered and scored, and the metrics the means of the sample log's scores. Returns (the
+    results document, the process, {check: PASS/WARN/FAIL}) for the server's own assertions."""
+    log_dir = tmp_path / "samples"
+    proc = run_cli(["--check", "--tasks", TASK, "--max_samples", N_ALONE, "--num_concurrent", concurrency,
+                    "--base_url", server.base_url, "--log_samples", log_dir, *extra], datasets_server)
+    doc = results_of(proc)
+    with capsys.disabled():
+        print(f"\n[real_server] --check against {name} {server.version} (exit {proc.returncode}):")
+        print("\n".join(line for line in proc.stderr.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))))
+        print(f"[real_server] {name} alone: {doc['results'][TASK].get('metrics')}, "
+              f"elapsed {doc['results'][TASK].get('elapsed')} s")
+    assert proc.returncode == 0, describe(proc)
+    config = doc["config"]
+    assert config["model"] == server.alias, config
+    assert (config["server"]["name"], config["server"]["version"]) == (name, server.version), config["server"]
+    res = doc["results"][TASK]
+    assert res["num_samples"] == N_ALONE and res["num_ok"] + res.get("num_truncated", 0) == N_ALONE, res
+    assert not res["failures"], res
+    samples = read_samples(log_dir, TASK)
+    check_run_samples(samples, N_ALONE)
+    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        mean = sum(s["scores"][key] for s in samples) / N_ALONE
+        assert math.isclose(res["metrics"][key], mean, abs_tol=1e-9), (key, res["metrics"], mean)
+    checks = {c["check"]: c["result"] for c in doc["results"]["api_conformance"]["checks"]}
+    return doc, proc, checks
 
 
 def multi_run(datasets_server, tmp_path, servers, n, concurrency, *extra):
@@ -104,35 +135,12 @@ def test_vllm_alone(vllm_server, datasets_server, tmp_path, capsys):
     server is identified as vLLM with its version (/version), the --check grid is the recorded
     one (all PASS but `image input`: WARN, a text-only model), and 10 gsm8k samples are all
     accounted for, with metrics equal to the means of the sample log's scores."""
-    n = 10
-    log_dir, out = tmp_path / "samples", tmp_path / "results.json"
-    proc = run_cli(["--check", "--tasks", TASK, "--max_samples", n, "--num_concurrent", 4,
-                    "--base_url", vllm_server.base_url, "--log_samples", log_dir, "--output", out], datasets_server)
-    doc = results_of(proc)
-    with capsys.disabled():
-        print(f"\n[real_server] --check against vLLM {vllm_server.version} (exit {proc.returncode}):")
-        print("\n".join(line for line in proc.stderr.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))))
-    assert proc.returncode == 0, describe(proc)
+    out = tmp_path / "results.json"
+    doc, proc, checks = run_alone(vllm_server, "vLLM", datasets_server, tmp_path, capsys, 4, "--output", out)
     assert json.loads(out.read_text()) == doc
-
-    config = doc["config"]
-    assert config["model"] == vllm_server.alias, config
-    assert config["server"]["name"] == "vLLM", config["server"]
-    assert config["server"]["version"] == vllm_server.version, config["server"]
-
-    checks = {c["check"]: c["result"] for c in doc["results"]["api_conformance"]["checks"]}
     assert not [c for c, r in checks.items() if r == "FAIL"], checks
     assert {c for c, r in checks.items() if r == "PASS"} >= EXPECTED_PASS, checks
     assert {c for c, r in checks.items() if r == "WARN"} >= EXPECTED_WARN, checks
-
-    res = doc["results"][TASK]
-    assert res["num_samples"] == n and res["num_ok"] + res.get("num_truncated", 0) == n, res
-    assert not res["failures"], res
-    samples = read_samples(log_dir, TASK)
-    check_run_samples(samples, n)
-    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
-        mean = sum(s["scores"][key] for s in samples) / n
-        assert math.isclose(res["metrics"][key], mean, abs_tol=1e-9), (key, res["metrics"], mean)
     status, version = get(vllm_server.root_url + "/version")
     assert status == 200 and version == {"version": vllm_server.version}, version
 
@@ -148,25 +156,9 @@ def test_max_alone(max_server, datasets_server, tmp_path, capsys):
     "MAX Serve"), the --check grid is the recorded one, and 10 gsm8k samples are all answered
     and scored. MAX on this CPU runs one request at a time (max_batch_size 1 from its small
     KV cache), so --num_concurrent above 1 only queues requests: c=1 here."""
-    n = 10
-    log_dir = tmp_path / "samples"
-    proc = run_cli(["--check", "--tasks", TASK, "--max_samples", n, "--num_concurrent", 1,
-                    "--base_url", max_server.base_url, "--log_samples", log_dir], datasets_server)
-    doc = results_of(proc)
-    grid = [line for line in proc.stderr.splitlines() if line.startswith(("PASS", "WARN", "FAIL"))]
-    with capsys.disabled():
-        print(f"\n[real_server] --check against MAX {max_server.version} (exit {proc.returncode}):")
-        print("\n".join(grid))
-    assert proc.returncode == 0, describe(proc)
-    config = doc["config"]
-    assert config["model"] == max_server.alias, config
-    assert (config["server"]["name"], config["server"]["version"]) == ("MAX", max_server.version), config["server"]
-    checks = {c["check"]: c["result"] for c in doc["results"]["api_conformance"]["checks"]}
+    doc, proc, checks = run_alone(max_server, "MAX", datasets_server, tmp_path, capsys, 1)
     assert {c for c, r in checks.items() if r != "PASS"} == MAX_EXPECTED_WARN, checks
     assert {c for c, r in checks.items() if r == "WARN"} == MAX_EXPECTED_WARN, checks
-    res = doc["results"][TASK]
-    assert res["num_samples"] == n and res["num_ok"] + res.get("num_truncated", 0) == n and not res["failures"], res
-    check_run_samples(read_samples(log_dir, TASK), n)
 
 
 @pytest.fixture(scope="module")
