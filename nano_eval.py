@@ -2656,6 +2656,78 @@ def _reasoning_flags(task: Task, outcome: _Outcome, answer: str) -> list:
     return flags
 
 
+def _sample_record(task: Task, config: APIConfig, sample: _Sample, outcome: _Outcome) -> dict:
+    """One sample's record: its request, the answer, its status and scores."""
+    response_text = (_answer_text(outcome.content, config.keep_think, config.think_end_token)
+                     if outcome.valid else "")
+    if outcome.valid:
+        extracted, scores = task.score(response_text, sample.target)
+    else:
+        extracted, scores = None, {name: 0.0 for name in task.metric_names}
+    return {
+        "task": task.name, "row_idx": sample.row_idx, "repeat": sample.repeat,
+        "doc_hash": sample.doc_hash,
+        "body_hash": sample.body_hash, "url": config.chat_url,
+        "request": _redact_images(sample.body, sample.image),
+        # a server may echo the key or a header back: _SampleLog.line and every writer scrub it
+        "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
+                     "finish_reason": outcome.finish_reason, "usage": outcome.usage,
+                     "http_status": outcome.http_status,
+                     **({"logprobs": outcome.logprobs} if outcome.logprobs is not None else {})},
+        "status": outcome.status, "error": outcome.error,
+        "target": sample.target,
+        "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
+        "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
+        "reasoning_flags": _reasoning_flags(task, outcome, response_text),
+    }
+
+
+class _ServerWatch:
+    """What a run's answers tell about its server, each said once: it stopped answering, it
+    sends no logprobs although asked for them, or a logprob no probability has."""
+
+    def __init__(self, config: APIConfig):
+        self.config = config
+        self.lock = threading.Lock()
+        self.successes = 0
+        self.failures_in_a_row = 0
+        self.down = False
+        self.logprobs_said = False
+
+    def count(self, outcome: _Outcome) -> None:
+        """Successes, and network failures in a row: after max(4, --num_concurrent) of them the
+        server is taken for down, and nothing more is sent to it."""
+        down = False
+        with self.lock:
+            if outcome.status in Status.NETWORK:  # after all retries
+                self.failures_in_a_row += 1
+                if self.failures_in_a_row >= max(4, self.config.num_concurrent) and not self.down:
+                    self.down = down = True
+            else:
+                self.failures_in_a_row = 0
+                self.successes += outcome.http_status is not None and outcome.http_status < 400
+        if down:
+            _warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests "
+                  f"in a row ended in {outcome.status} after every retry): "
+                  "no more requests are sent to it")
+
+    def check_logprobs(self, outcome: _Outcome, asked: bool) -> None:
+        if outcome.valid and outcome.logprobs is None and asked:
+            self.say_once("answered without logprobs although asked for them: "
+                          "this run's numerics verdict will be 'unknown'")
+        elif outcome.logprobs and any(_is_finite(e[1]) and e[1] > _POSITIVE_LOGPROB
+                                      for e in outcome.logprobs):
+            self.say_once("sent a logprob above 0, which no probability has: "
+                          "its logprobs are wrong, and a comparison will say so")
+
+    def say_once(self, what: str) -> None:
+        """About logprobs: the first thing said is the only one."""
+        with self.lock:
+            said, self.logprobs_said = self.logprobs_said, True
+        if not said:
+            _warn(f"{self.config.chat_url} {what}")
+
+
 class _TaskRun:
     """The state of one task's run: sends each sample, scores it, logs it."""
 
@@ -2666,21 +2738,18 @@ class _TaskRun:
         self.progress = progress
         self.repeats = repeats
         self.client = _ChatClient(config)
+        self.watch = _ServerWatch(config)
         self.prepared = task.prepare(config)  # the same for every request of the run
         previous = log.completed(task.name, config.chat_url) if log else {}
         # (doc_hash, body_hash, repeat) -> a record to reuse
         self.logged = previous if resume else {}
         self.results: dict[tuple, dict] = {}  # (repeat, row_idx) -> record
-        self.successes = 0
-        self.failures_in_a_row = 0
-        self.server_down = False
-        # the workers' shared state: the documents, counters, finished records
+        # the workers' shared state: the documents, finished records
         self.lock = threading.Lock()
         self.lines: list = []  # log lines not yet written
         self.finished = 0  # records since the last flush
         self.closed = False  # after the final flush: nothing more is recorded
         self.building = threading.Lock() if task.image_column else None
-        self.logprobs_said = False  # the server's answer to --logprobs is reported once
 
     def records(self) -> list:
         """The finished records in dataset order, repeat by repeat, as _Logged."""
@@ -2691,48 +2760,14 @@ class _TaskRun:
         stopped answering."""
         if sample.error:
             return _Outcome(sample.error[0], error=sample.error[1], attempts=0)
-        if self.server_down:
+        if self.watch.down:
             return _Outcome(Status.CONNECTION, error=_NOT_SENT, attempts=0)
         outcome = self.client.send_blocking(sample.payload)
         if self.client.stopped.is_set():
             raise _Stopped()  # the run ended while it was in flight (close() cut it)
-        self.count_answer(outcome)
-        self.check_logprobs(outcome)
+        self.watch.count(outcome)
+        self.watch.check_logprobs(outcome, asked=bool(self.prepared[0].get("logprobs")))
         return outcome
-
-    def count_answer(self, outcome: _Outcome) -> None:
-        """Successes, and network failures in a row: after max(4, --num_concurrent) of them the
-        server is taken for down, and nothing more is sent to it."""
-        down = False
-        with self.lock:
-            if outcome.status in Status.NETWORK:  # after all retries
-                self.failures_in_a_row += 1
-                if (self.failures_in_a_row >= max(4, self.config.num_concurrent)
-                        and not self.server_down):
-                    self.server_down = down = True
-            else:
-                self.failures_in_a_row = 0
-                self.successes += outcome.http_status is not None and outcome.http_status < 400
-        if down:
-            _warn(f"{self.config.chat_url} stopped answering ({self.failures_in_a_row} requests "
-                  f"in a row ended in {outcome.status} after every retry): "
-                  "no more requests are sent to it")
-
-    def check_logprobs(self, outcome: _Outcome) -> None:
-        """Said once: logprobs asked for and not sent, or a logprob no probability has."""
-        if outcome.valid and outcome.logprobs is None and self.prepared[0].get("logprobs"):
-            self.say_once_about_logprobs("answered without logprobs although asked for them: "
-                                         "this run's numerics verdict will be 'unknown'")
-        elif outcome.logprobs and any(_is_finite(e[1]) and e[1] > _POSITIVE_LOGPROB
-                                      for e in outcome.logprobs):
-            self.say_once_about_logprobs("sent a logprob above 0, which no probability has: "
-                                         "its logprobs are wrong, and a comparison will say so")
-
-    def say_once_about_logprobs(self, what: str) -> None:
-        with self.lock:
-            said, self.logprobs_said = self.logprobs_said, True
-        if not said:
-            _warn(f"{self.config.chat_url} {what}")
 
     def refused_logprobs(self, outcome: _Outcome) -> bool:
         """An HTTP 400 about logprobs: from now on they are not asked for (the run goes on)."""
@@ -2741,35 +2776,9 @@ class _TaskRun:
         with self.lock:
             if self.prepared[0].get("logprobs"):
                 self.prepared = self.task.prepare(dataclasses.replace(self.config, logprobs=None))
-        self.say_once_about_logprobs(f"refused logprobs ({outcome.error}): they are no longer "
-                                     "asked for, and this run's numerics verdict will be 'unknown'")
+        self.watch.say_once(f"refused logprobs ({outcome.error}): they are no longer "
+                            "asked for, and this run's numerics verdict will be 'unknown'")
         return True
-
-    def record(self, sample: _Sample, outcome: _Outcome) -> dict:
-        response_text = (_answer_text(outcome.content, self.config.keep_think,
-                                      self.config.think_end_token)
-                         if outcome.valid else "")
-        if outcome.valid:
-            extracted, scores = self.task.score(response_text, sample.target)
-        else:
-            extracted, scores = None, {name: 0.0 for name in self.task.metric_names}
-        return {
-            "task": self.task.name, "row_idx": sample.row_idx, "repeat": sample.repeat,
-            "doc_hash": sample.doc_hash,
-            "body_hash": sample.body_hash, "url": self.config.chat_url,
-            "request": _redact_images(sample.body, sample.image),
-            # a server may echo the key or a header back: _SampleLog.line and every writer scrub it
-            "response": {"content": outcome.content, "reasoning_content": outcome.reasoning,
-                         "finish_reason": outcome.finish_reason, "usage": outcome.usage,
-                         "http_status": outcome.http_status,
-                         **({"logprobs": outcome.logprobs}
-                            if outcome.logprobs is not None else {})},
-            "status": outcome.status, "error": outcome.error,
-            "target": sample.target,
-            "extracted": extracted, "scores": scores, "group": sample.group, "image": sample.image,
-            "latency": round(outcome.latency, 4), "attempts": outcome.attempts,
-            "reasoning_flags": _reasoning_flags(self.task, outcome, response_text),
-        }
 
     def flush(self, final: bool = False) -> None:
         """Appends the finished records' lines to the log and advances the progress line.
@@ -2804,7 +2813,7 @@ class _TaskRun:
         if previous is None and self.refused_logprobs(outcome):
             sample = self.build(repeat, row)
             outcome = self.send(sample)
-        record = self.record(sample, outcome)
+        record = _sample_record(self.task, self.config, sample, outcome)
         line = None
         if previous is None and log:
             line = log.line({**record, "request": sample.body} if log.log_images else record)
@@ -2818,8 +2827,7 @@ class _TaskRun:
             self.finished += 1
             if line is not None:
                 self.lines.append(line)
-            first = self.successes == 0
-        if first:
+        if self.watch.successes == 0:
             _stop_on_first_failures(outcome, self.config)
         return True
 
@@ -3235,32 +3243,27 @@ def _check_expectations(results: dict, model: str | None, expected: dict, tolera
             _info(_format_expectation(name, verdict))
 
 
+# The recorded config, in the results file's order: each option's value is read from the carrier
+# it sets (_Option.into); the other keys are what the run derived
+_RECORDED = ("model", "server", "base_url", "chat_url", "max_samples", "num_concurrent", "seed",
+             "logprobs", "gen_kwargs", "request_params", "system_instruction",
+             "fewshot_as_multiturn", "keep_think", "think_end_token", "data_dir", "timeout",
+             "max_retries", "max_fail_rate", "repeats", "nano_eval_version", "python", "date")
+
+
 def _config_record(config: APIConfig, options: RunOptions) -> dict:
     """What the results file records about the run (never the API key)."""
-    return {
-        "model": config.model,
-        "server": config.server,
-        "base_url": config.api_root,
-        "chat_url": config.chat_url,
-        "max_samples": options.max_samples,
-        "num_concurrent": config.num_concurrent,
-        "seed": config.seed,
-        "logprobs": config.logprobs,
-        "gen_kwargs": config.gen_kwargs,
+    derived = {
+        "model": config.model, "server": config.server, "gen_kwargs": config.gen_kwargs,
+        "base_url": config.api_root, "chat_url": config.chat_url,
         "request_params": {t.name: t.request_params(config) for t in options.tasks},
-        "system_instruction": config.system_instruction,
-        "fewshot_as_multiturn": config.fewshot_as_multiturn,
-        "keep_think": config.keep_think,
-        "think_end_token": config.think_end_token,
         "data_dir": str(_resolve_data_dir(options.data_dir)[0]),
-        "timeout": config.timeout,
-        "max_retries": config.max_retries,
-        "max_fail_rate": options.max_fail_rate,
-        "repeats": options.repeats,
-        "nano_eval_version": __version__,
-        "python": sys.version.split()[0],
+        "nano_eval_version": __version__, "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    carriers = {"api": config, "run": options}
+    return {name: derived[name] if name in derived
+            else getattr(carriers[_OPTION[name].into], name) for name in _RECORDED}
 
 
 def _task_results(results: dict) -> dict:

@@ -206,6 +206,26 @@ def test_every_option_is_a_flag_a_model_arg_or_both_and_its_check_is_the_fields(
     assert flags - {"version"} == {o.name for o in nano_eval._OPTIONS if o.help}
 
 
+def test_the_recorded_config_reads_each_option_from_the_carrier_it_sets():
+    """The results file's config: every recorded option's value is the one its carrier holds
+    (not a default), in the table's order; the key is never among them."""
+    config = APIConfig(url="http://127.0.0.1:9/v1", model="m", api_key="sk-recorded-never",
+                       num_concurrent=3, seed=7, timeout=9, max_retries=2, logprobs=4,
+                       system_instruction="s", fewshot_as_multiturn=False, keep_think=True,
+                       think_end_token="</t>")
+    options = nano_eval.RunOptions(tasks=[TASKS[GSM]], max_samples=5, max_fail_rate=0.5, repeats=2)
+    record = nano_eval._config_record(config, options)
+    assert list(record) == list(nano_eval._RECORDED)
+    assert {k: record[k] for k in ("num_concurrent", "seed", "timeout", "max_retries", "logprobs",
+                                   "system_instruction", "fewshot_as_multiturn", "keep_think",
+                                   "think_end_token", "max_samples", "max_fail_rate", "repeats")} == \
+        {"num_concurrent": 3, "seed": 7, "timeout": 9, "max_retries": 2, "logprobs": 4,
+         "system_instruction": "s", "fewshot_as_multiturn": False, "keep_think": True,
+         "think_end_token": "</t>", "max_samples": 5, "max_fail_rate": 0.5, "repeats": 2}
+    assert (record["model"], record["chat_url"]) == ("m", "http://127.0.0.1:9/v1/chat/completions")
+    assert "sk-recorded-never" not in json.dumps(record)
+
+
 def test_a_null_seed_in_json_model_args_sends_a_null_seed(isolated_env, fake_openai):
     code, out, err = cli(*TASK_ARGS, "--base_url", fake_openai.base_url, "--model_args", '{"seed": null}')
     assert code == 0, err

@@ -86,3 +86,17 @@ python311() {
   [ "$(uname -m)" = x86_64 ] || die "$1 is for x86_64 Linux, this is $(uname -m)"
   echo "$p"
 }
+
+# locked_venv LOCK_NAME OVERRIDE_VAR WHAT: a new venv in $DIR/venv (VPY) made by python311 and
+# holding exactly the packages of $LOCK (--no-deps: the lock is the complete, hash-pinned set,
+# so nothing is resolved); the stamps of what was built from an older one are removed. T1 is the
+# start time.
+locked_venv() {
+  local base; base=$(python311 "$1" "$2")
+  log "creating the venv with $base and installing $3"
+  rm -rf "$DIR/venv" "$DIR/venv.stamp" "$DIR/proved.stamp"
+  "$base" -m venv "$DIR/venv"
+  T1=$(date +%s)
+  "$VPY" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$LOCK" >&2 \
+    || die "pip install -r $LOCK failed"
+}

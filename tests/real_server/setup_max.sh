@@ -96,15 +96,8 @@ if ! begin_setup "$DIR"; then
 
   # 1. the venv ----------------------------------------------------------------
   if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
-    VENV_PYTHON_BIN=$(python311 max-lock.txt NANO_EVAL_MAX_BASE_PYTHON)
-    log "creating the venv with $VENV_PYTHON_BIN and installing $MAX_PKG==$MAX_VER (~2 min, 2.0 GB)"
-    rm -rf "$DIR/venv" "$DIR/venv.stamp" "$DIR/proved.stamp"
-    "$VENV_PYTHON_BIN" -m venv "$DIR/venv"
-    T1=$(date +%s)
-    # --no-deps: exactly the locked set (pip 23's resolver cannot even resolve modular==26.7.0;
-    # installing a complete hash-pinned set needs no resolution).
-    "$VPY" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$LOCK" >&2 \
-      || die "pip install -r $LOCK failed"
+    # (pip 23's resolver cannot even resolve modular==26.7.0: the lock needs no resolution)
+    locked_venv max-lock.txt NANO_EVAL_MAX_BASE_PYTHON "$MAX_PKG==$MAX_VER (~2 min, 2.0 GB)"
     "$VPY" -m pip check >&2 || die "the venv's requirements are broken"
     max_env "$VPY" -c 'import max.serve, max.pipelines' || die "the venv does not import max.serve"
     [ -x "$MAX_BIN" ] || die "no max executable in the venv"

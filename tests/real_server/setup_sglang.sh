@@ -112,15 +112,10 @@ if ! begin_setup "$DIR"; then
 
   # 1. the venv, and the sgl_kernel stand-in -------------------------------------
   if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
-    VENV_PYTHON_BIN=$(python311 sglang-lock.txt NANO_EVAL_SGLANG_BASE_PYTHON)
-    log "creating the venv with $VENV_PYTHON_BIN and installing $SGLANG_PKG==$SGLANG_VER (~1.5-3 min, 6.2 GB)"
-    rm -rf "$DIR/venv" "$DIR/venv.stamp" "$DIR/proved.stamp"
-    "$VENV_PYTHON_BIN" -m venv "$DIR/venv"
-    T1=$(date +%s)
-    # --no-deps: exactly the locked set; sglang's declared dependencies are CUDA-only packages
-    # (no pip check either: it would name them all as missing).
-    "$VPY" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$LOCK" >&2 \
-      || die "pip install -r $LOCK failed"
+    # (sglang's declared dependencies are CUDA-only packages: no pip check, it would name them
+    # all as missing)
+    locked_venv sglang-lock.txt NANO_EVAL_SGLANG_BASE_PYTHON \
+      "$SGLANG_PKG==$SGLANG_VER (~1.5-3 min, 6.2 GB)"
     SITE=$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
     [ ! -e "$SITE/sgl_kernel" ] || die "a real sgl_kernel got installed: $SITE/sgl_kernel"
     mkdir -p "$SITE/sgl_kernel"

