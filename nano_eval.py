@@ -5053,8 +5053,7 @@ padding:0 2px}
 .tok.part{background:#ffd54f;outline:1px solid #e65100}
 img{max-width:100%;max-height:480px;border:1px solid #ddd}
 """
-# The bidirectional controls that would reverse the rest of a line (U+202E, ...):
-# shown as \u202e, not obeyed
+# Bidirectional controls that would reverse the rest of a line (U+202E, ...): shown, not obeyed
 _BIDI_CONTROLS = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
 _DATA_IMAGE_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,[A-Za-z0-9+/=]+")
 _FILTERS = {"all": "all", "wrong": "wrong", "failed": "failed", "flipped": "flipped",
@@ -5090,18 +5089,13 @@ def _marked(text: str, other: str | None) -> str:
 def _sample_flags(records: list, metric: str) -> list:
     """The filters a sample belongs to: wrong or failed in any run; flipped (score) or text
     differs from run A's in any other run."""
-    on = dict.fromkeys(("wrong", "failed", "flipped", "differs"), False)
     first = records[0]
-    score_a = first.score(metric) if first else None
-    for i, record in enumerate(records):
-        if record is None:
-            continue
-        score = record.score(metric)
-        on["wrong"] = on["wrong"] or not score
-        on["failed"] = on["failed"] or record.status not in Status.SCORED
-        if i and first is not None:
-            on["flipped"] = on["flipped"] or score != score_a
-            on["differs"] = on["differs"] or record.content != first.content
+    present = [r for r in records if r is not None]
+    others = [r for r in records[1:] if r is not None] if first is not None else []
+    on = {"wrong": any(not r.score(metric) for r in present),
+          "failed": any(r.status not in Status.SCORED for r in present),
+          "flipped": any(r.score(metric) != first.score(metric) for r in others),
+          "differs": any(r.content != first.content for r in others)}
     return [name for name, flagged in on.items() if flagged]
 
 
@@ -5219,8 +5213,7 @@ def _numerics_html(a: _Logged | None, b: _Logged | None, label_b: str) -> str:
     the texts part, both token streams there with each side's top K."""
     if not (a and b and a.logprobs and b.logprobs):
         return ""
-    streams = [a.logprobs, b.logprobs]
-    diffs, parting = _token_pair(streams[0], streams[1], a.content == b.content)
+    diffs, parting = _token_pair(a.logprobs, b.logprobs, a.content == b.content)
     where = ""
     if parting:
         at = parting["token"]
@@ -5228,8 +5221,8 @@ def _numerics_html(a: _Logged | None, b: _Logged | None, label_b: str) -> str:
                   "unknown": "a token whose margin the top K is too short to show"}
         where = (f"<p>the texts part at token {at}: "
                  f"{margin[_parting_margin(parting, _CONFIDENT_GAP)]}</p>"
-                 f'<div class="cols">{_parting_html(streams[0], streams[1], at, "A", label_b)}'
-                 f"{_parting_html(streams[1], streams[0], at, label_b, 'A')}</div>")
+                 f'<div class="cols">{_parting_html(a.logprobs, b.logprobs, at, "A", label_b)}'
+                 f"{_parting_html(b.logprobs, a.logprobs, at, label_b, 'A')}</div>")
     return f"<div><h4>numerics, A vs {label_b}</h4>{_dlp_svg(diffs, parting)}{where}</div>"
 
 
@@ -5277,9 +5270,9 @@ def _samples_html(index: int, task: str, runs: list) -> str:
     flags = [_sample_flags(records, metric) for records in rows]
     total, note = len(rows), ""
     if total > _REPORT_SAMPLES:
-        kept = sorted(sorted(range(total), key=lambda i: min(
-            [_SAMPLE_PRIORITY.index(f) for f in flags[i]]
-            or [len(_SAMPLE_PRIORITY)]))[:_REPORT_SAMPLES])
+        telling = sorted(range(total), key=lambda i: min(
+            map(_SAMPLE_PRIORITY.index, flags[i]), default=len(_SAMPLE_PRIORITY)))
+        kept = sorted(telling[:_REPORT_SAMPLES])
         rows, flags = [rows[i] for i in kept], [flags[i] for i in kept]
         note = (f'<p class="muted">{_REPORT_SAMPLES:,} of {total:,} samples shown: '
                 "flipped, failed, differing and wrong ones first; "
@@ -5366,14 +5359,14 @@ def _task_section(index: int, task: str, runs: list, comparisons: list) -> str:
 def _runs_table(runs: list) -> str:
     rows = []
     for i, run in enumerate(runs):
-        config = run["config"]
-        server = (config or {}).get("server") or {}
+        config = run["config"] or {}
+        server = config.get("server") or {}
         what = (f"{config.get('model')} on {server.get('name', '?')} {server.get('version') or ''} "
                 f"(recognised by {server.get('evidence', '?')}), {config.get('date', '')}"
                 if config else "")
         settings = "".join(f"<tr><th>{_esc(k)}</th>"
                            f"<td>{_esc(v if isinstance(v, str) else json.dumps(v))}</td></tr>"
-                           for k, v in (config or {}).items())
+                           for k, v in config.items())
         notes = "".join(f'<div class="{cls}">{_esc(run[key])}</div>'
                         for key, cls in (("error", "warn"), ("note", "muted")) if run.get(key))
         rows.append(f"<tr><th>{_run_letter(i)}</th><td>{_esc(run['label'])}<br>{_esc(what)}{notes}"
@@ -5383,8 +5376,7 @@ def _runs_table(runs: list) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-# The page runs no script and loads nothing: should a value ever escape esc(), the browser
-# still runs nothing
+# The page runs no script and loads nothing, even should a value ever escape _esc()
 _REPORT_CSP = ('<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
                "style-src 'unsafe-inline'; img-src data:\">")
 
@@ -5541,14 +5533,13 @@ def _cmd_report(argv: list) -> int:
                         help="the HTML file (default report.html)")
     args = parser.parse_args(argv)
     _SECRETS.add(os.environ.get("OPENAI_API_KEY"), os.environ.get("HF_TOKEN"))
-    document = _read_results_file(args.run_a)
-    if document is not None and "runs" in document and not args.run_b:
-        page = _report_from_document(document)
+    if args.run_b:
+        runs = list(_side_by_side(_report_side, args.run_a, args.run_b))
+        page = _render_report(runs, [_compare_runs(runs[0]["records"], runs[1]["records"])])
     else:
-        runs = (list(_side_by_side(_report_side, args.run_a, args.run_b)) if args.run_b
-                else [_report_side(args.run_a)])
-        page = _render_report(runs, [_compare_runs(runs[0]["records"], runs[1]["records"])]
-                              if args.run_b else None)
+        document = _read_results_file(args.run_a)
+        page = (_report_from_document(document) if document and "runs" in document
+                else _render_report([_report_side(args.run_a)]))
     _write_report(args.output, page)
     return _EXIT_OK
 
