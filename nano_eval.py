@@ -334,6 +334,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_digits(text: str) -> bool:
+    """0-9 only: str.isdigit() also takes digits that int() refuses (superscript two)."""
+    return text.isascii() and text.isdigit()
+
+
 def _is_finite(value: Any) -> bool:
     """A number that is neither NaN nor infinite, nor an integer too large for a float."""
     try:
@@ -848,7 +853,7 @@ class _HTTPClient:
         """The whole body; a connection that closes before Content-Length bytes is an
         IncompleteRead (http.client's read(n) returns what came, short, without a word)."""
         declared = resp.getheader("Content-Length")
-        declared = int(declared) if declared and declared.isdigit() else None
+        declared = int(declared) if declared and _is_digits(declared) else None
         if self.max_body is None:
             data = resp.read()
         else:
@@ -1601,7 +1606,7 @@ class _DatasetCache:
             else:
                 for offset, entry in manifest["pages"].items():
                     rows = entry.get("rows") if isinstance(entry, dict) else None
-                    if (not offset.isdigit() or int(offset) % _PAGE_SIZE
+                    if (not _is_digits(offset) or int(offset) % _PAGE_SIZE
                             or rows != min(_PAGE_SIZE, total - int(offset))):
                         problem = (f"page {offset} holds {rows!r} rows, "
                                    f"which does not fit num_rows_total {total}")
@@ -2947,9 +2952,7 @@ _REFERENCE_SCORES = {
 def _mean_stderr(values: list) -> tuple[float | None, float | str]:
     """lm-eval's mean and its stderr: sample stdev (n-1) / sqrt(n); "N/A" below 2 values."""
     n = len(values)
-    if n == 0:
-        return None, "N/A"
-    mean = sum(values) / n
+    mean = sum(values) / n if n else None
     if n < 2:
         return mean, "N/A"
     variance = sum((x - mean) ** 2 for x in values) / (n - 1)
@@ -2996,9 +2999,8 @@ def _self_agreement(documents: list) -> dict:
 
 def _repeat_summary(task: Task, records: list, documents: list, repeats: int,
                     temperature: Any) -> dict:
-    """Each pass's metrics, their mean and standard error over the passes, and the
-    self-agreement: the share of documents whose repeats gave identical text, and
-    identical scores (over documents that have all their repeats)."""
+    """Each pass's metrics, their mean and SEM over the passes, and the self-agreement of the
+    documents that have all their repeats."""
     passes = [[r for r in records if r.repeat == i] for i in range(repeats)]
     summary: dict = {"k": repeats, "temperature": temperature, "metrics": {}}
     for name in task.metric_names:
@@ -3071,7 +3073,6 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float,
         if with_stderr:
             metrics[_stderr_key(label)] = se
 
-    # the headline under its bare name
     reported = [(base, task.headline)] if base != task.headline else []
     reported += [(name, name) for name in task.metric_names]
     for label, name in reported:
@@ -3083,23 +3084,21 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float,
             with_stderr=False)
 
     tally = _Tally.of(records)
-    statuses, finish = tally.statuses, tally.finish_reasons
-    failures = {s: c for s, c in sorted(statuses.items()) if s not in Status.SCORED}
+    failures = {s: c for s, c in sorted(tally.statuses.items()) if s not in Status.SCORED}
     result = {
         "metrics": metrics,
         "num_samples": len(records),
-        "num_ok": statuses[Status.OK],
-        "num_truncated": finish["length"],  # what the server said, whatever the content
+        "num_ok": tally.statuses[Status.OK],
+        "num_truncated": tally.finish_reasons["length"],  # what the server said, not the content
         "num_failed": sum(failures.values()),
         "failures": failures,
         "elapsed": round(elapsed, 3),
         "complete": complete and len(records) == planned,
         "headline": base,
-        "finish_reasons": dict(sorted(finish.items())),
+        "finish_reasons": dict(sorted(tally.finish_reasons.items())),
         "num_reused": tally.reused,
         "usage": {"prompt_tokens": tally.prompt_tokens,
                   "completion_tokens": tally.completion_tokens},
-
         "latency_p50": _quantile(sorted(tally.latencies), 0.5),
         "latency_p95": _quantile(sorted(tally.latencies), 0.95),
         "requests_per_second": round(tally.sent / elapsed, 3) if elapsed > 0 else None,
@@ -3114,7 +3113,6 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float,
         result["num_not_sent"] = tally.not_sent
     if tally.reasoning_rows:
         result["reasoning"] = {flag: len(rows) for flag, rows in tally.reasoning_rows.items()}
-        # the first 50
         result["reasoning_rows"] = {flag: rows[:50] for flag, rows in tally.reasoning_rows.items()}
     if repeats > 1:
         result["num_documents"] = len(documents)
@@ -3171,8 +3169,7 @@ def _report_warnings(task_name: str, result: dict) -> None:
         shown = ", ".join(map(str, rows[:10])) + (" ..." if result["reasoning"][flag] > 10 else "")
         what, fix = advice[flag]
         _warn(f"{task_name}: {result['reasoning'][flag]} samples {what} (rows {shown}); {fix}")
-    if result.get("num_truncated"):
-        cut = result["num_truncated"]
+    if cut := result.get("num_truncated"):
         _warn(f"{task_name}: {cut} {'response' if cut == 1 else 'responses'} hit max_tokens "
               "(finish_reason length); scored as they are")
     repeats = result.get("repeats") or {}
@@ -3188,9 +3185,7 @@ def _reference_key(model: str) -> str:
     no `meta-` prefix, and no suffix naming a lossless dtype (bf16, fp16, fp32) — but a
     quantisation (q4, awq, gptq, int8, fp8, ...) is kept, so it matches nothing."""
     name = model.lower().rstrip("/").rsplit("/", 1)[-1].removeprefix("meta-")
-    while (stripped := re.sub(r"[-_.](bf16|fp16|fp32|f16|f32)$", "", name)) != name:
-        name = stripped
-    return name
+    return re.sub(r"([-_.](bf16|fp16|fp32|f16|f32))+$", "", name)
 
 
 def reference_score(task_name: str, model: str | None) -> tuple[float, str] | None:
@@ -3865,10 +3860,11 @@ class _Preflight:
     classifies its responses, and the first plain answer."""
 
     PROMPT = [{"role": "user", "content": "Write the numbers from 1 to 30, separated by spaces."}]
+    TIMEOUT = 120.0  # seconds a check waits, at most (and never more than --timeout)
 
-    def __init__(self, config: APIConfig, timeout: float = 120.0):
+    def __init__(self, config: APIConfig):
         self.config = config
-        self.client = _server_client(config, timeout=min(timeout, config.timeout),
+        self.client = _server_client(config, timeout=min(self.TIMEOUT, config.timeout),
                                      connect_timeout=5.0)
         self.headers = {"Content-Type": "application/json", **_server_headers(config)}
         self.first: _Outcome | None = None  # the plain greedy answer the other checks compare with
@@ -4114,9 +4110,8 @@ def _format_preflight(report: dict) -> str:
 def _preflight_result(config: APIConfig) -> dict:
     """The preflight's entry in the results (printed on stderr as it ends)."""
     start = time.perf_counter()
-    _info(f"--check: {len(_PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, "
-          f"one request at a time (each waits up to {min(120.0, config.timeout):.0f} s)")
-
+    _info(f"--check: {len(_PREFLIGHT_CHECKS)} conformance checks against {config.chat_url}, one "
+          f"request at a time (each waits up to {min(_Preflight.TIMEOUT, config.timeout):.0f} s)")
     report = _preflight_checks(config)
     print(_format_preflight(report), file=sys.stderr)
     return {**report, "elapsed": round(time.perf_counter() - start, 3)}
@@ -4965,12 +4960,11 @@ def _cmd_replay(argv: list) -> int:
                         default=_DEFAULT_TIMEOUT)
     args = parser.parse_args(argv)
     path, _, line_text = args.where.rpartition(":")
-    if not path or not line_text.isdigit() or int(line_text) < 1:
+    if not path or not _is_digits(line_text) or int(line_text) < 1:
         raise UsageError(f"expected FILE:LINE (a 1-based line number), got {args.where!r}")
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
-            line = next((text for number, text in enumerate(f, 1)
-                         if number == int(line_text)), None)
+            line = next(itertools.islice(f, int(line_text) - 1, None), None)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:

@@ -936,3 +936,15 @@ def test_a_body_cut_short_is_a_dropped_connection_and_retried(cap):
     assert len(seen) == 3
     status, reason = nano_eval._describe_network_error(http.client.IncompleteRead(short, 981))
     assert (status, reason) == ("connection", "the connection closed mid-response (19 of 1,000 bytes)")
+
+
+def test_a_content_length_of_other_digits_is_no_length_not_a_crash():
+    """str.isdigit() takes a superscript two (a byte 0xb2 in a header), int() does not: the
+    body is then read to the end of the connection, as http.client itself does."""
+    whole = completion("The final answer is 18")
+    url, seen = short_body_server([b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: \xb2\r\nConnection: close\r\n\r\n" + whole])
+    client = nano_eval._ChatClient(nano_eval.APIConfig(url, model="m", max_retries=1))
+    outcome = client.send_blocking(b'{"messages": []}')
+    client.close()
+    assert (outcome.status, outcome.content) == ("ok", "The final answer is 18"), outcome

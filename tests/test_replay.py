@@ -136,7 +136,7 @@ def test_replay_curl_prints_a_runnable_command(isolated_env, tmp_path, raw_bodie
     assert reply["choices"][0]["message"]["content"] == record["response"]["content"]
 
 
-@pytest.mark.parametrize("where", ["{log}:0", "{log}:99", "{log}", "{log}:x", "{tmp}/nope.jsonl:1"])
+@pytest.mark.parametrize("where", ["{log}:0", "{log}:99", "{log}", "{log}:x", "{log}:\u00b2", "{tmp}/nope.jsonl:1"])
 def test_replay_bad_locations_are_usage_errors(isolated_env, tmp_path, where):
     with FakeOpenAI(responder=ByRowWithWrongRows()) as srv:
         log = logged_run(tmp_path, srv)
