@@ -4245,12 +4245,8 @@ def _full_record(record: _Logged) -> _Logged:
 def _request_difference(a: dict, b: dict) -> str | None:
     """The first request field (other than the model name and the logprobs asked for) that
     differs, or None."""
-    if a == b:
-        return None
-    for key in list(dict.fromkeys(list(a) + list(b))):
-        if key not in _NOT_COMPARED and a.get(key) != b.get(key):
-            return key
-    return None
+    return next((key for key in dict.fromkeys([*a, *b])
+                 if key not in _NOT_COMPARED and a.get(key) != b.get(key)), None)
 
 
 def _mcnemar_exact(a_only: int, b_only: int) -> float:
@@ -4362,8 +4358,7 @@ def _position_step(values: list) -> float | None:
     single gap fits a coarse grid by chance too often). The slack covers float32 rounding of
     each logprob and the sample log's 7 decimals."""
     top = max(values)
-    gaps = sorted({round(top - v, 4) for v in values} - {0.0})
-    if len(gaps) < 2:
+    if len({round(top - v, 4) for v in values} - {0.0}) < 2:
         return None
     slack = 1e-5 + 2.5e-7 * max(abs(v) for v in values)
     exact = [top - v for v in values if top - v > slack]
@@ -4409,10 +4404,8 @@ def _judged_tolerance(tolerance: float, precision: dict, floor: dict | None) -> 
     allowed = max(tolerance, _GRID_TOLERANCE * step, _GRID_TOLERANCE * floor_p99)
     gap = max(_CONFIDENT_GAP, _GRID_GAP * step, _GRID_GAP * floor_p99)
     limit = None
-    if allowed > tolerance:
-        limit = ({"precision": coarse, "nats": allowed}
-                 if _GRID_TOLERANCE * step >= _GRID_TOLERANCE * floor_p99
-                 else {"precision": "noise floor", "nats": allowed})
+    if allowed > tolerance:  # by whichever widened it more
+        limit = {"precision": coarse if step >= floor_p99 else "noise floor", "nats": allowed}
     return {"tolerance": allowed, "confident_gap": gap, "resolution": limit}
 
 
@@ -4459,6 +4452,11 @@ def _logprob_distances(with_logprobs: list) -> tuple[list, list, list]:
     return diffs, per_sample_max, partings
 
 
+def _mean_of(values: Iterable) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
 def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatch: int,
                       tolerance: float = _DEFAULT_LOGPROB_TOLERANCE, top: int = 10,
                       floor: dict | None = None) -> dict:
@@ -4468,9 +4466,8 @@ def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatc
     reference's measured noise `floor`), `different` (with the evidence: prompt tokens, broken
     logprobs, logprob distance over the shared tokens, confident partings) or `unknown` (too
     few logprobs to judge)."""
-    result: dict = {"samples": len(with_logprobs), "tolerance": tolerance}
     if not with_logprobs:
-        return {**result, "verdict": "unknown",
+        return {"samples": 0, "tolerance": tolerance, "verdict": "unknown",
                 "evidence": [
                     f"no logprobs from {' and '.join(lacking) or 'both on the same samples'} "
                     "(run both with --logprobs K)"]}
@@ -4523,16 +4520,15 @@ def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatc
                        if unknown_margin else "")]
         if judged["resolution"]:
             evidence.append(_resolution_note(judged["resolution"]))
-    if (precision["a"]["label"] != precision["b"]["label"]
-            and "unknown" not in (precision["a"]["label"], precision["b"]["label"])):
-        evidence.append(f"the precisions differ: A {precision['a']['label']}, "
-                        f"B {precision['b']['label']} (judged at the coarser)")
+    label_a, label_b = precision["a"]["label"], precision["b"]["label"]
+    if label_a != label_b and "unknown" not in (label_a, label_b):
+        evidence.append(f"the precisions differ: A {label_a}, B {label_b} (judged at the coarser)")
     warnings = [f"{positive} generated tokens have a logprob above 0, which no probability has: "
                 "the server's logprobs are wrong"] if positive else []
-    return {**result, "tolerance": judged["tolerance"], "requested_tolerance": tolerance,
-            "confident_gap": judged["confident_gap"], "precision": precision,
-            "resolution": judged["resolution"],
-            "floor": floor, "coverage": {"with_logprobs": len(with_logprobs), "paired": n},
+    return {"samples": len(with_logprobs), "tolerance": judged["tolerance"],
+            "requested_tolerance": tolerance, "confident_gap": judged["confident_gap"],
+            "precision": precision, "resolution": judged["resolution"], "floor": floor,
+            "coverage": {"with_logprobs": len(with_logprobs), "paired": n},
             "verdict": verdict, "evidence": evidence, "warnings": warnings,
             "shared_tokens": len(diffs),
             "mean_abs_logprob_diff": sum(diffs) / len(diffs) if diffs else None,
@@ -4542,8 +4538,7 @@ def _numerics_verdict(with_logprobs: list, lacking: list, n: int, prompt_mismatc
             "divergences": len(partings), "unexplained": len(confident),
             "unexplained_allowed": allowed,
             "unknown_margin": unknown_margin, "non_finite_logprobs": broken,
-            "mean_parting_char": (sum(p["char"] for p in partings) / len(partings)
-                                  if partings else None),
+            "mean_parting_char": _mean_of(p["char"] for p in partings),
             "partings": partings[:top]}
 
 
@@ -4555,11 +4550,6 @@ def _first_difference(a: str, b: str) -> int:
         middle = (same + differ) // 2
         same, differ = (middle, differ) if a[:middle] == b[:middle] else (same, middle)
     return same
-
-
-def _mean_of(values: Iterable) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
 
 
 def _labelled_answer(record: _Logged) -> tuple[str, str | None]:
@@ -4575,10 +4565,6 @@ def _labelled_answer(record: _Logged) -> tuple[str, str | None]:
     if record.status not in Status.SCORED:
         return f"<{record.status}>", None
     return (extracted.get(filters[0]) or "", filters[0]) if filters else ("", None)
-
-
-def _answer_of(record: _Logged) -> str:
-    return _labelled_answer(record)[0]
 
 
 def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamples: int,
@@ -4632,7 +4618,7 @@ def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamp
         "b_only_correct": b_only,
         "verdict": verdict, "numerics": numerics,
         "response_agreement": same_text / n,
-        "mean_first_difference": sum(differing) / len(differing) if differing else None,
+        "mean_first_difference": _mean_of(differing),
         "prompt_tokens_equal": len(counted) - len(prompt_mismatch),
         "prompt_tokens_mismatch": len(prompt_mismatch),
         "prompt_tokens_unknown": n - len(counted),
@@ -4642,8 +4628,9 @@ def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamp
         "status_b": _counts(y.status for y in side_b),
         "mean_output_tokens_a": _mean_of(x.completion_tokens for x in side_a),
         "mean_output_tokens_b": _mean_of(y.completion_tokens for y in side_b),
-        "flips": [{"row_idx": a.row_idx, "target": a.target, "a": _answer_of(a), "b": _answer_of(b),
-                   "a_correct": bool(x), "b_correct": bool(y)} for a, b, x, y in flips],
+        "flips": [{"row_idx": a.row_idx, "target": a.target, "a": _labelled_answer(a)[0],
+                   "b": _labelled_answer(b)[0], "a_correct": bool(x), "b_correct": bool(y)}
+                  for a, b, x, y in flips],
     }
     if prompt_mismatch:
         a, b = prompt_mismatch[0]
