@@ -179,9 +179,9 @@ class Status:
 _DATASETS_SERVER = "https://datasets-server.huggingface.co"
 _PAGE_SIZE = 100  # the datasets-server maximum for /rows
 # data/ beside this file in a checkout or a copy; nano_eval_data/ beside it when pip-installed
-_BUNDLED_DATA = next((d for d in (Path(__file__).resolve().parent / name
-                                  for name in ("nano_eval_data", "data"))
-                      if d.is_dir()), Path(__file__).resolve().parent / "data")
+_BUNDLED_DATA = Path(__file__).resolve().parent / "nano_eval_data"
+if not _BUNDLED_DATA.is_dir():
+    _BUNDLED_DATA = _BUNDLED_DATA.with_name("data")
 _KNOWN_PORTS = ((8000, "vLLM/MAX"), (8080, "llama.cpp"), (30000, "SGLang"), (11434, "Ollama"),
                 (1234, "LM Studio"))
 
@@ -314,9 +314,7 @@ def _parse_kv(text: str | None, flag: str) -> dict:
     """Parses lm-eval's `k=v,k=v` syntax (`--model_args`, `--gen_kwargs`). Unlike lm-eval,
     spaces around keys and values are dropped (`a=1, b=2` gives the key "b", not " b")."""
     result: dict = {}
-    if not text or not text.strip():
-        return result
-    for item in text.split(","):
+    for item in (text or "").split(","):
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
@@ -461,11 +459,7 @@ def _normalize_base_url(url: str) -> tuple[str, str]:
                          "(write a space as %20)")
     if parsed.fragment:
         raise UsageError(f"invalid base URL {url!r}: no #fragment")
-    path = parsed.path.rstrip("/")
-    if path.endswith("/chat/completions"):
-        path = path[: -len("/chat/completions")]
-    if not path:
-        path = "/v1"
+    path = parsed.path.rstrip("/").removesuffix("/chat/completions") or "/v1"
     root = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
     # e.g. Azure's ?api-version=: sent on every request
     query = f"?{parsed.query}" if parsed.query else ""
@@ -616,9 +610,9 @@ class APIConfig:
         self.api_root, self.chat_url = _normalize_base_url(self.url)
         _check_fields(self)
         self.headers = _parse_headers(self.headers)
-        if self.ca_cert is not None and not Path(self.ca_cert).expanduser().is_file():
-            raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
         if self.ca_cert is not None:
+            if not Path(self.ca_cert).expanduser().is_file():
+                raise UsageError(f"CA certificate file {self.ca_cert} does not exist")
             try:
                 _tls_context(self.verify_certificate, self.ca_cert)
             except (ssl.SSLError, OSError) as exc:
@@ -729,11 +723,6 @@ def _proxy_auth(proxy: urllib.parse.SplitResult) -> dict:
     return {"Proxy-Authorization": "Basic " + base64.b64encode(credentials.encode()).decode()}
 
 
-def _describe_os_error(exc: OSError) -> str:
-    return ("connection refused" if isinstance(exc, ConnectionRefusedError)
-            else (exc.strerror or str(exc)))
-
-
 class _AttemptDeadlines:
     """What makes a client's timeout bound a whole attempt, not each read from the socket (a
     server sending one byte every half second would otherwise hold a request for ever): one
@@ -785,6 +774,9 @@ class _AttemptDeadlines:
 
 
 _DEADLINES = _AttemptDeadlines()
+# how a keep-alive connection the server closed while idle fails the next request on it
+_STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
+                     http.client.BadStatusLine)
 
 
 class _HTTPClient:
@@ -811,15 +803,13 @@ class _HTTPClient:
             return None
         return urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
 
-    def _connection(self, parts: urllib.parse.SplitResult,
-                    fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self,
+                    parts: urllib.parse.SplitResult) -> tuple[http.client.HTTPConnection, bool]:
+        """This thread's connection to the host, and whether an earlier request left it open."""
         pool = self._local.__dict__.setdefault("connections", {})
         key = (parts.scheme, parts.netloc)
-        conn = pool.get(key)
-        if conn is not None and not fresh:
-            return conn, True
-        if conn is not None:
-            conn.close()
+        if key in pool:
+            return pool[key], True
         proxy = self.proxy_for(parts.scheme, parts.netloc)  # host:port, as urllib matches NO_PROXY
         netloc = f"{proxy.hostname}:{proxy.port or 80}" if proxy else parts.netloc
         if parts.scheme == "https":
@@ -842,7 +832,9 @@ class _HTTPClient:
             if str(exc).startswith("Tunnel connection failed"):
                 raise _ProxyFailed(f"{where} refused the tunnel to {parts.netloc} "
                                    f"({exc})") from None
-            raise _ProxyFailed(f"cannot reach {where}: {_describe_os_error(exc)}; the server was "
+            reason = ("connection refused" if isinstance(exc, ConnectionRefusedError)
+                      else (exc.strerror or str(exc)))
+            raise _ProxyFailed(f"cannot reach {where}: {reason}; the server was "
                                "not tried (list it in NO_PROXY to bypass the proxy)") from None
         conn.sock.settimeout(self.timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -880,8 +872,8 @@ class _HTTPClient:
             target += "?" + parts.query
         all_headers = {"User-Agent": f"nano-eval/{__version__}", "Accept": "application/json",
                        **(headers or {})}
-        for attempt in (0, 1):
-            conn, reused = self._connection(parts, fresh=attempt == 1)
+        while True:  # at most twice: a resend goes on a new connection, which is not `reused`
+            conn, reused = self._connection(parts)
             watch = _DEADLINES.start(conn, self.timeout, self)
             try:
                 try:
@@ -894,25 +886,17 @@ class _HTTPClient:
                     data = self._read(resp)
                 finally:
                     in_time = _DEADLINES.end(watch)
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
-                    http.client.BadStatusLine):
-                self._drop(parts)
-                if not in_time:
-                    raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
-                if reused and attempt == 0 and not self.aborted:
-                    # the server closed an idle keep-alive connection: resend once on a fresh one
-                    continue
-                raise
             except BaseException as exc:
                 self._drop(parts)
                 if not in_time and isinstance(exc, Exception):
                     raise TimeoutError(f"the attempt took longer than {self.timeout:g} s") from None
+                if reused and not self.aborted and isinstance(exc, _STALE_CONNECTION):
+                    continue  # the server closed an idle keep-alive connection: resend once
                 raise
             # not in time: the watchdog may have shut it after the last byte
             if resp.will_close or not in_time:
                 self._drop(parts)
             return _HTTPResponse(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
-        raise AssertionError("unreachable")
 
     def abort(self) -> None:
         """Ends the requests of this client still waiting for an answer, and resends none."""
@@ -993,13 +977,10 @@ def _error_message(body: bytes, limit: int = 200) -> str:
 
 
 def _retry_after_seconds(headers: dict) -> float | None:
-    value = headers.get("retry-after")
-    if not value:
-        return None
     try:
-        return max(0.0, float(value))
+        return max(0.0, float(headers.get("retry-after") or ""))
     except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
+        return None  # none, or an HTTP date: fall back to our own backoff
 
 
 def _backoff(attempt: int, base_delay: float, retry_after: float | None = None) -> float:
@@ -1086,11 +1067,10 @@ def _logged_logprobs(choice: dict) -> list | None:
     [token, logprob, [[token, logprob], ...the top K]]; None when the server sent none, or
     sent them malformed (the run warns that they are missing). A logprob that is not a finite
     number is logged as null, which the numerics verdict counts as broken."""
-    content = ((choice.get("logprobs") or {}).get("content")
-               if isinstance(choice.get("logprobs"), dict) else None)
-    if not isinstance(content, list) or not all(isinstance(e, dict) for e in content):
-        return None
-    if not all(isinstance(e.get("top_logprobs") or [], list) for e in content):
+    logprobs = choice.get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("top_logprobs") or [], list) for e in content):
         return None
     return [[_logged_token(e), _logged_logprob(e.get("logprob")),
              [[_logged_token(t), _logged_logprob(t.get("logprob"))]
