@@ -1471,10 +1471,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -1484,12 +1482,9 @@ def _user_cache_dir() -> Path:
 
 
 def _is_writable_dir(path: Path) -> bool:
-    probe = path
-    while not probe.exists():
-        if probe.parent == probe:
-            return False
-        probe = probe.parent
-    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+    """Whether `path`, or the nearest folder above it that exists, is a writable folder."""
+    probe = next((p for p in (path, *path.parents) if p.exists()), None)
+    return probe is not None and probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
 
 
 def _resolve_data_dir(explicit: str | None) -> list[Path]:
@@ -1551,23 +1546,17 @@ class _DatasetCache:
     def _load_manifest(folder: Path) -> dict:
         try:
             manifest = json.loads((folder / "manifest.json").read_text("utf-8"))
-            if isinstance(manifest, dict):
-                manifest.setdefault("pages", {})
-                manifest.setdefault("images", {})
-                return manifest
         except (OSError, ValueError):
-            pass
-        return {"pages": {}, "images": {}}
+            manifest = None
+        return {"pages": {}, "images": {}, **(manifest if isinstance(manifest, dict) else {})}
 
     @property
     def manifest(self) -> dict:
         return self.manifests[0]
 
     def num_rows_total(self) -> int | None:
-        for manifest in self.manifests:
-            if isinstance(manifest.get("num_rows_total"), int):
-                return manifest["num_rows_total"]
-        return None
+        return next((m["num_rows_total"] for m in self.manifests
+                     if isinstance(m.get("num_rows_total"), int)), None)
 
     def check(self) -> None:
         """A manifest must agree with itself and with what is known of the split: its pages tile
@@ -1581,7 +1570,7 @@ class _DatasetCache:
             problem = None
             known = (_SHIPPED_ROWS.get(self.ref.folder)
                      if folder.resolve().is_relative_to(_BUNDLED_DATA) else None)
-            if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+            if type(total) is not int or total < 1:
                 problem = f"num_rows_total is {total!r}"
             else:
                 for offset, entry in manifest["pages"].items():
@@ -1608,23 +1597,21 @@ class _DatasetCache:
                     break
         return sorted(found)
 
-    def _verified(self, folder: Path, entry: dict | None) -> bytes | None:
-        if not entry:
-            return None
-        try:
-            data = (folder / entry["file"]).read_bytes()
-        except (OSError, KeyError, TypeError):
-            return None
-        if len(data) != entry.get("bytes") or _sha256(data) != entry.get("sha256"):
-            return None
-        return data
+    def _verified(self, kind: str, key: int) -> Iterator[tuple[bytes, dict]]:
+        """Each copy of a page or an image (`kind`) whose size and sha256 match its manifest."""
+        for folder, manifest in zip(self.dirs, self.manifests):
+            entry = manifest[kind].get(str(key))
+            if not entry:
+                continue
+            try:
+                data = (folder / entry["file"]).read_bytes()
+            except (OSError, KeyError, TypeError):
+                continue
+            if len(data) == entry.get("bytes") and _sha256(data) == entry.get("sha256"):
+                yield data, entry
 
     def read_page(self, offset: int) -> list[dict] | None:
-        for folder, manifest in zip(self.dirs, self.manifests):
-            entry = manifest["pages"].get(str(offset))
-            data = self._verified(folder, entry)
-            if data is None:
-                continue
+        for data, entry in self._verified("pages", offset):
             rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
             if len(rows) == entry.get("rows"):
                 return rows
@@ -1661,12 +1648,7 @@ class _DatasetCache:
         self.save()
 
     def read_image(self, row_idx: int) -> tuple[bytes, dict] | None:
-        for folder, manifest in zip(self.dirs, self.manifests):
-            entry = manifest["images"].get(str(row_idx))
-            data = self._verified(folder, entry)
-            if data is not None:
-                return data, entry
-        return None
+        return next(self._verified("images", row_idx), None)
 
     def write_image(self, row_idx: int, data: bytes, fmt: str) -> dict:
         name = f"images/{row_idx}.{'jpg' if fmt == 'jpeg' else fmt}"
@@ -1676,6 +1658,7 @@ class _DatasetCache:
             self.manifest["images"][str(row_idx)] = entry
             self._changed = True
         return entry
+
 
 def _is_texts(value: Any) -> bool:
     return isinstance(value, str) or (isinstance(value, list) and bool(value)
@@ -1838,15 +1821,12 @@ def _load_page(cache: _DatasetCache, server: _DatasetsClient, ref: _DatasetRef, 
         expected = list(range(offset, min(offset + _PAGE_SIZE, body["num_rows_total"])))
         got = [r["row_idx"] for r in rows]
         if got != expected:
-            what = "a short page" if len(got) < len(expected) else "rows out of place"
-            wrong = next((f"row_idx {g} where {e} belongs"
-                          for g, e in zip(got, expected) if g != e), "")
+            what = "a short page" if len(got) < len(expected) else ("rows out of place" + next(
+                (f", row_idx {g} where {e} belongs" for g, e in zip(got, expected) if g != e), ""))
             raise DatasetError(f"datasets-server sent {len(got)} rows ({got[0] if got else '-'}-"
                                f"{got[-1] if got else '-'}) for rows "
                                f"{offset}-{expected[-1] if expected else '-'} of {ref.dataset}: "
-                               f"{what}"
-                               f"{f', {wrong}' if wrong and len(got) >= len(expected) else ''}; "
-                               "not caching it")
+                               f"{what}; not caching it")
         cache.write_page(offset, rows, body["num_rows_total"], revision)
     if image_column:
         needed = [r for r in rows if r["row_idx"] < wanted]
@@ -1861,10 +1841,8 @@ async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path],
                      image_column: str | None = None,
                      server: _DatasetsClient | None = None) -> tuple[list[dict], _DatasetCache]:
     """The first `count` rows (all when None) of a split, from the cache or the server.
-
-    Pages of 100 rows are fetched _DOWNLOADS at a time. With an image column, each image
-    the run needs is downloaded right after its page (signed URLs expire) and stored in
-    the cache; a 403/404 on download fetches that page again for fresh URLs."""
+    Pages are fetched _DOWNLOADS at a time; with an image column, the images the run needs
+    are downloaded right after their page (signed URLs expire) and cached."""
     cache = _DatasetCache(roots, ref)
     cache.check()
     server = server or _DatasetsClient()
@@ -1888,8 +1866,7 @@ async def _load_rows(ref: _DatasetRef, count: int | None, roots: list[Path],
         pool.shutdown(wait=False)
         if images:
             images.shutdown(wait=False)
-    rows = [row for p in pages for row in p][:wanted]
-    return rows, cache
+    return [row for p in pages for row in p][:wanted], cache
 
 
 # ============================================================================
@@ -2119,14 +2096,9 @@ def _regex_filter(pattern: re.Pattern, response: str) -> str:
     """lm-eval's RegexFilter with group_select -1: the last match's first non-empty
     group, stripped; "[invalid]" when nothing matches."""
     matches = pattern.findall(response if isinstance(response, str) else "")
-    if not matches:
-        return _INVALID
-    match = matches[-1]
+    match = matches[-1] if matches else _INVALID
     if isinstance(match, tuple):
-        groups = [g for g in match if g]
-        if not groups:
-            return _INVALID
-        match = groups[0]
+        match = next((g for g in match if g), _INVALID)
     return match.strip()
 
 
@@ -2230,16 +2202,8 @@ def _relaxed_correctness(answer: str, reference: str) -> float:
     return float(prediction.rstrip(string.punctuation).lower() == target.lower())
 
 
-def _chartqa_relaxed_accuracy(prediction: str, reference: str) -> float:
-    answer = _chartqa_final_answer(prediction)
-    return _relaxed_correctness(answer, reference) if answer else 0.0
-
-
-def _chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
-    """Relaxed when an answer parses; else the reference found anywhere in the text."""
-    answer = _chartqa_final_answer(prediction)
-    if answer:
-        return _relaxed_correctness(answer, reference)
+def _chartqa_found_anywhere(prediction: str, reference: str) -> float:
+    """anywhere_accuracy when no answer parses: the reference found anywhere in the text."""
     try:
         number = float(reference)
         if int(number) == number:
@@ -2253,12 +2217,14 @@ def _chartqa_anywhere_accuracy(prediction: str, reference: str) -> float:
 
 
 def score_chartqa(response: str, target: str) -> tuple[dict, dict]:
+    answer = _chartqa_final_answer(response)
+    relaxed = _relaxed_correctness(answer, target) if answer else 0.0
     scores = {
         "exact_match": _chartqa_exact_match(response, target),
-        "relaxed_accuracy": _chartqa_relaxed_accuracy(response, target),
-        "anywhere_accuracy": _chartqa_anywhere_accuracy(response, target),
+        "relaxed_accuracy": relaxed,
+        "anywhere_accuracy": relaxed if answer else _chartqa_found_anywhere(response, target),
     }
-    return {"none": response, "final_answer": _chartqa_final_answer(response)}, scores
+    return {"none": response, "final_answer": answer}, scores
 
 
 def _answer_text(content: str | None, keep_think: bool, think_end: str = _THINK_END) -> str:
