@@ -2958,45 +2958,6 @@ def _repeat_summary(task: Task, records: list, documents: list, repeats: int,
     return summary
 
 
-@dataclasses.dataclass
-class _Tally:
-    """What aggregate counts over a task's records, read in one pass (the report reads
-    100,000-sample logs)."""
-    statuses: collections.Counter
-    finish_reasons: collections.Counter
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    sent: int = 0  # requests this run sent (not reused from a resumed log)
-    sent_tokens: int = 0
-    latencies: list = dataclasses.field(default_factory=list)
-    reused: int = 0
-    not_sent: int = 0
-    reasoning_rows: dict = dataclasses.field(default_factory=dict)  # flag: rows it was raised on
-
-    @classmethod
-    def of(cls, records: list) -> _Tally:
-        tally = cls(collections.Counter(), collections.Counter())
-        for r in records:
-            completion = r.completion_tokens or 0
-            tally.statuses[r.status] += 1
-            if r.finish_reason:
-                tally.finish_reasons[str(r.finish_reason)] += 1
-            tally.prompt_tokens += r.prompt_tokens or 0
-            tally.completion_tokens += completion
-            if r.reused:
-                tally.reused += 1
-            elif r.attempts:
-                tally.sent += 1
-                tally.sent_tokens += completion
-                if r.latency:
-                    tally.latencies.append(r.latency)
-            if r.error == _NOT_SENT:
-                tally.not_sent += 1
-            for flag in r.reasoning_flags:
-                tally.reasoning_rows.setdefault(flag, []).append(r.row_idx)
-        return tally
-
-
 def _aggregate(task: Task, records: list, planned: int, elapsed: float,
                revisions: list | None = None, complete: bool = True, repeats: int = 1,
                temperature: Any = None) -> dict:
@@ -3029,37 +2990,46 @@ def _aggregate(task: Task, records: list, planned: int, elapsed: float,
         add(f"{task.headline},{group}", task.headline, [r for r in scored if r.group == group],
             with_stderr=False)
 
-    tally = _Tally.of(records)
-    failures = {s: c for s, c in sorted(tally.statuses.items()) if s not in Status.SCORED}
+    statuses = collections.Counter(r.status for r in records)
+    finish_reasons = collections.Counter(str(r.finish_reason) for r in records if r.finish_reason)
+    sent = [r for r in records if not r.reused and r.attempts]  # this run's requests
+    latencies = sorted(r.latency for r in sent if r.latency)
+    reasoning_rows: dict = {}  # flag: the rows it was raised on
+    for r in records:
+        for flag in r.reasoning_flags:
+            reasoning_rows.setdefault(flag, []).append(r.row_idx)
+    not_sent = sum(r.error == _NOT_SENT for r in records)
+    failures = {s: c for s, c in sorted(statuses.items()) if s not in Status.SCORED}
     result = {
         "metrics": metrics,
         "num_samples": len(records),
-        "num_ok": tally.statuses[Status.OK],
-        "num_truncated": tally.finish_reasons["length"],  # what the server said, not the content
+        "num_ok": statuses[Status.OK],
+        "num_truncated": finish_reasons["length"],  # what the server said, not the content
         "num_failed": sum(failures.values()),
         "failures": failures,
         "elapsed": round(elapsed, 3),
         "complete": complete and len(records) == planned,
         "headline": base,
-        "finish_reasons": dict(sorted(tally.finish_reasons.items())),
-        "num_reused": tally.reused,
-        "usage": {"prompt_tokens": tally.prompt_tokens,
-                  "completion_tokens": tally.completion_tokens},
-        "latency_p50": _quantile(sorted(tally.latencies), 0.5),
-        "latency_p95": _quantile(sorted(tally.latencies), 0.95),
-        "requests_per_second": round(tally.sent / elapsed, 3) if elapsed > 0 else None,
-        "output_tokens_per_second": round(tally.sent_tokens / elapsed, 2) if elapsed > 0 else None,
+        "finish_reasons": dict(sorted(finish_reasons.items())),
+        "num_reused": sum(r.reused for r in records),
+        "usage": {"prompt_tokens": sum(r.prompt_tokens or 0 for r in records),
+                  "completion_tokens": sum(r.completion_tokens or 0 for r in records)},
+        "latency_p50": _quantile(latencies, 0.5),
+        "latency_p95": _quantile(latencies, 0.95),
+        "requests_per_second": round(len(sent) / elapsed, 3) if elapsed > 0 else None,
+        "output_tokens_per_second": (round(sum(r.completion_tokens or 0 for r in sent) / elapsed, 2)
+                                    if elapsed > 0 else None),
         "version": task.version,
         "dataset": {"path": task.data.dataset, "config": task.data.config, "split": task.data.split,
                     "revision": (revisions[0] if len(revisions or []) == 1 else revisions) or None},
     }
     if planned != len(records):
         result["num_planned"] = planned
-    if tally.not_sent:
-        result["num_not_sent"] = tally.not_sent
-    if tally.reasoning_rows:
-        result["reasoning"] = {flag: len(rows) for flag, rows in tally.reasoning_rows.items()}
-        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in tally.reasoning_rows.items()}
+    if not_sent:
+        result["num_not_sent"] = not_sent
+    if reasoning_rows:
+        result["reasoning"] = {flag: len(rows) for flag, rows in reasoning_rows.items()}
+        result["reasoning_rows"] = {flag: rows[:50] for flag, rows in reasoning_rows.items()}
     if repeats > 1:
         result["num_documents"] = len(documents)
         result["repeats"] = _repeat_summary(task, records, documents, repeats, temperature)
@@ -3931,7 +3901,7 @@ def _logprobs_consistent(pf: _Preflight, k: int = 3) -> tuple[str, str]:
     for i, (token, logprob, top) in enumerate(o.logprobs):
         values = [t[1] for t in top]
         problem = ("a logprob that is not a number" if logprob is None or None in values
-                   else f"logprob {logprob} > 0" if logprob > 1e-6
+                   else f"logprob {logprob} > 0" if logprob > _POSITIVE_LOGPROB
                    else f"{len(top)} top_logprobs, asked for {k}" if len(top) != k
                    else "top_logprobs not sorted" if values != sorted(values, reverse=True)
                    else f"chosen {token!r} ({logprob:.4f}) is not the top-1 {top[0][0]!r} "
