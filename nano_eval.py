@@ -3412,10 +3412,16 @@ def _check_distinct_outputs(output: Path | None, report: Path | None, log_dir: P
 
 
 def _failure_of(exc: Exception) -> str:
-    """One line for an error that is not nano-eval's own (a full disk, a bug)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
-    return f"internal error: {type(exc).__name__}: {exc} (set NANO_EVAL_DEBUG=1 for a traceback)"
+    """One line for an error that ended a part of the run, kept in its results: nano-eval's own
+    message, or what else it was (a full disk, a bug)."""
+    if isinstance(exc, NanoEvalError):
+        message = str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        message = f"{exc.strerror}{f' ({exc.filename})' if exc.filename else ''}"
+    else:
+        message = (f"internal error: {type(exc).__name__}: {exc} "
+                   "(set NANO_EVAL_DEBUG=1 for a traceback)")
+    return _SECRETS.scrub(message)
 
 
 @contextlib.contextmanager
@@ -3451,8 +3457,7 @@ async def _run_each_task(config: APIConfig, options: RunOptions, results: dict) 
         except Exception as exc:  # noqa: BLE001 -- whatever ended it, finished tasks are kept
             if os.environ.get("NANO_EVAL_DEBUG") and not isinstance(exc, NanoEvalError):
                 raise
-            message = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError)
-                                     else _failure_of(exc))
+            message = _failure_of(exc)
             _info(f"error: {task.name}: {message}")
             results[task.name] = {**results.get(task.name, {}), "error": message,
                                   "exit_code": getattr(exc, "exit_code", _EXIT_FAILURES),
@@ -3537,8 +3542,7 @@ def _compare_servers(runs: list, tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
             print(_format_comparison(entry["comparison"], a["chat_url"], b["chat_url"]),
                   file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 -- e.g. a run with no samples; the runs are kept
-            entry["error"] = _SECRETS.scrub(str(exc) if isinstance(exc, NanoEvalError)
-                                            else _failure_of(exc))
+            entry["error"] = _failure_of(exc)
             _info(f"cannot compare {a['chat_url']} with {b['chat_url']}: {entry['error']}")
         comparisons.append(entry)
     return comparisons
