@@ -4559,19 +4559,22 @@ def _compare_pairs(task_name: str, pairs: list, unmatched: int, top: int, resamp
     return result
 
 
+def _pairs_by_task(run_a: dict, run_b: dict) -> dict:
+    """{task: [(a, b), ...]}: the samples both runs hold, joined on (task, doc hash)."""
+    pairs: dict = {}
+    for key, a in run_a.items():
+        if key in run_b:
+            pairs.setdefault(key[0], []).append((a, run_b[key]))
+    return pairs
+
+
 def _compare_runs(run_a: dict, run_b: dict, top: int = 10, resamples: int = 10_000,
                   tolerance: float = _DEFAULT_LOGPROB_TOLERANCE,
                   floors: dict | None = None) -> dict:
     """Per-task paired comparison of two runs joined on (task, doc hash); `floors`: each task's
     noise floor (_noise_floors), which widens its numerics verdict."""
-    paired: dict = {}
-    unmatched = collections.Counter(task for task, _ in run_b.keys() - run_a.keys())
-    for key, a in run_a.items():
-        b = run_b.get(key)
-        if b is None:
-            unmatched[key[0]] += 1
-        else:
-            paired.setdefault(key[0], []).append((a, b))
+    paired = _pairs_by_task(run_a, run_b)
+    unmatched = collections.Counter(task for task, _ in run_a.keys() ^ run_b.keys())
     comparison: dict = {}
     for task_name in sorted(paired.keys() | unmatched.keys()):
         pairs = paired.get(task_name)
@@ -4589,13 +4592,9 @@ def _noise_floors(reference: dict, again: dict, source: str) -> dict:
     """{task: the p99 |delta logprob| of the reference against a second run of itself at another
     batch composition}: the noise of the reference server as it runs, which a comparison with it
     cannot tell from a fault."""
-    pairs: dict = {}
-    for key, a in reference.items():
-        b = again.get(key)
-        if b is not None and a.logprobs and b.logprobs:
-            pairs.setdefault(key[0], []).append((a, b))
     floors = {}
-    for task_name, task_pairs in pairs.items():
+    for task_name, task_pairs in _pairs_by_task(reference, again).items():
+        task_pairs = [(a, b) for a, b in task_pairs if a.logprobs and b.logprobs]
         diffs = _logprob_distances(task_pairs)[0]
         if diffs:
             floors[task_name] = {"p99_abs_logprob_diff": _quantile(diffs, 0.99),
